@@ -1,0 +1,37 @@
+# The two commands a new user needs (see README.md):
+#   make run    install everything, start a local dev cluster in ./devcluster and print how to use it
+#   make test   install everything, then lint, type-check and run the default test suite
+VENV := .venv/bin
+DEVDIR ?= devcluster
+CHUNKS ?= 3
+
+.PHONY: setup run down test lint unit soak bench clean
+
+setup:
+	@./scripts/setup.sh
+
+run: setup
+	$(VENV)/lunastor dev up --chunks $(CHUNKS) --dir $(DEVDIR)
+
+down:
+	$(VENV)/lunastor dev down --dir $(DEVDIR)
+
+lint: setup
+	$(VENV)/ruff check lunastor tests bench
+	$(VENV)/ruff format --check lunastor tests bench
+	$(VENV)/mypy
+
+test: lint
+	$(VENV)/pytest -q
+
+unit: setup
+	$(VENV)/pytest -q tests/unit
+
+soak: setup
+	$(VENV)/pytest -q -m soak -p no:cacheprovider --override-ini addopts=
+
+bench: setup
+	$(VENV)/python -m bench
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,3 @@
+"""lunastor: replicated, thin-provisioned block volumes over iSCSI."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""lunastor.common"""

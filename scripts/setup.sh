@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Install everything lunastor needs on Debian 12: system packages and a Python venv in .venv.
+# Idempotent and quick once done: packages already present are not reinstalled, and the venv is
+# only refreshed when pyproject.toml changed since the last install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SYSTEM_PACKAGES=(
+    etcd-server etcd-client        # the metadata store (3.4 on Debian 12)
+    libiscsi-bin libiscsi-dev      # iscsi-inq, iscsi-ls, iscsi-test-cu; the bench client links it
+    qemu-utils qemu-block-extra    # qemu-img/qemu-io with iscsi:// URLs
+    iproute2 sg3-utils             # network namespaces for failover tests; SCSI tools
+    tgt                            # the C userspace target the benchmarks compare against
+    gcc python3-venv
+)
+
+missing=()
+for p in "${SYSTEM_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
+    echo "setup: installing ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian's etcd-server package starts a system etcd on 2379; lunastor runs its own.
+if command -v systemctl >/dev/null && systemctl is-active -q etcd 2>/dev/null; then
+    systemctl disable --now etcd >/dev/null 2>&1 || true
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.lunastor-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+    touch "$stamp"
+fi
