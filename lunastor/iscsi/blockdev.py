@@ -30,7 +30,7 @@ class MediumError(BlockDeviceError):
 
 
 class SpaceExhausted(BlockDeviceError):
-    """Thin provisioning could not allocate -> DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT."""
+    """Thin provisioning could not allocate -> DATA PROTECT / SPACE ALLOCATION FAILED."""
 
 
 class NotReady(BlockDeviceError):
@@ -84,6 +84,7 @@ class BlockDevice(Protocol):
 
     @property
     def capacity_generation(self) -> int: ...
+
     # Increments each time the capacity changes; the SCSI layer compares it with what each
     # I_T nexus last saw to raise CAPACITY DATA HAS CHANGED.
 

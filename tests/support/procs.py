@@ -33,7 +33,9 @@ def wait_for(
         except Exception as exc:  # the condition may fail until the thing it checks is up
             last_exc = exc
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last_exc!r})")
+            raise TimeoutError(
+                f"timed out after {timeout}s waiting for {what} (last: {last_exc!r})"
+            )
         time.sleep(interval)
 
 
@@ -54,5 +56,7 @@ async def async_wait_for(
         except Exception as exc:
             last_exc = exc
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last_exc!r})")
+            raise TimeoutError(
+                f"timed out after {timeout}s waiting for {what} (last: {last_exc!r})"
+            )
         await asyncio.sleep(interval)

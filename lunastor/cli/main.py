@@ -1,0 +1,290 @@
+"""`lunastor`: the operator's command line (a REST client) and the dev cluster launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from lunastor.cli import devcluster
+from lunastor.cli.api import ApiClient, ApiError
+
+# Tables stay readable when piped: rich would otherwise squeeze them into 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, soft_wrap=True)
+
+DEFAULT_DIR = os.environ.get("LUNASTOR_DEV_DIR", "devcluster")
+
+
+def fail(message: str, status: int = 1) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(status)
+
+
+def human_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024 or unit == "PiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} PiB"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lunastor")
+def main() -> None:
+    """lunastor: replicated, thin-provisioned block volumes over iSCSI."""
+
+
+# -- dev cluster --------------------------------------------------------------------------------
+
+
+@main.group()
+def dev() -> None:
+    """Run a whole cluster on this machine (etcd, meta, chunk servers, redirector)."""
+
+
+dir_option = click.option(
+    "--dir",
+    "directory",
+    default=DEFAULT_DIR,
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="dev cluster directory (state file, configs, logs, data)",
+)
+
+
+def print_ready(state: dict[str, Any]) -> None:
+    daemons = state["daemons"]
+    table = Table(title=f"lunastor dev cluster in {state['dir']}", title_justify="left")
+    table.add_column("daemon")
+    table.add_column("pid", justify="right")
+    table.add_column("endpoints")
+    for name, d in daemons.items():
+        eps = "  ".join(f"{k}={v}" for k, v in d["endpoints"].items())
+        table.add_row(name, str(d["pid"] or "-"), eps)
+    console.print(table)
+    statefile = Path(state["dir"]) / devcluster.STATE_FILE
+    etcd = ",".join(state["etcd"]["endpoints"])
+    console.print(
+        f"REST API      {state['api_url']}  (admin token in {statefile})\n"
+        f"iSCSI portal  {state['portal']}  (the redirector's VIP)\n"
+        f"etcd          {etcd}  namespace {state['etcd']['namespace']}\n"
+        f"status        lunastor cluster status --dir {state['dir']}\n"
+        f"stop          lunastor dev down --dir {state['dir']}  (or Ctrl-C here)",
+        highlight=False,
+    )
+
+
+@dev.command("up")
+@click.option(
+    "--chunks",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 250),
+    help="number of chunk servers",
+)
+@dir_option
+@click.option("--detach", is_flag=True, help="run in the background and return when ready")
+@click.option(
+    "--address-prefix",
+    default=devcluster.DEFAULT_PREFIX,
+    show_default=True,
+    help="first two octets of the 127.x.y.z loopback addresses the daemons bind",
+)
+@click.option(
+    "--lease-ttl",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(1, 60),
+    help="etcd lease TTL in seconds (how fast a dead daemon is noticed)",
+)
+def dev_up(
+    chunks: int, directory: Path, detach: bool, address_prefix: str, lease_ttl: float
+) -> None:
+    """Start etcd, meta, N chunk servers and a redirector on loopback."""
+    octets = address_prefix.split(".")
+    if len(octets) != 2 or octets[0] != "127" or not octets[1].isdigit() or int(octets[1]) > 255:
+        fail(f"--address-prefix must look like 127.N (N in 0..255), got {address_prefix!r}")
+    layout = devcluster.Layout(prefix=address_prefix, chunks=chunks)
+
+    def event(message: str) -> None:
+        err_console.print(f"[yellow]dev:[/] {message}", highlight=False)
+
+    if detach:
+        _detach_and_run(directory, layout, lease_ttl)
+        return
+    try:
+        devcluster.run_supervisor(directory, layout, lease_ttl, print_ready, event)
+    except devcluster.DevClusterError as exc:
+        fail(str(exc))
+    console.print("dev cluster stopped")
+
+
+def _detach_and_run(directory: Path, layout: devcluster.Layout, lease_ttl: float) -> None:
+    """Fork a supervisor into its own session; return once it reports ready (or failed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: become the supervisor, detached from the terminal
+        os.close(read_fd)
+        os.setsid()
+        if os.fork() != 0:  # the grandchild is reparented to init and never becomes a zombie
+            os._exit(0)
+        log = os.open(directory / "logs-supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        status = 1
+        try:
+
+            def ready(state: dict[str, Any]) -> None:
+                os.write(write_fd, b"ok\n")
+
+            status = devcluster.run_supervisor(
+                directory, layout, lease_ttl, ready, lambda m: print(f"dev: {m}", flush=True)
+            )
+        except devcluster.DevClusterError as exc:
+            os.write(write_fd, f"error {exc}\n".encode())
+        except BaseException as exc:  # report, never leave the parent waiting
+            os.write(write_fd, f"error supervisor failed: {exc!r}\n".encode())
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_fd) as pipe:
+        line = pipe.readline().strip()
+    if line != "ok":
+        fail(
+            line.removeprefix("error ")
+            or f"the supervisor died during start-up; see {directory}/logs-supervisor.log"
+        )
+    state = devcluster.read_state(directory)
+    assert state is not None
+    print_ready(state)
+
+
+@dev.command("down")
+@dir_option
+def dev_down(directory: Path) -> None:
+    """Stop every daemon of the dev cluster."""
+    try:
+        stopped = devcluster.down(directory)
+    except devcluster.DevClusterError as exc:
+        fail(str(exc))
+    console.print("dev cluster stopped" if stopped else f"no dev cluster running in {directory}")
+
+
+@dev.command("stop")
+@click.argument("name")
+@click.option("--kill", is_flag=True, help="SIGKILL instead of a clean SIGTERM")
+@dir_option
+def dev_stop(name: str, kill: bool, directory: Path) -> None:
+    """Take one daemon (etcd, meta, chunkN, redirector) down."""
+    try:
+        devcluster.send_control(directory, {"op": "stop", "name": name, "kill": kill})
+    except devcluster.DevClusterError as exc:
+        fail(str(exc))
+    console.print(f"{name} {'killed' if kill else 'stopped'}")
+
+
+@dev.command("start")
+@click.argument("name")
+@dir_option
+def dev_start(name: str, directory: Path) -> None:
+    """Bring a stopped daemon back."""
+    try:
+        reply = devcluster.send_control(directory, {"op": "start", "name": name})
+    except devcluster.DevClusterError as exc:
+        fail(str(exc))
+    console.print(f"{name} started (pid {reply['state']['daemons'][name]['pid']})")
+
+
+# -- cluster --------------------------------------------------------------------------------------
+
+
+def api_client(directory: Path, api: str | None, token: str | None) -> ApiClient:
+    """The API named by --api/--token, else by the dev cluster state file in --dir."""
+    token = token or os.environ.get("LUNASTOR_TOKEN")
+    if api:
+        return ApiClient(api, token or "")
+    try:
+        state = devcluster.read_state(directory)
+    except devcluster.DevClusterError as exc:
+        fail(f"{exc} (or pass --api URL)")
+    assert state is not None
+    return ApiClient(state["api_url"], token or state.get("admin_token", ""))
+
+
+api_options = [
+    dir_option,
+    click.option("--api", metavar="URL", envvar="LUNASTOR_API", help="meta API URL"),
+    click.option("--token", metavar="TOKEN", help="bearer token (or LUNASTOR_TOKEN)"),
+    click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table"),
+]
+
+
+def with_api_options(f: Any) -> Any:
+    for option in reversed(api_options):
+        f = option(f)
+    return f
+
+
+@main.group()
+def cluster() -> None:
+    """Cluster-wide views and operations."""
+
+
+@cluster.command("status")
+@with_api_options
+def cluster_status(directory: Path, api: str | None, token: str | None, as_json: bool) -> None:
+    """Chunk servers with state and capacity, meta instances and the redirector leader."""
+    client = api_client(directory, api, token)
+    try:
+        status = client.get("/v1/cluster")
+    except ApiError as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+        return
+    table = Table(title="chunk servers", title_justify="left")
+    for col in ("id", "state", "zone", "portal", "capacity", "free", "version"):
+        table.add_column(col, justify="right" if col in ("capacity", "free") else "left")
+    colours = {"up": "green", "draining": "yellow", "down": "red"}
+    for c in status["chunk_servers"]:
+        state = c["state"]
+        table.add_row(
+            c["id"],
+            f"[{colours.get(state, 'white')}]{state}[/]",
+            c["zone"],
+            c["portal"],
+            human_bytes(c.get("capacity")),
+            human_bytes(c.get("free")),
+            c.get("version") or "-",
+        )
+    console.print(table)
+    metas = ", ".join(f"{m['id']} ({m['api_url']})" for m in status["meta_instances"]) or "none"
+    leader = status.get("redirector_leader")
+    leader_text = f"{leader['id']} serving {leader['vip']}" if leader else "none"
+    console.print(f"meta instances: {metas}\nredirector leader: {leader_text}", highlight=False)
+    summary = status.get("summary", {})
+    if summary:
+        console.print(
+            f"{summary.get('chunk_servers_up', 0)}/{summary.get('chunk_servers', 0)} chunk servers "
+            f"up; capacity {human_bytes(summary.get('capacity'))}, "
+            f"free {human_bytes(summary.get('free'))}",
+            highlight=False,
+        )
+
+
+if __name__ == "__main__":
+    main()

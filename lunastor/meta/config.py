@@ -1,0 +1,56 @@
+"""Meta service configuration (TOML file, LUNASTOR_* environment, --set flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lunastor.common.config import ConfigError, EtcdSettings, LogSettings
+from lunastor.common.daemon import parse_hostport
+
+
+@dataclass
+class AuthSettings:
+    """Bearer tokens per role. admin: everything; csi: volumes, exports, snapshots; reader: GETs."""
+
+    admin_tokens: list[str] = field(default_factory=list)
+    csi_tokens: list[str] = field(default_factory=list)
+    reader_tokens: list[str] = field(default_factory=list)
+
+    def role_of(self, token: str) -> str | None:
+        for role in ("admin", "csi", "reader"):
+            if token in getattr(self, f"{role}_tokens"):
+                return role
+        return None
+
+
+@dataclass
+class MetaConfig:
+    id: str = ""  # instance id; defaults to host:port of `listen`
+    listen: str = "127.0.0.1:8080"  # REST API, /metrics and /healthz
+    advertise_url: str = ""  # how clients reach this instance; defaults to http://<listen>
+    portal: str = "127.0.0.1:3260"  # the redirector VIP portal handed out on publish
+    lease_ttl: float = 5.0
+    tls_cert: str = ""  # serve HTTPS when both are set
+    tls_key: str = ""
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    etcd: EtcdSettings = field(default_factory=EtcdSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def validate(self) -> None:
+        parse_hostport(self.listen, "listen")
+        parse_hostport(self.portal, "portal")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key must be set together")
+        if not 1 <= self.lease_ttl <= 300:
+            raise ConfigError(f"lease_ttl: expected 1..300 seconds, got {self.lease_ttl}")
+
+    @property
+    def instance_id(self) -> str:
+        return self.id or self.listen
+
+    @property
+    def api_url(self) -> str:
+        if self.advertise_url:
+            return self.advertise_url
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://{self.listen}"

@@ -1,0 +1,70 @@
+"""`lunastor-meta`: the metadata service (REST API, placement, background planners)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lunastor
+from lunastor.common.daemon import config_argparser, load_daemon_config, run_daemon, start_http
+from lunastor.common.etcd import Etcd
+from lunastor.common.logs import setup_logging
+from lunastor.common.metrics import describe_daemon
+from lunastor.common.presence import Presence
+from lunastor.common.records import Keys, MetaInstance
+from lunastor.common.settings import etcd_client_config
+from lunastor.meta.app import make_app
+from lunastor.meta.config import MetaConfig
+
+PROG = "lunastor-meta"
+
+
+async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
+    log = setup_logging(config.log, "meta", instance=config.instance_id)
+    describe_daemon("meta")
+    etcd_config = etcd_client_config(config.etcd)
+    record = MetaInstance(
+        id=config.instance_id,
+        api_url=config.api_url,
+        version=lunastor.__version__,
+        started_at=time.time(),
+    )
+    async with await Etcd.connect(etcd_config) as etcd:
+        presence = Presence(
+            etcd,
+            etcd_config,
+            Keys.LIVE_META + config.instance_id,
+            config.lease_ttl,
+            lambda lease: record.to_json(),
+        )
+
+        async def health() -> dict[str, Any]:
+            held = presence.held.is_set()
+            return {
+                "status": "ok" if held else "degraded",
+                "id": config.instance_id,
+                "lease": held,
+                "version": lunastor.__version__,
+            }
+
+        await presence.start()
+        runner = await start_http(make_app(config, etcd, health), config.listen, "listen")
+        log.info("meta service up", api=config.api_url)
+        await stop.wait()
+        log.info("meta service stopping")
+        await runner.cleanup()
+        await presence.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = config_argparser(PROG, "lunastor metadata service: REST API and planners.")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return run_daemon(PROG, lambda stop: serve(load_daemon_config(MetaConfig, args), stop))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

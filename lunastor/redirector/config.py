@@ -1,0 +1,43 @@
+"""Redirector configuration (TOML file, LUNASTOR_* environment, --set flags)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+
+from lunastor.common.config import ConfigError, EtcdSettings, LogSettings
+from lunastor.common.daemon import parse_hostport
+
+
+@dataclass
+class RedirectorConfig:
+    id: str = ""  # instance id; defaults to the host name
+    vip: str = "127.0.0.100"  # the portal address only the leader holds
+    portal_port: int = 3260
+    interface: str = "lo"  # where the leader adds the VIP (when manage_vip is on)
+    manage_vip: bool = False  # add/remove the VIP with `ip addr`; off on loopback dev clusters
+    admin_listen: str = "127.0.0.1:9101"
+    lease_ttl: float = 5.0
+    etcd: EtcdSettings = field(default_factory=EtcdSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def validate(self) -> None:
+        try:
+            ipaddress.ip_address(self.vip)
+        except ValueError:
+            raise ConfigError(f"vip: not an IP address: {self.vip!r}") from None
+        if not 1 <= self.portal_port <= 65535:
+            raise ConfigError(f"portal_port: out of range: {self.portal_port}")
+        parse_hostport(self.admin_listen, "admin_listen")
+        if not 1 <= self.lease_ttl <= 300:
+            raise ConfigError(f"lease_ttl: expected 1..300 seconds, got {self.lease_ttl}")
+
+    @property
+    def instance_id(self) -> str:
+        return self.id or socket.gethostname()
+
+    @property
+    def portal(self) -> str:
+        host = f"[{self.vip}]" if ":" in self.vip else self.vip
+        return f"{host}:{self.portal_port}"
