@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import grpc
 from aetcd import rpc
 
+from lunastor.common.etcd.client import channel_closed_under_us
 from lunastor.common.etcd.errors import (
     EtcdRequestError,
     EtcdTokenExpired,
@@ -95,6 +96,12 @@ async def watch_prefix(
                     yield WatchEvent(kind, kv, kv.mod_revision)
                 backoff = _MIN_BACKOFF
             continue
+        except asyncio.CancelledError:
+            if not channel_closed_under_us():
+                raise
+            log.info(
+                "watch %r: channel to %s closed; resuming at %d", prefix, conn.endpoint, next_rev
+            )
         except _StreamBroken as exc:
             log.info("watch %r on %s: %s; resuming at %d", prefix, conn.endpoint, exc, next_rev)
         except grpc.aio.AioRpcError as exc:
