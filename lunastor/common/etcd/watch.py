@@ -86,7 +86,9 @@ async def watch_prefix(
                 if resp.canceled:
                     reason = resp.cancel_reason or "watch cancelled by etcd"
                     err = error_from_status(grpc.StatusCode.UNAVAILABLE, reason, conn.endpoint)
-                    if not isinstance(err, EtcdUnavailable | EtcdTokenExpired):
+                    if isinstance(err, EtcdTokenExpired):
+                        await etcd._authenticate(conn)
+                    elif not isinstance(err, EtcdUnavailable):
                         raise err
                     raise _StreamBroken(reason)
                 for ev in resp.events:
