@@ -55,6 +55,8 @@ class EtcdCluster:
     size: int = 3
     #: A directory from `make_tls_files`: serve clients over TLS with client certificates.
     tls: Path | None = None
+    #: More etcd flags for every member.
+    extra_args: list[str] = field(default_factory=list)
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lunastor-etcdc-")))
     members: list[Member] = field(default_factory=list)
 
@@ -87,6 +89,7 @@ class EtcdCluster:
                     "--logger", "zap",
                     "--log-outputs", "stderr",
                     *tls_args,
+                    *self.extra_args,
                 ],
                 stdout=log,
                 stderr=log,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +80,26 @@ async def test_missing_credentials_and_missing_permissions(auth_server: EtcdServ
             await app.put("/other/x", b"1")
         with pytest.raises(EtcdPermissionDenied):
             await app.get_prefix("/other/")
+
+
+async def test_expired_auth_token_is_renewed() -> None:
+    cluster = EtcdCluster(1, extra_args=["--auth-token-ttl", "1"]).start()
+    try:
+        ep = cluster.endpoints[0]
+        _etcdctl(ep, "user", "add", "root:rootpw")
+        _etcdctl(ep, "user", "grant-role", "root", "root")
+        _etcdctl(ep, "auth", "enable")
+        config = EtcdConfig([ep], user="root", password="rootpw", timeout=2)
+        async with await Etcd.connect(config) as etcd:
+            await etcd.put("k", b"1")
+            token = etcd._conn.metadata if etcd._conn else None
+            # The point of this test: stay idle past the token's 1 s TTL (etcd checks expiry
+            # about once a second), so the next request carries an expired token.
+            await asyncio.sleep(2.5)
+            assert (await etcd.get("k")).value == b"1"  # type: ignore[union-attr]
+            assert etcd._conn is not None and etcd._conn.metadata != token
+    finally:
+        cluster.cleanup()
 
 
 @pytest.fixture(scope="module")
