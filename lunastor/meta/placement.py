@@ -523,11 +523,12 @@ def _water_fill(
     Requires sum(lo) <= total <= sum(hi) and weights > 0.
     """
 
+    def clamp(x: Fraction, a: int, c: int) -> Fraction:
+        return Fraction(a) if x < a else Fraction(c) if x > c else x
+
     def f(t: Fraction) -> Fraction:
-        return sum(
-            (min(max(t * w, lo_i), hi_i) for w, lo_i, hi_i in zip(weights, lo, hi, strict=True)),
-            Fraction(0),
-        )
+        bounds = zip(weights, lo, hi, strict=True)
+        return sum((clamp(t * w, a, c) for w, a, c in bounds), Fraction(0))
 
     points = sorted(
         {Fraction(b, w) for w, a, c in zip(weights, lo, hi, strict=True) for b in (a, c)}
@@ -541,7 +542,7 @@ def _water_fill(
         t = points[-1]
     f0, f1 = f(prev), f(t)
     x = t if f1 == f0 else prev + (t - prev) * (total - f0) / (f1 - f0)
-    return [min(max(x * w, a), c) for w, a, c in zip(weights, lo, hi, strict=True)]
+    return [clamp(x * w, a, c) for w, a, c in zip(weights, lo, hi, strict=True)]
 
 
 def _round_preserving_sum(values: Sequence[Fraction], names: Sequence[str]) -> list[int]:
@@ -576,9 +577,9 @@ def fair_shares(
 # --- the builder ------------------------------------------------------------------------------
 
 
-def _jitter(server_id: str, k: int) -> float:
-    """A stable pseudo-random offset in [0, 1) for a server's k-th assignment."""
-    return xxhash.xxh3_64_intdigest(f"{server_id}\0{k}".encode()) / 2.0**64
+def _jitter(purpose: str, server_id: str, k: int) -> float:
+    """A stable pseudo-random offset in [0, 1) for a server's k-th pick for `purpose`."""
+    return xxhash.xxh3_64_intdigest(f"{purpose}\0{server_id}\0{k}".encode()) / 2.0**64
 
 
 class _Builder:
@@ -617,16 +618,12 @@ class _Builder:
         """Keep every previous assignment to a still-usable server, in the same row."""
         index = {sid: i for i, sid in enumerate(self.ids)}
         mapping = [index.get(c.id, -1) for c in previous.candidates]
-        old: list[frozenset[int]] = []
         for r in range(min(self.replicas, previous.replicas)):
             row = self.rows[r]
             for p, s in enumerate(previous.row(r)):
                 row[p] = mapping[s]
-        for p in range(self.parts):
-            old.append(
-                frozenset(mapping[v[p]] for v in map(previous.row, range(previous.replicas))) - {-1}
-            )
-        self.old = old
+        prev_rows = [previous.row(r) for r in range(previous.replicas)]
+        self.old = [frozenset(mapping[v[p]] for v in prev_rows) - {-1} for p in range(self.parts)]
         for row in self.rows:
             for s in row:
                 if s >= 0:
@@ -673,7 +670,7 @@ class _Builder:
         def due(s: int) -> float:
             if quota[s] == 0:
                 return math.inf
-            return (count[s] + _jitter(ids[s], count[s])) / quota[s]
+            return (count[s] + _jitter("slot", ids[s], count[s])) / quota[s]
 
         heap = [(due(s), s) for s in range(len(ids))]
         heapq.heapify(heap)
@@ -715,14 +712,17 @@ class _Builder:
         def due(s: int) -> float:
             if quota[s] == 0:
                 return math.inf
-            return (done[s] + _jitter(ids[s], -1 - done[s])) / quota[s]
+            return (done[s] + _jitter("primary", ids[s], done[s])) / quota[s]
 
+        next_due = [due(s) for s in range(len(ids))]
         for p in range(self.parts):
             members = [row[p] for row in rows]
-            r = min(range(self.replicas), key=lambda r: (due(members[r]), r))
+            r = min(range(self.replicas), key=lambda r: (next_due[members[r]], r))
+            s = members[r]
             if r:
-                rows[0][p], rows[r][p] = members[r], members[0]
-            done[members[r]] += 1
+                rows[0][p], rows[r][p] = s, members[0]
+            done[s] += 1
+            next_due[s] = due(s)
 
     def can_take(self, b: int, members: Sequence[int], zc: Sequence[int], a: int) -> bool:
         """May server b replace server a in a partition with these members and zone counts?"""
@@ -771,9 +771,10 @@ class _Builder:
         direct move (e.g. the only slot an over server can give is its zone's last one)."""
         under = [s for s in range(len(self.ids)) if self.count[s] < self.quota[s]]
         under.sort(key=lambda s: (self.count[s] / self.quota[s], self.ids[s]))
+        changed = self.changed_partitions() if self.old is not None else []
         for b in under:
-            if self.old is not None:
-                self.move_to(b, self.changed_partitions(), changed_only=True)
+            if changed:
+                self.move_to(b, changed, changed_only=True)
             self.move_to(b, self.scan(b), changed_only=False)
             if self.count[b] < self.quota[b]:
                 self.move_through(b)
