@@ -766,41 +766,50 @@ class _Builder:
         return ((start + i * stride) % self.parts for i in range(self.parts))
 
     def balance(self) -> None:
-        """Bring every server to its quota with moves from over-quota servers: direct ones
-        first, then two-step ones through a server at quota where the zone rules forbid the
-        direct move (e.g. the only slot an over server can give is its zone's last one)."""
+        """Bring every server to its quota with moves from over-quota servers.
+
+        Cheapest first: moves of slots that already change in this build (no extra copy),
+        direct then two-step; then moves of unchanged slots. Two-step moves go through a
+        server c at quota where the zone rules forbid the direct one (e.g. the only slot an
+        over server could give is its zone's last in that partition): b takes a slot of c,
+        c takes one of the over server elsewhere.
+        """
         under = [s for s in range(len(self.ids)) if self.count[s] < self.quota[s]]
         under.sort(key=lambda s: (self.count[s] / self.quota[s], self.ids[s]))
         changed = self.changed_partitions() if self.old is not None else []
         for b in under:
             if changed:
                 self.move_to(b, changed, changed_only=True)
+                self.move_through(b, changed, changed_only=True)
             self.move_to(b, self.scan(b), changed_only=False)
-            if self.count[b] < self.quota[b]:
-                self.move_through(b)
+            self.move_through(b, self.scan(b), changed_only=False)
 
-    def move_through(self, b: int) -> None:
-        """Give b a slot of some server c at quota, and c a slot of an over-quota server."""
-        tried: set[int] = set()
-        for p in self.scan(b):
+    def move_through(self, b: int, partitions: Iterable[int], changed_only: bool) -> None:
+        """Two-step moves to b: b takes a slot of c (at quota), c one of an over server."""
+        old = self.old
+        failed: set[int] = set()  # intermediaries that found no donor
+        for p in partitions:
             if self.count[b] >= self.quota[b]:
                 return
             members = self.members(p)
             zc = self.zone_counts(members)
             for r, c in enumerate(members):
-                if c in tried or self.count[c] > self.quota[c]:
+                if c in failed or self.count[c] > self.quota[c]:
+                    continue
+                if changed_only and old is not None and c in old[p]:
                     continue
                 if not self.can_take(b, members, zc, c):
                     continue
-                tried.add(c)
                 self.rows[r][p] = b
                 self.count[c] -= 1
                 self.count[b] += 1
-                self.move_to(c, self.scan(c), changed_only=False)
-                if self.count[c] < self.quota[c]:  # no donor for c either: undo
+                again = self.changed_partitions() if changed_only else self.scan(c)
+                self.move_to(c, again, changed_only)
+                if self.count[c] < self.quota[c]:  # undo
                     self.rows[r][p] = c
                     self.count[c] += 1
                     self.count[b] -= 1
+                    failed.add(c)
                     continue
                 break
 
