@@ -52,10 +52,15 @@ def ring_50x5(part_power: int = 14) -> Ring:
     return build_ring(cluster(), 3, part_power)
 
 
-def assert_valid(ring: Ring) -> None:
-    """The spread rules, restated from the docs independently of the builder."""
+def assert_valid(ring: Ring, usable_ids: set[str] | None = None) -> None:
+    """The spread rules, restated from the docs independently of the builder.
+
+    `usable_ids`: the servers that may hold replicas, if not all up ones (nearly full).
+    """
     cands = {c.id: c for c in ring.candidates}
-    usable = [c for c in ring.candidates if c.state == "up"]
+    usable = [
+        c for c in ring.candidates if c.state == "up" and (usable_ids is None or c.id in usable_ids)
+    ]
     per_zone = Counter(c.zone for c in usable)
     level = 1
     while sum(min(n, level) for n in per_zone.values()) < ring.replicas:
@@ -63,7 +68,7 @@ def assert_valid(ring: Ring) -> None:
     for p in range(ring.partitions):
         servers = ring.partition_servers(p)
         assert len(set(servers)) == ring.replicas, (p, servers)
-        assert all(cands[s].state == "up" for s in servers), (p, servers)
+        assert all(cands[s] in usable for s in servers), (p, servers)
         zones = Counter(cands[s].zone for s in servers)
         assert len(zones) == min(len(per_zone), ring.replicas), (p, servers)
         for z, n in zones.items():
@@ -431,13 +436,24 @@ def clusters(draw: st.DrawFn) -> tuple[list[Candidate], int, int]:
     cands = []
     for i in range(n):
         cap = draw(st.sampled_from([1, 2, 3, 10, 1000]))
+        free = draw(st.sampled_from([cap, cap, cap, cap, cap // 2, 0]))  # 0: nearly full
         state = draw(st.sampled_from(["up", "up", "up", "up", "draining", "down"]))
         # uneven zones: the zone is drawn per server, so some zones get many, some none
         zone = f"z{draw(st.integers(0, zones - 1))}"
-        cands.append(Candidate(f"s{i}", zone, cap, cap, state))
+        cands.append(Candidate(f"s{i}", zone, cap, free, state))
     replicas = draw(st.integers(1, 4))
     part_power = draw(st.integers(0, 6))
     return cands, replicas, part_power
+
+
+def usable_ids(cands: list[Candidate], previous: Ring | None = None) -> set[str]:
+    """Up servers, less the nearly full ones that hold nothing they could keep."""
+    held = replica_count_by_server(previous) if previous is not None else {}
+    return {
+        c.id
+        for c in cands
+        if c.state == "up" and (not c.nearly_full(0.05) or held.get(c.id, 0) > 0)
+    }
 
 
 def _balanced(ring: Ring, cands: list[Candidate], previous: Ring | None = None) -> None:
@@ -450,13 +466,13 @@ def _balanced(ring: Ring, cands: list[Candidate], previous: Ring | None = None) 
 @given(clusters())
 def test_property_fresh_build(case: tuple[list[Candidate], int, int]) -> None:
     cands, replicas, part_power = case
-    usable = sum(c.state == "up" for c in cands)
-    if usable < replicas:
+    usable = usable_ids(cands)
+    if len(usable) < replicas:
         with pytest.raises(InsufficientServers):
             build_ring(cands, replicas, part_power)
         return
     ring = build_ring(cands, replicas, part_power)
-    assert_valid(ring)
+    assert_valid(ring, usable)
     _balanced(ring, cands)
     assert Ring.from_dict(json.loads(json.dumps(ring.to_dict()))) == ring
 
@@ -467,27 +483,31 @@ def test_property_rebuild_after_a_change(
     case: tuple[list[Candidate], int, int], data: st.DataObject
 ) -> None:
     cands, replicas, part_power = case
-    if sum(c.state == "up" for c in cands) < replicas:
+    if len(usable_ids(cands)) < replicas:
         return
     ring = build_ring(cands, replicas, part_power)
     changed = list(cands)
     i = data.draw(st.integers(0, len(cands) - 1))
-    change = data.draw(st.sampled_from(["add", "remove", "drain", "down", "revive"]))
+    change = data.draw(st.sampled_from(["add", "remove", "drain", "down", "revive", "fill"]))
     old = changed[i]
     if change == "add":
         zone = data.draw(st.sampled_from(sorted({c.zone for c in cands} | {"z-new"})))
         changed.append(up("new", zone, data.draw(st.sampled_from([1, 2, 10]))))
     elif change == "remove":
         del changed[i]
-    elif change in ("drain", "down", "revive"):
+    elif change == "fill":
+        changed[i] = Candidate(old.id, old.zone, old.capacity, 0, old.state)
+    else:
         state = {"drain": "draining", "down": "down", "revive": "up"}[change]
         changed[i] = Candidate(old.id, old.zone, old.capacity, old.free, state)
-    if sum(c.state == "up" for c in changed) < replicas:
-        with pytest.raises(InsufficientServers):
-            build_ring(changed, replicas, part_power, previous=ring)
+    usable = usable_ids(changed, ring)
+    try:
+        rebuilt = build_ring(changed, replicas, part_power, previous=ring)
+    except InsufficientServers as exc:
+        # too few servers, or the nearly full ones capped at what they hold cannot make room
+        assert len(usable) < replicas or "nearly full servers cannot" in str(exc)
         return
-    rebuilt = build_ring(changed, replicas, part_power, previous=ring)
-    assert_valid(rebuilt)
+    assert_valid(rebuilt, usable)
     _balanced(rebuilt, changed, ring)
     # Movement is close to the least possible: what servers must gain on balance. Extra moves
     # happen only where zone quotas shift and the freed slots sit in the wrong partitions.
