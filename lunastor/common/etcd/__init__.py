@@ -17,6 +17,7 @@ from lunastor.common.etcd.errors import (
     EtcdPermissionDenied,
     EtcdRequestError,
     EtcdTimeout,
+    EtcdTlsError,
     EtcdUnavailable,
 )
 from lunastor.common.etcd.lease import LeaseKeeper
@@ -52,6 +53,7 @@ __all__ = [
     "EtcdPermissionDenied",
     "EtcdRequestError",
     "EtcdTimeout",
+    "EtcdTlsError",
     "EtcdUnavailable",
     "EventType",
     "Get",

@@ -82,6 +82,8 @@ class Etcd:
         self._conn: _Conn | None = None
         self._lock = asyncio.Lock()
         self._closed = False
+        # Channels of failed-over endpoints, closing in the background (see `_failover`).
+        self._retired: set[Any] = set()
 
     @classmethod
     async def connect(cls, config: EtcdConfig) -> Etcd:
@@ -99,6 +101,9 @@ class Etcd:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.channel.close()
+        for channel in list(self._retired):
+            await channel.close()
+        self._retired.clear()
 
     async def __aenter__(self) -> Etcd:
         return self
@@ -157,18 +162,23 @@ class Etcd:
             self._conn = None
             self._index = (self._index + 1) % len(self.config.endpoints)
         log.info("etcd endpoint %s failed; next: %s", conn.endpoint, self.endpoint)
-        # Closing cancels the streams still on it; watches resume on the next endpoint.
-        await conn.channel.close()
+        # Other requests may still be in flight on this channel (and succeed, if the endpoint
+        # only hiccuped): give them the request timeout before closing cancels them.
+        self._retired.add(conn.channel)
+        task = asyncio.create_task(conn.channel.close(grace=self.config.timeout))
+        task.add_done_callback(lambda _: self._retired.discard(conn.channel))
 
     async def _call(self, stub: str, method: str, request: Any, *, idempotent: bool) -> Any:
         """One unary RPC with failover.
 
-        Reads (`idempotent`) are retried once on every endpoint. A write is retried on another
-        endpoint only when it surely was not sent; otherwise the client still moves to the next
-        endpoint and the write fails with `EtcdUnavailable`, since retrying it could apply it
-        twice.
+        Reads (`idempotent`) are retried once on every endpoint (twice on a lone endpoint).
+        A write is retried on another endpoint only when it surely was not sent; otherwise the
+        client still moves to the next endpoint and the write fails with `EtcdUnavailable`,
+        since retrying it could apply it twice.
         """
-        attempts = len(self.config.endpoints)
+        # Every endpoint once, and with a single endpoint a second try on a fresh channel
+        # (the first failure may have been a stale connection to a restarted etcd).
+        attempts = max(2, len(self.config.endpoints))
         reauthed = False
         last: EtcdError | None = None
         while attempts > 0:
@@ -183,6 +193,16 @@ class Etcd:
                 return await getattr(getattr(conn, stub), method)(
                     request, timeout=self.config.timeout, metadata=conn.metadata
                 )
+            except asyncio.CancelledError:
+                if not channel_closed_under_us():
+                    raise
+                # Our task was not cancelled: the channel was retired while this request was
+                # in flight. It may have been applied, so only reads are retried.
+                gone = EtcdUnavailable(f"etcd {conn.endpoint}: channel closed during failover")
+                if not idempotent:
+                    raise gone from None
+                last = gone
+                attempts -= 1
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
                 err = error_from_status(code, details, conn.endpoint)
@@ -381,6 +401,13 @@ class Etcd:
         from lunastor.common.etcd.watch import watch_prefix
 
         return watch_prefix(self, prefix, start_revision)
+
+
+def channel_closed_under_us() -> bool:
+    """Whether a CancelledError came from grpc (its channel was closed), not from someone
+    cancelling the current task: grpc.aio raises CancelledError for both."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
 
 
 def _lease_id(lease: int | None) -> int:

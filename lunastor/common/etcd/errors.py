@@ -33,6 +33,10 @@ class EtcdTimeout(EtcdUnavailable):
     """The request ran out of time; for a write, it may or may not have been applied."""
 
 
+class EtcdTlsError(EtcdUnavailable):
+    """The TLS handshake failed (unknown CA, bad or missing client certificate): check config."""
+
+
 class EtcdCompacted(EtcdError):
     """The requested revision was compacted away; re-list at a current revision."""
 
@@ -81,6 +85,10 @@ _BY_MESSAGE: tuple[tuple[str, type[EtcdError]], ...] = (
     ("user name not found", EtcdAuthError),
     ("permission denied", EtcdPermissionDenied),
     ("database space exceeded", EtcdNoSpace),
+    ("handshake failed", EtcdTlsError),
+    ("ssl_error", EtcdTlsError),
+    ("bad_certificate", EtcdTlsError),
+    ("tsi_data_corrupted", EtcdTlsError),  # how gRPC reports the server refusing our cert
 )
 
 _BY_CODE: dict[grpc.StatusCode, type[EtcdError]] = {

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import grpc
 from aetcd import rpc
 
+from lunastor.common.etcd.client import channel_closed_under_us
 from lunastor.common.etcd.errors import (
     EtcdRequestError,
     EtcdTokenExpired,
@@ -85,7 +86,9 @@ async def watch_prefix(
                 if resp.canceled:
                     reason = resp.cancel_reason or "watch cancelled by etcd"
                     err = error_from_status(grpc.StatusCode.UNAVAILABLE, reason, conn.endpoint)
-                    if not isinstance(err, EtcdUnavailable | EtcdTokenExpired):
+                    if isinstance(err, EtcdTokenExpired):
+                        await etcd._authenticate(conn)
+                    elif not isinstance(err, EtcdUnavailable):
                         raise err
                     raise _StreamBroken(reason)
                 for ev in resp.events:
@@ -95,6 +98,12 @@ async def watch_prefix(
                     yield WatchEvent(kind, kv, kv.mod_revision)
                 backoff = _MIN_BACKOFF
             continue
+        except asyncio.CancelledError:
+            if not channel_closed_under_us():
+                raise
+            log.info(
+                "watch %r: channel to %s closed; resuming at %d", prefix, conn.endpoint, next_rev
+            )
         except _StreamBroken as exc:
             log.info("watch %r on %s: %s; resuming at %d", prefix, conn.endpoint, exc, next_rev)
         except grpc.aio.AioRpcError as exc:
