@@ -9,7 +9,7 @@ SYSTEM_PACKAGES=(
     etcd-server etcd-client        # the metadata store (3.4 on Debian 12)
     libiscsi-bin libiscsi-dev      # iscsi-inq, iscsi-ls, iscsi-test-cu; the bench client links it
     qemu-utils qemu-block-extra    # qemu-img/qemu-io with iscsi:// URLs
-    iproute2 sg3-utils             # network namespaces for failover tests; SCSI tools
+    iproute2 iputils-ping sg3-utils  # network namespaces for failover tests; SCSI tools
     tgt                            # the C userspace target the benchmarks compare against
     gcc python3-venv
 )
