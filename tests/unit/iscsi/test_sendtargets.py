@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lunastor.iscsi.errors import RemoteProtocolError
 from lunastor.iscsi.pdu import RESERVED_TAG, TextRequest, TextResponse
@@ -153,3 +155,33 @@ def test_wrong_ttt_while_continuing() -> None:
     again = neg.step(TextStep(final=True, cont=False, itt=1, ttt=RESERVED_TAG,
                               data=b"SendTargets=iqn.x:00001\0"))  # fmt: skip
     assert again.final and parse_text(again.data)[0] == ("TargetName", "iqn.x:00001")
+
+
+TEXT_STEPS = st.builds(
+    TextStep,
+    final=st.booleans(),
+    cont=st.booleans(),
+    itt=st.integers(0, 2),
+    ttt=st.sampled_from([RESERVED_TAG, 1, 2, 3, 4]),
+    data=st.one_of(
+        st.sampled_from(
+            [b"", b"SendTargets=All\0", b"SendTargets=\0", b"SendTargets=iqn.x:00003\0", b"A=B"]
+        ),
+        st.binary(max_size=30),
+    ),
+)
+
+
+@settings(max_examples=300)
+@given(steps=st.lists(TEXT_STEPS, max_size=10), discovery=st.booleans())
+def test_any_text_request_sequence(steps: list[TextStep], discovery: bool) -> None:
+    many = [TargetPortals(f"iqn.x:{i:05d}", ("h:1,1",)) for i in range(40)]
+    neg = TextNegotiator(lambda: many, discovery=discovery, max_send_data_segment_length=512)
+    for s in steps:
+        try:
+            reply = neg.step(s)
+        except RemoteProtocolError:
+            continue
+        assert len(reply.data) <= 512
+        assert (reply.ttt == RESERVED_TAG) == reply.final
+        assert not (reply.final and reply.cont)
