@@ -21,6 +21,7 @@ from lunastor.common.presence import Presence
 from lunastor.common.records import Keys, RedirectorInstance
 from lunastor.common.settings import etcd_client_config
 from lunastor.redirector.config import RedirectorConfig
+from lunastor.redirector.vip import VipError, VipManager
 
 PROG = "lunastor-redirector"
 LEADER = Gauge("lunastor_redirector_leader", "1 while this instance leads (and may hold the VIP)")
@@ -43,6 +44,12 @@ async def serve(config: RedirectorConfig, stop: asyncio.Event) -> int:
         started_at=time.time(),
     )
     leading = False
+    vip = VipManager(config.vip, config.interface) if config.manage_vip else None
+    if vip is not None and await vip.held():
+        # A predecessor killed before it could clean up left the VIP behind: a non-leader must
+        # never hold it, so drop it before campaigning.
+        log.warning("removing a VIP left behind", vip=config.vip, interface=config.interface)
+        await vip.release()
 
     async with await Etcd.connect(etcd_config) as etcd:
         presence = Presence(
@@ -89,9 +96,19 @@ async def serve(config: RedirectorConfig, stop: asyncio.Event) -> int:
             LEADER.set(1)
             LEADER_CHANGES.inc()
             log.info("became leader", vip=config.portal)
+            if vip is not None:
+                try:
+                    await vip.acquire()
+                except VipError as exc:
+                    log.error("cannot take the VIP", error=str(exc))
             lost = asyncio.create_task(_lease_lost(presence))
             await asyncio.wait({lost, stopping}, return_when=asyncio.FIRST_COMPLETED)
             lost.cancel()
+            if vip is not None:
+                try:
+                    await vip.release()
+                except VipError as exc:
+                    log.error("cannot release the VIP", error=str(exc))
             leading = False
             LEADER.set(0)
             LEADER_CHANGES.inc()

@@ -7,18 +7,36 @@ by a predecessor killed before it could clean up, before it campaigns.
 
 The ARP frame is built here (`gratuitous_arp_frame`, pure) and sent on an AF_PACKET socket:
 no external arping is needed.
+
+While the VIP is held, a small guard process waits beside the redirector. It gets SIGTERM from
+the kernel the moment the redirector dies, however it dies (PR_SET_PDEATHSIG), and removes the
+address: a SIGKILLed leader does not leave the VIP behind while another instance takes over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import ipaddress
+import signal
 import socket
 import struct
 from pathlib import Path
 
 ETH_P_ARP = 0x0806
 BROADCAST_MAC = b"\xff" * 6
+PR_SET_PDEATHSIG = 1
+# The guard: remove the address on SIGTERM (sent by the kernel when its parent dies) and exit.
+GUARD_SCRIPT = (
+    "trap 'ip addr del \"$0\" dev \"$1\" 2>/dev/null; exit 0' TERM; "
+    "while :; do sleep 3600 & wait; done"
+)
+
+
+def _term_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class VipError(Exception):
@@ -57,6 +75,7 @@ class VipManager:
         self.address = ipaddress.ip_address(vip)
         self.interface = interface
         self.prefix = f"{vip}/{32 if self.address.version == 4 else 128}"
+        self._guard: asyncio.subprocess.Process | None = None
 
     async def held(self) -> bool:
         status, out = await _ip("-o", "addr", "show", "dev", self.interface)
@@ -68,12 +87,27 @@ class VipManager:
         )
 
     async def acquire(self) -> None:
+        if self._guard is None or self._guard.returncode is not None:
+            self._guard = await asyncio.create_subprocess_exec(
+                "sh",
+                "-c",
+                GUARD_SCRIPT,
+                self.prefix,
+                self.interface,
+                preexec_fn=_term_with_parent,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
         status, out = await _ip("addr", "add", self.prefix, "dev", self.interface)
         if status != 0 and "File exists" not in out and "already assigned" not in out:
             raise VipError(f"cannot add {self.prefix} to {self.interface}: {out}")
         await self.announce()
 
     async def release(self) -> None:
+        guard, self._guard = self._guard, None
+        if guard is not None and guard.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                guard.terminate()
+            await guard.wait()
         status, out = await _ip("addr", "del", self.prefix, "dev", self.interface)
         if status != 0 and "Cannot assign" not in out and "not found" not in out.lower():
             raise VipError(f"cannot remove {self.prefix} from {self.interface}: {out}")
