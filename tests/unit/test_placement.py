@@ -57,24 +57,38 @@ def assert_valid(ring: Ring, usable_ids: set[str] | None = None) -> None:
 
     `usable_ids`: the servers that may hold replicas, if not all up ones (nearly full).
     """
-    cands = {c.id: c for c in ring.candidates}
-    usable = [
-        c for c in ring.candidates if c.state == "up" and (usable_ids is None or c.id in usable_ids)
-    ]
-    per_zone = Counter(c.zone for c in usable)
+    zone_of = {c.id: c.zone for c in ring.candidates}
+    usable = {
+        c.id
+        for c in ring.candidates
+        if c.state == "up" and (usable_ids is None or c.id in usable_ids)
+    }
+    per_zone = Counter(zone_of[s] for s in usable)
     level = 1
     while sum(min(n, level) for n in per_zone.values()) < ring.replicas:
         level += 1
+    bounds = {z: (min(n, level - 1), min(n, level)) for z, n in per_zone.items()}
+    spread = min(len(per_zone), ring.replicas)
+    seen: set[tuple[str, ...]] = set()
     for p in range(ring.partitions):
-        servers = ring.partition_servers(p)
+        servers = tuple(ring.partition_servers(p))
+        if servers in seen:  # same members, same verdict
+            continue
+        seen.add(servers)
         assert len(set(servers)) == ring.replicas, (p, servers)
-        assert all(cands[s] in usable for s in servers), (p, servers)
-        zones = Counter(cands[s].zone for s in servers)
-        assert len(zones) == min(len(per_zone), ring.replicas), (p, servers)
-        for z, n in zones.items():
-            assert min(per_zone[z], level - 1) <= n <= min(per_zone[z], level), (p, servers)
-        for z in per_zone.keys() - zones.keys():
-            assert min(per_zone[z], level - 1) == 0, (p, servers)
+        assert usable.issuperset(servers), (p, servers)
+        zones = Counter(zone_of[s] for s in servers)
+        assert len(zones) == spread, (p, servers)
+        for z, (lo, hi) in bounds.items():
+            assert lo <= zones.get(z, 0) <= hi, (p, servers)
+
+
+def test_assert_valid_catches_a_bad_table() -> None:
+    cands = [up("a", "z1"), up("b", "z1"), up("c", "z2")]
+    same_zone = [array("H", [0]).tobytes(), array("H", [1]).tobytes()]
+    bad = Ring(version=1, replicas=2, part_power=0, candidates=cands, rows=same_zone)
+    with pytest.raises(AssertionError):
+        assert_valid(bad)
 
 
 def extent_counts(ring: Ring, keys: list[str]) -> Counter[str]:
@@ -262,6 +276,20 @@ def test_spread_with_fewer_zones_than_replicas(
         per_zone = Counter(f"zone{int(s[2:]) % zones}" for s in ring.partition_servers(p))
         assert len(per_zone) == min(zones, replicas)
         assert max(per_zone.values()) == most_per_zone
+
+
+def test_changing_the_replica_count() -> None:
+    cands = cluster(servers=12, zones=3)
+    two = build_ring(cands, 2, 8)
+    three = build_ring(cands, 3, 8, previous=two)
+    assert_valid(three)
+    grow = movement(two, three)
+    assert (grow.moved, grow.lost) == (256, {})  # one new replica per partition, nothing else
+    assert set(replica_count_by_server(three).values()) == {64}
+    back = build_ring(cands, 2, 8, previous=three)
+    assert_valid(back)
+    assert movement(three, back).moved == 0  # dropping a replica copies nothing
+    assert all(abs(n - 512 / 12) <= 1 for n in replica_count_by_server(back).values())
 
 
 def test_build_time_part_power_14() -> None:
