@@ -777,12 +777,60 @@ class _Builder:
         under = [s for s in range(len(self.ids)) if self.count[s] < self.quota[s]]
         under.sort(key=lambda s: (self.count[s] / self.quota[s], self.ids[s]))
         changed = self.changed_partitions() if self.old is not None else []
-        for b in under:
-            if changed:
+        if changed:
+            for b in under:
                 self.move_to(b, changed, changed_only=True)
                 self.move_through(b, changed, changed_only=True)
+        self.paced_sweep()
+        for b in under:
             self.move_to(b, self.scan(b), changed_only=False)
             self.move_through(b, self.scan(b), changed_only=False)
+
+    def paced_sweep(self) -> None:
+        """Direct moves made in partition order, each server kept on its pace.
+
+        Walking partitions 0..P-1, a server's pace at p is quota * (p + 1) / P. A slot moves
+        from a server over quota and at least half a slot ahead of its pace to one under quota
+        and at least half a slot behind. A newcomer's slots, and each donor's losses, are
+        thereby spread evenly along the partition axis, so runs of consecutive partitions
+        (a volume's extents) stay balanced after a rebalance, not only the table as a whole.
+        """
+        count, quota, rows, parts = self.count, self.quota, self.rows, self.parts
+        under = [s for s in range(len(self.ids)) if count[s] < quota[s]]
+        if not under:
+            return
+        prefix = [0] * len(self.ids)
+        for p in range(parts):
+            members = [row[p] for row in rows]
+            for s in members:
+                prefix[s] += 1
+            if not under:
+                break
+            scale = (p + 1) / parts
+            zc: list[int] | None = None
+            for r, a in enumerate(members):
+                if count[a] <= quota[a] or prefix[a] - quota[a] * scale < 0.5:
+                    continue
+                zc = zc or self.zone_counts(members)
+                best, lag = -1, 0.5
+                for b in under:
+                    behind = quota[b] * scale - prefix[b]
+                    if behind >= lag and self.can_take(b, members, zc, a):
+                        best, lag = b, behind
+                if best < 0:
+                    continue
+                b = best
+                rows[r][p] = members[r] = b
+                count[a] -= 1
+                count[b] += 1
+                prefix[a] -= 1
+                prefix[b] += 1
+                zc[self.zone_of[a]] -= 1
+                zc[self.zone_of[b]] += 1
+                if count[b] >= quota[b]:
+                    under.remove(b)
+                    if not under:
+                        break
 
     def move_through(self, b: int, partitions: Iterable[int], changed_only: bool) -> None:
         """Two-step moves to b: b takes a slot of c (at quota), c one of an over server."""

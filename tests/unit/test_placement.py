@@ -135,15 +135,15 @@ GOLDEN_TABLE_PLUS_D1 = [
     ["cs-d1", "cs-c1", "cs-b1"],
     ["cs-a2", "cs-d1", "cs-b1"],
     ["cs-b2", "cs-a1", "cs-c1"],
-    ["cs-b1", "cs-d1", "cs-a1"],
-    ["cs-c1", "cs-a1", "cs-b1"],
-    ["cs-d1", "cs-a2", "cs-b2"],
-    ["cs-a1", "cs-b1", "cs-c1"],
+    ["cs-d1", "cs-c1", "cs-a1"],
+    ["cs-d1", "cs-a1", "cs-b1"],
+    ["cs-c1", "cs-a2", "cs-b2"],
+    ["cs-a1", "cs-b1", "cs-d1"],
     ["cs-c1", "cs-a2", "cs-d1"],
-    ["cs-b2", "cs-c1", "cs-a1"],
-    ["cs-d1", "cs-b1", "cs-c1"],
-    ["cs-a1", "cs-b2", "cs-d1"],
-    ["cs-d1", "cs-a2", "cs-c1"],
+    ["cs-b2", "cs-d1", "cs-a1"],
+    ["cs-a1", "cs-b1", "cs-c1"],
+    ["cs-d1", "cs-b2", "cs-c1"],
+    ["cs-b1", "cs-a2", "cs-c1"],
     ["cs-b1", "cs-d1", "cs-a1"],
 ]
 GOLDEN_KEYS = [
@@ -240,6 +240,13 @@ def test_adding_a_server_moves_its_share_and_nothing_else() -> None:
     assert sum(moved.lost.values()) == moved.moved and len(moved.lost) == 50
     fair = 3 * ring.partitions / 51
     assert all(abs(n - fair) <= 1 for n in counts.values())
+    # the newcomer's slots are spread along the partition axis, so runs of extents stay
+    # balanced too (measured 0.3% for one 10,000-extent volume, 1.4% for ten of 1,000)
+    share = {c.id: 3 * 10_000 / 51 for c in bigger.candidates}
+    one_volume = [extent_key("vol-big", i) for i in range(10_000)]
+    ten_volumes = [extent_key(f"vol-{v}", i) for v in range(10) for i in range(1_000)]
+    assert worst_deviation(extent_counts(bigger, one_volume), share) <= 0.01
+    assert worst_deviation(extent_counts(bigger, ten_volumes), share) <= 0.05
 
 
 @pytest.mark.parametrize("how", ["removed", "draining", "down"])
