@@ -16,7 +16,8 @@ What the builder guarantees (docs/placement.md has the argument and the measured
   partition always spans min(Z, R) zones. Spread wins over capacity balance when they conflict;
 * replica counts follow capacity: each zone, then each server inside it, gets a share
   proportional to capacity within the bounds above ("water-filling"), rounded to integer
-  quotas that the builder meets exactly unless the constraints make that impossible;
+  quotas that the builder meets exactly except in rare zone-constrained corners (then within
+  one or two);
 * only "up" servers hold assignments. Draining and down servers lose theirs. An up server that
   is nearly full (free < min_free_fraction * capacity) takes nothing new: its quota is capped
   at what it held in `previous` (so with no previous ring it holds nothing);
@@ -329,6 +330,8 @@ def partition_for(key: str, part_power: int) -> int:
 
 def place_replicas(extent_key: str, ring: Ring) -> list[str]:
     """The ordered replica server ids of an extent; the first is the preferred primary."""
+    if not isinstance(ring, Ring):
+        raise InvalidParameter(f"expected a Ring, got {type(ring).__name__}")
     return ring.partition_servers(partition_for(extent_key, ring.part_power))
 
 
@@ -884,6 +887,8 @@ def build_ring(
     """
     _check_params(replicas, part_power, min_free_fraction)
     cands = _sorted_candidates(candidates)
+    if previous is not None and not isinstance(previous, Ring):
+        raise InvalidParameter(f"previous must be a Ring or None, got {type(previous).__name__}")
     if previous is not None and previous.part_power != part_power:
         raise IncompatibleRing(
             f"previous ring has part power {previous.part_power}, requested {part_power}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -433,6 +434,8 @@ def test_insufficient_servers_names_the_counts() -> None:
             "part power 4",
         ),
         (lambda: place_replicas("no-slash", build_ring(GOLDEN, 3, 4)), InvalidExtentKey, "extent"),
+        (lambda: place_replicas("v/1", {"table": []}), InvalidParameter, "Ring"),  # type: ignore[arg-type]
+        (lambda: build_ring(GOLDEN, 3, 4, previous={}), InvalidParameter, "previous"),  # type: ignore[arg-type]
         (lambda: partition_for("vol/01", 4), InvalidExtentKey, "extent_index"),
         (lambda: partition_for("/3", 4), InvalidExtentKey, "extent"),
         (lambda: partition_for("vol/-3", 4), InvalidExtentKey, "extent"),
@@ -497,7 +500,7 @@ def _balanced(ring: Ring, cands: list[Candidate], previous: Ring | None = None) 
     assert all(abs(counts[s] - f) <= 2 for s, f in share.items()), (counts, share)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters())
 def test_property_fresh_build(case: tuple[list[Candidate], int, int]) -> None:
     cands, replicas, part_power = case
@@ -512,7 +515,7 @@ def test_property_fresh_build(case: tuple[list[Candidate], int, int]) -> None:
     assert Ring.from_dict(json.loads(json.dumps(ring.to_dict()))) == ring
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters(), st.data())
 def test_property_rebuild_after_a_change(
     case: tuple[list[Candidate], int, int], data: st.DataObject
@@ -550,3 +553,34 @@ def test_property_rebuild_after_a_change(
     before, after = replica_count_by_server(ring), replica_count_by_server(rebuilt)
     least = sum(max(0, n - before.get(s, 0)) for s, n in after.items())
     assert least <= moved.moved <= least + 2 + 0.03 * moved.total
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(sorted(_golden_dict())), json_values)
+def test_from_dict_decodes_or_raises_invalid_ring(field: str, value: object) -> None:
+    """Any damage to a stored ring gives InvalidRing, never another exception."""
+    data = _golden_dict()
+    data[field] = value
+    with contextlib.suppress(InvalidRing):
+        Ring.from_dict(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=30), st.integers(0, 20))
+def test_partition_for_returns_a_partition_or_raises_invalid_extent_key(
+    key: str, part_power: int
+) -> None:
+    try:
+        p = partition_for(key, part_power)
+    except InvalidExtentKey:
+        return
+    assert 0 <= p < 2**part_power
