@@ -591,7 +591,6 @@ class _Builder:
     """Mutable working state of one build; `build_ring` is its only user."""
 
     def __init__(self, plan: _Plan, replicas: int, part_power: int) -> None:
-        self.plan = plan
         self.replicas = replicas
         self.parts = 1 << part_power
         self.ids = [c.id for c in plan.servers]
