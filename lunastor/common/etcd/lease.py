@@ -156,7 +156,12 @@ class LeaseKeeper:
             target=self._run, args=(granted,), name="etcd-lease-keeper", daemon=True
         )
         self._thread.start()
-        await asyncio.wrap_future(granted)
+        try:
+            await asyncio.wrap_future(granted)
+        except BaseException:
+            # Failed or cancelled: a lease granted meanwhile must not be kept alive forever.
+            self._stopping.set()
+            raise
         return self
 
     async def stop(self, revoke: bool = True) -> None:
