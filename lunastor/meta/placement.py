@@ -16,7 +16,8 @@ What the builder guarantees (docs/placement.md has the argument and the measured
   partition always spans min(Z, R) zones. Spread wins over capacity balance when they conflict;
 * replica counts follow capacity: each zone, then each server inside it, gets a share
   proportional to capacity within the bounds above ("water-filling"), rounded to integer
-  quotas that the builder meets exactly unless the constraints make that impossible;
+  quotas that the builder meets exactly except in rare zone-constrained corners (then within
+  one or two);
 * only "up" servers hold assignments. Draining and down servers lose theirs. An up server that
   is nearly full (free < min_free_fraction * capacity) takes nothing new: its quota is capped
   at what it held in `previous` (so with no previous ring it holds nothing);
@@ -53,6 +54,8 @@ PLACE_EXTENT_PART_POWER = 12  # for the ring-less convenience `place_extent`
 # (P is a power of two) and spreads consecutive visits across the whole table, so the slots a
 # rebalance takes are scattered evenly rather than bunched at the start.
 _GOLDEN = (math.sqrt(5) - 1) / 2
+# Two-step moves are a last resort for zone-constrained corners; bound their cost.
+_MAX_FAILED_INTERMEDIARIES = 16
 
 
 class PlacementError(ValueError):
@@ -329,6 +332,8 @@ def partition_for(key: str, part_power: int) -> int:
 
 def place_replicas(extent_key: str, ring: Ring) -> list[str]:
     """The ordered replica server ids of an extent; the first is the preferred primary."""
+    if not isinstance(ring, Ring):
+        raise InvalidParameter(f"expected a Ring, got {type(ring).__name__}")
     return ring.partition_servers(partition_for(extent_key, ring.part_power))
 
 
@@ -586,7 +591,6 @@ class _Builder:
     """Mutable working state of one build; `build_ring` is its only user."""
 
     def __init__(self, plan: _Plan, replicas: int, part_power: int) -> None:
-        self.plan = plan
         self.replicas = replicas
         self.parts = 1 << part_power
         self.ids = [c.id for c in plan.servers]
@@ -672,8 +676,15 @@ class _Builder:
                 return math.inf
             return (count[s] + _jitter("slot", ids[s], count[s])) / quota[s]
 
-        heap = [(due(s), s) for s in range(len(ids))]
-        heapq.heapify(heap)
+        # One heap per zone, and a heap of the zones' heads: a slot whose zone rules block
+        # some zones skips those zones in one step instead of popping all their servers.
+        zone_heaps: list[list[tuple[float, int]]] = [[] for _ in lo]
+        for s in range(len(ids)):
+            zone_heaps[zone_of[s]].append((due(s), s))
+        for zh in zone_heaps:
+            heapq.heapify(zh)
+        heads = [(zh[0][0], zh[0][1], z) for z, zh in enumerate(zone_heaps) if zh]
+        heapq.heapify(heads)
         rows = self.rows
         for p in range(self.parts):
             members = [row[p] for row in rows]
@@ -685,22 +696,30 @@ class _Builder:
                 if members[r] != -1:
                     continue
                 tight = any_lo and sum(max(0, a - c) for a, c in zip(lo, zc, strict=True)) >= holes
-                skipped = []
+                blocked = []
                 while True:
-                    entry = heapq.heappop(heap)
-                    s = entry[1]
-                    z = zone_of[s]
-                    if s in members or zc[z] >= hi[z] or (tight and zc[z] >= lo[z]):
-                        skipped.append(entry)
+                    head = heapq.heappop(heads)
+                    z = head[2]
+                    if zc[z] >= hi[z] or (tight and zc[z] >= lo[z]):
+                        blocked.append(head)
                         continue
                     break
+                # zc[z] < hi[z] <= servers in z, so z has a server not yet in the partition
+                zh = zone_heaps[z]
+                taken = []
+                while zh[0][1] in members:
+                    taken.append(heapq.heappop(zh))
+                s = heapq.heappop(zh)[1]
                 members[r] = rows[r][p] = s
                 count[s] += 1
                 zc[z] += 1
                 holes -= 1
-                heapq.heappush(heap, (due(s), s))
-                for entry in skipped:
-                    heapq.heappush(heap, entry)
+                heapq.heappush(zh, (due(s), s))
+                for entry in taken:
+                    heapq.heappush(zh, entry)
+                heapq.heappush(heads, (zh[0][0], zh[0][1], z))
+                for head in blocked:
+                    heapq.heappush(heads, head)
 
     def order_primaries(self) -> None:
         """Choose which member of each partition is row 0 (the preferred primary) so that
@@ -760,9 +779,9 @@ class _Builder:
                 self.count[b] += 1
 
     def scan(self, s: int) -> Iterator[int]:
-        """Every partition once, from a per-server start, in well-spread order."""
+        """Every partition once, from a per-server start (-1: none), in well-spread order."""
         stride = int(self.parts * _GOLDEN) | 1
-        start = xxhash.xxh3_64_intdigest(self.ids[s].encode()) % self.parts
+        start = 0 if s < 0 else xxhash.xxh3_64_intdigest(self.ids[s].encode()) % self.parts
         return ((start + i * stride) % self.parts for i in range(self.parts))
 
     def balance(self) -> None:
@@ -774,22 +793,132 @@ class _Builder:
         over server could give is its zone's last in that partition): b takes a slot of c,
         c takes one of the over server elsewhere.
         """
-        under = [s for s in range(len(self.ids)) if self.count[s] < self.quota[s]]
-        under.sort(key=lambda s: (self.count[s] / self.quota[s], self.ids[s]))
         changed = self.changed_partitions() if self.old is not None else []
-        for b in under:
-            if changed:
+        if changed:
+            self.balance_zones(changed, changed_only=True)
+            for b in self.under():
                 self.move_to(b, changed, changed_only=True)
-                self.move_through(b, changed, changed_only=True)
+                self.move_through(b, changed, changed_only=True, again=changed)
+        self.paced_sweep()
+        self.balance_zones(self.scan(-1), changed_only=False)
+        for b in self.under():
             self.move_to(b, self.scan(b), changed_only=False)
-            self.move_through(b, self.scan(b), changed_only=False)
+            self.move_through(b, self.scan(b), changed_only=False, again=None)
 
-    def move_through(self, b: int, partitions: Iterable[int], changed_only: bool) -> None:
-        """Two-step moves to b: b takes a slot of c (at quota), c one of an over server."""
+    def under(self) -> list[int]:
+        """Servers below quota, furthest behind first."""
+        short = [s for s in range(len(self.ids)) if self.count[s] < self.quota[s]]
+        return sorted(short, key=lambda s: (self.count[s] / self.quota[s], self.ids[s]))
+
+    def balance_zones(self, partitions: Iterable[int], changed_only: bool) -> None:
+        """Bring each zone's total to the sum of its servers' quotas.
+
+        Needed where the zone rules leave a choice (say 2+1+1 replicas over three zones):
+        the fill can end with one zone a few slots short, and no single server-to-server move
+        fixes that when the over and under servers never share a suitable partition. A zone
+        move takes the most over-quota member of an over zone and gives its slot to the most
+        under-quota server of an under zone; server-level moves inside zones follow.
+        """
+        zones = range(len(self.lo))
+        target = [0] * len(self.lo)
+        total = [0] * len(self.lo)
+        by_zone: list[list[int]] = [[] for _ in zones]
+        for s, z in enumerate(self.zone_of):
+            target[z] += self.quota[s]
+            total[z] += self.count[s]
+            by_zone[z].append(s)
+        if target == total:
+            return
+        old = self.old
+        for p in partitions:
+            short = [z for z in zones if total[z] < target[z]]
+            if not short:
+                return
+            members = self.members(p)
+            zc = self.zone_counts(members)
+            donors = [
+                r
+                for r, a in enumerate(members)
+                if total[self.zone_of[a]] > target[self.zone_of[a]]
+                and zc[self.zone_of[a]] > self.lo[self.zone_of[a]]
+                and not (changed_only and old is not None and a in old[p])
+            ]
+            takers = [z for z in short if zc[z] < self.hi[z]]
+            if not donors or not takers:
+                continue
+            r = max(donors, key=lambda r: (self.excess(members[r]), -r))
+            zb = max(takers, key=lambda z: (target[z] - total[z], -z))
+            free = [s for s in by_zone[zb] if s not in members]
+            b = min(free, key=lambda s: (self.excess(s), s))
+            a = members[r]
+            self.rows[r][p] = b
+            self.count[a] -= 1
+            self.count[b] += 1
+            total[self.zone_of[a]] -= 1
+            total[zb] += 1
+
+    def paced_sweep(self) -> None:
+        """Direct moves made in partition order, each server kept on its pace.
+
+        Walking partitions 0..P-1, a server's pace at p is quota * (p + 1) / P. A slot moves
+        from a server over quota and at least half a slot ahead of its pace to one under quota
+        and at least half a slot behind. A newcomer's slots, and each donor's losses, are
+        thereby spread evenly along the partition axis, so runs of consecutive partitions
+        (a volume's extents) stay balanced after a rebalance, not only the table as a whole.
+        """
+        count, quota, rows, parts = self.count, self.quota, self.rows, self.parts
+        under = [s for s in range(len(self.ids)) if count[s] < quota[s]]
+        if not under:
+            return
+        prefix = [0] * len(self.ids)
+        for p in range(parts):
+            members = [row[p] for row in rows]
+            for s in members:
+                prefix[s] += 1
+            if not under:
+                break
+            scale = (p + 1) / parts
+            zc: list[int] | None = None
+            for r, a in enumerate(members):
+                if count[a] <= quota[a] or prefix[a] - quota[a] * scale < 0.5:
+                    continue
+                zc = zc or self.zone_counts(members)
+                best, lag = -1, 0.5
+                for b in under:
+                    behind = quota[b] * scale - prefix[b]
+                    if behind >= lag and self.can_take(b, members, zc, a):
+                        best, lag = b, behind
+                if best < 0:
+                    continue
+                b = best
+                rows[r][p] = members[r] = b
+                count[a] -= 1
+                count[b] += 1
+                prefix[a] -= 1
+                prefix[b] += 1
+                zc[self.zone_of[a]] -= 1
+                zc[self.zone_of[b]] += 1
+                if count[b] >= quota[b]:
+                    under.remove(b)
+                    if not under:
+                        break
+
+    def move_through(
+        self,
+        b: int,
+        partitions: Iterable[int],
+        changed_only: bool,
+        again: list[int] | None,
+    ) -> None:
+        """Two-step moves to b: b takes a slot of c (at quota), c one of an over server.
+
+        c looks for its donor in `again`, or in all partitions if None. Each intermediary
+        that finds none costs a full scan, so at most _MAX_FAILED_INTERMEDIARIES are tried.
+        """
         old = self.old
         failed: set[int] = set()  # intermediaries that found no donor
         for p in partitions:
-            if self.count[b] >= self.quota[b]:
+            if self.count[b] >= self.quota[b] or len(failed) >= _MAX_FAILED_INTERMEDIARIES:
                 return
             members = self.members(p)
             zc = self.zone_counts(members)
@@ -803,8 +932,7 @@ class _Builder:
                 self.rows[r][p] = b
                 self.count[c] -= 1
                 self.count[b] += 1
-                again = self.changed_partitions() if changed_only else self.scan(c)
-                self.move_to(c, again, changed_only)
+                self.move_to(c, self.scan(c) if again is None else again, changed_only)
                 if self.count[c] < self.quota[c]:  # undo
                     self.rows[r][p] = c
                     self.count[c] += 1
@@ -836,6 +964,8 @@ def build_ring(
     """
     _check_params(replicas, part_power, min_free_fraction)
     cands = _sorted_candidates(candidates)
+    if previous is not None and not isinstance(previous, Ring):
+        raise InvalidParameter(f"previous must be a Ring or None, got {type(previous).__name__}")
     if previous is not None and previous.part_power != part_power:
         raise IncompatibleRing(
             f"previous ring has part power {previous.part_power}, requested {part_power}; "

@@ -68,6 +68,7 @@ def choose_chunk_server(
     """
     if not isinstance(initiator_iqn, str) or not isinstance(target_iqn, str):
         raise ChoiceError("initiator and target IQNs must be strings")
+    servers = tuple(servers)  # iterated twice below; a generator would come back empty
     seen: set[str] = set()
     for s in servers:
         if not isinstance(s, ServerChoice):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -103,6 +104,18 @@ class EtcdCluster:
     @property
     def endpoints(self) -> list[str]:
         return [m.endpoint for m in self.members]
+
+    def leader(self) -> str:
+        """Endpoint of the current raft leader (plain-HTTP clusters only)."""
+        for m in self.members:
+            if m.proc is None or m.proc.poll() is not None:
+                continue
+            req = urllib.request.Request(f"http://{m.endpoint}/v3/maintenance/status", b"{}")
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                status = json.loads(resp.read())
+            if status["header"]["member_id"] == status["leader"]:
+                return m.endpoint
+        raise RuntimeError("no etcd member says it is the leader")
 
     def member(self, endpoint: str) -> Member:
         return next(m for m in self.members if m.endpoint == endpoint)

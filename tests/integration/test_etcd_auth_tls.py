@@ -80,6 +80,8 @@ async def test_missing_credentials_and_missing_permissions(auth_server: EtcdServ
             await app.put("/other/x", b"1")
         with pytest.raises(EtcdPermissionDenied):
             await app.get_prefix("/other/")
+        with pytest.raises(EtcdPermissionDenied):
+            await anext(aiter(app.watch_prefix("/other/", 1)))
 
 
 async def test_expired_auth_token_is_renewed() -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lunastor.common.etcd import (
     Compare,
@@ -248,3 +251,25 @@ async def test_prefix_cache_follows_changes(etcd: Etcd) -> None:
         assert cache.get("chunks/2").value == b"draining"  # type: ignore[union-attr]
         with pytest.raises(TimeoutError):
             await cache.wait_for(lambda c: "chunks/3" in c.items, timeout=0.2)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    names=st.sets(st.text("ab/é\x00", min_size=1, max_size=4), max_size=25),
+    page_size=st.integers(1, 8),
+)
+async def test_pages_list_exactly_the_prefix_in_order(
+    etcd: Etcd, names: set[str], page_size: int
+) -> None:
+    base = f"p{uuid.uuid4().hex[:6]}/"
+    if names:
+        await etcd.txn([], [Put(base + n, n.encode()) for n in names])
+    await etcd.put(base[:-1] + "0", b"sibling outside the prefix")
+    kvs, rev = await etcd.get_prefix(base, page_size=page_size)
+    expected = sorted(base + n for n in names)
+    assert [kv.key for kv in kvs] == sorted(expected, key=lambda k: k.encode())
+    pages = [p async for p in etcd.iter_prefix(base, page_size=page_size, revision=rev)]
+    assert all(len(p.kvs) <= page_size for p in pages)
+    assert [kv for p in pages for kv in p.kvs] == kvs

@@ -117,3 +117,17 @@ async def test_keeper_fails_over_to_another_endpoint(etcd_prefix: str) -> None:
 async def _refreshed_after(keeper: LeaseKeeper, t: float) -> bool:
     """A keep-alive sent after `t` succeeded (deadline = its send time + TTL)."""
     return keeper.deadline() - TTL > t
+
+
+async def test_cancelled_start_does_not_leak_a_kept_lease(etcd: Etcd) -> None:
+    keeper = LeaseKeeper(etcd.config, TTL)
+    start = asyncio.create_task(keeper.start())
+    await asyncio.sleep(0)  # let start() launch the thread, then cancel it mid-grant
+    start.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    assert keeper._thread is not None
+    await asyncio.to_thread(keeper._thread.join, 5)
+    assert not keeper._thread.is_alive()
+    if keeper._lease_id:  # granted before the cancellation landed: revoked on the way out
+        assert await etcd.time_to_live(keeper._lease_id) == -1

@@ -18,6 +18,7 @@ from lunastor.common.etcd import (
     WatchItem,
     WatchResync,
 )
+from tests.integration.tcp_proxy import TcpProxy
 from tests.support.etcd import EtcdServer
 from tests.support.procs import async_wait_for
 
@@ -123,3 +124,38 @@ async def test_prefix_cache_recovers_from_a_restart(own_server: EtcdServer, etcd
         rev = await etcd.revision()
         await cache.wait_for_revision(rev, timeout=10)
         assert dict(cache.items) == {"chunk/2": KeyValue("chunk/2", b"up", rev - 1, rev - 1, 1)}
+
+
+async def test_watch_cut_off_while_its_revision_is_compacted_resyncs(
+    own_server: EtcdServer, etcd: Etcd
+) -> None:
+    proxy = await TcpProxy(own_server.endpoint).start()
+    config = EtcdConfig([proxy.endpoint], namespace=etcd.config.namespace, timeout=1)
+    try:
+        async with await Etcd.connect(config) as via_proxy:
+            await etcd.put("m/gone", b"1")
+            _, rev = await etcd.get_prefix("m/")
+            watch = Collector(via_proxy.watch_prefix("m/", rev + 1))
+            async with PrefixCache(via_proxy, "m/") as cache:
+                first = await etcd.put("m/a", b"1")
+                await watch.wait_len(1)
+                proxy.cut()
+                # While the watcher cannot reach etcd: changes, then history is compacted.
+                await etcd.put("m/b", b"1")
+                await etcd.delete("m/gone")
+                now = await etcd.put("m/a", b"2")
+                await etcd.compact(now)
+                proxy.restore()
+                items = await watch.wait_len(2)
+                assert isinstance(items[0], WatchEvent) and items[0].revision == first
+                resync = items[1]
+                assert isinstance(resync, WatchResync) and resync.revision >= now
+                assert {kv.key: kv.value for kv in resync.kvs} == {"m/a": b"2", "m/b": b"1"}
+                later = await etcd.put("m/c", b"1")
+                items = await watch.wait_len(3)
+                assert isinstance(items[2], WatchEvent) and items[2].revision == later
+                await cache.wait_for_revision(later, timeout=5)
+                assert sorted(cache.items) == ["m/a", "m/b", "m/c"]
+            await watch.close()
+    finally:
+        await proxy.stop()

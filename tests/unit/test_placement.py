@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -57,24 +58,38 @@ def assert_valid(ring: Ring, usable_ids: set[str] | None = None) -> None:
 
     `usable_ids`: the servers that may hold replicas, if not all up ones (nearly full).
     """
-    cands = {c.id: c for c in ring.candidates}
-    usable = [
-        c for c in ring.candidates if c.state == "up" and (usable_ids is None or c.id in usable_ids)
-    ]
-    per_zone = Counter(c.zone for c in usable)
+    zone_of = {c.id: c.zone for c in ring.candidates}
+    usable = {
+        c.id
+        for c in ring.candidates
+        if c.state == "up" and (usable_ids is None or c.id in usable_ids)
+    }
+    per_zone = Counter(zone_of[s] for s in usable)
     level = 1
     while sum(min(n, level) for n in per_zone.values()) < ring.replicas:
         level += 1
+    bounds = {z: (min(n, level - 1), min(n, level)) for z, n in per_zone.items()}
+    spread = min(len(per_zone), ring.replicas)
+    seen: set[tuple[str, ...]] = set()
     for p in range(ring.partitions):
-        servers = ring.partition_servers(p)
+        servers = tuple(ring.partition_servers(p))
+        if servers in seen:  # same members, same verdict
+            continue
+        seen.add(servers)
         assert len(set(servers)) == ring.replicas, (p, servers)
-        assert all(cands[s] in usable for s in servers), (p, servers)
-        zones = Counter(cands[s].zone for s in servers)
-        assert len(zones) == min(len(per_zone), ring.replicas), (p, servers)
-        for z, n in zones.items():
-            assert min(per_zone[z], level - 1) <= n <= min(per_zone[z], level), (p, servers)
-        for z in per_zone.keys() - zones.keys():
-            assert min(per_zone[z], level - 1) == 0, (p, servers)
+        assert usable.issuperset(servers), (p, servers)
+        zones = Counter(zone_of[s] for s in servers)
+        assert len(zones) == spread, (p, servers)
+        for z, (lo, hi) in bounds.items():
+            assert lo <= zones.get(z, 0) <= hi, (p, servers)
+
+
+def test_assert_valid_catches_a_bad_table() -> None:
+    cands = [up("a", "z1"), up("b", "z1"), up("c", "z2")]
+    same_zone = [array("H", [0]).tobytes(), array("H", [1]).tobytes()]
+    bad = Ring(version=1, replicas=2, part_power=0, candidates=cands, rows=same_zone)
+    with pytest.raises(AssertionError):
+        assert_valid(bad)
 
 
 def extent_counts(ring: Ring, keys: list[str]) -> Counter[str]:
@@ -121,15 +136,15 @@ GOLDEN_TABLE_PLUS_D1 = [
     ["cs-d1", "cs-c1", "cs-b1"],
     ["cs-a2", "cs-d1", "cs-b1"],
     ["cs-b2", "cs-a1", "cs-c1"],
-    ["cs-b1", "cs-d1", "cs-a1"],
-    ["cs-c1", "cs-a1", "cs-b1"],
-    ["cs-d1", "cs-a2", "cs-b2"],
-    ["cs-a1", "cs-b1", "cs-c1"],
+    ["cs-d1", "cs-c1", "cs-a1"],
+    ["cs-d1", "cs-a1", "cs-b1"],
+    ["cs-c1", "cs-a2", "cs-b2"],
+    ["cs-a1", "cs-b1", "cs-d1"],
     ["cs-c1", "cs-a2", "cs-d1"],
-    ["cs-b2", "cs-c1", "cs-a1"],
-    ["cs-d1", "cs-b1", "cs-c1"],
-    ["cs-a1", "cs-b2", "cs-d1"],
-    ["cs-d1", "cs-a2", "cs-c1"],
+    ["cs-b2", "cs-d1", "cs-a1"],
+    ["cs-a1", "cs-b1", "cs-c1"],
+    ["cs-d1", "cs-b2", "cs-c1"],
+    ["cs-b1", "cs-a2", "cs-c1"],
     ["cs-b1", "cs-d1", "cs-a1"],
 ]
 GOLDEN_KEYS = [
@@ -226,6 +241,13 @@ def test_adding_a_server_moves_its_share_and_nothing_else() -> None:
     assert sum(moved.lost.values()) == moved.moved and len(moved.lost) == 50
     fair = 3 * ring.partitions / 51
     assert all(abs(n - fair) <= 1 for n in counts.values())
+    # the newcomer's slots are spread along the partition axis, so runs of extents stay
+    # balanced too (measured 0.3% for one 10,000-extent volume, 1.4% for ten of 1,000)
+    share = {c.id: 3 * 10_000 / 51 for c in bigger.candidates}
+    one_volume = [extent_key("vol-big", i) for i in range(10_000)]
+    ten_volumes = [extent_key(f"vol-{v}", i) for v in range(10) for i in range(1_000)]
+    assert worst_deviation(extent_counts(bigger, one_volume), share) <= 0.01
+    assert worst_deviation(extent_counts(bigger, ten_volumes), share) <= 0.05
 
 
 @pytest.mark.parametrize("how", ["removed", "draining", "down"])
@@ -262,6 +284,20 @@ def test_spread_with_fewer_zones_than_replicas(
         per_zone = Counter(f"zone{int(s[2:]) % zones}" for s in ring.partition_servers(p))
         assert len(per_zone) == min(zones, replicas)
         assert max(per_zone.values()) == most_per_zone
+
+
+def test_changing_the_replica_count() -> None:
+    cands = cluster(servers=12, zones=3)
+    two = build_ring(cands, 2, 8)
+    three = build_ring(cands, 3, 8, previous=two)
+    assert_valid(three)
+    grow = movement(two, three)
+    assert (grow.moved, grow.lost) == (256, {})  # one new replica per partition, nothing else
+    assert set(replica_count_by_server(three).values()) == {64}
+    back = build_ring(cands, 2, 8, previous=three)
+    assert_valid(back)
+    assert movement(three, back).moved == 0  # dropping a replica copies nothing
+    assert all(abs(n - 512 / 12) <= 1 for n in replica_count_by_server(back).values())
 
 
 def test_build_time_part_power_14() -> None:
@@ -398,6 +434,8 @@ def test_insufficient_servers_names_the_counts() -> None:
             "part power 4",
         ),
         (lambda: place_replicas("no-slash", build_ring(GOLDEN, 3, 4)), InvalidExtentKey, "extent"),
+        (lambda: place_replicas("v/1", {"table": []}), InvalidParameter, "Ring"),  # type: ignore[arg-type]
+        (lambda: build_ring(GOLDEN, 3, 4, previous={}), InvalidParameter, "previous"),  # type: ignore[arg-type]
         (lambda: partition_for("vol/01", 4), InvalidExtentKey, "extent_index"),
         (lambda: partition_for("/3", 4), InvalidExtentKey, "extent"),
         (lambda: partition_for("vol/-3", 4), InvalidExtentKey, "extent"),
@@ -462,7 +500,7 @@ def _balanced(ring: Ring, cands: list[Candidate], previous: Ring | None = None) 
     assert all(abs(counts[s] - f) <= 2 for s, f in share.items()), (counts, share)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters())
 def test_property_fresh_build(case: tuple[list[Candidate], int, int]) -> None:
     cands, replicas, part_power = case
@@ -477,7 +515,7 @@ def test_property_fresh_build(case: tuple[list[Candidate], int, int]) -> None:
     assert Ring.from_dict(json.loads(json.dumps(ring.to_dict()))) == ring
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters(), st.data())
 def test_property_rebuild_after_a_change(
     case: tuple[list[Candidate], int, int], data: st.DataObject
@@ -515,3 +553,34 @@ def test_property_rebuild_after_a_change(
     before, after = replica_count_by_server(ring), replica_count_by_server(rebuilt)
     least = sum(max(0, n - before.get(s, 0)) for s, n in after.items())
     assert least <= moved.moved <= least + 2 + 0.03 * moved.total
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(sorted(_golden_dict())), json_values)
+def test_from_dict_decodes_or_raises_invalid_ring(field: str, value: object) -> None:
+    """Any damage to a stored ring gives InvalidRing, never another exception."""
+    data = _golden_dict()
+    data[field] = value
+    with contextlib.suppress(InvalidRing):
+        Ring.from_dict(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=30), st.integers(0, 20))
+def test_partition_for_returns_a_partition_or_raises_invalid_extent_key(
+    key: str, part_power: int
+) -> None:
+    try:
+        p = partition_for(key, part_power)
+    except InvalidExtentKey:
+        return
+    assert 0 <= p < 2**part_power

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from functools import cache
 
 import pytest
 from hypothesis import given, settings
@@ -21,6 +22,11 @@ def servers(n: int, prefix: str = "cs-") -> list[ServerChoice]:
 
 
 def choices(group: list[ServerChoice], target: str = TARGET) -> list[str | None]:
+    return _choices(tuple(group), target)
+
+
+@cache
+def _choices(group: tuple[ServerChoice, ...], target: str) -> list[str | None]:
     return [choose_chunk_server(i, target, group) for i in INITIATORS]
 
 
@@ -116,6 +122,11 @@ def test_targets_spread_one_initiator() -> None:
         for t in range(5000)
     )
     assert all(abs(c - 1000) / 1000 <= 0.10 for c in counts.values()), counts
+
+
+def test_any_iterable_of_servers() -> None:
+    group = servers(4)
+    assert choose_chunk_server("i", "t", iter(group)) == choose_chunk_server("i", "t", group)  # type: ignore[arg-type]
 
 
 def test_order_of_servers_does_not_matter() -> None:

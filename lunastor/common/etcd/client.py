@@ -82,8 +82,10 @@ class Etcd:
         self._conn: _Conn | None = None
         self._lock = asyncio.Lock()
         self._closed = False
-        # Channels of failed-over endpoints, closing in the background (see `_failover`).
+        # Channels of failed-over endpoints, closing in the background (see `_failover`),
+        # and the tasks closing them (held here: the loop keeps only weak references).
         self._retired: set[Any] = set()
+        self._closers: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def connect(cls, config: EtcdConfig) -> Etcd:
@@ -102,8 +104,9 @@ class Etcd:
         if conn is not None:
             await conn.channel.close()
         for channel in list(self._retired):
-            await channel.close()
+            await channel.close()  # no grace: we are done
         self._retired.clear()
+        await asyncio.gather(*self._closers, return_exceptions=True)
 
     async def __aenter__(self) -> Etcd:
         return self
@@ -165,8 +168,15 @@ class Etcd:
         # Other requests may still be in flight on this channel (and succeed, if the endpoint
         # only hiccuped): give them the request timeout before closing cancels them.
         self._retired.add(conn.channel)
-        task = asyncio.create_task(conn.channel.close(grace=self.config.timeout))
-        task.add_done_callback(lambda _: self._retired.discard(conn.channel))
+        closer = asyncio.create_task(self._close_later(conn.channel))
+        self._closers.add(closer)
+        closer.add_done_callback(self._closers.discard)
+
+    async def _close_later(self, channel: Any) -> None:
+        try:
+            await channel.close(grace=self.config.timeout)
+        finally:
+            self._retired.discard(channel)
 
     async def _call(self, stub: str, method: str, request: Any, *, idempotent: bool) -> Any:
         """One unary RPC with failover.

@@ -156,7 +156,12 @@ class LeaseKeeper:
             target=self._run, args=(granted,), name="etcd-lease-keeper", daemon=True
         )
         self._thread.start()
-        await asyncio.wrap_future(granted)
+        try:
+            await asyncio.wrap_future(granted)
+        except BaseException:
+            # Failed or cancelled: a lease granted meanwhile must not be kept alive forever.
+            self._stopping.set()
+            raise
         return self
 
     async def stop(self, revoke: bool = True) -> None:
@@ -194,7 +199,7 @@ class LeaseKeeper:
             try:
                 self._grant(client, granted)
             except BaseException as exc:  # never leave start() waiting forever
-                granted.set_exception(exc)
+                _settle(granted, exc)
                 raise
             if self._lease_id:
                 self._keep_alive(client)
@@ -222,10 +227,10 @@ class LeaseKeeper:
                 break
             self._deadline = sent + ttl
             self._lease_id = lease_id
-            granted.set_result(None)
+            _settle(granted, None)
             return
         assert last is not None
-        granted.set_exception(last)
+        _settle(granted, last)
 
     def _keep_alive(self, client: _BlockingLeaseClient) -> None:
         interval = self.ttl / 3
@@ -265,3 +270,12 @@ class LeaseKeeper:
             # RuntimeError: the owner's loop is closed; nobody is left to tell.
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self.on_lost)
+
+
+def _settle(future: concurrent.futures.Future[None], exc: BaseException | None) -> None:
+    """Resolve `start()`'s future, unless it was cancelled (start() itself was cancelled)."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if exc is None:
+            future.set_result(None)
+        else:
+            future.set_exception(exc)
