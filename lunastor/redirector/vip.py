@@ -29,7 +29,7 @@ BROADCAST_MAC = b"\xff" * 6
 PR_SET_PDEATHSIG = 1
 # The guard: remove the address on SIGTERM (sent by the kernel when its parent dies) and exit.
 GUARD_SCRIPT = (
-    "trap 'ip addr del \"$0\" dev \"$1\" 2>/dev/null; exit 0' TERM; "
+    'trap \'ip addr del "$0" dev "$1" 2>/dev/null; exit 0\' TERM; '
     "while :; do sleep 3600 & wait; done"
 )
 
