@@ -235,8 +235,10 @@ class Replica:
             full0 = -(-offset // BLOCK_SIZE)
             full1 = end // BLOCK_SIZE
             with self._io():
-                if full0 >= full1:  # inside one block
-                    self._zero_partial(offset, length)
+                if full0 >= full1:  # no whole block: one or two partial ones
+                    first_end = min(end, (offset // BLOCK_SIZE + 1) * BLOCK_SIZE)
+                    self._zero_partial(offset, first_end - offset)
+                    self._zero_partial(first_end, end - first_end)
                 else:
                     self._zero_partial(offset, full0 * BLOCK_SIZE - offset)
                     self._zero_partial(full1 * BLOCK_SIZE, end - full1 * BLOCK_SIZE)
@@ -480,6 +482,7 @@ class Replica:
         self.mapped_blocks += cs.count_mapped(sums) - cs.count_mapped(old)
 
     def _zero_partial(self, offset: int, length: int) -> None:
+        """Zero part of one block (unmap's partial edges) unless it is unmapped already."""
         if length <= 0:
             return
         blk = offset // BLOCK_SIZE
