@@ -606,6 +606,12 @@ def _check_response_payload(op: Op, payload: bytes, values: dict[str, Any]) -> N
         raise FrameError(f"{op} response carries no payload")
 
 
+def clip_message(text: str) -> str | None:
+    """A `msg` value: at most 200 bytes of UTF-8, None when empty (then `msg` is omitted)."""
+    clipped = text.encode()[:200].decode(errors="ignore")
+    return clipped or None
+
+
 def request_fields(req: Request) -> dict[str, Any]:
     """The message's fields by attribute name (for logs; payloads shown by size)."""
     out: dict[str, Any] = {}

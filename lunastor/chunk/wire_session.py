@@ -38,6 +38,7 @@ from lunastor.chunk.wire import (
     Response,
     Status,
     WireError,
+    clip_message,
     decode_request,
     decode_response,
     encode_request,
@@ -202,7 +203,7 @@ class ServerConnection:
         # Error answers carry only status fields, so the op does not matter for encoding
         # except for statuses that need extra fields (not the ones used here).
         self._out.extend(
-            encode_response(op, Response(rid, exc.status, {"message": str(exc)[:200]}))
+            encode_response(op, Response(rid, exc.status, {"message": clip_message(str(exc))}))
         )
 
     def _close(self, reason: str) -> None:

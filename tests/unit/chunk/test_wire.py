@@ -375,7 +375,7 @@ requests = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(reqs=st.lists(requests, min_size=1, max_size=4), cut=st.integers(0, 10**6))
 def test_any_request_sequence_round_trips_however_it_is_cut(reqs: list[Request], cut: int) -> None:
     data = b"".join(bytes(b) for r in reqs for b in encode_request(r))
