@@ -172,7 +172,9 @@ class Replica:
         if bad:
             raise ChecksumMismatch(bad)
         start = offset - b0 * BLOCK_SIZE
-        return bytes(data[start : start + length])
+        if start == 0 and length == len(data):
+            return bytes(data)
+        return bytes(memoryview(data)[start : start + length])
 
     async def read_for_copy(self, offset: int, length: int) -> tuple[bytes, bytes]:
         """(data, checksums) of whole blocks, verified, in any state: the source of a copy."""
@@ -204,7 +206,7 @@ class Replica:
         b0, b1 = self._blocks(offset, length)
         with self._io():
             sums = pread_exact(self._sum_fd, (b1 - b0) * CHECKSUM_SIZE, b0 * CHECKSUM_SIZE)
-        flags = [cs.is_mapped(sums, i) for i in range(b1 - b0)]
+        flags = cs.mapped_flags(sums)
         return [((b0 + s) * BLOCK_SIZE, n * BLOCK_SIZE, mapped) for s, n, mapped in cs.runs(flags)]
 
     # -- ordered mutations ------------------------------------------------------------------
@@ -214,6 +216,7 @@ class Replica:
         self._check_open()
         self._check_range(offset, len(data))
         async with self._mutate:
+            self._check_open()  # it may have been deleted while we waited for the lock
             self._check_order(seq, gen)
             await self._mark_dirty()
             self._check_open()
@@ -228,6 +231,7 @@ class Replica:
         self._check_open()
         self._check_range(offset, length)
         async with self._mutate:
+            self._check_open()  # it may have been deleted while we waited for the lock
             self._check_order(seq, gen)
             await self._mark_dirty()
             self._check_open()
@@ -264,11 +268,12 @@ class Replica:
         if bad:
             raise ChecksumMismatch(bad)
         async with self._mutate:
+            self._check_open()
             await self._mark_dirty()
             self._check_open()
             view = memoryview(data)
             with self._io():
-                flags = [cs.is_mapped(checksums, i) for i in range(nblocks)]
+                flags = cs.mapped_flags(checksums)
                 for start, count, mapped in cs.runs(flags):
                     if not mapped:
                         self._unmap_blocks(b0 + start, b0 + start + count)
@@ -285,6 +290,7 @@ class Replica:
         """Durably adopt generation `gen` (never lower); optionally reset applied_seq/state."""
         self._check_open()
         async with self._mutate:
+            self._check_open()
             if gen < self._h.generation:
                 raise StaleGeneration(self._h.generation, gen)
             changes: dict[str, object] = {"generation": gen}
@@ -309,6 +315,7 @@ class Replica:
         fixed: list[int] = []
         step = 256  # blocks per pass: 1 MiB
         async with self._mutate:
+            self._check_open()
             with self._io():
                 for b in range(0, self.num_blocks, step):
                     e = min(b + step, self.num_blocks)
@@ -437,9 +444,12 @@ class Replica:
         if not any(sums):
             return bytearray((b1 - b0) * BLOCK_SIZE), sums
         data = bytearray(pread_exact(self._data_fd, (b1 - b0) * BLOCK_SIZE, b0 * BLOCK_SIZE))
-        for i in range(b1 - b0):
-            if not cs.is_mapped(sums, i):  # its data may be stale bytes of an unfinished punch
-                data[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] = bytes(BLOCK_SIZE)
+        flags = cs.mapped_flags(sums)
+        if not all(flags):
+            for start, count, mapped in cs.runs(flags):
+                if not mapped:  # its data may be stale bytes of an unfinished punch
+                    lo, hi = start * BLOCK_SIZE, (start + count) * BLOCK_SIZE
+                    data[lo:hi] = bytes(hi - lo)
         return data, sums
 
     def _write_bytes(self, offset: int, data: Buffer) -> None:
