@@ -18,6 +18,7 @@ rescanned and converged from a peer before it serves again.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
@@ -564,9 +565,18 @@ class Replica:
         with self._io():
             for fd in fds:
                 await asyncio.to_thread(os.fdatasync, fd)
-            # An unlinked file (its directory was removed under us) would swallow writes.
-            if os.fstat(self._hdr_fd).st_nlink == 0:
-                raise OSError(2, "replica files were removed from the data directory")
+            self._check_still_there()
+
+    def _check_still_there(self) -> None:
+        """Our open header must still be the file at its path: a removed, replaced or
+        unmounted data directory would otherwise swallow writes without an error."""
+        held = os.fstat(self._hdr_fd)
+        try:
+            there = os.stat(self.paths.header)
+        except FileNotFoundError:
+            there = None
+        if there is None or (there.st_dev, there.st_ino) != (held.st_dev, held.st_ino):
+            raise OSError(errno.ENOENT, "replica files are gone from the data directory")
 
     def _close_fds(self) -> None:
         if self._closed:
