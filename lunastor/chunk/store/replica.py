@@ -301,6 +301,8 @@ class Replica:
                 changes["durable_seq"] = min(self._h.durable_seq, applied_seq)
             if state is not None:
                 changes["state"] = ReplicaState(state)
+                if changes["state"] == ReplicaState.CURRENT and self.needs_rescan:
+                    raise InvalidRequest("rescan (checksums()) and converge before current")
             with self._io():
                 self._store_header(self._h.evolve(**changes))
             await self._sync_header()

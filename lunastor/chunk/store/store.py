@@ -112,6 +112,9 @@ class ExtentStore:
         if not root.is_dir():
             return
         for vol_dir in sorted(root.iterdir()):
+            if not vol_dir.is_dir():
+                listing.problems.append(ReplicaProblem(str(vol_dir), "not a volume directory"))
+                continue
             names = {p.name for p in vol_dir.iterdir()}
             headers = set()
             for name in sorted(names):

@@ -346,6 +346,8 @@ async def test_reboot_with_unflushed_writes_fences_the_replica(store: ExtentStor
     assert r2.needs_rescan
     with pytest.raises(ReplicaNotCurrent):
         await r2.read(0, 1)
+    with pytest.raises(InvalidRequest, match="rescan"):
+        await r2.set_generation(2, state=ReplicaState.CURRENT)
     sums = await r2.checksums()  # rescans first, so the array describes the real data
     assert not r2.needs_rescan
     from lunastor.chunk.store.checksums import block_checksum
@@ -420,8 +422,14 @@ async def test_leftover_files_without_header_are_reported(store: ExtentStore) ->
     r = await new_replica(store)
     await r.close()
     r.paths.header.unlink()
-    problems = ExtentStore(store.data_dirs, EXTENT).list_replicas().problems
-    assert sorted(Path(p.path).suffix for p in problems) == [".dat", ".sum"]
+    (Path(store.data_dirs[0]) / "extents" / "stray-file").write_text("x")
+    listing = ExtentStore(store.data_dirs, EXTENT).list_replicas()
+    assert listing.failed_dirs == []
+    assert sorted(Path(p.path).name for p in listing.problems) == [
+        "0000000000000003.dat",
+        "0000000000000003.sum",
+        "stray-file",
+    ]
 
 
 async def test_missing_data_dir_is_a_typed_failure(tmp_path: Path) -> None:
@@ -445,3 +453,28 @@ async def test_data_dir_removed_under_an_open_replica(tmp_path: Path) -> None:
         await r.flush()
     assert info.value.path == str(d)
     assert [f.path for f in s.check_data_dirs()] == [str(d)]
+
+
+async def test_concurrent_writes_issued_in_order_apply_in_order(store: ExtentStore) -> None:
+    import asyncio
+
+    r = await new_replica(store)
+    # the first write waits for the durable DIRTY mark; the others queue behind it in order
+    await asyncio.gather(
+        *(r.write(seq * 10, bytes([seq]) * 10, seq=seq, gen=1, fua=seq % 7 == 0)
+          for seq in range(1, 21))
+    )  # fmt: skip
+    assert r.applied_seq == 20
+    assert await r.read(0, 210) == bytes(10) + b"".join(bytes([i]) * 10 for i in range(1, 21))
+
+
+async def test_fua_and_flush_advance_durable_seq(store: ExtentStore) -> None:
+    r = await new_replica(store)
+    await r.write(0, b"a", seq=1, gen=1, fua=False)
+    assert (r.applied_seq, r.durable_seq) == (1, 0)
+    await r.write(0, b"b", seq=2, gen=1, fua=True)
+    assert r.durable_seq == 2
+    await r.unmap(0, BLOCK_SIZE, seq=3, gen=1, fua=False)
+    assert r.durable_seq == 2
+    await r.flush()
+    assert r.durable_seq == 3
