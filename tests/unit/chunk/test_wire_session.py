@@ -168,3 +168,53 @@ def test_bad_request_after_authentication_is_answered_and_the_connection_stays()
     [frame] = FrameReader().feed(b"".join(bytes(b) for b in server.data_to_send()))
     assert frame.header["status"] == "bad_request" and frame.header["id"] == 50
     assert not server.closed
+
+
+def _server_in(phase: Phase) -> ServerConnection:
+    server = ServerConnection(SECRET, "s")
+    if phase is Phase.AWAIT_HELLO:
+        return server
+    client = ClientConnection(SECRET, "c")
+    client.start()
+    server.receive_data(b"".join(bytes(b) for b in client.data_to_send()))
+    if phase is Phase.AWAIT_AUTH:
+        server.data_to_send()
+        return server
+    client.receive_data(b"".join(bytes(b) for b in server.data_to_send()))
+    server.receive_data(b"".join(bytes(b) for b in client.data_to_send()))
+    server.data_to_send()
+    assert server.phase is Phase.OPEN
+    return server
+
+
+SAMPLE = {
+    Op.HELLO: Hello(90, 1, "x", b"h" * 32),
+    Op.AUTH: Auth(90, b"p" * 32),
+    Op.PING: Ping(90),
+    Op.READ: Read(90, "v", 0, 1, 0, 1),
+}
+# (phase, op) -> what happens: "app" (handed to the application), or the status answered
+# and whether the connection closes. Every pair not listed: unauthenticated + close.
+EXPECTED = {
+    (Phase.AWAIT_HELLO, Op.HELLO): ("ok", False),
+    (Phase.AWAIT_AUTH, Op.AUTH): ("unauthenticated", True),  # wrong proof
+    (Phase.OPEN, Op.HELLO): ("app", False),
+    (Phase.OPEN, Op.AUTH): ("app", False),
+    (Phase.OPEN, Op.PING): ("app", False),
+    (Phase.OPEN, Op.READ): ("app", False),
+}
+
+
+@pytest.mark.parametrize("phase", [Phase.AWAIT_HELLO, Phase.AWAIT_AUTH, Phase.OPEN])
+@pytest.mark.parametrize("op", list(SAMPLE))
+def test_every_request_in_every_phase(phase: Phase, op: Op) -> None:
+    server = _server_in(phase)
+    got = server.receive_data(b"".join(bytes(b) for b in encode_request(SAMPLE[op])))
+    outcome, closes = EXPECTED.get((phase, op), ("unauthenticated", True))
+    if outcome == "app":
+        assert got == [SAMPLE[op]] and server.data_to_send() == []
+    else:
+        assert got == []
+        [frame] = FrameReader().feed(b"".join(bytes(b) for b in server.data_to_send()))
+        assert frame.header["status"] == outcome and frame.header["id"] == 90
+    assert server.closed is closes
