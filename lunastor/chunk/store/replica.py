@@ -239,14 +239,25 @@ class Replica:
             end = offset + length
             full0 = -(-offset // BLOCK_SIZE)
             full1 = end // BLOCK_SIZE
+            if full0 >= full1:  # no whole block: one or two partial ones
+                first_end = min(end, (offset // BLOCK_SIZE + 1) * BLOCK_SIZE)
+                partial = [(offset, first_end - offset), (first_end, end - first_end)]
+            else:
+                partial = [
+                    (offset, full0 * BLOCK_SIZE - offset),
+                    (full1 * BLOCK_SIZE, end - full1 * BLOCK_SIZE),
+                ]
+            partial = [(o, n) for o, n in partial if n > 0]
             with self._io():
-                if full0 >= full1:  # no whole block: one or two partial ones
-                    first_end = min(end, (offset // BLOCK_SIZE + 1) * BLOCK_SIZE)
-                    self._zero_partial(offset, first_end - offset)
-                    self._zero_partial(first_end, end - first_end)
-                else:
-                    self._zero_partial(offset, full0 * BLOCK_SIZE - offset)
-                    self._zero_partial(full1 * BLOCK_SIZE, end - full1 * BLOCK_SIZE)
+                # verify the partial blocks first, so a bad one fails the unmap before any change
+                for o, _ in partial:
+                    blk = o // BLOCK_SIZE
+                    bad = cs.bad_blocks(*self._read_blocks(blk, blk + 1), blk)
+                    if bad:
+                        raise ChecksumMismatch(bad)
+                for o, n in partial:
+                    self._zero_partial(o, n)
+                if full0 < full1:
                     self._unmap_blocks(full0, full1)
                 self._store_header(self._h.evolve(applied_seq=seq))
         if fua:

@@ -478,3 +478,17 @@ async def test_fua_and_flush_advance_durable_seq(store: ExtentStore) -> None:
     assert r.durable_seq == 2
     await r.flush()
     assert r.durable_seq == 3
+
+
+async def test_unmap_with_a_corrupt_partial_block_changes_nothing(store: ExtentStore) -> None:
+    r = await new_replica(store)
+    base = pattern(5, 4 * BLOCK_SIZE)
+    await r.write(0, base, seq=1, gen=1, fua=False)
+    with open(r.paths.data, "r+b") as f:  # corrupt block 3, the unmap's partial tail
+        f.seek(3 * BLOCK_SIZE + 9)
+        f.write(b"\xff\xfe")
+    with pytest.raises(ChecksumMismatch) as info:
+        await r.unmap(100, 3 * BLOCK_SIZE, seq=2, gen=1, fua=False)
+    assert info.value.blocks == [3]
+    assert r.applied_seq == 1 and r.mapped_blocks == 4
+    assert await r.read(0, 3 * BLOCK_SIZE) == base[: 3 * BLOCK_SIZE]
