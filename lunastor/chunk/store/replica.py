@@ -502,6 +502,9 @@ class Replica:
             # systems): make every touched block's checksum describe its data again, so the
             # replica stays readable; the write itself is reported failed (never acknowledged).
             self._rehash(b0, b0 + nblocks)
+            self.mapped_blocks = cs.count_mapped(
+                pread_exact(self._sum_fd, self.num_blocks * CHECKSUM_SIZE, 0)
+            )
             raise
         self.mapped_blocks += cs.count_mapped(sums) - cs.count_mapped(old)
 
