@@ -492,3 +492,23 @@ async def test_unmap_with_a_corrupt_partial_block_changes_nothing(store: ExtentS
     assert info.value.blocks == [3]
     assert r.applied_seq == 1 and r.mapped_blocks == 4
     assert await r.read(0, 3 * BLOCK_SIZE) == base[: 3 * BLOCK_SIZE]
+
+
+async def test_duplicates_and_misplaced_headers_are_reported(tmp_path: Path) -> None:
+    import shutil
+
+    dirs = [tmp_path / "d0", tmp_path / "d1"]
+    for d in dirs:
+        d.mkdir()
+    s = ExtentStore(dirs, EXTENT, boot_id=BOOT_A)
+    r = await s.create("vol", 1, 1)
+    await s.close()
+    other = dirs[1] if r.paths.data_dir == str(dirs[0]) else dirs[0]
+    shutil.copytree(Path(r.paths.data_dir) / "extents", other / "extents")
+    # and a header copied under another extent's name
+    shutil.copy(r.paths.header, r.paths.header.with_name("0000000000000002.hdr"))
+    listing = ExtentStore(dirs, EXTENT, boot_id=BOOT_A).list_replicas()
+    assert [(i.volume, i.extent) for i in listing.replicas] == [("vol", 1)]
+    reasons = sorted(p.reason for p in listing.problems)
+    assert len(reasons) == 2
+    assert reasons[0].startswith("duplicate replica") and reasons[1] == "header names vol/1"
