@@ -16,6 +16,7 @@ from lunastor.chunk.wire import (
     Read,
     Response,
     Status,
+    Write,
     decode_response,
     encode_request,
 )
@@ -218,3 +219,15 @@ def test_every_request_in_every_phase(phase: Phase, op: Op) -> None:
         [frame] = FrameReader().feed(b"".join(bytes(b) for b in server.data_to_send()))
         assert frame.header["status"] == outcome and frame.header["id"] == 90
     assert server.closed is closes
+
+
+def test_before_authentication_no_payload_is_buffered() -> None:
+    server = ServerConnection(SECRET, "s")
+    write = encode_request(Write(1, "v", 0, 1, 1, 0, False, b"x" * 1_000_000))
+    header_only = bytes(write[0])  # the payload itself is never sent
+    assert server.receive_data(header_only) == []
+    assert server.closed and "exceeds 0" in (server.close_reason or "")
+    big = msgpack.packb({"op": "hello", "id": 1, "len": 0, "pad": "x" * 2000})
+    other = ServerConnection(SECRET, "s")
+    other.receive_data(len(big).to_bytes(4, "big") + big)
+    assert other.closed and "header length" in (other.close_reason or "")
