@@ -99,6 +99,7 @@ class ServerConnection:
         self._max_payload = max_payload
         self._out: Buffers = []
         self.phase = Phase.AWAIT_HELLO
+        self.authenticated = False  # the peer proved the secret (stays True after a close)
         self.peer: str | None = None
         self.version: int | None = None
         self._client_nonce = b""
@@ -195,6 +196,7 @@ class ServerConnection:
             if hmac.compare_digest(want, req.proof):
                 self._out.extend(encode_response(Op.AUTH, Response(req.id, Status.OK)))
                 self.phase = Phase.OPEN
+                self.authenticated = True
                 self._reader.max_header = MAX_HEADER
                 self._reader.max_payload = self._max_payload
                 return

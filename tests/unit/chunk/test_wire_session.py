@@ -231,3 +231,42 @@ def test_before_authentication_no_payload_is_buffered() -> None:
     other = ServerConnection(SECRET, "s")
     other.receive_data(len(big).to_bytes(4, "big") + big)
     assert other.closed and "header length" in (other.close_reason or "")
+
+
+def test_fuzzed_byte_streams_never_raise_out_of_the_server() -> None:
+    """A server connection fed mutated handshakes and requests answers or closes; it never
+    raises, and never hands an unauthenticated request to the application."""
+    import random
+
+    rng = random.Random(7)
+    client = ClientConnection(SECRET, "c", nonce=b"c" * 32)
+    client.start()
+    server = ServerConnection(SECRET, "s", nonce=b"s" * 32)
+    hello = b"".join(bytes(b) for b in client.data_to_send())
+    server.receive_data(hello)
+    client.receive_data(b"".join(bytes(b) for b in server.data_to_send()))
+    auth = b"".join(bytes(b) for b in client.data_to_send())
+    reqs = b"".join(
+        bytes(b)
+        for r in (Ping(5), Read(6, "v", 0, 1, 0, 9), Write(7, "v", 0, 1, 1, 0, True, b"abc"))
+        for b in encode_request(r)
+    )
+    stream = hello + auth + reqs
+    nonce_at = hello.index(b"c" * 32)
+    proof_at = len(hello) + auth.index(b"\xc4\x20") + 2  # the one 32-byte bin value in AUTH
+    guarded = [*range(nonce_at, nonce_at + 32), *range(proof_at, proof_at + 32)]
+    for _ in range(5000):
+        data = bytearray(stream)
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randrange(len(data))
+            data[pos] = rng.randrange(256)
+        server = ServerConnection(SECRET, "s", nonce=b"s" * 32)
+        got = []
+        cut = rng.randrange(len(data))
+        got += server.receive_data(bytes(data[:cut]))
+        got += server.receive_data(bytes(data[cut:]))
+        server.data_to_send()
+        if got:
+            assert server.authenticated
+        if any(data[i] != stream[i] for i in guarded):
+            assert not server.authenticated  # a damaged nonce or proof never passes
