@@ -54,7 +54,7 @@ ROUTES = [
         "snapshots",
         CSI_ROLES,
         body=schemas.SNAPSHOT_CREATE,
-        responses={201: "Snapshot", 200: "Snapshot", 409: "Problem"},
+        responses={201: "Snapshot", 200: "Snapshot", 404: "Problem", 409: "Problem"},
     ),
     Route(
         "GET",

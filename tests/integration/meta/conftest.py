@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import ssl
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from lunastor.common.config import EtcdSettings
+from lunastor.common.config import EtcdSettings, to_toml_table
 from lunastor.common.etcd import Etcd
 from lunastor.common.records import ChunkServerInfo, ChunkServerStatus, Keys
 from lunastor.common.settings import etcd_client_config
@@ -18,6 +23,7 @@ from lunastor.meta.app import make_app
 from lunastor.meta.config import AuthSettings, MetaConfig
 from lunastor.meta.luns import LunMap
 from tests.support.etcd import EtcdServer
+from tests.support.procs import free_port, wait_for
 
 TOKENS = {"admin": "admin-t", "csi": "csi-t", "reader": "reader-t"}
 PORTAL = "10.9.0.100:3260"
@@ -110,3 +116,65 @@ async def register_chunk(
             data_dirs=[{"path": "/d", "capacity": capacity, "free": free}],
         )
         await etcd.put(Keys.live_chunk(chunk_id), status.to_json())
+
+
+@dataclass
+class MetaProcess:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    etcd_endpoint: str
+    namespace: str
+
+
+def run_meta(etcd_server: EtcdServer, prefix: str, tmp: Path, **settings: Any) -> MetaProcess:
+    """`lunastor-meta` as a real process; `settings` override the config (e.g. TLS)."""
+    listen = f"127.0.0.1:{free_port()}"
+    config = {
+        "listen": listen,
+        "portal": PORTAL,
+        "lease_ttl": 2,
+        "secret_key": SECRET_KEY,
+        "planner_interval": 0.2,
+        "auth": {
+            "admin_tokens": [TOKENS["admin"]],
+            "csi_tokens": [TOKENS["csi"]],
+            "reader_tokens": [TOKENS["reader"]],
+        },
+        "etcd": {"endpoints": [etcd_server.endpoint], "namespace": prefix.rstrip("/")},
+        "log": {"level": "warning"},
+        **settings,
+    }
+    path = tmp / "meta.toml"
+    path.write_text(to_toml_table(config))
+    log = tmp / "meta.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lunastor.meta.main", "--config", str(path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    scheme = "https" if settings.get("tls_cert") else "http"
+    return MetaProcess(f"{scheme}://{listen}", proc, log, etcd_server.endpoint, prefix.rstrip("/"))
+
+
+def healthy(url: str, context: ssl.SSLContext | None = None) -> bool:
+    with urllib.request.urlopen(f"{url}/healthz", timeout=2, context=context) as resp:
+        return resp.status == 200
+
+
+def stop_meta(meta: MetaProcess) -> int:
+    meta.proc.terminate()
+    return meta.proc.wait(timeout=20)
+
+
+@pytest.fixture
+def meta_process(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
+) -> Iterator[MetaProcess]:
+    meta = run_meta(etcd_server, etcd_prefix, tmp_path)
+    try:
+        wait_for(lambda: healthy(meta.url), 30, f"meta at {meta.url}; see {meta.log}")
+        yield meta
+    finally:
+        assert stop_meta(meta) == 0, meta.log.read_text()
