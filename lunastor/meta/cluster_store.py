@@ -26,7 +26,7 @@ from lunastor.common.records import (
 from lunastor.common.sealing import Sealer
 from lunastor.meta.luns import LunMap
 from lunastor.meta.problems import Problem
-from lunastor.meta.store import MAX_ATTEMPTS, aborted, list_page, new_id, read
+from lunastor.meta.store import MAX_ATTEMPTS, Listing, aborted, as_json, list_page, new_id, read
 
 
 def chap_view(chap: ChapRecord | None) -> dict[str, Any]:
@@ -364,13 +364,13 @@ class ClusterStore:
             raise Problem(404, "operation_not_found", f"no operation {operation_id}")
         return operation_view(op)
 
-    async def list_operations(self, limit: int, token: str | None) -> dict[str, Any]:
+    async def list_operations(self, limit: int, token: str | None) -> Listing:
         return await list_page(
             self.etcd,
             Keys.OPERATIONS,
             limit,
             token,
-            lambda kv: operation_view(OperationRecord.from_json(kv.value)),
+            as_json(lambda kv: operation_view(OperationRecord.from_json(kv.value))),
         )
 
 

@@ -6,13 +6,13 @@ from aiohttp import web
 
 from lunastor.meta import schemas
 from lunastor.meta.context import CLUSTER_STORE_KEY
-from lunastor.meta.routing import ALL_ROLES, Call, Param, Route, json_response
+from lunastor.meta.routing import ALL_ROLES, Call, Param, Route, json_response, listing_response
 
 
 async def list_operations(call: Call) -> web.Response:
     limit = call.params.get("limit", schemas.LIST_LIMIT_DEFAULT)
     store = call.app[CLUSTER_STORE_KEY]
-    return json_response(await store.list_operations(limit, call.params.get("next")))
+    return listing_response(await store.list_operations(limit, call.params.get("next")))
 
 
 async def get_operation(call: Call) -> web.Response:

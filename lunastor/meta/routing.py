@@ -12,6 +12,7 @@ from aiohttp import web
 
 from lunastor.meta.context import ROLE_KEY
 from lunastor.meta.problems import Problem
+from lunastor.meta.store import Listing
 from lunastor.meta.validation import Schema, validate
 
 ROLES = ("admin", "csi", "reader")
@@ -143,3 +144,7 @@ def register(app: web.Application, routes: list[Route]) -> None:
 
 def json_response(body: Any, status: int = 200) -> web.Response:
     return web.json_response(body, status=status)
+
+
+def listing_response(listing: Listing) -> web.Response:
+    return web.Response(body=listing.body(), content_type="application/json")

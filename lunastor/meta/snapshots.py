@@ -6,7 +6,15 @@ from aiohttp import web
 
 from lunastor.meta import schemas
 from lunastor.meta.context import STORE_KEY
-from lunastor.meta.routing import ALL_ROLES, CSI_ROLES, Call, Param, Route, json_response
+from lunastor.meta.routing import (
+    ALL_ROLES,
+    CSI_ROLES,
+    Call,
+    Param,
+    Route,
+    json_response,
+    listing_response,
+)
 from lunastor.meta.store import snapshot_view
 
 SNAPSHOT_ID = Param("snapshot_id", "path", schemas.snapshot_id, "snapshot id (snap-...)")
@@ -36,7 +44,7 @@ async def list_snapshots(call: Call) -> web.Response:
         return json_response({"items": items, "next": None, "revision": revision})
     limit = call.params.get("limit", schemas.LIST_LIMIT_DEFAULT)
     page = await store.list_snapshots(limit, call.params.get("next"), call.params.get("volume_id"))
-    return json_response(page)
+    return listing_response(page)
 
 
 async def delete_snapshot(call: Call) -> web.Response:

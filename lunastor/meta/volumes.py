@@ -6,7 +6,15 @@ from aiohttp import web
 
 from lunastor.meta import schemas
 from lunastor.meta.context import STORE_KEY
-from lunastor.meta.routing import ALL_ROLES, CSI_ROLES, Call, Param, Route, json_response
+from lunastor.meta.routing import (
+    ALL_ROLES,
+    CSI_ROLES,
+    Call,
+    Param,
+    Route,
+    json_response,
+    listing_response,
+)
 from lunastor.meta.store import VolumeSpec, volume_view
 
 VOLUME_ID = Param("volume_id", "path", schemas.volume_id, "volume id (vol-...)")
@@ -40,7 +48,7 @@ async def list_volumes(call: Call) -> web.Response:
         items = [volume_view(found)] if found is not None else []
         return json_response({"items": items, "next": None, "revision": revision})
     limit = call.params.get("limit", schemas.LIST_LIMIT_DEFAULT)
-    return json_response(await store.list_volumes(limit, call.params.get("next")))
+    return listing_response(await store.list_volumes(limit, call.params.get("next")))
 
 
 async def delete_volume(call: Call) -> web.Response:

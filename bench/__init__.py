@@ -1,0 +1,1 @@
+"""lunastor benchmarks: each compares against an anchor measured in the same run."""
