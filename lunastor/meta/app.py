@@ -88,7 +88,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        return problem_response(exc.status, code, exc.text or exc.reason)
+        response = problem_response(exc.status, code, exc.text or exc.reason)
+        if "Allow" in exc.headers:  # 405 must say what is allowed (RFC 9110 15.5.6)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except EtcdError as exc:
         log.error("etcd unavailable", error=str(exc))
         return problem_response(503, "metadata_unavailable", f"etcd: {exc}")
