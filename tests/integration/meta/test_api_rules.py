@@ -176,7 +176,7 @@ async def test_request_metrics_by_route_and_status(api: Api) -> None:
     )
     bucket = (
         'lunastor_api_request_seconds_bucket{le="0.01",method="GET",'
-        'route="/v1/volumes/{volume_id}"}'
+        'route="/v1/volumes/{volume_id}",status="404"}'
     )
     assert bucket in text
 
