@@ -84,7 +84,7 @@ async def test_malformed_create_names_the_field(api: Api, body: Any, field: str)
     assert problem["code"] == "invalid_field" and problem["field"] == field, problem
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"\xff\xfe", b"null x"])
+@pytest.mark.parametrize("raw", [b"", b"{", b"\xff\xfe", b"null x", b"[" * 200_000])
 async def test_non_json_body_is_a_400(api: Api, raw: bytes) -> None:
     status, problem = await api.call("POST", "/v1/volumes", data=raw)
     assert status == 400 and problem["code"] == "invalid_json" and problem["field"] == "body"
