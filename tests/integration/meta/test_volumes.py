@@ -8,6 +8,7 @@ import pytest
 
 from lunastor.common.records import Keys, LunRecord, VolumeRecord
 from tests.integration.meta.conftest import PORTAL, Api
+from tests.support.procs import async_wait_for
 
 GIB = 1 << 30
 
@@ -244,3 +245,19 @@ async def test_snapshots_and_clones(api: Api) -> None:
         "POST", "/v1/snapshots", {"name": "s9", "volume_id": vol["id"]}
     )
     assert status == 404 and problem["code"] == "volume_not_found"
+
+
+async def test_freed_luns_are_reused_lowest_first(api: Api) -> None:
+    first, second = await api.volume("r1"), await api.volume("r2")
+    assert (first["lun"], second["lun"]) == (1, 2)
+    await api.ok("DELETE", f"/v1/volumes/{first['id']}", status=204)
+    tomb = await api.etcd.get(Keys.gc_volume(first["id"]))  # written by the delete's txn
+    assert tomb is not None
+    deleted_at = tomb.mod_revision
+
+    async def caught_up() -> bool:
+        return api.luns.revision >= deleted_at
+
+    await async_wait_for(caught_up, 10, "the LUN map to see the delete")
+    third = await api.volume("r3")
+    assert (third["target_iqn"], third["lun"]) == (first["target_iqn"], 1)
