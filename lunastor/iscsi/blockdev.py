@@ -84,7 +84,6 @@ class BlockDevice(Protocol):
 
     @property
     def capacity_generation(self) -> int: ...
-
     # Increments each time the capacity changes; the SCSI layer compares it with what each
     # I_T nexus last saw to raise CAPACITY DATA HAS CHANGED.
 
