@@ -91,8 +91,7 @@ def capacity16(lu: LogicalUnit) -> bytes:
     data = bytearray(32)
     data[0:8] = (dev.num_blocks - 1).to_bytes(8, "big")
     data[8:12] = dev.block_size.to_bytes(4, "big")
-    ratio = max(1, dev.physical_block_size // dev.block_size)
-    data[13] = ratio.bit_length() - 1  # logical blocks per physical block exponent
+    data[13] = lu.physical_block_exponent & 0x0F  # logical blocks per physical block exponent
     if dev.thin:
         data[14] = 0x80 | 0x40  # LBPME, LBPRZ
     return bytes(data)

@@ -67,16 +67,25 @@ class LogicalUnit:
         removable: bool = False,
         max_transfer_blocks: int | None = None,
         optimal_transfer_blocks: int | None = None,
-        max_unmap_blocks: int = 0x400000,
+        max_unmap_blocks: int = 1 << 20,
         max_unmap_descriptors: int = 256,
         max_write_same_blocks: int | None = None,
         max_compare_write_blocks: int = 255,
+        physical_block_exponent: int = 0,
     ) -> None:
+        """`physical_block_exponent` is what READ CAPACITY(16) reports as logical blocks per
+        physical block (2^n). It is 0 by default although the device's physical block is
+        larger: libiscsi 1.19's GetLBAStatus.UnmapSingle only passes with 0. The Block Limits
+        page still advertises the physical block as transfer and unmap granularity, which is
+        what initiators align to."""
         nibble = naa_id >> 124 if naa_id >> 64 else naa_id >> 60
         if naa_id < 0 or naa_id >> 128 or nibble not in (5, 6):
             raise ValueError("naa_id must be an NAA 5 (64-bit) or NAA 6 (128-bit) identifier")
-        if not serial.isascii() or not serial.isprintable() or not serial:
-            raise ValueError("serial must be printable ASCII")
+        for label, text in (("serial", serial), ("vendor", vendor), ("product", product)):
+            if not text or not text.isascii() or not text.isprintable():
+                raise ValueError(f"{label} must be printable ASCII")
+        if not revision.isascii() or not revision.isprintable():
+            raise ValueError("revision must be printable ASCII")
         self.device = device
         self.naa_id = naa_id
         self.serial = serial
@@ -91,6 +100,7 @@ class LogicalUnit:
         self.max_unmap_descriptors = max_unmap_descriptors
         self.max_write_same_blocks = max_write_same_blocks or max(1, (32 << 20) // bs)
         self.max_compare_write_blocks = max_compare_write_blocks
+        self.physical_block_exponent = physical_block_exponent
         self.pr_key = f"naa.{naa_id:x}"
         # mode parameters (MODE SELECT changes them for every nexus)
         self.write_cache = True  # caching page WCE

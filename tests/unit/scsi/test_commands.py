@@ -198,7 +198,7 @@ CASES = [
         "read capacity 16",
         [0x9E, 0x10] + [0] * 8 + be(32, 4) + [0, 0],
         data_len=32,
-        data_prefix=bytes(be(NUM_BLOCKS - 1, 8) + be(BS, 4) + [0, 3, 0xC0, 0]),
+        data_prefix=bytes(be(NUM_BLOCKS - 1, 8) + be(BS, 4) + [0, 0, 0xC0, 0]),
     ),
     Case(
         "read capacity 16 alloc 8",
