@@ -103,7 +103,7 @@ class MemoryBlockDevice:
             piece = view[pos : pos + n]
             chunk = self._chunks.get(idx)
             if chunk is None:
-                if self._thin and piece == self._zero[:n] and n == self._pbs:
+                if self._thin and n == self._pbs and piece.tobytes() == self._zero:
                     pos += n
                     continue
                 chunk = self._chunks[idx] = bytearray(self._pbs)
@@ -178,8 +178,8 @@ class MemoryBlockDevice:
         if len(verify) != len(data) or len(data) % self._bs:
             raise ValueError("compare and write buffers must be equal whole blocks")
         self._check_write(lba, len(data) // self._bs)
-        current = memoryview(bytes(await self.read(lba, len(data) // self._bs)))
-        expect = memoryview(verify)
+        current = bytes(await self.read(lba, len(data) // self._bs))
+        expect = bytes(verify)
         if current != expect:
             raise Miscompare(next(i for i in range(len(current)) if current[i] != expect[i]))
         self._put(lba * self._bs, data)

@@ -288,19 +288,18 @@ async def _verify(
     bs = dev.block_size
     if not blocks:
         return ScsiResult(_GOOD, b"", b"", 0 if bytchk else None)
-    stored = memoryview(await dev.read(lba, blocks))
+    stored = bytes(await dev.read(lba, blocks))
     if not bytchk:
         return ScsiResult()
-    data = memoryview(cmd.data_out)
     want = bs if bytchk == 3 else blocks * bs
-    if len(data) < want:
+    if len(cmd.data_out) < want:
         raise CheckCondition(PARAMETER_LIST_LENGTH_ERROR)
-    for i in range(blocks):
-        block = stored[i * bs : (i + 1) * bs]
-        expect = data[:bs] if bytchk == 3 else data[i * bs : (i + 1) * bs]
-        if block != expect:
-            offset = next(j for j in range(bs) if block[j] != expect[j])
-            raise CheckCondition(MISCOMPARE_DURING_VERIFY, information=i * bs + offset)
+    expect = bytes(cmd.data_out[:want])
+    if bytchk == 3:
+        expect *= blocks  # one block compared with each block of the range
+    if stored != expect:
+        offset = next(i for i in range(len(stored)) if stored[i] != expect[i])
+        raise CheckCondition(MISCOMPARE_DURING_VERIFY, information=offset)
     return ScsiResult(_GOOD, b"", b"", want)
 
 
@@ -413,10 +412,10 @@ async def unmap(
     _writable(lu)
     data_length = int.from_bytes(data[0:2], "big")
     desc_length = int.from_bytes(data[2:4], "big")
-    if data_length and data_length != desc_length + 6 and data_length + 2 > len(data):
-        raise invalid_param(0)
     if desc_length % 16:
         raise invalid_param(2)
+    if data_length < desc_length + 6:
+        raise invalid_param(0)  # UNMAP DATA LENGTH must cover the descriptors it announces
     count = min(desc_length, len(data) - 8) // 16
     if count > lu.max_unmap_descriptors:
         raise invalid_param(2)
