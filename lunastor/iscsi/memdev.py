@@ -115,10 +115,12 @@ class MemoryBlockDevice:
         self._check(lba, blocks)
         offset, size = lba * self._bs, blocks * self._bs
         idx, within = divmod(offset, self._pbs)
-        if within + size <= self._pbs:  # one physical block: hand out a view, no copy
+        if within + size <= self._pbs:
             chunk = self._chunks.get(idx)
-            src = self._zero if chunk is None else chunk
-            return memoryview(src)[within : within + size]
+            if chunk is None:  # the zero block never changes: a view of it is safe to share
+                return memoryview(self._zero)[within : within + size]
+            # a copy: a later write must not change data the session has yet to send
+            return bytes(chunk[within : within + size])
         out = bytearray(size)
         pos = 0
         while pos < size:
