@@ -447,11 +447,11 @@ async def _write_same(
     ndob = bool(flags & 0x01)
     if unmap_bit and not dev.thin:
         raise invalid_cdb(1, 3)
+    _range(lu, lba, blocks)  # first: libiscsi expects LBA OUT OF RANGE even for 0 blocks
     if blocks == 0:
         raise invalid_cdb(length_byte)  # WSNZ=1
     if blocks > lu.max_write_same_blocks:
         raise invalid_cdb(length_byte)
-    _range(lu, lba, blocks)
     _writable(lu)
     bs = dev.block_size
     if ndob:
