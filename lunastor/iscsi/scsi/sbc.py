@@ -559,3 +559,25 @@ async def get_lba_status(
         blocks = min(dev.num_blocks - lba, 0xFFFFFFFF)
         out += lba.to_bytes(8, "big") + blocks.to_bytes(4, "big") + bytes(4)
     return data_result((len(out) + 4).to_bytes(4, "big") + bytes(4) + bytes(out), alloc)
+
+
+# -- READ DEFECT DATA ---------------------------------------------------------------------
+# A virtual volume has no defects: both lists are valid and empty, in the format asked for.
+
+
+@command(0x37, "READ DEFECT DATA(10)", [0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0x00])
+async def read_defect_data10(
+    target: ScsiTarget, lu: LogicalUnit | None, cmd: ScsiCommand, ns: NexusState | None
+) -> ScsiResult:
+    flags = cmd.cdb[2] & 0x1F
+    alloc = int.from_bytes(cmd.cdb[7:9], "big")
+    return data_result(bytes((0, flags, 0, 0)), alloc)
+
+
+@command(0xB7, "READ DEFECT DATA(12)", [0xB7, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x00])
+async def read_defect_data12(
+    target: ScsiTarget, lu: LogicalUnit | None, cmd: ScsiCommand, ns: NexusState | None
+) -> ScsiResult:
+    flags = cmd.cdb[1] & 0x1F
+    alloc = int.from_bytes(cmd.cdb[6:10], "big")
+    return data_result(bytes((0, flags)) + bytes(6), alloc)

@@ -550,6 +550,12 @@ CASES = [
         [0xA3, 0x0A, 0, 0, 0, 0, *be(64, 4), 0, 0],
         data=bytes([*be(12, 4), 128, 1, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1]),
     ),
+    Case("read defect data 10", [0x37, 0, 0x18, 0, 0, 0, 0, 0, 32, 0], data=bytes([0, 0x18, 0, 0])),
+    Case(
+        "read defect data 12",
+        [0xB7, 0x0D, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+        data=bytes([0, 0x0D, 0, 0, 0, 0, 0, 0]),
+    ),
     # -- removable
     Case(
         "start stop eject non-removable",
