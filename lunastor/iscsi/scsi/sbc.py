@@ -512,14 +512,14 @@ async def compare_and_write(
     if blocks > lu.max_compare_write_blocks:
         raise invalid_cdb(13)
     _range(lu, lba, blocks)
+    n = blocks * lu.device.block_size
+    data = memoryview(cmd.data_out)
+    if len(data) != 2 * n:
+        # verify and write data, exactly; this also refuses 256 blocks wrapped to 0 in the CDB
+        raise invalid_cdb(13)
     if not blocks:
         return ScsiResult(_GOOD, b"", b"", 0)
     _writable(lu)
-    bs = lu.device.block_size
-    n = blocks * bs
-    data = memoryview(cmd.data_out)
-    if len(data) != 2 * n:  # verify and write data, exactly
-        raise invalid_cdb(13)
     await lu.device.compare_and_write(lba, data[:n], data[n : 2 * n])
     return ScsiResult(_GOOD, b"", b"", 2 * n)
 

@@ -99,7 +99,9 @@ class LogicalUnit:
         self.optimal_transfer_blocks = optimal_transfer_blocks or max(1, (1 << 20) // bs)
         self.max_unmap_blocks = max_unmap_blocks
         self.max_unmap_descriptors = max_unmap_descriptors
-        self.max_write_same_blocks = max_write_same_blocks or max(1, (32 << 20) // bs)
+        # below 65536 blocks: libiscsi WriteSame16.Unmap writes that many with one WRITE(16)
+        # (beyond the transfer limit) when MAXIMUM WRITE SAME LENGTH allows it
+        self.max_write_same_blocks = max_write_same_blocks or max(1, (16 << 20) // bs)
         self.max_compare_write_blocks = max_compare_write_blocks
         self.physical_block_exponent = physical_block_exponent
         self.pr_key = f"naa.{naa_id:x}"
