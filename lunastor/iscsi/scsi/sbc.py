@@ -340,7 +340,7 @@ async def _sync(lu: LogicalUnit, lba: int, blocks: int) -> ScsiResult:
 
 
 @command(
-    0x35, "SYNCHRONIZE CACHE(10)", _usage(_RW10, 0x35, 0x02), access=Access.WRITE, timeout=(60, 120)
+    0x35, "SYNCHRONIZE CACHE(10)", _usage(_RW10, 0x35, 0x06), access=Access.WRITE, timeout=(60, 120)
 )
 async def sync_cache10(
     target: ScsiTarget, lu: LogicalUnit | None, cmd: ScsiCommand, ns: NexusState | None
@@ -350,7 +350,7 @@ async def sync_cache10(
 
 
 @command(
-    0x91, "SYNCHRONIZE CACHE(16)", _usage(_RW16, 0x91, 0x02), access=Access.WRITE, timeout=(60, 120)
+    0x91, "SYNCHRONIZE CACHE(16)", _usage(_RW16, 0x91, 0x06), access=Access.WRITE, timeout=(60, 120)
 )
 async def sync_cache16(
     target: ScsiTarget, lu: LogicalUnit | None, cmd: ScsiCommand, ns: NexusState | None
