@@ -9,6 +9,7 @@ live in `spc.py`, `mode.py`, `sbc.py` and `prcmds.py`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from lunastor.iscsi.scsi.reservations import InProcessReservations, ReservationS
 from lunastor.iscsi.scsi.sense import (
     BUS_DEVICE_RESET,
     CAPACITY_DATA_HAS_CHANGED,
+    INTERNAL_TARGET_FAILURE,
     LU_NOT_SUPPORTED,
     POWER_ON_RESET,
     REPORTED_LUNS_DATA_HAS_CHANGED,
@@ -36,6 +38,8 @@ from lunastor.iscsi.scsi.types import (
     TmfFunction,
     TmfResponse,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -271,6 +275,11 @@ class ScsiTarget:
             return self.check_condition(device_error_check(e), lu)
         except ReservationConflict:
             return _reservation_conflict()
+        except Exception:
+            # A bug here must not take the session (or the daemon) down: the initiator gets
+            # HARDWARE ERROR / INTERNAL TARGET FAILURE and retries or fails the I/O.
+            log.exception("SCSI command %s failed", bytes(cmd.cdb[:16]).hex())
+            return self.check_condition(CheckCondition(INTERNAL_TARGET_FAILURE), lu)
 
     def check_condition(self, e: CheckCondition, lu: LogicalUnit | None) -> ScsiResult:
         descriptor = lu is not None and lu.descriptor_sense
