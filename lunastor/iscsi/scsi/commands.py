@@ -51,23 +51,28 @@ class CommandSpec:
     nominal_timeout: int = 0  # seconds, for the command timeouts descriptor (0: unspecified)
     recommended_timeout: int = 0
     reserved_mask: int = field(init=False)  # CDB bits that must be zero, as one big integer
+    # the same mask placed for a 16-byte CDB (what iSCSI carries), to test without slicing
+    reserved_mask16: int = field(init=False)
+    cdb_length: int = field(init=False)
 
     def __post_init__(self) -> None:
+        self.cdb_length = len(self.usage)
         allowed = bytearray(self.usage)
         allowed[0] = 0xFF
         if self.service_action is not None:
             allowed[1] |= 0x1F
         full = (1 << (8 * len(allowed))) - 1
         self.reserved_mask = full ^ int.from_bytes(allowed, "big")
+        self.reserved_mask16 = (
+            self.reserved_mask << 8 * (16 - len(allowed)) if len(allowed) <= 16 else 0
+        )
 
-    @property
-    def cdb_length(self) -> int:
-        return len(self.usage)
-
-    def check_reserved(self, cdb: bytes) -> None:
+    def check_reserved(self, cdb: bytes | bytearray | memoryview) -> None:
         """INVALID FIELD IN CDB, pointing at the first bit set outside the usage mask."""
+        if len(cdb) == 16 and not int.from_bytes(cdb, "big") & self.reserved_mask16:
+            return
         n = len(self.usage)
-        head = cdb[:n] if len(cdb) >= n else bytes(cdb) + bytes(n - len(cdb))
+        head = bytes(cdb[:n]) if len(cdb) >= n else bytes(cdb) + bytes(n - len(cdb))
         bad = int.from_bytes(head, "big") & self.reserved_mask
         if not bad:
             return

@@ -147,7 +147,15 @@ async def read6(
 async def read10(
     target: ScsiTarget, lu: LogicalUnit | None, cmd: ScsiCommand, ns: NexusState | None
 ) -> ScsiResult:
+    # the hottest path: _read inlined (one coroutine less per command)
     _, _, lba, _, blocks, _ = _CDB10.unpack_from(cmd.cdb)
+    dev = lu.device  # type: ignore[union-attr]
+    if (
+        lu.started  # type: ignore[union-attr]
+        and lba + blocks <= dev.num_blocks
+        and 0 < blocks <= lu.max_transfer_blocks  # type: ignore[union-attr]
+    ):
+        return ScsiResult(_GOOD, await dev.read(lba, blocks), b"", blocks * dev.block_size)
     return await _read(lu, lba, blocks, 7)  # type: ignore[arg-type]
 
 

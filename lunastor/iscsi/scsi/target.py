@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from lunastor.iscsi.blockdev import BlockDevice, BlockDeviceError
 from lunastor.iscsi.scsi import commands
-from lunastor.iscsi.scsi.commands import Access
+from lunastor.iscsi.scsi.commands import _SINGLE, Access
 from lunastor.iscsi.scsi.pr import ItNexus, PrEffects, ReservationConflict, conflicts
 from lunastor.iscsi.scsi.reservations import InProcessReservations, ReservationStore
 from lunastor.iscsi.scsi.sense import (
@@ -234,10 +234,16 @@ class ScsiTarget:
     async def execute(self, cmd: ScsiCommand) -> ScsiResult:
         lu: LogicalUnit | None = None
         try:
-            spec = commands.lookup(cmd.cdb)
-            if len(cmd.cdb) < spec.cdb_length:  # handlers may then unpack without checks
-                cmd.cdb = bytes(cmd.cdb).ljust(spec.cdb_length, b"\x00")
-            session = self._session(cmd.nexus)
+            cdb = cmd.cdb
+            spec = _SINGLE.get(cdb[0]) if cdb else None
+            if spec is None:
+                spec = commands.lookup(cdb)
+            if len(cdb) < spec.cdb_length:  # handlers may then unpack without checks
+                cmd.cdb = cdb = bytes(cdb).ljust(spec.cdb_length, b"\x00")
+            nexus = cmd.nexus
+            session = self._sessions.get(id(nexus))
+            if session is None or session.nexus is not nexus:
+                session = self._session(nexus)
             ns = session.states.get(cmd.lun)
             if ns is None:
                 lun = cmd.lun
@@ -267,7 +273,7 @@ class ScsiTarget:
                     state = self.reservations.current(lu.pr_key)
                     if state.type is not None and conflicts(state, ns.itid, access is Access.WRITE):
                         return _reservation_conflict()
-            spec.check_reserved(cmd.cdb)
+            spec.check_reserved(cdb)
             return await spec.handler(self, lu, cmd, ns)
         except CheckCondition as e:
             return self.check_condition(e, lu)
