@@ -84,7 +84,8 @@ class CommandSpec:
                 raise invalid_cdb(i, b.bit_length() - 1)
 
 
-_SINGLE: dict[int, CommandSpec] = {}
+# opcode -> spec for commands without service actions (the dispatch table the hot path reads)
+BY_OPCODE: dict[int, CommandSpec] = {}
 _BY_SA: dict[int, dict[int, CommandSpec]] = {}
 
 
@@ -117,11 +118,11 @@ def command(
         if spec.usage[0] != opcode:
             raise ValueError(f"{name}: usage byte 0 must be the opcode")
         if service_action is None:
-            if opcode in _SINGLE or opcode in _BY_SA:
+            if opcode in BY_OPCODE or opcode in _BY_SA:
                 raise ValueError(f"{name}: opcode {opcode:#04x} registered twice")
-            _SINGLE[opcode] = spec
+            BY_OPCODE[opcode] = spec
         else:
-            if opcode in _SINGLE:
+            if opcode in BY_OPCODE:
                 raise ValueError(f"{name}: opcode {opcode:#04x} registered without SA")
             table = _BY_SA.setdefault(opcode, {})
             if service_action in table:
@@ -136,7 +137,7 @@ def lookup(cdb: bytes | bytearray | memoryview) -> CommandSpec:
     """The spec for a CDB, or CheckCondition for an unknown opcode / service action."""
     if not cdb:
         raise CheckCondition(INVALID_COMMAND_OPERATION_CODE)
-    spec = _SINGLE.get(cdb[0])
+    spec = BY_OPCODE.get(cdb[0])
     if spec is not None:
         return spec
     table = _BY_SA.get(cdb[0])
@@ -149,7 +150,7 @@ def lookup(cdb: bytes | bytearray | memoryview) -> CommandSpec:
 
 
 def all_specs() -> list[CommandSpec]:
-    specs = list(_SINGLE.values())
+    specs = list(BY_OPCODE.values())
     for table in _BY_SA.values():
         specs.extend(table.values())
     specs.sort(key=lambda s: (s.opcode, s.service_action or 0))
@@ -158,7 +159,7 @@ def all_specs() -> list[CommandSpec]:
 
 def find(opcode: int, service_action: int | None) -> CommandSpec | None:
     if service_action is None:
-        return _SINGLE.get(opcode)
+        return BY_OPCODE.get(opcode)
     return _BY_SA.get(opcode, {}).get(service_action)
 
 

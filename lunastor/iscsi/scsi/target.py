@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from lunastor.iscsi.blockdev import BlockDevice, BlockDeviceError
 from lunastor.iscsi.scsi import commands
-from lunastor.iscsi.scsi.commands import _SINGLE, Access
+from lunastor.iscsi.scsi.commands import BY_OPCODE, Access
 from lunastor.iscsi.scsi.pr import ItNexus, PrEffects, ReservationConflict, conflicts
 from lunastor.iscsi.scsi.reservations import InProcessReservations, ReservationStore
 from lunastor.iscsi.scsi.sense import (
@@ -235,7 +235,7 @@ class ScsiTarget:
         lu: LogicalUnit | None = None
         try:
             cdb = cmd.cdb
-            spec = _SINGLE.get(cdb[0]) if cdb else None
+            spec = BY_OPCODE.get(cdb[0]) if cdb else None
             if spec is None:
                 spec = commands.lookup(cdb)
             if len(cdb) < spec.cdb_length:  # handlers may then unpack without checks
