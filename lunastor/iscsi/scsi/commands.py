@@ -85,6 +85,7 @@ class CommandSpec:
 
 
 # opcode -> spec for commands without service actions (the dispatch table the hot path reads)
+# opcode -> spec for commands without service actions: the table the hot path reads
 BY_OPCODE: dict[int, CommandSpec] = {}
 _BY_SA: dict[int, dict[int, CommandSpec]] = {}
 
