@@ -2,7 +2,8 @@
 
 The logic is in `pr.py`; here the CDB and parameter list are decoded, the state loaded from
 the `ReservationStore`, transformed, swapped back (retrying on a lost compare-and-swap), and
-the effects (unit attentions, task aborts) applied to the nexuses of this access point.
+the store tells every subscribed target (every access point) about the new state, whose
+`events`/`aborts` carry the effects (unit attentions, task aborts).
 """
 
 from __future__ import annotations
@@ -207,13 +208,13 @@ async def persistent_reserve_out(
     store = target.reservations
     for _ in range(_CAS_ATTEMPTS):
         version, state = await store.load(lu.pr_key)
-        new, effects = apply_out(
+        new, _ = apply_out(
             state, ns.itid, cmd.nexus.relative_port, req, persistent=store.persistent
         )
         if new is state:
             return ScsiResult(transfer_length=length)
         if await store.compare_and_swap(lu.pr_key, version, new):
-            target.apply_pr_effects(lu, cmd.lun, effects)
+            # the store reports the change (with its effects) to every subscribed target
             return ScsiResult(transfer_length=length)
     raise CheckCondition(INTERNAL_TARGET_FAILURE)
 
