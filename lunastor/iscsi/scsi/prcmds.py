@@ -149,7 +149,8 @@ def parse_transport_id(data: bytes, offset: int) -> str:
         value = int(isid, 16)
     except ValueError:
         raise invalid_param(offset + 4) from None
-    return f"{iqn.lower()},i,0x{value:012x}"
+    # the name as the initiator spells it (it logged in with the same one); the ISID canonical
+    return f"{iqn},i,0x{value:012x}"
 
 
 def parse_out(target: ScsiTarget, cmd: ScsiCommand, issuer: ItNexus) -> tuple[PrOutRequest, int]:
