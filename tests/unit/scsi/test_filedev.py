@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lunastor.chunk import filedev
 from lunastor.chunk.filedev import FileBlockDevice
 from lunastor.iscsi.blockdev import (
     BlockDevice,
@@ -195,3 +196,17 @@ async def test_through_the_scsi_target(dev: FileBlockDevice) -> None:
     r = await cmd(caw, b"\x00" * 7 + b"\x01" + bytes(504) + b"n" * 512)
     assert r.status == Status.CHECK_CONDITION and r.sense[2] == 0x0E
     assert int.from_bytes(r.sense[3:7], "big") == 7  # offset of the first difference
+
+
+async def test_without_hole_punching_unmap_writes_zeros(
+    dev: FileBlockDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a filesystem that refuses PUNCH_HOLE, deallocation still reads back as zeros."""
+
+    def refuse(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "no hole punching here")
+
+    monkeypatch.setattr(filedev, "punch_hole", refuse)
+    await dev.write(0, b"\x33" * 8192, fua=False)
+    await dev.unmap([(2, 4)])
+    assert await dev.read(0, 16) == b"\x33" * 1024 + bytes(2048) + b"\x33" * 5120
