@@ -1,0 +1,1 @@
+"""PERSISTENT RESERVE IN/OUT and RESERVE/RELEASE (filled in below)."""
