@@ -595,7 +595,7 @@ class TargetConnection:
                     statsn=self.stat_sn,
                     expcmdsn=s.exp_cmd_sn,
                     maxcmdsn=s.max_cmd_sn,
-                    r2tsn=task.r2t_sn,
+                    r2t_sn=task.r2t_sn,
                     buffer_offset=offset,
                     desired_data_transfer_length=length,
                 )
@@ -850,7 +850,7 @@ class TargetConnection:
         s = self.session
         assert s is not None
         out: list[tuple[str, str]] = []
-        for info in self.portal.discoverable(s.initiator_name):
+        for info in self.portal.discoverable(s.initiator_name, self.local_address):
             if s.session_type is SessionType.DISCOVERY:
                 if value != "All" and value != info.name:
                     continue

@@ -94,8 +94,11 @@ class Portal(Protocol):
         """CHAP required for `target` (None: for discovery sessions); None: no CHAP."""
         ...
 
-    def discoverable(self, initiator: str) -> Sequence[TargetInfo]:
-        """The targets SendTargets=All lists for `initiator` (only those it may log in to)."""
+    def discoverable(self, initiator: str, portal: str) -> Sequence[TargetInfo]:
+        """The targets SendTargets=All lists for `initiator` (only those it may log in to).
+
+        `portal` is our side of the asking connection ("host:port", "[v6]:port"), the
+        natural TargetAddress when the host has no better one."""
         ...
 
     def redirect(self, initiator: str, target: str) -> str | None:

@@ -360,13 +360,11 @@ class TargetLogin:
                 setattr(prm, attr, result)
             return [(key, "Yes" if result else "No")]
         n = self._number(key, value)
-        result = min(n, int(ours)) if kind == _NUMERIC_MIN else max(n, int(ours))
+        number = min(n, int(ours)) if kind == _NUMERIC_MIN else max(n, int(ours))
         attr = _NUM_ATTR.get(key)
         if attr is not None:
-            setattr(prm, attr, result)
-        if key == "MaxConnections" or key == "ErrorRecoveryLevel":
-            result = min(n, int(ours))
-        return [(key, str(result))]
+            setattr(prm, attr, number)
+        return [(key, str(number))]
 
     def _number(self, key: str, value: str) -> int:
         try:
