@@ -75,6 +75,7 @@ class IscsiServer:
         self.connections: set[IscsiConnectionProtocol] = set()
         self._by_session: dict[Session, IscsiConnectionProtocol] = {}
         self._servers: list[asyncio.Server] = []
+        self.trace = log.isEnabledFor(logging.DEBUG)  # log every PDU
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -185,6 +186,7 @@ class IscsiConnectionProtocol(asyncio.Protocol):
         conn = self.conn
         reader.feed(data)
         conn.last_rx = self.loop.time()
+        trace = self.server.trace
         while conn.phase is Phase.LOGIN or conn.phase is Phase.FULL_FEATURE:
             try:
                 pdu = reader.next_pdu()
@@ -196,6 +198,8 @@ class IscsiConnectionProtocol(asyncio.Protocol):
                 continue
             if pdu is None:
                 break
+            if trace:
+                log.debug("<- %r %r", pdu, bytes(getattr(pdu, "data", b""))[:512])
             conn.receive_pdu(pdu)
             if not self._in_ffp and conn.phase is Phase.FULL_FEATURE:
                 self._enter_ffp()
@@ -250,6 +254,9 @@ class IscsiConnectionProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or self._closing:
             return
+        if self.server.trace:
+            for pdu in conn._out:
+                log.debug("-> %r %r", pdu, bytes(getattr(pdu, "data", b""))[:512])
         bufs = conn.data_to_send()
         if bufs:
             transport.writelines(bufs)

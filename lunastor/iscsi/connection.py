@@ -156,6 +156,7 @@ _TOMBSTONE = object()  # a CmdSN "considered received" by ABORT TASK (RFC 7143 1
 
 _TMF_NAMES = {f.value for f in TmfFunction}
 # fixed-format sense: ILLEGAL REQUEST, INVALID FIELD IN CDB (SPC-4 4.5.3)
+_DATA_PHASE_ERROR = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4B, 0, 0, 0, 0, 0])
 _INVALID_FIELD_IN_CDB = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0])
 
 
@@ -352,9 +353,7 @@ class TargetConnection:
         if step.failed:
             self._close(f"login failed: {step.failed}")
 
-    def _start_session(
-        self, done: LoginResult, resp: p.LoginResponse
-    ) -> tuple[int, str] | None:
+    def _start_session(self, done: LoginResult, resp: p.LoginResponse) -> tuple[int, str] | None:
         """Enter full feature phase; returns (login status, why) if the session cannot be."""
         if done.tsih != 0:
             # adding a connection to, or reinstating one of, an existing session:
@@ -659,8 +658,15 @@ class TargetConnection:
         task.received += n
 
     def _data_error(self, task: Task, pdu: p.DataOut, why: str) -> None:
-        """ERL 0 has no recovery R2T: reject the PDU and drop the connection (RFC 7143 7.1)."""
-        self._protocol_error(pdu, why)
+        """ERL 0 has no recovery R2T: end the task with CHECK CONDITION, ABORTED COMMAND /
+        DATA PHASE ERROR, discard its further Data-Out, keep the connection (RFC 7143 7.3)."""
+        for ttt in task.r2ts:
+            self._ttt_owner.pop(ttt, None)
+        task.r2ts.clear()
+        task.unsolicited_end = 0
+        task.canned = ScsiResult(Status.CHECK_CONDITION, sense=_DATA_PHASE_ERROR)
+        task.state = TaskState.READY
+        self._maybe_execute(task)
 
     def command_done(self, itt: int, result: ScsiResult) -> None:
         """The SCSI layer finished `itt`: queue Data-In and/or the SCSI Response."""
@@ -940,16 +946,28 @@ class TargetConnection:
                 else:
                     self._tmf_answer(pdu, TmfResponse.TASK_DOES_NOT_EXIST)
                 return
-        elif function in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET,
-                          TmfFunction.LOGICAL_UNIT_RESET, TmfFunction.CLEAR_ACA):
+        elif function in (
+            TmfFunction.ABORT_TASK_SET,
+            TmfFunction.CLEAR_TASK_SET,
+            TmfFunction.LOGICAL_UNIT_RESET,
+            TmfFunction.CLEAR_ACA,
+        ):
             doomed = [] if function is TmfFunction.CLEAR_ACA else self._tasks_on(lun_n)
             req = TaskManagement(
-                pdu.itt, s.nexus, function, lun_n, self._drop_tasks(doomed),
+                pdu.itt,
+                s.nexus,
+                function,
+                lun_n,
+                self._drop_tasks(doomed),
                 function in (TmfFunction.CLEAR_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET),
             )
         else:  # target warm / cold reset
             req = TaskManagement(
-                pdu.itt, s.nexus, function, lun_n, self._drop_tasks(list(self.tasks.values())),
+                pdu.itt,
+                s.nexus,
+                function,
+                lun_n,
+                self._drop_tasks(list(self.tasks.values())),
                 True,
             )
         self._tmf_pending[pdu.itt] = req
