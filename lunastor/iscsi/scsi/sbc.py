@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from lunastor.iscsi.blockdev import LbaState
 from lunastor.iscsi.scsi.commands import Access, command, data_result
 from lunastor.iscsi.scsi.sense import (
+    INVALID_COMMAND_OPERATION_CODE,
     LBA_OUT_OF_RANGE,
     MISCOMPARE_DURING_VERIFY,
     PARAMETER_LIST_LENGTH_ERROR,
@@ -399,7 +400,7 @@ async def unmap(
     assert lu is not None
     dev = lu.device
     if not dev.thin:
-        raise invalid_cdb(0)
+        raise CheckCondition(INVALID_COMMAND_OPERATION_CODE)  # UNMAP needs LBPU
     if not lu.started:
         check_ready(lu)
     length = int.from_bytes(cmd.cdb[7:9], "big")
