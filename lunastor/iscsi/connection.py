@@ -398,10 +398,12 @@ class TargetConnection:
         assert s is not None
         if immediate:
             return True
+        if not sn_le(cmd_sn, s.max_cmd_sn):
+            return None  # beyond the window (also when the window is full: exp = max + 1)
         if cmd_sn == s.exp_cmd_sn:
             s.exp_cmd_sn = sn_add(cmd_sn, 1)
             return True
-        if sn_lt(s.exp_cmd_sn, cmd_sn) and sn_le(cmd_sn, s.max_cmd_sn):
+        if sn_lt(s.exp_cmd_sn, cmd_sn):
             if cmd_sn in self._held:
                 return None  # a duplicate of one already waiting
             self._held[cmd_sn] = item
@@ -449,9 +451,8 @@ class TargetConnection:
             return
         if pdu.itt in self.tasks:
             # RFC 7143 11.17.1: a task tag already in use
-            if self._accept_sn(pdu.cmdsn, pdu.immediate, None) is True:
+            if self._consume_sn(pdu) is not None:
                 self._reject(RejectReason.TASK_IN_PROGRESS, _header_of(pdu))
-                self._release_if_ordered(pdu)
             return
         params = s.params
         edtl = pdu.expected_data_transfer_length
@@ -468,8 +469,7 @@ class TargetConnection:
         elif pdu.write and not pdu.final and imm >= min(edtl, params.first_burst_length):
             error = "F bit clear but the first burst is complete"
         if error is not None:
-            if self._accept_sn(pdu.cmdsn, pdu.immediate, None) is not None:
-                self._release_if_ordered(pdu)
+            self._consume_sn(pdu)
             self._protocol_error(pdu, error)
             return
         lun = p.lun_number(pdu.lun)
@@ -539,9 +539,13 @@ class TargetConnection:
             self._allocate(task)
         self._send_r2ts(task)
 
-    def _release_if_ordered(self, pdu: Any) -> None:
-        if not pdu.immediate:
+    def _consume_sn(self, pdu: Any) -> bool | None:
+        """A PDU we answer without processing still uses up its CmdSN (and releases it)."""
+        placed = self._accept_sn(pdu.cmdsn, pdu.immediate, _TOMBSTONE)
+        if placed and not pdu.immediate:
             self._release_slot()
+            self._drain()
+        return placed
 
     def _maybe_execute(self, task: Task) -> None:
         if task.state is not TaskState.READY or not task.delivered:
@@ -959,7 +963,9 @@ class TargetConnection:
                 function,
                 lun_n,
                 self._drop_tasks(doomed),
-                function in (TmfFunction.CLEAR_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET),
+                # TST=001b: each nexus has its own task set, so only an LU reset reaches
+                # the other sessions' tasks
+                function is TmfFunction.LOGICAL_UNIT_RESET,
             )
         else:  # target warm / cold reset
             req = TaskManagement(
