@@ -1,8 +1,9 @@
 """Text segments of Login and Text PDUs: key=value pairs, each followed by a NUL (RFC 7143 6.1).
 
-A key is 1-63 characters from letters, digits and `.-+@_`; a value is UTF-8, at most 8192
-bytes here (the per-key limits, 255 for most keys, are checked in `params`). Keys and values
-may be split across PDUs with the C bit: concatenate the data segments before parsing.
+A key is 1-63 characters from letters, digits and `.-+@_` (and `#` for `X#` keys); a value
+is UTF-8, at most 8192 bytes here (the per-key limits, 255 for most keys, are checked in
+`params`). Keys and values may be split across PDUs with the C bit: concatenate the data
+segments before parsing.
 
 Received text deviates from the RFC in one tolerated way: a missing NUL after the last pair
 and empty items between NULs are accepted, because they carry no ambiguity.
@@ -22,7 +23,8 @@ from lunastor.iscsi.errors import (
 
 MAX_KEY_LENGTH = 63
 MAX_VALUE_LENGTH = 8192
-_KEY = re.compile(rb"[A-Za-z0-9.\-+@_]{1,63}")
+# 6.1 allows letters, digits and .-+@_ ; 13.5.2 X#<IANA name> keys add "#"
+_KEY = re.compile(rb"[A-Za-z0-9.\-+@_#]{1,63}")
 
 
 def _malformed(message: str) -> RemoteProtocolError:
