@@ -305,7 +305,7 @@ def _preempt(
     regs = _without(state, removed)
     if rtype is not None and rtype.all_registrants and not regs:
         holder, rtype = None, None
-    if holder is not None and holder not in regs:
+    if rtype is not None and not rtype.all_registrants and holder not in regs:
         holder, rtype = None, None
     return (
         replace(

@@ -459,9 +459,9 @@ async def _write_same(
     if ndob:
         pattern: bytes | memoryview = bytes(bs)
     else:
-        if len(cmd.data_out) < bs:
-            raise CheckCondition(PARAMETER_LIST_LENGTH_ERROR)
-        pattern = memoryview(cmd.data_out)[:bs]
+        if len(cmd.data_out) != bs:  # exactly one block, or the initiator mis-sized it
+            raise invalid_cdb(length_byte)
+        pattern = memoryview(cmd.data_out)
     await dev.write_same(lba, blocks, pattern, unmap_bit)
     return ScsiResult(_GOOD, b"", b"", 0 if ndob else bs)
 
@@ -520,7 +520,7 @@ async def compare_and_write(
     bs = lu.device.block_size
     n = blocks * bs
     data = memoryview(cmd.data_out)
-    if len(data) < 2 * n:
+    if len(data) != 2 * n:  # verify and write data, exactly
         raise invalid_cdb(13)
     await lu.device.compare_and_write(lba, data[:n], data[n : 2 * n])
     return ScsiResult(_GOOD, b"", b"", 2 * n)

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 from lunastor.iscsi.scsi import commands
 from lunastor.iscsi.scsi.commands import Access, command, data_result
 from lunastor.iscsi.scsi.sense import (
-    LU_NOT_READY_INIT_REQUIRED,
     LU_NOT_SUPPORTED,
     MEDIUM_NOT_PRESENT,
     MEDIUM_REMOVAL_PREVENTED,
@@ -19,7 +18,7 @@ from lunastor.iscsi.scsi.sense import (
     build_sense,
     invalid_cdb,
 )
-from lunastor.iscsi.scsi.types import ScsiResult, Status
+from lunastor.iscsi.scsi.types import ScsiResult
 
 if TYPE_CHECKING:
     from lunastor.iscsi.scsi.target import LogicalUnit, NexusState, ScsiTarget
@@ -33,10 +32,10 @@ SUPPORTED_VPD = (0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2)
 
 
 def not_ready(lu: LogicalUnit) -> SenseCode | None:
-    if not lu.medium_present:
+    # `lu.started` is False exactly while a removable medium is ejected (the hot path tests
+    # that one attribute); a virtual volume is otherwise always ready.
+    if not lu.medium_present or not lu.started:
         return MEDIUM_NOT_PRESENT
-    if not lu.started:
-        return LU_NOT_READY_INIT_REQUIRED
     return None
 
 
@@ -375,20 +374,15 @@ async def start_stop_unit(
     loej, start = bool(b4 & 0x02), bool(b4 & 0x01)
     if condition not in _POWER_CONDITIONS:
         raise invalid_cdb(4, 7)
-    if condition:
-        return ScsiResult()  # a power condition change only; START and LOEJ are ignored
-    if loej and not lu.removable:
+    if condition or not loej:
+        # power conditions and stopping mean nothing to a virtual volume: it stays ready
+        return ScsiResult()
+    if not lu.removable:
         raise invalid_cdb(4, 1)
     if start:
-        if loej:
-            lu.medium_present = True
-        if not lu.medium_present:
-            raise CheckCondition(MEDIUM_NOT_PRESENT)
-        lu.started = True
+        lu.medium_present = lu.started = True
         return ScsiResult()
-    if loej:
-        if lu.prevent:
-            raise CheckCondition(MEDIUM_REMOVAL_PREVENTED)
-        lu.medium_present = False
-    lu.started = False
-    return ScsiResult(Status.GOOD)
+    if lu.prevent:
+        raise CheckCondition(MEDIUM_REMOVAL_PREVENTED)
+    lu.medium_present = lu.started = False
+    return ScsiResult()
