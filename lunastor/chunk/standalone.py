@@ -24,9 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
+from lunastor.iscsi.chap import ChapCredentials
 from lunastor.iscsi.scsi.target import LogicalUnit, ScsiTarget
 from lunastor.iscsi.scsi.types import Nexus
-from lunastor.iscsi.session import ChapSecrets, TargetInfo
+from lunastor.iscsi.session import TargetInfo
 
 log = logging.getLogger("lunastor.chunk.standalone")
 
@@ -42,7 +43,7 @@ class StandaloneHost:
     iqn: str
     target: ScsiTarget
     allow: frozenset[str] | None  # None: everybody
-    chap_secrets: ChapSecrets | None
+    chap_secrets: ChapCredentials | None
     tpgt: int = 1
     server: IscsiServer | None = None
 
@@ -57,7 +58,7 @@ class StandaloneHost:
     def may_login(self, initiator: str, target: str) -> bool:
         return target == self.iqn and (self.allow is None or initiator in self.allow)
 
-    def chap(self, target: str | None) -> ChapSecrets | None:
+    def chap(self, target: str | None) -> ChapCredentials | None:
         return self.chap_secrets
 
     def discoverable(self, initiator: str, portal: str) -> Sequence[TargetInfo]:
@@ -146,7 +147,7 @@ def build(args: argparse.Namespace) -> tuple[StandaloneHost, ServerConfig, objec
     )
     secrets = None
     if chap is not None:
-        secrets = ChapSecrets(
+        secrets = ChapCredentials(
             chap[0],
             chap[1],
             mutual[0] if mutual else None,

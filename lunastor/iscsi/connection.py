@@ -21,7 +21,9 @@ from enum import Enum
 from typing import Any
 
 from lunastor.iscsi import pdu as p
-from lunastor.iscsi.errors import RejectReason, RemoteProtocolError
+from lunastor.iscsi.errors import LoginStatus, RejectReason, RemoteProtocolError
+from lunastor.iscsi.login import LoginNegotiator, LoginReply, LoginStep
+from lunastor.iscsi.params import SessionParams, TargetSettings
 from lunastor.iscsi.scsi.types import (
     Nexus,
     ScsiCommand,
@@ -33,6 +35,7 @@ from lunastor.iscsi.scsi.types import (
 )
 from lunastor.iscsi.session import (
     Portal,
+    PortalLoginPolicy,
     Session,
     SessionRegistry,
     SessionType,
@@ -40,7 +43,6 @@ from lunastor.iscsi.session import (
     sn_le,
     sn_lt,
 )
-from lunastor.iscsi.target_login import LoginResult, TargetLogin
 from lunastor.iscsi.text import encode_text, parse_text
 
 RESERVED = p.RESERVED_TAG
@@ -177,6 +179,8 @@ class TargetConnection:
         ping_interval: float = 10.0,
         ping_timeout: float = 20.0,
         now: float = 0.0,
+        settings: TargetSettings | None = None,
+        random_bytes: Callable[[int], bytes] | None = None,
     ) -> None:
         self.portal = portal
         self.registry = registry
@@ -185,6 +189,7 @@ class TargetConnection:
         self.tpgt = tpgt
         self.phase = Phase.LOGIN
         self.session: Session | None = None
+        self.params: SessionParams  # set when login completes; only FFP handlers use it
         self.cid = 0
         self.stat_sn = 0
         self.header_digest = False
@@ -203,8 +208,11 @@ class TargetConnection:
         self._r2t_queue: deque[Task] = deque()
         self.local_address = ""  # "host:port" of our side, for SendTargets
         self.last_rx = now
-        self._login = TargetLogin(
-            portal, tpgt=tpgt, target_mrdsl=target_mrdsl, queue_depth=queue_depth
+        self.settings = settings or TargetSettings(
+            max_recv_data_segment_length=target_mrdsl, target_portal_group_tag=tpgt
+        )
+        self._login = LoginNegotiator(
+            PortalLoginPolicy(portal, registry), self.settings, random_bytes=random_bytes
         )
         self._text_pending: tuple[int, bytes] | None = None  # (ITT, rest of a long answer)
         self._text_ttt = 0
@@ -336,53 +344,60 @@ class TargetConnection:
         if not isinstance(pdu, p.LoginRequest):
             self._close(f"{type(pdu).__name__} before login completed")
             return
-        step = self._login.step(pdu)
-        if step.done is not None and step.failed is None:
-            failure = self._start_session(step.done, step.responses[-1])
+        reply = self._login.step(LoginStep.from_pdu(pdu))
+        status = reply.status
+        why = reply.message
+        if reply.done and status is LoginStatus.SUCCESS:
+            failure = self._start_session(reply, pdu.cmdsn)
             if failure is not None:
                 status, why = failure
-                resp = step.responses[-1]
-                resp.transit = False
-                resp.nsg = 0
-                resp.data = b""
-                resp.status_class, resp.status_detail = status >> 8, status & 0xFF
-                step.failed = why
-        for out in step.responses:
-            self._send(out)
-        self.stat_sn = self._login.stat_sn
-        if step.failed:
-            self._close(f"login failed: {step.failed}")
+        if status is not reply.status:  # the session could not start after all
+            resp = p.LoginResponse(
+                csg=reply.csg,
+                isid=reply.isid,
+                itt=reply.itt,
+                status_class=status.status_class,
+                status_detail=status.status_detail,
+            )
+        else:
+            resp = reply.to_pdu(statsn=0, expcmdsn=0, maxcmdsn=0)
+        resp.statsn = self._status_sn()
+        resp.expcmdsn = pdu.cmdsn
+        resp.maxcmdsn = sn_add(pdu.cmdsn, self.queue_depth - 1)
+        self._send(resp)
+        if reply.done and status is not LoginStatus.SUCCESS:
+            self._close(f"login failed: {status.name} {why}")
 
-    def _start_session(self, done: LoginResult, resp: p.LoginResponse) -> tuple[int, str] | None:
+    def _start_session(self, reply: LoginReply, cmd_sn: int) -> tuple[LoginStatus, str] | None:
         """Enter full feature phase; returns (login status, why) if the session cannot be."""
-        if done.tsih != 0:
-            # adding a connection to, or reinstating one of, an existing session:
-            # MaxConnections=1 and ERL 0, so neither is possible (RFC 7143 6.3.5)
-            old = self.registry.get(done.tsih)
-            if old is None or old.key != (done.initiator_name, done.isid, done.target_name):
-                return 0x020A, "TSIH of no session"
-            return 0x0206, "MaxConnections=1"
+        params, conn_params = reply.session, reply.connection
+        assert params is not None and conn_params is not None
         session = Session(
-            initiator_name=done.initiator_name,
-            isid=done.isid,
-            target_name=done.target_name,
-            session_type=done.session_type,
-            params=done.params,
+            initiator_name=params.initiator_name,
+            isid=params.isid,
+            target_name=params.target_name or "",
+            session_type=SessionType.DISCOVERY if params.discovery else SessionType.NORMAL,
+            tsih=params.tsih,
+            params=params,
             queue_depth=self.queue_depth,
             relative_port=self.relative_port,
             tpgt=self.tpgt,
         )
-        session.start_window(done.cmd_sn)
+        session.start_window(cmd_sn)
         old = self.registry.register(session)
+        if session.tsih != params.tsih:
+            self.registry.remove(session)
+            return LoginStatus.OUT_OF_RESOURCES, "TSIH taken meanwhile"
         if old is not None:
             self._events.append(SessionReinstated(old))
         self.session = session
-        self.cid = done.cid
-        self.max_xmit = done.params.max_recv_data_segment_length
-        self.header_digest = done.params.header_digest
-        self.data_digest = done.params.data_digest
+        self.params = params
+        self.cid = conn_params.cid
+        self.max_xmit = conn_params.max_send_data_segment_length
+        self.target_mrdsl = conn_params.max_recv_data_segment_length
+        self.header_digest = conn_params.header_digest
+        self.data_digest = conn_params.data_digest
         self.phase = Phase.FULL_FEATURE
-        resp.tsih = session.tsih
         self._events.append(SessionStarted(session))
         return None
 
@@ -454,7 +469,7 @@ class TargetConnection:
             if self._consume_sn(pdu) is not None:
                 self._reject(RejectReason.TASK_IN_PROGRESS, _header_of(pdu))
             return
-        params = s.params
+        params = self.params
         edtl = pdu.expected_data_transfer_length
         imm = len(pdu.data)
         error = None
@@ -582,7 +597,7 @@ class TargetConnection:
     def _send_r2ts(self, task: Task) -> None:
         s = self.session
         assert s is not None
-        params = s.params
+        params = self.params
         while task.next_r2t_offset < task.edtl and len(task.r2ts) < params.max_outstanding_r2t:
             offset = task.next_r2t_offset
             length = min(params.max_burst_length, task.edtl - offset)
@@ -731,7 +746,7 @@ class TargetConnection:
         assert s is not None
         view = data if isinstance(data, memoryview) else memoryview(data)
         seg = self.max_xmit
-        burst = s.params.max_burst_length
+        burst = self.params.max_burst_length
         offset = 0
         data_sn = 0
         while offset < length:

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from lunastor.iscsi.chap import ChapCredentials
+from lunastor.iscsi.errors import LoginStatus
+from lunastor.iscsi.login import TargetDecision
+from lunastor.iscsi.params import SessionParams
 from lunastor.iscsi.scsi.types import Nexus
 
 SERIAL_HALF = 1 << 31
@@ -43,36 +47,6 @@ class SessionType(Enum):
     DISCOVERY = "Discovery"
 
 
-@dataclass(slots=True)
-class OperationalParams:
-    """The negotiated values the full feature phase needs (RFC 7143 13), with their defaults."""
-
-    max_recv_data_segment_length: int = 8192  # the initiator's: caps our Data-In segments
-    target_max_recv_data_segment_length: int = 8192  # ours: caps what the initiator sends
-    max_burst_length: int = 262144
-    first_burst_length: int = 65536
-    initial_r2t: bool = True
-    immediate_data: bool = True
-    max_outstanding_r2t: int = 1
-    data_pdu_in_order: bool = True
-    data_sequence_in_order: bool = True
-    header_digest: bool = False
-    data_digest: bool = False
-    default_time2wait: int = 2
-    default_time2retain: int = 0
-    error_recovery_level: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class ChapSecrets:
-    """CHAP for one target (or for discovery). `mutual_*` set: the target proves itself too."""
-
-    username: str
-    secret: bytes
-    mutual_username: str | None = None
-    mutual_secret: bytes | None = None
-
-
 @dataclass(frozen=True, slots=True)
 class TargetInfo:
     """One target as SendTargets reports it: name and portal addresses ("host:port,tpgt")."""
@@ -90,7 +64,7 @@ class Portal(Protocol):
         """Whether `initiator` may open a normal session to `target` (LUN masking, ACLs)."""
         ...
 
-    def chap(self, target: str | None) -> ChapSecrets | None:
+    def chap(self, target: str | None) -> ChapCredentials | None:
         """CHAP required for `target` (None: for discovery sessions); None: no CHAP."""
         ...
 
@@ -115,7 +89,7 @@ class Session:
     target_name: str  # "" for discovery sessions
     session_type: SessionType
     tsih: int = 0
-    params: OperationalParams = field(default_factory=OperationalParams)
+    params: SessionParams | None = None  # negotiated at login (None only in tests)
     queue_depth: int = 128
     # CmdSN window (RFC 7143 4.2.2.1). exp_cmd_sn: next CmdSN to deliver for execution.
     # max_cmd_sn advances only when a non-immediate command completes, so at most
@@ -169,16 +143,24 @@ class SessionRegistry:
     def find(self, initiator: str, isid: int, target: str) -> Session | None:
         return self._by_key.get((initiator, isid, target))
 
+    def allocate_tsih(self) -> int | None:
+        """A TSIH no registered session uses (1..65535), or None when all are taken."""
+        if len(self._by_tsih) >= 0xFFFF:
+            return None
+        for tsih in self._tsih:
+            if tsih not in self._by_tsih:
+                return tsih
+        return None  # pragma: no cover - the cycle is infinite
+
     def register(self, session: Session) -> Session | None:
-        """Give `session` a fresh TSIH; return the session it reinstates, now unregistered."""
+        """Record `session` (with its TSIH from `allocate_tsih`, or a fresh one); return the
+        session it reinstates (same initiator, ISID and target), now unregistered."""
         old = self._by_key.get(session.key)
         if old is not None:
             self.remove(old)
-        for tsih in self._tsih:  # 0 is reserved; skip TSIHs still in use
-            if tsih not in self._by_tsih:
-                break
-        session.tsih = tsih
-        self._by_tsih[tsih] = session
+        if session.tsih == 0 or session.tsih in self._by_tsih:
+            session.tsih = self.allocate_tsih() or 0
+        self._by_tsih[session.tsih] = session
         self._by_key[session.key] = session
         return old
 
@@ -191,3 +173,36 @@ class SessionRegistry:
 
     def for_target(self, target: str) -> list[Session]:
         return [s for s in self._by_tsih.values() if s.target_name == target]
+
+
+class PortalLoginPolicy:
+    """The login negotiator's `LoginPolicy`, answered from a host `Portal` and the registry."""
+
+    def __init__(self, portal: Portal, registry: SessionRegistry) -> None:
+        self.portal = portal
+        self.registry = registry
+
+    def authorize(self, initiator_name: str, target_name: str) -> TargetDecision:
+        portal = self.portal
+        if not portal.target_exists(target_name):
+            return TargetDecision(LoginStatus.NOT_FOUND)
+        if not portal.may_login(initiator_name, target_name):
+            return TargetDecision(LoginStatus.AUTHORIZATION_FAILURE)
+        address = portal.redirect(initiator_name, target_name)
+        if address is not None:
+            return TargetDecision.redirect(address)
+        return TargetDecision(chap=portal.chap(target_name))
+
+    def authorize_discovery(self, initiator_name: str) -> TargetDecision:
+        return TargetDecision(chap=self.portal.chap(None))
+
+    def allocate_tsih(self, isid: int, initiator_name: str, target_name: str | None) -> int | None:
+        return self.registry.allocate_tsih()
+
+    def join_session(self, isid: int, tsih: int, cid: int, initiator_name: str) -> LoginStatus:
+        # MaxConnections=1 and ErrorRecoveryLevel=0: no second connection, and connection
+        # reinstatement is session reinstatement (a login with TSIH 0)
+        session = self.registry.get(tsih)
+        if session is None or (session.initiator_name, session.isid) != (initiator_name, isid):
+            return LoginStatus.SESSION_DOES_NOT_EXIST
+        return LoginStatus.TOO_MANY_CONNECTIONS

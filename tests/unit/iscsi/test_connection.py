@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lunastor.iscsi import pdu as p
+from lunastor.iscsi.chap import ChapCredentials
 from lunastor.iscsi.connection import (
     CloseConnection,
     ExecuteCommand,
@@ -22,7 +23,7 @@ from lunastor.iscsi.connection import (
 )
 from lunastor.iscsi.errors import LoginStatus, RejectReason
 from lunastor.iscsi.scsi.types import ScsiResult, Status, TmfFunction, TmfResponse
-from lunastor.iscsi.session import ChapSecrets, SessionRegistry, TargetInfo
+from lunastor.iscsi.session import SessionRegistry, TargetInfo
 from lunastor.iscsi.text import encode_text, parse_text
 
 TARGET = "iqn.2024-01.test:disk"
@@ -41,7 +42,7 @@ class StaticPortal:
     acl: dict[str, set[str]] = field(
         default_factory=lambda: {TARGET: {INITIATOR}, OTHER: {STRANGER}}
     )
-    secrets: ChapSecrets | None = None
+    secrets: ChapCredentials | None = None
 
     def target_exists(self, target: str) -> bool:
         return target in self.acl
@@ -49,7 +50,7 @@ class StaticPortal:
     def may_login(self, initiator: str, target: str) -> bool:
         return initiator in self.acl.get(target, set())
 
-    def chap(self, target: str | None) -> ChapSecrets | None:
+    def chap(self, target: str | None) -> ChapCredentials | None:
         return self.secrets
 
     def discoverable(self, initiator: str, portal: str) -> Sequence[TargetInfo]:
@@ -97,7 +98,9 @@ def logged_in(
 ) -> TargetConnection:
     conn = make_conn()
     keys = [("InitiatorName", initiator), ("TargetName", target), ("SessionType", "Normal")]
-    conn.receive_pdu(login_request(keys + OP_KEYS + (extra or [])))
+    overrides = dict(extra or [])
+    op_keys = [(k, overrides.pop(k, v)) for k, v in OP_KEYS] + list(overrides.items())
+    conn.receive_pdu(login_request(keys + op_keys))
     (resp,) = conn.pdus_to_send()
     assert isinstance(resp, p.LoginResponse)
     assert (resp.status_class, resp.status_detail, resp.transit, resp.nsg) == (0, 0, True, 3)
@@ -203,9 +206,10 @@ def test_login_in_two_stages_with_continuation() -> None:
 
 
 def _chap_login(secret: bytes, mutual: bool) -> tuple[TargetConnection, p.LoginResponse]:
-    portal = StaticPortal(secrets=ChapSecrets("alice", b"s3cret-s3cret", "tgt", b"t-secret-123"))
-    conn = make_conn(portal)
-    conn._login.random = lambda n: bytes(range(1, n + 1))
+    portal = StaticPortal(
+        secrets=ChapCredentials("alice", b"s3cret-s3cret", "tgt", b"t-secret-123")
+    )
+    conn = make_conn(portal, random_bytes=lambda n: bytes(range(1, n + 1)))
     ident = [("InitiatorName", INITIATOR), ("TargetName", TARGET)]
     conn.receive_pdu(login_request([*ident, ("AuthMethod", "CHAP,None")], csg=0, nsg=1))
     (r1,) = conn.pdus_to_send()
@@ -242,7 +246,7 @@ def test_chap_wrong_secret_fails() -> None:
 
 
 def test_chap_required_but_skipped() -> None:
-    portal = StaticPortal(secrets=ChapSecrets("alice", b"s3cret-s3cret"))
+    portal = StaticPortal(secrets=ChapCredentials("alice", b"s3cret-s3cret"))
     conn = make_conn(portal)
     conn.receive_pdu(login_request([("InitiatorName", INITIATOR), ("TargetName", TARGET)]))
     (resp,) = conn.pdus_to_send()
