@@ -124,15 +124,15 @@ def build(args: argparse.Namespace) -> tuple[StandaloneHost, ServerConfig, objec
         raise UsageError(f"--lun {args.lun}: must be 0..16383")
     if args.size is not None and args.size <= 0:
         raise UsageError("--size must be positive")
-    if args.size is None and not os.path.exists(args.file):
-        raise UsageError(f"--file {args.file}: no such file (give --size to create it)")
-    if args.read_only and args.size is not None:
-        raise UsageError("--size cannot create or extend a --read-only file")
     chap = _user_secret("--chap", args.chap)
     mutual = _user_secret("--mutual-chap", args.mutual_chap)
     if mutual is not None and chap is None:
         raise UsageError("--mutual-chap needs --chap")
     listen = _host_port(args.listen)
+    if args.read_only and args.size is not None:
+        raise UsageError("--size cannot create or extend a --read-only file")
+    if args.size is None and not os.path.exists(args.file):
+        raise UsageError(f"--file {args.file}: no such file (give --size to create it)")
     try:
         device = FileBlockDevice(args.file, size=args.size, read_only=args.read_only)
     except OSError as exc:
