@@ -163,6 +163,7 @@ class IscsiConnectionProtocol(asyncio.Protocol):
         self._closing = False
         self._nexus_lost_done = False
         self._in_ffp = False
+        self._flush_soon = False
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -290,6 +291,13 @@ class IscsiConnectionProtocol(asyncio.Protocol):
         finally:
             self._running.pop(itt, None)
         self.conn.command_done(itt, result)
+        if not self._flush_soon:
+            # completions that finish in the same loop iteration share one writelines()
+            self._flush_soon = True
+            self.loop.call_soon(self._deferred_flush)
+
+    def _deferred_flush(self) -> None:
+        self._flush_soon = False
         self._flush()
 
     def cancel(self, itts: list[int]) -> list[asyncio.Task[None]]:

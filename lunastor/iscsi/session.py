@@ -104,15 +104,21 @@ class Session:
         self.exp_cmd_sn = cmd_sn
         self.max_cmd_sn = sn_add(cmd_sn, self.queue_depth - 1)
 
+    _nexus: Nexus | None = None
+
     @property
     def nexus(self) -> Nexus:
-        return Nexus(
-            initiator_name=self.initiator_name,
-            isid=self.isid,
-            target_name=self.target_name,
-            relative_port=self.relative_port,
-            tpgt=self.tpgt,
-        )
+        """The I_T nexus (built once: every command carries it)."""
+        nexus = self._nexus
+        if nexus is None:
+            nexus = self._nexus = Nexus(
+                initiator_name=self.initiator_name,
+                isid=self.isid,
+                target_name=self.target_name,
+                relative_port=self.relative_port,
+                tpgt=self.tpgt,
+            )
+        return nexus
 
     @property
     def key(self) -> tuple[str, int, str]:
