@@ -171,15 +171,21 @@ def test_discovery_only_shows_permitted_targets(chap_target: Target) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--file", "/nonexistent/dir/x.img", "--iqn", IQN, "--listen", "127.0.0.1:1"], "no such"),
-        (["--file", "/nonexistent/x", "--iqn", "bogus", "--listen", "127.0.0.1:1", "--size", "1"], "--iqn"),
-        (["--file", "/nonexistent/x", "--iqn", IQN, "--listen", "nowhere", "--size", "1"], "--listen"),
-        (["--file", "/nonexistent/x", "--iqn", IQN, "--listen", ":1", "--mutual-chap", "a:b"], "--chap"),
+        (["--iqn", IQN, "--listen", "127.0.0.1:1"], "no such"),
+        (["--iqn", "bogus", "--listen", "127.0.0.1:1", "--size", "1"], "--iqn"),
+        (["--iqn", IQN, "--listen", "nowhere", "--size", "1"], "--listen"),
+        (["--iqn", IQN, "--listen", ":1", "--mutual-chap", "a:b"], "--chap"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(args: list[str], message: str) -> None:
     res = run(
-        sys.executable, "-m", "lunastor.chunk.standalone", *args, env={"PYTHONPATH": str(ROOT)}
+        sys.executable,
+        "-m",
+        "lunastor.chunk.standalone",
+        "--file",
+        "/nonexistent/dir/x.img",
+        *args,
+        env={"PYTHONPATH": str(ROOT)},
     )
     assert res.returncode != 0
     assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr.lower()
