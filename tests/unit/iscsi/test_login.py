@@ -398,6 +398,12 @@ FAILURES: list[tuple[str, Policy, list[LoginStep], LoginStatus]] = [
         LoginStatus.TOO_MANY_CONNECTIONS,
     ),
     (
+        "cannot include in session",
+        Policy(existing={9: LoginStatus.CANT_INCLUDE_IN_SESSION}),
+        [step(OP, FFP, NORMAL, tsih=9)],
+        LoginStatus.CANT_INCLUDE_IN_SESSION,
+    ),
+    (
         "security stage skipped although CHAP is required",
         Policy(targets={TARGET: TargetDecision(chap=chap())}),
         [step(OP, FFP, NORMAL)],
@@ -573,3 +579,11 @@ def test_stage_change_inside_continued_key_list() -> None:
     neg.step(step(SEC, OP, b"InitiatorName=iq", transit=False, cont=True))
     reply = neg.step(step(OP, FFP, b"n.x\0"))
     assert reply.status == LoginStatus.INITIATOR_ERROR
+
+
+def test_joining_an_existing_session_keeps_its_tsih() -> None:
+    neg = negotiator(Policy(existing={9: LoginStatus.SUCCESS}))
+    reply = neg.step(step(OP, FFP, [*NORMAL, ("MaxBurstLength", "4096")], tsih=9, cid=1))
+    assert reply.done and reply.tsih == 9
+    assert reply.session is not None and reply.session.max_burst_length == 262144  # LO: default
+    assert keys_of(reply)["MaxBurstLength"] == "Irrelevant"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import time
 
 from crc32c import crc32c
 
@@ -165,7 +164,6 @@ def _decode_direct(rng: random.Random) -> None:
 def test_mutated_pdus_parse_or_raise_protocol_error() -> None:
     seed = int.from_bytes(os.urandom(4), "big")
     rng = random.Random(seed)
-    started = time.monotonic()
     i = 0
     try:
         for i in range(RUNS):
@@ -175,4 +173,3 @@ def test_mutated_pdus_parse_or_raise_protocol_error() -> None:
                 _drive(rng)
     except Exception as exc:
         raise AssertionError(f"fuzz case {i} with seed {seed} raised {exc!r}") from exc
-    assert time.monotonic() - started < 60
