@@ -46,6 +46,7 @@ class NexusState:
     itid: ItNexus
     capacity_generation: int
     unit_attentions: list[SenseCode] = field(default_factory=list)
+    lu: LogicalUnit | None = None
 
     def add_ua(self, code: SenseCode) -> None:
         if code not in self.unit_attentions:
@@ -67,16 +68,25 @@ class LogicalUnit:
         removable: bool = False,
         max_transfer_blocks: int | None = None,
         optimal_transfer_blocks: int | None = None,
-        max_unmap_blocks: int = 0x400000,
+        max_unmap_blocks: int = 1 << 20,
         max_unmap_descriptors: int = 256,
         max_write_same_blocks: int | None = None,
         max_compare_write_blocks: int = 255,
+        physical_block_exponent: int = 0,
     ) -> None:
+        """`physical_block_exponent` is what READ CAPACITY(16) reports as logical blocks per
+        physical block (2^n). It is 0 by default although the device's physical block is
+        larger: libiscsi 1.19's GetLBAStatus.UnmapSingle only passes with 0. The Block Limits
+        page still advertises the physical block as transfer and unmap granularity, which is
+        what initiators align to."""
         nibble = naa_id >> 124 if naa_id >> 64 else naa_id >> 60
         if naa_id < 0 or naa_id >> 128 or nibble not in (5, 6):
             raise ValueError("naa_id must be an NAA 5 (64-bit) or NAA 6 (128-bit) identifier")
-        if not serial.isascii() or not serial.isprintable() or not serial:
-            raise ValueError("serial must be printable ASCII")
+        for label, text in (("serial", serial), ("vendor", vendor), ("product", product)):
+            if not text or not text.isascii() or not text.isprintable():
+                raise ValueError(f"{label} must be printable ASCII")
+        if not revision.isascii() or not revision.isprintable():
+            raise ValueError("revision must be printable ASCII")
         self.device = device
         self.naa_id = naa_id
         self.serial = serial
@@ -91,6 +101,7 @@ class LogicalUnit:
         self.max_unmap_descriptors = max_unmap_descriptors
         self.max_write_same_blocks = max_write_same_blocks or max(1, (32 << 20) // bs)
         self.max_compare_write_blocks = max_compare_write_blocks
+        self.physical_block_exponent = physical_block_exponent
         self.pr_key = f"naa.{naa_id:x}"
         # mode parameters (MODE SELECT changes them for every nexus)
         self.write_cache = True  # caching page WCE
@@ -116,6 +127,7 @@ class LogicalUnit:
                 (nexus.initiator_port, nexus.target_port),
                 self.device.capacity_generation,
                 [POWER_ON_RESET],
+                self,
             )
             self.nexuses[nexus] = ns
         return ns
@@ -131,6 +143,21 @@ class LogicalUnit:
         self.prevent.clear()
         for ns in self.nexuses.values():
             ns.unit_attentions = [code]
+
+
+class _Session:
+    """Per Nexus object: its visible LUNs and per-LUN states, found without hashing the
+    Nexus (a frozen dataclass hashes all its fields on every lookup)."""
+
+    __slots__ = ("nexus", "states", "visible")
+
+    def __init__(self, nexus: Nexus, visible: frozenset[int]) -> None:
+        self.nexus = nexus
+        self.visible = visible
+        self.states: dict[int, NexusState] = {}
+
+
+_SESSION_CACHE_LIMIT = 4096
 
 
 def _reservation_conflict() -> ScsiResult:
@@ -164,6 +191,7 @@ class ScsiTarget:
         self._relative_ports = relative_ports
         self._abort_tasks = abort_tasks
         self._visible: dict[Nexus, frozenset[int]] = {}
+        self._sessions: dict[int, _Session] = {}  # id(nexus) -> cache; holds the nexus alive
 
     # -- visibility ----------------------------------------------------------------------
     def visible(self, nexus: Nexus) -> frozenset[int]:
@@ -183,6 +211,15 @@ class ScsiTarget:
             return None
         return lu
 
+    def _session(self, nexus: Nexus) -> _Session:
+        s = self._sessions.get(id(nexus))
+        if s is not None and s.nexus is nexus:
+            return s
+        if len(self._sessions) >= _SESSION_CACHE_LIMIT:
+            self._sessions.clear()  # sessions that build a Nexus per command: stay bounded
+        s = self._sessions[id(nexus)] = _Session(nexus, self.visible(nexus))
+        return s
+
     def port_list(self) -> list[int]:
         ports = self._relative_ports() if self._relative_ports else [self.relative_port]
         return sorted(set(ports) | {self.relative_port})
@@ -194,13 +231,20 @@ class ScsiTarget:
             spec = commands.lookup(cmd.cdb)
             if len(cmd.cdb) < spec.cdb_length:  # handlers may then unpack without checks
                 cmd.cdb = bytes(cmd.cdb).ljust(spec.cdb_length, b"\x00")
-            lu = self.lu_for(cmd.nexus, cmd.lun)
-            if lu is None:
-                if not spec.without_lu:
-                    raise CheckCondition(LU_NOT_SUPPORTED)
-                spec.check_reserved(cmd.cdb)
-                return await spec.handler(self, None, cmd, None)
-            ns = lu.state_for(cmd.nexus)
+            session = self._session(cmd.nexus)
+            ns = session.states.get(cmd.lun)
+            if ns is None:
+                lun = cmd.lun
+                lu = self.luns.get(lun) if lun in session.visible else None
+                if lu is None:
+                    if not spec.without_lu:
+                        raise CheckCondition(LU_NOT_SUPPORTED)
+                    spec.check_reserved(cmd.cdb)
+                    return await spec.handler(self, None, cmd, None)
+                ns = session.states[lun] = lu.state_for(cmd.nexus)
+            else:
+                lu = ns.lu
+                assert lu is not None
             gen = lu.device.capacity_generation
             if gen != ns.capacity_generation:
                 ns.capacity_generation = gen
@@ -277,6 +321,8 @@ class ScsiTarget:
                 lu.spc2_holder = None
             lu.prevent.discard(itid)
         self._visible.pop(nexus, None)
+        for key in [k for k, s in self._sessions.items() if s.nexus == nexus]:
+            del self._sessions[key]
 
     # -- LUN map changes -----------------------------------------------------------------
     def set_luns(self, luns: dict[int, LogicalUnit]) -> None:
@@ -301,6 +347,7 @@ class ScsiTarget:
         before = {n: self.visible(n) for n in known}
         self.luns = luns
         self._visible.clear()
+        self._sessions.clear()
         for n in known:
             after = self.visible(n)
             if after == before[n]:
