@@ -229,10 +229,12 @@ class IscsiConnectionProtocol(asyncio.Protocol):
 
     def _enter_ffp(self) -> None:
         self._in_ffp = True
-        conn = self.conn
-        self.reader.header_digest = conn.header_digest
-        self.reader.data_digest = conn.data_digest
-        self.reader.max_recv_data_segment_length = conn.target_mrdsl
+        params = self.conn.connection_params
+        assert params is not None
+        # the initiator's next PDU already carries the negotiated digests
+        self.reader.header_digest = params.header_digest
+        self.reader.data_digest = params.data_digest
+        self.reader.max_recv_data_segment_length = params.max_recv_data_segment_length
 
     def _flush(self) -> None:
         conn = self.conn
