@@ -317,6 +317,9 @@ class IscsiConnectionProtocol(asyncio.Protocol):
                     if waiting is None:  # a bare yield (asyncio.sleep(0))
                         await asyncio.sleep(0)
                     else:
+                        # what Task.__step does with a yielded future: take over the wait
+                        # (else awaiting it again raises "await wasn't used with future")
+                        waiting._asyncio_future_blocking = False
                         await waiting
                 except asyncio.CancelledError:
                     coro.close()  # aborted by task management or connection loss

@@ -146,6 +146,8 @@ class Initiator:
                     return pdu.status, bytes(data)
             elif isinstance(pdu, p.ScsiResponse) and pdu.itt == itt:
                 return pdu.status, bytes(data)
+            elif isinstance(pdu, p.DataIn | p.ScsiResponse):
+                raise AssertionError(f"answer for another task: {pdu!r}")
             elif isinstance(pdu, p.R2T):
                 chunk = self.pending_write[
                     pdu.buffer_offset : pdu.buffer_offset + pdu.desired_data_transfer_length
@@ -181,9 +183,26 @@ def write10(lba: int, blocks: int) -> bytes:
     return bytes([0x2A, 0]) + lba.to_bytes(4, "big") + b"\0" + blocks.to_bytes(2, "big") + b"\0"
 
 
+class SlowDevice(MemoryBlockDevice):
+    """A memory device whose reads and writes wait on the event loop, like a replicated
+    volume does: the server's path for commands that do not finish in their first step."""
+
+    delay = 0.0
+
+    async def read(self, lba: int, blocks: int) -> bytes | bytearray | memoryview:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return await super().read(lba, blocks)
+
+    async def write(self, lba: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        await super().write(lba, data, fua)
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[IscsiServer, MemHost]]:
-    lu = LogicalUnit(MemoryBlockDevice(1 << 16), naa_id=0x6 << 124 | 1, serial="mem1")
+    lu = LogicalUnit(SlowDevice(1 << 16), naa_id=0x6 << 124 | 1, serial="mem1")
     host = MemHost(ScsiTarget(IQN, {0: lu}))
     original = host.target.nexus_lost
 
@@ -258,3 +277,74 @@ async def test_answered_pings_keep_the_session(server: tuple[IscsiServer, MemHos
         ini.send(p.NopOut(itt=p.RESERVED_TAG, ttt=ping.ttt, immediate=True, cmdsn=ini.cmdsn))
     await ini.ready()
     ini.close()
+
+
+def _device(host: MemHost) -> SlowDevice:
+    dev = host.target.luns[0].device
+    assert isinstance(dev, SlowDevice)
+    return dev
+
+
+async def test_commands_that_wait_complete(server: tuple[IscsiServer, MemHost]) -> None:
+    srv, host = server
+    _device(host).delay = 0.01
+    ini = await Initiator.connect(srv.addresses[0][1])
+    await ini.login()
+    await ini.ready()
+    payload = os.urandom(4096)
+    status, _ = await ini.result(ini.command(write10(0, 8), write=4096, imm=payload))
+    assert status == 0
+    itts = [ini.command(read10(0, 8), read=4096) for _ in range(8)]
+    for itt in itts:
+        assert await ini.result(itt) == (0, payload)
+    ini.close()
+
+
+async def test_abort_task_cancels_a_waiting_command(server: tuple[IscsiServer, MemHost]) -> None:
+    srv, host = server
+    ini = await Initiator.connect(srv.addresses[0][1])
+    await ini.login()
+    await ini.ready()
+    _device(host).delay = 30.0  # never finishes on its own within the test
+    slow = ini.command(read10(0, 8), read=4096)
+    ini.send(
+        p.TaskManagementRequest(
+            function=1,
+            itt=900,
+            referenced_task_tag=slow,
+            ref_cmdsn=ini.cmdsn - 1,
+            cmdsn=ini.cmdsn,
+            immediate=True,
+        )
+    )
+    resp = await ini.recv()
+    assert isinstance(resp, p.TaskManagementResponse) and resp.itt == 900
+    assert resp.response == 0
+    _device(host).delay = 0.0
+    status, _ = await ini.result(ini.command(b"\x00"))  # the session goes on; no late answer
+    assert status == 0
+    ini.close()
+
+
+async def test_lun_reset_aborts_other_sessions_tasks(
+    server: tuple[IscsiServer, MemHost],
+) -> None:
+    srv, host = server
+    port = srv.addresses[0][1]
+    a, b = await Initiator.connect(port), await Initiator.connect(port)
+    await a.login(isid=0x400010)
+    await b.login(isid=0x400011)
+    await a.ready()
+    await b.ready()
+    _device(host).delay = 30.0
+    a.command(read10(0, 8), read=4096)  # stuck in the device
+    await asyncio.sleep(0.1)
+    b.send(p.TaskManagementRequest(function=5, itt=77, cmdsn=b.cmdsn, immediate=True))
+    resp = await b.recv()
+    assert isinstance(resp, p.TaskManagementResponse) and resp.response == 0
+    _device(host).delay = 0.0
+    # a's read was aborted (no response); a's next command sees the reset's unit attention
+    status, _ = await a.result(a.command(b"\x00"))
+    assert status == 2
+    a.close()
+    b.close()
