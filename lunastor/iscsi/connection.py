@@ -498,17 +498,17 @@ class TargetConnection:
             self._protocol_error(pdu, error)
             return
         lun = p.lun_number(pdu.lun)
-        task = Task(
-            itt=pdu.itt,
-            cmd_sn=pdu.cmdsn,
-            immediate=pdu.immediate,
-            lun_field=pdu.lun,
-            lun=0xFFFF if lun is None else lun,
-            cdb=pdu.cdb,
-            attr=pdu.attr,
-            edtl=edtl,
-            read=pdu.read,
-            write=pdu.write,
+        task = Task(  # positional: this runs for every command
+            pdu.itt,
+            pdu.cmdsn,
+            pdu.immediate,
+            pdu.lun,
+            0xFFFF if lun is None else lun,
+            pdu.cdb,
+            pdu.attr,
+            edtl,
+            pdu.read,
+            pdu.write,
         )
         placed = self._accept_sn(pdu.cmdsn, pdu.immediate, task)
         if placed is None:
@@ -754,9 +754,29 @@ class TargetConnection:
     ) -> None:
         s = self.session
         assert s is not None
-        view = data if isinstance(data, memoryview) else memoryview(data)
         seg = self.max_xmit
         burst = self.params.max_burst_length
+        if length <= seg and length <= burst and collapse:
+            # the common small read: one Data-In carrying the status
+            flagged = overflow or underflow
+            self._out.append(
+                p.DataIn(
+                    final=True,
+                    status_present=True,
+                    status=result.status,
+                    overflow=overflow,
+                    underflow=underflow,
+                    lun=task.lun_field,
+                    itt=task.itt,
+                    statsn=self._status_sn(),
+                    expcmdsn=s.exp_cmd_sn,
+                    maxcmdsn=s.max_cmd_sn,
+                    residual_count=residual if flagged else 0,
+                    data=data if len(data) == length else memoryview(data)[:length],
+                )
+            )
+            return
+        view = data if isinstance(data, memoryview) else memoryview(data)
         offset = 0
         data_sn = 0
         while offset < length:
@@ -1084,11 +1104,13 @@ class TargetConnection:
     }
 
 
+_ATTRIBUTES = {a.value: a for a in TaskAttribute}
+
+
 def _attribute(attr: int) -> TaskAttribute:
-    try:
-        return TaskAttribute(attr)
-    except ValueError:
-        return TaskAttribute.SIMPLE
+    """The task attribute (reserved values read as SIMPLE); a dict, not an Enum call, since
+    every command goes through here."""
+    return _ATTRIBUTES.get(attr, TaskAttribute.SIMPLE)
 
 
 def _header_of(pdu: p.Pdu) -> bytes:
