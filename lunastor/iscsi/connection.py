@@ -702,7 +702,6 @@ class TargetConnection:
         task = self.tasks.pop(itt, None)
         if task is None or self.phase is not Phase.FULL_FEATURE:
             return  # aborted meanwhile: no response (RFC 7143 4.2.3.3)
-        self._free(task)
         s = self.session
         assert s is not None
         if not task.immediate:
@@ -740,6 +739,8 @@ class TargetConnection:
                     sense=result.sense,
                 )
             )
+        if task.buffer is not None:
+            self._free(task)  # after the response: R2Ts of waiting writes follow it
 
     def _send_data_in(
         self,
