@@ -159,6 +159,7 @@ class _Held:
     pdu: p.Pdu
 
 
+_MAX_TEXT = 64 * 1024  # cap on a continued Text Request, against memory abuse
 _TOMBSTONE = object()  # a CmdSN "considered received" by ABORT TASK (RFC 7143 11.5.1 b)
 
 _TMF_NAMES = {f.value for f in TmfFunction}
@@ -225,6 +226,7 @@ class TargetConnection:
         )
         self._text_pending: tuple[int, bytes] | None = None  # (ITT, rest of a long answer)
         self._text_ttt = 0
+        self._text_in: tuple[int, int, bytes] | None = None  # (ITT, TTT, request so far)
         self._tmf_pending: dict[int, TaskManagement] = {}
         self._tmf_immediate: dict[int, bool] = {}
         self.ping_interval = ping_interval
@@ -871,18 +873,42 @@ class TargetConnection:
         self._done_ordered(pdu)
         s = self.session
         assert s is not None
-        if pdu.ttt != RESERVED:
+        incoming = self._text_in
+        if pdu.ttt != RESERVED and incoming is not None and pdu.ttt == incoming[1]:
+            text = incoming[2] + bytes(pdu.data)  # the next part of a continued request
+        elif pdu.ttt != RESERVED:
             # the initiator asks for the next part of a long answer
             if self._text_pending is None or pdu.ttt != self._text_ttt:
                 self._reject(RejectReason.INVALID_PDU_FIELD, _header_of(pdu))
                 return
             rest = self._text_pending[1]
+            text = None
         else:
-            if pdu.cont or not pdu.final:
-                self._reject(RejectReason.COMMAND_NOT_SUPPORTED, _header_of(pdu))
+            text = bytes(pdu.data)
+        if text is not None:
+            self._text_in = None
+            if pdu.cont:
+                # more of the request follows: acknowledge with an empty response carrying a
+                # TTT the initiator sends the rest under (RFC 7143 11.10.2)
+                if len(text) > _MAX_TEXT:
+                    self._reject(RejectReason.LONG_OP_REJECT, _header_of(pdu))
+                    return
+                ttt = self._new_ttt()
+                self._text_in = (pdu.itt, ttt, text)
+                self._send(
+                    p.TextResponse(
+                        final=False,
+                        lun=pdu.lun,
+                        itt=pdu.itt,
+                        ttt=ttt,
+                        statsn=self._status_sn(),
+                        expcmdsn=s.exp_cmd_sn,
+                        maxcmdsn=s.max_cmd_sn,
+                    )
+                )
                 return
             try:
-                pairs = parse_text(pdu.data)
+                pairs = parse_text(text)
             except RemoteProtocolError as exc:
                 self._reject(exc.reason, _header_of(pdu))
                 return

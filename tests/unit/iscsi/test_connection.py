@@ -778,3 +778,18 @@ def test_data_out_digest_error_ends_the_task() -> None:
     assert isinstance(resp, p.ScsiResponse) and resp.status == Status.CHECK_CONDITION
     assert bytes(resp.sense)[12:14] == b"\x47\x05"
     assert executed(conn) == [] and conn.phase is Phase.FULL_FEATURE
+
+
+def test_continued_text_request() -> None:
+    conn = make_conn()
+    conn.receive_pdu(login_request([("InitiatorName", INITIATOR), ("SessionType", "Discovery")]))
+    conn.pdus_to_send()
+    text = encode_text([("SendTargets", "All")])
+    conn.receive_pdu(p.TextRequest(itt=5, cmdsn=CMDSN, cont=True, final=False, data=text[:7]))
+    (ack,) = conn.pdus_to_send()
+    assert isinstance(ack, p.TextResponse) and not ack.final and not ack.data
+    assert ack.ttt != p.RESERVED_TAG
+    conn.receive_pdu(p.TextRequest(itt=5, ttt=ack.ttt, cmdsn=CMDSN + 1, data=text[7:]))
+    (resp,) = conn.pdus_to_send()
+    assert isinstance(resp, p.TextResponse) and resp.final
+    assert ("TargetName", TARGET) in parse_text(resp.data)
