@@ -22,6 +22,7 @@ from lunastor.iscsi.scsi.target import LogicalUnit, ScsiTarget
 from lunastor.iscsi.scsi.types import Nexus
 from lunastor.iscsi.session import TargetInfo
 from lunastor.iscsi.text import encode_text, parse_text
+from tests.support.procs import async_wait_for
 
 IQN = "iqn.2024-01.io.lunastor.test:mem"
 HOST = "iqn.2024-01.io.lunastor.test:host"
@@ -348,3 +349,23 @@ async def test_lun_reset_aborts_other_sessions_tasks(
     assert status == 2
     a.close()
     b.close()
+
+
+async def test_initiator_that_does_not_read_stops_being_read(
+    server: tuple[IscsiServer, MemHost],
+) -> None:
+    srv, _ = server
+    ini = await Initiator.connect(srv.addresses[0][1])
+    await ini.login()
+    await ini.ready()
+    (proto,) = srv.connections
+    assert proto.transport is not None and proto.transport.is_reading()
+    for _ in range(100):  # 100 x 256 KiB of Data-In that we never read
+        ini.command(read10(0, 512), read=512 * 512)
+    await ini.w.drain()
+
+    async def paused() -> bool:
+        return not proto.transport.is_reading()  # type: ignore[union-attr]
+
+    await async_wait_for(paused, 10, "the server to pause reading")
+    ini.close()
