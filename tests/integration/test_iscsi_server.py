@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -369,3 +370,24 @@ async def test_initiator_that_does_not_read_stops_being_read(
 
     await async_wait_for(paused, 10, "the server to pause reading")
     ini.close()
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_garbage_after_login_never_hurts_the_server(
+    server: tuple[IscsiServer, MemHost], seed: int
+) -> None:
+    srv, _ = server
+    rng = random.Random(seed)
+    ini = await Initiator.connect(srv.addresses[0][1])
+    await ini.login()
+    ini.w.write(rng.randbytes(4096))
+    seen: list[p.Pdu] = []
+    while (pdu := await ini.recv(timeout=5)) is not None:
+        seen.append(pdu)  # Rejects (and answers to PDUs that happened to decode), then EOF
+        if len(seen) > 200:
+            break
+    ini.close()
+    again = await Initiator.connect(srv.addresses[0][1])
+    await again.login(isid=0x400100 + seed)
+    await again.ready()
+    again.close()
