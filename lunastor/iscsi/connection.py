@@ -338,6 +338,23 @@ class TargetConnection:
                 )
             )
 
+    def request_logout(self, within: int = 10) -> None:
+        """Ask the initiator to log out within `within` seconds (Async Message, event 1), e.g.
+        before this access point drains; the initiator then logs in again elsewhere."""
+        s = self.session
+        if self.phase is not Phase.FULL_FEATURE or s is None:
+            return
+        self._send(
+            p.AsyncMessage(
+                lun=0,
+                statsn=self._status_sn(),
+                expcmdsn=s.exp_cmd_sn,
+                maxcmdsn=s.max_cmd_sn,
+                async_event=p.AsyncEvent.LOGOUT_REQUESTED,
+                parameter3=within,
+            )
+        )
+
     # --- errors ---------------------------------------------------------------------------
 
     def _close(self, reason: str) -> None:

@@ -391,3 +391,18 @@ async def test_garbage_after_login_never_hurts_the_server(
     await again.login(isid=0x400100 + seed)
     await again.ready()
     again.close()
+
+
+async def test_server_asks_initiators_to_log_out(server: tuple[IscsiServer, MemHost]) -> None:
+    srv, _ = server
+    ini = await Initiator.connect(srv.addresses[0][1])
+    await ini.login()
+    await ini.ready()
+    srv.request_logout(IQN, within=3)
+    msg = await ini.recv()
+    assert isinstance(msg, p.AsyncMessage) and msg.async_event == p.AsyncEvent.LOGOUT_REQUESTED
+    ini.send(p.LogoutRequest(itt=99, cmdsn=ini.cmdsn, immediate=True))
+    resp = await ini.recv()
+    assert isinstance(resp, p.LogoutResponse) and resp.response == 0
+    assert await ini.recv() is None
+    ini.close()

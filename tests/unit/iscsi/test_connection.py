@@ -793,3 +793,13 @@ def test_continued_text_request() -> None:
     (resp,) = conn.pdus_to_send()
     assert isinstance(resp, p.TextResponse) and resp.final
     assert ("TargetName", TARGET) in parse_text(resp.data)
+
+
+def test_target_requests_logout() -> None:
+    conn = logged_in()
+    statsn = conn.stat_sn
+    conn.request_logout(within=5)
+    (msg,) = conn.pdus_to_send()
+    assert isinstance(msg, p.AsyncMessage)
+    assert msg.async_event == p.AsyncEvent.LOGOUT_REQUESTED and msg.parameter3 == 5
+    assert msg.statsn == statsn and conn.stat_sn == statsn + 1
