@@ -456,6 +456,10 @@ class TargetConnection:
         assert s is not None
         if immediate:
             return True
+        exp = s.exp_cmd_sn
+        if cmd_sn == exp and exp != (s.max_cmd_sn + 1) & 0xFFFFFFFF:
+            s.exp_cmd_sn = (exp + 1) & 0xFFFFFFFF  # the common case: next in order, room left
+            return True
         if not sn_le(cmd_sn, s.max_cmd_sn):
             return None  # beyond the window (also when the window is full: exp = max + 1)
         if cmd_sn == s.exp_cmd_sn:
@@ -571,7 +575,8 @@ class TargetConnection:
             task.state = TaskState.READY
         if placed:
             self._maybe_execute(task)
-            self._drain()
+            if self._held:
+                self._drain()
 
     def _allocate(self, task: Task) -> None:
         task.buffer = bytearray(task.edtl)
@@ -620,14 +625,14 @@ class TargetConnection:
         self._events.append(
             ExecuteCommand(
                 task.itt,
-                ScsiCommand(
-                    nexus=s.nexus,
-                    lun=task.lun,
-                    cdb=task.cdb,
-                    task_tag=task.itt,
-                    attribute=_attribute(task.attr),
-                    expected_length=task.edtl,
-                    data_out=data,
+                ScsiCommand(  # positional, in field order: this runs for every command
+                    s.nexus,
+                    task.lun,
+                    task.cdb,
+                    task.itt,
+                    _attribute(task.attr),
+                    task.edtl,
+                    data,
                 ),
             )
         )
