@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+from collections.abc import Sequence
 
 import pytest
 
@@ -48,15 +49,16 @@ LUNS = [
 THREE = [live("c1", "10.0.0.1:3260"), live("c2", "10.0.0.2:3260"), live("c3", "10.0.0.3:3261")]
 
 
-def policy(
-    servers: list[tuple[str, bytes]], admin: list[tuple[str, bytes]] = (), **kw: bytes
-) -> RedirectPolicy:
+Records = Sequence[tuple[str, bytes]]
+
+
+def policy(servers: Records, admin: Records = (), **kw: bytes) -> RedirectPolicy:
     index = ExportIndex.build(LUNS, discovery_chap=kw.get("chap"), sealer=SEALER)
     table = ServerTable.build(servers, admin)
     return RedirectPolicy(lambda: index, lambda: table, VIP)
 
 
-def expected_server(initiator: str, target: str, servers: list[tuple[str, bytes]], admin=()) -> str:
+def expected_server(initiator: str, target: str, servers: Records, admin: Records = ()) -> str:
     table = ServerTable.build(servers, admin)
     chosen = choose_chunk_server(initiator, target, table.choices)
     assert chosen is not None
@@ -168,7 +170,7 @@ async def login_once(port: int, keys: list[tuple[str, str]]) -> p.LoginResponse:
         request = p.LoginRequest(
             transit=True, csg=0, nsg=1, isid=0x23D000000001, itt=7, cmdsn=1, data=encode_text(keys)
         )
-        writer.writelines(p.encode_pdu(request, False, False))  # type: ignore[arg-type]
+        writer.writelines(p.encode_pdu(request, False, False))
         pdus = p.PduReader(sender="target")
         while True:
             data = await asyncio.wait_for(reader.read(65536), 5)
