@@ -199,7 +199,12 @@ async def serve(config: RedirectorConfig, stop: asyncio.Event) -> int:
             leading = False
             LEADER.set(0)
             LEADER_CHANGES.inc()
-            reason = "stopping" if stop.is_set() else "lease near its deadline or lost"
+            if stop.is_set():
+                reason = "stopping"
+            elif presence.held.is_set():
+                reason = "lease near its deadline"  # keep-alives failing: etcd out of reach
+            else:
+                reason = "lease lost"
             log.info("stopped leading", reason=reason)
             # Let the next candidate in now rather than at lease expiry; if etcd is out of
             # reach this fails, and expiry removes our key instead.
