@@ -8,6 +8,8 @@ import subprocess
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lunastor.common.exports import ExportIndex
 from lunastor.common.records import (
@@ -22,7 +24,7 @@ from lunastor.common.sealing import Sealer
 from lunastor.iscsi import pdu as p
 from lunastor.iscsi.errors import LoginStatus
 from lunastor.iscsi.text import encode_text, parse_text
-from lunastor.redirector.choose import choose_chunk_server
+from lunastor.redirector.choose import ServerChoice, choose_chunk_server
 from lunastor.redirector.portal import LOGIN_FAILURES, REDIRECTS, PortalServer, RedirectPolicy
 from lunastor.redirector.servers import ServerTable
 
@@ -270,3 +272,55 @@ async def test_discovery_with_iscsi_ls_and_chap() -> None:
         assert wrong.returncode != 0
     finally:
         await server.close()
+
+
+# --- property: every answer is one of the table's, a redirect only ever to an up server --------
+
+server_ids = st.sampled_from([f"chunk-{i:02d}" for i in range(8)])
+iqns = st.sampled_from([A, B, C, "iqn.2026-11.org.example:d"])
+
+
+@given(
+    servers=st.dictionaries(server_ids, st.sampled_from(["up", "draining"]), max_size=8),
+    drained=st.sets(server_ids, max_size=4),
+    acl=st.dictionaries(st.integers(0, 3), st.sets(iqns, max_size=3), max_size=4),
+    initiator=iqns,
+    target=st.integers(0, 4),
+)
+def test_decisions_property(
+    servers: dict[str, str],
+    drained: set[str],
+    acl: dict[int, set[str]],
+    initiator: str,
+    target: int,
+) -> None:
+    live_records = [
+        live(sid, f"10.1.0.{i}:3260", state) for i, (sid, state) in enumerate(servers.items())
+    ]
+    luns = [
+        (Keys.lun(t, 1), LunRecord(volume_id=f"v{t}", initiators=sorted(who)).to_json())
+        for t, who in acl.items()
+    ]
+    index = ExportIndex.build(luns)
+    table = ServerTable.build(live_records, [drain(s) for s in drained])
+    pol = RedirectPolicy(lambda: index, lambda: table, VIP)
+    decision = pol.authorize(initiator, target_iqn(target))
+    up = {sid for sid, state in servers.items() if state == "up" and sid not in drained}
+    if target not in acl:
+        assert decision.status is LoginStatus.NOT_FOUND
+    elif initiator not in acl[target]:
+        assert decision.status is LoginStatus.AUTHORIZATION_FAILURE
+    elif not up:
+        assert decision.status is LoginStatus.SERVICE_UNAVAILABLE
+    else:
+        assert decision.status is LoginStatus.TARGET_MOVED_TEMPORARILY
+        portal_of = {sid: f"10.1.0.{i}:3260,1" for i, sid in enumerate(servers)}
+        assert decision.target_address in {portal_of[s] for s in up}
+        # the choice over the whole table equals the choice over the up servers alone
+        only_up = [ServerChoice(s, "up") for s in sorted(up)]
+        assert (
+            decision.target_address
+            == portal_of[str(choose_chunk_server(initiator, target_iqn(target), only_up))]
+        )
+    listed = [t.name for t in pol.discoverable(initiator, "x")]
+    assert listed == [target_iqn(t) for t in sorted(acl) if initiator in acl[t]]
