@@ -23,7 +23,7 @@ from typing import Any
 from lunastor.iscsi import pdu as p
 from lunastor.iscsi.errors import LoginStatus, RejectReason, RemoteProtocolError
 from lunastor.iscsi.login import LoginNegotiator, LoginReply, LoginStep
-from lunastor.iscsi.params import SessionParams, TargetSettings
+from lunastor.iscsi.params import ConnectionParams, SessionParams, TargetSettings
 from lunastor.iscsi.scsi.types import (
     Nexus,
     ScsiCommand,
@@ -189,11 +189,13 @@ class TargetConnection:
         self.tpgt = tpgt
         self.phase = Phase.LOGIN
         self.session: Session | None = None
+        self.connection_params: ConnectionParams | None = None  # negotiated at login
         self.params: SessionParams  # set when login completes; only FFP handlers use it
         self.cid = 0
         self.stat_sn = 0
         self.header_digest = False
         self.data_digest = False
+        self._digests_after_login: tuple[bool, bool] | None = None
         self.max_xmit = 8192  # the initiator's MaxRecvDataSegmentLength
         self.tasks: dict[int, Task] = {}
         self._held: dict[int, object] = {}  # CmdSN -> Task | _Held | _TOMBSTONE
@@ -231,6 +233,7 @@ class TargetConnection:
 
     def pdus_to_send(self) -> list[p.Pdu]:
         out, self._out = self._out, []
+        self._switch_digests()
         return out
 
     def data_to_send(self) -> list[Buffer]:
@@ -240,7 +243,13 @@ class TargetConnection:
         for pdu in self._out:
             bufs += p.encode_pdu(pdu, hd, dd)
         self._out = []
+        self._switch_digests()
         return bufs
+
+    def _switch_digests(self) -> None:
+        if self._digests_after_login is not None:
+            self.header_digest, self.data_digest = self._digests_after_login
+            self._digests_after_login = None
 
     def _send(self, pdu: p.Pdu) -> None:
         self._out.append(pdu)
@@ -393,10 +402,11 @@ class TargetConnection:
         self.session = session
         self.params = params
         self.cid = conn_params.cid
+        self.connection_params = conn_params
         self.max_xmit = conn_params.max_send_data_segment_length
         self.target_mrdsl = conn_params.max_recv_data_segment_length
-        self.header_digest = conn_params.header_digest
-        self.data_digest = conn_params.data_digest
+        # digests start with the first PDU after the final Login Response (RFC 7143 13.1)
+        self._digests_after_login = (conn_params.header_digest, conn_params.data_digest)
         self.phase = Phase.FULL_FEATURE
         self._events.append(SessionStarted(session))
         return None

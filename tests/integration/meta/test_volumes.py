@@ -234,6 +234,9 @@ async def test_snapshots_and_clones(api: Api) -> None:
     await api.ok("DELETE", f"/v1/volumes/{vol['id']}", status=204)
     assert await api.ok("GET", f"/v1/snapshots/{snap['id']}") == snap
     await api.ok("DELETE", f"/v1/snapshots/{snap['id']}", status=204)
+    # A retried clone still answers with its volume after the source is gone.
+    again = await api.volume("clone", 2 * GIB, block_size=4096, source={"snapshot_id": snap["id"]})
+    assert again == clone
     await api.ok("DELETE", f"/v1/snapshots/{snap['id']}", status=204)
     status, problem = await api.call("GET", f"/v1/snapshots/{snap['id']}")
     assert status == 404 and problem["code"] == "snapshot_not_found"

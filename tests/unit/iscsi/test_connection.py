@@ -686,3 +686,16 @@ def test_random_pdu_sequences_never_break_the_machine(
         # never more than queue_depth non-immediate commands accepted but unanswered
         window = (s.max_cmd_sn - s.exp_cmd_sn + 1) % 2**32
         assert 0 <= window <= 8
+
+
+def test_digests_start_after_the_final_login_response() -> None:
+    conn = make_conn()
+    keys = [("InitiatorName", INITIATOR), ("TargetName", TARGET)]
+    ops = [(k, "CRC32C" if k.endswith("Digest") else v) for k, v in OP_KEYS]
+    conn.receive_pdu(login_request(keys + ops))
+    header, *_ = conn.data_to_send()
+    assert len(header) == 48  # the Login Response itself goes without digests
+    assert (conn.header_digest, conn.data_digest) == (True, True)
+    conn.receive_pdu(p.NopOut(itt=3, cmdsn=CMDSN, immediate=True))
+    (header,) = conn.data_to_send()
+    assert len(header) == 52
