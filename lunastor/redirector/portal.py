@@ -224,9 +224,12 @@ class PortalConnection(asyncio.Protocol):
             conn.receive_pdu(pdu)
             if conn.phase is Phase.FULL_FEATURE and not self._in_ffp:
                 self._in_ffp = True
-                self.reader.header_digest = conn.header_digest
-                self.reader.data_digest = conn.data_digest
-                self.reader.max_recv_data_segment_length = conn.target_mrdsl
+                params = conn.connection_params
+                assert params is not None
+                # the initiator's next PDU already carries the negotiated digests
+                self.reader.header_digest = params.header_digest
+                self.reader.data_digest = params.data_digest
+                self.reader.max_recv_data_segment_length = params.max_recv_data_segment_length
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -250,6 +253,9 @@ class PortalConnection(asyncio.Protocol):
                     close = CloseConnection("normal session on the redirector")
             elif isinstance(event, CloseConnection):
                 close = event
+        # digests in force for these PDUs: the final Login Response goes without them, and
+        # pdus_to_send() switches to the negotiated ones
+        digests = (conn.header_digest, conn.data_digest)
         pdus = conn.pdus_to_send()
         for pdu in pdus:
             if isinstance(pdu, p.LoginResponse) and pdu.status_class >= 2:
@@ -260,7 +266,7 @@ class PortalConnection(asyncio.Protocol):
             return
         bufs = []
         for pdu in pdus:
-            bufs += p.encode_pdu(pdu, conn.header_digest, conn.data_digest)
+            bufs += p.encode_pdu(pdu, *digests)
         if bufs:
             transport.writelines(bufs)
         if close is not None:

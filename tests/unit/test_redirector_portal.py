@@ -230,8 +230,10 @@ async def test_logins_over_the_wire() -> None:
 ISCSI_LS = shutil.which("iscsi-ls")
 
 
-async def iscsi_ls(port: int, initiator: str, chap: str = "") -> subprocess.CompletedProcess[str]:
-    url = f"iscsi://{chap}127.0.0.1:{port}"
+async def iscsi_ls(
+    port: int, initiator: str, chap: str = "", query: str = ""
+) -> subprocess.CompletedProcess[str]:
+    url = f"iscsi://{chap}127.0.0.1:{port}{query}"
     proc = await asyncio.create_subprocess_exec(
         "iscsi-ls", "-i", initiator, url, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -258,6 +260,10 @@ async def test_discovery_with_iscsi_ls_and_chap() -> None:
         assert listed(out.stdout) == {(T0, f"{VIP},1"), (T1, f"{VIP},1")}
         out = await iscsi_ls(port, C)
         assert out.returncode == 0 and out.stdout.strip() == ""
+        # digests switch on after the final Login Response, for SendTargets and Logout
+        out = await iscsi_ls(port, A, query="?header_digest=crc32c")
+        assert out.returncode == 0, out.stderr
+        assert listed(out.stdout) == {(T0, f"{VIP},1")}
     finally:
         await server.close()
     chap = ChapRecord(user="disc", secret=SEALER.seal("discovery-secret")).to_json()
