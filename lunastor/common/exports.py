@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,8 @@ from lunastor.common.records import (
     target_iqn,
 )
 from lunastor.common.sealing import Sealer, SealError
+
+log = logging.getLogger(__name__)
 
 
 class ExportsError(Exception):
@@ -252,6 +255,8 @@ class Exports:
                 self.sealer,
             )
             self._built_at = revisions
+            for bad in self._index.bad_records:
+                log.warning("ignoring an unreadable record: %s", bad)
         return self._index
 
     async def wait_for(self, predicate: Callable[[ExportIndex], bool], timeout: float) -> None:

@@ -12,6 +12,7 @@ moves only the initiators of the drained server.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from lunastor.common.etcd import Etcd, PrefixCache
 from lunastor.common.records import ChunkAdminRecord, ChunkServerStatus, Keys, RecordError
 from lunastor.redirector.choose import ServerChoice
 
+log = logging.getLogger(__name__)
 DRAIN_STATES = ("draining", "drained")
 
 
@@ -90,6 +92,8 @@ class ChunkServers:
         if revisions != self._built_at:
             self._table = ServerTable.build(_values(self.live.items), _values(self.admin.items))
             self._built_at = revisions
+            for bad in self._table.bad_records:
+                log.warning("ignoring an unreadable chunk server record: %s", bad)
         return self._table
 
 

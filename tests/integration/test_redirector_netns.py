@@ -472,7 +472,7 @@ def _failover(cluster: Cluster, kill: str) -> float:
 
         def rejoined() -> bool:
             h = cluster.redirector_health(old)
-            return bool(h and h["lease"] and not h["leader"])
+            return bool(h and h["lease"] and not h["leader"] and not h["serving"])
 
         wait_for(rejoined, 30, "the old leader back as a follower")
         assert cluster.holders() == [new]
