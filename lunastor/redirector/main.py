@@ -125,7 +125,7 @@ async def serve(config: RedirectorConfig, stop: asyncio.Event) -> int:
         log.warning("removing a VIP left behind", vip=config.vip, interface=config.interface)
         await vip.release()
     sealer = Sealer(config.secret_key) if config.secret_key else None
-    margin = config.vip_release_margin
+    margin = config.release_margin
 
     async with await Etcd.connect(etcd_config) as etcd:
         presence = Presence(

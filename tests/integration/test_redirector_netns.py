@@ -376,6 +376,24 @@ def test_discovery_lists_only_visible_targets_at_the_vip(cluster: Cluster) -> No
     assert refused.returncode != 0
 
 
+def test_discovery_chap_set_through_meta(cluster: Cluster) -> None:
+    """meta seals the secret with its key; the redirectors open it with the same key."""
+
+    def discover(credentials: str = "") -> subprocess.CompletedProcess[str]:
+        return cluster.client_run("iscsi-ls", "-i", CLIENT_IQN, f"iscsi://{credentials}{VIP}")
+
+    cluster.call("PUT", "/v1/discovery-chap", {"user": "disc", "secret": "discovery-secret"})
+    try:
+        wait_for(lambda: discover().returncode != 0, 10, "discovery to require CHAP")
+        ok = discover("disc%discovery-secret@")
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.split() == [f"Target:{cluster.target}", f"Portal:{VIP}:3260,1"]
+        assert discover("disc%wrong-secret-1234@").returncode != 0
+    finally:
+        cluster.call("DELETE", "/v1/discovery-chap", ok=(204,))
+    wait_for(lambda: discover().returncode == 0, 10, "discovery without CHAP again")
+
+
 def test_inquiry_and_qemu_img_are_redirected_to_the_hashed_chunk_server(
     cluster: Cluster,
 ) -> None:
