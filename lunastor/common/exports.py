@@ -239,6 +239,11 @@ class Exports:
         await self.stop()
 
     @property
+    def error(self) -> BaseException | None:
+        """Why following etcd stopped for good (the index is then stale), or None."""
+        return next((c.error for c in (self.luns, self.targets, self.discovery) if c.error), None)
+
+    @property
     def revisions(self) -> tuple[int, int, int]:
         return (self.luns.revision, self.targets.revision, self.discovery.revision)
 

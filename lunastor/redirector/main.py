@@ -144,8 +144,10 @@ async def serve(config: RedirectorConfig, stop: asyncio.Event) -> int:
 
         async def health() -> dict[str, Any]:
             held = presence.held.is_set()
+            stale = exports.error or servers.error
             return {
-                "status": "ok" if held else "degraded",
+                "status": "ok" if held and stale is None else "degraded",
+                "views": "ok" if stale is None else f"stale: {stale}",
                 "id": instance,
                 "lease": held,
                 "leader": leading,

@@ -87,6 +87,11 @@ class ChunkServers:
         await self.admin.stop()
 
     @property
+    def error(self) -> BaseException | None:
+        """Why following etcd stopped for good (the table is then stale), or None."""
+        return self.live.error or self.admin.error
+
+    @property
     def table(self) -> ServerTable:
         revisions = (self.live.revision, self.admin.revision)
         if revisions != self._built_at:
