@@ -27,6 +27,7 @@ from lunastor.iscsi.text import encode_text, parse_text
 from lunastor.redirector.choose import ServerChoice, choose_chunk_server
 from lunastor.redirector.portal import LOGIN_FAILURES, REDIRECTS, PortalServer, RedirectPolicy
 from lunastor.redirector.servers import ServerTable
+from tests.support.procs import async_wait_for
 
 SEALER = Sealer("portal-test-sealing-key")
 A, B, C = (f"iqn.2026-11.org.example:{n}" for n in ("a", "b", "c"))
@@ -330,3 +331,41 @@ def test_decisions_property(
         )
     listed = [t.name for t in pol.discoverable(initiator, "x")]
     assert listed == [target_iqn(t) for t in sorted(acl) if initiator in acl[t]]
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\xff" * 48,  # an opcode initiators never send
+        bytes(48),  # a NOP-Out before login
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(30),
+    ],
+)
+async def test_garbage_closes_the_connection_and_the_portal_keeps_serving(garbage: bytes) -> None:
+    server, port = await start(policy(THREE))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(garbage)
+        await asyncio.wait_for(reader.read(65536), 5)  # whatever it answers, then EOF
+        assert await asyncio.wait_for(reader.read(1), 5) == b""
+        writer.close()
+        resp = await login_once(port, normal(A, T0))
+        assert (resp.status_class, resp.status_detail) == (1, 1)
+    finally:
+        await server.close()
+
+
+async def test_a_silent_connection_is_closed_after_the_login_timeout() -> None:
+    server = PortalServer(policy(THREE), login_timeout=0.3)
+    await server.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.addresses[0][1])
+        assert await asyncio.wait_for(reader.read(1), 5) == b""
+        writer.close()
+
+        async def forgotten() -> bool:
+            return not server.connections
+
+        await async_wait_for(forgotten, 5, "the portal to forget the connection")
+    finally:
+        await server.close()
