@@ -21,7 +21,12 @@ from enum import Enum
 from typing import Any
 
 from lunastor.iscsi import pdu as p
-from lunastor.iscsi.errors import LoginStatus, RejectReason, RemoteProtocolError
+from lunastor.iscsi.errors import (
+    DataDigestError,
+    LoginStatus,
+    RejectReason,
+    RemoteProtocolError,
+)
 from lunastor.iscsi.login import LoginNegotiator, LoginReply, LoginStep
 from lunastor.iscsi.params import ConnectionParams, SessionParams, TargetSettings
 from lunastor.iscsi.scsi.types import (
@@ -158,6 +163,8 @@ _TOMBSTONE = object()  # a CmdSN "considered received" by ABORT TASK (RFC 7143 1
 
 _TMF_NAMES = {f.value for f in TmfFunction}
 # fixed-format sense: ILLEGAL REQUEST, INVALID FIELD IN CDB (SPC-4 4.5.3)
+# ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR
+_CRC_ERROR = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x47, 0x05, 0, 0, 0, 0])
 _DATA_PHASE_ERROR = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4B, 0, 0, 0, 0, 0])
 _INVALID_FIELD_IN_CDB = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0])
 
@@ -288,7 +295,14 @@ class TargetConnection:
         if isinstance(exc, p.FramingError):
             self._close(f"framing error: {exc}")
             return
-        self._reject(exc.reason, exc.header or b"")
+        header = exc.header or b""
+        self._reject(exc.reason, header)
+        if isinstance(exc, DataDigestError) and len(header) >= 20 and header[0] & 0x3F == 0x05:
+            # a Data-Out lost to a digest error: ERL 0 cannot ask for it again, so end the
+            # task with PROTOCOL SERVICE CRC ERROR (RFC 7143 7.8) instead of leaving it hanging
+            task = self.tasks.get(int.from_bytes(header[16:20], "big"))
+            if task is not None and task.state is TaskState.RECEIVING:
+                self._end_task(task, _CRC_ERROR)
 
     def connection_lost(self) -> list[int]:
         """The socket is gone: forget everything; return the ITTs the host must cancel."""
@@ -498,17 +512,17 @@ class TargetConnection:
             self._protocol_error(pdu, error)
             return
         lun = p.lun_number(pdu.lun)
-        task = Task(
-            itt=pdu.itt,
-            cmd_sn=pdu.cmdsn,
-            immediate=pdu.immediate,
-            lun_field=pdu.lun,
-            lun=0xFFFF if lun is None else lun,
-            cdb=pdu.cdb,
-            attr=pdu.attr,
-            edtl=edtl,
-            read=pdu.read,
-            write=pdu.write,
+        task = Task(  # positional: this runs for every command
+            pdu.itt,
+            pdu.cmdsn,
+            pdu.immediate,
+            pdu.lun,
+            0xFFFF if lun is None else lun,
+            pdu.cdb,
+            pdu.attr,
+            edtl,
+            pdu.read,
+            pdu.write,
         )
         placed = self._accept_sn(pdu.cmdsn, pdu.immediate, task)
         if placed is None:
@@ -689,11 +703,15 @@ class TargetConnection:
     def _data_error(self, task: Task, pdu: p.DataOut, why: str) -> None:
         """ERL 0 has no recovery R2T: end the task with CHECK CONDITION, ABORTED COMMAND /
         DATA PHASE ERROR, discard its further Data-Out, keep the connection (RFC 7143 7.3)."""
+        self._end_task(task, _DATA_PHASE_ERROR)
+
+    def _end_task(self, task: Task, sense: bytes) -> None:
+        """Answer a task that is still receiving data with CHECK CONDITION and `sense`."""
         for ttt in task.r2ts:
             self._ttt_owner.pop(ttt, None)
         task.r2ts.clear()
         task.unsolicited_end = 0
-        task.canned = ScsiResult(Status.CHECK_CONDITION, sense=_DATA_PHASE_ERROR)
+        task.canned = ScsiResult(Status.CHECK_CONDITION, sense=sense)
         task.state = TaskState.READY
         self._maybe_execute(task)
 
@@ -702,7 +720,6 @@ class TargetConnection:
         task = self.tasks.pop(itt, None)
         if task is None or self.phase is not Phase.FULL_FEATURE:
             return  # aborted meanwhile: no response (RFC 7143 4.2.3.3)
-        self._free(task)
         s = self.session
         assert s is not None
         if not task.immediate:
@@ -740,6 +757,8 @@ class TargetConnection:
                     sense=result.sense,
                 )
             )
+        if task.buffer is not None:
+            self._free(task)  # after the response: R2Ts of waiting writes follow it
 
     def _send_data_in(
         self,
@@ -754,9 +773,29 @@ class TargetConnection:
     ) -> None:
         s = self.session
         assert s is not None
-        view = data if isinstance(data, memoryview) else memoryview(data)
         seg = self.max_xmit
         burst = self.params.max_burst_length
+        if length <= seg and length <= burst and collapse:
+            # the common small read: one Data-In carrying the status
+            flagged = overflow or underflow
+            self._out.append(
+                p.DataIn(
+                    final=True,
+                    status_present=True,
+                    status=result.status,
+                    overflow=overflow,
+                    underflow=underflow,
+                    lun=task.lun_field,
+                    itt=task.itt,
+                    statsn=self._status_sn(),
+                    expcmdsn=s.exp_cmd_sn,
+                    maxcmdsn=s.max_cmd_sn,
+                    residual_count=residual if flagged else 0,
+                    data=data if len(data) == length else memoryview(data)[:length],
+                )
+            )
+            return
+        view = data if isinstance(data, memoryview) else memoryview(data)
         offset = 0
         data_sn = 0
         while offset < length:
@@ -1084,11 +1123,13 @@ class TargetConnection:
     }
 
 
+_ATTRIBUTES = {a.value: a for a in TaskAttribute}
+
+
 def _attribute(attr: int) -> TaskAttribute:
-    try:
-        return TaskAttribute(attr)
-    except ValueError:
-        return TaskAttribute.SIMPLE
+    """The task attribute (reserved values read as SIMPLE); a dict, not an Enum call, since
+    every command goes through here."""
+    return _ATTRIBUTES.get(attr, TaskAttribute.SIMPLE)
 
 
 def _header_of(pdu: p.Pdu) -> bytes:
