@@ -26,6 +26,7 @@ from lunastor.redirector.config import RedirectorConfig
 from lunastor.redirector.portal import PortalServer, RedirectPolicy
 from lunastor.redirector.servers import ChunkServers
 from lunastor.redirector.vip import VipError, VipManager
+from lunastor.redirector.watchdog import Watchdog
 
 PROG = "lunastor-redirector"
 LEADER = Gauge("lunastor_redirector_leader", "1 while this instance leads (and may hold the VIP)")
@@ -48,11 +49,14 @@ class Leadership:
         self.config = config
         self.portal = portal
         self.vip = vip
+        self.watchdog = Watchdog(vip.prefix, vip.interface) if vip is not None else None
         self.log = get_logger(component="leadership")
 
-    async def take(self) -> None:
-        """Add the VIP, then bind the portal on it; a failure is logged and retried by
-        `retry()` while we lead (the VIP may be held by a guard that has not finished)."""
+    async def take(self, until: float) -> None:
+        """Start the watchdog (it may let us hold the VIP until `until`), add the VIP, then
+        bind the portal on it; a failure is logged and retried by `retry()` while we lead."""
+        if self.watchdog is not None:
+            await self.watchdog.start(until)
         if self.vip is not None:
             try:
                 await self.vip.acquire()
@@ -87,6 +91,25 @@ class Leadership:
                 await self.vip.release()
             except VipError as exc:
                 self.log.error("cannot release the VIP", error=str(exc))
+        if self.watchdog is not None:
+            await self.watchdog.stop()
+
+    def renew(self, until: float) -> bool:
+        """Extend the watchdog's permission; False if it already dropped the VIP (our loop
+        stalled past the last permission)."""
+        if self.watchdog is None:
+            return True
+        if self.watchdog.lapsed:
+            return False
+        self.watchdog.renew(until)
+        return True
+
+
+def hold_until(presence: Presence, margin: float) -> float:
+    """The `time.monotonic()` moment until which we may hold the VIP: the lease deadline
+    less the margin (0 without a lease)."""
+    keeper = presence.keeper
+    return keeper.deadline() - margin if keeper is not None else 0.0
 
 
 def lease_margin_left(presence: Presence, margin: float) -> bool:
@@ -190,9 +213,13 @@ async def serve(config: RedirectorConfig, stop: asyncio.Event) -> int:
             LEADER.set(1)
             LEADER_CHANGES.inc()
             log.info("became leader", vip=config.portal)
-            await leadership.take()
+            await leadership.take(hold_until(presence, margin))
             retry_at = time.monotonic() + 1.0
+            lapsed = False
             while not stop.is_set() and lease_margin_left(presence, margin):
+                if not leadership.renew(hold_until(presence, margin)):
+                    lapsed = True
+                    break
                 if not portal.serving and time.monotonic() >= retry_at:
                     await leadership.retry()
                     retry_at = time.monotonic() + 1.0
@@ -203,6 +230,8 @@ async def serve(config: RedirectorConfig, stop: asyncio.Event) -> int:
             LEADER_CHANGES.inc()
             if stop.is_set():
                 reason = "stopping"
+            elif lapsed:
+                reason = "watchdog dropped the VIP (this process stalled)"
             elif presence.held.is_set():
                 reason = "lease near its deadline"  # keep-alives failing: etcd out of reach
             else:

@@ -460,17 +460,21 @@ def test_drain_stops_new_redirects_and_spares_existing_sessions(cluster: Cluster
 
 
 def _failover(cluster: Cluster, kill: str) -> float:
-    """Take the leader away (`link` or `sigkill`); return seconds until the other holds
-    the VIP. The monitor must never see the VIP on both hosts."""
+    """Take the leader away (`link`, `sigkill` or `sigstop`); return seconds until the
+    other holds the VIP. The monitor must never see the VIP on both hosts."""
     old = leader(cluster)
     new = 1 - old
     wait_for(lambda: cluster.redirector_health(new), 20, "the follower to be healthy")
     with VipMonitor(cluster) as monitor:
         t0 = time.monotonic()
+        victim = cluster.procs[f"red{old + 1}"]
         if kill == "link":
             cluster.reds[old].link(False)
+        elif kill == "sigstop":
+            assert victim.popen is not None
+            victim.popen.send_signal(signal.SIGSTOP)  # `ip netns exec` exec'd the daemon
         else:
-            cluster.procs[f"red{old + 1}"].kill(signal.SIGKILL)
+            victim.kill(signal.SIGKILL)
         wait_for(lambda: monitor.first_held_by(new, t0), 15, "the VIP on the other host")
         taken = monitor.first_held_by(new, t0)
         assert taken is not None
@@ -485,6 +489,9 @@ def _failover(cluster: Cluster, kill: str) -> float:
         inquiry_through_vip(cluster, timeout=10)
         if kill == "link":
             cluster.reds[old].link(True)
+        elif kill == "sigstop":
+            assert victim.popen is not None
+            victim.popen.send_signal(signal.SIGCONT)
         else:
             cluster.start_redirector(old)
 
@@ -512,4 +519,11 @@ def test_leader_host_death_moves_the_vip(cluster: Cluster) -> None:
 
 def test_leader_sigkill_and_restart_moves_the_vip(cluster: Cluster) -> None:
     elapsed = _failover(cluster, "sigkill")
+    assert elapsed < FAILOVER_LIMIT
+
+
+def test_frozen_leader_loses_the_vip_to_its_watchdog(cluster: Cluster) -> None:
+    """SIGSTOP: the leader can neither step down nor die; its watchdog drops the VIP at the
+    last deadline it was given, before etcd lets the other instance win."""
+    elapsed = _failover(cluster, "sigstop")
     assert elapsed < FAILOVER_LIMIT
