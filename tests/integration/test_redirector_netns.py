@@ -487,6 +487,7 @@ def _failover(cluster: Cluster, kill: str) -> float:
             f"red{new + 1} held it {elapsed:.2f} s after (gap {taken - released:.2f} s)"
         )
         inquiry_through_vip(cluster, timeout=10)
+        print(f"first login through the VIP done {time.monotonic() - t0:.2f} s after")
         if kill == "link":
             cluster.reds[old].link(True)
         elif kill == "sigstop":
