@@ -296,6 +296,7 @@ class Supervisor:
                 "portal_port": 3260,
                 "admin_listen": layout.redirector_admin,
                 "lease_ttl": self.lease_ttl,
+                "secret_key": self._secret_key(),  # opens discovery CHAP secrets
                 "etcd": self._etcd_settings(),
                 "log": log,
             },

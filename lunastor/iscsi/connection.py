@@ -27,7 +27,7 @@ from lunastor.iscsi.errors import (
     RejectReason,
     RemoteProtocolError,
 )
-from lunastor.iscsi.login import LoginNegotiator, LoginReply, LoginStep
+from lunastor.iscsi.login import LoginNegotiator, LoginPolicy, LoginReply, LoginStep
 from lunastor.iscsi.params import ConnectionParams, SessionParams, TargetSettings
 from lunastor.iscsi.scsi.types import (
     Nexus,
@@ -189,7 +189,10 @@ class TargetConnection:
         now: float = 0.0,
         settings: TargetSettings | None = None,
         random_bytes: Callable[[int], bytes] | None = None,
+        login_policy: LoginPolicy | None = None,
     ) -> None:
+        """`login_policy` replaces the default `PortalLoginPolicy(portal, registry)` for hosts
+        whose login decisions a `Portal` cannot express (the redirector)."""
         self.portal = portal
         self.registry = registry
         self.queue_depth = queue_depth
@@ -222,7 +225,9 @@ class TargetConnection:
             max_recv_data_segment_length=target_mrdsl, target_portal_group_tag=tpgt
         )
         self._login = LoginNegotiator(
-            PortalLoginPolicy(portal, registry), self.settings, random_bytes=random_bytes
+            login_policy or PortalLoginPolicy(portal, registry),
+            self.settings,
+            random_bytes=random_bytes,
         )
         self._text_pending: tuple[int, bytes] | None = None  # (ITT, rest of a long answer)
         self._text_ttt = 0

@@ -40,7 +40,7 @@ from lunastor.iscsi.connection import (
     TargetConnection,
 )
 from lunastor.iscsi.errors import FramingError, LoginStatus, RemoteProtocolError
-from lunastor.iscsi.login import LoginNegotiator, TargetDecision
+from lunastor.iscsi.login import TargetDecision
 from lunastor.iscsi.session import SessionRegistry, SessionType, TargetInfo
 from lunastor.redirector.choose import choose_chunk_server
 from lunastor.redirector.servers import ServerTable
@@ -186,11 +186,11 @@ class PortalConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         policy = server.policy
         self.reader = p.PduReader(max_recv_data_segment_length=8192, sender="initiator")
-        self.conn = TargetConnection(policy, policy.registry, tpgt=TPGT, now=self.loop.time())
         # The redirector's decisions (service unavailable, no target-side CHAP) do not fit
-        # `PortalLoginPolicy`, which TargetConnection builds from a Portal; give it ours.
-        # (Asked of the iscsi package: a `policy=` argument to TargetConnection.)
-        self.conn._login = LoginNegotiator(policy, self.conn.settings)
+        # the `PortalLoginPolicy` TargetConnection builds from a Portal: give it ours.
+        self.conn = TargetConnection(
+            policy, policy.registry, tpgt=TPGT, now=self.loop.time(), login_policy=policy
+        )
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
