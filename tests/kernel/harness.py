@@ -54,14 +54,24 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within `grace` seconds."""
+    """SIGTERM its process group, then SIGKILL if it has not exited within `grace` seconds.
+
+    The group, because QEMU may run under /usr/bin/time, which outlives a SIGTERM of its own
+    only to leave QEMU behind.
+    """
+
+    def signal_group(sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
     if proc.poll() is None:
-        proc.terminate()
+        signal_group(signal.SIGTERM)
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            signal_group(signal.SIGKILL)
             proc.wait(10)
+    signal_group(signal.SIGKILL)  # anything of the group that is left
 
 
 @dataclass

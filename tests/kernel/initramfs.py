@@ -123,7 +123,9 @@ def vmlinux(kernel: Kernel, build_dir: Path) -> Path:
     Under TCG, unpacking Debian's XZ-compressed bzImage takes the guest ~15 s; QEMU boots the
     uncompressed ELF directly through its PVH entry point (CONFIG_PVH=y in Debian's kernels).
     """
-    out = build_dir / kernel.version / "vmlinux"
+    st = kernel.image.stat()  # a package update may keep the version and change the image
+    stamp = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = build_dir / kernel.version / f"vmlinux-{stamp}"
     if out.is_file():
         return out
     image = kernel.image.read_bytes()

@@ -1,0 +1,96 @@
+"""Linux's own iSCSI initiator (open-iscsi, in a QEMU guest) against lunastor's target.
+
+Each scenario boots the host's stock Debian kernel under TCG in a namespace the test makes;
+see tests/kernel/README.md. Skipped only where QEMU or the kernel package is not installed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.kernel.harness import BootFiles, Guest, GuestNet, boot_files, unavailable
+from tests.kernel.initramfs import GUEST_DIR, Kernel, find_kernel
+from tests.kernel.scenarios import SCENARIOS, ScenarioResult, run_scenario
+from tests.kernel.target import REPO
+
+reason = unavailable()
+needs_guest = pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
+@pytest.fixture(scope="module")
+def boot() -> BootFiles:
+    # cached across runs next to the other build output; rebuilt when its inputs change
+    return boot_files(REPO / "build" / "kernel-guest")
+
+
+def report(result: ScenarioResult, capsys: pytest.CaptureFixture[str]) -> None:
+    with capsys.disabled():
+        print(f"\n{result.line()}")
+
+
+@needs_guest
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_scenario(
+    name: str, boot: BootFiles, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_scenario(SCENARIOS[name](), boot, tmp_path / name)
+    report(result, capsys)
+    tail = result.guest.serial_tail() if result.guest else ""
+    assert result.passed, f"{result.line()}\n--- serial.log (end) ---\n{tail}"
+    assert result.guest is not None
+    assert all(step.ok for step in result.guest.steps)
+
+
+@needs_guest
+def test_time_limit_kills_qemu_and_namespace_goes(boot: BootFiles, tmp_path: Path) -> None:
+    """A guest that overruns its limit is killed, reported as such, and leaves nothing behind."""
+    with GuestNet() as net:
+        # 1 s is far less than a boot takes under TCG, so the scenario never gets to start
+        result = Guest(net, tmp_path, boot).run(GUEST_DIR / "iscsi_chap.py", {}, timeout=1)
+        pids = subprocess.run(
+            ["ip", "netns", "pids", net.name], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert pids == []  # QEMU was the only process in the namespace
+    assert result.status == "timeout"
+    assert not result.passed
+    assert result.wall_seconds < 15
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert net.name not in names
+
+
+def _kernel_tree(root: Path, images: list[str], with_modules: list[str]) -> tuple[Path, Path]:
+    boot, modules = root / "boot", root / "lib" / "modules"
+    boot.mkdir(parents=True)
+    for version in images:
+        (boot / f"vmlinuz-{version}").write_bytes(b"")
+    for version in with_modules:
+        (modules / version).mkdir(parents=True)
+        (modules / version / "modules.dep").write_text("")
+    return boot, modules
+
+
+@pytest.mark.parametrize(
+    ("images", "with_modules", "expected"),
+    [
+        ([], [], None),
+        (["6.1.0-56-amd64"], [], None),  # an image without its modules cannot run the guest
+        (["6.1.0-56-amd64"], ["6.1.0-56-amd64"], "6.1.0-56-amd64"),
+        (
+            ["6.1.0-9-amd64", "6.1.0-56-amd64"],
+            ["6.1.0-9-amd64", "6.1.0-56-amd64"],
+            "6.1.0-56-amd64",
+        ),
+        (["6.1.0-9-amd64", "6.1.0-56-amd64"], ["6.1.0-9-amd64"], "6.1.0-9-amd64"),
+        (["6.12.9-amd64", "6.1.0-56-amd64"], ["6.12.9-amd64", "6.1.0-56-amd64"], "6.12.9-amd64"),
+    ],
+)
+def test_find_kernel_picks_newest_with_modules(
+    tmp_path: Path, images: list[str], with_modules: list[str], expected: str | None
+) -> None:
+    boot, modules = _kernel_tree(tmp_path, images, with_modules)
+    found: Kernel | None = find_kernel(boot, modules)
+    assert (found.version if found else None) == expected
