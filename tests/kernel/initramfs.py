@@ -111,7 +111,7 @@ def initramfs(kernel: Kernel, build_dir: Path) -> Path:
         )
         if proc.returncode != 0:
             raise InitramfsError(f"cpio: {proc.stderr.decode(errors='replace').strip()}")
-        partial = out.with_suffix(".tmp")
+        partial = out.with_suffix(f".{os.getpid()}.tmp")
         partial.write_bytes(gzip.compress(proc.stdout, compresslevel=1))
         partial.replace(out)  # concurrent builders each produce the same file
     return out
@@ -141,7 +141,7 @@ def vmlinux(kernel: Kernel, build_dir: Path) -> Path:
     if not elf.startswith(b"\x7fELF"):
         return kernel.image
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(".tmp")
+    partial = out.with_suffix(f".{os.getpid()}.tmp")
     partial.write_bytes(elf)
     partial.replace(out)
     return out

@@ -62,6 +62,26 @@ def test_time_limit_kills_qemu_and_namespace_goes(boot: BootFiles, tmp_path: Pat
     assert net.name not in names
 
 
+@needs_guest
+@pytest.mark.slow
+def test_extra_disk_reaches_the_guest(boot: BootFiles, tmp_path: Path) -> None:
+    """The optional virtio disk is attached, readable and writable (a harness self-test)."""
+    disk = tmp_path / "extra.img"
+    size = 8 << 20
+    with open(disk, "wb") as f:
+        f.truncate(size)
+        f.write(b"written-by-the-host")
+    params = {"size": size, "host_marker": "written-by-the-host", "guest_marker": "and-the-guest"}
+    with GuestNet() as net:
+        result = Guest(net, tmp_path, boot, disk=disk).run(
+            GUEST_DIR / "extra_disk.py", params, timeout=180
+        )
+    assert result.passed, f"{result.status} {result.messages}\n{result.serial_tail()}"
+    with open(disk, "rb") as f:
+        f.seek(4096)
+        assert f.read(13) == b"and-the-guest"
+
+
 def _kernel_tree(root: Path, images: list[str], with_modules: list[str]) -> tuple[Path, Path]:
     boot, modules = root / "boot", root / "lib" / "modules"
     boot.mkdir(parents=True)

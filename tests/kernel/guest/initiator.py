@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 
 from steps import Run, StepFailed, wait_for
@@ -17,7 +18,13 @@ ISCSI_ERR_LOGIN_AUTH_FAILED = 24  # iscsiadm's exit code when the target refuses
 
 def start_iscsid(run: Run, initiator: str) -> None:
     """Name the initiator and start iscsid; ready once its control socket exists."""
+    # the host's /etc/iscsi shows through the overlay: replace its config, forget its records
+    for records in ("nodes", "send_targets", "ifaces"):
+        shutil.rmtree(f"/etc/iscsi/{records}", ignore_errors=True)
     os.makedirs("/etc/iscsi", exist_ok=True)
+    shutil.copyfile(
+        os.path.join(os.path.dirname(__file__), "iscsid.conf"), "/etc/iscsi/iscsid.conf"
+    )
     with open("/etc/iscsi/initiatorname.iscsi", "w") as f:
         f.write(f"InitiatorName={initiator}\n")
     for module in ("iscsi_tcp", "sd_mod", "sg"):
