@@ -49,6 +49,28 @@ def read_digests(names: list[str]) -> dict[str, str]:
     return digests
 
 
+def queue_limits(disk: str) -> dict[str, str]:
+    """What the kernel made of the LUN's limits (block limits VPD, write cache, UNMAP)."""
+    queue = f"/sys/block/{os.path.basename(disk)}/queue"
+    limits = {}
+    for name in (
+        "logical_block_size",
+        "physical_block_size",
+        "max_hw_sectors_kb",
+        "optimal_io_size",
+        "discard_max_bytes",
+        "write_cache",
+        "fua",
+        "rotational",
+    ):
+        try:
+            with open(os.path.join(queue, name)) as f:
+                limits[name] = f.read().strip()
+        except OSError as exc:
+            limits[name] = f"unreadable: {exc.strerror}"
+    return limits
+
+
 def fio_summary(report: dict) -> dict:
     job = report["jobs"][0]
     write, read = job["write"], job["read"]
@@ -79,6 +101,8 @@ def body(run: Run) -> None:
         readcap = run.sh("sg_readcap", "--long", disk).stdout
         run.record("sg_readcap", readcap)
         run.record("sg_vpd_0x83", run.sh("sg_vpd", "--page=0x83", disk).stdout)
+        run.record("session", run.sh("iscsiadm", "-m", "session", "-P", "3").stdout)
+        run.record("queue", queue_limits(disk))
         expected = f"Device size: {p['size']} bytes"
         if expected not in readcap:
             raise StepFailed(f"sg_readcap does not say {expected!r}")

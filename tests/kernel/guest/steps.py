@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -119,6 +120,17 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+# kernel messages worth keeping: the SCSI/iSCSI stack, block layer errors, filesystems
+KERNEL_LOG = re.compile(r"scsi|iscsi|\bsd[a-z]*\b|connection|I/O error|blk_|EXT4|session", re.I)
+
+
+def record_kernel_log(run: Run) -> None:
+    """The storage-related lines of dmesg (the serial console only gets warnings)."""
+    proc = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30)
+    lines = [line for line in proc.stdout.splitlines() if KERNEL_LOG.search(line)]
+    run.record("dmesg", lines[-200:])
+
+
 def main(scenario: str, body: Callable[[Run], None], argv: Sequence[str] = sys.argv) -> None:
     """The scenario program's entry point: `body(run)`, then status and exit code."""
     run = Run(Path(argv[1]), scenario)
@@ -126,11 +138,14 @@ def main(scenario: str, body: Callable[[Run], None], argv: Sequence[str] = sys.a
         body(run)
     except StepFailed as exc:
         run.message(f"FAILED {exc}")
+        record_kernel_log(run)
         run.finish("failed")
         sys.exit(1)
     except Exception as exc:  # a bug in the scenario itself: still report it
         run.message(f"scenario error {type(exc).__name__}: {exc}")
+        record_kernel_log(run)
         run.finish("failed")
         sys.exit(2)
+    record_kernel_log(run)
     run.finish("passed")
     os.sync()
