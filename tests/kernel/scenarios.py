@@ -23,6 +23,7 @@ from tests.kernel.target import StandaloneTarget
 MIB = 1 << 20
 TARGET_IQN = "iqn.2025-01.io.lunastor.test:kernel-disk"
 GUEST_IQN = "iqn.2025-01.io.lunastor.test:kernel-guest"
+OTHER_IQN = "iqn.2025-01.io.lunastor.test:not-in-the-acl"
 CHAP_USER = "kernel-guest"
 CHAP_SECRET = "lunastor-chap-16"  # 16 bytes: some initiators insist on at least 12
 
@@ -114,7 +115,9 @@ def chap(size: int = 256 * MIB) -> Scenario:
             "user": CHAP_USER,
             "secret": CHAP_SECRET,
             "wrong_secret": "not-the-secret-16",
+            "other_initiator": OTHER_IQN,
         },
+        allow=[GUEST_IQN],
         chap=f"{CHAP_USER}:{CHAP_SECRET}",
     )
 

@@ -2,9 +2,11 @@
 """Guest scenario: a target that demands CHAP admits the right secret and refuses others.
 
 Discovery and login are each tried without credentials and with a wrong secret (both must be
-refused), then with the right one (must work, and the disk must appear and answer).
+refused), then with the right one (must work, and the disk must appear and answer). Last, an
+initiator name outside the target's ACL, with the right secret, must see no target in
+discovery and be refused at login.
 
-params.json: portal, iqn, initiator, lun, size, user, secret, wrong_secret.
+params.json: portal, iqn, initiator, other_initiator, lun, size, user, secret, wrong_secret.
 """
 
 from __future__ import annotations
@@ -76,6 +78,39 @@ def body(run: Run) -> None:
         run.sh("dd", f"if={disk}", "of=/dev/null", "bs=1M", "count=4", "iflag=direct")
     with run.step("logout"):
         initiator.logout(run, iqn, portal)
+    with run.step("acl-other-initiator-refused"):
+        # a second iface carries another initiator name; iscsid itself keeps the first
+        iface = ["-I", "outsider"]
+        initiator.iscsiadm(run, "-m", "iface", *iface, "-o", "new")
+        initiator.iscsiadm(
+            run,
+            "-m",
+            "iface",
+            *iface,
+            "-o",
+            "update",
+            "-n",
+            "iface.initiatorname",
+            "-v",
+            p["other_initiator"],
+        )
+        base = ["-m", "discoverydb", "-t", "sendtargets", "-p", portal, *iface]
+        initiator.iscsiadm(run, *base, "-o", "new")
+        for name, value in discovery_auth(p["user"], p["secret"]).items():
+            initiator.iscsiadm(run, *base, "-o", "update", "-n", name, "-v", value)
+        proc = initiator.iscsiadm(run, *base, "--discover", check=False)
+        run.record("acl_discovery", {"exit": proc.returncode, "output": proc.stdout.strip()})
+        if iqn in proc.stdout:
+            raise StepFailed(f"an initiator outside the ACL discovered {iqn}")
+        node = ["-m", "node", "-T", iqn, "-p", portal, *iface]
+        initiator.iscsiadm(run, *node, "-o", "new")
+        for name, value in login_auth(p["user"], p["secret"]).items():
+            initiator.iscsiadm(run, *node, "-o", "update", "-n", name, "-v", value)
+        proc = initiator.iscsiadm(run, *node, "--login", check=False)
+        run.record("acl_login_exit", proc.returncode)
+        initiator.expect_refused(proc, "login from outside the ACL", None)
+        if initiator.sessions_for(iqn):
+            raise StepFailed("a session exists after the refused login")
 
 
 main("iscsi-chap", body)
