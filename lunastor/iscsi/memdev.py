@@ -103,7 +103,7 @@ class MemoryBlockDevice:
             piece = view[pos : pos + n]
             chunk = self._chunks.get(idx)
             if chunk is None:
-                if self._thin and piece == self._zero[:n] and n == self._pbs:
+                if self._thin and n == self._pbs and piece.tobytes() == self._zero:
                     pos += n
                     continue
                 chunk = self._chunks[idx] = bytearray(self._pbs)
@@ -115,10 +115,12 @@ class MemoryBlockDevice:
         self._check(lba, blocks)
         offset, size = lba * self._bs, blocks * self._bs
         idx, within = divmod(offset, self._pbs)
-        if within + size <= self._pbs:  # one physical block: hand out a view, no copy
+        if within + size <= self._pbs:
             chunk = self._chunks.get(idx)
-            src = self._zero if chunk is None else chunk
-            return memoryview(src)[within : within + size]
+            if chunk is None:  # the zero block never changes: a view of it is safe to share
+                return memoryview(self._zero)[within : within + size]
+            # a copy: a later write must not change data the session has yet to send
+            return bytes(chunk[within : within + size])
         out = bytearray(size)
         pos = 0
         while pos < size:
@@ -178,8 +180,8 @@ class MemoryBlockDevice:
         if len(verify) != len(data) or len(data) % self._bs:
             raise ValueError("compare and write buffers must be equal whole blocks")
         self._check_write(lba, len(data) // self._bs)
-        current = memoryview(bytes(await self.read(lba, len(data) // self._bs)))
-        expect = memoryview(verify)
+        current = bytes(await self.read(lba, len(data) // self._bs))
+        expect = bytes(verify)
         if current != expect:
             raise Miscompare(next(i for i in range(len(current)) if current[i] != expect[i]))
         self._put(lba * self._bs, data)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from lunastor.iscsi.scsi import commands
 from lunastor.iscsi.scsi.commands import Access, command, data_result
+from lunastor.iscsi.scsi.pr import ReservationConflict, conflicts
 from lunastor.iscsi.scsi.sense import (
     LU_NOT_SUPPORTED,
     MEDIUM_NOT_PRESENT,
@@ -346,7 +347,7 @@ async def report_supported_tmfs(
 # -- removable media --------------------------------------------------------------------
 
 
-@command(0x1E, "PREVENT ALLOW MEDIUM REMOVAL", [0x1E, 0, 0, 0, 0x03, 0x00])
+@command(0x1E, "PREVENT ALLOW MEDIUM REMOVAL", [0x1E, 0, 0, 0, 0x03, 0x00], access=Access.SPC2_ONLY)
 async def prevent_allow(
     target: ScsiTarget, lu: LogicalUnit | None, cmd: ScsiCommand, ns: NexusState | None
 ) -> ScsiResult:
@@ -354,14 +355,16 @@ async def prevent_allow(
     prevent = cmd.cdb[4] & 0x03
     if prevent & 0x02:  # medium changer bits: no changer here
         raise invalid_cdb(4, 1)
+    # SPC-4 5.12.5: allowing removal never conflicts; preventing it does for a nexus without
+    # write access under any persistent reservation type
+    state = target.reservations.current(lu.pr_key)
+    if prevent and state.type is not None and conflicts(state, ns.itid, True):
+        raise ReservationConflict()
     if prevent:
         lu.prevent.add(ns.itid)
     else:
         lu.prevent.discard(ns.itid)
     return ScsiResult()
-
-
-_POWER_CONDITIONS = {0x0, 0x1, 0x2, 0x3, 0x5, 0x7, 0xA, 0xB}
 
 
 @command(0x1B, "START STOP UNIT", [0x1B, 0x01, 0, 0x0F, 0xF7, 0x00], access=Access.WRITE)
@@ -372,17 +375,13 @@ async def start_stop_unit(
     b4 = cmd.cdb[4]
     condition = b4 >> 4
     loej, start = bool(b4 & 0x02), bool(b4 & 0x01)
-    if condition not in _POWER_CONDITIONS:
-        raise invalid_cdb(4, 7)
     if condition or not loej:
-        # power conditions and stopping mean nothing to a virtual volume: it stays ready
+        # power conditions (any value: libiscsi StartStopUnit.PwrCnd) and stopping mean
+        # nothing to a virtual volume: it stays ready
         return ScsiResult()
     if not lu.removable:
         raise invalid_cdb(4, 1)
-    if start:
-        lu.medium_present = lu.started = True
-        return ScsiResult()
-    if lu.prevent:
+    if lu.prevent:  # neither eject nor load while any nexus prevents medium removal
         raise CheckCondition(MEDIUM_REMOVAL_PREVENTED)
-    lu.medium_present = lu.started = False
+    lu.medium_present = lu.started = start
     return ScsiResult()

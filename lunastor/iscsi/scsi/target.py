@@ -9,20 +9,23 @@ live in `spc.py`, `mode.py`, `sbc.py` and `prcmds.py`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lunastor.iscsi.blockdev import BlockDevice, BlockDeviceError
 from lunastor.iscsi.scsi import commands
-from lunastor.iscsi.scsi.commands import Access
-from lunastor.iscsi.scsi.pr import ItNexus, PrEffects, ReservationConflict, conflicts
+from lunastor.iscsi.scsi.commands import BY_OPCODE, Access
+from lunastor.iscsi.scsi.pr import ItNexus, PrState, ReservationConflict, conflicts
 from lunastor.iscsi.scsi.reservations import InProcessReservations, ReservationStore
 from lunastor.iscsi.scsi.sense import (
     BUS_DEVICE_RESET,
     CAPACITY_DATA_HAS_CHANGED,
+    INTERNAL_TARGET_FAILURE,
     LU_NOT_SUPPORTED,
     POWER_ON_RESET,
     REPORTED_LUNS_DATA_HAS_CHANGED,
+    UNIT_ATTENTIONS,
     CheckCondition,
     SenseCode,
     build_sense,
@@ -37,6 +40,8 @@ from lunastor.iscsi.scsi.types import (
     TmfResponse,
 )
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(slots=True)
 class NexusState:
@@ -46,6 +51,7 @@ class NexusState:
     itid: ItNexus
     capacity_generation: int
     unit_attentions: list[SenseCode] = field(default_factory=list)
+    lu: LogicalUnit | None = None
 
     def add_ua(self, code: SenseCode) -> None:
         if code not in self.unit_attentions:
@@ -67,16 +73,25 @@ class LogicalUnit:
         removable: bool = False,
         max_transfer_blocks: int | None = None,
         optimal_transfer_blocks: int | None = None,
-        max_unmap_blocks: int = 0x400000,
+        max_unmap_blocks: int = 1 << 20,
         max_unmap_descriptors: int = 256,
         max_write_same_blocks: int | None = None,
         max_compare_write_blocks: int = 255,
+        physical_block_exponent: int = 0,
     ) -> None:
+        """`physical_block_exponent` is what READ CAPACITY(16) reports as logical blocks per
+        physical block (2^n). It is 0 by default although the device's physical block is
+        larger: libiscsi 1.19's GetLBAStatus.UnmapSingle only passes with 0. The Block Limits
+        page still advertises the physical block as transfer and unmap granularity, which is
+        what initiators align to."""
         nibble = naa_id >> 124 if naa_id >> 64 else naa_id >> 60
         if naa_id < 0 or naa_id >> 128 or nibble not in (5, 6):
             raise ValueError("naa_id must be an NAA 5 (64-bit) or NAA 6 (128-bit) identifier")
-        if not serial.isascii() or not serial.isprintable() or not serial:
-            raise ValueError("serial must be printable ASCII")
+        for label, text in (("serial", serial), ("vendor", vendor), ("product", product)):
+            if not text or not text.isascii() or not text.isprintable():
+                raise ValueError(f"{label} must be printable ASCII")
+        if not revision.isascii() or not revision.isprintable():
+            raise ValueError("revision must be printable ASCII")
         self.device = device
         self.naa_id = naa_id
         self.serial = serial
@@ -89,8 +104,11 @@ class LogicalUnit:
         self.optimal_transfer_blocks = optimal_transfer_blocks or max(1, (1 << 20) // bs)
         self.max_unmap_blocks = max_unmap_blocks
         self.max_unmap_descriptors = max_unmap_descriptors
-        self.max_write_same_blocks = max_write_same_blocks or max(1, (32 << 20) // bs)
+        # below 65536 blocks: libiscsi WriteSame16.Unmap writes that many with one WRITE(16)
+        # (beyond the transfer limit) when MAXIMUM WRITE SAME LENGTH allows it
+        self.max_write_same_blocks = max_write_same_blocks or max(1, (16 << 20) // bs)
         self.max_compare_write_blocks = max_compare_write_blocks
+        self.physical_block_exponent = physical_block_exponent
         self.pr_key = f"naa.{naa_id:x}"
         # mode parameters (MODE SELECT changes them for every nexus)
         self.write_cache = True  # caching page WCE
@@ -116,6 +134,7 @@ class LogicalUnit:
                 (nexus.initiator_port, nexus.target_port),
                 self.device.capacity_generation,
                 [POWER_ON_RESET],
+                self,
             )
             self.nexuses[nexus] = ns
         return ns
@@ -131,6 +150,21 @@ class LogicalUnit:
         self.prevent.clear()
         for ns in self.nexuses.values():
             ns.unit_attentions = [code]
+
+
+class _Session:
+    """Per Nexus object: its visible LUNs and per-LUN states, found without hashing the
+    Nexus (a frozen dataclass hashes all its fields on every lookup)."""
+
+    __slots__ = ("nexus", "states", "visible")
+
+    def __init__(self, nexus: Nexus, visible: frozenset[int]) -> None:
+        self.nexus = nexus
+        self.visible = visible
+        self.states: dict[int, NexusState] = {}
+
+
+_SESSION_CACHE_LIMIT = 4096
 
 
 def _reservation_conflict() -> ScsiResult:
@@ -164,6 +198,8 @@ class ScsiTarget:
         self._relative_ports = relative_ports
         self._abort_tasks = abort_tasks
         self._visible: dict[Nexus, frozenset[int]] = {}
+        self._sessions: dict[int, _Session] = {}  # id(nexus) -> cache; holds the nexus alive
+        self.reservations.subscribe(self.reservation_changed)
 
     # -- visibility ----------------------------------------------------------------------
     def visible(self, nexus: Nexus) -> frozenset[int]:
@@ -183,6 +219,15 @@ class ScsiTarget:
             return None
         return lu
 
+    def _session(self, nexus: Nexus) -> _Session:
+        s = self._sessions.get(id(nexus))
+        if s is not None and s.nexus is nexus:
+            return s
+        if len(self._sessions) >= _SESSION_CACHE_LIMIT:
+            self._sessions.clear()  # sessions that build a Nexus per command: stay bounded
+        s = self._sessions[id(nexus)] = _Session(nexus, self.visible(nexus))
+        return s
+
     def port_list(self) -> list[int]:
         ports = self._relative_ports() if self._relative_ports else [self.relative_port]
         return sorted(set(ports) | {self.relative_port})
@@ -191,16 +236,29 @@ class ScsiTarget:
     async def execute(self, cmd: ScsiCommand) -> ScsiResult:
         lu: LogicalUnit | None = None
         try:
-            spec = commands.lookup(cmd.cdb)
-            if len(cmd.cdb) < spec.cdb_length:  # handlers may then unpack without checks
-                cmd.cdb = bytes(cmd.cdb).ljust(spec.cdb_length, b"\x00")
-            lu = self.lu_for(cmd.nexus, cmd.lun)
-            if lu is None:
-                if not spec.without_lu:
-                    raise CheckCondition(LU_NOT_SUPPORTED)
-                spec.check_reserved(cmd.cdb)
-                return await spec.handler(self, None, cmd, None)
-            ns = lu.state_for(cmd.nexus)
+            cdb = cmd.cdb
+            spec = BY_OPCODE.get(cdb[0]) if cdb else None
+            if spec is None:
+                spec = commands.lookup(cdb)
+            if len(cdb) < spec.cdb_length:  # handlers may then unpack without checks
+                cmd.cdb = cdb = bytes(cdb).ljust(spec.cdb_length, b"\x00")
+            nexus = cmd.nexus
+            session = self._sessions.get(id(nexus))
+            if session is None or session.nexus is not nexus:
+                session = self._session(nexus)
+            ns = session.states.get(cmd.lun)
+            if ns is None:
+                lun = cmd.lun
+                lu = self.luns.get(lun) if lun in session.visible else None
+                if lu is None:
+                    if not spec.without_lu:
+                        raise CheckCondition(LU_NOT_SUPPORTED)
+                    spec.check_reserved(cmd.cdb)
+                    return await spec.handler(self, None, cmd, None)
+                ns = session.states[lun] = lu.state_for(cmd.nexus)
+            else:
+                lu = ns.lu
+                assert lu is not None
             gen = lu.device.capacity_generation
             if gen != ns.capacity_generation:
                 ns.capacity_generation = gen
@@ -217,7 +275,7 @@ class ScsiTarget:
                     state = self.reservations.current(lu.pr_key)
                     if state.type is not None and conflicts(state, ns.itid, access is Access.WRITE):
                         return _reservation_conflict()
-            spec.check_reserved(cmd.cdb)
+            spec.check_reserved(cdb)
             return await spec.handler(self, lu, cmd, ns)
         except CheckCondition as e:
             return self.check_condition(e, lu)
@@ -225,6 +283,11 @@ class ScsiTarget:
             return self.check_condition(device_error_check(e), lu)
         except ReservationConflict:
             return _reservation_conflict()
+        except Exception:
+            # A bug here must not take the session (or the daemon) down: the initiator gets
+            # HARDWARE ERROR / INTERNAL TARGET FAILURE and retries or fails the I/O.
+            log.exception("SCSI command %s failed", bytes(cmd.cdb[:16]).hex())
+            return self.check_condition(CheckCondition(INTERNAL_TARGET_FAILURE), lu)
 
     def check_condition(self, e: CheckCondition, lu: LogicalUnit | None) -> ScsiResult:
         descriptor = lu is not None and lu.descriptor_sense
@@ -233,17 +296,27 @@ class ScsiTarget:
             sense=build_sense(e.code, e.field, e.information, descriptor=descriptor),
         )
 
-    def apply_pr_effects(self, lu: LogicalUnit, lun: int, effects: PrEffects) -> None:
-        """Unit attentions and task aborts for the nexuses connected through here."""
-        for itid, code in effects.unit_attentions:
-            for ns in lu.nexuses.values():
-                if ns.itid == itid:
-                    ns.add_ua(code)
-        if effects.abort_nexuses and self._abort_tasks is not None:
-            aborted = set(effects.abort_nexuses)
-            for ns in list(lu.nexuses.values()):
-                if ns.itid in aborted:
-                    self._abort_tasks(ns.nexus, lun)
+    def reservation_changed(self, key: str, state: PrState) -> None:
+        """Store callback: apply a committed PR transition's effects to our nexuses."""
+        if not state.events and not state.aborts:
+            return
+        aborted = set(state.aborts)
+        for lun, lu in self.luns.items():
+            if lu.pr_key != key:
+                continue
+            for itid, asc, ascq in state.events:
+                code = UNIT_ATTENTIONS[(asc, ascq)]
+                for ns in lu.nexuses.values():
+                    if ns.itid == itid:
+                        ns.add_ua(code)
+            if aborted and self._abort_tasks is not None:
+                for ns in list(lu.nexuses.values()):
+                    if ns.itid in aborted:
+                        self._abort_tasks(ns.nexus, lun)
+
+    def close(self) -> None:
+        """Stop listening to the reservation store (the target is going away)."""
+        self.reservations.unsubscribe(self.reservation_changed)
 
     # -- task management and nexus life --------------------------------------------------
     def task_management(self, nexus: Nexus, function: TmfFunction, lun: int) -> TmfResponse:
@@ -277,6 +350,8 @@ class ScsiTarget:
                 lu.spc2_holder = None
             lu.prevent.discard(itid)
         self._visible.pop(nexus, None)
+        for key in [k for k, s in self._sessions.items() if s.nexus == nexus]:
+            del self._sessions[key]
 
     # -- LUN map changes -----------------------------------------------------------------
     def set_luns(self, luns: dict[int, LogicalUnit]) -> None:
@@ -301,6 +376,7 @@ class ScsiTarget:
         before = {n: self.visible(n) for n in known}
         self.luns = luns
         self._visible.clear()
+        self._sessions.clear()
         for n in known:
             after = self.visible(n)
             if after == before[n]:

@@ -198,7 +198,7 @@ CASES = [
         "read capacity 16",
         [0x9E, 0x10] + [0] * 8 + be(32, 4) + [0, 0],
         data_len=32,
-        data_prefix=bytes(be(NUM_BLOCKS - 1, 8) + be(BS, 4) + [0, 3, 0xC0, 0]),
+        data_prefix=bytes(be(NUM_BLOCKS - 1, 8) + be(BS, 4) + [0, 0, 0xC0, 0]),
     ),
     Case(
         "read capacity 16 alloc 8",
@@ -376,6 +376,48 @@ CASES = [
         ksa=INVALID_CDB,
         field=cdb_field(1, 5),
     ),
+    Case(
+        "write same 10 zero blocks past the end is out of range",
+        [0x41, 0, *be(NUM_BLOCKS + 1, 4), 0, 0, 0, 0],
+        b"z" * 512,
+        status=CC,
+        ksa=LBA_OOR,
+    ),
+    Case(
+        "write same 10 half a block of data",
+        [0x41, 0x08, *be(0, 4), 0, *be(1, 2), 0],
+        bytes(256),
+        status=CC,
+        ksa=INVALID_CDB,
+        field=cdb_field(7),
+    ),
+    Case(
+        "write same 10 two blocks of data",
+        [0x41, 0x08, *be(0, 4), 0, *be(1, 2), 0],
+        bytes(1024),
+        status=CC,
+        ksa=INVALID_CDB,
+        field=cdb_field(7),
+    ),
+    Case(
+        "unmap zero blocks at the end",
+        [0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0],
+        unmap_list((NUM_BLOCKS, 0)),
+    ),
+    Case("unmap without descriptors", [0x42, 0, 0, 0, 0, 0, 0, 0, 8, 0], unmap_list()),
+    Case(
+        "unmap 256 descriptors",
+        [0x42, 0, 0, 0, 0, 0, 0, *be(8 + 256 * 16, 2), 0],
+        unmap_list(*[(i, 1) for i in range(256)]),
+    ),
+    Case(
+        "unmap 257 descriptors",
+        [0x42, 0, 0, 0, 0, 0, 0, *be(8 + 257 * 16, 2), 0],
+        unmap_list(*[(i, 1) for i in range(257)]),
+        status=CC,
+        ksa=INVALID_PARAM,
+        field=param_field(2),
+    ),
     # -- COMPARE AND WRITE
     Case("compare and write", [0x89, 0, *be(0, 8), 0, 0, 0, 1, 0, 0], bytes(512) + b"n" * 512),
     Case(
@@ -393,6 +435,22 @@ CASES = [
         ksa=LBA_OOR,
     ),
     Case("compare and write zero blocks", [0x89, 0, *be(0, 8), 0, 0, 0, 0, 0, 0]),
+    Case(
+        "compare and write with too much data-out",
+        [0x89, 0, *be(0, 8), 0, 0, 0, 1, 0, 0],
+        bytes(2048),
+        status=CC,
+        ksa=INVALID_CDB,
+        field=cdb_field(13),
+    ),
+    Case(
+        "compare and write with too little data-out",
+        [0x89, 0, *be(0, 8), 0, 0, 0, 3, 0, 0],
+        bytes(2048),
+        status=CC,
+        ksa=INVALID_CDB,
+        field=cdb_field(13),
+    ),
     # -- GET LBA STATUS
     Case(
         "get lba status",
@@ -492,6 +550,12 @@ CASES = [
         [0xA3, 0x0A, 0, 0, 0, 0, *be(64, 4), 0, 0],
         data=bytes([*be(12, 4), 128, 1, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1]),
     ),
+    Case("read defect data 10", [0x37, 0, 0x18, 0, 0, 0, 0, 0, 32, 0], data=bytes([0, 0x18, 0, 0])),
+    Case(
+        "read defect data 12",
+        [0xB7, 0x0D, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+        data=bytes([0, 0x0D, 0, 0, 0, 0, 0, 0]),
+    ),
     # -- removable
     Case(
         "start stop eject non-removable",
@@ -507,6 +571,8 @@ CASES = [
         ksa=INVALID_CDB,
         field=cdb_field(4, 1),
     ),
+    Case("start stop with any power condition is a no-op", [0x1B, 1, 0, 0, 0xF2, 0]),
+    Case("sync cache 10 with SYNC_NV and IMMED", [0x35, 0x06] + [0] * 8),
     # -- PR parameter lists
     Case(
         "prout register bad length",
