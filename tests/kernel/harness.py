@@ -161,9 +161,6 @@ class GuestResult:
     def passed(self) -> bool:
         return self.status == "passed"
 
-    def failed_steps(self) -> list[Step]:
-        return [s for s in self.steps if not s.ok]
-
     def summary(self) -> str:
         """Step timings on one line: `iscsid 0.4s, discovery 1.2s, ...`."""
         return ", ".join(
@@ -185,6 +182,11 @@ def _parse_time_v(path: Path) -> int | None:
             if "Maximum resident set size" in line:
                 return int(line.rsplit(":", 1)[1])
     return None
+
+
+def _is_elf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"\x7fELF"
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,7 @@ class Guest:
             "-accel",
             "tcg,tb-size=128",
             "-cpu",
-            os.environ.get("LUNASTOR_GUEST_CPU", "max"),
+            "max",
             "-smp",
             "1",  # the machine's two cores are shared with other work
             "-m",
@@ -255,7 +257,7 @@ class Guest:
             "-device",
             "virtio-net-pci,netdev=n0,romfile=",  # no iPXE: we boot with -kernel
         ]
-        if QBOOT.is_file() and self.boot.kernel.read_bytes()[:4] == b"\x7fELF":
+        if QBOOT.is_file() and _is_elf(self.boot.kernel):
             argv += ["-bios", str(QBOOT)]
         if self.disk is not None:
             argv += ["-drive", f"file={self.disk},if=virtio,format=raw,cache=none,aio=threads"]
@@ -305,10 +307,18 @@ class Guest:
         elif not doc:
             status = "no-result"
             messages.append("the guest wrote no results.json (see serial.log)")
+            with contextlib.suppress(OSError):
+                qemu_out = (self.workdir / "qemu.out").read_text(errors="replace").strip()
+                if qemu_out:
+                    messages.append(f"QEMU said: {qemu_out[-1000:]}")
         elif exit_code == 0 and doc.get("status") == "passed":
             status = "passed"
         else:
             status = "failed"
+            if exit_code is None:
+                messages.append("the scenario program never finished (see serial.log)")
+            elif exit_code != 0:
+                messages.append(f"the scenario program exited {exit_code}")
         return GuestResult(
             status=status,
             steps=steps,

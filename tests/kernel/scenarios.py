@@ -126,9 +126,17 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {"iscsi-basic": basic, "iscsi-cha
 
 
 def run_scenario(
-    scenario: Scenario, boot: BootFiles, workdir: Path, log_level: str = "DEBUG"
+    scenario: Scenario,
+    boot: BootFiles,
+    workdir: Path,
+    log_level: str = "DEBUG",
+    keep_target_log: bool = True,
 ) -> ScenarioResult:
-    """Namespace, target, one guest boot, checks; everything is torn down before returning."""
+    """Namespace, target, one guest boot, checks; everything is torn down before returning.
+
+    A passed scenario's backing file is deleted, and its target log too unless
+    `keep_target_log` (at DEBUG the target logs whole data segments: ~60 MB a run).
+    """
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -166,5 +174,7 @@ def run_scenario(
                 host_steps["host-check"] = time.monotonic() - checked
     passed = guest_result is not None and guest_result.passed and not problems
     if passed:
-        target.file.unlink(missing_ok=True)  # keep logs and results, not 256 MiB of image
+        target.file.unlink(missing_ok=True)
+        if not keep_target_log:
+            target.log.unlink(missing_ok=True)
     return ScenarioResult(scenario.name, passed, guest_result, host_steps, problems, workdir)

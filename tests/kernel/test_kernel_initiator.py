@@ -6,6 +6,7 @@ see tests/kernel/README.md. Skipped only where QEMU or the kernel package is not
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def report(result: ScenarioResult, capsys: pytest.CaptureFixture[str]) -> None:
 def test_scenario(
     name: str, boot: BootFiles, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = run_scenario(SCENARIOS[name](), boot, tmp_path / name)
+    # the target logs at DEBUG; the log is kept only when the scenario fails
+    result = run_scenario(SCENARIOS[name](), boot, tmp_path / name, keep_target_log=False)
     report(result, capsys)
     tail = result.guest.serial_tail() if result.guest else ""
     assert result.passed, f"{result.line()}\n--- serial.log (end) ---\n{tail}"
@@ -80,6 +82,47 @@ def test_extra_disk_reaches_the_guest(boot: BootFiles, tmp_path: Path) -> None:
     with open(disk, "rb") as f:
         f.seek(4096)
         assert f.read(13) == b"and-the-guest"
+
+
+PASSED_DOC = {"status": "passed", "steps": [{"name": "a", "seconds": 1.0, "ok": True}]}
+FAILED_DOC = {
+    "status": "failed",
+    "steps": [{"name": "a", "seconds": 1.0, "ok": False, "message": "boom"}],
+    "messages": ["FAILED a: boom"],
+}
+
+
+@pytest.mark.parametrize(
+    ("doc", "exit_code", "timed_out", "status"),
+    [
+        (PASSED_DOC, "0", False, "passed"),
+        (PASSED_DOC, "1", False, "failed"),  # the program's exit code has the last word
+        (PASSED_DOC, None, False, "failed"),  # passed, but the guest never finished
+        (FAILED_DOC, "1", False, "failed"),
+        ({"status": "running", "steps": []}, None, True, "timeout"),
+        (PASSED_DOC, "0", True, "timeout"),
+        (None, None, False, "no-result"),
+        ("{not json", "0", False, "no-result"),
+    ],
+)
+def test_guest_status_from_what_it_left(
+    tmp_path: Path, doc: object, exit_code: str | None, timed_out: bool, status: str
+) -> None:
+    """The verdict comes from results.json, the exit code and the time limit, never a guess."""
+    results = tmp_path / "results"
+    results.mkdir()
+    if doc is not None:
+        text = doc if isinstance(doc, str) else json.dumps(doc)
+        (results / "results.json").write_text(text)
+    if exit_code is not None:
+        (results / "exit_code").write_text(exit_code + "\n")
+    boot = BootFiles("v", tmp_path / "vmlinux", tmp_path / "initrd")
+    guest = Guest(GuestNet(), tmp_path, boot)
+    result = guest._collect(results, tmp_path / "serial.log", 1.0, timed_out, None)
+    assert result.status == status
+    assert result.passed == (status == "passed")
+    if status != "passed":
+        assert result.messages  # a failure always says something
 
 
 def _kernel_tree(root: Path, images: list[str], with_modules: list[str]) -> tuple[Path, Path]:
