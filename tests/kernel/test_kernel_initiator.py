@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,24 @@ def test_extra_disk_reaches_the_guest(boot: BootFiles, tmp_path: Path) -> None:
     with open(disk, "rb") as f:
         f.seek(4096)
         assert f.read(13) == b"and-the-guest"
+
+
+def test_without_qemu_the_reason_names_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no qemu-system-x86_64
+    reason = unavailable()
+    assert reason is not None
+    assert "qemu-system-x86" in reason
+
+
+def test_main_exits_77_when_guests_cannot_boot(tmp_path: Path) -> None:
+    env = {"PATH": str(tmp_path), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.kernel"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 77, proc.stderr
+    assert proc.stdout.startswith("SKIP kernel-initiator scenarios: qemu-system-x86_64")
 
 
 PASSED_DOC = {"status": "passed", "steps": [{"name": "a", "seconds": 1.0, "ok": True}]}
