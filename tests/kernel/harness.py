@@ -1,9 +1,10 @@
 """Boot a stock Debian kernel under QEMU (TCG) in a network namespace the test creates.
 
-    with GuestNet() as net:                        # namespace + tap0, 192.168.77.1 <-> .2
-        target = net.popen([...], log=...)         # the target under test, inside the namespace
-        guest = Guest(net, workdir, kernel, initrd)
-        result = guest.run(GUEST_DIR / "iscsi_basic.py", params={...}, timeout=240)
+    boot = boot_files(Path("build/kernel-guest"))  # vmlinux + initramfs, cached
+    with GuestNet() as net:                         # namespace + tap0, 192.168.77.1 <-> .2
+        target = net.popen([...], log=...)          # the target under test, inside the namespace
+        result = Guest(net, workdir, boot).run(GUEST_DIR / "iscsi_basic.py", {...}, timeout=240)
+        result.status, result.steps, result.data    # "passed", [Step(name, seconds, ok, ...)]
 
 The guest's root filesystem is the host's, shared read-only over virtio-9p with a tmpfs overlay
 (so the guest runs the host's own open-iscsi, fio, python3 and kernel modules); a second 9p
