@@ -24,7 +24,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,10 +114,14 @@ class GuestNet:
         return ["ip", "netns", "exec", self.name, *argv]
 
     def popen(
-        self, argv: Sequence[str], log: Path, env: dict[str, str] | None = None
+        self,
+        argv: Sequence[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+        append: bool = False,
     ) -> subprocess.Popen[bytes]:
         """Start `argv` in the namespace with stdout and stderr going to `log`."""
-        with open(log, "wb") as out:
+        with open(log, "ab" if append else "wb") as out:
             # `ip netns exec` execs the command, so the Popen's pid is the command's own
             return subprocess.Popen(
                 self.cmd(argv),
@@ -174,6 +178,23 @@ class GuestResult:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def _serve_requests(results: Path, actions: Mapping[str, Callable[[], str]]) -> None:
+    """Carry out the guest's new requests, each once, and write the replies."""
+    for request in sorted((results / "requests").iterdir()):
+        name = request.name
+        reply = results / "replies" / name
+        if name.endswith(".tmp") or reply.exists():
+            continue
+        action = actions.get(name)
+        try:
+            answer = action() if action else f"error: no host action {name!r}"
+        except Exception as exc:  # reported to the guest, whose step then fails
+            answer = f"error: {type(exc).__name__}: {exc}"
+        partial = reply.with_name(f"{name}.tmp")
+        partial.write_text(answer)
+        partial.replace(reply)
 
 
 def _parse_time_v(path: Path) -> int | None:
@@ -264,24 +285,44 @@ class Guest:
             argv += ["-drive", f"file={self.disk},if=virtio,format=raw,cache=none,aio=threads"]
         return argv
 
-    def run(self, script: Path, params: dict[str, Any], timeout: float) -> GuestResult:
-        """Boot, run `script` in the guest with `params`, and collect what it left."""
+    def run(
+        self,
+        script: Path,
+        params: dict[str, Any],
+        timeout: float,
+        actions: Mapping[str, Callable[[], str]] | None = None,
+    ) -> GuestResult:
+        """Boot, run `script` in the guest with `params`, and collect what it left.
+
+        `actions` are what the guest may ask the host to do mid-scenario (`Run.ask_host` in
+        guest/steps.py): the guest drops `results/requests/NAME`, the host calls
+        `actions[NAME]()` and answers in `results/replies/NAME` with its return value, or
+        with "error: ..." if it raised or is unknown.
+        """
         results = self.workdir / "results"
         if results.exists():
             shutil.rmtree(results)
-        results.mkdir(parents=True)
+        (results / "requests").mkdir(parents=True)
+        (results / "replies").mkdir()
         (results / "params.json").write_text(json.dumps(params, indent=1))
         serial = self.workdir / "serial.log"
         timing = self.workdir / "qemu.time"
         argv = ["/usr/bin/time", "-v", "-o", str(timing)] if Path("/usr/bin/time").exists() else []
         argv += self.command(script, results, serial)
         started = time.monotonic()
+        deadline = started + timeout
         qemu = self.net.popen(argv, log=self.workdir / "qemu.out")
         timed_out = False
         try:
-            qemu.wait(timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            while True:
+                try:
+                    qemu.wait(max(0.0, min(0.1, deadline - time.monotonic())))
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline:
+                        timed_out = True
+                        break
+                    _serve_requests(results, actions or {})
         finally:
             _stop(qemu, grace=2)
         wall = time.monotonic() - started

@@ -11,7 +11,7 @@ import hashlib
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,8 @@ class Scenario:
     timeout: float = 240
     # after the guest is done and the target stopped: problems found in the backing file
     host_check: Callable[[StandaloneTarget, GuestResult], list[str]] | None = None
+    # what the guest may ask the host to do to the target mid-scenario (Guest.run's actions)
+    actions: Callable[[StandaloneTarget], Mapping[str, Callable[[], str]]] | None = None
 
 
 def _debugfs_sha256(image: Path, name: str) -> str | None:
@@ -122,7 +124,27 @@ def chap(size: int = 256 * MIB) -> Scenario:
     )
 
 
-SCENARIOS: dict[str, Callable[[], Scenario]] = {"iscsi-basic": basic, "iscsi-chap": chap}
+def restart(size: int = 256 * MIB) -> Scenario:
+    return Scenario(
+        name="iscsi-restart",
+        script=GUEST_DIR / "iscsi_restart.py",
+        params={
+            "iqn": TARGET_IQN,
+            "initiator": GUEST_IQN,
+            "lun": 0,
+            "size": size,
+            "fio_seconds": 15,
+            "pattern_mib": 8,
+        },
+        actions=lambda target: {"restart-target": target.restart},
+    )
+
+
+SCENARIOS: dict[str, Callable[[], Scenario]] = {
+    "iscsi-basic": basic,
+    "iscsi-chap": chap,
+    "iscsi-restart": restart,
+}
 
 
 def run_scenario(
@@ -159,7 +181,8 @@ def run_scenario(
             host_steps["target-start"] = time.monotonic() - started
             guest = Guest(net, workdir, boot)
             params = dict(scenario.params, portal=target.portal)
-            guest_result = guest.run(scenario.script, params, scenario.timeout)
+            actions = scenario.actions(target) if scenario.actions else None
+            guest_result = guest.run(scenario.script, params, scenario.timeout, actions)
             host_steps["guest"] = guest_result.wall_seconds
         finally:
             status = target.stop()

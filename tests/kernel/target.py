@@ -55,21 +55,42 @@ class StandaloneTarget:
             argv += ["--chap", self.chap]
         return argv
 
-    def start(self, timeout: float = 30) -> StandaloneTarget:
-        self.file.unlink(missing_ok=True)
-        with open(self.file, "wb") as f:
-            f.truncate(self.size)  # sparse
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.proc = self.net.popen(self.argv(), log=self.log, env=env)
+    def start(self, timeout: float = 30, fresh: bool = True) -> StandaloneTarget:
+        """Start serving; `fresh` makes a new sparse backing file and a new log."""
+        if fresh:
+            self.file.unlink(missing_ok=True)
+            with open(self.file, "wb") as f:
+                f.truncate(self.size)  # sparse
         ready = f"serving {self.iqn} on"
+        # after a restart, only what this process logs counts (the log can be ~60 MB)
+        offset = 0 if fresh or not self.log.exists() else self.log.stat().st_size
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = self.net.popen(self.argv(), log=self.log, env=env, append=not fresh)
         deadline = time.monotonic() + timeout
-        while ready not in self.log.read_text(errors="replace"):
+        while ready not in self._log_since(offset):
             if self.proc.poll() is not None:
                 raise TargetError(f"target exited {self.proc.returncode}: {self.tail()}")
             if time.monotonic() > deadline:
                 raise TargetError(f"target not serving after {timeout}s: {self.tail()}")
             time.sleep(0.05)
         return self
+
+    def restart(self) -> str:
+        """Stop (SIGTERM) and start again over the same file; says how long it was down."""
+        started = time.monotonic()
+        status = self.stop()
+        if status != 0:
+            raise TargetError(f"target exited {status} on SIGTERM: {self.tail()}")
+        self.start(fresh=False)
+        return f"target restarted, down {time.monotonic() - started:.1f}s"
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def stop(self, grace: float = 10) -> int | None:
         """SIGTERM (a clean shutdown), SIGKILL after `grace`; returns its exit status."""
@@ -84,8 +105,10 @@ class StandaloneTarget:
                 self.proc.wait(10)
         return self.proc.returncode
 
-    def tail(self, lines: int = 20) -> str:
+    def tail(self, chars: int = 4000) -> str:
+        """The end of the log (DEBUG lines can be a megabyte each)."""
         try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+            size = self.log.stat().st_size
+            return self._log_since(max(0, size - chars))
         except OSError:
             return ""

@@ -103,6 +103,20 @@ class Run:
             raise StepFailed(f"{argv[0]} exited {proc.returncode}: {output[-500:]}")
         return proc
 
+    def ask_host(self, action: str, timeout: float) -> str:
+        """Have the host carry out `action` (see Guest.run's `actions`); returns its answer."""
+        console(f"asking the host to {action}")
+        partial = self.results / "requests" / f"{action}.tmp"
+        partial.write_text("")
+        partial.replace(self.results / "requests" / action)
+        reply = self.results / "replies" / action
+        wait_for(reply.exists, timeout, f"the host to {action}")
+        answer = reply.read_text()
+        console(f"the host answered: {answer}")
+        if answer.startswith("error:"):
+            raise StepFailed(f"host action {action}: {answer}")
+        return answer
+
     def finish(self, status: str) -> None:
         self.doc["status"] = status
         self._write()
