@@ -12,6 +12,10 @@ SYSTEM_PACKAGES=(
     iproute2 iputils-ping sg3-utils  # network namespaces for failover tests; SCSI tools
     tgt                            # the C userspace target the benchmarks compare against
     gcc python3-venv
+    # tests/kernel: boot a stock Debian kernel under QEMU (TCG) and drive the target with the
+    # kernel's own initiator (open-iscsi); the guest's userspace is the host root over 9p
+    qemu-system-x86 linux-image-amd64 busybox-static cpio
+    open-iscsi e2fsprogs fio python3-rtslib-fb targetcli-fb
 )
 
 missing=()

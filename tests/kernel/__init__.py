@@ -1,0 +1,1 @@
+"""Kernel-initiator tests: a stock Debian kernel under QEMU drives lunastor's iSCSI target."""

@@ -1,0 +1,56 @@
+"""`python -m tests.kernel [SCENARIO ...]`: run the kernel-initiator scenarios, one line each.
+
+Exit status 0 when every scenario passed, 1 when one failed, 77 when guests cannot boot here
+(no QEMU or no kernel). Run directories (serial.log, target.log, results/) are kept under
+--build-dir/runs/SCENARIO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tests.kernel.harness import boot_files, unavailable
+from tests.kernel.scenarios import SCENARIOS, run_scenario
+
+SKIP = 77
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.kernel", description=__doc__)
+    ap.add_argument("scenarios", nargs="*", metavar="SCENARIO", help=", ".join(SCENARIOS))
+    ap.add_argument("--build-dir", type=Path, default=Path("build/kernel-guest"))
+    ap.add_argument("--log-level", default="DEBUG", help="the target's (default DEBUG)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print guest results on failure")
+    args = ap.parse_args(argv)
+    names = args.scenarios or list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        ap.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    reason = unavailable()
+    if reason is not None:
+        print(f"SKIP kernel-initiator scenarios: {reason}")
+        return SKIP
+    started = time.monotonic()
+    boot = boot_files(args.build_dir)
+    print(f"kernel {boot.version}, boot files ready in {time.monotonic() - started:.1f}s")
+    failed = 0
+    for name in names:
+        result = run_scenario(
+            SCENARIOS[name](), boot, args.build_dir / "runs" / name, args.log_level
+        )
+        print(result.line(), flush=True)
+        if not result.passed:
+            failed += 1
+            print(f"  run directory: {result.workdir}")
+            if args.verbose and result.guest is not None:
+                print(result.guest.serial_tail())
+    print(f"kernel scenarios took {time.monotonic() - started:.0f}s")
+    print(f"{len(names) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Linux's own iSCSI initiator (open-iscsi, in a QEMU guest) against lunastor's target.
+
+Each scenario boots the host's stock Debian kernel under TCG in a namespace the test makes;
+see tests/kernel/README.md. Skipped only where QEMU or the kernel package is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.kernel.harness import BootFiles, Guest, GuestNet, boot_files, unavailable
+from tests.kernel.initramfs import GUEST_DIR, Kernel, find_kernel
+from tests.kernel.scenarios import SCENARIOS, ScenarioResult, run_scenario
+from tests.kernel.target import REPO
+
+reason = unavailable()
+needs_guest = pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
+@pytest.fixture(scope="module")
+def boot() -> BootFiles:
+    # cached across runs next to the other build output; rebuilt when its inputs change
+    return boot_files(REPO / "build" / "kernel-guest")
+
+
+def report(result: ScenarioResult, capsys: pytest.CaptureFixture[str]) -> None:
+    with capsys.disabled():
+        print(f"\n{result.line()}")
+
+
+@needs_guest
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_scenario(
+    name: str, boot: BootFiles, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the target logs at DEBUG; the log is kept only when the scenario fails
+    result = run_scenario(SCENARIOS[name](), boot, tmp_path / name, keep_target_log=False)
+    report(result, capsys)
+    tail = result.guest.serial_tail() if result.guest else ""
+    assert result.passed, f"{result.line()}\n--- serial.log (end) ---\n{tail}"
+    assert result.guest is not None
+    assert all(step.ok for step in result.guest.steps)
+
+
+@needs_guest
+def test_time_limit_kills_qemu_and_namespace_goes(boot: BootFiles, tmp_path: Path) -> None:
+    """A guest that overruns its limit is killed, reported as such, and leaves nothing behind."""
+    with GuestNet() as net:
+        # 1 s is far less than a boot takes under TCG, so the scenario never gets to start
+        result = Guest(net, tmp_path, boot).run(GUEST_DIR / "iscsi_chap.py", {}, timeout=1)
+        pids = subprocess.run(
+            ["ip", "netns", "pids", net.name], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert pids == []  # QEMU was the only process in the namespace
+    assert result.status == "timeout"
+    assert not result.passed
+    assert result.wall_seconds < 15
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert net.name not in names
+
+
+@needs_guest
+@pytest.mark.slow
+def test_extra_disk_reaches_the_guest(boot: BootFiles, tmp_path: Path) -> None:
+    """The optional virtio disk is attached, readable and writable (a harness self-test)."""
+    disk = tmp_path / "extra.img"
+    size = 8 << 20
+    with open(disk, "wb") as f:
+        f.truncate(size)
+        f.write(b"written-by-the-host")
+    params = {"size": size, "host_marker": "written-by-the-host", "guest_marker": "and-the-guest"}
+    with GuestNet() as net:
+        result = Guest(net, tmp_path, boot, disk=disk).run(
+            GUEST_DIR / "extra_disk.py", params, timeout=180
+        )
+    assert result.passed, f"{result.status} {result.messages}\n{result.serial_tail()}"
+    with open(disk, "rb") as f:
+        f.seek(4096)
+        assert f.read(13) == b"and-the-guest"
+
+
+def test_without_qemu_the_reason_names_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no qemu-system-x86_64
+    reason = unavailable()
+    assert reason is not None
+    assert "qemu-system-x86" in reason
+
+
+def test_main_exits_77_when_guests_cannot_boot(tmp_path: Path) -> None:
+    env = {"PATH": str(tmp_path), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.kernel"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 77, proc.stderr
+    assert proc.stdout.startswith("SKIP kernel-initiator scenarios: qemu-system-x86_64")
+
+
+PASSED_DOC = {"status": "passed", "steps": [{"name": "a", "seconds": 1.0, "ok": True}]}
+FAILED_DOC = {
+    "status": "failed",
+    "steps": [{"name": "a", "seconds": 1.0, "ok": False, "message": "boom"}],
+    "messages": ["FAILED a: boom"],
+}
+
+
+@pytest.mark.parametrize(
+    ("doc", "exit_code", "timed_out", "status"),
+    [
+        (PASSED_DOC, "0", False, "passed"),
+        (PASSED_DOC, "1", False, "failed"),  # the program's exit code has the last word
+        (PASSED_DOC, None, False, "failed"),  # passed, but the guest never finished
+        (FAILED_DOC, "1", False, "failed"),
+        ({"status": "running", "steps": []}, None, True, "timeout"),
+        (PASSED_DOC, "0", True, "timeout"),
+        (None, None, False, "no-result"),
+        ("{not json", "0", False, "no-result"),
+    ],
+)
+def test_guest_status_from_what_it_left(
+    tmp_path: Path, doc: object, exit_code: str | None, timed_out: bool, status: str
+) -> None:
+    """The verdict comes from results.json, the exit code and the time limit, never a guess."""
+    results = tmp_path / "results"
+    results.mkdir()
+    if doc is not None:
+        text = doc if isinstance(doc, str) else json.dumps(doc)
+        (results / "results.json").write_text(text)
+    if exit_code is not None:
+        (results / "exit_code").write_text(exit_code + "\n")
+    boot = BootFiles("v", tmp_path / "vmlinux", tmp_path / "initrd")
+    guest = Guest(GuestNet(), tmp_path, boot)
+    result = guest._collect(results, tmp_path / "serial.log", 1.0, timed_out, None)
+    assert result.status == status
+    assert result.passed == (status == "passed")
+    if status != "passed":
+        assert result.messages  # a failure always says something
+
+
+def _kernel_tree(root: Path, images: list[str], with_modules: list[str]) -> tuple[Path, Path]:
+    boot, modules = root / "boot", root / "lib" / "modules"
+    boot.mkdir(parents=True)
+    for version in images:
+        (boot / f"vmlinuz-{version}").write_bytes(b"")
+    for version in with_modules:
+        (modules / version).mkdir(parents=True)
+        (modules / version / "modules.dep").write_text("")
+    return boot, modules
+
+
+@pytest.mark.parametrize(
+    ("images", "with_modules", "expected"),
+    [
+        ([], [], None),
+        (["6.1.0-56-amd64"], [], None),  # an image without its modules cannot run the guest
+        (["6.1.0-56-amd64"], ["6.1.0-56-amd64"], "6.1.0-56-amd64"),
+        (
+            ["6.1.0-9-amd64", "6.1.0-56-amd64"],
+            ["6.1.0-9-amd64", "6.1.0-56-amd64"],
+            "6.1.0-56-amd64",
+        ),
+        (["6.1.0-9-amd64", "6.1.0-56-amd64"], ["6.1.0-9-amd64"], "6.1.0-9-amd64"),
+        (["6.12.9-amd64", "6.1.0-56-amd64"], ["6.12.9-amd64", "6.1.0-56-amd64"], "6.12.9-amd64"),
+    ],
+)
+def test_find_kernel_picks_newest_with_modules(
+    tmp_path: Path, images: list[str], with_modules: list[str], expected: str | None
+) -> None:
+    boot, modules = _kernel_tree(tmp_path, images, with_modules)
+    found: Kernel | None = find_kernel(boot, modules)
+    assert (found.version if found else None) == expected
