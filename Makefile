@@ -5,7 +5,7 @@ VENV := .venv/bin
 DEVDIR ?= devcluster
 CHUNKS ?= 3
 
-.PHONY: setup run down test lint unit soak bench clean
+.PHONY: setup run down test lint unit kernel soak bench clean
 
 setup:
 	@./scripts/setup.sh
@@ -22,7 +22,13 @@ lint: setup
 	$(VENV)/mypy
 
 test: lint
-	$(VENV)/pytest -q
+	$(VENV)/pytest -q --ignore=tests/kernel
+
+# The Linux kernel initiator (open-iscsi) in QEMU guests: one line per scenario with timings,
+# then the harness's own tests. Needs root (network namespaces, tap devices).
+kernel: setup
+	PYTHONPATH=. $(VENV)/python -m tests.kernel
+	$(VENV)/pytest -q tests/kernel -k "not test_scenario"
 
 unit: setup
 	$(VENV)/pytest -q tests/unit
