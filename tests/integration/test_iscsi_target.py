@@ -272,3 +272,63 @@ def test_libiscsi_conformance(tmp_path: Path) -> None:
     failed = {name for name, ok in verdicts.items() if not ok}
     assert not {f for f in failed if f.startswith("iSCSI")}, failed
     assert failed <= KNOWN_SCSI_FAILURES, failed - KNOWN_SCSI_FAILURES
+
+
+def classify(log: str) -> dict[str, str]:
+    """suite.test -> PASSED / SKIPPED / FAILED, each test once, the way
+    ../shared/tools/cu-classify.sh does: FAILED if CUnit or any "[FAILED]" line in its block
+    says so, SKIPPED if a "[SKIPPED]" line does."""
+    status: dict[str, str] = {}
+    suite = test = ""
+    for line in log.splitlines():
+        if line.startswith("Suite: "):
+            suite, test = line.split()[1], ""
+        elif line.startswith("  Test: "):
+            test = f"{suite}.{line.split()[1]}"
+            status[test] = "PASSED"
+        elif line.startswith("Run Summary"):
+            test = ""
+        if not test:
+            continue
+        if "[FAILED]" in line or line.strip() == "FAILED" or re.search(r"\.\.\.\s*FAILED", line):
+            status[test] = "FAILED"
+        elif "[SKIPPED]" in line and status[test] != "FAILED":
+            status[test] = "SKIPPED"
+    return status
+
+
+# The families that need a particular kind of LUN (the issue's "extra runs"): each must run
+# (not skip) and pass on that LUN.
+EXTRA_RUNS = [
+    ("--read-only", ["ALL.ReadOnly"]),
+    ("--removable", ["ALL.PreventAllow", "ALL.StartStopUnit", "ALL.NoMedia"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("flag", "families"), EXTRA_RUNS)
+def test_libiscsi_families_on_special_luns(tmp_path: Path, flag: str, families: list[str]) -> None:
+    if flag == "--read-only":  # a read-only target does not create its file
+        with open(tmp_path / "lun.img", "wb") as f:
+            f.truncate(64 << 20)
+    t = Target(
+        tmp_path, "--allow", *CU_INITIATORS, flag, size=None if flag == "--read-only" else 64 << 20
+    )
+    text = ""
+    try:
+        for family in families:
+            out = run(
+                "iscsi-test-cu", "-d", "-v", f"--test={family}", t.url(), t.url(), timeout=600
+            )
+            assert "Run Summary" in out.stdout, out.stdout[-2000:] + out.stderr
+            text += out.stdout
+    finally:
+        assert t.stop() == 0, t.log.read_text()
+    verdicts = cunit_verdicts(text)
+    status = classify(text)
+    assert verdicts and all(verdicts.values()), {k for k, ok in verdicts.items() if not ok}
+    assert status and "SKIPPED" not in status.values(), status
+    for name, s in status.items():
+        if s == "FAILED":
+            # only the expected unit attentions right after a reset print "[FAILED]" lines
+            assert name.rsplit(".", 1)[1] in {"WarmReset", "ColdReset", "LUNReset"}, (name, text)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from lunastor.iscsi.blockdev import LbaState
+from lunastor.iscsi.blockdev import LbaState, Miscompare
 from lunastor.iscsi.scsi.commands import Access, command, data_result
 from lunastor.iscsi.scsi.sense import (
     INVALID_COMMAND_OPERATION_CODE,
@@ -564,6 +564,53 @@ async def compare_and_write(
     _writable(lu)
     await lu.device.compare_and_write(lba, data[:n], data[n : 2 * n])
     return ScsiResult(_GOOD, b"", b"", 2 * n)
+
+
+# -- ORWRITE -------------------------------------------------------------------------------
+
+# byte 1: ORPROTECT 0xE0 (not in the mask: no protection information), DPO 0x10, FUA 0x08,
+# FUA_NV 0x02
+_ORWRITE_RETRIES = 64
+
+
+@command(
+    0x8B,
+    "ORWRITE(16)",
+    [0x8B, 0x1A] + [0xFF] * 12 + [0x1F, 0x00],
+    access=Access.WRITE,
+    timeout=_RW_TIMEOUT,
+)
+async def orwrite16(
+    target: ScsiTarget, lu: LogicalUnit | None, cmd: ScsiCommand, ns: NexusState | None
+) -> ScsiResult:
+    """ORWRITE(16): each block becomes (old OR data-out), atomically. Built on the device's
+    atomic compare-and-write so it stays atomic on every device, the replicated volume included:
+    read, OR, then compare-and-write against what was read; a concurrent write in between makes
+    the compare fail and the whole step is retried."""
+    assert lu is not None
+    _, flags, lba, blocks, _, _ = _CDB16.unpack_from(cmd.cdb)
+    dev = lu.device  # ORPROTECT (byte 1, 0xE0) is refused by the usage mask already
+    _range(lu, lba, blocks)
+    if blocks > lu.max_transfer_blocks:
+        raise invalid_cdb(10)
+    _writable(lu)
+    want = blocks * dev.block_size
+    data = memoryview(cmd.data_out)[: len(cmd.data_out) // dev.block_size * dev.block_size]
+    n = len(data) // dev.block_size
+    if n == 0:
+        return ScsiResult(_GOOD, b"", b"", want)
+    mask = int.from_bytes(data, "little")
+    for _ in range(_ORWRITE_RETRIES):
+        old = bytes(await dev.read(lba, n))
+        new = (int.from_bytes(old, "little") | mask).to_bytes(len(old), "little")
+        try:
+            await dev.compare_and_write(lba, old, new)
+        except Miscompare:
+            continue  # another write landed between the read and the swap: redo with it
+        if flags & 0x08 or not lu.write_cache:
+            await dev.flush()
+        return ScsiResult(_GOOD, b"", b"", want)
+    return ScsiResult(Status.BUSY, b"", b"", want)  # kept losing races: let the initiator retry
 
 
 # -- GET LBA STATUS -----------------------------------------------------------------------

@@ -451,6 +451,24 @@ CASES = [
         ksa=INVALID_CDB,
         field=cdb_field(13),
     ),
+    # -- ORWRITE
+    Case("orwrite", [0x8B, 0, *be(0, 8), *be(1, 4), 0, 0], b"o" * 512),
+    Case("orwrite zero blocks", [0x8B, 0, *be(0, 8), *be(0, 4), 0, 0]),
+    Case(
+        "orwrite with ORPROTECT",
+        [0x8B, 0x20, *be(0, 8), *be(1, 4), 0, 0],
+        b"o" * 512,
+        status=CC,
+        ksa=INVALID_CDB,
+        field=cdb_field(1, 5),
+    ),
+    Case(
+        "orwrite beyond end",
+        [0x8B, 0, *be(NUM_BLOCKS, 8), *be(1, 4), 0, 0],
+        b"o" * 512,
+        status=CC,
+        ksa=LBA_OOR,
+    ),
     # -- GET LBA STATUS
     Case(
         "get lba status",
@@ -638,3 +656,34 @@ async def test_case(case: Case) -> None:
         assert r.data.startswith(case.data_prefix), r.data[: len(case.data_prefix) + 8].hex()
     if case.data_len is not None:
         assert len(r.data) == case.data_len
+
+
+async def test_orwrite_ors_into_what_is_there() -> None:
+    rig = Rig()
+    await rig.ready()
+    await rig.dev.write(8, bytes([0x0F, 0xF0]) * 512, fua=False)
+    r = await rig.cmd([0x8B, 0, *be(8, 8), *be(2, 4), 0, 0], bytes([0x30, 0x03]) * 512)
+    assert r.status == Status.GOOD
+    assert bytes(await rig.dev.read(8, 2)) == bytes([0x3F, 0xF3]) * 512
+
+
+async def test_orwrite_redoes_its_step_when_a_write_lands_in_between() -> None:
+    """A write that lands between ORWRITE's read and its swap must not be lost: the swap
+    miscompares and ORWRITE starts again from the newer data."""
+    rig = Rig()
+    await rig.ready()
+    real_read = rig.dev.read
+    raced = False
+
+    async def read_then_race(lba: int, blocks: int) -> bytes | bytearray | memoryview:
+        nonlocal raced
+        data = bytes(await real_read(lba, blocks))
+        if not raced:
+            raced = True
+            await rig.dev.write(0, bytes([0x40]) * 512, fua=False)  # the racing writer
+        return data
+
+    rig.dev.read = read_then_race  # type: ignore[method-assign]
+    r = await rig.cmd([0x8B, 0, *be(0, 8), *be(1, 4), 0, 0], bytes([0x01]) * 512)
+    assert r.status == Status.GOOD and raced
+    assert bytes(await real_read(0, 1)) == bytes([0x41]) * 512
