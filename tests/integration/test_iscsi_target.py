@@ -99,14 +99,17 @@ def test_inquiry_readcapacity_and_discovery(target: Target) -> None:
     assert re.search(r"Lun:0\s+Type:DIRECT_ACCESS", ls.stdout)
 
 
-def test_qemu_img_round_trip(target: Target, tmp_path: Path) -> None:
+def test_qemu_img_round_trip(tmp_path: Path) -> None:
+    """The issue's check: a random 256 MiB image into a LUN and back, identical."""
+    target = Target(tmp_path, size=256 << 20)
     image = tmp_path / "random.img"
-    image.write_bytes(os.urandom(64 << 20))
+    image.write_bytes(os.urandom(256 << 20))
     conv = run("qemu-img", "convert", "-n", "-O", "raw", str(image), target.url())
     assert conv.returncode == 0, conv.stderr
     cmp = run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), target.url())
     assert cmp.returncode == 0 and "identical" in cmp.stdout, cmp.stdout + cmp.stderr
     assert target.file.read_bytes() == image.read_bytes()  # the bytes really are in the file
+    assert target.stop() == 0, target.log.read_text()
 
 
 def test_lun_number_is_configurable(tmp_path: Path) -> None:
