@@ -14,6 +14,12 @@ off() { sync; echo b > /proc/sysrq-trigger; sleep 60; }
 echo 1 > /proc/sys/kernel/sysrq
 echo 4 > /proc/sys/kernel/printk  # warnings and worse still reach the serial log
 mount -t tmpfs tmpfs /run
+# The scenario's folder lives in the checkout, which may itself be under /tmp (CI clones
+# there): copy it out before a fresh /tmp hides it.
+run=$(arg run)
+mkdir -p /run/lunastor-guest
+cp -r "$(dirname "$run")"/. /run/lunastor-guest/ || { say "cannot copy $(dirname "$run")"; off; }
+run=/run/lunastor-guest/$(basename "$run")
 mount -t tmpfs tmpfs /tmp
 mkdir -p /run/lock /results
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=none,msize=262144 results /results ||
@@ -23,7 +29,6 @@ ip link set lo up
 modprobe virtio_net
 addr=$(arg addr)
 ip addr add "$addr" dev eth0 && ip link set eth0 up || { say "cannot configure eth0"; off; }
-run=$(arg run)
 say "kernel $(uname -r), eth0 $addr, running $run"
 export PYTHONPATH="$(dirname "$run")" PYTHONDONTWRITEBYTECODE=1
 "$run" /results
