@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -23,6 +24,15 @@ class ApiClient:
     base_url: str
     token: str = ""
     timeout: float = 10.0
+    ca_cert: str | None = None  # verify an https API against this CA (else the system's)
+
+    def _context(self) -> ssl.SSLContext | None:
+        if not self.base_url.startswith("https://"):
+            return None
+        try:
+            return ssl.create_default_context(cafile=self.ca_cert)
+        except (OSError, ssl.SSLError) as exc:
+            raise ApiError(f"cannot load CA certificate {self.ca_cert}: {exc}") from None
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -33,7 +43,7 @@ class ApiClient:
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self._context()) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
             raise _problem(exc) from None
@@ -53,5 +63,5 @@ def _problem(exc: urllib.error.HTTPError) -> ApiError:
         body = {}
     code = str(body.get("code", "")) if isinstance(body, dict) else ""
     detail = body.get("detail") or body.get("title") if isinstance(body, dict) else None
-    message = f"{exc.code} {code or exc.reason}: {detail or exc.reason}"
+    message = f"{exc.code} {code or exc.reason}: {detail or exc.reason}".replace("\n", " ")
     return ApiError(message, status=exc.code, code=code)

@@ -181,6 +181,15 @@ class Supervisor:
         path.write_text(to_toml_table(table))
         return path
 
+    def _secret_key(self) -> str:
+        """meta's sealing key for CHAP secrets: made once, kept with the cluster's data."""
+        path = self.dir / "secret-key"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32))
+        return path.read_text().strip()
+
     def _python_daemon(
         self,
         name: str,
@@ -248,6 +257,7 @@ class Supervisor:
                 "portal": f"{layout.vip}:3260",
                 "lease_ttl": self.lease_ttl,
                 "auth": {"admin_tokens": [self.token]},
+                "secret_key": self._secret_key(),
                 "etcd": self._etcd_settings(),
                 "log": log,
             },

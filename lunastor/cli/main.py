@@ -4,38 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from lunastor.cli import devcluster
-from lunastor.cli.api import ApiClient, ApiError
-
-# Tables stay readable when piped: rich would otherwise squeeze them into 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, soft_wrap=True)
-
-DEFAULT_DIR = os.environ.get("LUNASTOR_DEV_DIR", "devcluster")
-
-
-def fail(message: str, status: int = 1) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    sys.exit(status)
-
-
-def human_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(value) < 1024 or unit == "PiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} PiB"
+from lunastor.cli import devcluster, resources
+from lunastor.cli.api import ApiError
+from lunastor.cli.options import (
+    api_client,
+    console,
+    dir_option,
+    err_console,
+    fail,
+    human_bytes,
+    with_api_options,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,16 +35,6 @@ def main() -> None:
 @main.group()
 def dev() -> None:
     """Run a whole cluster on this machine (etcd, meta, chunk servers, redirector)."""
-
-
-dir_option = click.option(
-    "--dir",
-    "directory",
-    default=DEFAULT_DIR,
-    show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="dev cluster directory (state file, configs, logs, data)",
-)
 
 
 def print_ready(state: dict[str, Any]) -> None:
@@ -212,33 +187,6 @@ def dev_start(name: str, directory: Path) -> None:
 # -- cluster --------------------------------------------------------------------------------------
 
 
-def api_client(directory: Path, api: str | None, token: str | None) -> ApiClient:
-    """The API named by --api/--token, else by the dev cluster state file in --dir."""
-    token = token or os.environ.get("LUNASTOR_TOKEN")
-    if api:
-        return ApiClient(api, token or "")
-    try:
-        state = devcluster.read_state(directory)
-    except devcluster.DevClusterError as exc:
-        fail(f"{exc} (or pass --api URL)")
-    assert state is not None
-    return ApiClient(state["api_url"], token or state.get("admin_token", ""))
-
-
-api_options = [
-    dir_option,
-    click.option("--api", metavar="URL", envvar="LUNASTOR_API", help="meta API URL"),
-    click.option("--token", metavar="TOKEN", help="bearer token (or LUNASTOR_TOKEN)"),
-    click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table"),
-]
-
-
-def with_api_options(f: Any) -> Any:
-    for option in reversed(api_options):
-        f = option(f)
-    return f
-
-
 @main.group()
 def cluster() -> None:
     """Cluster-wide views and operations."""
@@ -246,9 +194,11 @@ def cluster() -> None:
 
 @cluster.command("status")
 @with_api_options
-def cluster_status(directory: Path, api: str | None, token: str | None, as_json: bool) -> None:
+def cluster_status(
+    directory: Path, api: str | None, token: str | None, ca_cert: str | None, as_json: bool
+) -> None:
     """Chunk servers with state and capacity, meta instances and the redirector leader."""
-    client = api_client(directory, api, token)
+    client = api_client(directory, api, token, ca_cert)
     try:
         status = client.get("/v1/cluster")
     except ApiError as exc:
@@ -285,6 +235,8 @@ def cluster_status(directory: Path, api: str | None, token: str | None, as_json:
             highlight=False,
         )
 
+
+resources.register(main, cluster)
 
 if __name__ == "__main__":
     main()

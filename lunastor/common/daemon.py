@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -87,12 +88,26 @@ def run_daemon(prog: str, body: Callable[[asyncio.Event], Awaitable[int]]) -> in
         return 130
 
 
-async def start_http(app: web.Application, listen: str, what: str) -> web.AppRunner:
-    """Serve `app` on `listen` (HOST:PORT); a bind failure is a StartupError naming it."""
+def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
+    """A TLS server context from PEM files; unreadable files are a StartupError naming them."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"tls_cert {cert} / tls_key {key}: {exc}") from None
+    return context
+
+
+async def start_http(
+    app: web.Application, listen: str, what: str, ssl_context: ssl.SSLContext | None = None
+) -> web.AppRunner:
+    """Serve `app` on `listen` (HOST:PORT), over TLS when `ssl_context` is given; a bind
+    failure is a StartupError naming it."""
     host, port = parse_hostport(listen, what)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError as exc:

@@ -29,6 +29,23 @@ class Keys:
     LIVE_META = f"/{SCHEMA}/live/meta/"  # lease-bound, one per meta instance
     LIVE_REDIRECTORS = f"/{SCHEMA}/live/redirectors/"  # lease-bound, one per redirector
     REDIRECTOR_ELECTION = f"/{SCHEMA}/election/redirector"  # leader election name
+    PLANNER_ELECTION = f"/{SCHEMA}/election/planner"  # meta's single background planner
+
+    # Written by meta (docs/etcd-schema.md has the table).
+    VOLUMES = f"/{SCHEMA}/volumes/"  # VolumeRecord per volume id
+    VOLUME_NAMES = f"/{SCHEMA}/names/volumes/"  # name -> volume id (the uniqueness guard)
+    LUNS = f"/{SCHEMA}/luns/"  # LunRecord per (target, LUN): the LUN map and its ACL
+    TARGETS = f"/{SCHEMA}/targets/"  # TargetRecord: per-target settings (CHAP)
+    DISCOVERY_CHAP = f"/{SCHEMA}/discovery-chap"  # ChapRecord for discovery sessions
+    SNAPSHOTS = f"/{SCHEMA}/snapshots/"  # SnapshotRecord per snapshot id
+    SNAPSHOT_NAMES = f"/{SCHEMA}/names/snapshots/"  # name -> snapshot id
+    CHUNK_ADMIN = f"/{SCHEMA}/chunk-admin/"  # ChunkAdminRecord: operator intent (drain)
+    OPERATIONS = f"/{SCHEMA}/operations/"  # OperationRecord: long-running jobs
+    GC_VOLUMES = f"/{SCHEMA}/gc/volumes/"  # deleted volume ids whose extents await collection
+    # Reserved for the data path (documented, not written yet).
+    EXTENTS = f"/{SCHEMA}/extents/"  # /<volume>/<extent index>: replicas, generation
+    CHUNK_EXTENTS = f"/{SCHEMA}/chunk-extents/"  # /<chunk>/<volume>/<index>: reverse index
+    RESERVATIONS = f"/{SCHEMA}/reservations/"  # /<volume>: SCSI persistent reservations
 
     @staticmethod
     def chunk(chunk_id: str) -> str:
@@ -37,6 +54,64 @@ class Keys:
     @staticmethod
     def live_chunk(chunk_id: str) -> str:
         return Keys.LIVE_CHUNKS + chunk_id
+
+    @staticmethod
+    def volume(volume_id: str) -> str:
+        return Keys.VOLUMES + volume_id
+
+    @staticmethod
+    def volume_name(name: str) -> str:
+        return Keys.VOLUME_NAMES + name
+
+    @staticmethod
+    def lun(target: int, lun: int) -> str:
+        # Zero-padded so that etcd's byte order is numeric order.
+        return f"{Keys.LUNS}{target:04d}/{lun:03d}"
+
+    @staticmethod
+    def parse_lun(key: str) -> tuple[int, int]:
+        """(target, lun) from a LUN map key; ValueError if it is not one."""
+        target, _, lun = key.removeprefix(Keys.LUNS).partition("/")
+        return int(target), int(lun)
+
+    @staticmethod
+    def target(target: int) -> str:
+        return f"{Keys.TARGETS}{target:04d}"
+
+    @staticmethod
+    def snapshot(snapshot_id: str) -> str:
+        return Keys.SNAPSHOTS + snapshot_id
+
+    @staticmethod
+    def snapshot_name(name: str) -> str:
+        return Keys.SNAPSHOT_NAMES + name
+
+    @staticmethod
+    def chunk_admin(chunk_id: str) -> str:
+        return Keys.CHUNK_ADMIN + chunk_id
+
+    @staticmethod
+    def chunk_extents(chunk_id: str) -> str:
+        return f"{Keys.CHUNK_EXTENTS}{chunk_id}/"
+
+    @staticmethod
+    def operation(operation_id: str) -> str:
+        return Keys.OPERATIONS + operation_id
+
+    @staticmethod
+    def gc_volume(volume_id: str) -> str:
+        return Keys.GC_VOLUMES + volume_id
+
+
+# Targets and LUNs (docs/etcd-schema.md, "LUN assignment").
+TARGET_IQN_PREFIX = "iqn.2026-11.io.lunastor:tgt-"
+MAX_TARGETS = 4096
+FIRST_LUN = 1  # LUN 0 is never assigned: every initiator sees it as "not connected"
+MAX_LUN = 255  # so a target holds LUNs 1..255: 255 volumes
+
+
+def target_iqn(target: int) -> str:
+    return f"{TARGET_IQN_PREFIX}{target}"
 
 
 @dataclass
@@ -128,3 +203,87 @@ class RedirectorInstance(Record):
     admin_address: str = ""
     version: str = ""
     started_at: float = 0.0
+
+
+@dataclass
+class VolumeRecord(Record):
+    """One volume. Its name is unique through `Keys.volume_name`; its (target, lun) through
+    `Keys.lun`; all three keys are written in the one transaction that creates it."""
+
+    id: str = ""
+    name: str = ""
+    size_bytes: int = 0
+    replicas: int = 3
+    block_size: int = 512
+    labels: dict[str, str] = field(default_factory=dict)
+    source: dict[str, str] | None = None  # {"snapshot_id": ...} or {"volume_id": ...}
+    state: str = "available"
+    created_at: float = 0.0
+    target: int = 0
+    lun: int = 0
+
+    @property
+    def target_iqn(self) -> str:
+        return target_iqn(self.target)
+
+
+@dataclass
+class LunRecord(Record):
+    """One entry of the LUN map: the volume behind (target, lun) and who may see it (ACL)."""
+
+    volume_id: str = ""
+    initiators: list[str] = field(default_factory=list)  # sorted initiator IQNs
+
+
+@dataclass
+class ChapRecord(Record):
+    """CHAP credentials; secrets are sealed (`lunastor.common.sealing`), never plain text."""
+
+    user: str = ""
+    secret: str = ""  # sealed
+    mutual_user: str = ""
+    mutual_secret: str = ""  # sealed; empty when mutual CHAP is off
+    updated_at: float = 0.0
+
+
+@dataclass
+class TargetRecord(Record):
+    """Per-target settings; a target without one has CHAP off."""
+
+    target: int = 0
+    chap: dict[str, Any] | None = None  # ChapRecord fields, sealed secrets
+
+
+@dataclass
+class SnapshotRecord(Record):
+    id: str = ""
+    name: str = ""
+    source_volume_id: str = ""
+    size_bytes: int = 0
+    block_size: int = 512
+    created_at: float = 0.0
+    ready_to_use: bool = True
+
+
+@dataclass
+class ChunkAdminRecord(Record):
+    """The operator's intent for a chunk server: drain it (move everything off)."""
+
+    id: str = ""
+    state: str = "draining"  # draining | drained
+    requested_at: float = 0.0
+    operation_id: str = ""
+
+
+@dataclass
+class OperationRecord(Record):
+    """A long-running job with progress (drain today; rebuilds and rebalances later)."""
+
+    id: str = ""
+    kind: str = ""
+    subject: str = ""  # what it works on, e.g. a chunk server id
+    state: str = "running"  # running | succeeded | failed
+    progress: float = 0.0  # 0..1
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    detail: str = ""

@@ -1,52 +1,80 @@
-"""The meta service's aiohttp application: middlewares (request context, auth, problems) and
-routes. Handlers live in modules by resource; this file only wires them."""
+"""The meta service's aiohttp application: middlewares (request context, metrics, problems,
+authentication) and the route table. Handlers live in one module per resource; authorisation
+is per route (`routing.Route.roles`)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 from aiohttp import web
+from prometheus_client import Counter, Histogram
 
 from lunastor.common.etcd import Etcd, EtcdError
 from lunastor.common.logs import get_logger
 from lunastor.common.metrics import add_admin_routes
-from lunastor.common.records import (
-    ChunkServerInfo,
-    ChunkServerStatus,
-    Keys,
-    MetaInstance,
-    RecordError,
-    RedirectorInstance,
-)
-from lunastor.meta.cluster import cluster_view
+from lunastor.common.records import RecordError
+from lunastor.common.sealing import Sealer
+from lunastor.meta import chunks, exports, health, operations, snapshots, targets, volumes
+from lunastor.meta.cluster_store import ClusterStore
 from lunastor.meta.config import MetaConfig
+from lunastor.meta.context import CLUSTER_STORE_KEY, CONFIG_KEY, ETCD_KEY, ROLE_KEY, STORE_KEY
+from lunastor.meta.luns import LunMap
+from lunastor.meta.openapi import build_spec
 from lunastor.meta.problems import Problem, problem_response
+from lunastor.meta.routing import Route, register
+from lunastor.meta.store import Store
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-ETCD_KEY = web.AppKey("etcd", Etcd)
-CONFIG_KEY = web.AppKey("config", MetaConfig)
-PUBLIC_PATHS = {"/healthz", "/metrics"}
-# role -> may it call this method? (finer rules per route arrive with the resources)
-ROLE_METHODS = {
-    "admin": {"GET", "POST", "PUT", "PATCH", "DELETE"},
-    "csi": {"GET", "POST", "PUT", "PATCH", "DELETE"},
-    "reader": {"GET", "HEAD"},
-}
+ROUTES: list[Route] = [
+    *volumes.ROUTES,
+    *exports.ROUTES,
+    *snapshots.ROUTES,
+    *targets.ROUTES,
+    *chunks.ROUTES,
+    *health.ROUTES,
+    *operations.ROUTES,
+]
+OPENAPI_PATH = "/v1/openapi.json"
+PUBLIC_PATHS = {"/healthz", "/metrics", OPENAPI_PATH}
+
+REQUESTS = Counter(
+    "lunastor_api_requests_total",
+    "REST requests by route and status",
+    ["method", "route", "status"],
+)
+LATENCY = Histogram(
+    "lunastor_api_request_seconds",
+    "REST request latency by route",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
 
 log = get_logger(component="api")
 
 
 @web.middleware
 async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         response = await handler(request)
         response.headers["X-Request-Id"] = request_id
         return response
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    start = time.perf_counter()
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    REQUESTS.labels(request.method, route, str(response.status)).inc()
+    LATENCY.labels(request.method, route).observe(time.perf_counter() - start)
+    return response
 
 
 @web.middleware
@@ -64,6 +92,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except EtcdError as exc:
         log.error("etcd unavailable", error=str(exc))
         return problem_response(503, "metadata_unavailable", f"etcd: {exc}")
+    except RecordError as exc:
+        log.error("undecodable record", error=str(exc))
+        return problem_response(500, "corrupt_record", str(exc))
     except Exception:
         log.exception("unexpected error", method=request.method, path=request.path)
         return problem_response(500, "internal_error", "unexpected error; see the meta log")
@@ -71,60 +102,41 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Who is calling (bearer token -> role); what the role may do is each route's rule."""
     if request.path in PUBLIC_PATHS:
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
+    if scheme.lower() != "bearer" or not token.strip():
         raise Problem(401, "unauthenticated", "a bearer token is required")
     role = request.app[CONFIG_KEY].auth.role_of(token.strip())
     if role is None:
         raise Problem(401, "unauthenticated", "unknown bearer token")
-    if request.method not in ROLE_METHODS[role]:
-        raise Problem(403, "forbidden", f"role {role} may not {request.method} {request.path}")
-    request["role"] = role
+    request[ROLE_KEY] = role
     return await handler(request)
 
 
-def _decode_all(kvs: list[Any], cls: Any) -> list[Any]:
-    out = []
-    for kv in kvs:
-        try:
-            out.append(cls.from_json(kv.value))
-        except RecordError as exc:
-            log.warning("skipping undecodable record", key=kv.key, error=str(exc))
-    return out
-
-
-async def get_cluster(request: web.Request) -> web.Response:
-    etcd = request.app[ETCD_KEY]
-    # One revision for the whole view, so it is a consistent snapshot.
-    infos, rev = await etcd.get_prefix(Keys.CHUNKS)
-    statuses, _ = await etcd.get_prefix(Keys.LIVE_CHUNKS, revision=rev)
-    metas, _ = await etcd.get_prefix(Keys.LIVE_META, revision=rev)
-    redirectors, _ = await etcd.get_prefix(Keys.LIVE_REDIRECTORS, revision=rev)
-    candidates, _ = await etcd.get_prefix(Keys.REDIRECTOR_ELECTION + "/", revision=rev)
-    leader = min(candidates, key=lambda kv: kv.create_revision, default=None)
-    view = cluster_view(
-        _decode_all(infos, ChunkServerInfo),
-        _decode_all(statuses, ChunkServerStatus),
-        _decode_all(metas, MetaInstance),
-        _decode_all(redirectors, RedirectorInstance),
-        leader.value.decode() if leader is not None else None,
-    )
-    view["revision"] = rev
-    return web.json_response(view)
-
-
 def make_app(
-    config: MetaConfig, etcd: Etcd, health: Callable[[], Awaitable[dict[str, Any]]]
+    config: MetaConfig,
+    etcd: Etcd,
+    health_check: Callable[[], Awaitable[dict[str, Any]]],
+    luns: LunMap,
 ) -> web.Application:
     app = web.Application(
-        middlewares=[context_middleware, problem_middleware, auth_middleware],
+        middlewares=[context_middleware, metrics_middleware, problem_middleware, auth_middleware],
         client_max_size=1024 * 1024,
     )
+    sealer = Sealer(config.secret_key) if config.secret_key else None
     app[ETCD_KEY] = etcd
     app[CONFIG_KEY] = config
-    add_admin_routes(app, health)
-    app.router.add_get("/v1/cluster", get_cluster)
+    app[STORE_KEY] = Store(etcd, luns, config.portal)
+    app[CLUSTER_STORE_KEY] = ClusterStore(etcd, luns, sealer)
+    add_admin_routes(app, health_check)
+    register(app, ROUTES)
+    spec = build_spec(ROUTES)
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(spec)
+
+    app.router.add_get(OPENAPI_PATH, openapi)
     return app

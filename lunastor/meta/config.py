@@ -32,6 +32,8 @@ class MetaConfig:
     lease_ttl: float = 5.0
     tls_cert: str = ""  # serve HTTPS when both are set
     tls_key: str = ""
+    secret_key: str = ""  # seals CHAP secrets in etcd; at least 16 characters when set
+    planner_interval: float = 5.0  # seconds between background planner passes
     auth: AuthSettings = field(default_factory=AuthSettings)
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     log: LogSettings = field(default_factory=LogSettings)
@@ -41,6 +43,12 @@ class MetaConfig:
         parse_hostport(self.portal, "portal")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key must be set together")
+        if self.secret_key and len(self.secret_key) < 16:
+            raise ConfigError("secret_key: at least 16 characters")
+        if not 0.05 <= self.planner_interval <= 3600:
+            raise ConfigError(
+                f"planner_interval: expected 0.05..3600 seconds, got {self.planner_interval}"
+            )
         if not 1 <= self.lease_ttl <= 300:
             raise ConfigError(f"lease_ttl: expected 1..300 seconds, got {self.lease_ttl}")
 

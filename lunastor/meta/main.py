@@ -9,7 +9,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import lunastor
-from lunastor.common.daemon import config_argparser, load_daemon_config, run_daemon, start_http
+from lunastor.common.daemon import (
+    config_argparser,
+    load_daemon_config,
+    run_daemon,
+    server_ssl_context,
+    start_http,
+)
 from lunastor.common.etcd import Etcd
 from lunastor.common.logs import setup_logging
 from lunastor.common.metrics import describe_daemon
@@ -18,6 +24,8 @@ from lunastor.common.records import Keys, MetaInstance
 from lunastor.common.settings import etcd_client_config
 from lunastor.meta.app import make_app
 from lunastor.meta.config import MetaConfig
+from lunastor.meta.luns import LunMap
+from lunastor.meta.planners import DrainPlanner, PlannerLeader
 
 PROG = "lunastor-meta"
 
@@ -50,12 +58,23 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
                 "version": lunastor.__version__,
             }
 
+        ssl_context = (
+            server_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+        )
         await presence.start()
-        runner = await start_http(make_app(config, etcd, health), config.listen, "listen")
+        luns = await LunMap(etcd).start()
+        planners = PlannerLeader(
+            etcd, presence, config.instance_id, [DrainPlanner(etcd)], config.planner_interval
+        )
+        app = make_app(config, etcd, health, luns)
+        runner = await start_http(app, config.listen, "listen", ssl_context)
+        planners.start()
         log.info("meta service up", api=config.api_url)
         await stop.wait()
         log.info("meta service stopping")
         await runner.cleanup()
+        await planners.stop()
+        await luns.stop()
         await presence.stop()
     return 0
 

@@ -1,0 +1,364 @@
+"""The asyncio side of the iSCSI target: sockets in, `TargetConnection` events out.
+
+Thin on purpose (STYLE.md, "Sans-IO"): `IscsiConnectionProtocol.data_received` feeds the
+`PduReader`, hands each PDU to the sans-IO `TargetConnection`, runs the SCSI commands it
+emits as tasks, and writes the encoded PDUs with `transport.writelines` (data segments are
+passed through as memoryviews, never copied here). `IscsiServer` owns the listening sockets,
+the session registry (reinstatement, resets across sessions) and the host interface.
+
+The host (chunk server, standalone target, tests) supplies a `TargetHost`: who may log in to
+what, CHAP secrets, the SendTargets answer, and the `ScsiTarget` behind each target name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from lunastor.iscsi import pdu as p
+from lunastor.iscsi.connection import (
+    CloseConnection,
+    ExecuteCommand,
+    Phase,
+    SessionReinstated,
+    SessionStarted,
+    TargetConnection,
+    TaskManagement,
+)
+from lunastor.iscsi.errors import FramingError, RemoteProtocolError
+from lunastor.iscsi.scsi.target import ScsiTarget
+from lunastor.iscsi.scsi.types import (
+    Nexus,
+    ScsiCommand,
+    ScsiResult,
+    Status,
+    TmfFunction,
+    TmfResponse,
+)
+from lunastor.iscsi.session import Portal, Session, SessionRegistry, SessionType
+
+log = logging.getLogger(__name__)
+
+# fixed-format sense: HARDWARE ERROR, INTERNAL TARGET FAILURE (an unexpected exception)
+_INTERNAL_TARGET_FAILURE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10] + [0] * 4 + [0x44, 0, 0, 0, 0, 0])
+
+
+class TargetHost(Portal, Protocol):
+    """The host interface: the login/discovery policy plus the SCSI target per name."""
+
+    def scsi_target(self, name: str) -> ScsiTarget | None: ...
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    listen: Sequence[tuple[str, int]]
+    queue_depth: int = 128
+    relative_port: int = 1
+    tpgt: int = 1
+    max_recv_data_segment_length: int = 262144  # what we accept per PDU after login
+    ping_interval: float = 10.0  # NOP-In after this much silence
+    ping_timeout: float = 20.0  # close if the ping is not answered
+    max_write_length: int = 32 << 20
+    write_budget: int = 64 << 20  # write buffers solicited by R2T per connection
+
+
+class IscsiServer:
+    def __init__(self, host: TargetHost, config: ServerConfig) -> None:
+        self.host = host
+        self.config = config
+        self.registry = SessionRegistry()
+        self.connections: set[IscsiConnectionProtocol] = set()
+        self._by_session: dict[Session, IscsiConnectionProtocol] = {}
+        self._servers: list[asyncio.Server] = []
+        self.trace = log.isEnabledFor(logging.DEBUG)  # log every PDU
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            for host, port in self.config.listen:
+                server = await loop.create_server(
+                    lambda: IscsiConnectionProtocol(self), host, port, reuse_address=True
+                )
+                self._servers.append(server)
+        except BaseException:
+            await self.close()
+            raise
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The bound (host, port) pairs (useful with port 0)."""
+        out = []
+        for server in self._servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                out.append((str(name[0]), int(name[1])))
+        return out
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for proto in list(self.connections):
+            proto.abort("server shutting down")
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    def session_started(self, proto: IscsiConnectionProtocol, session: Session) -> None:
+        self._by_session[session] = proto
+
+    def session_ended(self, proto: IscsiConnectionProtocol, session: Session) -> None:
+        if self._by_session.get(session) is proto:
+            del self._by_session[session]
+
+    def connection_of(self, session: Session) -> IscsiConnectionProtocol | None:
+        return self._by_session.get(session)
+
+    def peers(self, target: str, exclude: IscsiConnectionProtocol) -> list[IscsiConnectionProtocol]:
+        """The connections of the other normal sessions on `target`."""
+        return [
+            c
+            for s in self.registry.for_target(target)
+            if (c := self._by_session.get(s)) is not None and c is not exclude
+        ]
+
+    def abort_nexus_tasks(self, nexus: Nexus, lun: int) -> None:
+        """For the SCSI layer (PREEMPT AND ABORT): abort `nexus`'s tasks on `lun`."""
+        session = self.registry.find(nexus.initiator_name, nexus.isid, nexus.target_name)
+        proto = self._by_session.get(session) if session is not None else None
+        if proto is not None:
+            proto.cancel(proto.conn.abort_tasks(lun))
+
+
+class IscsiConnectionProtocol(asyncio.Protocol):
+    """One TCP connection. Everything here runs on the event loop thread."""
+
+    def __init__(self, server: IscsiServer) -> None:
+        self.server = server
+        cfg = server.config
+        self.loop = asyncio.get_running_loop()
+        self.reader = p.PduReader(max_recv_data_segment_length=8192, sender="initiator")
+        self.conn: TargetConnection = TargetConnection(
+            server.host,
+            server.registry,
+            queue_depth=cfg.queue_depth,
+            relative_port=cfg.relative_port,
+            tpgt=cfg.tpgt,
+            target_mrdsl=cfg.max_recv_data_segment_length,
+            max_write_length=cfg.max_write_length,
+            write_budget=cfg.write_budget,
+            ping_interval=cfg.ping_interval,
+            ping_timeout=cfg.ping_timeout,
+            now=self.loop.time(),
+        )
+        self.transport: asyncio.Transport | None = None
+        self.target: ScsiTarget | None = None
+        self.session: Session | None = None
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._nexus_lost_done = False
+        self._in_ffp = False
+        self._flush_soon = False
+
+    # --- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        local = transport.get_extra_info("sockname")
+        if local:
+            host = str(local[0])
+            self.conn.local_address = (
+                f"[{host}]:{local[1]}" if ":" in host else f"{host}:{local[1]}"
+            )
+        self.server.connections.add(self)
+        self._timer = self.loop.call_later(1.0, self._tick)
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        conn = self.conn
+        reader.feed(data)
+        conn.last_rx = self.loop.time()
+        trace = self.server.trace
+        while conn.phase is Phase.LOGIN or conn.phase is Phase.FULL_FEATURE:
+            try:
+                pdu = reader.next_pdu()
+            except FramingError as exc:
+                conn.receive_error(exc)
+                break
+            except RemoteProtocolError as exc:
+                conn.receive_error(exc)
+                continue
+            if pdu is None:
+                break
+            if trace:
+                log.debug("<- %r %r", pdu, bytes(getattr(pdu, "data", b""))[:512])
+            conn.receive_pdu(pdu)
+            if not self._in_ffp and conn.phase is Phase.FULL_FEATURE:
+                self._enter_ffp()
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self.cancel(self.conn.connection_lost())
+        self.server.connections.discard(self)
+        if self.session is not None:
+            self.server.session_ended(self, self.session)
+            self._nexus_lost()
+
+    def pause_writing(self) -> None:
+        # the initiator reads slower than we answer: stop taking new commands
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self._closing:
+            self.transport.resume_reading()
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _enter_ffp(self) -> None:
+        self._in_ffp = True
+        conn = self.conn
+        self.reader.header_digest = conn.header_digest
+        self.reader.data_digest = conn.data_digest
+        self.reader.max_recv_data_segment_length = conn.target_mrdsl
+
+    def _flush(self) -> None:
+        conn = self.conn
+        events = conn.events()
+        close: CloseConnection | None = None
+        for ev in events:
+            if isinstance(ev, ExecuteCommand):
+                self._start(ev)
+            elif isinstance(ev, TaskManagement):
+                self.loop.create_task(self._task_management(ev))
+            elif isinstance(ev, SessionStarted):
+                self._session_started(ev.session)
+            elif isinstance(ev, SessionReinstated):
+                old = self.server.connection_of(ev.old)
+                if old is not None:
+                    old._nexus_lost()
+                    old.abort("session reinstated")
+            elif isinstance(ev, CloseConnection):
+                close = ev
+        transport = self.transport
+        if transport is None or self._closing:
+            return
+        if self.server.trace:
+            for pdu in conn._out:
+                log.debug("-> %r %r", pdu, bytes(getattr(pdu, "data", b""))[:512])
+        bufs = conn.data_to_send()
+        if bufs:
+            transport.writelines(bufs)
+        if close is not None:
+            log.info("closing iSCSI connection: %s", close.reason)
+            self._closing = True
+            transport.close()
+
+    def _session_started(self, session: Session) -> None:
+        self.session = session
+        if session.session_type is SessionType.NORMAL:
+            self.target = self.server.host.scsi_target(session.target_name)
+            if self.target is None:
+                self.abort("target vanished during login")
+                return
+        self.server.session_started(self, session)
+
+    def _start(self, ev: ExecuteCommand) -> None:
+        self._running[ev.itt] = self.loop.create_task(self._execute(ev.itt, ev.command))
+
+    async def _execute(self, itt: int, cmd: ScsiCommand) -> None:
+        target = self.target
+        assert target is not None
+        try:
+            result = await target.execute(cmd)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug in the SCSI layer must not kill the connection
+            log.exception("SCSI command failed unexpectedly (CDB %s)", cmd.cdb[:16].hex())
+            result = ScsiResult(Status.CHECK_CONDITION, sense=_INTERNAL_TARGET_FAILURE)
+        finally:
+            self._running.pop(itt, None)
+        self.conn.command_done(itt, result)
+        if not self._flush_soon:
+            # completions that finish in the same loop iteration share one writelines()
+            self._flush_soon = True
+            self.loop.call_soon(self._deferred_flush)
+
+    def _deferred_flush(self) -> None:
+        self._flush_soon = False
+        self._flush()
+
+    def cancel(self, itts: list[int]) -> list[asyncio.Task[None]]:
+        tasks = []
+        for itt in itts:
+            task = self._running.pop(itt, None)
+            if task is not None:
+                task.cancel()
+                tasks.append(task)
+        return tasks
+
+    async def _task_management(self, ev: TaskManagement) -> None:
+        waits = self.cancel(ev.abort)
+        peers: list[IscsiConnectionProtocol] = []
+        if ev.others:
+            lun = None if ev.function in _TARGET_RESETS else ev.lun
+            peers = self.server.peers(ev.nexus.target_name, self)
+            for peer in peers:
+                waits += peer.cancel(peer.conn.abort_tasks(lun))
+        if waits:
+            await asyncio.gather(*waits, return_exceptions=True)
+        response = ev.response
+        if response is None:
+            target = self.target
+            if target is None:
+                response = TmfResponse.REJECTED
+            else:
+                try:
+                    response = target.task_management(ev.nexus, ev.function, ev.lun)
+                except Exception:
+                    log.exception("task management %s failed", ev.function.name)
+                    response = TmfResponse.REJECTED
+        self.conn.tmf_done(ev.itt, response)
+        self._flush()
+        if ev.function is TmfFunction.TARGET_COLD_RESET and response is TmfResponse.COMPLETE:
+            for peer in peers:
+                peer.abort("target cold reset")
+
+    def _tick(self) -> None:
+        if self._closing:
+            return
+        self.conn.tick(self.loop.time())
+        self._flush()
+        self._timer = self.loop.call_later(1.0, self._tick)
+
+    def _nexus_lost(self) -> None:
+        """Tell the SCSI layer, once, that this session's I_T nexus is gone."""
+        if self._nexus_lost_done or self.session is None or self.target is None:
+            return
+        self._nexus_lost_done = True
+        try:
+            self.target.nexus_lost(self.session.nexus)
+        except Exception:
+            log.exception("nexus_lost failed")
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now (no goodbye): reinstatement, shutdown, cold reset."""
+        if self.transport is not None and not self.transport.is_closing():
+            log.info("aborting iSCSI connection: %s", reason)
+            self.transport.abort()
+        self._closing = True
+
+
+_TARGET_RESETS = (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET)

@@ -1,0 +1,568 @@
+"""One replica of one extent: sparse data file, checksum sidecar, two-slot header.
+
+Crash consistency (docs/extent-format.md, "Crash consistency", has the full argument):
+every mutation runs, in this order, on the page cache:
+  1. header: record the intent (byte range about to change)      [only for data writes]
+  2. data file: fallocate the range, then pwrite the new blocks
+  3. sidecar: pwrite the new checksums (0 = unmapped)
+  4. header: applied_seq = seq, intent cleared
+A process crash keeps the page cache, so on the next open the only blocks that can disagree
+with their checksums are those in the recorded intent; they are re-hashed (their content is
+old, new or a mix, all allowed because that write was never acknowledged). The DIRTY flag and
+the boot id are made durable before the first mutation after an open; a replica found dirty
+under another boot lost its page cache, so its `applied_seq` falls back to `durable_seq` (only
+advanced by `flush` after the data and sidecar are on disk), it is marked STALE and must be
+rescanned and converged from a peer before it serves again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from lunastor.chunk.store import checksums as cs
+from lunastor.chunk.store.checksums import BLOCK_SIZE, CHECKSUM_SIZE, UNMAPPED
+from lunastor.chunk.store.errors import (
+    ChecksumMismatch,
+    FutureGeneration,
+    InvalidRequest,
+    OutOfOrder,
+    ReplicaClosed,
+    ReplicaNotCurrent,
+    StaleGeneration,
+)
+from lunastor.chunk.store.fsio import data_dir_io, pread_exact, preallocate, punch_hole, pwrite_all
+from lunastor.chunk.store.header import (
+    SLOT_SIZE,
+    Header,
+    HeaderFlags,
+    ReplicaState,
+    encode_slot,
+)
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaPaths:
+    data_dir: str
+    header: Path
+    data: Path
+    sums: Path
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaInfo:
+    """What a header says, for the start-up index and for GET_STATE."""
+
+    volume: str
+    extent: int
+    generation: int
+    applied_seq: int
+    durable_seq: int
+    state: ReplicaState
+    data_dir: str
+    unclean: bool  # written since its last clean close (a crash, or open right now)
+    needs_rescan: bool
+
+    @classmethod
+    def of(cls, h: Header, data_dir: str) -> ReplicaInfo:
+        return cls(
+            volume=h.volume,
+            extent=h.extent,
+            generation=h.generation,
+            applied_seq=h.applied_seq,
+            durable_seq=h.durable_seq,
+            state=h.state,
+            data_dir=data_dir,
+            unclean=bool(h.flags & HeaderFlags.DIRTY),
+            needs_rescan=bool(h.flags & HeaderFlags.NEEDS_RESCAN),
+        )
+
+
+class Replica:
+    """Use `ExtentStore.create` / `ExtentStore.open` to get one."""
+
+    def __init__(
+        self,
+        paths: ReplicaPaths,
+        header: Header,
+        slot: int,
+        fds: tuple[int, int, int],
+        boot_id: bytes,
+        on_gone: Callable[[Replica], None],
+    ) -> None:
+        self.paths = paths
+        self._h = header
+        self._slot = slot  # the slot holding the newest header
+        self._hdr_fd, self._data_fd, self._sum_fd = fds
+        self._boot_id = boot_id
+        self._on_gone = on_gone
+        self._closed = False
+        self._dirty = bool(header.flags & HeaderFlags.DIRTY) and header.boot_id == boot_id
+        self._mutate = asyncio.Lock()  # serialises ordered mutations (FIFO, so seq order holds)
+        self._sync = asyncio.Lock()  # one fdatasync round at a time; close waits for it
+        self.recovered_blocks: list[int] = []  # re-hashed at open after a crash
+        with self._io():
+            self.mapped_blocks = cs.count_mapped(
+                pread_exact(self._sum_fd, self.num_blocks * CHECKSUM_SIZE, 0)
+            )
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def volume(self) -> str:
+        return self._h.volume
+
+    @property
+    def extent(self) -> int:
+        return self._h.extent
+
+    @property
+    def extent_size(self) -> int:
+        return self._h.extent_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self._h.extent_size // BLOCK_SIZE
+
+    @property
+    def generation(self) -> int:
+        return self._h.generation
+
+    @property
+    def applied_seq(self) -> int:
+        return self._h.applied_seq
+
+    @property
+    def durable_seq(self) -> int:
+        return self._h.durable_seq
+
+    @property
+    def state(self) -> ReplicaState:
+        return self._h.state
+
+    @property
+    def needs_rescan(self) -> bool:
+        return bool(self._h.flags & HeaderFlags.NEEDS_RESCAN)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def info(self) -> ReplicaInfo:
+        return ReplicaInfo.of(self._h, self.paths.data_dir)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Verified bytes; raises ChecksumMismatch naming bad blocks, never returns them."""
+        self._check_open()
+        if self._h.state != ReplicaState.CURRENT:
+            raise ReplicaNotCurrent(self._h.state, "serve reads")
+        self._check_range(offset, length)
+        b0, b1 = self._blocks(offset, length)
+        with self._io():
+            data, sums = self._read_blocks(b0, b1)
+        bad = cs.bad_blocks(data, sums, b0)
+        if bad:
+            raise ChecksumMismatch(bad)
+        start = offset - b0 * BLOCK_SIZE
+        return bytes(data[start : start + length])
+
+    async def read_for_copy(self, offset: int, length: int) -> tuple[bytes, bytes]:
+        """(data, checksums) of whole blocks, verified, in any state: the source of a copy."""
+        self._check_open()
+        self._check_aligned(offset, length)
+        b0, b1 = self._blocks(offset, length)
+        with self._io():
+            data, sums = self._read_blocks(b0, b1)
+        bad = cs.bad_blocks(data, sums, b0)
+        if bad:
+            raise ChecksumMismatch(bad)
+        return bytes(data), bytes(sums)
+
+    async def checksums(self) -> bytes:
+        """The whole checksum array (8 bytes per block, 0 = unmapped), for replica comparison.
+
+        After a lost page cache the array is first made truthful by a rescan.
+        """
+        self._check_open()
+        if self.needs_rescan:
+            await self.rescan()
+        with self._io():
+            return pread_exact(self._sum_fd, self.num_blocks * CHECKSUM_SIZE, 0)
+
+    def mapped_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(byte offset, byte length, mapped) runs over whole blocks covering the range."""
+        self._check_open()
+        self._check_range(offset, length)
+        b0, b1 = self._blocks(offset, length)
+        with self._io():
+            sums = pread_exact(self._sum_fd, (b1 - b0) * CHECKSUM_SIZE, b0 * CHECKSUM_SIZE)
+        flags = [cs.is_mapped(sums, i) for i in range(b1 - b0)]
+        return [((b0 + s) * BLOCK_SIZE, n * BLOCK_SIZE, mapped) for s, n, mapped in cs.runs(flags)]
+
+    # -- ordered mutations ------------------------------------------------------------------
+
+    async def write(self, offset: int, data: Buffer, *, seq: int, gen: int, fua: bool) -> None:
+        """Apply write `seq` of generation `gen`; sub-block pieces are read-modify-write."""
+        self._check_open()
+        self._check_range(offset, len(data))
+        async with self._mutate:
+            self._check_order(seq, gen)
+            await self._mark_dirty()
+            self._check_open()
+            with self._io():
+                self._write_bytes(offset, data)
+                self._store_header(self._h.evolve(applied_seq=seq))
+        if fua:
+            await self.flush()
+
+    async def unmap(self, offset: int, length: int, *, seq: int, gen: int, fua: bool) -> None:
+        """Deallocate whole blocks (punch holes); zero the covered part of partial blocks."""
+        self._check_open()
+        self._check_range(offset, length)
+        async with self._mutate:
+            self._check_order(seq, gen)
+            await self._mark_dirty()
+            self._check_open()
+            end = offset + length
+            full0 = -(-offset // BLOCK_SIZE)
+            full1 = end // BLOCK_SIZE
+            with self._io():
+                if full0 >= full1:  # no whole block: one or two partial ones
+                    first_end = min(end, (offset // BLOCK_SIZE + 1) * BLOCK_SIZE)
+                    self._zero_partial(offset, first_end - offset)
+                    self._zero_partial(first_end, end - first_end)
+                else:
+                    self._zero_partial(offset, full0 * BLOCK_SIZE - offset)
+                    self._zero_partial(full1 * BLOCK_SIZE, end - full1 * BLOCK_SIZE)
+                    self._unmap_blocks(full0, full1)
+                self._store_header(self._h.evolve(applied_seq=seq))
+        if fua:
+            await self.flush()
+
+    # -- catch-up, rebuild, repair, fencing -------------------------------------------------
+
+    async def apply_copy(self, offset: int, data: Buffer, checksums: Buffer) -> None:
+        """Install whole blocks copied from a peer, with their checksums (0 = unmapped).
+
+        Any state; does not change applied_seq. Data that fails its checksum is refused.
+        """
+        self._check_open()
+        self._check_aligned(offset, len(data))
+        nblocks = len(data) // BLOCK_SIZE
+        if len(checksums) != nblocks * CHECKSUM_SIZE:
+            raise InvalidRequest(f"expected {nblocks * CHECKSUM_SIZE} checksum bytes")
+        b0 = offset // BLOCK_SIZE
+        bad = cs.bad_blocks(data, checksums, b0)
+        if bad:
+            raise ChecksumMismatch(bad)
+        async with self._mutate:
+            await self._mark_dirty()
+            self._check_open()
+            view = memoryview(data)
+            with self._io():
+                flags = [cs.is_mapped(checksums, i) for i in range(nblocks)]
+                for start, count, mapped in cs.runs(flags):
+                    if not mapped:
+                        self._unmap_blocks(b0 + start, b0 + start + count)
+                        continue
+                    lo, hi = start * BLOCK_SIZE, (start + count) * BLOCK_SIZE
+                    self._store_blocks(
+                        b0 + start, view[lo:hi], checksums[start * 8 : (start + count) * 8]
+                    )
+                self._store_header(self._h)
+
+    async def set_generation(
+        self, gen: int, *, applied_seq: int | None = None, state: ReplicaState | None = None
+    ) -> None:
+        """Durably adopt generation `gen` (never lower); optionally reset applied_seq/state."""
+        self._check_open()
+        async with self._mutate:
+            if gen < self._h.generation:
+                raise StaleGeneration(self._h.generation, gen)
+            changes: dict[str, object] = {"generation": gen}
+            if applied_seq is not None:
+                changes["applied_seq"] = applied_seq
+                # durable_seq never claims more than is applied
+                changes["durable_seq"] = min(self._h.durable_seq, applied_seq)
+            if state is not None:
+                changes["state"] = ReplicaState(state)
+            with self._io():
+                self._store_header(self._h.evolve(**changes))
+            await self._sync_header()
+
+    async def rescan(self) -> list[int]:
+        """Re-verify every mapped block; re-hash those that fail. Returns their indices.
+
+        Used after a lost page cache, when stored checksums may describe data that never
+        reached the disk: afterwards the checksum array describes what is really there, so
+        comparing it with a peer's finds every block to copy.
+        """
+        self._check_open()
+        fixed: list[int] = []
+        step = 256  # blocks per pass: 1 MiB
+        async with self._mutate:
+            with self._io():
+                for b in range(0, self.num_blocks, step):
+                    e = min(b + step, self.num_blocks)
+                    data, sums = self._read_blocks(b, e)
+                    bad = cs.bad_blocks(data, sums, b)
+                    for blk in bad:
+                        i = blk - b
+                        chunk = memoryview(data)[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
+                        pwrite_all(self._sum_fd, cs.block_checksum(chunk), blk * CHECKSUM_SIZE)
+                    fixed.extend(bad)
+                    await asyncio.sleep(0)  # let IO of other replicas through
+                flags = self._h.flags & ~HeaderFlags.NEEDS_RESCAN
+                self._store_header(self._h.evolve(flags=flags))
+            await self._sync_all()
+        return fixed
+
+    async def flush(self) -> None:
+        """fdatasync data and sidecar, then record durable_seq in the header and sync it."""
+        self._check_open()
+        async with self._sync:
+            self._check_open()
+            applied = self._h.applied_seq
+            await self._sync_all(data_only=True)
+            if self._closed:
+                return
+            if applied > self._h.durable_seq:
+                with self._io():
+                    self._store_header(self._h.evolve(durable_seq=applied))
+                await self._sync_header()
+
+    async def close(self) -> None:
+        """Flush and mark the header clean (the next open needs no recovery)."""
+        if self._closed:
+            return
+        async with self._mutate:
+            await self.flush()
+            async with self._sync:
+                if self._closed:
+                    return
+                flags = self._h.flags & ~HeaderFlags.DIRTY
+                with self._io():
+                    self._store_header(self._h.evolve(flags=flags))
+                await self._sync_header()
+                self._close_fds()
+
+    async def delete(self) -> None:
+        """Remove the replica's files. The header goes first: without it, no replica exists."""
+        if self._closed:
+            raise ReplicaClosed(f"replica {self.volume}/{self.extent} is closed")
+        async with self._mutate, self._sync:
+            self._close_fds()
+            with data_dir_io(self.paths.data_dir):
+                for path in (self.paths.header, self.paths.data, self.paths.sums):
+                    path.unlink(missing_ok=True)
+                dir_fd = os.open(self.paths.header.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    await asyncio.to_thread(os.fsync, dir_fd)
+                finally:
+                    os.close(dir_fd)
+
+    async def recover(self) -> None:
+        """At open: repair what a crash left, from the header's DIRTY flag, boot id and intent."""
+        h = self._h
+        if not h.flags & HeaderFlags.DIRTY:
+            return
+        if h.boot_id == self._boot_id:
+            # The process died; the page cache survived. Only the write in progress (the
+            # intent) can have data and checksums out of step: re-hash its blocks.
+            if h.intent_length:
+                b0, b1 = self._blocks(h.intent_offset, h.intent_length)
+                with self._io():
+                    self.recovered_blocks = self._rehash(b0, min(b1, self.num_blocks))
+                    self._store_header(self._h)
+            return
+        # Dirty under another boot: page cache lost. Writes after durable_seq may be partly
+        # on disk; checksums may not describe data. Fence and rescan before any use.
+        flags = (h.flags & ~HeaderFlags.DIRTY) | HeaderFlags.NEEDS_RESCAN
+        with self._io():
+            self._store_header(
+                h.evolve(applied_seq=h.durable_seq, state=ReplicaState.STALE, flags=flags)
+            )
+        await self._sync_header()
+
+    def abandon(self) -> None:
+        """Close the files without touching the header (an open that failed)."""
+        self._close_fds()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _io(self) -> AbstractContextManager[None]:
+        return data_dir_io(self.paths.data_dir)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ReplicaClosed(f"replica {self.volume}/{self.extent} is closed")
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length <= 0 or offset + length > self.extent_size:
+            raise InvalidRequest(
+                f"range {offset}+{length} is not inside the extent (0..{self.extent_size})"
+            )
+
+    def _check_aligned(self, offset: int, length: int) -> None:
+        self._check_range(offset, length)
+        if offset % BLOCK_SIZE or length % BLOCK_SIZE:
+            raise InvalidRequest(f"range {offset}+{length} is not {BLOCK_SIZE}-byte aligned")
+
+    def _check_order(self, seq: int, gen: int) -> None:
+        h = self._h
+        if gen < h.generation:
+            raise StaleGeneration(h.generation, gen)
+        if gen > h.generation:
+            raise FutureGeneration(h.generation, gen)
+        if h.state == ReplicaState.STALE:
+            raise ReplicaNotCurrent(h.state, "take ordered writes")
+        if seq != h.applied_seq + 1:
+            raise OutOfOrder(h.applied_seq + 1, seq)
+
+    @staticmethod
+    def _blocks(offset: int, length: int) -> tuple[int, int]:
+        return offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
+
+    def _read_blocks(self, b0: int, b1: int) -> tuple[bytearray, bytes]:
+        """Blocks [b0, b1) with unmapped ones as zeros, and their checksum entries."""
+        sums = pread_exact(self._sum_fd, (b1 - b0) * CHECKSUM_SIZE, b0 * CHECKSUM_SIZE)
+        if not any(sums):
+            return bytearray((b1 - b0) * BLOCK_SIZE), sums
+        data = bytearray(pread_exact(self._data_fd, (b1 - b0) * BLOCK_SIZE, b0 * BLOCK_SIZE))
+        for i in range(b1 - b0):
+            if not cs.is_mapped(sums, i):  # its data may be stale bytes of an unfinished punch
+                data[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] = bytes(BLOCK_SIZE)
+        return data, sums
+
+    def _write_bytes(self, offset: int, data: Buffer) -> None:
+        b0, b1 = self._blocks(offset, len(data))
+        start, end = b0 * BLOCK_SIZE, b1 * BLOCK_SIZE
+        if offset == start and offset + len(data) == end:
+            self._store_blocks(b0, data, cs.checksums_of(data))
+            return
+        # read-modify-write of the partial first/last block, verified: never merge into bad data
+        buf = bytearray(end - start)
+        edges = {b0} if offset != start else set()
+        if (offset + len(data)) != end:
+            edges.add(b1 - 1)
+        for blk in sorted(edges):
+            block, sums = self._read_blocks(blk, blk + 1)
+            bad = cs.bad_blocks(block, sums, blk)
+            if bad:
+                raise ChecksumMismatch(bad)
+            buf[(blk - b0) * BLOCK_SIZE : (blk - b0 + 1) * BLOCK_SIZE] = block
+        buf[offset - start : offset - start + len(data)] = data
+        self._store_blocks(b0, buf, cs.checksums_of(buf))
+
+    def _store_blocks(self, b0: int, data: Buffer, sums: Buffer) -> None:
+        """Steps 1-3 of a mutation for whole blocks starting at block b0."""
+        start, nblocks = b0 * BLOCK_SIZE, len(data) // BLOCK_SIZE
+        old = pread_exact(self._sum_fd, nblocks * CHECKSUM_SIZE, b0 * CHECKSUM_SIZE)
+        # Reserve space first: ENOSPC here leaves every byte as it was.
+        preallocate(self._sum_fd, b0 * CHECKSUM_SIZE, nblocks * CHECKSUM_SIZE)
+        preallocate(self._data_fd, start, len(data))
+        self._store_header(self._h.evolve(intent_offset=start, intent_length=len(data)))
+        try:
+            pwrite_all(self._data_fd, data, start)
+            pwrite_all(self._sum_fd, sums, b0 * CHECKSUM_SIZE)
+        except OSError:
+            # Only possible where preallocation is unsupported or not honoured (e.g. CoW file
+            # systems): make every touched block's checksum describe its data again, so the
+            # replica stays readable; the write itself is reported failed (never acknowledged).
+            self._rehash(b0, b0 + nblocks)
+            raise
+        self.mapped_blocks += cs.count_mapped(sums) - cs.count_mapped(old)
+
+    def _zero_partial(self, offset: int, length: int) -> None:
+        """Zero part of one block (unmap's partial edges) unless it is unmapped already."""
+        if length <= 0:
+            return
+        blk = offset // BLOCK_SIZE
+        sums = pread_exact(self._sum_fd, CHECKSUM_SIZE, blk * CHECKSUM_SIZE)
+        if sums != UNMAPPED:  # an unmapped block already reads as zeros
+            self._write_bytes(offset, bytes(length))
+
+    def _unmap_blocks(self, b0: int, b1: int) -> None:
+        # Sidecar first: from that moment the blocks read as zeros whatever the data file holds.
+        old = pread_exact(self._sum_fd, (b1 - b0) * CHECKSUM_SIZE, b0 * CHECKSUM_SIZE)
+        if not any(old):
+            return
+        pwrite_all(self._sum_fd, bytes(len(old)), b0 * CHECKSUM_SIZE)
+        self.mapped_blocks -= cs.count_mapped(old)
+        if self.mapped_blocks == 0:
+            # Nothing mapped any more: give all of the extent's space back, sidecar included.
+            for fd, size in (
+                (self._data_fd, self.extent_size),
+                (self._sum_fd, self.num_blocks * CHECKSUM_SIZE),
+            ):
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)
+            return
+        punch_hole(self._data_fd, b0 * BLOCK_SIZE, (b1 - b0) * BLOCK_SIZE)
+
+    def _rehash(self, b0: int, b1: int) -> list[int]:
+        """Make the checksums of mapped blocks in [b0, b1) describe their current data."""
+        data, sums = self._read_blocks(b0, b1)
+        bad = cs.bad_blocks(data, sums, b0)
+        for blk in bad:
+            i = blk - b0
+            chunk = memoryview(data)[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
+            pwrite_all(self._sum_fd, cs.block_checksum(chunk), blk * CHECKSUM_SIZE)
+        return bad
+
+    def _store_header(self, h: Header) -> None:
+        """Write `h` (intent cleared unless set in `h`) to the other slot."""
+        slot = 1 - self._slot
+        h = h.evolve(counter=self._h.counter + 1)
+        pwrite_all(self._hdr_fd, encode_slot(h), slot * SLOT_SIZE)
+        # The in-memory header never keeps an intent: the next header written clears it.
+        self._h, self._slot = h.evolve(intent_offset=0, intent_length=0), slot
+
+    async def _mark_dirty(self) -> None:
+        """Durably record "written in this boot" before the first mutation since open."""
+        if self._dirty:
+            return
+        with self._io():
+            self._store_header(
+                self._h.evolve(flags=self._h.flags | HeaderFlags.DIRTY, boot_id=self._boot_id)
+            )
+        await self._sync_header()
+        self._dirty = True
+
+    async def _sync_header(self) -> None:
+        with self._io():
+            await asyncio.to_thread(os.fdatasync, self._hdr_fd)
+
+    async def _sync_all(self, data_only: bool = False) -> None:
+        fds = (
+            (self._data_fd, self._sum_fd)
+            if data_only
+            else (
+                self._data_fd,
+                self._sum_fd,
+                self._hdr_fd,
+            )
+        )
+        with self._io():
+            for fd in fds:
+                await asyncio.to_thread(os.fdatasync, fd)
+            # An unlinked file (its directory was removed under us) would swallow writes.
+            if os.fstat(self._hdr_fd).st_nlink == 0:
+                raise OSError(2, "replica files were removed from the data directory")
+
+    def _close_fds(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fd in (self._hdr_fd, self._data_fd, self._sum_fd):
+            with suppress(OSError):
+                os.close(fd)
+        self._on_gone(self)

@@ -1,0 +1,346 @@
+"""The extent store: replicas of extents on one or more local data directories.
+
+Layout (docs/extent-format.md):
+`<data_dir>/extents/<volume>/<extent as 16 hex digits>.{hdr,dat,sum}`.
+A replica exists exactly when its `.hdr` exists: `create` writes the header last (to a
+temporary name, then renamed), `delete` removes it first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lunastor.chunk.store.checksums import BLOCK_SIZE, CHECKSUM_SIZE
+from lunastor.chunk.store.errors import (
+    DataDirFailed,
+    HeaderDamaged,
+    InvalidRequest,
+    ReplicaExists,
+    ReplicaNotFound,
+    SpaceExhausted,
+)
+from lunastor.chunk.store.fsio import current_boot_id, data_dir_io, pread_exact
+from lunastor.chunk.store.header import (
+    FORMAT_VERSION,
+    HEADER_FILE_SIZE,
+    MAX_VOLUME_ID,
+    SLOT_SIZE,
+    Header,
+    HeaderFlags,
+    ReplicaState,
+    SlotError,
+    decode_file,
+    encode_slot,
+)
+from lunastor.chunk.store.replica import Replica, ReplicaInfo, ReplicaPaths
+
+DEFAULT_EXTENT_SIZE = 64 * 1024 * 1024
+EXTENTS_DIR = "extents"
+_VOLUME_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_VOLUME_ID - 1}}}")
+_HEADER_NAME = re.compile(r"([0-9a-f]{16})\.hdr")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaProblem:
+    """Something found at start-up that is not a usable replica: reported, never fatal."""
+
+    path: str
+    reason: str
+
+
+@dataclass(slots=True)
+class ReplicaListing:
+    replicas: list[ReplicaInfo] = field(default_factory=list)
+    problems: list[ReplicaProblem] = field(default_factory=list)
+    failed_dirs: list[DataDirFailed] = field(default_factory=list)
+
+
+class ExtentStore:
+    """Replicas on local data directories. One instance per chunk server process."""
+
+    def __init__(
+        self,
+        data_dirs: Sequence[str | os.PathLike[str]],
+        extent_size: int = DEFAULT_EXTENT_SIZE,
+        *,
+        boot_id: bytes | None = None,  # tests pass one to simulate a reboot
+    ) -> None:
+        if not data_dirs:
+            raise InvalidRequest("at least one data directory is required")
+        if extent_size <= 0 or extent_size % BLOCK_SIZE:
+            raise InvalidRequest(f"extent size must be a positive multiple of {BLOCK_SIZE}")
+        self.data_dirs = [str(d) for d in data_dirs]
+        self.extent_size = extent_size
+        self.boot_id = boot_id if boot_id is not None else current_boot_id()
+        self.failed: dict[str, DataDirFailed] = {}
+        self._open: dict[tuple[str, int], Replica] = {}
+        self._index: dict[tuple[str, int], str] = {}  # (volume, extent) -> data dir
+        self._opening: dict[tuple[str, int], asyncio.Lock] = {}
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def list_replicas(self) -> ReplicaListing:
+        """Scan every data directory's headers and rebuild the in-memory index."""
+        listing = ReplicaListing()
+        index: dict[tuple[str, int], str] = {}
+        for d in self.data_dirs:
+            if d in self.failed:
+                listing.failed_dirs.append(self.failed[d])
+                continue
+            try:
+                with data_dir_io(d):
+                    self._scan_dir(d, listing, index)
+            except DataDirFailed as exc:
+                self.failed[d] = exc
+                listing.failed_dirs.append(exc)
+        self._index = index
+        return listing
+
+    def _scan_dir(self, d: str, listing: ReplicaListing, index: dict[tuple[str, int], str]) -> None:
+        root = Path(d) / EXTENTS_DIR
+        if not Path(d).is_dir():
+            raise OSError(errno.ENOENT, "data directory is missing")
+        if not root.is_dir():
+            return
+        for vol_dir in sorted(root.iterdir()):
+            names = {p.name for p in vol_dir.iterdir()}
+            headers = set()
+            for name in sorted(names):
+                path = vol_dir / name
+                m = _HEADER_NAME.fullmatch(name)
+                if m is None:
+                    stem = name.rsplit(".", 1)[0]
+                    if f"{stem}.hdr" not in names:
+                        listing.problems.append(
+                            ReplicaProblem(
+                                str(path), "no header: left over by an unfinished create"
+                            )
+                        )
+                    continue
+                headers.add(name)
+                try:
+                    h, _ = self._read_header(path)
+                except HeaderDamaged as exc:
+                    listing.problems.append(ReplicaProblem(str(path), exc.reason))
+                    continue
+                key = (h.volume, h.extent)
+                if h.volume != vol_dir.name or h.extent != int(m.group(1), 16):
+                    listing.problems.append(
+                        ReplicaProblem(str(path), f"header names {h.volume}/{h.extent}")
+                    )
+                elif key in index:
+                    listing.problems.append(
+                        ReplicaProblem(str(path), f"duplicate replica, also in {index[key]}")
+                    )
+                else:
+                    index[key] = d
+                    listing.replicas.append(ReplicaInfo.of(h, d))
+
+    @staticmethod
+    def _read_header(path: Path) -> tuple[Header, int]:
+        raw = path.read_bytes()
+        try:
+            return decode_file(raw)
+        except SlotError as exc:
+            raise HeaderDamaged(str(path), str(exc)) from None
+
+    def check_data_dirs(self) -> list[DataDirFailed]:
+        """Probe each data directory (exists, writable, fsync works); newly failed ones."""
+        newly = []
+        for d in self.data_dirs:
+            if d in self.failed:
+                continue
+            probe = Path(d) / ".lunastor-probe"
+            try:
+                with data_dir_io(d):
+                    if not Path(d).is_dir():
+                        raise OSError(errno.ENOENT, "data directory is missing")
+                    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    try:
+                        os.write(fd, b"probe")
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    probe.unlink()
+            except SpaceExhausted:
+                continue  # full is not failed
+            except DataDirFailed as exc:
+                self.failed[d] = exc
+                newly.append(exc)
+        return newly
+
+    # -- replicas ---------------------------------------------------------------------------
+
+    def paths(self, data_dir: str, volume: str, extent: int) -> ReplicaPaths:
+        base = Path(data_dir) / EXTENTS_DIR / volume / f"{extent:016x}"
+        return ReplicaPaths(
+            data_dir=data_dir,
+            header=base.with_suffix(".hdr"),
+            data=base.with_suffix(".dat"),
+            sums=base.with_suffix(".sum"),
+        )
+
+    def _locate(self, volume: str, extent: int) -> str | None:
+        key = (volume, extent)
+        d = self._index.get(key)
+        if d is not None and d not in self.failed and self.paths(d, volume, extent).header.exists():
+            return d
+        for d in self.data_dirs:
+            if d not in self.failed and self.paths(d, volume, extent).header.exists():
+                self._index[key] = d
+                return d
+        return None
+
+    async def create(
+        self, volume: str, extent: int, gen: int, state: ReplicaState = ReplicaState.CURRENT
+    ) -> Replica:
+        """A new, empty (all unmapped, no space used) replica at generation `gen`."""
+        _check_key(volume, extent)
+        key = (volume, extent)
+        async with self._opening.setdefault(key, asyncio.Lock()):
+            if key in self._open or self._locate(volume, extent) is not None:
+                raise ReplicaExists(volume, extent)
+            d = self._pick_dir()
+            p = self.paths(d, volume, extent)
+            h = Header(
+                volume=volume,
+                extent=extent,
+                extent_size=self.extent_size,
+                block_size=BLOCK_SIZE,
+                generation=gen,
+                applied_seq=0,
+                durable_seq=0,
+                state=ReplicaState(state),
+                counter=1,
+            )
+            try:
+                with data_dir_io(d):
+                    await asyncio.to_thread(self._create_files, p, h)
+            except (SpaceExhausted, DataDirFailed):
+                for path in (p.data, p.sums, p.header.with_suffix(".tmp")):
+                    path.unlink(missing_ok=True)
+                raise
+            self._index[key] = d
+            return await self._open_files(p)
+
+    def _create_files(self, p: ReplicaPaths, h: Header) -> None:
+        p.header.parent.mkdir(parents=True, exist_ok=True)
+        nblocks = self.extent_size // BLOCK_SIZE
+        for path, size in ((p.data, self.extent_size), (p.sums, nblocks * CHECKSUM_SIZE)):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.ftruncate(fd, size)  # sparse: thin until written
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        tmp = p.header.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            # slot 0 holds the header, slot 1 starts invalid (zeros); both really allocated
+            os.write(fd, encode_slot(h) + bytes(SLOT_SIZE))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, p.header)
+        dir_fd = os.open(p.header.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _pick_dir(self) -> str:
+        best: tuple[int, str] | None = None
+        for d in self.data_dirs:
+            if d in self.failed:
+                continue
+            try:
+                st = os.statvfs(d)
+            except OSError as exc:
+                self.failed[d] = DataDirFailed(d, exc.errno, exc.strerror or str(exc))
+                continue
+            free = st.f_bavail * st.f_frsize
+            if best is None or free > best[0]:
+                best = (free, d)
+        if best is None:
+            raise DataDirFailed(",".join(self.data_dirs), None, "no data directory in service")
+        return best[1]
+
+    async def open(self, volume: str, extent: int) -> Replica:
+        """The open replica (one object per replica), recovering it first after a crash."""
+        _check_key(volume, extent)
+        key = (volume, extent)
+        async with self._opening.setdefault(key, asyncio.Lock()):
+            replica = self._open.get(key)
+            if replica is not None:
+                return replica
+            d = self._locate(volume, extent)
+            if d is None:
+                raise ReplicaNotFound(volume, extent)
+            return await self._open_files(self.paths(d, volume, extent))
+
+    async def _open_files(self, p: ReplicaPaths) -> Replica:
+        fds: list[int] = []
+        try:
+            with data_dir_io(p.data_dir):
+                for path in (p.header, p.data, p.sums):
+                    fds.append(os.open(path, os.O_RDWR))
+                raw = pread_exact(fds[0], HEADER_FILE_SIZE, 0)
+            try:
+                h, slot = decode_file(raw)
+            except SlotError as exc:
+                raise HeaderDamaged(str(p.header), str(exc)) from None
+            if h.extent_size != self.extent_size or h.block_size != BLOCK_SIZE:
+                raise HeaderDamaged(
+                    str(p.header),
+                    f"extent size {h.extent_size}/block {h.block_size} differ from the "
+                    f"store's {self.extent_size}/{BLOCK_SIZE}",
+                )
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        replica = Replica(p, h, slot, (fds[0], fds[1], fds[2]), self.boot_id, self._forget)
+        try:
+            await replica.recover()
+        except BaseException:
+            replica.abandon()
+            raise
+        self._open[(h.volume, h.extent)] = replica
+        return replica
+
+    def _forget(self, replica: Replica) -> None:
+        key = (replica.volume, replica.extent)
+        if self._open.get(key) is replica:
+            del self._open[key]
+        if not replica.paths.header.exists():
+            self._index.pop(key, None)
+
+    def open_replicas(self) -> list[Replica]:
+        return list(self._open.values())
+
+    async def close(self) -> None:
+        """Close every open replica cleanly (flushed, headers marked clean)."""
+        for replica in list(self._open.values()):
+            try:
+                await replica.close()
+            except DataDirFailed:
+                continue  # reported through the replica's own IO; nothing more to do here
+
+
+def _check_key(volume: str, extent: int) -> None:
+    if not isinstance(volume, str) or not _VOLUME_ID.fullmatch(volume):
+        raise InvalidRequest(
+            f"volume id {volume!r}: expected 1..{MAX_VOLUME_ID} of [A-Za-z0-9._-], "
+            "starting with a letter or digit"
+        )
+    if not isinstance(extent, int) or isinstance(extent, bool) or not 0 <= extent < 2**63:
+        raise InvalidRequest(f"extent index {extent!r} out of range")
+
+
+__all__ = ["DEFAULT_EXTENT_SIZE", "FORMAT_VERSION", "ExtentStore", "HeaderFlags"]

@@ -1,0 +1,51 @@
+"""Where reservation state lives: `ReservationStore`, and its in-process implementation.
+
+The store knows nothing of SCSI: it holds one versioned `PrState` per logical unit (keyed by
+a string that is stable for the volume, e.g. its NAA identifier) and swaps it atomically.
+`current()` is the cached view every command is checked against; `load`/`compare_and_swap`
+are what PERSISTENT RESERVE OUT retries over. An etcd-backed store implements the same
+protocol with one key per LU, a watch keeping `current()` fresh and `mod_revision` as version.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from lunastor.iscsi.scsi.pr import EMPTY, PrState
+
+
+@runtime_checkable
+class ReservationStore(Protocol):
+    @property
+    def persistent(self) -> bool: ...  # survives a restart: APTPL may be accepted
+
+    def current(self, key: str) -> PrState: ...  # never blocks; the latest state known here
+
+    async def load(self, key: str) -> tuple[int, PrState]: ...  # (version, state)
+
+    async def compare_and_swap(self, key: str, version: int, state: PrState) -> bool: ...
+
+
+class InProcessReservations:
+    """Reservation state in this process's memory (one access point, or tests)."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, tuple[int, PrState]] = {}
+
+    @property
+    def persistent(self) -> bool:
+        return False
+
+    def current(self, key: str) -> PrState:
+        entry = self._states.get(key)
+        return EMPTY if entry is None else entry[1]
+
+    async def load(self, key: str) -> tuple[int, PrState]:
+        return self._states.get(key, (0, EMPTY))
+
+    async def compare_and_swap(self, key: str, version: int, state: PrState) -> bool:
+        current = self._states.get(key, (0, EMPTY))[0]
+        if current != version:
+            return False
+        self._states[key] = (version + 1, state)
+        return True

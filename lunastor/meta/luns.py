@@ -1,0 +1,118 @@
+"""The LUN map as this meta instance last saw it, and the LUN assignment policy.
+
+Assignment (docs/etcd-schema.md, "LUN assignment"): the lowest-numbered target that has a free
+LUN, and in it the lowest free LUN in 1..255 (LUN 0 is never assigned). Targets 0..4095.
+
+The map here is only a hint: it follows `Keys.LUNS` with a watch and may lag behind other meta
+instances. What makes a LUN unique is the create transaction's `version(lun key) == 0`
+compare; when it fails the caller marks the LUN taken and asks again. Within one instance,
+`reserve` also keeps concurrent requests from picking the same LUN before etcd answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+
+from lunastor.common.etcd import Etcd, EventType, WatchResync
+from lunastor.common.logs import get_logger
+from lunastor.common.records import FIRST_LUN, MAX_LUN, MAX_TARGETS, Keys
+
+LUNS_PER_TARGET = MAX_LUN - FIRST_LUN + 1
+
+log = get_logger(component="lun-map")
+
+
+def next_free(
+    used: dict[int, set[int]],
+    avoid: set[tuple[int, int]] = frozenset(),  # type: ignore[assignment]
+) -> tuple[int, int] | None:
+    """The (target, lun) the policy assigns next, or None when every target is full. Pure."""
+    for target in range(MAX_TARGETS):
+        taken = used.get(target)
+        if taken is not None and len(taken) >= LUNS_PER_TARGET:
+            continue
+        for lun in range(FIRST_LUN, MAX_LUN + 1):
+            if (taken is None or lun not in taken) and (target, lun) not in avoid:
+                return target, lun
+    return None
+
+
+class LunMap:
+    def __init__(self, etcd: Etcd) -> None:
+        self.etcd = etcd
+        self.used: dict[int, set[int]] = defaultdict(set)
+        self.revision = 0
+        self._reserved: set[tuple[int, int]] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> LunMap:
+        await self._load()
+        self._task = asyncio.create_task(self._follow(), name="lun-map")
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _load(self) -> None:
+        used: dict[int, set[int]] = defaultdict(set)
+        revision = 0
+        async for page in self.etcd.iter_prefix(Keys.LUNS, page_size=5000):
+            for kv in page.kvs:
+                self._add(used, kv.key)
+            revision = page.revision
+        self.used, self.revision = used, revision
+
+    @staticmethod
+    def _add(used: dict[int, set[int]], key: str) -> None:
+        try:
+            target, lun = Keys.parse_lun(key)
+        except ValueError:
+            return
+        used[target].add(lun)
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                async for item in self.etcd.watch_prefix(Keys.LUNS, self.revision + 1):
+                    if isinstance(item, WatchResync):
+                        used: dict[int, set[int]] = defaultdict(set)
+                        for kv in item.kvs:
+                            self._add(used, kv.key)
+                        self.used = used
+                    elif item.type is EventType.PUT:
+                        self._add(self.used, item.kv.key)
+                    else:
+                        with contextlib.suppress(ValueError):
+                            target, lun = Keys.parse_lun(item.kv.key)
+                            self.used[target].discard(lun)
+                    self.revision = item.revision
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep following; the map is a hint, etcd decides
+                log.warning("lun map watch failed; reloading", error=str(exc))
+                await asyncio.sleep(1.0)
+                with contextlib.suppress(Exception):
+                    await self._load()
+
+    def reserve(self, avoid: set[tuple[int, int]]) -> tuple[int, int] | None:
+        """Pick the next free LUN and hold it for this instance until `release`."""
+        choice = next_free(self.used, avoid | self._reserved)
+        if choice is not None:
+            self._reserved.add(choice)
+        return choice
+
+    def release(self, slot: tuple[int, int], taken: bool) -> None:
+        """Done with a reservation; `taken` says the LUN is now in use (by us or another)."""
+        self._reserved.discard(slot)
+        if taken:
+            self.used[slot[0]].add(slot[1])
+
+    def counts(self) -> dict[int, int]:
+        """LUNs in use per target (targets with none are left out)."""
+        return {t: len(luns) for t, luns in self.used.items() if luns}

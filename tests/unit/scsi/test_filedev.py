@@ -1,0 +1,155 @@
+"""FileBlockDevice on a real sparse file in a temporary directory."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lunastor.chunk.filedev import FileBlockDevice
+from lunastor.iscsi.blockdev import (
+    BlockDevice,
+    LbaState,
+    LbaStatus,
+    Miscompare,
+    OutOfRange,
+    WriteProtected,
+)
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def dev(tmp_path: Path) -> Iterator[FileBlockDevice]:
+    d = FileBlockDevice(tmp_path / "vol", size=8 * MIB)
+    yield d
+    d.close()
+
+
+def allocated(dev: FileBlockDevice) -> int:
+    return os.stat(dev.path).st_blocks * 512
+
+
+def seek_data_lbas(dev: FileBlockDevice) -> set[int]:
+    """The logical blocks SEEK_DATA/SEEK_HOLE call mapped, computed independently."""
+    fd = os.open(dev.path, os.O_RDONLY)
+    try:
+        end = dev.num_blocks * dev.block_size
+        mapped: set[int] = set()
+        pos = 0
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                assert e.errno == errno.ENXIO
+                break
+            stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+            mapped.update(range(start // dev.block_size, -(-stop // dev.block_size)))
+            pos = stop
+        return mapped
+    finally:
+        os.close(fd)
+
+
+def status_lbas(runs: list[LbaStatus]) -> tuple[set[int], set[int]]:
+    mapped: set[int] = set()
+    free: set[int] = set()
+    for r in runs:
+        (mapped if r.state is LbaState.MAPPED else free).update(range(r.lba, r.lba + r.blocks))
+    return mapped, free
+
+
+def test_is_a_block_device(dev: FileBlockDevice) -> None:
+    assert isinstance(dev, BlockDevice)
+    assert dev.num_blocks == 8 * MIB // 512
+    assert dev.thin
+
+
+async def test_new_file_is_sparse_and_reads_zeros(dev: FileBlockDevice) -> None:
+    assert allocated(dev) == 0
+    assert await dev.read(100, 8) == bytes(4096)
+    runs = await dev.lba_status(0)
+    assert runs == [LbaStatus(0, dev.num_blocks, LbaState.DEALLOCATED)]
+
+
+async def test_write_read_roundtrip_and_fua(dev: FileBlockDevice) -> None:
+    data = os.urandom(64 * 1024)
+    await dev.write(2048, data, fua=True)
+    assert await dev.read(2048, 128) == data
+    await dev.flush()
+    assert allocated(dev) >= len(data)
+
+
+async def test_unmap_punches_holes(dev: FileBlockDevice) -> None:
+    await dev.write(0, b"\x55" * MIB, fua=False)
+    before = allocated(dev)
+    assert before >= MIB
+    await dev.unmap([(0, 1024)])  # first 512 KiB
+    assert allocated(dev) <= before - 512 * 1024
+    assert await dev.read(0, 1024) == bytes(512 * 1024)
+    assert await dev.read(1024, 1) == b"\x55" * 512
+    mapped, free = status_lbas(list(await dev.lba_status(0)))
+    assert free >= set(range(1024))
+    assert 1024 in mapped
+
+
+async def test_write_same_zero_punches_and_pattern_fills(dev: FileBlockDevice) -> None:
+    await dev.write_same(0, 2048, b"\xab" * 512, unmap=False)
+    assert await dev.read(2047, 1) == b"\xab" * 512
+    assert allocated(dev) >= MIB
+    await dev.write_same(0, 2048, bytes(512), unmap=True)
+    assert allocated(dev) == 0
+    assert await dev.read(0, 8) == bytes(4096)
+
+
+async def test_lba_status_agrees_with_seek_data(dev: FileBlockDevice) -> None:
+    for lba in (0, 8, 4096, 4104, 9000, 16376):
+        await dev.write(lba, b"\x01" * 4096, fua=False)
+    await dev.unmap([(4096, 8)])
+    runs: list[LbaStatus] = []
+    lba = 0
+    while lba < dev.num_blocks:
+        chunk = list(await dev.lba_status(lba))
+        assert chunk and chunk[0].lba == lba
+        runs += chunk
+        lba = chunk[-1].lba + chunk[-1].blocks
+    mapped, free = status_lbas(runs)
+    assert mapped | free == set(range(dev.num_blocks)) and not mapped & free
+    assert mapped == seek_data_lbas(dev)
+
+
+async def test_compare_and_write(dev: FileBlockDevice) -> None:
+    await dev.write(10, b"a" * 512, fua=False)
+    await dev.compare_and_write(10, b"a" * 512, b"b" * 512)
+    assert await dev.read(10, 1) == b"b" * 512
+    with pytest.raises(Miscompare) as info:
+        await dev.compare_and_write(10, b"b" * 100 + b"x" * 412, b"c" * 512)
+    assert info.value.offset == 100
+    assert await dev.read(10, 1) == b"b" * 512
+
+
+async def test_out_of_range_and_read_only(tmp_path: Path, dev: FileBlockDevice) -> None:
+    with pytest.raises(OutOfRange):
+        await dev.read(dev.num_blocks, 1)
+    with pytest.raises(OutOfRange):
+        await dev.write(dev.num_blocks - 1, bytes(1024), fua=False)
+    ro = FileBlockDevice(dev.path, read_only=True)
+    try:
+        assert ro.read_only
+        with pytest.raises(WriteProtected):
+            await ro.write(0, bytes(512), fua=False)
+        with pytest.raises(WriteProtected):
+            await ro.unmap([(0, 8)])
+    finally:
+        ro.close()
+
+
+async def test_resize_bumps_capacity_generation(dev: FileBlockDevice) -> None:
+    gen = dev.capacity_generation
+    dev.resize(dev.num_blocks * 2)
+    assert dev.capacity_generation == gen + 1
+    assert os.stat(dev.path).st_size == 16 * MIB
+    assert await dev.read(dev.num_blocks - 1, 1) == bytes(512)
