@@ -1,0 +1,119 @@
+"""The chunk server's data path, assembled: extent store, extent map, data port, access path,
+and the iSCSI target serving every LUN in etcd. `main.serve` starts one of these."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from lunastor.chunk.config import ChunkConfig
+from lunastor.chunk.dataserver import DataNode, DataServer, Replicas
+from lunastor.chunk.extentmap import ExtentMap
+from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
+from lunastor.chunk.store import ExtentStore
+from lunastor.chunk.targets import EtcdTargetHost
+from lunastor.chunk.volume import AccessPath
+from lunastor.common.daemon import parse_hostport
+from lunastor.common.etcd import Etcd
+from lunastor.common.records import ClusterConfigRecord, Keys, RecordError
+from lunastor.common.sealing import Sealer
+
+log = logging.getLogger(__name__)
+
+
+async def cluster_extent_size(etcd: Etcd, proposal: int) -> int:
+    """The cluster's extent size: stored once by the first chunk server, then fixed."""
+    await etcd.create(Keys.CLUSTER_CONFIG, ClusterConfigRecord(extent_size=proposal).to_json())
+    kv = await etcd.get(Keys.CLUSTER_CONFIG)
+    if kv is None:
+        return proposal
+    try:
+        return ClusterConfigRecord.from_json(kv.value).extent_size
+    except RecordError as exc:
+        raise RuntimeError(f"{Keys.CLUSTER_CONFIG} is unreadable: {exc}") from None
+
+
+class DataPath:
+    def __init__(
+        self, config: ChunkConfig, etcd: Etcd, chunk_id: str, alive: Callable[[], bool]
+    ) -> None:
+        self.config = config
+        self.etcd = etcd
+        self.chunk_id = chunk_id
+        self.alive = alive
+        self.store: ExtentStore | None = None
+        self.emap = ExtentMap(etcd)
+        secret = config.cluster_secret.encode()
+        self.replicas = Replicas(self.emap, secret, chunk_id)
+        self.node: DataNode | None = None
+        self.data_server: DataServer | None = None
+        self.host: EtcdTargetHost | None = None
+        self.iscsi: IscsiServer | None = None
+
+    def _relative_port(self) -> int:
+        """Distinct per chunk server: its rank among the registered chunk servers (1-based)."""
+        ids = sorted(k.removeprefix(Keys.CHUNKS) for k in self.emap.chunks.items)
+        return ids.index(self.chunk_id) + 1 if self.chunk_id in ids else len(ids) + 1
+
+    def _relative_ports(self) -> list[int]:
+        return list(range(1, len(self.emap.chunks.items) + 1))
+
+    async def start(self) -> None:
+        config = self.config
+        extent_size = await cluster_extent_size(self.etcd, config.extent_size)
+        self.store = ExtentStore(config.data_dirs, extent_size)
+        listing = self.store.list_replicas()
+        for problem in listing.problems:
+            log.error("replica problem: %s: %s", problem.path, problem.reason)
+        await self.emap.start()
+        self.node = DataNode(
+            self.store,
+            self.emap,
+            self.replicas,
+            self.chunk_id,
+            alive=self.alive,
+            min_replicas=config.min_replicas,
+        )
+        self.data_server = DataServer(self.node, config.cluster_secret.encode(), self.chunk_id)
+        await self.data_server.start(*parse_hostport(config.data_listen, "data_listen"))
+        path = AccessPath(
+            self.emap,
+            self.replicas,
+            self.chunk_id,
+            lease_ttl=config.lease_ttl,
+            io_timeout=config.io_timeout,
+        )
+        sealer = Sealer(config.secret_key) if config.secret_key else None
+        self.host = EtcdTargetHost(
+            self.etcd,
+            path,
+            extent_size,
+            relative_port=self._relative_port,
+            relative_ports=self._relative_ports,
+            sealer=sealer,
+        )
+        await self.host.start()
+        self.iscsi = IscsiServer(
+            self.host,
+            ServerConfig(
+                listen=[parse_hostport(config.iscsi_listen, "iscsi_listen")],
+                relative_port=self._relative_port(),
+            ),
+        )
+        self.host.server = self.iscsi
+        await self.iscsi.start()
+        log.info(
+            "data path up: extent size %d, %d replicas on disk", extent_size, len(listing.replicas)
+        )
+
+    async def stop(self) -> None:
+        if self.iscsi is not None:
+            await self.iscsi.close()
+        if self.host is not None:
+            await self.host.stop()
+        if self.data_server is not None:
+            await self.data_server.close()
+        await self.replicas.close()
+        await self.emap.stop()
+        if self.store is not None:
+            await self.store.close()
