@@ -175,6 +175,14 @@ class AccessPath:
             if resp.status is Status.NO_SPACE:
                 raise SpaceExhausted(str(resp.fields.get("message", "")))
             if resp.status in (Status.UNAVAILABLE, Status.NOT_FOUND, Status.NOT_CURRENT):
+                log.info(
+                    "primary %s of %s/%d: %s %s",
+                    rec.primary,
+                    volume,
+                    index,
+                    resp.status,
+                    resp.fields.get("message"),
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 if not self.emap.is_live(rec.primary):
