@@ -258,6 +258,8 @@ async def test_a_failed_secondary_is_removed_and_writes_continue(cluster: Cluste
     # the removed replica still has generation gen and the old data: it must never serve it
     stale = await cluster.nodes[secondary].store.open("vol-t", 0)
     assert stale.generation == rec.gen and await stale.read(0, 4096) == blocks(1, 8)
+    # ... not even to an access point on its own server, whose local copy is now stale
+    assert await cluster.volume(secondary).read(0, 8) == blocks(2, 8)
     # below min_replicas (2) nobody acknowledges: NOT READY, which the initiator retries
     await cluster.kill(next(m for m in after.replicas if m != "chunk-0"))
     v.path.io_timeout = 3
@@ -291,3 +293,42 @@ async def test_a_failed_primary_is_replaced_by_the_most_advanced_survivor(
     assert await v.read(lba, 16) == blocks(50, 8) + blocks(60, 8)
     arrays = await checksum_arrays(cluster, "vol-t", index)
     assert len(arrays) == 2 and len(set(arrays.values())) == 1
+
+
+async def test_failover_makes_the_survivors_identical_before_accepting_writes(
+    cluster: Cluster,
+) -> None:
+    # The primary forwarded its last write to one secondary only, then died: that write was
+    # never acknowledged, but the survivors must end up identical (here: both with it).
+    v = cluster.volume("chunk-0", size=16 * EXTENT)
+    index = None
+    for i in range(16):
+        await v.write(i * EXTENT // 512, blocks(i, 8), fua=False)
+        rec = cluster.nodes["chunk-0"].emap.get("vol-t", i)
+        assert rec is not None
+        if rec.primary != "chunk-0":
+            index = i
+            break
+    assert index is not None
+    rec = cluster.nodes["chunk-0"].emap.get("vol-t", index)
+    assert rec is not None
+    ahead, behind = rec.replicas[1], rec.replicas[2]
+    torn = os.urandom(3 * BLOCK_SIZE)
+    for member in (rec.primary, ahead):
+        replica = await cluster.nodes[member].store.open("vol-t", index)
+        await replica.write(
+            8 * BLOCK_SIZE, torn, seq=replica.applied_seq + 1, gen=rec.gen, fua=False
+        )
+    await cluster.kill(rec.primary)
+    lba = index * EXTENT // 512
+    await v.write(lba, blocks(99, 8), fua=True)  # triggers the failover, then is acknowledged
+    after = cluster.nodes["chunk-0"].emap.get("vol-t", index)
+    assert after is not None and after.primary == ahead and not after.converging
+    assert after.gen == rec.gen + 1 and after.replicas == [ahead, behind]
+    arrays = await checksum_arrays(cluster, "vol-t", index)
+    assert len(arrays) == 2 and len(set(arrays.values())) == 1
+    for member in (ahead, behind):
+        replica = await cluster.nodes[member].store.open("vol-t", index)
+        assert replica.generation == after.gen and replica.applied_seq >= 1
+        assert await replica.read(8 * BLOCK_SIZE, len(torn)) == torn
+    assert await v.read(lba, 8) == blocks(99, 8)
