@@ -5,6 +5,7 @@ extents so that IO crosses extent boundaries (ARCHITECTURE.md, "Invariants")."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -332,3 +333,42 @@ async def test_failover_makes_the_survivors_identical_before_accepting_writes(
         assert replica.generation == after.gen and replica.applied_seq >= 1
         assert await replica.read(8 * BLOCK_SIZE, len(torn)) == torn
     assert await v.read(lba, 8) == blocks(99, 8)
+
+
+async def test_a_primary_without_a_provable_lease_or_while_converging_acknowledges_nothing(
+    cluster: Cluster,
+) -> None:
+    v = cluster.volume("chunk-0")
+    await v.write(0, blocks(1, 8), fua=False)
+    emap = cluster.nodes["chunk-0"].emap
+    entry = emap.entry("vol-t", 0)
+    assert entry is not None
+    rec = entry.record
+    host, port = cluster.nodes[rec.primary].address.rsplit(":", 1)
+    client = DataClient(host, int(port), SECRET, "tester")
+    try:
+
+        def access_write(i: int) -> Write:
+            return Write(i, "vol-t", 0, rec.gen, 0, 0, False, blocks(2, 8))
+
+        cluster.nodes[rec.primary].alive = False  # its lease deadline passed
+        resp = await client.call(access_write)
+        assert resp.status is Status.UNAVAILABLE
+        cluster.nodes[rec.primary].alive = True
+        converging = dataclasses.replace(rec, converging=True)
+        assert await emap.replace(entry, converging) is not None
+        await cluster.nodes[rec.primary].emap.extents.wait_for(
+            lambda _: (
+                (r := cluster.nodes[rec.primary].emap.get("vol-t", 0)) is not None and r.converging
+            ),
+            5,
+        )
+        resp = await client.call(access_write)
+        assert resp.status is Status.UNAVAILABLE
+    finally:
+        await client.close()
+    # the access path finishes the convergence itself, then writes
+    await v.write(0, blocks(3, 8), fua=False)
+    after = emap.get("vol-t", 0)
+    assert after is not None and not after.converging
+    assert await v.read(0, 8) == blocks(3, 8)
