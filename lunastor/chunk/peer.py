@@ -25,11 +25,16 @@ from lunastor.chunk.wire import (
     Request,
     Response,
     SetGen,
+    Status,
     Unmap,
     WireError,
     Write,
+    clip_message,
 )
 from lunastor.chunk.wire_session import ClientConnection, ServerConnection
+from lunastor.common.logs import get_logger
+
+log = get_logger(component="peer")
 
 MAX_QUEUED = 64  # requests read ahead per connection before we stop reading the socket
 
@@ -100,7 +105,11 @@ class _ServerProtocol(asyncio.Protocol):
                 assert self._transport is not None
                 self._transport.resume_reading()
                 self._reading = True
-            resp = await self._server.service.handle(req)
+            try:
+                resp = await self._server.service.handle(req)
+            except Exception as exc:  # a bug must cost one answer, not the connection
+                log.exception("data request failed", op=str(req.OP), id=req.id)
+                resp = Response(req.id, Status.UNAVAILABLE, {"message": clip_message(repr(exc))})
             await self._can_write.wait()
             self._conn.send_response(resp)
             self._flush_out()

@@ -25,6 +25,7 @@ import msgpack
 
 from lunastor.chunk.wire import (
     ACCEPTED_VERSIONS,
+    MAX_HEADER,
     MAX_PAYLOAD,
     NONCE_SIZE,
     PROTOCOL_VERSION,
@@ -47,6 +48,7 @@ from lunastor.chunk.wire import (
 )
 
 Buffers = list[bytes | memoryview]
+PRE_AUTH_MAX_HEADER = 1024  # HELLO and AUTH are ~150 bytes
 
 
 def _proof(
@@ -91,9 +93,13 @@ class ServerConnection:
         self._secret = secret
         self.node = node
         self._nonce = nonce if nonce is not None else os.urandom(NONCE_SIZE)
-        self._reader = FrameReader(max_payload=max_payload)
+        # Until the peer has proved the secret it may send only small, payload-free frames:
+        # nobody unauthenticated gets to make us buffer megabytes.
+        self._reader = FrameReader(max_header=PRE_AUTH_MAX_HEADER, max_payload=0)
+        self._max_payload = max_payload
         self._out: Buffers = []
         self.phase = Phase.AWAIT_HELLO
+        self.authenticated = False  # the peer proved the secret (stays True after a close)
         self.peer: str | None = None
         self.version: int | None = None
         self._client_nonce = b""
@@ -190,6 +196,9 @@ class ServerConnection:
             if hmac.compare_digest(want, req.proof):
                 self._out.extend(encode_response(Op.AUTH, Response(req.id, Status.OK)))
                 self.phase = Phase.OPEN
+                self.authenticated = True
+                self._reader.max_header = MAX_HEADER
+                self._reader.max_payload = self._max_payload
                 return
             self._answer_error(req.id, AuthFailed("wrong cluster secret"), Op.AUTH)
             self._close("client failed authentication")

@@ -23,7 +23,7 @@ from typing import Any
 from lunastor.iscsi import pdu as p
 from lunastor.iscsi.errors import LoginStatus, RejectReason, RemoteProtocolError
 from lunastor.iscsi.login import LoginNegotiator, LoginReply, LoginStep
-from lunastor.iscsi.params import SessionParams, TargetSettings
+from lunastor.iscsi.params import ConnectionParams, SessionParams, TargetSettings
 from lunastor.iscsi.scsi.types import (
     Nexus,
     ScsiCommand,
@@ -189,11 +189,13 @@ class TargetConnection:
         self.tpgt = tpgt
         self.phase = Phase.LOGIN
         self.session: Session | None = None
+        self.connection_params: ConnectionParams | None = None  # negotiated at login
         self.params: SessionParams  # set when login completes; only FFP handlers use it
         self.cid = 0
         self.stat_sn = 0
         self.header_digest = False
         self.data_digest = False
+        self._digests_after_login: tuple[bool, bool] | None = None
         self.max_xmit = 8192  # the initiator's MaxRecvDataSegmentLength
         self.tasks: dict[int, Task] = {}
         self._held: dict[int, object] = {}  # CmdSN -> Task | _Held | _TOMBSTONE
@@ -231,6 +233,7 @@ class TargetConnection:
 
     def pdus_to_send(self) -> list[p.Pdu]:
         out, self._out = self._out, []
+        self._switch_digests()
         return out
 
     def data_to_send(self) -> list[Buffer]:
@@ -240,7 +243,13 @@ class TargetConnection:
         for pdu in self._out:
             bufs += p.encode_pdu(pdu, hd, dd)
         self._out = []
+        self._switch_digests()
         return bufs
+
+    def _switch_digests(self) -> None:
+        if self._digests_after_login is not None:
+            self.header_digest, self.data_digest = self._digests_after_login
+            self._digests_after_login = None
 
     def _send(self, pdu: p.Pdu) -> None:
         self._out.append(pdu)
@@ -393,10 +402,11 @@ class TargetConnection:
         self.session = session
         self.params = params
         self.cid = conn_params.cid
+        self.connection_params = conn_params
         self.max_xmit = conn_params.max_send_data_segment_length
         self.target_mrdsl = conn_params.max_recv_data_segment_length
-        self.header_digest = conn_params.header_digest
-        self.data_digest = conn_params.data_digest
+        # digests start with the first PDU after the final Login Response (RFC 7143 13.1)
+        self._digests_after_login = (conn_params.header_digest, conn_params.data_digest)
         self.phase = Phase.FULL_FEATURE
         self._events.append(SessionStarted(session))
         return None
@@ -488,17 +498,17 @@ class TargetConnection:
             self._protocol_error(pdu, error)
             return
         lun = p.lun_number(pdu.lun)
-        task = Task(
-            itt=pdu.itt,
-            cmd_sn=pdu.cmdsn,
-            immediate=pdu.immediate,
-            lun_field=pdu.lun,
-            lun=0xFFFF if lun is None else lun,
-            cdb=pdu.cdb,
-            attr=pdu.attr,
-            edtl=edtl,
-            read=pdu.read,
-            write=pdu.write,
+        task = Task(  # positional: this runs for every command
+            pdu.itt,
+            pdu.cmdsn,
+            pdu.immediate,
+            pdu.lun,
+            0xFFFF if lun is None else lun,
+            pdu.cdb,
+            pdu.attr,
+            edtl,
+            pdu.read,
+            pdu.write,
         )
         placed = self._accept_sn(pdu.cmdsn, pdu.immediate, task)
         if placed is None:
@@ -692,7 +702,6 @@ class TargetConnection:
         task = self.tasks.pop(itt, None)
         if task is None or self.phase is not Phase.FULL_FEATURE:
             return  # aborted meanwhile: no response (RFC 7143 4.2.3.3)
-        self._free(task)
         s = self.session
         assert s is not None
         if not task.immediate:
@@ -730,6 +739,8 @@ class TargetConnection:
                     sense=result.sense,
                 )
             )
+        if task.buffer is not None:
+            self._free(task)  # after the response: R2Ts of waiting writes follow it
 
     def _send_data_in(
         self,
@@ -744,9 +755,29 @@ class TargetConnection:
     ) -> None:
         s = self.session
         assert s is not None
-        view = data if isinstance(data, memoryview) else memoryview(data)
         seg = self.max_xmit
         burst = self.params.max_burst_length
+        if length <= seg and length <= burst and collapse:
+            # the common small read: one Data-In carrying the status
+            flagged = overflow or underflow
+            self._out.append(
+                p.DataIn(
+                    final=True,
+                    status_present=True,
+                    status=result.status,
+                    overflow=overflow,
+                    underflow=underflow,
+                    lun=task.lun_field,
+                    itt=task.itt,
+                    statsn=self._status_sn(),
+                    expcmdsn=s.exp_cmd_sn,
+                    maxcmdsn=s.max_cmd_sn,
+                    residual_count=residual if flagged else 0,
+                    data=data if len(data) == length else memoryview(data)[:length],
+                )
+            )
+            return
+        view = data if isinstance(data, memoryview) else memoryview(data)
         offset = 0
         data_sn = 0
         while offset < length:
@@ -1074,11 +1105,13 @@ class TargetConnection:
     }
 
 
+_ATTRIBUTES = {a.value: a for a in TaskAttribute}
+
+
 def _attribute(attr: int) -> TaskAttribute:
-    try:
-        return TaskAttribute(attr)
-    except ValueError:
-        return TaskAttribute.SIMPLE
+    """The task attribute (reserved values read as SIMPLE); a dict, not an Enum call, since
+    every command goes through here."""
+    return _ATTRIBUTES.get(attr, TaskAttribute.SIMPLE)
 
 
 def _header_of(pdu: p.Pdu) -> bytes:

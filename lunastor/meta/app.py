@@ -49,8 +49,8 @@ REQUESTS = Counter(
 )
 LATENCY = Histogram(
     "lunastor_api_request_seconds",
-    "REST request latency by route",
-    ["method", "route"],
+    "REST request latency by route and status",
+    ["method", "route", "status"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
@@ -72,8 +72,9 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     response = await handler(request)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    REQUESTS.labels(request.method, route, str(response.status)).inc()
-    LATENCY.labels(request.method, route).observe(time.perf_counter() - start)
+    status = str(response.status)
+    REQUESTS.labels(request.method, route, status).inc()
+    LATENCY.labels(request.method, route, status).observe(time.perf_counter() - start)
     return response
 
 
@@ -88,7 +89,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        return problem_response(exc.status, code, exc.text or exc.reason)
+        response = problem_response(exc.status, code, exc.text or exc.reason)
+        if "Allow" in exc.headers:  # 405 must say what is allowed (RFC 9110 15.5.6)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except EtcdError as exc:
         log.error("etcd unavailable", error=str(exc))
         return problem_response(503, "metadata_unavailable", f"etcd: {exc}")

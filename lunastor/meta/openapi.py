@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import lunastor
@@ -87,10 +86,3 @@ def build_spec(routes: list[Route]) -> dict[str, Any]:
             "schemas": dict(RESPONSES),
         },
     }
-
-
-PATH_PARAM = re.compile(r"{([^}]+)}")
-
-
-def path_parameters(path: str) -> list[str]:
-    return PATH_PARAM.findall(path)

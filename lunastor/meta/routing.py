@@ -111,6 +111,8 @@ async def _parse_body(route: Route, request: web.Request) -> Any:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Problem(400, "invalid_json", f"body is not JSON: {exc}", field="body") from None
+    except RecursionError:  # "[[[[...]]]]" nested deeper than the parser's stack
+        raise Problem(400, "invalid_json", "body is nested too deeply", field="body") from None
     return validate(route.body, data)
 
 

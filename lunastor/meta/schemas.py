@@ -71,6 +71,9 @@ VOLUME_CREATE: Schema = {
         "source": source,
     },
     "additionalProperties": False,
+    # A 4096-byte block size needs a size in whole 4096-byte blocks.
+    "if": {"properties": {"block_size": {"const": 4096}}, "required": ["block_size"]},
+    "then": {"properties": {"size_bytes": {"multipleOf": 4096}}},
 }
 VOLUME_EXPAND: Schema = {
     "type": "object",
@@ -100,6 +103,7 @@ CHAP_SET: Schema = {
         "mutual_secret": {"type": "string", "pattern": CHAP_SECRET},
     },
     "additionalProperties": False,
+    "dependentRequired": {"mutual_user": ["mutual_secret"], "mutual_secret": ["mutual_user"]},
 }
 CHAP_ROTATE: Schema = {
     "type": "object",

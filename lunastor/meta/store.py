@@ -272,6 +272,7 @@ class Store:
         self.etcd = etcd
         self.luns = luns
         self.portal = portal
+        self._slots: dict[str, tuple[int, int]] = {}  # volume id -> (target, lun)
         self._volume_views = ViewCache(lambda raw: volume_view(VolumeRecord.from_json(raw)))
 
     # --- volumes --------------------------------------------------------------------------
@@ -338,6 +339,11 @@ class Store:
         name_key = Keys.volume_name(spec.name)
         avoid: set[tuple[int, int]] = set()
         for _ in range(MAX_ATTEMPTS):
+            if spec.source is not None:
+                # A retried clone must find its volume even if the source is gone by now.
+                existing = await self.find_volume(spec.name)
+                if existing is not None:
+                    return self._same(existing, spec), False
             source_compares, source_size, source_block = await self._source(spec)
             if spec.source is not None:
                 if spec.block_size != source_block:
@@ -390,6 +396,7 @@ class Store:
                     self._volume_views.add(
                         Keys.volume(volume.id), result.revision, volume_view(volume)
                     )
+                    self._remember_slot(volume)
                     return volume, True
                 named, lun_owner = result.responses
                 if lun_owner:
@@ -409,13 +416,12 @@ class Store:
     async def delete_volume(self, volume_id: str, force: bool) -> None:
         """Delete a volume; refused while it is exported unless `force`. Missing: done."""
         for _ in range(MAX_ATTEMPTS):
-            volume, vv = await read(self.etcd, Keys.volume(volume_id), VolumeRecord)
+            volume, vv, lun, lv = await self._volume_and_lun(volume_id)
             if volume is None:
                 return
             lun_key = Keys.lun(volume.target, volume.lun)
-            lun, lv = await read(self.etcd, lun_key, LunRecord)
-            ours = lun is not None and lun.volume_id == volume_id
-            if ours and lun is not None and lun.initiators and not force:
+            ours = lun is not None
+            if lun is not None and lun.initiators and not force:
                 raise Problem(
                     409,
                     "volume_in_use",
@@ -435,6 +441,7 @@ class Store:
                 [vv.unchanged, lv.unchanged, Compare.value(name_key) == volume_id.encode()], ops
             )
             if result.succeeded:
+                self._slots.pop(volume_id, None)
                 return
         raise aborted(f"delete volume {volume_id}")
 
@@ -480,13 +487,38 @@ class Store:
     async def _volume_and_lun(
         self, volume_id: str
     ) -> tuple[VolumeRecord | None, Versioned, LunRecord | None, Versioned]:
-        volume, vv = await read(self.etcd, Keys.volume(volume_id), VolumeRecord)
-        if volume is None:
-            return None, vv, None, Versioned("", 0)
-        lun, lv = await read(self.etcd, Keys.lun(volume.target, volume.lun), LunRecord)
+        """The volume and its LUN record (None if it is not this volume's), as one read when
+        the volume's (target, lun) is known: it never changes in a volume's life."""
+        vkey = Keys.volume(volume_id)
+        slot = self._slots.get(volume_id)
+        if slot is None:
+            volume, vv = await read(self.etcd, vkey, VolumeRecord)
+            if volume is None:
+                return None, vv, None, Versioned("", 0)
+            self._remember_slot(volume)
+            lun, lv = await read(self.etcd, Keys.lun(volume.target, volume.lun), LunRecord)
+        else:
+            lkey = Keys.lun(*slot)
+            got = (await self.etcd.txn([], [Get(vkey), Get(lkey)])).responses
+            vkvs, lkvs = got[0], got[1]
+            assert isinstance(vkvs, list) and isinstance(lkvs, list)
+            if not vkvs:
+                self._slots.pop(volume_id, None)
+                return None, Versioned(vkey, 0), None, Versioned("", 0)
+            volume, vv = (
+                VolumeRecord.from_json(vkvs[0].value),
+                Versioned(vkey, vkvs[0].mod_revision),
+            )
+            lun = LunRecord.from_json(lkvs[0].value) if lkvs else None
+            lv = Versioned(lkey, lkvs[0].mod_revision if lkvs else 0)
         if lun is not None and lun.volume_id != volume_id:
             lun = None
         return volume, vv, lun, lv
+
+    def _remember_slot(self, volume: VolumeRecord) -> None:
+        if len(self._slots) >= 100_000:
+            del self._slots[next(iter(self._slots))]
+        self._slots[volume.id] = (volume.target, volume.lun)
 
     async def add_export(self, volume_id: str, initiator: str) -> tuple[dict[str, Any], bool]:
         """Let `initiator` see the volume's LUN; publishing twice gives the same answer."""

@@ -2,8 +2,8 @@
 
 A small subset of JSON Schema, enough for our bodies and parameters: type (object, string,
 integer, boolean, array), properties / required / additionalProperties, min/maxProperties,
-min/maxLength, pattern (matched against the whole string), minimum / maximum / multipleOf,
-enum, propertyNames, items,
+const, min/maxLength, pattern (matched against the whole string), minimum / maximum / multipleOf,
+enum, propertyNames, items, dependentRequired, if/then,
 maxItems. Every failure names the field (`labels.team`, `source.snapshot_id`), so a client
 gets a precise 400 instead of a guess.
 """
@@ -60,6 +60,8 @@ def check(schema: Schema, value: Any, path: str = "") -> Any:
         options = kinds if isinstance(kinds, list) else [kinds]
         if not any(_type_ok(k, value) for k in options):
             raise Invalid(where, f"{where}: expected {' or '.join(options)}")
+    if "const" in schema and value != schema["const"]:
+        raise Invalid(where, f"{where}: must be {schema['const']!r}")
     if "enum" in schema and value not in schema["enum"]:
         allowed = ", ".join(repr(v) for v in schema["enum"])
         raise Invalid(where, f"{where}: must be one of {allowed}")
@@ -87,6 +89,13 @@ def check(schema: Schema, value: Any, path: str = "") -> Any:
             value = [check(items, v, f"{where}[{i}]") for i, v in enumerate(value)]
     elif isinstance(value, dict):
         value = _check_object(schema, value, path)
+    if "if" in schema:
+        try:
+            check(schema["if"], value, path)
+        except Invalid:
+            pass
+        else:
+            value = check(schema["then"], value, path)
     return value
 
 
@@ -100,6 +109,10 @@ def _check_object(schema: Schema, value: dict[str, Any], path: str) -> dict[str,
     for name in schema.get("required", []):
         if name not in value:
             raise Invalid(prefix + name, f"{prefix}{name}: required")
+    for name, needs in schema.get("dependentRequired", {}).items():
+        for other in needs:
+            if name in value and other not in value:
+                raise Invalid(prefix + other, f"{prefix}{other}: required with {name}")
     properties: dict[str, Schema] = schema.get("properties", {})
     extra = schema.get("additionalProperties", True)
     names = schema.get("propertyNames")

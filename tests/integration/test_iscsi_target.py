@@ -211,13 +211,9 @@ def test_address_in_use(target: Target, tmp_path: Path) -> None:
 
 # --- libiscsi conformance suite ----------------------------------------------------------------
 
-# Failures that belong to the SCSI layer (docs/conformance.md routes each one); the session
-# layer's own suites (iSCSI*) must have none. Shrink this set as the SCSI layer fixes them.
-KNOWN_SCSI_FAILURES = {
-    "CompareAndWrite.Simple",  # NUMBER OF BLOCKS wraps to 0 with 256 blocks of data-out
-    "CompareAndWrite.Miscompare",
-    "WriteSame16.Unmap",  # MAXIMUM WRITE SAME LENGTH > MAXIMUM TRANSFER LENGTH
-}
+# Failures that belong to the SCSI layer and are routed there (docs/conformance.md); the
+# session layer's own suites (iSCSI*) must have none. Empty: everything passes in CUnit.
+KNOWN_SCSI_FAILURES: set[str] = set()
 
 
 def cunit_verdicts(log: str) -> dict[str, bool]:

@@ -126,3 +126,29 @@ def test_parse_size_refuses(text: str) -> None:
 
 def test_format_size() -> None:
     assert [format_size(n) for n in (None, 0, 1536, 10 << 30)] == ["-", "0 B", "1.5 KiB", "10 GiB"]
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+BODIES = [
+    schemas.VOLUME_CREATE,
+    schemas.VOLUME_EXPAND,
+    schemas.EXPORT_CREATE,
+    schemas.SNAPSHOT_CREATE,
+    schemas.CHAP_SET,
+    schemas.CHAP_ROTATE,
+]
+
+
+@pytest.mark.parametrize("schema", BODIES)
+@given(value=JSON)
+def test_any_json_is_accepted_or_refused_with_a_field(schema: dict[str, Any], value: Any) -> None:
+    try:
+        check(schema, value)
+    except Invalid as exc:
+        assert exc.field and exc.message.startswith(exc.field)

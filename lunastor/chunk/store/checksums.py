@@ -30,14 +30,6 @@ def checksums_of(data: bytes | bytearray | memoryview) -> bytes:
     )
 
 
-def entry(sums: bytes | bytearray | memoryview, i: int) -> bytes:
-    return bytes(sums[i * CHECKSUM_SIZE : (i + 1) * CHECKSUM_SIZE])
-
-
-def is_mapped(sums: bytes | bytearray | memoryview, i: int) -> bool:
-    return entry(sums, i) != UNMAPPED
-
-
 def count_mapped(sums: bytes | bytearray | memoryview) -> int:
     """How many entries are not UNMAPPED (byte order does not matter for a test against 0)."""
     values = array("Q")
@@ -45,15 +37,27 @@ def count_mapped(sums: bytes | bytearray | memoryview) -> int:
     return len(values) - values.count(0)
 
 
+def mapped_flags(sums: bytes | bytearray | memoryview) -> list[bool]:
+    """One flag per entry: is the block mapped (byte order does not matter against 0)."""
+    values = array("Q")
+    values.frombytes(bytes(sums))
+    return [v != 0 for v in values]
+
+
 def bad_blocks(
     data: bytes | bytearray | memoryview, sums: bytes | bytearray | memoryview, first: int
 ) -> list[int]:
     """Indices (offset by `first`) of mapped blocks of `data` that fail their checksum."""
     view = memoryview(data)
+    table = bytes(sums)
+    digest = xxhash.xxh64_digest
     bad = []
     for i in range(len(view) // BLOCK_SIZE):
-        want = entry(sums, i)
-        if want != UNMAPPED and block_checksum(view[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]) != want:
+        want = table[i * CHECKSUM_SIZE : (i + 1) * CHECKSUM_SIZE]
+        if want == UNMAPPED:
+            continue
+        got = digest(view[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])
+        if got != want and not (got == UNMAPPED and want == _ZERO_REMAP):
             bad.append(first + i)
     return bad
 

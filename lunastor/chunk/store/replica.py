@@ -18,6 +18,7 @@ rescanned and converged from a peer before it serves again.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
@@ -172,7 +173,9 @@ class Replica:
         if bad:
             raise ChecksumMismatch(bad)
         start = offset - b0 * BLOCK_SIZE
-        return bytes(data[start : start + length])
+        if start == 0 and length == len(data):
+            return bytes(data)
+        return bytes(memoryview(data)[start : start + length])
 
     async def read_for_copy(self, offset: int, length: int) -> tuple[bytes, bytes]:
         """(data, checksums) of whole blocks, verified, in any state: the source of a copy."""
@@ -204,7 +207,7 @@ class Replica:
         b0, b1 = self._blocks(offset, length)
         with self._io():
             sums = pread_exact(self._sum_fd, (b1 - b0) * CHECKSUM_SIZE, b0 * CHECKSUM_SIZE)
-        flags = [cs.is_mapped(sums, i) for i in range(b1 - b0)]
+        flags = cs.mapped_flags(sums)
         return [((b0 + s) * BLOCK_SIZE, n * BLOCK_SIZE, mapped) for s, n, mapped in cs.runs(flags)]
 
     # -- ordered mutations ------------------------------------------------------------------
@@ -214,6 +217,7 @@ class Replica:
         self._check_open()
         self._check_range(offset, len(data))
         async with self._mutate:
+            self._check_open()  # it may have been deleted while we waited for the lock
             self._check_order(seq, gen)
             await self._mark_dirty()
             self._check_open()
@@ -228,20 +232,32 @@ class Replica:
         self._check_open()
         self._check_range(offset, length)
         async with self._mutate:
+            self._check_open()  # it may have been deleted while we waited for the lock
             self._check_order(seq, gen)
             await self._mark_dirty()
             self._check_open()
             end = offset + length
             full0 = -(-offset // BLOCK_SIZE)
             full1 = end // BLOCK_SIZE
+            if full0 >= full1:  # no whole block: one or two partial ones
+                first_end = min(end, (offset // BLOCK_SIZE + 1) * BLOCK_SIZE)
+                partial = [(offset, first_end - offset), (first_end, end - first_end)]
+            else:
+                partial = [
+                    (offset, full0 * BLOCK_SIZE - offset),
+                    (full1 * BLOCK_SIZE, end - full1 * BLOCK_SIZE),
+                ]
+            partial = [(o, n) for o, n in partial if n > 0]
             with self._io():
-                if full0 >= full1:  # no whole block: one or two partial ones
-                    first_end = min(end, (offset // BLOCK_SIZE + 1) * BLOCK_SIZE)
-                    self._zero_partial(offset, first_end - offset)
-                    self._zero_partial(first_end, end - first_end)
-                else:
-                    self._zero_partial(offset, full0 * BLOCK_SIZE - offset)
-                    self._zero_partial(full1 * BLOCK_SIZE, end - full1 * BLOCK_SIZE)
+                # verify the partial blocks first, so a bad one fails the unmap before any change
+                for o, _ in partial:
+                    blk = o // BLOCK_SIZE
+                    bad = cs.bad_blocks(*self._read_blocks(blk, blk + 1), blk)
+                    if bad:
+                        raise ChecksumMismatch(bad)
+                for o, n in partial:
+                    self._zero_partial(o, n)
+                if full0 < full1:
                     self._unmap_blocks(full0, full1)
                 self._store_header(self._h.evolve(applied_seq=seq))
         if fua:
@@ -264,11 +280,12 @@ class Replica:
         if bad:
             raise ChecksumMismatch(bad)
         async with self._mutate:
+            self._check_open()
             await self._mark_dirty()
             self._check_open()
             view = memoryview(data)
             with self._io():
-                flags = [cs.is_mapped(checksums, i) for i in range(nblocks)]
+                flags = cs.mapped_flags(checksums)
                 for start, count, mapped in cs.runs(flags):
                     if not mapped:
                         self._unmap_blocks(b0 + start, b0 + start + count)
@@ -285,6 +302,7 @@ class Replica:
         """Durably adopt generation `gen` (never lower); optionally reset applied_seq/state."""
         self._check_open()
         async with self._mutate:
+            self._check_open()
             if gen < self._h.generation:
                 raise StaleGeneration(self._h.generation, gen)
             changes: dict[str, object] = {"generation": gen}
@@ -294,6 +312,8 @@ class Replica:
                 changes["durable_seq"] = min(self._h.durable_seq, applied_seq)
             if state is not None:
                 changes["state"] = ReplicaState(state)
+                if changes["state"] == ReplicaState.CURRENT and self.needs_rescan:
+                    raise InvalidRequest("rescan (checksums()) and converge before current")
             with self._io():
                 self._store_header(self._h.evolve(**changes))
             await self._sync_header()
@@ -309,6 +329,7 @@ class Replica:
         fixed: list[int] = []
         step = 256  # blocks per pass: 1 MiB
         async with self._mutate:
+            self._check_open()
             with self._io():
                 for b in range(0, self.num_blocks, step):
                     e = min(b + step, self.num_blocks)
@@ -437,9 +458,12 @@ class Replica:
         if not any(sums):
             return bytearray((b1 - b0) * BLOCK_SIZE), sums
         data = bytearray(pread_exact(self._data_fd, (b1 - b0) * BLOCK_SIZE, b0 * BLOCK_SIZE))
-        for i in range(b1 - b0):
-            if not cs.is_mapped(sums, i):  # its data may be stale bytes of an unfinished punch
-                data[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] = bytes(BLOCK_SIZE)
+        flags = cs.mapped_flags(sums)
+        if not all(flags):
+            for start, count, mapped in cs.runs(flags):
+                if not mapped:  # its data may be stale bytes of an unfinished punch
+                    lo, hi = start * BLOCK_SIZE, (start + count) * BLOCK_SIZE
+                    data[lo:hi] = bytes(hi - lo)
         return data, sums
 
     def _write_bytes(self, offset: int, data: Buffer) -> None:
@@ -478,6 +502,9 @@ class Replica:
             # systems): make every touched block's checksum describe its data again, so the
             # replica stays readable; the write itself is reported failed (never acknowledged).
             self._rehash(b0, b0 + nblocks)
+            self.mapped_blocks = cs.count_mapped(
+                pread_exact(self._sum_fd, self.num_blocks * CHECKSUM_SIZE, 0)
+            )
             raise
         self.mapped_blocks += cs.count_mapped(sums) - cs.count_mapped(old)
 
@@ -554,9 +581,18 @@ class Replica:
         with self._io():
             for fd in fds:
                 await asyncio.to_thread(os.fdatasync, fd)
-            # An unlinked file (its directory was removed under us) would swallow writes.
-            if os.fstat(self._hdr_fd).st_nlink == 0:
-                raise OSError(2, "replica files were removed from the data directory")
+            self._check_still_there()
+
+    def _check_still_there(self) -> None:
+        """Our open header must still be the file at its path: a removed, replaced or
+        unmounted data directory would otherwise swallow writes without an error."""
+        held = os.fstat(self._hdr_fd)
+        try:
+            there = os.stat(self.paths.header)
+        except FileNotFoundError:
+            there = None
+        if there is None or (there.st_dev, there.st_ino) != (held.st_dev, held.st_ino):
+            raise OSError(errno.ENOENT, "replica files are gone from the data directory")
 
     def _close_fds(self) -> None:
         if self._closed:

@@ -82,6 +82,8 @@ class ExtentStore:
         self._open: dict[tuple[str, int], Replica] = {}
         self._index: dict[tuple[str, int], str] = {}  # (volume, extent) -> data dir
         self._opening: dict[tuple[str, int], asyncio.Lock] = {}
+        # the file system each data dir was on when first seen: a change means unmounted
+        self._devices: dict[str, int] = {}
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -106,9 +108,13 @@ class ExtentStore:
         root = Path(d) / EXTENTS_DIR
         if not Path(d).is_dir():
             raise OSError(errno.ENOENT, "data directory is missing")
+        self._devices.setdefault(d, os.stat(d).st_dev)
         if not root.is_dir():
             return
         for vol_dir in sorted(root.iterdir()):
+            if not vol_dir.is_dir():
+                listing.problems.append(ReplicaProblem(str(vol_dir), "not a volume directory"))
+                continue
             names = {p.name for p in vol_dir.iterdir()}
             headers = set()
             for name in sorted(names):
@@ -159,8 +165,9 @@ class ExtentStore:
             probe = Path(d) / ".lunastor-probe"
             try:
                 with data_dir_io(d):
-                    if not Path(d).is_dir():
-                        raise OSError(errno.ENOENT, "data directory is missing")
+                    dev = os.stat(d).st_dev
+                    if self._devices.setdefault(d, dev) != dev:
+                        raise OSError(errno.ENODEV, "data directory was unmounted or replaced")
                     fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                     try:
                         os.write(fd, b"probe")
@@ -261,6 +268,7 @@ class ExtentStore:
                 continue
             try:
                 st = os.statvfs(d)
+                self._devices.setdefault(d, os.stat(d).st_dev)
             except OSError as exc:
                 self.failed[d] = DataDirFailed(d, exc.errno, exc.strerror or str(exc))
                 continue

@@ -51,23 +51,28 @@ class CommandSpec:
     nominal_timeout: int = 0  # seconds, for the command timeouts descriptor (0: unspecified)
     recommended_timeout: int = 0
     reserved_mask: int = field(init=False)  # CDB bits that must be zero, as one big integer
+    # the same mask placed for a 16-byte CDB (what iSCSI carries), to test without slicing
+    reserved_mask16: int = field(init=False)
+    cdb_length: int = field(init=False)
 
     def __post_init__(self) -> None:
+        self.cdb_length = len(self.usage)
         allowed = bytearray(self.usage)
         allowed[0] = 0xFF
         if self.service_action is not None:
             allowed[1] |= 0x1F
         full = (1 << (8 * len(allowed))) - 1
         self.reserved_mask = full ^ int.from_bytes(allowed, "big")
+        self.reserved_mask16 = (
+            self.reserved_mask << 8 * (16 - len(allowed)) if len(allowed) <= 16 else 0
+        )
 
-    @property
-    def cdb_length(self) -> int:
-        return len(self.usage)
-
-    def check_reserved(self, cdb: bytes) -> None:
+    def check_reserved(self, cdb: bytes | bytearray | memoryview) -> None:
         """INVALID FIELD IN CDB, pointing at the first bit set outside the usage mask."""
+        if len(cdb) == 16 and not int.from_bytes(cdb, "big") & self.reserved_mask16:
+            return
         n = len(self.usage)
-        head = cdb[:n] if len(cdb) >= n else bytes(cdb) + bytes(n - len(cdb))
+        head = bytes(cdb[:n]) if len(cdb) >= n else bytes(cdb) + bytes(n - len(cdb))
         bad = int.from_bytes(head, "big") & self.reserved_mask
         if not bad:
             return
@@ -79,7 +84,9 @@ class CommandSpec:
                 raise invalid_cdb(i, b.bit_length() - 1)
 
 
-_SINGLE: dict[int, CommandSpec] = {}
+# opcode -> spec for commands without service actions (the dispatch table the hot path reads)
+# opcode -> spec for commands without service actions: the table the hot path reads
+BY_OPCODE: dict[int, CommandSpec] = {}
 _BY_SA: dict[int, dict[int, CommandSpec]] = {}
 
 
@@ -112,11 +119,11 @@ def command(
         if spec.usage[0] != opcode:
             raise ValueError(f"{name}: usage byte 0 must be the opcode")
         if service_action is None:
-            if opcode in _SINGLE or opcode in _BY_SA:
+            if opcode in BY_OPCODE or opcode in _BY_SA:
                 raise ValueError(f"{name}: opcode {opcode:#04x} registered twice")
-            _SINGLE[opcode] = spec
+            BY_OPCODE[opcode] = spec
         else:
-            if opcode in _SINGLE:
+            if opcode in BY_OPCODE:
                 raise ValueError(f"{name}: opcode {opcode:#04x} registered without SA")
             table = _BY_SA.setdefault(opcode, {})
             if service_action in table:
@@ -131,7 +138,7 @@ def lookup(cdb: bytes | bytearray | memoryview) -> CommandSpec:
     """The spec for a CDB, or CheckCondition for an unknown opcode / service action."""
     if not cdb:
         raise CheckCondition(INVALID_COMMAND_OPERATION_CODE)
-    spec = _SINGLE.get(cdb[0])
+    spec = BY_OPCODE.get(cdb[0])
     if spec is not None:
         return spec
     table = _BY_SA.get(cdb[0])
@@ -144,7 +151,7 @@ def lookup(cdb: bytes | bytearray | memoryview) -> CommandSpec:
 
 
 def all_specs() -> list[CommandSpec]:
-    specs = list(_SINGLE.values())
+    specs = list(BY_OPCODE.values())
     for table in _BY_SA.values():
         specs.extend(table.values())
     specs.sort(key=lambda s: (s.opcode, s.service_action or 0))
@@ -153,7 +160,7 @@ def all_specs() -> list[CommandSpec]:
 
 def find(opcode: int, service_action: int | None) -> CommandSpec | None:
     if service_action is None:
-        return _SINGLE.get(opcode)
+        return BY_OPCODE.get(opcode)
     return _BY_SA.get(opcode, {}).get(service_action)
 
 

@@ -361,9 +361,6 @@ async def prevent_allow(
     return ScsiResult()
 
 
-_POWER_CONDITIONS = {0x0, 0x1, 0x2, 0x3, 0x5, 0x7, 0xA, 0xB}
-
-
 @command(0x1B, "START STOP UNIT", [0x1B, 0x01, 0, 0x0F, 0xF7, 0x00], access=Access.WRITE)
 async def start_stop_unit(
     target: ScsiTarget, lu: LogicalUnit | None, cmd: ScsiCommand, ns: NexusState | None
@@ -372,17 +369,13 @@ async def start_stop_unit(
     b4 = cmd.cdb[4]
     condition = b4 >> 4
     loej, start = bool(b4 & 0x02), bool(b4 & 0x01)
-    if condition not in _POWER_CONDITIONS:
-        raise invalid_cdb(4, 7)
     if condition or not loej:
-        # power conditions and stopping mean nothing to a virtual volume: it stays ready
+        # power conditions (any value: libiscsi StartStopUnit.PwrCnd) and stopping mean
+        # nothing to a virtual volume: it stays ready
         return ScsiResult()
     if not lu.removable:
         raise invalid_cdb(4, 1)
-    if start:
-        lu.medium_present = lu.started = True
-        return ScsiResult()
-    if lu.prevent:
+    if lu.prevent:  # neither eject nor load while any nexus prevents medium removal
         raise CheckCondition(MEDIUM_REMOVAL_PREVENTED)
-    lu.medium_present = lu.started = False
+    lu.medium_present = lu.started = start
     return ScsiResult()

@@ -9,17 +9,19 @@ live in `spc.py`, `mode.py`, `sbc.py` and `prcmds.py`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lunastor.iscsi.blockdev import BlockDevice, BlockDeviceError
 from lunastor.iscsi.scsi import commands
-from lunastor.iscsi.scsi.commands import Access
+from lunastor.iscsi.scsi.commands import BY_OPCODE, Access
 from lunastor.iscsi.scsi.pr import ItNexus, PrEffects, ReservationConflict, conflicts
 from lunastor.iscsi.scsi.reservations import InProcessReservations, ReservationStore
 from lunastor.iscsi.scsi.sense import (
     BUS_DEVICE_RESET,
     CAPACITY_DATA_HAS_CHANGED,
+    INTERNAL_TARGET_FAILURE,
     LU_NOT_SUPPORTED,
     POWER_ON_RESET,
     REPORTED_LUNS_DATA_HAS_CHANGED,
@@ -36,6 +38,8 @@ from lunastor.iscsi.scsi.types import (
     TmfFunction,
     TmfResponse,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -99,7 +103,9 @@ class LogicalUnit:
         self.optimal_transfer_blocks = optimal_transfer_blocks or max(1, (1 << 20) // bs)
         self.max_unmap_blocks = max_unmap_blocks
         self.max_unmap_descriptors = max_unmap_descriptors
-        self.max_write_same_blocks = max_write_same_blocks or max(1, (32 << 20) // bs)
+        # below 65536 blocks: libiscsi WriteSame16.Unmap writes that many with one WRITE(16)
+        # (beyond the transfer limit) when MAXIMUM WRITE SAME LENGTH allows it
+        self.max_write_same_blocks = max_write_same_blocks or max(1, (16 << 20) // bs)
         self.max_compare_write_blocks = max_compare_write_blocks
         self.physical_block_exponent = physical_block_exponent
         self.pr_key = f"naa.{naa_id:x}"
@@ -228,10 +234,16 @@ class ScsiTarget:
     async def execute(self, cmd: ScsiCommand) -> ScsiResult:
         lu: LogicalUnit | None = None
         try:
-            spec = commands.lookup(cmd.cdb)
-            if len(cmd.cdb) < spec.cdb_length:  # handlers may then unpack without checks
-                cmd.cdb = bytes(cmd.cdb).ljust(spec.cdb_length, b"\x00")
-            session = self._session(cmd.nexus)
+            cdb = cmd.cdb
+            spec = BY_OPCODE.get(cdb[0]) if cdb else None
+            if spec is None:
+                spec = commands.lookup(cdb)
+            if len(cdb) < spec.cdb_length:  # handlers may then unpack without checks
+                cmd.cdb = cdb = bytes(cdb).ljust(spec.cdb_length, b"\x00")
+            nexus = cmd.nexus
+            session = self._sessions.get(id(nexus))
+            if session is None or session.nexus is not nexus:
+                session = self._session(nexus)
             ns = session.states.get(cmd.lun)
             if ns is None:
                 lun = cmd.lun
@@ -261,7 +273,7 @@ class ScsiTarget:
                     state = self.reservations.current(lu.pr_key)
                     if state.type is not None and conflicts(state, ns.itid, access is Access.WRITE):
                         return _reservation_conflict()
-            spec.check_reserved(cmd.cdb)
+            spec.check_reserved(cdb)
             return await spec.handler(self, lu, cmd, ns)
         except CheckCondition as e:
             return self.check_condition(e, lu)
@@ -269,6 +281,11 @@ class ScsiTarget:
             return self.check_condition(device_error_check(e), lu)
         except ReservationConflict:
             return _reservation_conflict()
+        except Exception:
+            # A bug here must not take the session (or the daemon) down: the initiator gets
+            # HARDWARE ERROR / INTERNAL TARGET FAILURE and retries or fails the I/O.
+            log.exception("SCSI command %s failed", bytes(cmd.cdb[:16]).hex())
+            return self.check_condition(CheckCondition(INTERNAL_TARGET_FAILURE), lu)
 
     def check_condition(self, e: CheckCondition, lu: LogicalUnit | None) -> ScsiResult:
         descriptor = lu is not None and lu.descriptor_sense

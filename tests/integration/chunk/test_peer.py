@@ -150,3 +150,39 @@ async def test_client_reconnects_after_a_server_restart(tmp_path: Path) -> None:
     finally:
         await client.close()
         await stop(srv)
+
+
+async def test_deep_pipeline_and_abrupt_disconnects_in_process(tmp_path: Path) -> None:
+    """More requests in flight than the server reads ahead (backpressure), then clients that
+    vanish mid-frame: the server keeps serving everyone else."""
+    from lunastor.chunk.data_service import DataService
+    from lunastor.chunk.peer import PeerServer
+    from lunastor.chunk.store import ExtentStore
+
+    store = ExtentStore([tmp_path], EXTENT)
+    server = PeerServer(DataService(store), SECRET, "srv")
+    host, port = await server.start("127.0.0.1", 0)
+    client = PeerClient(host, port, SECRET, "cli")
+    await client.create("deep", 0, 1)
+    n = 300
+    answers = await asyncio.gather(*(
+        client.write("deep", 0, 1, seq, (seq % 200) * BS, bytes([seq % 256]) * BS, fua=False)
+        for seq in range(1, n + 1)
+    ))  # fmt: skip
+    assert [a.fields.get("applied_seq") for a in answers] == list(range(1, n + 1))
+    # a raw client that sends half a frame and disappears
+    _, writer = await asyncio.open_connection(host, port)
+    writer.write(b"\0\0\0\x40" + b"\x80" * 10)
+    await writer.drain()
+    writer.close()
+    # a raw client that sends garbage: the server answers nothing useful and closes
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"\xff\xff\xff\xff")
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), timeout=10) == b""  # closed by the server
+    writer.close()
+    got = await client.read("deep", 0, 1, 199 * BS, BS)
+    assert got.ok and got.payload == bytes([199]) * BS
+    await client.close()
+    await server.close()
+    await store.close()

@@ -176,6 +176,15 @@ async def test_request_metrics_by_route_and_status(api: Api) -> None:
     )
     bucket = (
         'lunastor_api_request_seconds_bucket{le="0.01",method="GET",'
-        'route="/v1/volumes/{volume_id}"}'
+        'route="/v1/volumes/{volume_id}",status="404"}'
     )
     assert bucket in text
+
+
+async def test_unsupported_method_is_405_with_allow(api: Api) -> None:
+    resp = await api.client.request(
+        "PATCH", "/v1/volumes", headers={"Authorization": "Bearer admin-t"}
+    )
+    assert resp.status == 405
+    assert set(resp.headers["Allow"].split(",")) == {"GET", "POST"}
+    assert (await resp.json(content_type=None))["code"] == "method_not_allowed"

@@ -8,6 +8,7 @@ import pytest
 
 from lunastor.common.records import Keys, LunRecord, VolumeRecord
 from tests.integration.meta.conftest import PORTAL, Api
+from tests.support.procs import async_wait_for
 
 GIB = 1 << 30
 
@@ -84,7 +85,7 @@ async def test_malformed_create_names_the_field(api: Api, body: Any, field: str)
     assert problem["code"] == "invalid_field" and problem["field"] == field, problem
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"\xff\xfe", b"null x"])
+@pytest.mark.parametrize("raw", [b"", b"{", b"\xff\xfe", b"null x", b"[" * 200_000])
 async def test_non_json_body_is_a_400(api: Api, raw: bytes) -> None:
     status, problem = await api.call("POST", "/v1/volumes", data=raw)
     assert status == 400 and problem["code"] == "invalid_json" and problem["field"] == "body"
@@ -234,6 +235,9 @@ async def test_snapshots_and_clones(api: Api) -> None:
     await api.ok("DELETE", f"/v1/volumes/{vol['id']}", status=204)
     assert await api.ok("GET", f"/v1/snapshots/{snap['id']}") == snap
     await api.ok("DELETE", f"/v1/snapshots/{snap['id']}", status=204)
+    # A retried clone still answers with its volume after the source is gone.
+    again = await api.volume("clone", 2 * GIB, block_size=4096, source={"snapshot_id": snap["id"]})
+    assert again == clone
     await api.ok("DELETE", f"/v1/snapshots/{snap['id']}", status=204)
     status, problem = await api.call("GET", f"/v1/snapshots/{snap['id']}")
     assert status == 404 and problem["code"] == "snapshot_not_found"
@@ -241,3 +245,19 @@ async def test_snapshots_and_clones(api: Api) -> None:
         "POST", "/v1/snapshots", {"name": "s9", "volume_id": vol["id"]}
     )
     assert status == 404 and problem["code"] == "volume_not_found"
+
+
+async def test_freed_luns_are_reused_lowest_first(api: Api) -> None:
+    first, second = await api.volume("r1"), await api.volume("r2")
+    assert (first["lun"], second["lun"]) == (1, 2)
+    await api.ok("DELETE", f"/v1/volumes/{first['id']}", status=204)
+    tomb = await api.etcd.get(Keys.gc_volume(first["id"]))  # written by the delete's txn
+    assert tomb is not None
+    deleted_at = tomb.mod_revision
+
+    async def caught_up() -> bool:
+        return api.luns.revision >= deleted_at
+
+    await async_wait_for(caught_up, 10, "the LUN map to see the delete")
+    third = await api.volume("r3")
+    assert (third["target_iqn"], third["lun"]) == (first["target_iqn"], 1)

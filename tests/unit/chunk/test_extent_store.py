@@ -346,6 +346,8 @@ async def test_reboot_with_unflushed_writes_fences_the_replica(store: ExtentStor
     assert r2.needs_rescan
     with pytest.raises(ReplicaNotCurrent):
         await r2.read(0, 1)
+    with pytest.raises(InvalidRequest, match="rescan"):
+        await r2.set_generation(2, state=ReplicaState.CURRENT)
     sums = await r2.checksums()  # rescans first, so the array describes the real data
     assert not r2.needs_rescan
     from lunastor.chunk.store.checksums import block_checksum
@@ -420,8 +422,14 @@ async def test_leftover_files_without_header_are_reported(store: ExtentStore) ->
     r = await new_replica(store)
     await r.close()
     r.paths.header.unlink()
-    problems = ExtentStore(store.data_dirs, EXTENT).list_replicas().problems
-    assert sorted(Path(p.path).suffix for p in problems) == [".dat", ".sum"]
+    (Path(store.data_dirs[0]) / "extents" / "stray-file").write_text("x")
+    listing = ExtentStore(store.data_dirs, EXTENT).list_replicas()
+    assert listing.failed_dirs == []
+    assert sorted(Path(p.path).name for p in listing.problems) == [
+        "0000000000000003.dat",
+        "0000000000000003.sum",
+        "stray-file",
+    ]
 
 
 async def test_missing_data_dir_is_a_typed_failure(tmp_path: Path) -> None:
@@ -445,3 +453,62 @@ async def test_data_dir_removed_under_an_open_replica(tmp_path: Path) -> None:
         await r.flush()
     assert info.value.path == str(d)
     assert [f.path for f in s.check_data_dirs()] == [str(d)]
+
+
+async def test_concurrent_writes_issued_in_order_apply_in_order(store: ExtentStore) -> None:
+    import asyncio
+
+    r = await new_replica(store)
+    # the first write waits for the durable DIRTY mark; the others queue behind it in order
+    await asyncio.gather(
+        *(r.write(seq * 10, bytes([seq]) * 10, seq=seq, gen=1, fua=seq % 7 == 0)
+          for seq in range(1, 21))
+    )  # fmt: skip
+    assert r.applied_seq == 20
+    assert await r.read(0, 210) == bytes(10) + b"".join(bytes([i]) * 10 for i in range(1, 21))
+
+
+async def test_fua_and_flush_advance_durable_seq(store: ExtentStore) -> None:
+    r = await new_replica(store)
+    await r.write(0, b"a", seq=1, gen=1, fua=False)
+    assert (r.applied_seq, r.durable_seq) == (1, 0)
+    await r.write(0, b"b", seq=2, gen=1, fua=True)
+    assert r.durable_seq == 2
+    await r.unmap(0, BLOCK_SIZE, seq=3, gen=1, fua=False)
+    assert r.durable_seq == 2
+    await r.flush()
+    assert r.durable_seq == 3
+
+
+async def test_unmap_with_a_corrupt_partial_block_changes_nothing(store: ExtentStore) -> None:
+    r = await new_replica(store)
+    base = pattern(5, 4 * BLOCK_SIZE)
+    await r.write(0, base, seq=1, gen=1, fua=False)
+    with open(r.paths.data, "r+b") as f:  # corrupt block 3, the unmap's partial tail
+        f.seek(3 * BLOCK_SIZE + 9)
+        f.write(b"\xff\xfe")
+    with pytest.raises(ChecksumMismatch) as info:
+        await r.unmap(100, 3 * BLOCK_SIZE, seq=2, gen=1, fua=False)
+    assert info.value.blocks == [3]
+    assert r.applied_seq == 1 and r.mapped_blocks == 4
+    assert await r.read(0, 3 * BLOCK_SIZE) == base[: 3 * BLOCK_SIZE]
+
+
+async def test_duplicates_and_misplaced_headers_are_reported(tmp_path: Path) -> None:
+    import shutil
+
+    dirs = [tmp_path / "d0", tmp_path / "d1"]
+    for d in dirs:
+        d.mkdir()
+    s = ExtentStore(dirs, EXTENT, boot_id=BOOT_A)
+    r = await s.create("vol", 1, 1)
+    await s.close()
+    other = dirs[1] if r.paths.data_dir == str(dirs[0]) else dirs[0]
+    shutil.copytree(Path(r.paths.data_dir) / "extents", other / "extents")
+    # and a header copied under another extent's name
+    shutil.copy(r.paths.header, r.paths.header.with_name("0000000000000002.hdr"))
+    listing = ExtentStore(dirs, EXTENT, boot_id=BOOT_A).list_replicas()
+    assert [(i.volume, i.extent) for i in listing.replicas] == [("vol", 1)]
+    reasons = sorted(p.reason for p in listing.problems)
+    assert len(reasons) == 2
+    assert reasons[0].startswith("duplicate replica") and reasons[1] == "header names vol/1"

@@ -7,11 +7,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from lunastor.chunk.store import BLOCK_SIZE, ExtentStore, Replica
+from lunastor.chunk.store import BLOCK_SIZE, ChecksumMismatch, ExtentStore, Replica
 from lunastor.chunk.store.checksums import UNMAPPED, block_checksum
 
 BLOCKS = 16
@@ -71,6 +72,41 @@ class ExtentModel(RuleBasedStateMachine):
         assert self.run(self.replica.read(offset, length)) == bytes(
             self.data[offset : offset + length]
         )
+
+    @rule(
+        first=st.integers(0, BLOCKS - 1),
+        blocks=st.lists(st.none() | st.integers(0, 255), min_size=1, max_size=4),
+    )
+    def apply_copy(self, first: int, blocks: list[int | None]) -> None:
+        """Catch-up: whole blocks with their checksums (None: an unmapped block)."""
+        blocks = blocks[: BLOCKS - first]
+        data = b"".join(bytes([b or 0]) * BLOCK_SIZE for b in blocks)
+        sums = b"".join(
+            UNMAPPED if b is None else block_checksum(bytes([b]) * BLOCK_SIZE) for b in blocks
+        )
+        self.run(self.replica.apply_copy(first * BLOCK_SIZE, data, sums))
+        for i, b in enumerate(blocks):
+            lo = (first + i) * BLOCK_SIZE
+            self.data[lo : lo + BLOCK_SIZE] = bytes([b or 0]) * BLOCK_SIZE
+            self.mapped[first + i] = b is not None
+        self.dirty = True
+
+    @rule(block=st.integers(0, BLOCKS - 1), at=st.integers(0, BLOCK_SIZE - 1))
+    def corrupt_on_disk_then_repair(self, block: int, at: int) -> None:
+        """A flipped bit on disk is reported for exactly that block, then repaired by copy."""
+        if not self.mapped[block]:
+            return
+        pos = block * BLOCK_SIZE + at
+        with open(self.replica.paths.data, "r+b") as f:
+            f.seek(pos)
+            old = f.read(1)
+            f.seek(pos)
+            f.write(bytes([old[0] ^ 0x10]))
+        with pytest.raises(ChecksumMismatch) as info:
+            self.run(self.replica.read(0, EXTENT))
+        assert info.value.blocks == [block]
+        good = bytes(self.data[block * BLOCK_SIZE : (block + 1) * BLOCK_SIZE])
+        self.run(self.replica.apply_copy(block * BLOCK_SIZE, good, block_checksum(good)))
 
     @rule()
     def flush(self) -> None:

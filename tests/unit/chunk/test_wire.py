@@ -434,3 +434,52 @@ def test_fuzz_mutated_frames_parse_or_raise_wire_error() -> None:
             outcomes["wire_error"] += 1
     assert sum(outcomes.values()) == 20_000
     assert min(outcomes.values()) > 100, outcomes  # the fuzzer reached every outcome
+
+
+def _response_strategy() -> st.SearchStrategy[tuple[Op, Response]]:
+    rid = u64
+    plain = st.sampled_from(
+        [Status.NO_SPACE, Status.NOT_FOUND, Status.EXISTS, Status.NOT_CURRENT,
+         Status.UNAUTHENTICATED, Status.UNAVAILABLE]
+    )  # fmt: skip
+    msg = st.none() | name
+    op = st.sampled_from([Op.WRITE, Op.UNMAP, Op.READ, Op.COPY, Op.FLUSH])
+
+    def with_msg(fields: dict[str, Any], m: str | None) -> dict[str, Any]:
+        return {**fields, "message": m} if m is not None else fields
+
+    return st.one_of(
+        st.builds(lambda o, i, s, m: (o, Response(i, s, with_msg({}, m))), op, rid, plain, msg),
+        st.builds(
+            lambda i, g, m: (
+                Op.WRITE, Response(i, Status.STALE_GENERATION, with_msg({"gen": g}, m))
+            ),
+            rid, u64, msg,
+        ),
+        st.builds(
+            lambda i, e: (Op.UNMAP, Response(i, Status.OUT_OF_ORDER, {"expected": e})), rid, u64
+        ),
+        st.builds(
+            lambda i, b: (Op.READ, Response(i, Status.CHECKSUM_MISMATCH, {"blocks": b})),
+            rid, st.lists(u64, max_size=50),
+        ),
+        st.builds(lambda i, p: (Op.READ, Response(i, Status.OK, {}, p)), rid, st.binary()),
+        st.builds(
+            lambda i, g, a, d, s, n, p: (
+                Op.GET_STATE,
+                Response(i, Status.OK, {"gen": g, "applied_seq": a, "durable_seq": d,
+                                        "state": s, "mapped_blocks": n}, p),
+            ),
+            rid, u64, u64, u64, st.integers(0, 2), u64,
+            st.integers(0, 8).map(lambda k: bytes(range(8)) * k),
+        ),
+    )  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(pair=_response_strategy())
+def test_any_response_round_trips(pair: tuple[Op, Response]) -> None:
+    op, resp = pair
+    data = b"".join(bytes(b) for b in encode_response(op, resp))
+    [frame] = FrameReader().feed(data)
+    assert decode_response(frame, op) == resp

@@ -16,6 +16,7 @@ from lunastor.chunk.wire import (
     Read,
     Response,
     Status,
+    Write,
     decode_response,
     encode_request,
 )
@@ -168,3 +169,104 @@ def test_bad_request_after_authentication_is_answered_and_the_connection_stays()
     [frame] = FrameReader().feed(b"".join(bytes(b) for b in server.data_to_send()))
     assert frame.header["status"] == "bad_request" and frame.header["id"] == 50
     assert not server.closed
+
+
+def _server_in(phase: Phase) -> ServerConnection:
+    server = ServerConnection(SECRET, "s")
+    if phase is Phase.AWAIT_HELLO:
+        return server
+    client = ClientConnection(SECRET, "c")
+    client.start()
+    server.receive_data(b"".join(bytes(b) for b in client.data_to_send()))
+    if phase is Phase.AWAIT_AUTH:
+        server.data_to_send()
+        return server
+    client.receive_data(b"".join(bytes(b) for b in server.data_to_send()))
+    server.receive_data(b"".join(bytes(b) for b in client.data_to_send()))
+    server.data_to_send()
+    assert server.phase is Phase.OPEN
+    return server
+
+
+SAMPLE = {
+    Op.HELLO: Hello(90, 1, "x", b"h" * 32),
+    Op.AUTH: Auth(90, b"p" * 32),
+    Op.PING: Ping(90),
+    Op.READ: Read(90, "v", 0, 1, 0, 1),
+}
+# (phase, op) -> what happens: "app" (handed to the application), or the status answered
+# and whether the connection closes. Every pair not listed: unauthenticated + close.
+EXPECTED = {
+    (Phase.AWAIT_HELLO, Op.HELLO): ("ok", False),
+    (Phase.AWAIT_AUTH, Op.AUTH): ("unauthenticated", True),  # wrong proof
+    (Phase.OPEN, Op.HELLO): ("app", False),
+    (Phase.OPEN, Op.AUTH): ("app", False),
+    (Phase.OPEN, Op.PING): ("app", False),
+    (Phase.OPEN, Op.READ): ("app", False),
+}
+
+
+@pytest.mark.parametrize("phase", [Phase.AWAIT_HELLO, Phase.AWAIT_AUTH, Phase.OPEN])
+@pytest.mark.parametrize("op", list(SAMPLE))
+def test_every_request_in_every_phase(phase: Phase, op: Op) -> None:
+    server = _server_in(phase)
+    got = server.receive_data(b"".join(bytes(b) for b in encode_request(SAMPLE[op])))
+    outcome, closes = EXPECTED.get((phase, op), ("unauthenticated", True))
+    if outcome == "app":
+        assert got == [SAMPLE[op]] and server.data_to_send() == []
+    else:
+        assert got == []
+        [frame] = FrameReader().feed(b"".join(bytes(b) for b in server.data_to_send()))
+        assert frame.header["status"] == outcome and frame.header["id"] == 90
+    assert server.closed is closes
+
+
+def test_before_authentication_no_payload_is_buffered() -> None:
+    server = ServerConnection(SECRET, "s")
+    write = encode_request(Write(1, "v", 0, 1, 1, 0, False, b"x" * 1_000_000))
+    header_only = bytes(write[0])  # the payload itself is never sent
+    assert server.receive_data(header_only) == []
+    assert server.closed and "exceeds 0" in (server.close_reason or "")
+    big = msgpack.packb({"op": "hello", "id": 1, "len": 0, "pad": "x" * 2000})
+    other = ServerConnection(SECRET, "s")
+    other.receive_data(len(big).to_bytes(4, "big") + big)
+    assert other.closed and "header length" in (other.close_reason or "")
+
+
+def test_fuzzed_byte_streams_never_raise_out_of_the_server() -> None:
+    """A server connection fed mutated handshakes and requests answers or closes; it never
+    raises, and never hands an unauthenticated request to the application."""
+    import random
+
+    rng = random.Random(7)
+    client = ClientConnection(SECRET, "c", nonce=b"c" * 32)
+    client.start()
+    server = ServerConnection(SECRET, "s", nonce=b"s" * 32)
+    hello = b"".join(bytes(b) for b in client.data_to_send())
+    server.receive_data(hello)
+    client.receive_data(b"".join(bytes(b) for b in server.data_to_send()))
+    auth = b"".join(bytes(b) for b in client.data_to_send())
+    reqs = b"".join(
+        bytes(b)
+        for r in (Ping(5), Read(6, "v", 0, 1, 0, 9), Write(7, "v", 0, 1, 1, 0, True, b"abc"))
+        for b in encode_request(r)
+    )
+    stream = hello + auth + reqs
+    nonce_at = hello.index(b"c" * 32)
+    proof_at = len(hello) + auth.index(b"\xc4\x20") + 2  # the one 32-byte bin value in AUTH
+    guarded = [*range(nonce_at, nonce_at + 32), *range(proof_at, proof_at + 32)]
+    for _ in range(5000):
+        data = bytearray(stream)
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randrange(len(data))
+            data[pos] = rng.randrange(256)
+        server = ServerConnection(SECRET, "s", nonce=b"s" * 32)
+        got = []
+        cut = rng.randrange(len(data))
+        got += server.receive_data(bytes(data[:cut]))
+        got += server.receive_data(bytes(data[cut:]))
+        server.data_to_send()
+        if got:
+            assert server.authenticated
+        if any(data[i] != stream[i] for i in guarded):
+            assert not server.authenticated  # a damaged nonce or proof never passes

@@ -686,3 +686,80 @@ def test_random_pdu_sequences_never_break_the_machine(
         # never more than queue_depth non-immediate commands accepted but unanswered
         window = (s.max_cmd_sn - s.exp_cmd_sn + 1) % 2**32
         assert 0 <= window <= 8
+
+
+def test_digests_start_after_the_final_login_response() -> None:
+    conn = make_conn()
+    keys = [("InitiatorName", INITIATOR), ("TargetName", TARGET)]
+    ops = [(k, "CRC32C" if k.endswith("Digest") else v) for k, v in OP_KEYS]
+    conn.receive_pdu(login_request(keys + ops))
+    header, *_ = conn.data_to_send()
+    assert len(header) == 48  # the Login Response itself goes without digests
+    assert (conn.header_digest, conn.data_digest) == (True, True)
+    conn.receive_pdu(p.NopOut(itt=3, cmdsn=CMDSN, immediate=True))
+    (header,) = conn.data_to_send()
+    assert len(header) == 52
+
+
+@dataclass
+class RedirectingPortal(StaticPortal):
+    def redirect(self, initiator: str, target: str) -> str | None:
+        return "10.0.0.7:3260,1"
+
+
+def test_login_redirect_for_the_redirector() -> None:
+    conn = make_conn(RedirectingPortal())
+    conn.receive_pdu(login_request([("InitiatorName", INITIATOR), ("TargetName", TARGET)]))
+    (resp,) = conn.pdus_to_send()
+    assert isinstance(resp, p.LoginResponse)
+    assert (resp.status_class << 8 | resp.status_detail) == LoginStatus.TARGET_MOVED_TEMPORARILY
+    assert dict(parse_text(resp.data))["TargetAddress"] == "10.0.0.7:3260,1"
+    assert conn.phase is Phase.CLOSED
+
+
+def test_long_send_targets_answer_is_continued() -> None:
+    many = {f"iqn.2024-01.test:t{i:03d}": {INITIATOR} for i in range(200)}
+    conn = make_conn(StaticPortal(acl=many))
+    conn.receive_pdu(login_request([("InitiatorName", INITIATOR), ("SessionType", "Discovery")]))
+    conn.pdus_to_send()
+    conn.max_xmit = 1024
+    conn.receive_pdu(p.TextRequest(itt=5, cmdsn=CMDSN, data=encode_text([("SendTargets", "All")])))
+    text = b""
+    for turn in range(100):
+        (resp,) = conn.pdus_to_send()
+        assert isinstance(resp, p.TextResponse) and len(resp.data) <= 1024
+        text += bytes(resp.data)
+        if resp.final:
+            break
+        assert resp.cont and resp.ttt != p.RESERVED_TAG
+        conn.receive_pdu(p.TextRequest(itt=5, ttt=resp.ttt, cmdsn=CMDSN + 1 + turn))
+    names = [v for k, v in parse_text(text) if k == "TargetName"]
+    assert names == sorted(many)
+
+
+def test_r2ts_wait_for_the_write_budget() -> None:
+    conn = logged_in(extra=[("InitialR2T", "Yes")])
+    conn.write_budget = 16384
+    conn.receive_pdu(cmd(1, CMDSN, write=True, edtl=16384))
+    conn.receive_pdu(cmd(2, CMDSN + 1, write=True, edtl=16384))
+    r2ts = conn.pdus_to_send()
+    assert [r.itt for r in r2ts if isinstance(r, p.R2T)] == [1]  # task 2 waits for buffers
+    r2t = r2ts[0]
+    assert isinstance(r2t, p.R2T)
+    for sn, off in enumerate(range(0, 16384, 4096)):
+        conn.receive_pdu(
+            p.DataOut(
+                itt=1,
+                ttt=r2t.ttt,
+                data_sn=sn,
+                buffer_offset=off,
+                data=bytes(4096),
+                final=off == 12288,
+            )
+        )
+    (ev,) = executed(conn)
+    assert conn.pdus_to_send() == []
+    conn.command_done(ev.itt, ScsiResult(transfer_length=16384))
+    out = conn.pdus_to_send()
+    assert isinstance(out[0], p.ScsiResponse)
+    assert [r.itt for r in out if isinstance(r, p.R2T)] == [2]  # now its turn

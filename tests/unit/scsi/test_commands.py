@@ -571,6 +571,8 @@ CASES = [
         ksa=INVALID_CDB,
         field=cdb_field(4, 1),
     ),
+    Case("start stop with any power condition is a no-op", [0x1B, 1, 0, 0, 0xF2, 0]),
+    Case("sync cache 10 with SYNC_NV and IMMED", [0x35, 0x06] + [0] * 8),
     # -- PR parameter lists
     Case(
         "prout register bad length",

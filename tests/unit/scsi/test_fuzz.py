@@ -47,6 +47,7 @@ async def _run(cdb: bytes, data: bytes, lun: int, second: bool) -> None:
     if res.status == Status.CHECK_CONDITION:
         sense = parse_sense(res.sense)
         assert 0 < sense.key <= 0xE
+        assert sense.key != 4, "HARDWARE ERROR: a handler raised an unexpected exception"
     else:
         assert res.sense == b""
     if res.transfer_length is not None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
+from lunastor.iscsi.blockdev import MediumError, NotReady
 from lunastor.iscsi.memdev import MemoryBlockDevice
+from lunastor.iscsi.scsi.sense import parse_sense
 from lunastor.iscsi.scsi.target import LogicalUnit, ScsiTarget
 from lunastor.iscsi.scsi.types import Nexus, ScsiCommand, Status, TmfFunction, TmfResponse
 from tests.unit.scsi.harness import NAA, TARGET, A, B, Rig
@@ -287,3 +291,38 @@ async def test_removable_eject_prevent_and_load() -> None:
     assert (await rig.cmd(READ1, nexus=B)).ksa == (2, 0x3A, 0)
     assert (await rig.cmd([0x1B, 0, 0, 0, 0x03, 0], nexus=B)).status == Status.GOOD
     assert (await rig.cmd(TUR, nexus=B)).status == Status.GOOD
+
+
+# -- device failures end to end ------------------------------------------------------------
+
+
+class FailingDevice(MemoryBlockDevice):
+    """A memory device whose reads fail with a chosen exception (fault injection)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(1024)
+        self.error = error
+
+    async def read(self, lba: int, blocks: int):  # type: ignore[no-untyped-def]
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (MediumError(lba=3), (3, 0x11, 0x00, 3)),
+        (NotReady(), (2, 0x04, 0x0A, None)),
+        (RuntimeError("bug"), (4, 0x44, 0x00, None)),
+    ],
+    ids=["medium", "not-ready", "unexpected"],
+)
+async def test_device_failures_become_sense(
+    error: Exception, expected: tuple[int, int, int, int | None]
+) -> None:
+    lu = LogicalUnit(FailingDevice(error), naa_id=NAA, serial="F1")
+    target = ScsiTarget(TARGET, {0: lu})
+    await run(target, A, 0, TUR)
+    r = await run(target, A, 0, READ1)
+    assert r.status == Status.CHECK_CONDITION
+    s = parse_sense(r.sense)
+    assert (s.key, s.asc, s.ascq, s.information) == expected

@@ -1,0 +1,115 @@
+"""Local extent-store throughput, and the same through the data protocol on loopback.
+
+    PYTHONPATH=. python -m bench.extent_store [--dir DIR] [--mib 64] [--peer]
+
+Sequential 1 MiB writes over one extent, sequential 1 MiB reads back, then random 4 KiB
+writes (aligned, the no-RMW path) and random 512-byte writes (read-modify-write). No fsync
+except one flush at the end of each phase, so this measures the Python path on the page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+
+from lunastor.chunk.data_service import DataService
+from lunastor.chunk.peer import PeerClient, PeerServer
+from lunastor.chunk.store import ExtentStore
+
+MIB = 1024 * 1024
+
+
+async def timed(label: str, nbytes: int, ops: int, body: Callable[[], Awaitable[None]]) -> None:
+    start = time.perf_counter()
+    await body()
+    secs = time.perf_counter() - start
+    print(f"{label:<34} {nbytes / MIB / secs:9.1f} MiB/s {ops / secs:10.0f} op/s")
+
+
+async def bench_local(directory: str, extent_mib: int) -> None:
+    extent = extent_mib * MIB
+    store = ExtentStore([directory], extent)
+    r = await store.create("bench", 0, 1)
+    chunk = b"\xa5" * MIB
+    seq = 0
+
+    async def seq_write() -> None:
+        nonlocal seq
+        for off in range(0, extent, MIB):
+            seq += 1
+            await r.write(off, chunk, seq=seq, gen=1, fua=False)
+        await r.flush()
+
+    async def seq_read() -> None:
+        for off in range(0, extent, MIB):
+            await r.read(off, MIB)
+
+    rng = random.Random(1)
+    n_small = 20000
+
+    async def rand_write(size: int) -> None:
+        nonlocal seq
+        data = b"\x5a" * size
+        for _ in range(n_small):
+            seq += 1
+            off = rng.randrange(extent // size) * size
+            await r.write(off, data, seq=seq, gen=1, fua=False)
+        await r.flush()
+
+    await timed("local seq write 1 MiB", extent, extent // MIB, seq_write)
+    await timed("local seq read 1 MiB (verified)", extent, extent // MIB, seq_read)
+    await timed("local rand write 4 KiB", n_small * 4096, n_small, lambda: rand_write(4096))
+    await timed("local rand write 512 B (RMW)", n_small * 512, n_small, lambda: rand_write(512))
+    await store.close()
+
+
+async def bench_peer(directory: str, extent_mib: int) -> None:
+    extent = extent_mib * MIB
+    store = ExtentStore([directory], extent)
+    secret = b"bench-secret-bench-secret-bench!"
+    server = PeerServer(DataService(store), secret, "bench-server")
+    host, port = await server.start("127.0.0.1", 0)
+    client = PeerClient(host, port, secret, "bench-client")
+    await client.create("peer", 0, 1)
+    chunk = b"\xa5" * MIB
+    depth = 16
+
+    async def seq_write() -> None:
+        offs = list(range(0, extent, MIB))
+        for i in range(0, len(offs), depth):
+            await asyncio.gather(*(
+                client.write("peer", 0, 1, i + j + 1, off, chunk, fua=False)
+                for j, off in enumerate(offs[i : i + depth])
+            ))  # fmt: skip
+
+    async def seq_read() -> None:
+        offs = list(range(0, extent, MIB))
+        for i in range(0, len(offs), depth):
+            await asyncio.gather(*(client.read("peer", 0, 1, o, MIB) for o in offs[i : i + depth]))
+
+    await timed("loopback seq write 1 MiB, depth 16", extent, extent // MIB, seq_write)
+    await timed("loopback seq read 1 MiB, depth 16", extent, extent // MIB, seq_read)
+    await client.close()
+    await server.close()
+    await store.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dir", help="data directory (default: a temporary one)")
+    p.add_argument("--mib", type=int, default=64, help="extent size in MiB")
+    p.add_argument("--peer", action="store_true", help="also through the data protocol")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as d:
+        asyncio.run(bench_local(d, args.mib))
+    if args.peer:
+        with tempfile.TemporaryDirectory(dir=args.dir) as d:
+            asyncio.run(bench_peer(d, args.mib))
+
+
+if __name__ == "__main__":
+    main()
