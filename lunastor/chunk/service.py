@@ -3,6 +3,7 @@ and the iSCSI target serving every LUN in etcd. `main.serve` starts one of these
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -15,6 +16,7 @@ from lunastor.chunk.targets import EtcdTargetHost
 from lunastor.chunk.volume import AccessPath
 from lunastor.common.daemon import parse_hostport
 from lunastor.common.etcd import Etcd
+from lunastor.common.etcd.cache import PrefixCache
 from lunastor.common.records import ClusterConfigRecord, Keys, RecordError
 from lunastor.common.sealing import Sealer
 
@@ -33,6 +35,27 @@ async def cluster_extent_size(etcd: Etcd, proposal: int) -> int:
         raise RuntimeError(f"{Keys.CLUSTER_CONFIG} is unreadable: {exc}") from None
 
 
+async def claim_relative_port(etcd: Etcd, chunk_id: str) -> int:
+    """This chunk server's relative target port: distinct per server and kept for good.
+
+    The lowest free number is claimed with a create-if-absent transaction; a server that
+    already holds one (`/v1/target-ports/<n>` = its id) keeps it across restarts."""
+    while True:
+        kvs, _ = await etcd.get_prefix(Keys.TARGET_PORTS)
+        taken = {}
+        for kv in kvs:
+            with contextlib.suppress(ValueError):
+                taken[int(kv.key.removeprefix(Keys.TARGET_PORTS))] = kv.value.decode()
+        mine = [n for n, owner in taken.items() if owner == chunk_id]
+        if mine:
+            return min(mine)
+        number = next(n for n in range(1, len(taken) + 2) if n not in taken)
+        if number > 0xFFFF:
+            raise RuntimeError("no relative target port left")
+        if await etcd.create(Keys.target_port(number), chunk_id.encode()):
+            return number
+
+
 class DataPath:
     def __init__(
         self, config: ChunkConfig, etcd: Etcd, chunk_id: str, alive: Callable[[], bool]
@@ -49,16 +72,15 @@ class DataPath:
         self.data_server: DataServer | None = None
         self.host: EtcdTargetHost | None = None
         self.iscsi: IscsiServer | None = None
-
-    def _relative_port(self) -> int:
-        """Distinct per chunk server: its rank among the registered chunk servers (1-based)."""
-        ids = sorted(k.removeprefix(Keys.CHUNKS) for k in self.emap.chunks.items)
-        return ids.index(self.chunk_id) + 1 if self.chunk_id in ids else len(ids) + 1
+        self.ports = PrefixCache(etcd, Keys.TARGET_PORTS)
+        self.relative_port = 0
 
     def _relative_ports(self) -> list[int]:
-        return list(range(1, len(self.emap.chunks.items) + 1))
+        return sorted(int(k.removeprefix(Keys.TARGET_PORTS)) for k in self.ports.items)
 
     async def start(self) -> None:
+        await self.ports.start()
+        self.relative_port = await claim_relative_port(self.etcd, self.chunk_id)
         config = self.config
         extent_size = await cluster_extent_size(self.etcd, config.extent_size)
         self.store = ExtentStore(config.data_dirs, extent_size)
@@ -88,7 +110,7 @@ class DataPath:
             self.etcd,
             path,
             extent_size,
-            relative_port=self._relative_port,
+            relative_port=lambda: self.relative_port,
             relative_ports=self._relative_ports,
             sealer=sealer,
         )
@@ -97,7 +119,7 @@ class DataPath:
             self.host,
             ServerConfig(
                 listen=[parse_hostport(config.iscsi_listen, "iscsi_listen")],
-                relative_port=self._relative_port(),
+                relative_port=self.relative_port,
             ),
         )
         self.host.server = self.iscsi
@@ -115,5 +137,6 @@ class DataPath:
             await self.data_server.close()
         await self.replicas.close()
         await self.emap.stop()
+        await self.ports.stop()
         if self.store is not None:
             await self.store.close()

@@ -49,6 +49,7 @@ class Keys:
     # Written by the data path (docs/datapath.md).
     RINGS = f"/{SCHEMA}/rings/"  # /<replicas>: the placement ring (Ring.to_dict() as JSON)
     CLUSTER_CONFIG = f"/{SCHEMA}/cluster-config"  # ClusterConfigRecord: extent size
+    TARGET_PORTS = f"/{SCHEMA}/target-ports/"  # /<n, 5 digits>: chunk id holding relative port n
 
     @staticmethod
     def chunk(chunk_id: str) -> str:
@@ -109,6 +110,10 @@ class Keys:
         if not sep or not volume or not index.isdigit():
             raise ValueError(f"not an extent key: {key!r}")
         return volume, int(index)
+
+    @staticmethod
+    def target_port(number: int) -> str:
+        return f"{Keys.TARGET_PORTS}{number:05d}"
 
     @staticmethod
     def ring(replicas: int) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from lunastor.chunk.dataserver import Replicas
 from lunastor.chunk.extentmap import ExtentMap
+from lunastor.chunk.service import claim_relative_port
 from lunastor.chunk.targets import EtcdTargetHost, volume_identity
 from lunastor.chunk.volume import AccessPath, ReplicatedVolume
 from lunastor.common.etcd import Etcd, EtcdConfig
@@ -132,3 +134,11 @@ async def test_chap_without_the_sealing_key_refuses_instead_of_admitting(etcd: E
         assert creds is not None and creds.secret != b"whatever-secret"
     finally:
         await host.stop()
+
+
+async def test_relative_target_ports_are_distinct_and_kept(etcd: Etcd) -> None:
+    ids = [f"chunk-{i}" for i in range(5)]
+    first = await asyncio.gather(*(claim_relative_port(etcd, c) for c in ids))
+    assert sorted(first) == [1, 2, 3, 4, 5]
+    again = await asyncio.gather(*(claim_relative_port(etcd, c) for c in reversed(ids)))
+    assert list(reversed(again)) == first
