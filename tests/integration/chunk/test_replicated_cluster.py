@@ -278,3 +278,32 @@ def _verified_writes_across_kills(c: Cluster, tmp_path: Path) -> None:
     conv = run("qemu-img", "convert", "-f", "raw", "-O", "raw", back, str(again))
     assert conv.returncode == 0, conv.stderr
     assert again.read_bytes() == data
+
+
+def test_chap_set_through_the_api_is_enforced_by_every_chunk_server(cluster: Cluster) -> None:
+    # meta seals the secret with its key; every chunk server opens it with the same key
+    ini = "iqn.2026-11.test:chap"
+    vol = cluster.create_exported_volume("chap1", "8MiB", ini)
+    target = vol["target_iqn"]
+    lunastor(
+        "target",
+        "set-chap",
+        target,
+        "--user",
+        "alice",
+        "--secret",
+        "correct-horse-battery",
+        "--dir",
+        str(cluster.dir),
+    )
+    for c in cluster.chunks:
+        plain = _target_url(cluster.portal(c), target, vol["lun"])
+        authed = f"iscsi://alice%correct-horse-battery@{cluster.portal(c)}/{target}/{vol['lun']}"
+        wrong = f"iscsi://alice%wrong-secret-here@{cluster.portal(c)}/{target}/{vol['lun']}"
+        wait_for(
+            lambda u=plain: run("iscsi-inq", "-i", ini, u).returncode != 0,
+            30,
+            f"{c} to require CHAP",
+        )
+        assert run("iscsi-inq", "-i", ini, authed).returncode == 0
+        assert run("iscsi-inq", "-i", ini, wrong).returncode != 0
