@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,10 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield Cluster(tmp_path / "dev", state)
     finally:
         lunastor("dev", "down", "--dir", str(tmp_path / "dev"), check=False)
+
+
+def _refused(initiator: str, url: str) -> bool:
+    return run("iscsi-inq", "-i", initiator, url, timeout=20).returncode != 0
 
 
 def _wait_lun(url: str, initiator: str) -> None:
@@ -300,10 +305,6 @@ def test_chap_set_through_the_api_is_enforced_by_every_chunk_server(cluster: Clu
         plain = _target_url(cluster.portal(c), target, vol["lun"])
         authed = f"iscsi://alice%correct-horse-battery@{cluster.portal(c)}/{target}/{vol['lun']}"
         wrong = f"iscsi://alice%wrong-secret-here@{cluster.portal(c)}/{target}/{vol['lun']}"
-        wait_for(
-            lambda u=plain: run("iscsi-inq", "-i", ini, u).returncode != 0,
-            30,
-            f"{c} to require CHAP",
-        )
+        wait_for(partial(_refused, ini, plain), 30, f"{c} to require CHAP")
         assert run("iscsi-inq", "-i", ini, authed).returncode == 0
         assert run("iscsi-inq", "-i", ini, wrong).returncode != 0
