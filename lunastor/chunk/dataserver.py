@@ -21,7 +21,9 @@ access point's pipelined writes to one primary no longer wait for each other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,6 +44,8 @@ from lunastor.chunk.store import (
 from lunastor.chunk.wire import (
     Create,
     Flush,
+    Ping,
+    Read,
     Request,
     Response,
     SetGen,
@@ -179,6 +183,7 @@ class DataNode(DataService):
         *,
         alive: Callable[[], bool],
         min_replicas: int,
+        read_lease: float,
     ) -> None:
         super().__init__(store)
         self.emap = emap
@@ -186,11 +191,71 @@ class DataNode(DataService):
         self.node_id = node_id
         self.alive = alive
         self.min_replicas = min_replicas
+        # Read leases (docs/datapath.md, "Read leases"): a secondary serves reads of an extent
+        # only while it holds a lease from the extent's primary, renewed by pinging it; the
+        # primary removes a member only once any lease it granted that member has run out.
+        self.read_lease = read_lease
+        self._granted: dict[str, float] = {}  # peer -> when we last granted it (monotonic)
+        self._leases: dict[str, float] = {}  # primary -> until when we hold its lease
+        self._lease_task: asyncio.Task[None] | None = None
         self._primaries: dict[tuple[str, int], PrimaryExtent] = {}
         self._setup: dict[tuple[str, int], asyncio.Lock] = {}
         replicas.local = self
 
+    # -- read leases -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._lease_task = asyncio.create_task(self._renew_leases(), name="read leases")
+
+    async def stop(self) -> None:
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lease_task
+
+    def grant(self, peer: str) -> bool:
+        """A peer pinged us: grant it a read lease, if we can still act as a primary."""
+        if not self.alive():
+            return False
+        self._granted[peer] = time.monotonic()
+        return True
+
+    async def _renew_leases(self) -> None:
+        while True:
+            peers = [s.id for s in self.emap.live_servers() if s.id != self.node_id]
+            await asyncio.gather(*(self._renew(p) for p in peers))
+            await asyncio.sleep(self.read_lease / 3)
+
+    async def _renew(self, peer: str) -> None:
+        sent = time.monotonic()  # the lease runs from before the grant: never past the promise
+        try:
+            async with asyncio.timeout(self.read_lease / 2):
+                resp = await self.replicas.client(peer).ping()
+        except (PeerError, TimeoutError):
+            return
+        if resp.ok:
+            self._leases[peer] = sent + self.read_lease * 0.9
+
+    def may_serve_read(self, volume: str, index: int) -> bool:
+        rec = self.emap.get(volume, index)
+        if rec is None or rec.primary == self.node_id:
+            return self.alive() or rec is None
+        return time.monotonic() < self._leases.get(rec.primary, 0.0)
+
+    async def _lease_expiry(self, members: list[str]) -> None:
+        """Wait until no read lease we granted these members can still be running."""
+        until = max((self._granted.get(m, 0.0) + self.read_lease for m in members), default=0.0)
+        delay = until - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
     async def handle(self, req: Request) -> Response:
+        if isinstance(req, Read) and not self.may_serve_read(req.volume, req.extent):
+            return Response(
+                req.id,
+                Status.NOT_CURRENT,
+                {"message": "no read lease from the extent's primary"},
+            )
         try:
             if isinstance(req, Write) and req.seq == 0:
                 seq = await self.primary_write(
@@ -408,6 +473,7 @@ class DataNode(DataService):
                     replicas=keep,
                     epoch=entry.record.epoch,
                 )
+                await self._lease_expiry(failed)
                 committed = await self.emap.replace(entry, new)
                 if committed is None:
                     continue
@@ -463,6 +529,12 @@ class _Protocol(asyncio.Protocol):
 
     async def _serve(self, req: Request) -> None:
         try:
+            peer = self._conn.peer
+            if isinstance(req, Ping) and peer is not None and not self._server.node.grant(peer):
+                refusal = "this chunk server cannot prove its lease is alive"
+                self._conn.send_response(Response(req.id, Status.UNAVAILABLE, {"message": refusal}))
+                self._flush()
+                return
             resp = await self._server.node.handle(req)
         except Exception as exc:  # a bug must not leave the request unanswered
             log.exception("data request %s failed", req.OP)

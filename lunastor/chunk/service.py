@@ -95,7 +95,9 @@ class DataPath:
             self.chunk_id,
             alive=self.alive,
             min_replicas=config.min_replicas,
+            read_lease=config.lease_ttl / 2,
         )
+        self.node.start()
         self.data_server = DataServer(self.node, config.cluster_secret.encode(), self.chunk_id)
         await self.data_server.start(*parse_hostport(config.data_listen, "data_listen"))
         path = AccessPath(
@@ -103,6 +105,7 @@ class DataPath:
             self.replicas,
             self.chunk_id,
             lease_ttl=config.lease_ttl,
+            read_lease=config.lease_ttl / 2,
             io_timeout=config.io_timeout,
         )
         sealer = Sealer(config.secret_key) if config.secret_key else None
@@ -135,6 +138,8 @@ class DataPath:
             await self.host.stop()
         if self.data_server is not None:
             await self.data_server.close()
+        if self.node is not None:
+            await self.node.stop()
         await self.replicas.close()
         await self.emap.stop()
         await self.ports.stop()

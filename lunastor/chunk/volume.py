@@ -114,12 +114,14 @@ class AccessPath:
         node_id: str,
         *,
         lease_ttl: float,
+        read_lease: float = 0.0,
         io_timeout: float = 60.0,
     ) -> None:
         self.emap = emap
         self.replicas = replicas
         self.node_id = node_id
         self.lease_ttl = lease_ttl
+        self.read_lease = read_lease
         self.io_timeout = io_timeout
         self._failing_over: dict[tuple[str, int], asyncio.Lock] = {}
 
@@ -285,6 +287,9 @@ class AccessPath:
                 )
             except TimeoutError:
                 return  # it is alive after all (a transient error): retry through it
+            # A read lease the old primary granted before its own deadline may still run for
+            # `read_lease`: only after it can no member that misses the new writes serve reads.
+            await asyncio.sleep(self.read_lease)
             fresh = await self.emap.fresh(rec.volume, rec.index)
             if fresh is None or fresh.mod_revision != entry.mod_revision:
                 return

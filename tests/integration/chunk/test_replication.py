@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,14 +19,16 @@ from lunastor.chunk.extentmap import ExtentMap
 from lunastor.chunk.peer import PeerAuthFailed
 from lunastor.chunk.store import BLOCK_SIZE, ExtentStore
 from lunastor.chunk.volume import AccessPath, ReplicatedVolume
-from lunastor.chunk.wire import Status, Write
+from lunastor.chunk.wire import Read, Response, Status, Write
 from lunastor.common.etcd import Etcd, EtcdConfig
 from lunastor.common.records import ChunkServerInfo, ChunkServerStatus, Keys, VolumeRecord
 from lunastor.iscsi.blockdev import LbaState, Miscompare, NotReady, OutOfRange
 from tests.support.etcd import EtcdServer
+from tests.support.procs import async_wait_for, free_port
 
 EXTENT = 1 << 20  # 1 MiB extents: 256 blocks of 4 KiB
 SECRET = b"0123456789abcdef-cluster-secret"
+READ_LEASE = 0.6
 
 
 @dataclass
@@ -61,7 +63,9 @@ class Cluster:
             chunk_id,
             alive=lambda: holder[0].alive,
             min_replicas=min_replicas,
+            read_lease=READ_LEASE,
         )
+        node.start()
         server = DataServer(node, SECRET, chunk_id)
         host, port = await server.start("127.0.0.1", 0)
         address = f"{host}:{port}"
@@ -75,7 +79,9 @@ class Cluster:
         )
         await self.etcd.put(Keys.chunk(chunk_id), info.to_json())
         await self.etcd.put(Keys.live_chunk(chunk_id), status.to_json())
-        path = AccessPath(emap, replicas, chunk_id, lease_ttl=0.5, io_timeout=10)
+        path = AccessPath(
+            emap, replicas, chunk_id, lease_ttl=0.5, read_lease=READ_LEASE, io_timeout=10
+        )
         n = Node(chunk_id, store, emap, replicas, node, server, path, address)
         holder.append(n)
         self.nodes[chunk_id] = n
@@ -102,6 +108,7 @@ class Cluster:
         for n in self.nodes.values():
             if n.alive:
                 await n.server.close()
+            await n.node.stop()
             await n.replicas.close()
             await n.emap.stop()
             await n.store.close()
@@ -372,3 +379,45 @@ async def test_a_primary_without_a_provable_lease_or_while_converging_acknowledg
     after = emap.get("vol-t", 0)
     assert after is not None and not after.converging
     assert await v.read(0, 8) == blocks(3, 8)
+
+
+async def test_a_member_cut_off_from_its_primary_stops_serving_reads_before_it_is_removed(
+    cluster: Cluster,
+) -> None:
+    # The secondary is cut off from its primary only (not from etcd, not from initiators):
+    # once the primary has acknowledged a write the secondary missed, the secondary must not
+    # answer reads at the old generation (read leases; docs/datapath.md).
+    v = cluster.volume("chunk-0")
+    await v.write(0, blocks(1, 8), fua=False)
+    rec = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
+    assert rec is not None
+    cut = rec.replicas[1]
+    primary = cluster.nodes[rec.primary]
+    secondary = cluster.nodes[cut]
+    # reads through the secondary's own data port work while it holds the lease
+    host, port = secondary.address.rsplit(":", 1)
+    reader = DataClient(host, int(port), SECRET, "tester")
+
+    def old_read(i: int) -> Read:
+        return Read(i, "vol-t", 0, rec.gen, 0, 4096)
+
+    await async_wait_for(
+        lambda: _ok(reader.call(old_read)), 5, "the secondary to hold a read lease"
+    )
+    dead = DataClient("127.0.0.1", free_port(), SECRET, "nowhere", connect_timeout=0.2)
+    primary.replicas._clients[cut] = (secondary.address, dead)
+    secondary.replicas._clients[rec.primary] = (primary.address, dead)
+    via = cluster.volume(next(c for c in cluster.nodes if c != cut))
+    await via.write(0, blocks(2, 8), fua=False)  # acknowledged once the member is removed
+    after = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
+    assert after is not None and cut not in after.replicas
+    try:
+        resp = await reader.call(old_read)
+        assert resp.status is Status.NOT_CURRENT, resp
+    finally:
+        await reader.close()
+        await dead.close()
+
+
+async def _ok(pending: Awaitable[Response]) -> bool:
+    return (await pending).ok
