@@ -44,6 +44,7 @@ from lunastor.chunk.store import (
 from lunastor.chunk.wire import (
     Create,
     Flush,
+    GetState,
     Ping,
     Read,
     Request,
@@ -319,6 +320,10 @@ class DataNode(DataService):
         try:
             replica = await self.store.open(rec.volume, rec.index)
         except ReplicaNotFound:
+            if rec.gen > 1 and await self._secondaries_hold_data(rec):
+                # Our copy vanished (a wiped or replaced disk): never start over empty while
+                # the others hold the data; a failover (or rebuild) has to sort it out.
+                raise Unavailable("our replica is missing but the secondaries hold data") from None
             replica = await self.store.create(rec.volume, rec.index, rec.gen)
         if replica.generation < rec.gen:
             await replica.set_generation(rec.gen)
@@ -337,6 +342,20 @@ class DataNode(DataService):
         if failed:
             await self._remove(pe, failed)
         return pe
+
+    async def _secondaries_hold_data(self, rec: ExtentRecord) -> bool:
+        for member in rec.replicas[1:]:
+            try:
+                st = await self.replicas.call(
+                    member, partial(GetState, volume=rec.volume, extent=rec.index)
+                )
+            except PeerError:
+                return True  # cannot tell: assume the worst
+            if st.ok and (st.fields["applied_seq"] > 0 or st.fields["mapped_blocks"] > 0):
+                return True
+            if not st.ok and st.status is not Status.NOT_FOUND:
+                return True
+        return False
 
     async def _ensure_secondary(self, pe: PrimaryExtent, member: str) -> bool:
         """The secondary has a replica at our generation (created empty on first use)."""

@@ -294,6 +294,7 @@ class AccessPath:
             if fresh is None or fresh.mod_revision != entry.mod_revision:
                 return
             states: dict[str, int] = {}
+            absent: list[str] = []
             for member in rec.replicas[1:]:
                 try:
                     st = await self.get_state(member, rec.volume, rec.index, False)
@@ -301,6 +302,22 @@ class AccessPath:
                     continue
                 if st.ok and st.fields["gen"] == rec.gen and st.fields["state"] == 0:
                     states[member] = st.fields["applied_seq"]
+                elif st.status is Status.NOT_FOUND:
+                    absent.append(member)
+            if not states and absent and len(absent) == len(rec.replicas) - 1:
+                # No survivor ever got a replica, so no write was ever acknowledged (an ack
+                # needs every member): the extent starts over, empty, on the survivors.
+                await self.emap.replace(
+                    fresh,
+                    ExtentRecord(
+                        volume=rec.volume,
+                        index=rec.index,
+                        gen=rec.gen + 1,
+                        replicas=absent,
+                        epoch=rec.epoch,
+                    ),
+                )
+                return
             if not states:
                 log.error("extent %s/%d: no current survivor of gen %d", *key, rec.gen)
                 return

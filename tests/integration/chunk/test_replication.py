@@ -421,3 +421,47 @@ async def test_a_member_cut_off_from_its_primary_stops_serving_reads_before_it_i
 
 async def _ok(pending: Awaitable[Response]) -> bool:
     return (await pending).ok
+
+
+async def test_an_allocated_never_written_extent_survives_its_primarys_death(
+    cluster: Cluster,
+) -> None:
+    # Allocated (the map names a primary) but the primary died before its first write: no
+    # replica exists anywhere, nothing was acknowledged; the extent starts over on survivors.
+    emap = cluster.nodes["chunk-0"].emap
+    index = -1
+    for i in range(64):
+        if (await emap.allocate("vol-t", i, 3)).record.primary != "chunk-0":
+            index = i
+            break
+    assert index >= 0
+    rec = emap.get("vol-t", index)
+    assert rec is not None
+    await cluster.kill(rec.primary)
+    v = cluster.volume("chunk-0", size=64 * EXTENT)
+    await v.write(index * EXTENT // 512, blocks(5, 8), fua=True)
+    after = emap.get("vol-t", index)
+    assert after is not None and rec.primary not in after.replicas and after.gen > rec.gen
+    assert await v.read(index * EXTENT // 512, 8) == blocks(5, 8)
+
+
+async def test_a_primary_whose_replica_vanished_does_not_start_over_empty(
+    cluster: Cluster,
+) -> None:
+    v = cluster.volume("chunk-0")
+    await v.write(0, blocks(1, 8), fua=True)
+    rec = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
+    assert rec is not None
+    # a removal bumps gen (gen > 1), then the primary loses its replica (a replaced disk)
+    third = cluster.nodes[rec.replicas[2]]
+    await cluster.kill(third.id)
+    await v.write(0, blocks(2, 8), fua=True)
+    primary = cluster.nodes[rec.primary]
+    replica = await primary.store.open("vol-t", 0)
+    await replica.delete()
+    primary.node._primaries.clear()  # as after a restart
+    v.path.io_timeout = 2
+    with pytest.raises(NotReady):
+        await v.write(8, blocks(3, 8), fua=True)
+    survivor = await cluster.nodes[rec.replicas[1]].store.open("vol-t", 0)
+    assert await survivor.read(0, 4096) == blocks(2, 8)
