@@ -466,13 +466,41 @@ class ReplicatedVolume:
         return self._capacity_generation
 
     # -- IO ----------------------------------------------------------------------------------
+    # Each method runs its body in a task of its own: the iSCSI layer drives the first step of
+    # a command coroutine inline, outside any task, where asyncio.timeout() (used by the
+    # etcd and peer clients) raises "Timeout should be used inside a task".
+
+    async def read(self, lba: int, blocks: int) -> bytes:
+        return await asyncio.ensure_future(self._read(lba, blocks))
+
+    async def write(self, lba: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        await asyncio.ensure_future(self._write(lba, data, fua))
+
+    async def flush(self) -> None:
+        await asyncio.ensure_future(self._flush())
+
+    async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
+        await asyncio.ensure_future(self._unmap(ranges))
+
+    async def write_same(
+        self, lba: int, blocks: int, pattern: bytes | bytearray | memoryview, unmap: bool
+    ) -> None:
+        await asyncio.ensure_future(self._write_same(lba, blocks, pattern, unmap))
+
+    async def compare_and_write(
+        self, lba: int, verify: bytes | bytearray | memoryview, data: bytes | bytearray | memoryview
+    ) -> None:
+        await asyncio.ensure_future(self._compare_and_write(lba, verify, data))
+
+    async def lba_status(self, lba: int) -> Sequence[LbaStatus]:
+        return await asyncio.ensure_future(self._lba_status(lba))
 
     def _range(self, lba: int, blocks: int) -> tuple[int, int]:
         if lba < 0 or blocks < 0 or lba + blocks > self.num_blocks:
             raise OutOfRange(f"LBA {lba}+{blocks} beyond {self.num_blocks} blocks")
         return lba * self.block_size, blocks * self.block_size
 
-    async def read(self, lba: int, blocks: int) -> bytes:
+    async def _read(self, lba: int, blocks: int) -> bytes:
         offset, length = self._range(lba, blocks)
         pieces = split(offset, length, self.extent_size)
         vol = self.record.id
@@ -481,7 +509,7 @@ class ReplicatedVolume:
         )
         return b"".join(parts)
 
-    async def write(self, lba: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+    async def _write(self, lba: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         offset, length = self._range(lba, len(data) // self.block_size)
         view = memoryview(data)
         vol, replicas = self.record.id, self.record.replicas
@@ -497,7 +525,7 @@ class ReplicatedVolume:
 
         await asyncio.gather(*(one(p) for p in split(offset, length, self.extent_size)))
 
-    async def flush(self) -> None:
+    async def _flush(self) -> None:
         dirty, self._dirty = self._dirty, set()
         vol, replicas = self.record.id, self.record.replicas
 
@@ -513,7 +541,7 @@ class ReplicatedVolume:
             self._dirty |= dirty
             raise
 
-    async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
+    async def _unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
         vol, replicas = self.record.id, self.record.replicas
         for lba, blocks in ranges:
             offset, length = self._range(lba, blocks)
@@ -524,19 +552,19 @@ class ReplicatedVolume:
 
                 await self.path.mutate(vol, p.extent, replicas, build, allocate=False)
 
-    async def write_same(
+    async def _write_same(
         self, lba: int, blocks: int, pattern: bytes | bytearray | memoryview, unmap: bool
     ) -> None:
         self._range(lba, blocks)
         if unmap and not any(pattern):
-            await self.unmap([(lba, blocks)])
+            await self._unmap([(lba, blocks)])
             return
         step = max(1, (4 << 20) // self.block_size)
         for start in range(lba, lba + blocks, step):
             n = min(step, lba + blocks - start)
-            await self.write(start, bytes(pattern) * n, fua=False)
+            await self._write(start, bytes(pattern) * n, fua=False)
 
-    async def compare_and_write(
+    async def _compare_and_write(
         self, lba: int, verify: bytes | bytearray | memoryview, data: bytes | bytearray | memoryview
     ) -> None:
         # Serialised per extent at this access point only: the data protocol (version 1) has
@@ -544,15 +572,15 @@ class ReplicatedVolume:
         offset, _ = self._range(lba, len(verify) // self.block_size)
         first = offset // self.extent_size
         async with self._caw_locks.setdefault(first, asyncio.Lock()):
-            current = await self.read(lba, len(verify) // self.block_size)
+            current = await self._read(lba, len(verify) // self.block_size)
             if current != bytes(verify):
                 pos = next(
                     i for i, (x, y) in enumerate(zip(current, bytes(verify), strict=True)) if x != y
                 )
                 raise Miscompare(pos)
-            await self.write(lba, data, fua=False)
+            await self._write(lba, data, fua=False)
 
-    async def lba_status(self, lba: int) -> Sequence[LbaStatus]:
+    async def _lba_status(self, lba: int) -> Sequence[LbaStatus]:
         offset, _ = self._range(lba, 1)
         index = offset // self.extent_size
         ext_end = min((index + 1) * self.extent_size, self.record.size_bytes)

@@ -130,6 +130,12 @@ def test_volume_is_served_by_every_chunk_server_with_three_identical_replicas(
         cmp = run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), url)
         assert cmp.returncode == 0, f"{url}: {cmp.stdout} {cmp.stderr}"
 
+    # GET LBA STATUS (qemu's block status): the written 64 MiB mapped, the rest deallocated
+    mapped = run("qemu-img", "map", "-f", "raw", "--output=json", urls[1])
+    assert mapped.returncode == 0 and not mapped.stderr, mapped.stderr
+    runs = [(r["start"], r["length"], r["data"]) for r in json.loads(mapped.stdout)]
+    assert runs == [(0, 64 * MIB, True), (64 * MIB, 128 * MIB, False)], runs
+
     extents = _extents(cluster.state, vol["id"])
     assert set(extents) == {0}, "64 MiB written from offset 0 touch extent 0 only (thin)"
     assert sorted(extents[0].replicas) == sorted(cluster.chunk_id(c) for c in cluster.chunks)
