@@ -6,6 +6,7 @@ across generation changes, and replacing a failed primary). docs/datapath.md.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -543,14 +544,27 @@ class ReplicatedVolume:
 
     async def _unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
         vol, replicas = self.record.id, self.record.replicas
-        for lba, blocks in ranges:
-            offset, length = self._range(lba, blocks)
-            for p in split(offset, length, self.extent_size):
+        # Merge overlapping and adjacent descriptors, then unmap every piece concurrently:
+        # an UNMAP may carry hundreds of descriptors and their order does not matter.
+        spans = sorted(self._range(lba, blocks) for lba, blocks in ranges if blocks)
+        merged: list[list[int]] = []
+        for offset, length in spans:
+            if merged and offset <= merged[-1][0] + merged[-1][1]:
+                end = max(merged[-1][0] + merged[-1][1], offset + length)
+                merged[-1][1] = end - merged[-1][0]
+            else:
+                merged.append([offset, length])
 
-                def build(i: int, gen: int, p: Piece = p) -> Request:
-                    return Unmap(i, vol, p.extent, gen, 0, p.offset, p.length, False)
+        async def one(p: Piece) -> None:
+            def build(i: int, gen: int) -> Request:
+                return Unmap(i, vol, p.extent, gen, 0, p.offset, p.length, False)
 
-                await self.path.mutate(vol, p.extent, replicas, build, allocate=False)
+            await self.path.mutate(vol, p.extent, replicas, build, allocate=False)
+
+        for lba, blocks in ranges:  # every descriptor is checked, empty ones too
+            self._range(lba, blocks)
+        pieces = [p for off, n in merged for p in split(off, n, self.extent_size)]
+        await asyncio.gather(*(one(p) for p in pieces))
 
     async def _write_same(
         self, lba: int, blocks: int, pattern: bytes | bytearray | memoryview, unmap: bool
@@ -594,18 +608,15 @@ class ReplicatedVolume:
             raise NotReady(str(exc)) from None
         if not st.ok:
             raise NotReady(f"extent {self.record.id}/{index}: {st.status}")
-        sums = st.payload
+        entries = memoryview(st.payload).cast("Q")  # one 8-byte checksum per block, 0 = unmapped
+        base = index * self.extent_size
+        first = (offset - base) // BLOCK_SIZE
+        last = (ext_end - base + BLOCK_SIZE - 1) // BLOCK_SIZE
         out: list[LbaStatus] = []
         pos = offset
-        while pos < ext_end:
-            block = (pos - index * self.extent_size) // BLOCK_SIZE
-            mapped = sums[block * CHECKSUM_SIZE : (block + 1) * CHECKSUM_SIZE] != bytes(8)
-            nxt = min(ext_end, index * self.extent_size + (block + 1) * BLOCK_SIZE)
+        for mapped, group in itertools.groupby(range(first, last), key=lambda b: entries[b] != 0):
+            end = min(ext_end, base + (list(group)[-1] + 1) * BLOCK_SIZE)
             state = LbaState.MAPPED if mapped else LbaState.DEALLOCATED
-            if out and out[-1].state is state:
-                last = out[-1]
-                out[-1] = LbaStatus(last.lba, last.blocks + (nxt - pos) // bs, state)
-            else:
-                out.append(LbaStatus(pos // bs, (nxt - pos) // bs, state))
-            pos = nxt
+            out.append(LbaStatus(pos // bs, (end - pos) // bs, state))
+            pos = end
         return out
