@@ -161,7 +161,18 @@ class FileBlockDevice:
         try:
             punch_hole(self._fd, lba * self._bs, blocks * self._bs)
         except OSError as e:
-            raise _device_error(e, lba, True) from e
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise _device_error(e, lba, True) from e
+            # a filesystem without hole punching: zeros keep LBPRZ true, without the space
+            self._write_zeros(lba * self._bs, blocks * self._bs, lba)
+
+    def _write_zeros(self, offset: int, length: int, lba: int) -> None:
+        zeros = bytes(min(length, _FILL_CHUNK))
+        while length:
+            n = min(length, len(zeros))
+            self._pwrite_all(memoryview(zeros)[:n], offset, lba)
+            offset += n
+            length -= n
 
     # -- BlockDevice ------------------------------------------------------------------------
     async def read(self, lba: int, blocks: int) -> Buffer:

@@ -126,6 +126,14 @@ class IscsiServer:
             if (c := self._by_session.get(s)) is not None and c is not exclude
         ]
 
+    def request_logout(self, target: str | None = None, within: int = 10) -> None:
+        """Ask the initiators of `target` (None: all) to log out, e.g. before draining."""
+        for proto in list(self.connections):
+            session = proto.session
+            if session is not None and target in (None, session.target_name):
+                proto.conn.request_logout(within)
+                proto._flush()
+
     def abort_nexus_tasks(self, nexus: Nexus, lun: int) -> None:
         """For the SCSI layer (PREEMPT AND ABORT): abort `nexus`'s tasks on `lun`."""
         session = self.registry.find(nexus.initiator_name, nexus.isid, nexus.target_name)

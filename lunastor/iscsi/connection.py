@@ -21,7 +21,12 @@ from enum import Enum
 from typing import Any
 
 from lunastor.iscsi import pdu as p
-from lunastor.iscsi.errors import LoginStatus, RejectReason, RemoteProtocolError
+from lunastor.iscsi.errors import (
+    DataDigestError,
+    LoginStatus,
+    RejectReason,
+    RemoteProtocolError,
+)
 from lunastor.iscsi.login import LoginNegotiator, LoginReply, LoginStep
 from lunastor.iscsi.params import ConnectionParams, SessionParams, TargetSettings
 from lunastor.iscsi.scsi.types import (
@@ -154,10 +159,13 @@ class _Held:
     pdu: p.Pdu
 
 
+_MAX_TEXT = 64 * 1024  # cap on a continued Text Request, against memory abuse
 _TOMBSTONE = object()  # a CmdSN "considered received" by ABORT TASK (RFC 7143 11.5.1 b)
 
 _TMF_NAMES = {f.value for f in TmfFunction}
 # fixed-format sense: ILLEGAL REQUEST, INVALID FIELD IN CDB (SPC-4 4.5.3)
+# ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR
+_CRC_ERROR = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x47, 0x05, 0, 0, 0, 0])
 _DATA_PHASE_ERROR = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4B, 0, 0, 0, 0, 0])
 _INVALID_FIELD_IN_CDB = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0])
 
@@ -218,6 +226,7 @@ class TargetConnection:
         )
         self._text_pending: tuple[int, bytes] | None = None  # (ITT, rest of a long answer)
         self._text_ttt = 0
+        self._text_in: tuple[int, int, bytes] | None = None  # (ITT, TTT, request so far)
         self._tmf_pending: dict[int, TaskManagement] = {}
         self._tmf_immediate: dict[int, bool] = {}
         self.ping_interval = ping_interval
@@ -288,7 +297,14 @@ class TargetConnection:
         if isinstance(exc, p.FramingError):
             self._close(f"framing error: {exc}")
             return
-        self._reject(exc.reason, exc.header or b"")
+        header = exc.header or b""
+        self._reject(exc.reason, header)
+        if isinstance(exc, DataDigestError) and len(header) >= 20 and header[0] & 0x3F == 0x05:
+            # a Data-Out lost to a digest error: ERL 0 cannot ask for it again, so end the
+            # task with PROTOCOL SERVICE CRC ERROR (RFC 7143 7.8) instead of leaving it hanging
+            task = self.tasks.get(int.from_bytes(header[16:20], "big"))
+            if task is not None and task.state is TaskState.RECEIVING:
+                self._end_task(task, _CRC_ERROR)
 
     def connection_lost(self) -> list[int]:
         """The socket is gone: forget everything; return the ITTs the host must cancel."""
@@ -321,6 +337,23 @@ class TargetConnection:
                     maxcmdsn=self.max_cmd_sn,
                 )
             )
+
+    def request_logout(self, within: int = 10) -> None:
+        """Ask the initiator to log out within `within` seconds (Async Message, event 1), e.g.
+        before this access point drains; the initiator then logs in again elsewhere."""
+        s = self.session
+        if self.phase is not Phase.FULL_FEATURE or s is None:
+            return
+        self._send(
+            p.AsyncMessage(
+                lun=0,
+                statsn=self._status_sn(),
+                expcmdsn=s.exp_cmd_sn,
+                maxcmdsn=s.max_cmd_sn,
+                async_event=p.AsyncEvent.LOGOUT_REQUESTED,
+                parameter3=within,
+            )
+        )
 
     # --- errors ---------------------------------------------------------------------------
 
@@ -422,6 +455,10 @@ class TargetConnection:
         s = self.session
         assert s is not None
         if immediate:
+            return True
+        exp = s.exp_cmd_sn
+        if cmd_sn == exp and exp != (s.max_cmd_sn + 1) & 0xFFFFFFFF:
+            s.exp_cmd_sn = (exp + 1) & 0xFFFFFFFF  # the common case: next in order, room left
             return True
         if not sn_le(cmd_sn, s.max_cmd_sn):
             return None  # beyond the window (also when the window is full: exp = max + 1)
@@ -538,7 +575,8 @@ class TargetConnection:
             task.state = TaskState.READY
         if placed:
             self._maybe_execute(task)
-            self._drain()
+            if self._held:
+                self._drain()
 
     def _allocate(self, task: Task) -> None:
         task.buffer = bytearray(task.edtl)
@@ -587,14 +625,14 @@ class TargetConnection:
         self._events.append(
             ExecuteCommand(
                 task.itt,
-                ScsiCommand(
-                    nexus=s.nexus,
-                    lun=task.lun,
-                    cdb=task.cdb,
-                    task_tag=task.itt,
-                    attribute=_attribute(task.attr),
-                    expected_length=task.edtl,
-                    data_out=data,
+                ScsiCommand(  # positional, in field order: this runs for every command
+                    s.nexus,
+                    task.lun,
+                    task.cdb,
+                    task.itt,
+                    _attribute(task.attr),
+                    task.edtl,
+                    data,
                 ),
             )
         )
@@ -689,11 +727,15 @@ class TargetConnection:
     def _data_error(self, task: Task, pdu: p.DataOut, why: str) -> None:
         """ERL 0 has no recovery R2T: end the task with CHECK CONDITION, ABORTED COMMAND /
         DATA PHASE ERROR, discard its further Data-Out, keep the connection (RFC 7143 7.3)."""
+        self._end_task(task, _DATA_PHASE_ERROR)
+
+    def _end_task(self, task: Task, sense: bytes) -> None:
+        """Answer a task that is still receiving data with CHECK CONDITION and `sense`."""
         for ttt in task.r2ts:
             self._ttt_owner.pop(ttt, None)
         task.r2ts.clear()
         task.unsolicited_end = 0
-        task.canned = ScsiResult(Status.CHECK_CONDITION, sense=_DATA_PHASE_ERROR)
+        task.canned = ScsiResult(Status.CHECK_CONDITION, sense=sense)
         task.state = TaskState.READY
         self._maybe_execute(task)
 
@@ -853,18 +895,42 @@ class TargetConnection:
         self._done_ordered(pdu)
         s = self.session
         assert s is not None
-        if pdu.ttt != RESERVED:
+        incoming = self._text_in
+        if pdu.ttt != RESERVED and incoming is not None and pdu.ttt == incoming[1]:
+            text = incoming[2] + bytes(pdu.data)  # the next part of a continued request
+        elif pdu.ttt != RESERVED:
             # the initiator asks for the next part of a long answer
             if self._text_pending is None or pdu.ttt != self._text_ttt:
                 self._reject(RejectReason.INVALID_PDU_FIELD, _header_of(pdu))
                 return
             rest = self._text_pending[1]
+            text = None
         else:
-            if pdu.cont or not pdu.final:
-                self._reject(RejectReason.COMMAND_NOT_SUPPORTED, _header_of(pdu))
+            text = bytes(pdu.data)
+        if text is not None:
+            self._text_in = None
+            if pdu.cont:
+                # more of the request follows: acknowledge with an empty response carrying a
+                # TTT the initiator sends the rest under (RFC 7143 11.10.2)
+                if len(text) > _MAX_TEXT:
+                    self._reject(RejectReason.LONG_OP_REJECT, _header_of(pdu))
+                    return
+                ttt = self._new_ttt()
+                self._text_in = (pdu.itt, ttt, text)
+                self._send(
+                    p.TextResponse(
+                        final=False,
+                        lun=pdu.lun,
+                        itt=pdu.itt,
+                        ttt=ttt,
+                        statsn=self._status_sn(),
+                        expcmdsn=s.exp_cmd_sn,
+                        maxcmdsn=s.max_cmd_sn,
+                    )
+                )
                 return
             try:
-                pairs = parse_text(pdu.data)
+                pairs = parse_text(text)
             except RemoteProtocolError as exc:
                 self._reject(exc.reason, _header_of(pdu))
                 return

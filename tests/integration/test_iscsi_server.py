@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from lunastor.iscsi.scsi.target import LogicalUnit, ScsiTarget
 from lunastor.iscsi.scsi.types import Nexus
 from lunastor.iscsi.session import TargetInfo
 from lunastor.iscsi.text import encode_text, parse_text
+from tests.support.procs import async_wait_for
 
 IQN = "iqn.2024-01.io.lunastor.test:mem"
 HOST = "iqn.2024-01.io.lunastor.test:host"
@@ -348,3 +350,59 @@ async def test_lun_reset_aborts_other_sessions_tasks(
     assert status == 2
     a.close()
     b.close()
+
+
+async def test_initiator_that_does_not_read_stops_being_read(
+    server: tuple[IscsiServer, MemHost],
+) -> None:
+    srv, _ = server
+    ini = await Initiator.connect(srv.addresses[0][1])
+    await ini.login()
+    await ini.ready()
+    (proto,) = srv.connections
+    assert proto.transport is not None and proto.transport.is_reading()
+    for _ in range(100):  # 100 x 256 KiB of Data-In that we never read
+        ini.command(read10(0, 512), read=512 * 512)
+    await ini.w.drain()
+
+    async def paused() -> bool:
+        return not proto.transport.is_reading()  # type: ignore[union-attr]
+
+    await async_wait_for(paused, 10, "the server to pause reading")
+    ini.close()
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_garbage_after_login_never_hurts_the_server(
+    server: tuple[IscsiServer, MemHost], seed: int
+) -> None:
+    srv, _ = server
+    rng = random.Random(seed)
+    ini = await Initiator.connect(srv.addresses[0][1])
+    await ini.login()
+    ini.w.write(rng.randbytes(4096))
+    seen: list[p.Pdu] = []
+    while (pdu := await ini.recv(timeout=5)) is not None:
+        seen.append(pdu)  # Rejects (and answers to PDUs that happened to decode), then EOF
+        if len(seen) > 200:
+            break
+    ini.close()
+    again = await Initiator.connect(srv.addresses[0][1])
+    await again.login(isid=0x400100 + seed)
+    await again.ready()
+    again.close()
+
+
+async def test_server_asks_initiators_to_log_out(server: tuple[IscsiServer, MemHost]) -> None:
+    srv, _ = server
+    ini = await Initiator.connect(srv.addresses[0][1])
+    await ini.login()
+    await ini.ready()
+    srv.request_logout(IQN, within=3)
+    msg = await ini.recv()
+    assert isinstance(msg, p.AsyncMessage) and msg.async_event == p.AsyncEvent.LOGOUT_REQUESTED
+    ini.send(p.LogoutRequest(itt=99, cmdsn=ini.cmdsn, immediate=True))
+    resp = await ini.recv()
+    assert isinstance(resp, p.LogoutResponse) and resp.response == 0
+    assert await ini.recv() is None
+    ini.close()

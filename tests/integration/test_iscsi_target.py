@@ -26,7 +26,7 @@ CU_INITIATORS = (
 
 
 class Target:
-    def __init__(self, tmp: Path, *args: str, size: int = 64 << 20) -> None:
+    def __init__(self, tmp: Path, *args: str, size: int | None = 64 << 20) -> None:
         self.port = free_port()
         self.file = tmp / "lun.img"
         self.log = tmp / "target.log"
@@ -37,8 +37,7 @@ class Target:
             "lunastor.chunk.standalone",
             "--file",
             str(self.file),
-            "--size",
-            str(size),
+            *(["--size", str(size)] if size is not None else []),
             "--iqn",
             IQN,
             "--listen",
@@ -108,6 +107,24 @@ def test_qemu_img_round_trip(target: Target, tmp_path: Path) -> None:
     cmp = run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), target.url())
     assert cmp.returncode == 0 and "identical" in cmp.stdout, cmp.stdout + cmp.stderr
     assert target.file.read_bytes() == image.read_bytes()  # the bytes really are in the file
+
+
+def test_lun_number_is_configurable(tmp_path: Path) -> None:
+    (tmp_path / "lun.img").write_bytes(b"\x5a" * (1 << 20))
+    t = Target(tmp_path, "--lun", "3", "--read-only", size=None)
+    try:
+        ls = run("iscsi-ls", "-s", t.portal)
+        assert re.search(r"Lun:3\s+Type:DIRECT_ACCESS", ls.stdout), ls.stdout + ls.stderr
+        assert "Lun:0" not in ls.stdout
+        inq = run("iscsi-inq", t.url(3))
+        assert inq.returncode == 0 and "Vendor:LUNASTOR" in inq.stdout, inq.stderr
+        image = tmp_path / "w.img"
+        image.write_bytes(b"x" * 4096)
+        write = run("qemu-img", "convert", "-n", "-O", "raw", str(image), t.url(3))
+        assert write.returncode != 0  # read-only LUN
+        assert t.file.read_bytes() == b"\x5a" * (1 << 20)
+    finally:
+        assert t.stop() == 0, t.log.read_text()
 
 
 @pytest.fixture

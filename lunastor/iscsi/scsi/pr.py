@@ -91,6 +91,11 @@ class PrState:
     holder: ItNexus | None = None  # the reserving nexus (any registrant for *_ALL_REGISTRANTS)
     type: PrType | None = None
     aptpl: bool = False
+    # What the transition that produced this state did to other nexuses, so that every access
+    # point (not only the one that ran the command) can apply it: unit attentions as
+    # (nexus, ASC, ASCQ) and the nexuses whose tasks PREEMPT AND ABORT aborted.
+    events: tuple[tuple[ItNexus, int, int], ...] = ()
+    aborts: tuple[ItNexus, ...] = ()
 
     @property
     def reserved(self) -> bool:
@@ -115,6 +120,8 @@ class PrState:
             "holder": list(self.holder) if self.holder else None,
             "type": int(self.type) if self.type is not None else None,
             "aptpl": self.aptpl,
+            "events": [[n[0], n[1], asc, ascq] for n, asc, ascq in self.events],
+            "aborts": [list(n) for n in self.aborts],
         }
 
     @classmethod
@@ -131,6 +138,11 @@ class PrState:
             (str(holder[0]), str(holder[1])) if holder else None,  # type: ignore[index]
             PrType(ptype) if ptype is not None else None,  # type: ignore[arg-type]
             bool(d.get("aptpl")),
+            tuple(
+                ((str(i), str(t)), int(asc), int(ascq))
+                for i, t, asc, ascq in d.get("events", ())  # type: ignore[attr-defined]
+            ),
+            tuple((str(i), str(t)) for i, t in d.get("aborts", ())),  # type: ignore[attr-defined]
         )
 
 
@@ -196,7 +208,20 @@ def _unregister(state: PrState, nexus: ItNexus, effects: PrEffects) -> PrState:
 def apply_out(
     state: PrState, nexus: ItNexus, relative_port: int, req: PrOutRequest, *, persistent: bool
 ) -> tuple[PrState, PrEffects]:
-    """Execute one PERSISTENT RESERVE OUT service action against `state`."""
+    """Execute one PERSISTENT RESERVE OUT service action against `state`.
+
+    Returns `state` itself when nothing changes; otherwise a new state carrying the
+    transition's effects in `events`/`aborts` (and the same effects separately)."""
+    new, effects = _apply_out(state, nexus, relative_port, req, persistent=persistent)
+    if new is state:
+        return state, effects
+    events = tuple((n, code.asc, code.ascq) for n, code in effects.unit_attentions)
+    return replace(new, events=events, aborts=tuple(effects.abort_nexuses)), effects
+
+
+def _apply_out(
+    state: PrState, nexus: ItNexus, relative_port: int, req: PrOutRequest, *, persistent: bool
+) -> tuple[PrState, PrEffects]:
     effects = PrEffects()
     sa = req.service_action
     if req.aptpl and not persistent:

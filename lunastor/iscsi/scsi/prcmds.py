@@ -2,7 +2,8 @@
 
 The logic is in `pr.py`; here the CDB and parameter list are decoded, the state loaded from
 the `ReservationStore`, transformed, swapped back (retrying on a lost compare-and-swap), and
-the effects (unit attentions, task aborts) applied to the nexuses of this access point.
+the store tells every subscribed target (every access point) about the new state, whose
+`events`/`aborts` carry the effects (unit attentions, task aborts).
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def parse_transport_id(data: bytes, offset: int) -> str:
         value = int(isid, 16)
     except ValueError:
         raise invalid_param(offset + 4) from None
-    return f"{iqn.lower()},i,0x{value:012x}"
+    # the name as the initiator spells it (it logged in with the same one); the ISID canonical
+    return f"{iqn},i,0x{value:012x}"
 
 
 def parse_out(target: ScsiTarget, cmd: ScsiCommand, issuer: ItNexus) -> tuple[PrOutRequest, int]:
@@ -207,13 +209,13 @@ async def persistent_reserve_out(
     store = target.reservations
     for _ in range(_CAS_ATTEMPTS):
         version, state = await store.load(lu.pr_key)
-        new, effects = apply_out(
+        new, _ = apply_out(
             state, ns.itid, cmd.nexus.relative_port, req, persistent=store.persistent
         )
         if new is state:
             return ScsiResult(transfer_length=length)
         if await store.compare_and_swap(lu.pr_key, version, new):
-            target.apply_pr_effects(lu, cmd.lun, effects)
+            # the store reports the change (with its effects) to every subscribed target
             return ScsiResult(transfer_length=length)
     raise CheckCondition(INTERNAL_TARGET_FAILURE)
 

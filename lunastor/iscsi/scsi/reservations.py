@@ -9,6 +9,7 @@ protocol with one key per LU, a watch keeping `current()` fresh and `mod_revisio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from lunastor.iscsi.scsi.pr import EMPTY, PrState
@@ -25,12 +26,23 @@ class ReservationStore(Protocol):
 
     async def compare_and_swap(self, key: str, version: int, state: PrState) -> bool: ...
 
+    # Every committed change is reported to every subscriber (each access point's targets),
+    # including the one that made it: that is how unit attentions and PREEMPT AND ABORT reach
+    # nexuses connected elsewhere. The in-process store calls back before the swap returns.
+    def subscribe(self, callback: ReservationListener) -> None: ...
+
+    def unsubscribe(self, callback: ReservationListener) -> None: ...
+
+
+ReservationListener = Callable[[str, PrState], None]
+
 
 class InProcessReservations:
     """Reservation state in this process's memory (one access point, or tests)."""
 
     def __init__(self) -> None:
         self._states: dict[str, tuple[int, PrState]] = {}
+        self._listeners: list[ReservationListener] = []
 
     @property
     def persistent(self) -> bool:
@@ -48,4 +60,13 @@ class InProcessReservations:
         if current != version:
             return False
         self._states[key] = (version + 1, state)
+        for callback in list(self._listeners):
+            callback(key, state)
         return True
+
+    def subscribe(self, callback: ReservationListener) -> None:
+        self._listeners.append(callback)
+
+    def unsubscribe(self, callback: ReservationListener) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from lunastor.iscsi.scsi import commands
 from lunastor.iscsi.scsi.commands import Access, command, data_result
+from lunastor.iscsi.scsi.pr import ReservationConflict, conflicts
 from lunastor.iscsi.scsi.sense import (
     LU_NOT_SUPPORTED,
     MEDIUM_NOT_PRESENT,
@@ -346,7 +347,7 @@ async def report_supported_tmfs(
 # -- removable media --------------------------------------------------------------------
 
 
-@command(0x1E, "PREVENT ALLOW MEDIUM REMOVAL", [0x1E, 0, 0, 0, 0x03, 0x00])
+@command(0x1E, "PREVENT ALLOW MEDIUM REMOVAL", [0x1E, 0, 0, 0, 0x03, 0x00], access=Access.SPC2_ONLY)
 async def prevent_allow(
     target: ScsiTarget, lu: LogicalUnit | None, cmd: ScsiCommand, ns: NexusState | None
 ) -> ScsiResult:
@@ -354,6 +355,11 @@ async def prevent_allow(
     prevent = cmd.cdb[4] & 0x03
     if prevent & 0x02:  # medium changer bits: no changer here
         raise invalid_cdb(4, 1)
+    # SPC-4 5.12.5: allowing removal never conflicts; preventing it does for a nexus without
+    # write access under any persistent reservation type
+    state = target.reservations.current(lu.pr_key)
+    if prevent and state.type is not None and conflicts(state, ns.itid, True):
+        raise ReservationConflict()
     if prevent:
         lu.prevent.add(ns.itid)
     else:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from lunastor.iscsi.blockdev import BlockDevice, BlockDeviceError
 from lunastor.iscsi.scsi import commands
 from lunastor.iscsi.scsi.commands import BY_OPCODE, Access
-from lunastor.iscsi.scsi.pr import ItNexus, PrEffects, ReservationConflict, conflicts
+from lunastor.iscsi.scsi.pr import ItNexus, PrState, ReservationConflict, conflicts
 from lunastor.iscsi.scsi.reservations import InProcessReservations, ReservationStore
 from lunastor.iscsi.scsi.sense import (
     BUS_DEVICE_RESET,
@@ -25,6 +25,7 @@ from lunastor.iscsi.scsi.sense import (
     LU_NOT_SUPPORTED,
     POWER_ON_RESET,
     REPORTED_LUNS_DATA_HAS_CHANGED,
+    UNIT_ATTENTIONS,
     CheckCondition,
     SenseCode,
     build_sense,
@@ -198,6 +199,7 @@ class ScsiTarget:
         self._abort_tasks = abort_tasks
         self._visible: dict[Nexus, frozenset[int]] = {}
         self._sessions: dict[int, _Session] = {}  # id(nexus) -> cache; holds the nexus alive
+        self.reservations.subscribe(self.reservation_changed)
 
     # -- visibility ----------------------------------------------------------------------
     def visible(self, nexus: Nexus) -> frozenset[int]:
@@ -294,17 +296,27 @@ class ScsiTarget:
             sense=build_sense(e.code, e.field, e.information, descriptor=descriptor),
         )
 
-    def apply_pr_effects(self, lu: LogicalUnit, lun: int, effects: PrEffects) -> None:
-        """Unit attentions and task aborts for the nexuses connected through here."""
-        for itid, code in effects.unit_attentions:
-            for ns in lu.nexuses.values():
-                if ns.itid == itid:
-                    ns.add_ua(code)
-        if effects.abort_nexuses and self._abort_tasks is not None:
-            aborted = set(effects.abort_nexuses)
-            for ns in list(lu.nexuses.values()):
-                if ns.itid in aborted:
-                    self._abort_tasks(ns.nexus, lun)
+    def reservation_changed(self, key: str, state: PrState) -> None:
+        """Store callback: apply a committed PR transition's effects to our nexuses."""
+        if not state.events and not state.aborts:
+            return
+        aborted = set(state.aborts)
+        for lun, lu in self.luns.items():
+            if lu.pr_key != key:
+                continue
+            for itid, asc, ascq in state.events:
+                code = UNIT_ATTENTIONS[(asc, ascq)]
+                for ns in lu.nexuses.values():
+                    if ns.itid == itid:
+                        ns.add_ua(code)
+            if aborted and self._abort_tasks is not None:
+                for ns in list(lu.nexuses.values()):
+                    if ns.itid in aborted:
+                        self._abort_tasks(ns.nexus, lun)
+
+    def close(self) -> None:
+        """Stop listening to the reservation store (the target is going away)."""
+        self.reservations.unsubscribe(self.reservation_changed)
 
     # -- task management and nexus life --------------------------------------------------
     def task_management(self, nexus: Nexus, function: TmfFunction, lun: int) -> TmfResponse:

@@ -20,8 +20,9 @@ from lunastor.iscsi.connection import (
     SessionStarted,
     TargetConnection,
     TaskManagement,
+    _header_of,
 )
-from lunastor.iscsi.errors import LoginStatus, RejectReason
+from lunastor.iscsi.errors import DataDigestError, LoginStatus, RejectReason
 from lunastor.iscsi.scsi.types import ScsiResult, Status, TmfFunction, TmfResponse
 from lunastor.iscsi.session import SessionRegistry, TargetInfo
 from lunastor.iscsi.text import encode_text, parse_text
@@ -763,3 +764,42 @@ def test_r2ts_wait_for_the_write_budget() -> None:
     out = conn.pdus_to_send()
     assert isinstance(out[0], p.ScsiResponse)
     assert [r.itt for r in out if isinstance(r, p.R2T)] == [2]  # now its turn
+
+
+def test_data_out_digest_error_ends_the_task() -> None:
+    conn = logged_in(extra=[("InitialR2T", "Yes")])
+    conn.receive_pdu(cmd(1, CMDSN, write=True, edtl=512))
+    (r2t,) = conn.pdus_to_send()
+    assert isinstance(r2t, p.R2T)
+    bad = p.DataOut(itt=1, ttt=r2t.ttt, data=bytes(512), final=True)
+    conn.receive_error(DataDigestError("data digest mismatch", header=_header_of(bad)))
+    rej, resp = conn.pdus_to_send()
+    assert isinstance(rej, p.Reject) and rej.reason == RejectReason.DATA_DIGEST_ERROR
+    assert isinstance(resp, p.ScsiResponse) and resp.status == Status.CHECK_CONDITION
+    assert bytes(resp.sense)[12:14] == b"\x47\x05"
+    assert executed(conn) == [] and conn.phase is Phase.FULL_FEATURE
+
+
+def test_continued_text_request() -> None:
+    conn = make_conn()
+    conn.receive_pdu(login_request([("InitiatorName", INITIATOR), ("SessionType", "Discovery")]))
+    conn.pdus_to_send()
+    text = encode_text([("SendTargets", "All")])
+    conn.receive_pdu(p.TextRequest(itt=5, cmdsn=CMDSN, cont=True, final=False, data=text[:7]))
+    (ack,) = conn.pdus_to_send()
+    assert isinstance(ack, p.TextResponse) and not ack.final and not ack.data
+    assert ack.ttt != p.RESERVED_TAG
+    conn.receive_pdu(p.TextRequest(itt=5, ttt=ack.ttt, cmdsn=CMDSN + 1, data=text[7:]))
+    (resp,) = conn.pdus_to_send()
+    assert isinstance(resp, p.TextResponse) and resp.final
+    assert ("TargetName", TARGET) in parse_text(resp.data)
+
+
+def test_target_requests_logout() -> None:
+    conn = logged_in()
+    statsn = conn.stat_sn
+    conn.request_logout(within=5)
+    (msg,) = conn.pdus_to_send()
+    assert isinstance(msg, p.AsyncMessage)
+    assert msg.async_event == p.AsyncEvent.LOGOUT_REQUESTED and msg.parameter3 == 5
+    assert msg.statsn == statsn and conn.stat_sn == statsn + 1

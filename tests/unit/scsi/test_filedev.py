@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lunastor.chunk import filedev
 from lunastor.chunk.filedev import FileBlockDevice
 from lunastor.iscsi.blockdev import (
     BlockDevice,
@@ -18,6 +19,9 @@ from lunastor.iscsi.blockdev import (
     OutOfRange,
     WriteProtected,
 )
+from lunastor.iscsi.scsi.target import LogicalUnit, ScsiTarget
+from lunastor.iscsi.scsi.types import ScsiCommand, Status
+from tests.unit.scsi.harness import NAA, TARGET, A
 
 MIB = 1 << 20
 
@@ -153,3 +157,56 @@ async def test_resize_bumps_capacity_generation(dev: FileBlockDevice) -> None:
     assert dev.capacity_generation == gen + 1
     assert os.stat(dev.path).st_size == 16 * MIB
     assert await dev.read(dev.num_blocks - 1, 1) == bytes(512)
+
+
+async def test_through_the_scsi_target(dev: FileBlockDevice) -> None:
+    """The file device behind a real ScsiTarget: data, holes and provisioning status."""
+    target = ScsiTarget(TARGET, {0: LogicalUnit(dev, naa_id=NAA, serial="F")})
+
+    async def cmd(cdb: list[int], data: bytes = b""):  # type: ignore[no-untyped-def]
+        return await target.execute(ScsiCommand(A, 0, bytes(cdb), 1, data_out=data))
+
+    def status_at(data: bytes) -> tuple[int, int, int]:
+        return (
+            int.from_bytes(data[8:16], "big"),
+            int.from_bytes(data[16:20], "big"),
+            data[20],
+        )
+
+    await cmd([0] * 6)  # POWER ON
+    payload = os.urandom(64 * 1024)
+    assert (
+        await cmd([0x8A, 0x08, *(0).to_bytes(8, "big"), *(128).to_bytes(4, "big"), 0, 0], payload)
+    ).status == Status.GOOD
+    r = await cmd([0x88, 0, *(0).to_bytes(8, "big"), *(128).to_bytes(4, "big"), 0, 0])
+    assert bytes(r.data_in) == payload
+    lbas = [0x9E, 0x12, *(0).to_bytes(8, "big"), *(24).to_bytes(4, "big"), 0, 0]
+    assert status_at(bytes((await cmd(lbas)).data_in)) == (0, 128, 0)  # mapped
+    unmap = (22).to_bytes(2, "big") + (16).to_bytes(2, "big") + bytes(4)
+    unmap += (0).to_bytes(8, "big") + (64).to_bytes(4, "big") + bytes(4)
+    assert (await cmd([0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], unmap)).status == Status.GOOD
+    assert status_at(bytes((await cmd(lbas)).data_in)) == (0, 64, 1)  # deallocated
+    r = await cmd([0x88, 0, *(0).to_bytes(8, "big"), *(128).to_bytes(4, "big"), 0, 0])
+    assert bytes(r.data_in) == bytes(32 * 1024) + payload[32 * 1024 :]
+    ws = [0x93, 0x08, *(64).to_bytes(8, "big"), *(64).to_bytes(4, "big"), 0, 0]
+    assert (await cmd(ws, bytes(512))).status == Status.GOOD
+    assert status_at(bytes((await cmd(lbas)).data_in))[1:] == (dev.num_blocks, 1)
+    assert allocated(dev) == 0
+    caw = [0x89, 0, *(5).to_bytes(8, "big"), 0, 0, 0, 1, 0, 0]
+    r = await cmd(caw, b"\x00" * 7 + b"\x01" + bytes(504) + b"n" * 512)
+    assert r.status == Status.CHECK_CONDITION and r.sense[2] == 0x0E
+    assert int.from_bytes(r.sense[3:7], "big") == 7  # offset of the first difference
+
+
+async def test_without_hole_punching_unmap_writes_zeros(
+    dev: FileBlockDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a filesystem that refuses PUNCH_HOLE, deallocation still reads back as zeros."""
+
+    def refuse(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "no hole punching here")
+
+    monkeypatch.setattr(filedev, "punch_hole", refuse)
+    await dev.write(0, b"\x33" * 8192, fua=False)
+    await dev.unmap([(2, 4)])
+    assert await dev.read(0, 16) == b"\x33" * 1024 + bytes(2048) + b"\x33" * 5120

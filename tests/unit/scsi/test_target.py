@@ -326,3 +326,14 @@ async def test_device_failures_become_sense(
     assert r.status == Status.CHECK_CONDITION
     s = parse_sense(r.sense)
     assert (s.key, s.asc, s.ascq, s.information) == expected
+
+
+async def test_prevent_conflicts_under_a_reservation_but_allow_does_not() -> None:
+    rig = Rig(removable=True)
+    await rig.ready(A)
+    await rig.ready(B)
+    await rig.cmd(*prout(0, 0, 0xA), nexus=A)
+    assert (await rig.cmd(*prout(1, 0xA, 0, ptype=1), nexus=A)).status == Status.GOOD
+    assert (await rig.cmd([0x1E, 0, 0, 0, 1, 0], nexus=B)).status == CONFLICT
+    assert (await rig.cmd([0x1E, 0, 0, 0, 0, 0], nexus=B)).status == Status.GOOD
+    assert (await rig.cmd([0x1E, 0, 0, 0, 1, 0], nexus=A)).status == Status.GOOD
