@@ -19,6 +19,13 @@ class ChunkConfig:
     admin_listen: str = "127.0.0.1:9100"  # /metrics and /healthz
     lease_ttl: float = 5.0  # seconds without a heartbeat before the cluster calls us down
     status_interval: float = 10.0  # how often capacity is refreshed in etcd
+    # The data path (docs/datapath.md). Without cluster_secret the server only registers: it
+    # serves neither the data port nor iSCSI (no unauthenticated path to data).
+    cluster_secret: str = ""  # shared by every chunk server: authenticates the data port
+    secret_key: str = ""  # meta's sealing key, to open CHAP secrets from etcd
+    extent_size: int = 64 * 1024 * 1024  # proposal for a new cluster; the stored value wins
+    min_replicas: int = 2  # a primary acknowledges writes while at least this many remain
+    io_timeout: float = 60.0  # an access point gives up on an extent after this (NOT READY)
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
@@ -37,6 +44,18 @@ class ChunkConfig:
             raise ConfigError(f"lease_ttl: expected 1..300 seconds, got {self.lease_ttl}")
         if self.status_interval <= 0:
             raise ConfigError("status_interval: must be positive")
+        if self.cluster_secret and len(self.cluster_secret) < 16:
+            raise ConfigError("cluster_secret: at least 16 characters")
+        if self.secret_key and len(self.secret_key) < 16:
+            raise ConfigError("secret_key: at least 16 characters")
+        if self.extent_size < (1 << 20) or self.extent_size & (self.extent_size - 1):
+            raise ConfigError("extent_size: a power of two, at least 1 MiB")
+        if self.extent_size > (64 << 20):
+            raise ConfigError("extent_size: at most 64 MiB (the data protocol's payload cap)")
+        if self.min_replicas < 1:
+            raise ConfigError("min_replicas: at least 1")
+        if self.io_timeout <= 0:
+            raise ConfigError("io_timeout: must be positive")
 
     def advertised(self, listen: str, advertise: str, what: str) -> str:
         if advertise:

@@ -19,6 +19,7 @@ from lunastor.chunk.registration import (
     load_or_create_id,
     status_key,
 )
+from lunastor.chunk.service import DataPath
 from lunastor.common.daemon import (
     config_argparser,
     load_daemon_config,
@@ -75,6 +76,18 @@ async def serve(config: ChunkConfig, stop: asyncio.Event) -> int:
 
         presence = Presence(etcd, etcd_config, status_key(chunk_id), config.lease_ttl, render)
         await presence.start()
+
+        def alive() -> bool:
+            # Acknowledge IO only while our lease is provably alive (docs/datapath.md).
+            keeper = presence.keeper if presence is not None else None
+            return keeper is not None and presence.held.is_set() and keeper.alive()
+
+        datapath: DataPath | None = None
+        if config.cluster_secret:
+            datapath = DataPath(config, etcd, chunk_id, alive)
+            await datapath.start()
+        else:
+            log.error("no cluster_secret configured: serving neither the data port nor iSCSI")
         log.info("chunk server up", portal=portal, data=data_address, zone=config.zone)
         while not stop.is_set():
             try:
@@ -82,6 +95,8 @@ async def serve(config: ChunkConfig, stop: asyncio.Event) -> int:
             except TimeoutError:
                 await presence.update()
         log.info("chunk server stopping")
+        if datapath is not None:
+            await datapath.stop()
         await presence.stop()
     await admin.cleanup()
     return 0

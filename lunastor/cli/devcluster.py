@@ -181,9 +181,10 @@ class Supervisor:
         path.write_text(to_toml_table(table))
         return path
 
-    def _secret_key(self) -> str:
-        """meta's sealing key for CHAP secrets: made once, kept with the cluster's data."""
-        path = self.dir / "secret-key"
+    def _secret_key(self, name: str = "secret-key") -> str:
+        """meta's sealing key for CHAP secrets (or another cluster secret, by file name): made
+        once, kept with the cluster's data."""
+        path = self.dir / name
         if not path.exists():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as out:
@@ -280,6 +281,9 @@ class Supervisor:
                     "data_listen": f"{host}:3270",
                     "admin_listen": f"{host}:9100",
                     "lease_ttl": self.lease_ttl,
+                    # the same data-port secret and CHAP sealing key in every chunk server
+                    "cluster_secret": self._secret_key("cluster-secret"),
+                    "secret_key": self._secret_key(),
                     "etcd": self._etcd_settings(),
                     "log": log,
                 },

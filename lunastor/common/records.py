@@ -46,6 +46,10 @@ class Keys:
     EXTENTS = f"/{SCHEMA}/extents/"  # /<volume>/<extent index>: replicas, generation
     CHUNK_EXTENTS = f"/{SCHEMA}/chunk-extents/"  # /<chunk>/<volume>/<index>: reverse index
     RESERVATIONS = f"/{SCHEMA}/reservations/"  # /<volume>: SCSI persistent reservations
+    # Written by the data path (docs/datapath.md).
+    RINGS = f"/{SCHEMA}/rings/"  # /<replicas>: the placement ring (Ring.to_dict() as JSON)
+    CLUSTER_CONFIG = f"/{SCHEMA}/cluster-config"  # ClusterConfigRecord: extent size
+    TARGET_PORTS = f"/{SCHEMA}/target-ports/"  # /<n, 5 digits>: chunk id holding relative port n
 
     @staticmethod
     def chunk(chunk_id: str) -> str:
@@ -89,6 +93,31 @@ class Keys:
     @staticmethod
     def chunk_admin(chunk_id: str) -> str:
         return Keys.CHUNK_ADMIN + chunk_id
+
+    @staticmethod
+    def extent(volume_id: str, index: int) -> str:
+        # Zero-padded so that etcd's byte order is extent order.
+        return f"{Keys.EXTENTS}{volume_id}/{index:08d}"
+
+    @staticmethod
+    def volume_extents(volume_id: str) -> str:
+        return f"{Keys.EXTENTS}{volume_id}/"
+
+    @staticmethod
+    def parse_extent(key: str) -> tuple[str, int]:
+        """(volume id, extent index) from an extent map key; ValueError if it is not one."""
+        volume, sep, index = key.removeprefix(Keys.EXTENTS).rpartition("/")
+        if not sep or not volume or not index.isdigit():
+            raise ValueError(f"not an extent key: {key!r}")
+        return volume, int(index)
+
+    @staticmethod
+    def target_port(number: int) -> str:
+        return f"{Keys.TARGET_PORTS}{number:05d}"
+
+    @staticmethod
+    def ring(replicas: int) -> str:
+        return f"{Keys.RINGS}{replicas}"
 
     @staticmethod
     def chunk_extents(chunk_id: str) -> str:
@@ -287,3 +316,33 @@ class OperationRecord(Record):
     created_at: float = 0.0
     updated_at: float = 0.0
     detail: str = ""
+
+
+@dataclass
+class ClusterConfigRecord(Record):
+    """Cluster-wide settings every chunk server must agree on. Created once, if absent, by
+    the first chunk server that starts (from its own configuration); the stored value wins."""
+
+    extent_size: int = 64 * 1024 * 1024
+
+
+@dataclass
+class ExtentRecord(Record):
+    """One extent map entry (`Keys.extent`): who holds the extent, and its generation.
+
+    `replicas[0]` is the primary. Every change of `replicas` (or of the primary) bumps `gen`,
+    in one transaction that compares the key's mod_revision. `converging`: a new primary was
+    chosen after a failure and the survivors are being made identical; until it is cleared,
+    the primary accepts no writes (reads of the primary are fine: it holds the newest data).
+    """
+
+    volume: str = ""
+    index: int = 0
+    gen: int = 1
+    replicas: list[str] = field(default_factory=list)
+    epoch: int = 0  # snapshot epoch the data was written in (issue 6)
+    converging: bool = False
+
+    @property
+    def primary(self) -> str:
+        return self.replicas[0] if self.replicas else ""

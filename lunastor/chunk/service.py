@@ -1,0 +1,147 @@
+"""The chunk server's data path, assembled: extent store, extent map, data port, access path,
+and the iSCSI target serving every LUN in etcd. `main.serve` starts one of these."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+from lunastor.chunk.config import ChunkConfig
+from lunastor.chunk.dataserver import DataNode, DataServer, Replicas
+from lunastor.chunk.extentmap import ExtentMap
+from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
+from lunastor.chunk.store import ExtentStore
+from lunastor.chunk.targets import EtcdTargetHost
+from lunastor.chunk.volume import AccessPath
+from lunastor.common.daemon import parse_hostport
+from lunastor.common.etcd import Etcd
+from lunastor.common.etcd.cache import PrefixCache
+from lunastor.common.records import ClusterConfigRecord, Keys, RecordError
+from lunastor.common.sealing import Sealer
+
+log = logging.getLogger(__name__)
+
+
+async def cluster_extent_size(etcd: Etcd, proposal: int) -> int:
+    """The cluster's extent size: stored once by the first chunk server, then fixed."""
+    await etcd.create(Keys.CLUSTER_CONFIG, ClusterConfigRecord(extent_size=proposal).to_json())
+    kv = await etcd.get(Keys.CLUSTER_CONFIG)
+    if kv is None:
+        return proposal
+    try:
+        return ClusterConfigRecord.from_json(kv.value).extent_size
+    except RecordError as exc:
+        raise RuntimeError(f"{Keys.CLUSTER_CONFIG} is unreadable: {exc}") from None
+
+
+async def claim_relative_port(etcd: Etcd, chunk_id: str) -> int:
+    """This chunk server's relative target port: distinct per server and kept for good.
+
+    The lowest free number is claimed with a create-if-absent transaction; a server that
+    already holds one (`/v1/target-ports/<n>` = its id) keeps it across restarts."""
+    while True:
+        kvs, _ = await etcd.get_prefix(Keys.TARGET_PORTS)
+        taken = {}
+        for kv in kvs:
+            with contextlib.suppress(ValueError):
+                taken[int(kv.key.removeprefix(Keys.TARGET_PORTS))] = kv.value.decode()
+        mine = [n for n, owner in taken.items() if owner == chunk_id]
+        if mine:
+            return min(mine)
+        number = next(n for n in range(1, len(taken) + 2) if n not in taken)
+        if number > 0xFFFF:
+            raise RuntimeError("no relative target port left")
+        if await etcd.create(Keys.target_port(number), chunk_id.encode()):
+            return number
+
+
+class DataPath:
+    def __init__(
+        self, config: ChunkConfig, etcd: Etcd, chunk_id: str, alive: Callable[[], bool]
+    ) -> None:
+        self.config = config
+        self.etcd = etcd
+        self.chunk_id = chunk_id
+        self.alive = alive
+        self.store: ExtentStore | None = None
+        self.emap = ExtentMap(etcd)
+        secret = config.cluster_secret.encode()
+        self.replicas = Replicas(self.emap, secret, chunk_id)
+        self.node: DataNode | None = None
+        self.data_server: DataServer | None = None
+        self.host: EtcdTargetHost | None = None
+        self.iscsi: IscsiServer | None = None
+        self.ports = PrefixCache(etcd, Keys.TARGET_PORTS)
+        self.relative_port = 0
+
+    def _relative_ports(self) -> list[int]:
+        return sorted(int(k.removeprefix(Keys.TARGET_PORTS)) for k in self.ports.items)
+
+    async def start(self) -> None:
+        await self.ports.start()
+        self.relative_port = await claim_relative_port(self.etcd, self.chunk_id)
+        config = self.config
+        extent_size = await cluster_extent_size(self.etcd, config.extent_size)
+        self.store = ExtentStore(config.data_dirs, extent_size)
+        listing = self.store.list_replicas()
+        for problem in listing.problems:
+            log.error("replica problem: %s: %s", problem.path, problem.reason)
+        await self.emap.start()
+        self.node = DataNode(
+            self.store,
+            self.emap,
+            self.replicas,
+            self.chunk_id,
+            alive=self.alive,
+            min_replicas=config.min_replicas,
+            read_lease=config.lease_ttl / 2,
+        )
+        self.node.start()
+        self.data_server = DataServer(self.node, config.cluster_secret.encode(), self.chunk_id)
+        await self.data_server.start(*parse_hostport(config.data_listen, "data_listen"))
+        path = AccessPath(
+            self.emap,
+            self.replicas,
+            self.chunk_id,
+            lease_ttl=config.lease_ttl,
+            read_lease=config.lease_ttl / 2,
+            io_timeout=config.io_timeout,
+        )
+        sealer = Sealer(config.secret_key) if config.secret_key else None
+        self.host = EtcdTargetHost(
+            self.etcd,
+            path,
+            extent_size,
+            relative_port=lambda: self.relative_port,
+            relative_ports=self._relative_ports,
+            sealer=sealer,
+        )
+        await self.host.start()
+        self.iscsi = IscsiServer(
+            self.host,
+            ServerConfig(
+                listen=[parse_hostport(config.iscsi_listen, "iscsi_listen")],
+                relative_port=self.relative_port,
+            ),
+        )
+        self.host.server = self.iscsi
+        await self.iscsi.start()
+        log.info(
+            "data path up: extent size %d, %d replicas on disk", extent_size, len(listing.replicas)
+        )
+
+    async def stop(self) -> None:
+        if self.iscsi is not None:
+            await self.iscsi.close()
+        if self.host is not None:
+            await self.host.stop()
+        if self.data_server is not None:
+            await self.data_server.close()
+        if self.node is not None:
+            await self.node.stop()
+        await self.replicas.close()
+        await self.emap.stop()
+        await self.ports.stop()
+        if self.store is not None:
+            await self.store.close()

@@ -1,0 +1,274 @@
+"""Every target and LUN in etcd, served by this chunk server (the `TargetHost` of
+`IscsiServer`). docs/datapath.md, "Serving iSCSI".
+
+The LUN map (`/v1/luns/`), volume records, target records (CHAP) and discovery CHAP are
+followed with `PrefixCache`s; each change rebuilds the LUN tables of the `ScsiTarget`s, which
+raise REPORTED LUNS DATA HAS CHANGED for the nexuses whose view changed. A volume keeps its
+`LogicalUnit` (and so its per-nexus SCSI state) across changes; a size change bumps its
+capacity generation (CAPACITY DATA HAS CHANGED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from lunastor.chunk.iscsi_server import IscsiServer
+from lunastor.chunk.volume import AccessPath, ReplicatedVolume
+from lunastor.common.etcd import Etcd
+from lunastor.common.etcd.cache import PrefixCache
+from lunastor.common.records import (
+    TARGET_IQN_PREFIX,
+    ChapRecord,
+    Keys,
+    LunRecord,
+    RecordError,
+    TargetRecord,
+    VolumeRecord,
+    target_iqn,
+)
+from lunastor.common.sealing import Sealer, SealError
+from lunastor.iscsi.chap import ChapCredentials
+from lunastor.iscsi.scsi.target import LogicalUnit, ScsiTarget
+from lunastor.iscsi.scsi.types import Nexus
+from lunastor.iscsi.session import TargetInfo
+
+log = logging.getLogger(__name__)
+
+
+def volume_identity(volume_id: str) -> tuple[int, str]:
+    """The NAA 6 identifier and serial number of a volume: the same on every access point and
+    for the volume's whole life (they depend on its id only)."""
+    digest = hashlib.sha256(f"lunastor-volume/{volume_id}".encode()).digest()
+    naa = (0x6 << 124) | (int.from_bytes(digest[:16], "big") >> 4)
+    return naa, volume_id
+
+
+@dataclass
+class _Lun:
+    volume: ReplicatedVolume
+    unit: LogicalUnit
+    initiators: frozenset[str]
+
+
+class EtcdTargetHost:
+    def __init__(
+        self,
+        etcd: Etcd,
+        path: AccessPath,
+        extent_size: int,
+        *,
+        relative_port: Callable[[], int],
+        relative_ports: Callable[[], list[int]],
+        sealer: Sealer | None,
+    ) -> None:
+        self.path = path
+        self.extent_size = extent_size
+        self.sealer = sealer
+        self._relative_port = relative_port
+        self._relative_ports = relative_ports
+        self.luns = PrefixCache(etcd, Keys.LUNS)
+        self.volumes = PrefixCache(etcd, Keys.VOLUMES)
+        self.target_records = PrefixCache(etcd, Keys.TARGETS)
+        self.discovery = PrefixCache(etcd, Keys.DISCOVERY_CHAP)
+        self.server: IscsiServer | None = None
+        self.targets: dict[int, ScsiTarget] = {}
+        self._luns: dict[tuple[int, int], _Lun] = {}
+        self._units: dict[str, tuple[ReplicatedVolume, LogicalUnit]] = {}  # by volume id
+        self._chap: dict[int, ChapCredentials | None] = {}
+        self._discovery_chap: ChapCredentials | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.changes = 0  # rebuilds done (tests wait on it)
+
+    async def start(self) -> None:
+        for cache in self._caches:
+            await cache.start()
+        self.rebuild()
+        self._task = asyncio.create_task(self._follow(), name="target host")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for cache in self._caches:
+            await cache.stop()
+
+    @property
+    def _caches(self) -> tuple[PrefixCache, ...]:
+        return (self.luns, self.volumes, self.target_records, self.discovery)
+
+    async def _follow(self) -> None:
+        seen = self._revisions()
+        while True:
+            # Any of the caches may change; poll their revisions cheaply on each notification.
+            waits = [asyncio.ensure_future(self._changed(c)) for c in self._caches]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            now = self._revisions()
+            if now != seen:
+                seen = now
+                try:
+                    self.rebuild()
+                except Exception:  # a bad record must not stop serving the others
+                    log.exception("rebuilding the LUN map failed")
+
+    @staticmethod
+    async def _changed(cache: PrefixCache) -> None:
+        async with cache.changed:
+            await cache.changed.wait()
+
+    def _revisions(self) -> tuple[int, ...]:
+        return tuple(c.revision for c in self._caches)
+
+    # -- rebuilding from the caches ------------------------------------------------------------
+
+    def rebuild(self) -> None:
+        volumes: dict[str, VolumeRecord] = {}
+        for kv in self.volumes.items.values():
+            try:
+                v = VolumeRecord.from_json(kv.value)
+            except RecordError:
+                continue
+            volumes[v.id] = v
+        wanted: dict[tuple[int, int], tuple[VolumeRecord, frozenset[str]]] = {}
+        for kv in self.luns.items.values():
+            try:
+                target, lun = Keys.parse_lun(kv.key)
+                rec = LunRecord.from_json(kv.value)
+            except (ValueError, RecordError):
+                continue
+            vol = volumes.get(rec.volume_id)
+            if vol is None or vol.size_bytes <= 0:
+                continue
+            wanted[(target, lun)] = (vol, frozenset(rec.initiators))
+        # units per volume, kept across rebuilds
+        for vid in [v for v in self._units if v not in {w[0].id for w in wanted.values()}]:
+            del self._units[vid]
+        new_luns: dict[tuple[int, int], _Lun] = {}
+        for key, (vol, initiators) in wanted.items():
+            unit = self._units.get(vol.id)
+            if unit is None:
+                device = ReplicatedVolume(vol, self.path, self.extent_size)
+                naa, serial = volume_identity(vol.id)
+                unit = (device, LogicalUnit(device, naa_id=naa, serial=serial))
+                self._units[vol.id] = unit
+            else:
+                unit[0].update(vol)
+            new_luns[key] = _Lun(unit[0], unit[1], initiators)
+        old_luns, self._luns = self._luns, new_luns
+        by_target: dict[int, dict[int, LogicalUnit]] = {}
+        for (target, lun), entry in new_luns.items():
+            by_target.setdefault(target, {})[lun] = entry.unit
+        for target in set(by_target) | set(self.targets):
+            luns = by_target.get(target, {})
+            st = self.targets.get(target)
+            if st is None:
+                st = ScsiTarget(
+                    target_iqn(target),
+                    luns,
+                    relative_port=self._relative_port(),
+                    visible_luns=self._visible_for(target),
+                    relative_ports=self._relative_ports,
+                    abort_tasks=self._abort_tasks,
+                )
+                self.targets[target] = st
+                continue
+            acl_changed = any(
+                old_luns.get((target, n)) is None
+                or old_luns[(target, n)].initiators != new_luns[(target, n)].initiators
+                for n in luns
+            )
+            if st.luns != luns:
+                st.set_luns(luns)
+            elif acl_changed:
+                st.visibility_changed()
+        self._chap = {}
+        for kv in self.target_records.items.values():
+            try:
+                tr = TargetRecord.from_json(kv.value)
+            except RecordError:
+                continue
+            self._chap[tr.target] = self._credentials(tr.chap)
+        dkv = self.discovery.get(Keys.DISCOVERY_CHAP)
+        self._discovery_chap = None
+        if dkv is not None:
+            with contextlib.suppress(RecordError):
+                record = ChapRecord.from_json(dkv.value)
+                self._discovery_chap = self._credentials(dataclasses.asdict(record))
+        self.changes += 1
+
+    def _credentials(self, chap: dict[str, object] | None) -> ChapCredentials | None:
+        if not chap or not chap.get("user"):
+            return None
+        if self.sealer is None:
+            log.error("CHAP is set in etcd but this chunk server has no secret_key to open it")
+            # Refuse rather than admit without CHAP: an impossible secret nobody knows.
+            return ChapCredentials(str(chap["user"]), b"\x00" * 16 + b"unopenable")
+        try:
+            secret = self.sealer.open(str(chap.get("secret", ""))).encode()
+            mutual_user = str(chap.get("mutual_user") or "") or None
+            mutual = None
+            if mutual_user and chap.get("mutual_secret"):
+                mutual = self.sealer.open(str(chap["mutual_secret"])).encode()
+        except SealError as exc:
+            log.error("cannot open a CHAP secret: %s", exc)
+            return ChapCredentials(str(chap["user"]), b"\x00" * 16 + b"unopenable")
+        return ChapCredentials(str(chap["user"]), secret, mutual_user, mutual)
+
+    def _visible_for(self, target: int) -> Callable[[Nexus], set[int]]:
+        def visible(nexus: Nexus) -> set[int]:
+            return {
+                lun
+                for (t, lun), entry in self._luns.items()
+                if t == target and nexus.initiator_name in entry.initiators
+            }
+
+        return visible
+
+    def _abort_tasks(self, nexus: Nexus, lun: int) -> None:
+        if self.server is not None:
+            self.server.abort_nexus_tasks(nexus, lun)
+
+    # -- TargetHost ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _number(name: str) -> int | None:
+        if not name.startswith(TARGET_IQN_PREFIX):
+            return None
+        rest = name[len(TARGET_IQN_PREFIX) :]
+        return int(rest) if rest.isdigit() and rest == str(int(rest)) else None
+
+    def target_exists(self, target: str) -> bool:
+        n = self._number(target)
+        return n is not None and any(t == n for t, _ in self._luns)
+
+    def may_login(self, initiator: str, target: str) -> bool:
+        n = self._number(target)
+        return n is not None and any(
+            t == n and initiator in e.initiators for (t, _), e in self._luns.items()
+        )
+
+    def chap(self, target: str | None) -> ChapCredentials | None:
+        if target is None:
+            return self._discovery_chap
+        n = self._number(target)
+        return self._chap.get(n) if n is not None else None
+
+    def discoverable(self, initiator: str, portal: str) -> Sequence[TargetInfo]:
+        numbers = sorted({t for (t, _), e in self._luns.items() if initiator in e.initiators})
+        addresses = (f"{portal},1",) if portal else ()
+        return [TargetInfo(target_iqn(n), addresses) for n in numbers]
+
+    def redirect(self, initiator: str, target: str) -> str | None:
+        return None
+
+    def scsi_target(self, name: str) -> ScsiTarget | None:
+        n = self._number(name)
+        return self.targets.get(n) if n is not None else None

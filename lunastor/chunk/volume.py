@@ -1,0 +1,622 @@
+"""The access point's side of the data path: `ReplicatedVolume` (a `BlockDevice` over the
+extents of one volume) and `AccessPath` (routing each extent piece to its primary, retrying
+across generation changes, and replacing a failed primary). docs/datapath.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+from prometheus_client import Counter
+
+from lunastor.chunk.dataserver import Replicas
+from lunastor.chunk.extentmap import AllocationError, Entry, ExtentMap
+from lunastor.chunk.peer import PeerError
+from lunastor.chunk.store import BLOCK_SIZE, CHECKSUM_SIZE
+from lunastor.chunk.wire import (
+    Copy,
+    Flush,
+    GetState,
+    Read,
+    Request,
+    Response,
+    SetGen,
+    Status,
+    Unmap,
+    Write,
+)
+from lunastor.common.records import ExtentRecord, VolumeRecord
+from lunastor.iscsi.blockdev import (
+    LbaState,
+    LbaStatus,
+    MediumError,
+    Miscompare,
+    NotReady,
+    OutOfRange,
+    SpaceExhausted,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKSUM_REPAIRS = Counter(
+    "lunastor_checksum_repairs_total",
+    "Blocks that failed their checksum on a replica and were rewritten from another replica",
+)
+FAILOVERS = Counter("lunastor_primary_failovers_total", "Extents given a new primary")
+
+COPY_CHUNK = 1 << 20  # bytes per COPY while converging replicas
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    extent: int
+    offset: int  # byte offset within the extent
+    length: int
+    start: int  # byte offset within the request's buffer
+
+
+def split(offset: int, length: int, extent_size: int) -> list[Piece]:
+    """A byte range of the volume as pieces that each lie within one extent."""
+    out = []
+    pos = offset
+    end = offset + length
+    while pos < end:
+        ext, off = divmod(pos, extent_size)
+        n = min(end - pos, extent_size - off)
+        out.append(Piece(ext, off, n, pos - offset))
+        pos += n
+    return out
+
+
+def _bind_gen(build: Callable[[int, int], Request], gen: int, rid: int) -> Request:
+    return build(rid, gen)
+
+
+def _read_blocks(rec: ExtentRecord, offset: int, size: int) -> Callable[[int], Request]:
+    return partial(
+        Read,
+        volume=rec.volume,
+        extent=rec.index,
+        gen=rec.gen,
+        offset=offset,
+        length=size,
+        with_checksums=True,
+    )
+
+
+def _copy_blocks(
+    rec: ExtentRecord, offset: int, data: bytes, sums: bytes
+) -> Callable[[int], Request]:
+    return partial(
+        Copy,
+        volume=rec.volume,
+        extent=rec.index,
+        gen=rec.gen,
+        offset=offset,
+        length=len(data),
+        data=data,
+        checksums=sums,
+    )
+
+
+class AccessPath:
+    """Routes extent IO: writes to the primary, reads local-first; retries and failover."""
+
+    def __init__(
+        self,
+        emap: ExtentMap,
+        replicas: Replicas,
+        node_id: str,
+        *,
+        lease_ttl: float,
+        read_lease: float = 0.0,
+        io_timeout: float = 60.0,
+    ) -> None:
+        self.emap = emap
+        self.replicas = replicas
+        self.node_id = node_id
+        self.lease_ttl = lease_ttl
+        self.read_lease = read_lease
+        self.io_timeout = io_timeout
+        self._failing_over: dict[tuple[str, int], asyncio.Lock] = {}
+
+    async def call(self, chunk_id: str, build: Callable[[int], Request]) -> Response:
+        return await self.replicas.call(chunk_id, build)
+
+    # -- ordered mutations at the primary --------------------------------------------------
+
+    async def mutate(
+        self,
+        volume: str,
+        index: int,
+        replicas: int,
+        build: Callable[[int, int], Request],
+        *,
+        allocate: bool,
+    ) -> bool:
+        """Run `build(id, gen)` at the extent's primary until it is acknowledged.
+
+        Returns False (nothing done) for an unallocated extent when `allocate` is False."""
+        deadline = time.monotonic() + self.io_timeout
+        delay = 0.05
+        while True:
+            if time.monotonic() > deadline:
+                raise NotReady(f"extent {volume}/{index}: no primary acknowledged in time")
+            entry = self.emap.entry(volume, index)
+            if entry is None:
+                if not allocate:
+                    return False
+                try:
+                    entry = await self.emap.allocate(volume, index, replicas)
+                except AllocationError as exc:
+                    log.warning("allocation of %s/%d failed: %s", volume, index, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+            rec = entry.record
+            if rec.converging:
+                await self.converge(entry)
+                continue
+            gen = rec.gen
+            try:
+                resp = await self.call(rec.primary, partial(_bind_gen, build, gen))
+            except PeerError as exc:
+                log.warning("primary %s of %s/%d: %s", rec.primary, volume, index, exc)
+                await self.failover(entry)
+                continue
+            if resp.ok:
+                return True
+            if resp.status is Status.STALE_GENERATION:
+                await self.emap.wait_newer(volume, index, max(resp.fields["gen"], gen + 1), 1.0)
+                continue
+            if resp.status is Status.NO_SPACE:
+                raise SpaceExhausted(str(resp.fields.get("message", "")))
+            if resp.status in (Status.UNAVAILABLE, Status.NOT_FOUND, Status.NOT_CURRENT):
+                log.info(
+                    "primary %s of %s/%d: %s %s",
+                    rec.primary,
+                    volume,
+                    index,
+                    resp.status,
+                    resp.fields.get("message"),
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                if not self.emap.is_live(rec.primary):
+                    await self.failover(entry)
+                continue
+            if resp.status is Status.CHECKSUM_MISMATCH:
+                raise MediumError(f"primary {rec.primary}: {resp.fields.get('message')}")
+            raise MediumError(f"primary {rec.primary} answered {resp.status}", write=True)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def read(self, volume: str, index: int, offset: int, length: int) -> bytes:
+        deadline = time.monotonic() + self.io_timeout
+        while True:
+            if time.monotonic() > deadline:
+                raise NotReady(f"extent {volume}/{index}: no replica could be read in time")
+            entry = self.emap.entry(volume, index)
+            if entry is None:
+                return bytes(length)
+            rec = entry.record
+            # local first, then the primary, then the other members: all hold every
+            # acknowledged write of this generation
+            order = [rec.primary] if rec.converging else list(rec.replicas)
+            if not rec.converging and self.node_id in order:
+                order.remove(self.node_id)
+                order.insert(0, self.node_id)
+            bad: dict[str, list[int]] = {}
+            absent = 0
+            for member in order:
+                try:
+                    resp = await self.call(
+                        member,
+                        partial(
+                            Read,
+                            volume=volume,
+                            extent=index,
+                            gen=rec.gen,
+                            offset=offset,
+                            length=length,
+                        ),
+                    )
+                except PeerError:
+                    continue
+                if resp.ok:
+                    if bad:
+                        await self._repair(rec, member, bad)
+                    return resp.payload
+                if resp.status is Status.CHECKSUM_MISMATCH:
+                    bad[member] = list(resp.fields.get("blocks", []))
+                    continue
+                if resp.status is Status.NOT_FOUND:
+                    absent += 1
+                if resp.status is Status.STALE_GENERATION:
+                    break  # our map is behind (or the replica is): refresh
+            if absent == len(order):
+                return bytes(length)  # allocated, never written: no replica was created yet
+            if bad and len(bad) == len(order):
+                raise MediumError("every replica failed its checksum", lba=None)
+            await self.emap.wait_newer(volume, index, rec.gen + 1, 0.5)
+
+    async def _repair(self, rec: ExtentRecord, good: str, bad: dict[str, list[int]]) -> None:
+        """Rewrite blocks that failed their checksum with the good replica's copy."""
+        for member, blocks in bad.items():
+            for block in blocks:
+                off = block * BLOCK_SIZE
+                try:
+                    src = await self.call(good, _read_blocks(rec, off, BLOCK_SIZE))
+                    if not src.ok:
+                        continue
+                    data, sums = src.payload[:BLOCK_SIZE], src.payload[BLOCK_SIZE:]
+                    resp = await self.call(member, _copy_blocks(rec, off, data, sums))
+                except PeerError:
+                    continue
+                if resp.ok:
+                    CHECKSUM_REPAIRS.inc()
+                    log.warning(
+                        "repaired block %d of %s/%d on %s", block, rec.volume, rec.index, member
+                    )
+
+    async def get_state(self, chunk_id: str, volume: str, index: int, csum: bool) -> Response:
+        return await self.call(chunk_id, lambda i: GetState(i, volume, index, csum))
+
+    # -- failover ------------------------------------------------------------------------------
+
+    async def failover(self, entry: Entry) -> None:
+        """Replace an unreachable primary with the most advanced current survivor."""
+        rec = entry.record
+        key = (rec.volume, rec.index)
+        async with self._failing_over.setdefault(key, asyncio.Lock()):
+            now = self.emap.entry(rec.volume, rec.index)
+            if now is None or now.mod_revision != entry.mod_revision:
+                return  # somebody changed it meanwhile
+            primary = rec.primary
+            # The old primary stops acknowledging when its own lease deadline passes, which is
+            # never later than etcd expiring the lease: once its live record is gone, it can
+            # no longer acknowledge anything, and a new primary cannot overlap with it.
+            try:
+                await self.emap.live.wait_for(
+                    lambda _: not self.emap.is_live(primary), 3 * self.lease_ttl + 2
+                )
+            except TimeoutError:
+                return  # it is alive after all (a transient error): retry through it
+            # A read lease the old primary granted before its own deadline may still run for
+            # `read_lease`: only after it can no member that misses the new writes serve reads.
+            await asyncio.sleep(self.read_lease)
+            fresh = await self.emap.fresh(rec.volume, rec.index)
+            if fresh is None or fresh.mod_revision != entry.mod_revision:
+                return
+            states: dict[str, int] = {}
+            absent: list[str] = []
+            for member in rec.replicas[1:]:
+                try:
+                    st = await self.get_state(member, rec.volume, rec.index, False)
+                except PeerError:
+                    continue
+                if st.ok and st.fields["gen"] == rec.gen and st.fields["state"] == 0:
+                    states[member] = st.fields["applied_seq"]
+                elif st.status is Status.NOT_FOUND:
+                    absent.append(member)
+            if not states and absent and len(absent) == len(rec.replicas) - 1:
+                # No survivor ever got a replica, so no write was ever acknowledged (an ack
+                # needs every member): the extent starts over, empty, on the survivors.
+                await self.emap.replace(
+                    fresh,
+                    ExtentRecord(
+                        volume=rec.volume,
+                        index=rec.index,
+                        gen=rec.gen + 1,
+                        replicas=absent,
+                        epoch=rec.epoch,
+                    ),
+                )
+                return
+            if not states:
+                log.error("extent %s/%d: no current survivor of gen %d", *key, rec.gen)
+                return
+            # Every acknowledged write is on every survivor; the most advanced survivor also
+            # holds the unacknowledged tail, which the others then copy from it.
+            order = [m for m in rec.replicas if m in states]
+            best = max(order, key=lambda m: (states[m], -order.index(m)))
+            members = [best] + [m for m in order if m != best]
+            new = ExtentRecord(
+                volume=rec.volume,
+                index=rec.index,
+                gen=rec.gen + 1,
+                replicas=members,
+                epoch=rec.epoch,
+                converging=True,
+            )
+            committed = await self.emap.replace(fresh, new)
+            if committed is None:
+                return
+            FAILOVERS.inc()
+            log.warning(
+                "extent %s/%d: primary %s replaced by %s (gen %d)", *key, primary, best, new.gen
+            )
+            await self._converge(committed)
+
+    async def converge(self, entry: Entry) -> None:
+        key = (entry.record.volume, entry.record.index)
+        async with self._failing_over.setdefault(key, asyncio.Lock()):
+            now = self.emap.entry(*key)
+            if now is None or not now.record.converging:
+                return
+            await self._converge(now)
+
+    async def _converge(self, entry: Entry) -> None:
+        """Make every member identical to the new primary, then open the extent for writes.
+
+        Idempotent: whoever finds an extent still converging (its converger died) redoes it.
+        No member accepts writes meanwhile (the primary refuses while `converging`)."""
+        rec = entry.record
+        vol, idx, gen = rec.volume, rec.index, rec.gen
+        primary = rec.primary
+        try:
+            resp = await self.call(primary, lambda i: SetGen(i, vol, idx, gen))
+            if not resp.ok:
+                raise NotReady(f"new primary {primary} refused gen {gen}: {resp.status}")
+            src = await self.get_state(primary, vol, idx, True)
+            if not src.ok:
+                raise NotReady(f"new primary {primary}: {src.status}")
+            applied = src.fields["applied_seq"]
+            src_sums = src.payload
+            for member in rec.replicas[1:]:
+                resp = await self.call(member, lambda i: SetGen(i, vol, idx, gen))
+                if not resp.ok:
+                    raise NotReady(f"member {member} refused gen {gen}: {resp.status}")
+                dst = await self.get_state(member, vol, idx, True)
+                if not dst.ok:
+                    raise NotReady(f"member {member}: {dst.status}")
+                copied = await self._copy_differences(primary, member, rec, src_sums, dst.payload)
+                resp = await self.call(
+                    member, lambda i: SetGen(i, vol, idx, gen, applied_seq=applied, state=0)
+                )
+                if not resp.ok:
+                    raise NotReady(f"member {member} refused applied_seq: {resp.status}")
+                log.warning("extent %s/%d: %d blocks copied to %s", vol, idx, copied, member)
+        except PeerError as exc:
+            log.error("extent %s/%d: converging failed: %s", vol, idx, exc)
+            return
+        except NotReady as exc:
+            log.error("extent %s/%d: converging failed: %s", vol, idx, exc)
+            return
+        done = ExtentRecord(
+            volume=vol, index=idx, gen=gen, replicas=list(rec.replicas), epoch=rec.epoch
+        )
+        await self.emap.replace(entry, done)
+
+    async def _copy_differences(
+        self, src: str, dst: str, rec: ExtentRecord, a: bytes, b: bytes
+    ) -> int:
+        n = len(a) // CHECKSUM_SIZE
+        differ = [
+            i
+            for i in range(n)
+            if a[i * CHECKSUM_SIZE : (i + 1) * CHECKSUM_SIZE]
+            != b[i * CHECKSUM_SIZE : (i + 1) * CHECKSUM_SIZE]
+        ]
+        per = COPY_CHUNK // BLOCK_SIZE
+        runs: list[tuple[int, int]] = []
+        for i in differ:
+            if runs and runs[-1][0] + runs[-1][1] == i and runs[-1][1] < per:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((i, 1))
+        for first, count in runs:
+            off, size = first * BLOCK_SIZE, count * BLOCK_SIZE
+            got = await self.call(src, _read_blocks(rec, off, size))
+            if not got.ok:
+                raise NotReady(f"reading {src} for a copy: {got.status}")
+            data, sums = got.payload[:size], got.payload[size:]
+            put = await self.call(dst, _copy_blocks(rec, off, data, sums))
+            if not put.ok:
+                raise NotReady(f"copying to {dst}: {put.status}")
+        return len(differ)
+
+
+class ReplicatedVolume:
+    """A volume as a `BlockDevice`: every extent piece goes through the `AccessPath`."""
+
+    def __init__(self, record: VolumeRecord, path: AccessPath, extent_size: int) -> None:
+        self.record = record
+        self.path = path
+        self.extent_size = extent_size
+        self._capacity_generation = 0
+        self._dirty: set[int] = set()  # extents written since the last flush
+        self._caw_locks: dict[int, asyncio.Lock] = {}
+
+    def update(self, record: VolumeRecord) -> None:
+        """A new version of the volume record (expand): capacity may change."""
+        if record.size_bytes != self.record.size_bytes:
+            self._capacity_generation += 1
+        self.record = record
+
+    # -- BlockDevice properties ------------------------------------------------------------
+
+    @property
+    def block_size(self) -> int:
+        return self.record.block_size
+
+    @property
+    def physical_block_size(self) -> int:
+        return BLOCK_SIZE
+
+    @property
+    def num_blocks(self) -> int:
+        return self.record.size_bytes // self.record.block_size
+
+    @property
+    def read_only(self) -> bool:
+        return False
+
+    @property
+    def thin(self) -> bool:
+        return True
+
+    @property
+    def capacity_generation(self) -> int:
+        return self._capacity_generation
+
+    # -- IO ----------------------------------------------------------------------------------
+    # Each method runs its body in a task of its own: the iSCSI layer drives the first step of
+    # a command coroutine inline, outside any task, where asyncio.timeout() (used by the
+    # etcd and peer clients) raises "Timeout should be used inside a task".
+
+    async def read(self, lba: int, blocks: int) -> bytes:
+        return await asyncio.ensure_future(self._read(lba, blocks))
+
+    async def write(self, lba: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        await asyncio.ensure_future(self._write(lba, data, fua))
+
+    async def flush(self) -> None:
+        await asyncio.ensure_future(self._flush())
+
+    async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
+        await asyncio.ensure_future(self._unmap(ranges))
+
+    async def write_same(
+        self, lba: int, blocks: int, pattern: bytes | bytearray | memoryview, unmap: bool
+    ) -> None:
+        await asyncio.ensure_future(self._write_same(lba, blocks, pattern, unmap))
+
+    async def compare_and_write(
+        self, lba: int, verify: bytes | bytearray | memoryview, data: bytes | bytearray | memoryview
+    ) -> None:
+        await asyncio.ensure_future(self._compare_and_write(lba, verify, data))
+
+    async def lba_status(self, lba: int) -> Sequence[LbaStatus]:
+        return await asyncio.ensure_future(self._lba_status(lba))
+
+    def _range(self, lba: int, blocks: int) -> tuple[int, int]:
+        if lba < 0 or blocks < 0 or lba + blocks > self.num_blocks:
+            raise OutOfRange(f"LBA {lba}+{blocks} beyond {self.num_blocks} blocks")
+        return lba * self.block_size, blocks * self.block_size
+
+    async def _read(self, lba: int, blocks: int) -> bytes:
+        offset, length = self._range(lba, blocks)
+        pieces = split(offset, length, self.extent_size)
+        vol = self.record.id
+        parts = await asyncio.gather(
+            *(self.path.read(vol, p.extent, p.offset, p.length) for p in pieces)
+        )
+        return b"".join(parts)
+
+    async def _write(self, lba: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        offset, length = self._range(lba, len(data) // self.block_size)
+        view = memoryview(data)
+        vol, replicas = self.record.id, self.record.replicas
+
+        async def one(p: Piece) -> None:
+            chunk = bytes(view[p.start : p.start + p.length])
+
+            def build(i: int, gen: int) -> Request:
+                return Write(i, vol, p.extent, gen, 0, p.offset, fua, chunk)
+
+            await self.path.mutate(vol, p.extent, replicas, build, allocate=True)
+            self._dirty.add(p.extent)
+
+        await asyncio.gather(*(one(p) for p in split(offset, length, self.extent_size)))
+
+    async def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        vol, replicas = self.record.id, self.record.replicas
+
+        async def one(index: int) -> None:
+            def build(i: int, gen: int) -> Request:
+                return Flush(i, vol, index, gen)
+
+            await self.path.mutate(vol, index, replicas, build, allocate=False)
+
+        try:
+            await asyncio.gather(*(one(i) for i in sorted(dirty)))
+        except BaseException:
+            self._dirty |= dirty
+            raise
+
+    async def _unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
+        vol, replicas = self.record.id, self.record.replicas
+        # Merge overlapping and adjacent descriptors, then unmap every piece concurrently:
+        # an UNMAP may carry hundreds of descriptors and their order does not matter.
+        spans = sorted(self._range(lba, blocks) for lba, blocks in ranges if blocks)
+        merged: list[list[int]] = []
+        for offset, length in spans:
+            if merged and offset <= merged[-1][0] + merged[-1][1]:
+                end = max(merged[-1][0] + merged[-1][1], offset + length)
+                merged[-1][1] = end - merged[-1][0]
+            else:
+                merged.append([offset, length])
+
+        async def one(p: Piece) -> None:
+            def build(i: int, gen: int) -> Request:
+                return Unmap(i, vol, p.extent, gen, 0, p.offset, p.length, False)
+
+            await self.path.mutate(vol, p.extent, replicas, build, allocate=False)
+
+        for lba, blocks in ranges:  # every descriptor is checked, empty ones too
+            self._range(lba, blocks)
+        pieces = [p for off, n in merged for p in split(off, n, self.extent_size)]
+        await asyncio.gather(*(one(p) for p in pieces))
+
+    async def _write_same(
+        self, lba: int, blocks: int, pattern: bytes | bytearray | memoryview, unmap: bool
+    ) -> None:
+        self._range(lba, blocks)
+        if unmap and not any(pattern):
+            await self._unmap([(lba, blocks)])
+            return
+        step = max(1, (4 << 20) // self.block_size)
+        for start in range(lba, lba + blocks, step):
+            n = min(step, lba + blocks - start)
+            await self._write(start, bytes(pattern) * n, fua=False)
+
+    async def _compare_and_write(
+        self, lba: int, verify: bytes | bytearray | memoryview, data: bytes | bytearray | memoryview
+    ) -> None:
+        # Serialised per extent at this access point only: the data protocol (version 1) has
+        # no compare-and-write op, so two access points are not atomic with each other yet.
+        offset, _ = self._range(lba, len(verify) // self.block_size)
+        first = offset // self.extent_size
+        async with self._caw_locks.setdefault(first, asyncio.Lock()):
+            current = await self._read(lba, len(verify) // self.block_size)
+            if current != bytes(verify):
+                pos = next(
+                    i for i, (x, y) in enumerate(zip(current, bytes(verify), strict=True)) if x != y
+                )
+                raise Miscompare(pos)
+            await self._write(lba, data, fua=False)
+
+    async def _lba_status(self, lba: int) -> Sequence[LbaStatus]:
+        offset, _ = self._range(lba, 1)
+        index = offset // self.extent_size
+        ext_end = min((index + 1) * self.extent_size, self.record.size_bytes)
+        bs = self.block_size
+        entry = self.path.emap.entry(self.record.id, index)
+        if entry is None:
+            return [LbaStatus(lba, (ext_end - offset) // bs, LbaState.DEALLOCATED)]
+        try:
+            st = await self.path.get_state(entry.record.primary, self.record.id, index, True)
+        except PeerError as exc:
+            raise NotReady(str(exc)) from None
+        if not st.ok:
+            raise NotReady(f"extent {self.record.id}/{index}: {st.status}")
+        entries = memoryview(st.payload).cast("Q")  # one 8-byte checksum per block, 0 = unmapped
+        base = index * self.extent_size
+        first = (offset - base) // BLOCK_SIZE
+        last = (ext_end - base + BLOCK_SIZE - 1) // BLOCK_SIZE
+        out: list[LbaStatus] = []
+        pos = offset
+        for mapped, group in itertools.groupby(range(first, last), key=lambda b: entries[b] != 0):
+            end = min(ext_end, base + (list(group)[-1] + 1) * BLOCK_SIZE)
+            state = LbaState.MAPPED if mapped else LbaState.DEALLOCATED
+            out.append(LbaStatus(pos // bs, (end - pos) // bs, state))
+            pos = end
+        return out

@@ -1,0 +1,144 @@
+"""The chunk server's TargetHost follows the LUN map, ACLs, volumes and CHAP in a real etcd."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from lunastor.chunk.dataserver import Replicas
+from lunastor.chunk.extentmap import ExtentMap
+from lunastor.chunk.service import claim_relative_port
+from lunastor.chunk.targets import EtcdTargetHost, volume_identity
+from lunastor.chunk.volume import AccessPath, ReplicatedVolume
+from lunastor.common.etcd import Etcd, EtcdConfig
+from lunastor.common.records import Keys, LunRecord, TargetRecord, VolumeRecord, target_iqn
+from lunastor.common.sealing import Sealer
+from lunastor.iscsi.scsi.sense import REPORTED_LUNS_DATA_HAS_CHANGED
+from lunastor.iscsi.scsi.types import Nexus
+from tests.support.etcd import EtcdServer
+from tests.support.procs import async_wait_for
+
+KEY = "sealing-key-for-tests-0123456789"
+INI, OTHER = "iqn.2026-11.test:one", "iqn.2026-11.test:two"
+TGT = target_iqn(0)
+
+
+@pytest.fixture
+async def etcd(etcd_server: EtcdServer, etcd_prefix: str) -> AsyncIterator[Etcd]:
+    config = EtcdConfig(endpoints=[etcd_server.endpoint], namespace=etcd_prefix, timeout=5)
+    async with await Etcd.connect(config) as client:
+        yield client
+
+
+async def put_volume(etcd: Etcd, vid: str, lun: int, size: int, initiators: list[str]) -> None:
+    vol = VolumeRecord(id=vid, name=vid, size_bytes=size, target=0, lun=lun)
+    await etcd.put(Keys.volume(vid), vol.to_json())
+    await etcd.put(Keys.lun(0, lun), LunRecord(volume_id=vid, initiators=initiators).to_json())
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait for the host's follower task to apply a change (no manual rebuild)."""
+
+    async def check() -> bool:
+        return condition()
+
+    await async_wait_for(check, 10, what)
+
+
+async def test_luns_acls_chap_and_capacity_follow_etcd(etcd: Etcd) -> None:
+    emap = ExtentMap(etcd)
+    path = AccessPath(emap, Replicas(emap, b"x" * 16, "c1"), "c1", lease_ttl=2)
+    sealer = Sealer(KEY)
+    host = EtcdTargetHost(
+        etcd,
+        path,
+        1 << 20,
+        relative_port=lambda: 2,
+        relative_ports=lambda: [1, 2, 3],
+        sealer=sealer,
+    )
+    await put_volume(etcd, "vol-a", 1, 8 << 20, [INI])
+    chap = {
+        "user": "u",
+        "secret": sealer.seal("s3cret-s3cret"),
+        "mutual_user": "",
+        "mutual_secret": "",
+    }
+    await etcd.put(Keys.target(0), TargetRecord(target=0, chap=chap).to_json())
+    await host.start()
+    try:
+        assert host.target_exists(TGT) and not host.target_exists(target_iqn(1))
+        assert host.may_login(INI, TGT) and not host.may_login(OTHER, TGT)
+        assert [t.name for t in host.discoverable(INI, "10.0.0.1:3260")] == [TGT]
+        assert host.discoverable(OTHER, "10.0.0.1:3260") == []
+        creds = host.chap(TGT)
+        assert creds is not None and creds.username == "u" and creds.secret == b"s3cret-s3cret"
+        assert host.chap(None) is None
+
+        target = host.scsi_target(TGT)
+        assert target is not None and target.relative_port == 2 and target.port_list() == [1, 2, 3]
+        lu = target.luns[1]
+        assert (lu.naa_id, lu.serial) == volume_identity("vol-a")
+        device = lu.device
+        assert isinstance(device, ReplicatedVolume) and device.num_blocks == (8 << 20) // 512
+        nexus = Nexus(INI, 0x1234, TGT, relative_port=2)
+        assert target.visible(nexus) == frozenset({1})
+        target.luns[1].state_for(nexus).unit_attentions.clear()
+
+        # a second volume published to the initiator appears, with a unit attention
+        await put_volume(etcd, "vol-b", 2, 4 << 20, [INI])
+        await until(lambda: 2 in target.visible(nexus), "LUN 2 to appear")
+        assert target.visible(nexus) == frozenset({1, 2})
+        assert REPORTED_LUNS_DATA_HAS_CHANGED in target.luns[1].state_for(nexus).unit_attentions
+        assert target.luns[1] is lu  # the same unit: per-nexus SCSI state survives
+
+        # unpublished from the initiator: masked again
+        target.luns[1].state_for(nexus).unit_attentions.clear()
+        await etcd.put(Keys.lun(0, 2), LunRecord(volume_id="vol-b", initiators=[OTHER]).to_json())
+        await until(lambda: 2 not in target.visible(nexus), "LUN 2 to be masked")
+        assert target.visible(nexus) == frozenset({1})
+        assert REPORTED_LUNS_DATA_HAS_CHANGED in target.luns[1].state_for(nexus).unit_attentions
+        assert host.may_login(OTHER, TGT)
+
+        # expand: the capacity generation moves (CAPACITY DATA HAS CHANGED)
+        gen = device.capacity_generation
+        await put_volume(etcd, "vol-a", 1, 16 << 20, [INI])
+        await until(lambda: device.capacity_generation == gen + 1, "the new capacity")
+        assert device.capacity_generation == gen + 1 and device.num_blocks == (16 << 20) // 512
+
+        # deleted: gone from the target
+        await etcd.delete(Keys.lun(0, 1))
+        await etcd.delete(Keys.volume("vol-a"))
+        await until(lambda: 1 not in target.luns, "LUN 1 to go")
+        assert 1 not in target.luns and not host.may_login(INI, TGT)
+    finally:
+        await host.stop()
+
+
+async def test_chap_without_the_sealing_key_refuses_instead_of_admitting(etcd: Etcd) -> None:
+    emap = ExtentMap(etcd)
+    path = AccessPath(emap, Replicas(emap, b"x" * 16, "c1"), "c1", lease_ttl=2)
+    host = EtcdTargetHost(
+        etcd, path, 1 << 20, relative_port=lambda: 1, relative_ports=lambda: [1], sealer=None
+    )
+    await put_volume(etcd, "vol-c", 1, 1 << 20, [INI])
+    sealed = Sealer(KEY).seal("whatever-secret")
+    await etcd.put(
+        Keys.target(0), TargetRecord(target=0, chap={"user": "u", "secret": sealed}).to_json()
+    )
+    await host.start()
+    try:
+        creds = host.chap(TGT)
+        assert creds is not None and creds.secret != b"whatever-secret"
+    finally:
+        await host.stop()
+
+
+async def test_relative_target_ports_are_distinct_and_kept(etcd: Etcd) -> None:
+    ids = [f"chunk-{i}" for i in range(5)]
+    first = await asyncio.gather(*(claim_relative_port(etcd, c) for c in ids))
+    assert sorted(first) == [1, 2, 3, 4, 5]
+    again = await asyncio.gather(*(claim_relative_port(etcd, c) for c in reversed(ids)))
+    assert list(reversed(again)) == first
