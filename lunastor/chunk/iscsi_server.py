@@ -20,6 +20,8 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from prometheus_client import Counter, Gauge
+
 from lunastor.iscsi import pdu as p
 from lunastor.iscsi.connection import (
     CloseConnection,
@@ -43,6 +45,10 @@ from lunastor.iscsi.scsi.types import (
 from lunastor.iscsi.session import Portal, Session, SessionRegistry, SessionType
 
 log = logging.getLogger(__name__)
+
+# Per session, never per command: the command path stays free of metric locks.
+LOGINS = Counter("lunastor_iscsi_logins_total", "iSCSI sessions opened, by session type", ["type"])
+SESSIONS = Gauge("lunastor_iscsi_sessions", "iSCSI sessions open now, by session type", ["type"])
 
 # fixed-format sense: HARDWARE ERROR, INTERNAL TARGET FAILURE (an unexpected exception)
 _INTERNAL_TARGET_FAILURE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10] + [0] * 4 + [0x44, 0, 0, 0, 0, 0])
@@ -110,10 +116,14 @@ class IscsiServer:
 
     def session_started(self, proto: IscsiConnectionProtocol, session: Session) -> None:
         self._by_session[session] = proto
+        kind = session.session_type.name.lower()
+        LOGINS.labels(kind).inc()
+        SESSIONS.labels(kind).inc()
 
     def session_ended(self, proto: IscsiConnectionProtocol, session: Session) -> None:
         if self._by_session.get(session) is proto:
             del self._by_session[session]
+            SESSIONS.labels(session.session_type.name.lower()).dec()
 
     def connection_of(self, session: Session) -> IscsiConnectionProtocol | None:
         return self._by_session.get(session)

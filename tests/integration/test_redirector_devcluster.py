@@ -1,17 +1,18 @@
 """The redirector in a loopback dev cluster: discovery and redirected logins through the VIP.
 
 `lunastor dev up` runs etcd, meta, three chunk servers and the redirector on 127.x addresses
-(manage_vip off: the VIP is a 127.x address only the leader binds). The chunk servers register
-in etcd but do not serve iSCSI yet, so a standalone lunastor target stands in for each one on
-the portal its record advertises (see docs/redirector.md, "Tests").
+(manage_vip off: the VIP is a 127.x address only the leader binds). Every chunk server serves
+the volume's LUN through the replicated data path; the redirector sends each initiator to the
+one rendezvous hashing picks.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from lunastor.redirector.choose import ServerChoice, choose_chunk_server
 from tests.support.devcluster import dev_up, lunastor
 from tests.support.procs import wait_for
 
@@ -44,42 +46,11 @@ def api(state: dict[str, Any], method: str, path: str, body: Any = None) -> Any:
         return json.loads(text) if text else None
 
 
-class Standalone:
-    """A standalone lunastor target serving `iqn` on `portal`, logging its connections."""
-
-    def __init__(self, directory: Path, name: str, iqn: str, portal: str) -> None:
-        self.log = directory / f"{name}.log"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "lunastor.chunk.main",
-                "standalone",
-                "--file",
-                str(directory / f"{name}.img"),
-                "--size",
-                str(8 << 20),
-                "--iqn",
-                iqn,
-                "--listen",
-                portal,
-                "--lun",
-                "1",
-                "--log-level",
-                "INFO",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=self.log.open("wb"),
-        )
-        wait_for(lambda: "serving" in self.log.read_text(), 20, f"standalone target on {portal}")
-
-    def sessions(self) -> int:
-        """Connections that ended (each iscsi-inq / iscsi-ls run ends one)."""
-        return self.log.read_text().count("closing iSCSI connection")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+def normal_logins(admin: str) -> float:
+    """A chunk server's count of normal-session logins, from its /metrics."""
+    text = urllib.request.urlopen(f"http://{admin}/metrics", timeout=5).read().decode()
+    match = re.search(r'^lunastor_iscsi_logins_total\{type="normal"\} ([0-9.e+]+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
 
 
 @pytest.fixture(scope="module")
@@ -102,49 +73,57 @@ def test_discovery_and_redirect_through_the_vip(
     vol = api(state, "POST", "/v1/volumes", {"name": "redir-dev", "size_bytes": 8 << 20})
     api(state, "POST", f"/v1/volumes/{vol['id']}/exports", {"initiator": INITIATOR})
     target, lun = vol["target_iqn"], vol["lun"]
-    portals = {
-        name: d["endpoints"]["portal"]
-        for name, d in state["daemons"].items()
+    chunks = {
+        d["endpoints"]["portal"]: d["endpoints"]["admin"]
+        for d in state["daemons"].values()
         if d["kind"] == "chunk"
     }
-    targets = {n: Standalone(tmp_path, n, target, portal) for n, portal in portals.items()}
-    try:
-        # the portal answers once the leader is elected and the exports view has the LUN
-        def discovered() -> str | None:
-            out = run("iscsi-ls", "-i", INITIATOR, f"iscsi://{vip}")
-            return out.stdout if target in out.stdout else None
+    view = api(state, "GET", "/v1/cluster")
+    servers = [ServerChoice(c["id"], c["state"]) for c in view["chunk_servers"]]
+    portal_of = {c["id"]: c["portal"] for c in view["chunk_servers"]}
+    expected = portal_of[choose_chunk_server(INITIATOR, target, servers) or ""]
 
-        listing = wait_for(discovered, 30, "discovery through the VIP to list the target")
-        assert listing.split() == [f"Target:{target}", f"Portal:{vip},1"]
-        assert run("iscsi-ls", "-i", OTHER, f"iscsi://{vip}").stdout.strip() == ""
+    # the portal answers once the leader is elected and the exports view has the LUN
+    def discovered() -> str | None:
+        out = run("iscsi-ls", "-i", INITIATOR, f"iscsi://{vip}")
+        return out.stdout if target in out.stdout else None
 
-        before = {n: t.sessions() for n, t in targets.items()}
-        inq = run("iscsi-inq", "-i", INITIATOR, f"iscsi://{vip}/{target}/{lun}")
-        assert inq.returncode == 0, inq.stderr
-        assert "Peripheral Device Type" in inq.stdout or "Device" in inq.stdout
-        served = wait_for(
-            lambda: [n for n, t in targets.items() if t.sessions() > before[n]] or None,
-            10,
-            "a standalone target to see the redirected session",
+    listing = wait_for(discovered, 30, "discovery through the VIP to list the target")
+    assert listing.split() == [f"Target:{target}", f"Portal:{vip},1"]
+    assert run("iscsi-ls", "-i", OTHER, f"iscsi://{vip}").stdout.strip() == ""
+
+    before = {portal: normal_logins(admin) for portal, admin in chunks.items()}
+    inq = run("iscsi-inq", "-i", INITIATOR, f"iscsi://{vip}/{target}/{lun}")
+    assert inq.returncode == 0, inq.stderr
+    assert "LUNASTOR" in inq.stdout
+    # the session went to the hashed chunk server, and to no other
+    after = {portal: normal_logins(admin) for portal, admin in chunks.items()}
+    assert after[expected] == before[expected] + 1
+    assert all(after[p] == before[p] for p in chunks if p != expected)
+    # data written through the VIP reads back through another chunk server directly
+    image = tmp_path / "data.img"
+    image.write_bytes(os.urandom(4 << 20))
+
+    def lun_opts(portal: str) -> str:  # qemu's iscsi driver, as this initiator
+        return (
+            f"driver=iscsi,transport=tcp,portal={portal},target={target},lun={lun},"
+            f"initiator-name={INITIATOR}"
         )
-        assert len(served) == 1
-        # the same initiator and target are always sent to the same server
-        again = run("iscsi-inq", "-i", INITIATOR, f"iscsi://{vip}/{target}/{lun}")
-        assert again.returncode == 0, again.stderr
-        wait_for(
-            lambda: targets[served[0]].sessions() == before[served[0]] + 2,
-            10,
-            "the second session on the same server",
-        )
-        assert all(t.sessions() == before[n] for n, t in targets.items() if n != served[0])
-        # an initiator the LUN is not published to is refused at the redirector
-        refused = run("iscsi-inq", "-i", OTHER, f"iscsi://{vip}/{target}/{lun}")
-        assert refused.returncode != 0
-        metrics = urllib.request.urlopen(
-            f"http://{state['daemons']['redirector']['endpoints']['admin']}/metrics", timeout=5
-        ).read()
-        assert b"lunastor_redirector_redirects_total" in metrics
-        assert b'lunastor_redirector_login_failures_total{status="0x0202"}' in metrics
-    finally:
-        for t in targets.values():
-            t.stop()
+
+    conv = run(
+        "qemu-img", "convert", "-n", "-f", "raw", str(image), "--target-image-opts", lun_opts(vip)
+    )
+    assert conv.returncode == 0, conv.stderr
+    other = next(p for p in chunks if p != expected)
+    back = run(
+        "qemu-img", "compare", "--image-opts", f"driver=file,filename={image}", lun_opts(other)
+    )
+    assert back.returncode == 0 and "identical" in back.stdout, back.stdout + back.stderr
+    # an initiator the LUN is not published to is refused at the redirector
+    refused = run("iscsi-inq", "-i", OTHER, f"iscsi://{vip}/{target}/{lun}")
+    assert refused.returncode != 0
+    metrics = urllib.request.urlopen(
+        f"http://{state['daemons']['redirector']['endpoints']['admin']}/metrics", timeout=5
+    ).read()
+    assert b"lunastor_redirector_redirects_total" in metrics
+    assert b'lunastor_redirector_login_failures_total{status="0x0202"}' in metrics
