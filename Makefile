@@ -11,7 +11,7 @@ setup:
 	@./scripts/setup.sh
 
 run: setup
-	$(VENV)/lunastor dev up --chunks $(CHUNKS) --dir $(DEVDIR)
+	$(VENV)/lunastor dev up --chunks $(CHUNKS) --dir $(DEVDIR) --demo
 
 down:
 	$(VENV)/lunastor dev down --dir $(DEVDIR)

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from lunastor.cli import devcluster, resources
 from lunastor.cli.api import ApiError
+from lunastor.cli.demo import DEMO_INITIATOR, DEMO_NAME, DEMO_SIZE, create_demo, demo_commands
 from lunastor.cli.options import (
     api_client,
     console,
@@ -82,8 +83,9 @@ def print_ready(state: dict[str, Any]) -> None:
     type=click.FloatRange(1, 60),
     help="etcd lease TTL in seconds (how fast a dead daemon is noticed)",
 )
+@click.option("--demo", is_flag=True, help="create a 1 GiB demo volume and print how to reach it")
 def dev_up(
-    chunks: int, directory: Path, detach: bool, address_prefix: str, lease_ttl: float
+    chunks: int, directory: Path, detach: bool, address_prefix: str, lease_ttl: float, demo: bool
 ) -> None:
     """Start etcd, meta, N chunk servers and a redirector on loopback."""
     octets = address_prefix.split(".")
@@ -94,11 +96,19 @@ def dev_up(
     def event(message: str) -> None:
         err_console.print(f"[yellow]dev:[/] {message}", highlight=False)
 
+    def ready(state: dict[str, Any]) -> None:
+        print_ready(state)
+        if demo:
+            print_demo(state)
+
     if detach:
         _detach_and_run(directory, layout, lease_ttl)
+        state = devcluster.read_state(directory)
+        assert state is not None
+        ready(state)
         return
     try:
-        devcluster.run_supervisor(directory, layout, lease_ttl, print_ready, event)
+        devcluster.run_supervisor(directory, layout, lease_ttl, ready, event)
     except devcluster.DevClusterError as exc:
         fail(str(exc))
     console.print("dev cluster stopped")
@@ -143,9 +153,21 @@ def _detach_and_run(directory: Path, layout: devcluster.Layout, lease_ttl: float
             line.removeprefix("error ")
             or f"the supervisor died during start-up; see {directory}/logs-supervisor.log"
         )
-    state = devcluster.read_state(directory)
-    assert state is not None
-    print_ready(state)
+
+
+def print_demo(state: dict[str, Any]) -> None:
+    try:
+        export = create_demo(state)
+    except ApiError as exc:
+        err_console.print(f"[yellow]dev:[/] could not create the demo volume: {exc}")
+        return
+    console.print(
+        f"\ndemo volume   {DEMO_NAME}: {DEMO_SIZE >> 30} GiB, LUN {export['lun']} of "
+        f"{export['target_iqn']}, published to {DEMO_INITIATOR}",
+        highlight=False,
+    )
+    for what, command in demo_commands(export, state["dir"]):
+        console.print(f"  {what + ':':40} {command}", highlight=False, soft_wrap=True)
 
 
 @dev.command("down")

@@ -157,3 +157,44 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     assert out.returncode == 0 and "no dev cluster running" in out.stdout
     out = lunastor("dev", "up", "--dir", str(tmp_path), "--address-prefix", "10.0", check=False)
     assert out.returncode == 1 and "--address-prefix must look like 127.N" in out.stderr
+
+
+def test_make_run_prints_commands_that_reach_the_demo_volume(tmp_path: Path) -> None:
+    """`make run` runs `dev up --demo`: the printed iscsi-inq, iscsi-readcapacity16 and qemu-img
+    commands must work as printed (through the VIP and the redirector)."""
+    out = lunastor(
+        "dev",
+        "up",
+        "--detach",
+        "--demo",
+        "--dir",
+        str(tmp_path),
+        "--lease-ttl",
+        "2",
+        "--address-prefix",
+        random_prefix(),
+    ).stdout
+    try:
+        commands = dict(
+            line.strip().split(":", 1)[0:2]
+            for line in out.splitlines()
+            if line.startswith("  ") and ":" in line
+        )
+        assert "demo volume   demo: 1 GiB" in out, out
+        for what, expect in (
+            ("identify", "LUNASTOR"),
+            ("capacity", "1073741824"),
+            ("qemu-img", "virtual size: 1 GiB"),
+        ):
+            command = commands[what].strip()
+            result = subprocess.run(
+                ["bash", "-c", command], capture_output=True, text=True, timeout=60, cwd=tmp_path
+            )
+            assert result.returncode == 0 and expect in result.stdout, (command, result)
+        assert "iscsiadm -m discovery -t sendtargets -p " in out
+        # printing it again is harmless: the demo volume is created idempotently
+        from lunastor.cli.demo import create_demo
+
+        assert create_demo(read_state(tmp_path))["lun"] >= 1
+    finally:
+        lunastor("dev", "down", "--dir", str(tmp_path))
