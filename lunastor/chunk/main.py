@@ -29,7 +29,7 @@ from lunastor.common.daemon import (
 from lunastor.common.etcd import Etcd
 from lunastor.common.logs import setup_logging
 from lunastor.common.metrics import add_admin_routes, describe_daemon
-from lunastor.common.presence import Presence
+from lunastor.common.presence import Presence, lease_health
 from lunastor.common.records import ChunkServerInfo, RecordError
 from lunastor.common.settings import etcd_client_config
 
@@ -46,13 +46,7 @@ async def serve(config: ChunkConfig, stop: asyncio.Event) -> int:
     presence: Presence | None = None
 
     async def health() -> dict[str, Any]:
-        held = presence is not None and presence.held.is_set()
-        return {
-            "status": "ok" if held else "degraded",
-            "id": chunk_id,
-            "lease": held,
-            "version": lunastor.__version__,
-        }
+        return lease_health(presence, chunk_id)
 
     app = web.Application()
     add_admin_routes(app, health)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
+import lunastor
 from lunastor.common.etcd import Etcd, EtcdConfig, EtcdError, LeaseKeeper
 from lunastor.common.logs import get_logger
 from lunastor.common.metrics import ETCD_LEASE_HELD
@@ -100,3 +101,15 @@ class Presence:
             await self.keeper.stop(revoke=True)
         self.held.clear()
         ETCD_LEASE_HELD.set(0)
+
+
+def lease_health(presence: Presence | None, daemon_id: str, **extra: object) -> dict[str, object]:
+    """The `/healthz` body of a daemon whose health is its etcd lease: ok while it is held."""
+    held = presence is not None and presence.held.is_set()
+    return {
+        "status": "ok" if held else "degraded",
+        "id": daemon_id,
+        "lease": held,
+        "version": lunastor.__version__,
+        **extra,
+    }

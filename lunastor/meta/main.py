@@ -19,7 +19,7 @@ from lunastor.common.daemon import (
 from lunastor.common.etcd import Etcd
 from lunastor.common.logs import setup_logging
 from lunastor.common.metrics import describe_daemon
-from lunastor.common.presence import Presence
+from lunastor.common.presence import Presence, lease_health
 from lunastor.common.records import Keys, MetaInstance
 from lunastor.common.settings import etcd_client_config
 from lunastor.meta.app import make_app
@@ -50,13 +50,7 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
         )
 
         async def health() -> dict[str, Any]:
-            held = presence.held.is_set()
-            return {
-                "status": "ok" if held else "degraded",
-                "id": config.instance_id,
-                "lease": held,
-                "version": lunastor.__version__,
-            }
+            return lease_health(presence, config.instance_id)
 
         ssl_context = (
             server_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert else None
