@@ -4,11 +4,13 @@ restore`: thin REST calls, a table or `--json` out, one-line errors."""
 from __future__ import annotations
 
 import datetime
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import click
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from lunastor.cli import backup
 from lunastor.cli.options import (
@@ -17,6 +19,7 @@ from lunastor.cli.options import (
     api_command,
     console,
     dir_option,
+    err_console,
     fail,
     human_bytes,
     table,
@@ -442,10 +445,46 @@ def chunk_list(cli: Cli) -> None:
 
 @chunk.command("drain")
 @click.argument("chunk_id")
+@click.option("--wait", is_flag=True, help="follow the drain with a progress bar until it ends")
+@click.option("--timeout", default=3600.0, show_default=True, help="seconds --wait waits at most")
 @api_command
-def chunk_drain(cli: Cli, chunk_id: str) -> None:
-    """Move everything off CHUNK_ID; prints the operation to follow."""
-    cli.emit(cli.call("POST", f"/v1/chunks/{chunk_id}/drain"), lambda o: _operation_rows([o]))
+def chunk_drain(cli: Cli, chunk_id: str, wait: bool, timeout: float) -> None:
+    """Move everything off CHUNK_ID; prints the operation to follow (or follows it, --wait)."""
+    op = cli.call("POST", f"/v1/chunks/{chunk_id}/drain")
+    if wait:
+        op = follow_operation(cli, op, timeout)
+    cli.emit(op, lambda o: _operation_rows([o]))
+    if op["state"] == "failed":
+        fail(f"operation {op['id']} failed: {op.get('detail') or 'no detail'}")
+
+
+def follow_operation(
+    cli: Cli, op: dict[str, Any], timeout: float, interval: float = 0.5
+) -> dict[str, Any]:
+    """Poll an operation until it ends, with a progress bar where a person waits."""
+    deadline = time.monotonic() + timeout
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=cli.as_json,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"{op['kind']} {op['subject']}", total=1.0)
+        while op["state"] == "running":
+            bar.update(task, completed=float(op["progress"]))
+            if time.monotonic() > deadline:
+                fail(
+                    f"operation {op['id']} still running after {timeout:.0f}s "
+                    f"({op['progress']:.0%}); follow it with "
+                    f"`lunastor cluster operations {op['id']}`"
+                )
+            time.sleep(interval)
+            op = cli.call("GET", f"/v1/operations/{op['id']}")
+        bar.update(task, completed=float(op["progress"]))
+    return op
 
 
 @chunk.command("remove")
@@ -483,10 +522,22 @@ etcd_option = click.option(
 )
 
 
+@click.argument("operation_id", required=False)
+@api_command
+def cluster_operations(cli: Cli, operation_id: str | None) -> None:
+    """Long-running operations (drains, rebuilds) with their progress, or one of them."""
+    if operation_id:
+        cli.emit(cli.call("GET", f"/v1/operations/{_q(operation_id)}"),
+                 lambda o: _operation_rows([o]))  # fmt: skip
+    else:
+        cli.emit(cli.call("GET", "/v1/operations")["items"], _operation_rows)
+
+
 def register(main: click.Group, cluster: click.Group) -> None:
     for group in (volume, export, snapshot, target, chunk):
         main.add_command(group)
     cluster.command("capacity")(cluster_capacity)
+    cluster.command("operations")(cluster_operations)
 
     @cluster.command("backup")
     @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))

@@ -143,6 +143,18 @@ def test_chunk_servers_and_capacity(cli: Lunastor) -> None:
         lambda: cli.json("chunk", "list")[0]["admin_state"] == "drained", 15, "drain to finish"
     )
     assert cli.json("cluster", "capacity")["free_bytes"] == GIB  # the server still runs
+    assert cli.json("cluster", "operations", op["id"])["state"] == "succeeded"
+    assert op["id"] in cli.run("cluster", "operations").stdout
+
+    async def another() -> None:
+        config = EtcdConfig(endpoints=[cli.meta.etcd_endpoint], namespace=cli.meta.namespace)
+        async with await Etcd.connect(config) as etcd:
+            await register_chunk(etcd, "chunk-00000000c002", "z1", capacity=8 * GIB, free=GIB)
+
+    asyncio.run(another())
+    waited = cli.run("chunk", "drain", "chunk-00000000c002", "--wait")
+    assert waited.exit_code == 0, waited.stderr
+    assert "succeeded" in waited.stdout and "100%" in waited.stdout
 
     async def stop_server() -> None:  # what a clean stop does: its lease and live record go
         config = EtcdConfig(endpoints=[cli.meta.etcd_endpoint], namespace=cli.meta.namespace)
@@ -152,7 +164,7 @@ def test_chunk_servers_and_capacity(cli: Lunastor) -> None:
     asyncio.run(stop_server())
     assert cli.json("chunk", "list")[0]["state"] == "down"
     assert cli.json("chunk", "remove", "chunk-00000000c001") == {"removed": "chunk-00000000c001"}
-    assert cli.json("chunk", "list") == []
+    assert [c["id"] for c in cli.json("chunk", "list")] == ["chunk-00000000c002"]
 
 
 def test_backup_and_restore_round_trip(
