@@ -79,6 +79,11 @@ class Journal:
             latest[b] = max(v, latest.get(b, 0))
         return latest
 
+    def stalls(self, over: float = 0.5) -> list[float]:
+        """Every gap between successive acknowledgements longer than `over` seconds."""
+        times = [t for t, _, _ in self.acks]
+        return [round(b - a, 2) for a, b in itertools.pairwise(times) if b - a > over]
+
     def longest_gap(self) -> tuple[float, float]:
         """The longest time between two successive acknowledgements: (gap, its start)."""
         times = [t for t, _, _ in self.acks]
@@ -164,7 +169,7 @@ def test_sigkill_of_the_clients_chunk_server_loses_no_acknowledged_write(
         f"\nfailover: {victim} SIGKILLed, the client resumed on {new_home}; longest gap between "
         f"acknowledgements {gap:.2f} s, from an acknowledgement {gap_start - killed_at:+.2f} s "
         f"after `lunastor dev stop {victim} --kill` started; {len(journal.acks)} writes "
-        f"acknowledged, {journal.failed} failed\n"
+        f"acknowledged, {journal.failed} failed; all gaps over 0.5 s: {journal.stalls()}\n"
         f"writer's stderr: {err.read_text().strip() or '(empty)'}"
     )
     assert journal.failed == 0, err.read_text()

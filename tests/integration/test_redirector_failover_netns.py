@@ -214,7 +214,8 @@ def test_sigkill_of_the_clients_chunk_server_across_namespaces(
         f"\nfailover (netns): {name} ({victim.address}) SIGKILLed, the client resumed on "
         f"{new_home.address}; longest gap between acknowledgements {gap:.2f} s, starting "
         f"{gap_start - killed_at:+.2f} s from the SIGKILL; "
-        f"{len(journal.acks)} writes acknowledged, {journal.failed} failed\n"
+        f"{len(journal.acks)} writes acknowledged, {journal.failed} failed; all gaps over "
+        f"0.5 s: {journal.stalls()}\n"
         f"writer's stderr: {err.read_text().strip() or '(empty)'}"
     )
     assert journal.failed == 0, err.read_text()
