@@ -30,7 +30,6 @@ from functools import partial
 
 from prometheus_client import Counter
 
-from lunastor.chunk import peer
 from lunastor.chunk.data_service import DataService, error_response
 from lunastor.chunk.extentmap import Entry, ExtentMap
 from lunastor.chunk.peer import PeerClient, PeerError, PeerUnavailable
@@ -55,7 +54,7 @@ from lunastor.chunk.wire import (
     Write,
     clip_message,
 )
-from lunastor.chunk.wire_session import ClientConnection, ServerConnection
+from lunastor.chunk.wire_session import ServerConnection
 from lunastor.common.records import ExtentRecord
 
 log = logging.getLogger(__name__)
@@ -80,41 +79,6 @@ class StaleMap(Exception):
 # -- talking to replicas, local or remote ------------------------------------------------------
 
 
-class _ClientProtocol(peer._ClientProtocol):
-    """peer.py's client protocol without its `isinstance(transport, asyncio.Transport)` check,
-    which uvloop's transports (not registered as asyncio.Transport) fail: under the daemons'
-    uvloop every connection then died in connection_made. Reported to the `store` branch."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.conn.start()
-        self._flush_out()
-
-
-class DataClient(PeerClient):
-    async def _connection(self) -> peer._ClientProtocol:
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            proto = self._proto
-            if proto is not None and not proto.lost:
-                return proto
-            loop = asyncio.get_running_loop()
-            conn = ClientConnection(self._secret, self._node)
-            try:
-                async with asyncio.timeout(self.connect_timeout):
-                    _, proto = await loop.create_connection(
-                        lambda: _ClientProtocol(conn), self.host, self.port
-                    )
-                    await proto.ready
-            except OSError as exc:
-                raise PeerUnavailable(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
-            except TimeoutError:
-                raise PeerUnavailable(f"timed out connecting to {self.host}:{self.port}") from None
-            self._proto = proto
-            return proto
-
-
 class Replicas:
     """One call interface to every chunk server's data node; our own is called in-process."""
 
@@ -123,9 +87,9 @@ class Replicas:
         self.secret = secret
         self.node_id = node_id
         self.local: DataNode | None = None
-        self._clients: dict[str, tuple[str, DataClient]] = {}
+        self._clients: dict[str, tuple[str, PeerClient]] = {}
 
-    def client(self, chunk_id: str) -> DataClient:
+    def client(self, chunk_id: str) -> PeerClient:
         address = self.emap.data_address(chunk_id)
         if address is None:
             raise PeerUnavailable(f"chunk server {chunk_id} has no known data address")
@@ -133,7 +97,7 @@ class Replicas:
         if known is not None and known[0] == address:
             return known[1]
         host, _, port = address.rpartition(":")
-        client = DataClient(
+        client = PeerClient(
             host.strip("[]"), int(port), self.secret, self.node_id, request_timeout=20.0
         )
         self._clients[chunk_id] = (address, client)

@@ -66,8 +66,9 @@ class _ServerProtocol(asyncio.Protocol):
         self._reading = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # not `isinstance(transport, asyncio.Transport)`: uvloop's transports are not registered
+        # as one, and the daemons run on uvloop
+        self._transport = transport  # type: ignore[assignment]
         self._server.connections.add(self)
         self._worker = asyncio.get_running_loop().create_task(self._work())
 
@@ -161,8 +162,7 @@ class _ClientProtocol(asyncio.Protocol):
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         self.conn.start()
         self._flush_out()
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from lunastor.chunk.dataserver import DataClient, DataNode, DataServer, Replicas
+from lunastor.chunk.dataserver import DataNode, DataServer, Replicas
 from lunastor.chunk.extentmap import ExtentMap
-from lunastor.chunk.peer import PeerAuthFailed
+from lunastor.chunk.peer import PeerAuthFailed, PeerClient
 from lunastor.chunk.store import BLOCK_SIZE, ExtentStore
 from lunastor.chunk.volume import AccessPath, ReplicatedVolume
 from lunastor.chunk.wire import Read, Response, Status, Write
@@ -207,7 +207,7 @@ async def test_the_data_port_refuses_a_wrong_secret_and_stale_generations(
 ) -> None:
     n0 = cluster.nodes["chunk-0"]
     host, port = n0.address.rsplit(":", 1)
-    bad = DataClient(host, int(port), b"not-the-cluster-secret-at-all!!", "intruder")
+    bad = PeerClient(host, int(port), b"not-the-cluster-secret-at-all!!", "intruder")
     with pytest.raises(PeerAuthFailed):
         await bad.ping()
     await bad.close()
@@ -215,10 +215,10 @@ async def test_the_data_port_refuses_a_wrong_secret_and_stale_generations(
     await v.write(0, blocks(1, 8), fua=False)
     rec = n0.emap.get("vol-t", 0)
     assert rec is not None
-    good = DataClient(host, int(port), SECRET, "tester")
+    good = PeerClient(host, int(port), SECRET, "tester")
     try:
         primary = cluster.nodes[rec.primary].address.rsplit(":", 1)
-        to_primary = DataClient(primary[0], int(primary[1]), SECRET, "tester")
+        to_primary = PeerClient(primary[0], int(primary[1]), SECRET, "tester")
         resp = await to_primary.call(lambda i: Write(i, "vol-t", 0, rec.gen + 5, 0, 0, False, b"x"))
         assert resp.status is Status.STALE_GENERATION and resp.fields["gen"] == rec.gen
         # a replica-level write out of order is refused, never applied
@@ -353,7 +353,7 @@ async def test_a_primary_without_a_provable_lease_or_while_converging_acknowledg
     assert entry is not None
     rec = entry.record
     host, port = cluster.nodes[rec.primary].address.rsplit(":", 1)
-    client = DataClient(host, int(port), SECRET, "tester")
+    client = PeerClient(host, int(port), SECRET, "tester")
     try:
 
         def access_write(i: int) -> Write:
@@ -397,7 +397,7 @@ async def test_a_member_cut_off_from_its_primary_stops_serving_reads_before_it_i
     secondary = cluster.nodes[cut]
     # reads through the secondary's own data port work while it holds the lease
     host, port = secondary.address.rsplit(":", 1)
-    reader = DataClient(host, int(port), SECRET, "tester")
+    reader = PeerClient(host, int(port), SECRET, "tester")
 
     def old_read(i: int) -> Read:
         return Read(i, "vol-t", 0, rec.gen, 0, 4096)
@@ -405,7 +405,7 @@ async def test_a_member_cut_off_from_its_primary_stops_serving_reads_before_it_i
     await async_wait_for(
         lambda: _ok(reader.call(old_read)), 5, "the secondary to hold a read lease"
     )
-    dead = DataClient("127.0.0.1", free_port(), SECRET, "nowhere", connect_timeout=0.2)
+    dead = PeerClient("127.0.0.1", free_port(), SECRET, "nowhere", connect_timeout=0.2)
     primary.replicas._clients[cut] = (secondary.address, dead)
     secondary.replicas._clients[rec.primary] = (primary.address, dead)
     via = cluster.volume(next(c for c in cluster.nodes if c != cut))
