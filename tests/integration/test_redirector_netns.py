@@ -2,10 +2,13 @@
 
 Every address lives in namespaces made by `tests/support/netns.py`: etcd and meta on one
 host, two redirector hosts (manage_vip on, the VIP 10.77.0.100 on eth0), three chunk hosts,
-one client. Each chunk host runs `lunastor-chunk` (it registers live in etcd, advertising
-<host>:3260) and, on that same portal, lunastor's standalone iSCSI target serving the
-volume's target: chunk servers do not serve LUNs yet (docs/redirector.md, "Tests", says what
-changes when they do). Clients are libiscsi's tools and qemu, run in the client namespace.
+one client. Each chunk host runs only `lunastor-chunk` (it registers live in etcd,
+advertising <host>:3260, and serves the volume made and exported through meta's REST API on
+that portal, through the replicated data path). Which chunk server got a session is read from
+that server's own `/metrics` (`lunastor_iscsi_logins_total` / `lunastor_iscsi_sessions`, type
+"normal", on its admin_listen <host>:9100). Clients are libiscsi's tools and qemu, run in the
+client namespace. `start_lab` and the metric readers are shared with
+test_redirector_failover_netns.py.
 
 Ports are fixed (2379, 8080, 3260, ...): each namespace has its own port space.
 """
@@ -38,6 +41,7 @@ pytestmark = pytest.mark.skipif(reason is not None, reason=reason or "")
 VIP = "10.77.0.100"
 TOKEN = "netns-admin-token"
 SECRET_KEY = "netns-test-sealing-key-0123"
+CLUSTER_SECRET = "netns-test-cluster-secret-0123"  # the same on every chunk server
 CLIENT_IQN = "iqn.2026-11.org.example:client"
 STRANGER_IQN = "iqn.2026-11.org.example:stranger"
 LEASE_TTL = 3.0  # redirectors and chunk servers
@@ -74,6 +78,24 @@ class Proc:
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def chunk_metric(host: Host, name: str) -> float:
+    """A chunk server's `name{type="normal"}` from its /metrics (read inside its host)."""
+    text = host.run("curl", "-s", "-m", "5", f"http://{host.address}:9100/metrics", check=False)
+    pattern = rf'^{re.escape(name)}\{{type="normal"\}} ([0-9.e+]+)$'
+    match = re.search(pattern, text.stdout, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def normal_logins(host: Host) -> float:
+    """Normal-session logins a chunk server has accepted since it started."""
+    return chunk_metric(host, "lunastor_iscsi_logins_total")
+
+
+def normal_sessions(host: Host) -> float:
+    """Normal sessions open on a chunk server now."""
+    return chunk_metric(host, "lunastor_iscsi_sessions")
 
 
 def http(host: Host, method: str, url: str, body: Any = None) -> tuple[int, Any]:
@@ -164,10 +186,6 @@ class Cluster:
         chosen = choose_chunk_server(CLIENT_IQN, self.target, choices)
         return next(h for h in self.chunks if self.chunk_ids[h.address] == chosen)
 
-    def sessions(self, chunk: Host) -> int:
-        """Sessions the standalone target on `chunk` has ended (each tool run ends one)."""
-        return self.procs[f"target-{chunk.address}"].text().count("closing iSCSI connection")
-
     def established(self, chunk: Host) -> int:
         out = chunk.run("ss", "-tnH", "state", "established", "( sport = :3260 )").stdout
         return len(out.splitlines())
@@ -195,14 +213,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         client = lab.add_host("client")
         c = Cluster(lab, directory, etcd, reds, chunks, client)
         try:
-            _start(c)
+            start_lab(c, lease_ttl=LEASE_TTL, volume="netns", size=16 << 20)
             yield c
         finally:
             for proc in c.procs.values():
                 proc.kill(signal.SIGTERM)
 
 
-def _start(c: Cluster) -> None:
+def start_lab(c: Cluster, *, lease_ttl: float, volume: str, size: int) -> None:
+    """etcd and meta on c.etcd, a `lunastor-chunk` on each chunk host (lease `lease_ttl`),
+    a volume `volume` of `size` bytes exported to CLIENT_IQN, a redirector on each of c.reds;
+    returns once discovery through the VIP lists the volume's target."""
     a = c.etcd.address
     c.procs["etcd"] = Proc(
         c.etcd,
@@ -237,7 +258,7 @@ def _start(c: Cluster) -> None:
         {
             "listen": f"{a}:8080",
             "portal": f"{VIP}:3260",
-            "lease_ttl": LEASE_TTL,
+            "lease_ttl": lease_ttl,
             "secret_key": SECRET_KEY,
             "auth": {"admin_tokens": [TOKEN]},
             "etcd": c.etcd_settings(),
@@ -258,7 +279,9 @@ def _start(c: Cluster) -> None:
                 "iscsi_advertise": f"{host.address}:3260",
                 "data_listen": f"{host.address}:3270",
                 "admin_listen": f"{host.address}:9100",
-                "lease_ttl": LEASE_TTL,
+                "lease_ttl": lease_ttl,
+                "cluster_secret": CLUSTER_SECRET,
+                "secret_key": SECRET_KEY,
                 "etcd": c.etcd_settings(),
                 "log": {"level": "info", "format": "kv"},
             },
@@ -267,54 +290,31 @@ def _start(c: Cluster) -> None:
 
     def all_up() -> list[dict[str, Any]] | None:
         items = c.call("GET", "/v1/chunks")["items"]
-        return items if sum(i["state"] == "up" for i in items) == 3 else None
+        return items if sum(i["state"] == "up" for i in items) == len(c.chunks) else None
 
-    chunk_items = wait_for(all_up, 60, "three chunk servers up")
+    chunk_items = wait_for(all_up, 60, "every chunk server up")
     c.chunk_ids = {i["portal"].rsplit(":", 1)[0]: i["id"] for i in chunk_items}
-    vol = c.call("POST", "/v1/volumes", {"name": "netns", "size_bytes": 16 << 20}, ok=(201,))
+    vol = c.call("POST", "/v1/volumes", {"name": volume, "size_bytes": size}, ok=(201,))
     c.call("POST", f"/v1/volumes/{vol['id']}/exports", {"initiator": CLIENT_IQN}, ok=(201,))
     c.target, c.lun = vol["target_iqn"], vol["lun"]
-    # the standalone target: the same backing file would not be shared in reality; each chunk
-    # host has its own, which is enough to see where a session went
-    for host in c.chunks:
-        name = f"target-{host.address}"
-        c.procs[name] = Proc(
-            host,
-            [
-                sys.executable,
-                "-m",
-                "lunastor.chunk.main",
-                "standalone",
-                "--file",
-                str(c.directory / f"{name}.img"),
-                "--size",
-                str(16 << 20),
-                "--iqn",
-                c.target,
-                "--lun",
-                str(c.lun),
-                "--listen",
-                f"{host.address}:3260",
-                "--log-level",
-                "INFO",
-            ],
-            c.directory / f"{name}.log",
-        ).start()
-    for host in c.chunks:
-        _wait_serving(c.procs[f"target-{host.address}"], host)
-    c.start_redirector(0)
-    c.start_redirector(1)
-    wait_for(lambda: c.holders(), 60, "a leader to hold the VIP")
-    wait_for(lambda: all(c.redirector_health(i) for i in (0, 1)), 60, "both redirectors to answer")
+    for index in range(len(c.reds)):
+        c.start_redirector(index)
+    wait_for(lambda: c.holders(), 60, "a redirector to hold the VIP")
     wait_for(
-        lambda: any((c.redirector_health(i) or {}).get("serving") for i in (0, 1)),
+        lambda: all(c.redirector_health(i) for i in range(len(c.reds))),
+        60,
+        "every redirector to answer",
+    )
+    wait_for(
+        lambda: any((c.redirector_health(i) or {}).get("serving") for i in range(len(c.reds))),
         30,
         "the leader to serve the portal",
     )
-
-
-def _wait_serving(proc: Proc, host: Host) -> None:
-    wait_for(lambda: "serving" in proc.text(), 30, f"standalone target on {host.address}")
+    wait_for(
+        lambda: c.target in c.client_run("iscsi-ls", "-i", CLIENT_IQN, f"iscsi://{VIP}").stdout,
+        30,
+        "discovery through the VIP to list the target",
+    )
 
 
 class VipMonitor:
@@ -398,7 +398,7 @@ def test_inquiry_and_qemu_img_are_redirected_to_the_hashed_chunk_server(
     cluster: Cluster,
 ) -> None:
     chosen = cluster.expected_chunk()
-    before = {h.address: cluster.sessions(h) for h in cluster.chunks}
+    before = {h.address: normal_logins(h) for h in cluster.chunks}
     inquiry_through_vip(cluster)
     image = cluster.directory / "pattern.img"
     image.write_bytes(os.urandom(1 << 20))
@@ -415,13 +415,13 @@ def test_inquiry_and_qemu_img_are_redirected_to_the_hashed_chunk_server(
     # compare reads only as much as the smaller image; it reports "Images are identical."
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
     wait_for(
-        lambda: cluster.sessions(chosen) >= before[chosen.address] + 3,
+        lambda: normal_logins(chosen) >= before[chosen.address] + 3,
         10,
-        "three sessions ended on the hashed chunk server",
+        "three logins on the hashed chunk server",
     )
     for host in cluster.chunks:
         if host is not chosen:
-            assert cluster.sessions(host) == before[host.address], host.address
+            assert normal_logins(host) == before[host.address], host.address
 
 
 def test_drain_stops_new_redirects_and_spares_existing_sessions(cluster: Cluster) -> None:
@@ -436,18 +436,25 @@ def test_drain_stops_new_redirects_and_spares_existing_sessions(cluster: Cluster
     assert session.stdin is not None and session.stdout is not None
     try:
         wait_for(lambda: cluster.established(chosen) == 1, 20, "the qemu-io session on it")
+        wait_for(lambda: normal_sessions(chosen) == 1, 10, "the chunk server to count it")
+        assert all(normal_sessions(h) == 0 for h in cluster.chunks if h is not chosen)
         drained_id = cluster.chunk_ids[chosen.address]
         cluster.call("POST", f"/v1/chunks/{drained_id}/drain", {}, ok=(200, 202))
         moved = cluster.expected_chunk(frozenset({drained_id}))
         assert moved is not chosen
-        before = cluster.sessions(moved)
+        before = normal_logins(moved)
         # the redirector's view follows the drain within a watch round trip
         wait_for(
-            lambda: (inquiry_through_vip(cluster), cluster.sessions(moved) > before)[1],
+            lambda: (inquiry_through_vip(cluster), normal_logins(moved) > before)[1],
             20,
             "a new login redirected away from the drained server",
         )
+        drained_logins = normal_logins(chosen)
+        inquiry_through_vip(cluster)  # and the next one too
+        assert normal_logins(moved) >= before + 2
+        assert normal_logins(chosen) == drained_logins  # no new login on the drained server
         assert cluster.established(chosen) == 1  # the old session is still there
+        assert normal_sessions(chosen) == 1
         session.stdin.write("write -P 0x5a 4096 64k\nread -P 0x5a 4096 64k\nquit\n")
         session.stdin.flush()
         out, _ = session.communicate(timeout=30)
