@@ -11,7 +11,7 @@ SYSTEM_PACKAGES=(
     qemu-utils qemu-block-extra    # qemu-img/qemu-io with iscsi:// URLs
     iproute2 iputils-ping sg3-utils  # network namespaces for failover tests; SCSI tools
     tgt                            # the C userspace target the benchmarks compare against
-    gcc python3-venv
+    gcc python3-venv curl           # curl: tests read metrics from inside network namespaces
     # tests/kernel: boot a stock Debian kernel under QEMU (TCG) and drive the target with the
     # kernel's own initiator (open-iscsi); the guest's userspace is the host root over 9p
     qemu-system-x86 linux-image-amd64 busybox-static cpio
