@@ -187,8 +187,12 @@ class Cluster:
         return next(h for h in self.chunks if self.chunk_ids[h.address] == chosen)
 
     def established(self, chunk: Host) -> int:
+        return len(self.connections(chunk))
+
+    def connections(self, chunk: Host) -> set[str]:
+        """The peer address:port of every iSCSI connection `chunk` has established."""
         out = chunk.run("ss", "-tnH", "state", "established", "( sport = :3260 )").stdout
-        return len(out.splitlines())
+        return {line.split()[-1] for line in out.splitlines()}
 
     def url(self) -> str:
         return f"iscsi://{VIP}/{self.target}/{self.lun}"
@@ -472,6 +476,17 @@ def _failover(cluster: Cluster, kill: str) -> float:
     old = leader(cluster)
     new = 1 - old
     wait_for(lambda: cluster.redirector_health(new), 20, "the follower to be healthy")
+    # an established session (client <-> chunk server) that must not notice the failover
+    chosen = cluster.expected_chunk()
+    session = subprocess.Popen(
+        cluster.client.cmd("qemu-io", "--image-opts", cluster.image_opts()),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert session.stdin is not None
+    connected = wait_for(lambda: cluster.connections(chosen), 20, "the qemu-io session")
     with VipMonitor(cluster) as monitor:
         t0 = time.monotonic()
         victim = cluster.procs[f"red{old + 1}"]
@@ -510,6 +525,13 @@ def _failover(cluster: Cluster, kill: str) -> float:
         wait_for(rejoined, 30, "the old leader back as a follower")
         assert cluster.holders() == [new]
         inquiry_through_vip(cluster, timeout=10)
+    # the session established before the failover is the same TCP connection and still works
+    assert connected <= cluster.connections(chosen), "the established session was cut"
+    session.stdin.write("write -P 0x3c 8192 64k\nread -P 0x3c 8192 64k\nquit\n")
+    session.stdin.flush()
+    out, _ = session.communicate(timeout=30)
+    assert "wrote 65536/65536" in out and "read 65536/65536" in out, out
+    assert "verification failed" not in out, out
     assert not monitor.doubles(), f"VIP on both hosts: {monitor.doubles()[:3]}"
     samples = len(monitor.samples)
     span = monitor.samples[-1][0] - monitor.samples[0][0]
