@@ -476,8 +476,10 @@ def _failover(cluster: Cluster, kill: str) -> float:
     old = leader(cluster)
     new = 1 - old
     wait_for(lambda: cluster.redirector_health(new), 20, "the follower to be healthy")
-    # an established session (client <-> chunk server) that must not notice the failover
-    chosen = cluster.expected_chunk()
+    # an established session (client <-> chunk server) that must not notice the failover;
+    # found as the one new connection on any chunk server (an earlier test may have drained
+    # the hashed one)
+    existing = {h.address: cluster.connections(h) for h in cluster.chunks}
     session = subprocess.Popen(
         cluster.client.cmd("qemu-io", "--image-opts", cluster.image_opts()),
         stdin=subprocess.PIPE,
@@ -486,7 +488,15 @@ def _failover(cluster: Cluster, kill: str) -> float:
         text=True,
     )
     assert session.stdin is not None
-    connected = wait_for(lambda: cluster.connections(chosen), 20, "the qemu-io session")
+
+    def new_connection() -> tuple[Host, set[str]] | None:
+        for h in cluster.chunks:
+            fresh = cluster.connections(h) - existing[h.address]
+            if fresh:
+                return h, fresh
+        return None
+
+    chosen, connected = wait_for(new_connection, 20, "the qemu-io session")
     with VipMonitor(cluster) as monitor:
         t0 = time.monotonic()
         victim = cluster.procs[f"red{old + 1}"]
