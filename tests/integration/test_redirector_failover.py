@@ -90,6 +90,17 @@ class Journal:
         return max(((b - a, a) for a, b in itertools.pairwise(times)), default=(0.0, 0.0))
 
 
+def stop_writer(proc: subprocess.Popen[bytes], stop: Path) -> None:
+    """Ask the verified writer to stop (it polls its stop file; a signal would fail the write
+    in flight) and wait for it."""
+    stop.touch()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def sessions(admin: str) -> float:
     """A chunk server's open normal sessions, from its /metrics."""
     text = urllib.request.urlopen(f"http://{admin}/metrics", timeout=5).read().decode()
@@ -155,12 +166,7 @@ def test_sigkill_of_the_clients_chunk_server_loses_no_acknowledged_write(
             "the writer to complete two more rounds after the kill",
         )
     finally:
-        stop.touch()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_writer(proc, stop)
     assert proc.returncode == 0, err.read_text()
 
     journal = Journal.parse(out.read_text())

@@ -29,6 +29,7 @@ from tests.integration.test_redirector_failover import (
     VOLUME,
     Journal,
     pattern,
+    stop_writer,
 )
 from tests.integration.test_redirector_netns import (
     CLIENT_IQN,
@@ -106,12 +107,7 @@ def test_sigkill_of_the_clients_chunk_server_across_namespaces(
             "the writer to complete two more rounds after the kill",
         )
     finally:
-        stop.touch()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_writer(proc, stop)
     assert proc.returncode == 0, err.read_text()
 
     journal = Journal.parse(out.read_text())
