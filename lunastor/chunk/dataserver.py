@@ -495,6 +495,7 @@ class _Protocol(asyncio.Protocol):
         self._conn = ServerConnection(server.secret, server.node_id)
         self._transport: asyncio.Transport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._flush_scheduled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop: not an asyncio.Transport
@@ -526,9 +527,13 @@ class _Protocol(asyncio.Protocol):
         if self._transport is None or self._transport.is_closing():
             return
         self._conn.send_response(resp)
-        self._flush()
+        # Answers completed in the same loop iteration leave in one write.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
+        self._flush_scheduled = False
         out = self._conn.data_to_send()
         if out and self._transport is not None and not self._transport.is_closing():
             self._transport.writelines(out)

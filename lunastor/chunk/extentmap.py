@@ -39,6 +39,8 @@ class ExtentMap:
         self.live = PrefixCache(etcd, Keys.LIVE_CHUNKS)
         self.chunks = PrefixCache(etcd, Keys.CHUNKS)
         self._decoded: dict[str, Entry] = {}
+        # chunk record key -> (mod_revision, data address): every forwarded write asks
+        self._addresses: dict[str, tuple[int, str | None]] = {}
         self._rings: dict[int, tuple[int, StoredRing]] = {}
 
     async def start(self) -> ExtentMap:
@@ -79,10 +81,15 @@ class ExtentMap:
         kv = self.live.get(Keys.live_chunk(chunk_id)) or self.chunks.get(Keys.chunk(chunk_id))
         if kv is None:
             return None
+        known = self._addresses.get(kv.key)
+        if known is not None and known[0] == kv.mod_revision:
+            return known[1]
         try:
-            return ChunkServerInfo.from_json(kv.value).data_address or None
+            address = ChunkServerInfo.from_json(kv.value).data_address or None
         except RecordError:
-            return None
+            address = None
+        self._addresses[kv.key] = (kv.mod_revision, address)
+        return address
 
     def live_servers(self) -> list[Server]:
         out = []

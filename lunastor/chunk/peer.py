@@ -160,6 +160,7 @@ class _ClientProtocol(asyncio.Protocol):
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters: dict[int, asyncio.Future[Response]] = {}
         self.lost = False
+        self._flush_scheduled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -190,10 +191,14 @@ class _ClientProtocol(asyncio.Protocol):
         fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         self.waiters[req.id] = fut
         self.conn.send_request(req)
-        self._flush_out()
+        # Requests made in the same loop iteration (a pipelined burst) leave in one write.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_out)
         return fut
 
     def _flush_out(self) -> None:
+        self._flush_scheduled = False
         out = self.conn.data_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)

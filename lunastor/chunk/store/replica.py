@@ -490,9 +490,12 @@ class Replica:
         """Steps 1-3 of a mutation for whole blocks starting at block b0."""
         start, nblocks = b0 * BLOCK_SIZE, len(data) // BLOCK_SIZE
         old = pread_exact(self._sum_fd, nblocks * CHECKSUM_SIZE, b0 * CHECKSUM_SIZE)
-        # Reserve space first: ENOSPC here leaves every byte as it was.
-        preallocate(self._sum_fd, b0 * CHECKSUM_SIZE, nblocks * CHECKSUM_SIZE)
-        preallocate(self._data_fd, start, len(data))
+        old_mapped = cs.count_mapped(old)
+        if old_mapped < nblocks:
+            # Reserve space first: ENOSPC here leaves every byte as it was. (Blocks that are
+            # all mapped already own their space: an overwrite in place needs none.)
+            preallocate(self._sum_fd, b0 * CHECKSUM_SIZE, nblocks * CHECKSUM_SIZE)
+            preallocate(self._data_fd, start, len(data))
         self._store_header(self._h.evolve(intent_offset=start, intent_length=len(data)))
         try:
             pwrite_all(self._data_fd, data, start)
@@ -506,7 +509,7 @@ class Replica:
                 pread_exact(self._sum_fd, self.num_blocks * CHECKSUM_SIZE, 0)
             )
             raise
-        self.mapped_blocks += cs.count_mapped(sums) - cs.count_mapped(old)
+        self.mapped_blocks += cs.count_mapped(sums) - old_mapped
 
     def _zero_partial(self, offset: int, length: int) -> None:
         """Zero part of one block (unmap's partial edges) unless it is unmapped already."""
