@@ -229,9 +229,10 @@ async def _copy(
 
 
 async def join_member(
-    node: DataNode, volume: str, index: int, target: str, throttle: Throttle
+    node: DataNode, volume: str, index: int, target: str, throttle: Throttle, *, run: int = RUN
 ) -> JoinResult:
-    """Add `target` to the extent we are primary of, while writes continue."""
+    """Add `target` to the extent we are primary of, while writes continue (`run`: bytes per
+    ordered copy, a multiple of 4 KiB)."""
     pe = await node.lead(volume, index)
     if target in pe.members:
         return JoinResult(target, 0, 0, pe.gen)
@@ -245,7 +246,7 @@ async def join_member(
     try:
         for passes in range(1, MAX_PASSES + 1):
             ours = await pe.replica.checksums()
-            runs = differing_runs(ours, await _their_sums(node, pe, target))
+            runs = differing_runs(ours, await _their_sums(node, pe, target), run)
             copied += await _copy(node, pe, target, gen, runs, throttle)
             again: list[str] = []
             async with pe.lock:
