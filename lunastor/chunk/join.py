@@ -82,6 +82,7 @@ class JoinResult:
     bytes_copied: int
     passes: int
     gen: int  # the generation that includes the target
+    seconds: float = 0.0
 
 
 class Throttle:
@@ -236,6 +237,7 @@ async def join_member(
     pe = await node.lead(volume, index)
     if target in pe.members:
         return JoinResult(target, 0, 0, pe.gen)
+    started = time.monotonic()
     async with pe.lock:
         if pe.joining is not None:
             raise JoinAborted(f"{pe.joining} is joining {volume}/{index} already")
@@ -260,16 +262,18 @@ async def join_member(
             if again:
                 await node.remove_members(pe, again)
             EXTENTS_REBUILT.inc()
+            took = time.monotonic() - started
             log.warning(
-                "extent %s/%d: %s joined (gen %d), %d bytes copied in %d passes",
+                "extent %s/%d: %s joined (gen %d), %d bytes copied in %d passes, %.2f s",
                 volume,
                 index,
                 target,
                 pe.gen,
                 copied,
                 passes,
+                took,
             )
-            return JoinResult(target, copied, passes, pe.gen)
+            return JoinResult(target, copied, passes, pe.gen, took)
         raise JoinAborted(f"{target} still differs after {MAX_PASSES} passes")
     except BaseException:
         if pe.joining == target:

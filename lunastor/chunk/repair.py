@@ -64,7 +64,7 @@ class Repairer:
         self.throttle = Throttle(rebuild_rate)
         self.slots = asyncio.Semaphore(concurrency)
         self.volumes = PrefixCache(etcd, Keys.VOLUMES)
-        self.admin = PrefixCache(etcd, Keys.CHUNK_ADMIN)
+        self.admin = emap.admin
         self._down_since: dict[str, float] = {}
         self._busy: set[tuple[str, int]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -72,7 +72,6 @@ class Repairer:
 
     async def start(self, loop_forever: bool = True) -> Repairer:
         await self.volumes.start()
-        await self.admin.start()
         if loop_forever:
             self._task = asyncio.create_task(self._run(), name="repair")
         return self
@@ -83,7 +82,6 @@ class Repairer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.volumes.stop()
-        await self.admin.stop()
 
     async def _run(self) -> None:
         while True:

@@ -129,7 +129,17 @@ def _rebuild_under_writes(c: Cluster, tmp_path: Path) -> None:
         stop_writer(proc, stop)
     assert proc.returncode == 0, err.read_text()
     journal = Journal.parse(out.read_text())
+    joins = [
+        (int(m.group(1)), float(m.group(2)))
+        for n in survivors
+        for m in re.finditer(
+            r"(\d+) bytes copied in \d+ passes, ([0-9.]+) s",
+            (c.dir / "logs" / f"{n}.log").read_text(),
+        )
+    ]
+    rates = [f"{b / MIB / max(t, 0.001):.0f}" for b, t in joins if b]
     print(
+        f"\nrebuild: joins copied at {', '.join(rates)} MB/s each (rebuild_rate 64 MiB/s);"
         f"\nrebuild: {victim} SIGKILLed; {copied / MIB:.0f} MiB copied, every extent back to 3 "
         f"replicas {elapsed:.1f} s after the kill ({copied / MIB / elapsed:.1f} MB/s including "
         f"the lease expiry, failover and replace_after); {len(journal.acks)} writes "
