@@ -53,7 +53,7 @@ def copied_bytes(admin: str) -> float:
 def test_a_sigkilled_chunk_server_is_rebuilt_on_the_survivors_while_writes_continue(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LUNASTOR_REPLACE_AFTER", "1")
+    monkeypatch.setenv("LUNASTOR_REPLACE_AFTER", "10")
     monkeypatch.setenv("LUNASTOR_REPAIR_INTERVAL", "0.5")
     monkeypatch.setenv("LUNASTOR_PLANNER_INTERVAL", "0.5")
     directory = tmp_path / "dev"
@@ -78,11 +78,8 @@ def _rebuild_under_writes(c: Cluster, tmp_path: Path) -> None:
     assert conv.returncode == 0, conv.stderr
     extents = _extents(c.state, vol["id"])
     assert sorted(extents) == [0, 1] and all(len(e.replicas) == 3 for e in extents.values())
-    holders = {m for e in extents.values() for m in e.replicas} - {c.chunk_id(ap)}
-    victim = c.name_of(sorted(holders)[0])
-    lost = c.chunk_id(victim)
-    survivors = [n for n in c.chunks if n != victim]
     admin = {n: c.state["daemons"][n]["endpoints"]["admin"] for n in c.chunks}
+    ap_id = c.chunk_id(ap)
 
     out, err, stop = tmp_path / "writer.out", tmp_path / "writer.err", tmp_path / "stop"
     with out.open("w") as stdout, err.open("w") as stderr:
@@ -97,6 +94,43 @@ def _rebuild_under_writes(c: Cluster, tmp_path: Path) -> None:
             return sum(line.startswith("A ") for line in out.read_text().splitlines())
 
         wait_for(lambda: acks() >= BLOCKS, 60, "the writer to complete a round")
+
+        # 1. catch-up: a member is killed, dropped by the writes, and back before replace_after
+        both = [m for m in extents[0].replicas if m in extents[1].replicas and m != ap_id]
+        away = c.name_of(both[0] if both else next(iter(set(extents[0].replicas) - {ap_id})))
+        away_id = c.chunk_id(away)
+        others = [n for n in c.chunks if n != away]
+        before = sum(copied_bytes(admin[n]) for n in others)
+        lunastor("dev", "stop", away, "--kill", "--dir", str(c.dir))
+        held = [i for i, e in extents.items() if away_id in e.replicas]
+        wait_for(
+            lambda: all(away_id not in e.replicas for e in _extents(c.state, vol["id"]).values()),
+            30,
+            f"the writes to drop {away}",
+        )
+        acked = acks()
+        wait_for(lambda: acks() >= acked + BLOCKS, 60, "a round of writes while it is away")
+        lunastor("dev", "start", away, "--dir", str(c.dir))
+
+        def caught_up() -> bool:
+            now = _extents(c.state, vol["id"])
+            return all(away_id in now[i].replicas and not now[i].converging for i in held)
+
+        wait_for(caught_up, 60, f"{away} to catch up")
+        catch_up = sum(copied_bytes(admin[n]) for n in others) - before
+        print(
+            f"\ncatch-up: {away} rejoined {len(held)} extents of {EXTENT // MIB} MiB with "
+            f"{catch_up / 1024:.0f} KiB copied (the writer's {BLOCKS} blocks: "
+            f"{BLOCKS * BLOCK // 1024} KiB)"
+        )
+        assert 0 < catch_up <= BLOCKS * BLOCK, "more than the changed blocks was copied"
+
+        # 2. rebuild: another member is killed for good and replaced after replace_after
+        extents = _extents(c.state, vol["id"])
+        holders = {m for e in extents.values() for m in e.replicas} - {ap_id, away_id}
+        victim = c.name_of(sorted(holders)[0])
+        lost = c.chunk_id(victim)
+        survivors = [n for n in c.chunks if n != victim]
         copied0 = sum(copied_bytes(admin[n]) for n in survivors)
         killed_at = time.monotonic()
         lunastor("dev", "stop", victim, "--kill", "--dir", str(c.dir))
@@ -137,7 +171,7 @@ def _rebuild_under_writes(c: Cluster, tmp_path: Path) -> None:
             (c.dir / "logs" / f"{n}.log").read_text(),
         )
     ]
-    rates = [f"{b / MIB / max(t, 0.001):.0f}" for b, t in joins if b]
+    rates = [f"{b / MIB / max(t, 0.001):.0f}" for b, t in joins if b >= EXTENT // 2]
     print(
         f"\nrebuild: joins copied at {', '.join(rates)} MB/s each (rebuild_rate 64 MiB/s);"
         f"\nrebuild: {victim} SIGKILLed; {copied / MIB:.0f} MiB copied, every extent back to 3 "
