@@ -215,6 +215,8 @@ class Repairer:
             log.warning("%s of %s/%d (%s) failed: %s", act.kind, *key, act.member, exc)
         except (EtcdError, TimeoutError) as exc:
             log.warning("%s of %s/%d: etcd: %s", act.kind, *key, exc)
+        except Exception:  # a bug in one action must not stop the others
+            log.exception("%s of %s/%d (%s) failed", act.kind, *key, act.member)
         finally:
             self._busy.discard(key)
 

@@ -157,6 +157,18 @@ def _rebuild_under_writes(c: Cluster, tmp_path: Path) -> None:
         )
         op = rebuild_op()
         assert op is not None and op["progress"] == 1.0
+
+        # 3. drain: the lost server returns as a spare (with stale files), and the server that
+        # caught up is drained through the CLI while the writes go on
+        lunastor("dev", "start", victim, "--dir", str(c.dir))
+        drained_at = time.monotonic()
+        drain = c.cli("chunk", "drain", away_id, "--wait", "--timeout", "100")
+        drain_took = time.monotonic() - drained_at
+        assert (drain["state"], drain["progress"]) == ("succeeded", 1.0), drain
+        after = _extents(c.state, vol["id"])
+        assert all(len(e.replicas) == 3 and away_id not in e.replicas for e in after.values())
+        left = list((c.dir / "data" / away / "extents" / vol["id"]).glob("*.hdr"))
+        assert not left, f"replicas left on the drained server: {left}"
         acked_then = acks()
         wait_for(lambda: acks() >= acked_then + BLOCKS, 60, "a round of writes after it")
     finally:
@@ -178,6 +190,7 @@ def _rebuild_under_writes(c: Cluster, tmp_path: Path) -> None:
         f"replicas {elapsed:.1f} s after the kill ({copied / MIB / elapsed:.1f} MB/s including "
         f"the lease expiry, failover and replace_after); {len(journal.acks)} writes "
         f"acknowledged, {journal.failed} failed; longest gap {journal.longest_gap()[0]:.2f} s"
+        f"\ndrain of {away} ({len(held)} extents): {drain_took:.1f} s"
     )
     assert copied >= EXTENT, "at least one whole extent was copied"
 
