@@ -53,7 +53,7 @@ def copied_bytes(admin: str) -> float:
 def test_a_sigkilled_chunk_server_is_rebuilt_on_the_survivors_while_writes_continue(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LUNASTOR_REPLACE_AFTER", "10")
+    monkeypatch.setenv("LUNASTOR_REPLACE_AFTER", "20")  # a restart takes up to ~10 s here
     monkeypatch.setenv("LUNASTOR_REPAIR_INTERVAL", "0.5")
     monkeypatch.setenv("LUNASTOR_PLANNER_INTERVAL", "0.5")
     directory = tmp_path / "dev"
