@@ -26,6 +26,11 @@ class ChunkConfig:
     extent_size: int = 64 * 1024 * 1024  # proposal for a new cluster; the stored value wins
     min_replicas: int = 2  # a primary acknowledges writes while at least this many remain
     io_timeout: float = 60.0  # an access point gives up on an extent after this (NOT READY)
+    # Re-replication, catch-up and drain (docs/datapath.md, "Rebuild and catch-up").
+    replace_after: float = 60.0  # a member down this long is replaced on another server
+    rebuild_rate: int = 64 * 1024 * 1024  # bytes/s this server copies to joining members
+    rebuild_concurrency: int = 2  # extents this server joins members to at once
+    repair_interval: float = 5.0  # seconds between repair passes
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
@@ -56,6 +61,14 @@ class ChunkConfig:
             raise ConfigError("min_replicas: at least 1")
         if self.io_timeout <= 0:
             raise ConfigError("io_timeout: must be positive")
+        if self.replace_after < 0:
+            raise ConfigError("replace_after: must not be negative")
+        if self.rebuild_rate < 1 << 20:
+            raise ConfigError("rebuild_rate: at least 1 MiB/s")
+        if not 1 <= self.rebuild_concurrency <= 64:
+            raise ConfigError("rebuild_concurrency: expected 1..64")
+        if not 0.05 <= self.repair_interval <= 3600:
+            raise ConfigError("repair_interval: expected 0.05..3600 seconds")
 
     def advertised(self, listen: str, advertise: str, what: str) -> str:
         if advertise:

@@ -28,6 +28,7 @@ from lunastor.chunk.store import (
     StaleGeneration,
 )
 from lunastor.chunk.wire import (
+    Advance,
     Copy,
     Create,
     Delete,
@@ -59,6 +60,7 @@ class DataService:
             GetState: self._get_state,
             SetGen: self._set_gen,
             Copy: self._copy,
+            Advance: self._advance,
         }
 
     async def handle(self, req: Request) -> Response:
@@ -128,8 +130,16 @@ class DataService:
 
     async def _copy(self, req: Copy) -> Response:
         replica = await self._current(req.volume, req.extent, req.gen)
-        await replica.apply_copy(req.offset, req.data, req.checksums)
+        if req.seq is None:
+            await replica.apply_copy(req.offset, req.data, req.checksums)
+            return Response(req.id, Status.OK)
+        await replica.apply_copy(req.offset, req.data, req.checksums, seq=req.seq, gen=req.gen)
         return Response(req.id, Status.OK)
+
+    async def _advance(self, req: Advance) -> Response:
+        replica = await self.store.open(req.volume, req.extent)
+        await replica.advance(seq=req.seq, gen=req.gen)
+        return Response(req.id, Status.OK, {"applied_seq": replica.applied_seq})
 
     async def _current(self, volume: str, extent: int, gen: int) -> Replica:
         replica = await self.store.open(volume, extent)

@@ -128,6 +128,9 @@ class PrimaryExtent:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # seq order; membership changes
     inflight: int = 0  # forwards sent and not yet settled
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # A member being added (docs/datapath.md, "Joining a member"): it gets every ordered write
+    # too, but its failure only ends the join (join.py), never a write or a real member.
+    joining: str | None = None
 
     def settle(self, n: int) -> None:
         self.inflight -= n
@@ -247,6 +250,26 @@ class DataNode(DataService):
     def _is_primary(self, volume: str, index: int) -> bool:
         rec = self.emap.get(volume, index)
         return rec is not None and rec.primary == self.node_id
+
+    async def lead(self, volume: str, index: int) -> PrimaryExtent:
+        """Our primary state of the extent at the map's generation (join.py, repair.py)."""
+        rec = self.emap.get(volume, index)
+        if rec is None:
+            raise Unavailable(f"extent {volume}/{index} is not in the map")
+        return await self._primary(volume, index, rec.gen)
+
+    def current(self, pe: PrimaryExtent) -> bool:
+        """Whether `pe` is still our primary state of its extent."""
+        return self._primaries.get((pe.volume, pe.index)) is pe
+
+    def forget(self, pe: PrimaryExtent) -> None:
+        """We are no longer the extent's primary (we handed it over)."""
+        if self.current(pe):
+            del self._primaries[(pe.volume, pe.index)]
+
+    async def remove_members(self, pe: PrimaryExtent, members: list[str]) -> None:
+        """Remove members (dead, or retired by a drain): gen + 1, as for a failed secondary."""
+        await self._remove(pe, members)
 
     # -- primary: becoming it for a generation ---------------------------------------------
 
@@ -383,13 +406,21 @@ class DataNode(DataService):
         self._check_quorum(pe)
 
     def _forward(
-        self, pe: PrimaryExtent, build: Callable[[int], Request], seq: int
+        self,
+        pe: PrimaryExtent,
+        build: Callable[[int], Request],
+        seq: int,
+        joining_build: Callable[[int], Request] | None = None,
     ) -> list[tuple[str, asyncio.Task[Response]]]:
-        """Start one forward per secondary, in seq order on each ordered connection."""
+        """Start one forward per secondary, in seq order on each ordered connection (and to a
+        joining member: `joining_build` when the primary copies blocks to it)."""
         sends = []
         for member in pe.members[1:]:
             task = asyncio.ensure_future(self.replicas.call(member, build))
             sends.append((member, task))
+        if pe.joining is not None:
+            task = asyncio.ensure_future(self.replicas.call(pe.joining, joining_build or build))
+            sends.append((pe.joining, task))
         if sends:
             pe.idle.clear()
             pe.inflight += len(sends)
@@ -405,20 +436,27 @@ class DataNode(DataService):
                     resp = await task
                 except PeerError as exc:
                     log.warning("forward of seq %d to %s failed: %s", seq, member, exc)
-                    failed.append(member)
+                    self._failed(pe, member, failed)
                     continue
                 if resp.ok:
                     continue
                 if resp.status is Status.OUT_OF_ORDER and resp.fields.get("expected", 0) > seq:
                     continue  # a repeat: it was applied already
                 log.warning("secondary %s refused seq %d: %s", member, seq, resp.status)
-                failed.append(member)
+                self._failed(pe, member, failed)
         finally:
             pe.settle(len(sends))
         if failed:
             await self._remove(pe, failed)
         self._check_quorum(pe)
         return seq
+
+    @staticmethod
+    def _failed(pe: PrimaryExtent, member: str, failed: list[str]) -> None:
+        if member in pe.members:
+            failed.append(member)
+        elif member == pe.joining:
+            pe.joining = None  # the join ends; the write stands without it
 
     def _check_quorum(self, pe: PrimaryExtent) -> None:
         if len(pe.members) < self.min_replicas:
@@ -466,6 +504,7 @@ class DataNode(DataService):
                 MEMBERS_REMOVED.inc(len(failed))
                 await pe.replica.set_generation(new.gen)
                 pe.gen, pe.members = new.gen, keep
+                pe.joining = None  # a join in progress restarts for the new generation
                 # The remaining secondaries adopt the new generation: from now on they refuse
                 # the removed member's and any older access point's requests.
                 again = []

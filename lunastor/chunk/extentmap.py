@@ -38,18 +38,19 @@ class ExtentMap:
         self.extents = PrefixCache(etcd, Keys.EXTENTS)
         self.live = PrefixCache(etcd, Keys.LIVE_CHUNKS)
         self.chunks = PrefixCache(etcd, Keys.CHUNKS)
+        self.admin = PrefixCache(etcd, Keys.CHUNK_ADMIN)  # drains: no new extents there
         self._decoded: dict[str, Entry] = {}
         # chunk record key -> (mod_revision, data address): every forwarded write asks
         self._addresses: dict[str, tuple[int, str | None]] = {}
         self._rings: dict[int, tuple[int, StoredRing]] = {}
 
     async def start(self) -> ExtentMap:
-        for cache in (self.extents, self.live, self.chunks):
+        for cache in (self.extents, self.live, self.chunks, self.admin):
             await cache.start()
         return self
 
     async def stop(self) -> None:
-        for cache in (self.extents, self.live, self.chunks):
+        for cache in (self.extents, self.live, self.chunks, self.admin):
             await cache.stop()
 
     # -- look-ups (cached) ---------------------------------------------------------------------
@@ -91,6 +92,10 @@ class ExtentMap:
         self._addresses[kv.key] = (kv.mod_revision, address)
         return address
 
+    def draining(self, chunk_id: str) -> bool:
+        """The operator asked to drain it (`/v1/chunk-admin/<id>`): it takes no new extents."""
+        return self.admin.get(Keys.chunk_admin(chunk_id)) is not None
+
     def live_servers(self) -> list[Server]:
         out = []
         for kv in self.live.items.values():
@@ -131,7 +136,9 @@ class ExtentMap:
         placed = ring.place(volume, index)
         # A ring may still name a server that is down (no planner rebuilt it yet): leave it
         # out rather than give the extent a replica that can never be written.
-        members = [c for c in placed if self.is_live(c)]
+        members = [c for c in placed if self.is_live(c) and not self.draining(c)]
+        if not members:  # everything placed is draining: better there than nowhere
+            members = [c for c in placed if self.is_live(c)]
         if not members:
             raise AllocationError(f"no live chunk server among {placed}")
         record = ExtentRecord(volume=volume, index=index, gen=1, replicas=members)

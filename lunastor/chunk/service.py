@@ -11,6 +11,7 @@ from lunastor.chunk.config import ChunkConfig
 from lunastor.chunk.dataserver import DataNode, DataServer, Replicas
 from lunastor.chunk.extentmap import ExtentMap
 from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
+from lunastor.chunk.repair import Repairer
 from lunastor.chunk.store import ExtentStore
 from lunastor.chunk.targets import EtcdTargetHost
 from lunastor.chunk.volume import AccessPath
@@ -72,6 +73,7 @@ class DataPath:
         self.data_server: DataServer | None = None
         self.host: EtcdTargetHost | None = None
         self.iscsi: IscsiServer | None = None
+        self.repairer: Repairer | None = None
         self.ports = PrefixCache(etcd, Keys.TARGET_PORTS)
         self.relative_port = 0
 
@@ -127,11 +129,23 @@ class DataPath:
         )
         self.host.server = self.iscsi
         await self.iscsi.start()
+        self.repairer = await Repairer(
+            self.etcd,
+            self.emap,
+            self.node,
+            path,
+            replace_after=config.replace_after,
+            rebuild_rate=config.rebuild_rate,
+            concurrency=config.rebuild_concurrency,
+            interval=config.repair_interval,
+        ).start()
         log.info(
             "data path up: extent size %d, %d replicas on disk", extent_size, len(listing.replicas)
         )
 
     async def stop(self) -> None:
+        if self.repairer is not None:
+            await self.repairer.stop()
         if self.iscsi is not None:
             await self.iscsi.close()
         if self.host is not None:

@@ -272,6 +272,7 @@ class Op(StrEnum):
     GET_STATE = "get_state"
     SET_GEN = "set_gen"
     COPY = "copy"
+    ADVANCE = "advance"
 
 
 _VOL = Field("volume", "vol", Kind.STR)
@@ -283,6 +284,7 @@ _N = Field("length", "n", Kind.U64)
 _FUA = Field("fua", "fua", Kind.BOOL)
 _NEXUS = Field("nexus", "nexus", Kind.NEXUS, required=False)
 _CSUM = Field("with_checksums", "csum", Kind.BOOL, required=False)
+_SEQ_OPT = Field("seq", "seq", Kind.U64, required=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +418,7 @@ class Copy(Request):
     """Whole blocks and their checksums (payload = data || checksums; `n` = data length)."""
 
     OP = Op.COPY
-    FIELDS = (_VOL, _EXT, _GEN, _OFF, _N)
+    FIELDS = (_VOL, _EXT, _GEN, _OFF, _N, _SEQ_OPT)
     volume: str
     extent: int
     gen: int
@@ -424,6 +426,19 @@ class Copy(Request):
     length: int
     data: bytes
     checksums: bytes
+    seq: int | None = None  # an ordered copy: applied as write `seq` (a joining member)
+
+
+@dataclass(frozen=True, slots=True)
+class Advance(Request):
+    """An ordered no-op: write `seq` is a copy to a joining member; the others only count it."""
+
+    OP = Op.ADVANCE
+    FIELDS = (_VOL, _EXT, _GEN, _SEQ)
+    volume: str
+    extent: int
+    gen: int
+    seq: int
 
 
 REQUEST_TYPES: dict[Op, type[Request]] = {
@@ -441,6 +456,7 @@ REQUEST_TYPES: dict[Op, type[Request]] = {
         GetState,
         SetGen,
         Copy,
+        Advance,
     )
 }
 _STATE_MAX = 2  # ReplicaState values on the wire: 0 current, 1 syncing, 2 stale
@@ -548,6 +564,7 @@ OK_FIELDS: dict[Op, tuple[Field, ...]] = {
     Op.WRITE: (Field("applied_seq", "applied", Kind.U64),),
     Op.UNMAP: (Field("applied_seq", "applied", Kind.U64),),
     Op.SET_GEN: (Field("applied_seq", "applied", Kind.U64),),
+    Op.ADVANCE: (Field("applied_seq", "applied", Kind.U64),),
 }
 _MESSAGE = Field("message", "msg", Kind.STR, required=False)
 

@@ -316,6 +316,7 @@ class OperationRecord(Record):
     created_at: float = 0.0
     updated_at: float = 0.0
     detail: str = ""
+    total: int = 0  # work items (extents) counted when it started; progress is their share
 
 
 @dataclass

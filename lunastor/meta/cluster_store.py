@@ -5,6 +5,7 @@ Same discipline as `store.py`: read, decide, commit with compares on what was re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -17,6 +18,7 @@ from lunastor.common.records import (
     ChunkAdminRecord,
     ChunkServerInfo,
     ChunkServerStatus,
+    ExtentRecord,
     Keys,
     OperationRecord,
     RecordError,
@@ -223,7 +225,15 @@ class ClusterStore:
 
     async def _holds_extents(self, chunk_id: str, revision: int | None = None) -> bool:
         page = await self.etcd.get_page(Keys.chunk_extents(chunk_id), None, 1, revision)
-        return bool(page.kvs)
+        if page.kvs:
+            return True
+        # The extent map names every member (the reverse index is not written yet).
+        kvs, _ = await self.etcd.get_prefix(Keys.EXTENTS, revision=revision)
+        for kv in kvs:
+            with contextlib.suppress(RecordError):
+                if chunk_id in ExtentRecord.from_json(kv.value).replicas:
+                    return True
+        return False
 
     async def list_chunks(self) -> list[dict[str, Any]]:
         infos, rev = await self.etcd.get_prefix(Keys.CHUNKS)

@@ -25,7 +25,7 @@ from lunastor.common.settings import etcd_client_config
 from lunastor.meta.app import make_app
 from lunastor.meta.config import MetaConfig
 from lunastor.meta.luns import LunMap
-from lunastor.meta.planners import DrainPlanner, PlannerLeader
+from lunastor.meta.planners import DrainPlanner, Planner, PlannerLeader, RebuildPlanner
 
 PROG = "lunastor-meta"
 
@@ -57,9 +57,8 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
         )
         await presence.start()
         luns = await LunMap(etcd).start()
-        planners = PlannerLeader(
-            etcd, presence, config.instance_id, [DrainPlanner(etcd)], config.planner_interval
-        )
+        jobs: list[Planner] = [DrainPlanner(etcd), RebuildPlanner(etcd)]
+        planners = PlannerLeader(etcd, presence, config.instance_id, jobs, config.planner_interval)
         app = make_app(config, etcd, health, luns)
         runner = await start_http(app, config.listen, "listen", ssl_context)
         planners.start()

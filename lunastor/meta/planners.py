@@ -1,7 +1,7 @@
 """Background planners: work that exactly one meta instance must do at a time.
 
 Meta instances are stateless over etcd and several may serve the API, but planners (drain
-today; re-replication, rebalance, garbage collection later) must run once per cluster. The
+and rebuild reporting today; rebalance, garbage collection later) must run once per cluster. The
 instances campaign in the etcd election `Keys.PLANNER_ELECTION` on their presence lease; the
 leader runs every planner's `run_once()` each `planner_interval`. Leadership ends with the
 lease, so a partitioned leader stops before another one starts. Tests call `run_once()`
@@ -14,13 +14,31 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
-from lunastor.common.etcd import Compare, Election, Etcd, EtcdError, EtcdLeaseLost, Put
+from lunastor.common.etcd import (
+    Compare,
+    Election,
+    Etcd,
+    EtcdError,
+    EtcdLeaseLost,
+    KeyValue,
+    Put,
+)
 from lunastor.common.logs import get_logger
 from lunastor.common.presence import Presence
-from lunastor.common.records import ChunkAdminRecord, Keys, OperationRecord
-from lunastor.meta.store import read
+from lunastor.common.records import (
+    ChunkAdminRecord,
+    ChunkServerInfo,
+    ChunkServerStatus,
+    ExtentRecord,
+    Keys,
+    OperationRecord,
+    RecordError,
+    VolumeRecord,
+)
+from lunastor.meta.store import R, new_id, read
 
 log = get_logger(component="planner")
 
@@ -31,11 +49,60 @@ class Planner(Protocol):
     async def run_once(self) -> None: ...
 
 
-class DrainPlanner:
-    """Follows drains: an operation's progress is the share of replicas moved off the server.
+@dataclass(frozen=True)
+class ExtentCensus:
+    """One read of the extent map, volumes and chunk servers: what the planners count."""
 
-    Moving replicas is the re-replication planner's job (not built yet); with no extent map,
-    a draining server holds nothing and its drain completes on the first pass.
+    extents: list[ExtentRecord]
+    desired: dict[str, int]  # volume id -> replicas
+    live: set[str]
+    registered: set[str]
+
+    @classmethod
+    async def read(cls, etcd: Etcd) -> ExtentCensus:
+        kvs, rev = await etcd.get_prefix(Keys.EXTENTS)
+        vols, _ = await etcd.get_prefix(Keys.VOLUMES, revision=rev)
+        lives, _ = await etcd.get_prefix(Keys.LIVE_CHUNKS, revision=rev)
+        chunks, _ = await etcd.get_prefix(Keys.CHUNKS, revision=rev)
+        return cls(
+            _decode(kvs, ExtentRecord),
+            {v.id: v.replicas for v in _decode(vols, VolumeRecord)},
+            {s.id for s in _decode(lives, ChunkServerStatus)},
+            {c.id for c in _decode(chunks, ChunkServerInfo)},
+        )
+
+    def held_by(self, chunk_id: str) -> int:
+        return sum(chunk_id in e.replicas for e in self.extents)
+
+    def unrestored(self, chunk_id: str) -> int:
+        """Extents still naming the server, plus extents missing replicas (of any cause)."""
+        return sum(
+            chunk_id in e.replicas
+            or len([m for m in e.replicas if m in self.live]) < self.desired.get(e.volume, 0)
+            for e in self.extents
+        )
+
+
+def _decode(kvs: list[KeyValue], cls: type[R]) -> list[R]:
+    out = []
+    for kv in kvs:
+        with contextlib.suppress(RecordError):
+            out.append(cls.from_json(kv.value))
+    return out
+
+
+def _progress(op: OperationRecord, pending: int, detail: str) -> OperationRecord:
+    total = max(op.total, pending)
+    progress = 1.0 if total == 0 else round(1 - pending / total, 4)
+    return dataclasses.replace(op, total=total, progress=progress, detail=detail)
+
+
+class DrainPlanner:
+    """Follows drains: progress is the share of the server's extents moved off it.
+
+    The chunk servers move the replicas (each extent's primary joins a replacement, then
+    retires the draining member: docs/datapath.md, "Rebuild, catch-up and drain"); this
+    planner counts the extents still naming the server, and completes the drain when none do.
     """
 
     name = "drain"
@@ -45,22 +112,99 @@ class DrainPlanner:
 
     async def run_once(self) -> None:
         admins, _ = await self.etcd.get_prefix(Keys.CHUNK_ADMIN)
+        census: ExtentCensus | None = None
         for kv in admins:
             admin = ChunkAdminRecord.from_json(kv.value)
             if admin.state != "draining":
                 continue
-            held, _ = await self.etcd.get_prefix(Keys.chunk_extents(admin.id))
             op, ov = await read(self.etcd, Keys.operation(admin.operation_id), OperationRecord)
-            if op is None or held:
-                continue  # progress for a non-empty server comes with re-replication
+            if op is None:
+                continue
+            census = census or await ExtentCensus.read(self.etcd)
+            held = census.held_by(admin.id)
             now = round(time.time(), 6)
+            if held:
+                moving = _progress(op, held, f"{held} extents still on {admin.id}")
+                if (moving.progress, moving.total) != (op.progress, op.total):
+                    moving = dataclasses.replace(moving, updated_at=now)
+                    await self.etcd.txn([ov.unchanged], [Put(ov.key, moving.to_json())])
+                continue
             done = dataclasses.replace(
-                op, state="succeeded", progress=1.0, updated_at=now, detail="nothing left"
+                op,
+                state="succeeded",
+                progress=1.0,
+                updated_at=now,
+                detail=f"{op.total} extents moved" if op.total else "nothing left",
             )
             drained = dataclasses.replace(admin, state="drained")
             await self.etcd.txn(
                 [ov.unchanged, Compare.mod_revision(kv.key) == kv.mod_revision],
                 [Put(ov.key, done.to_json()), Put(kv.key, drained.to_json())],
+            )
+
+
+class RebuildPlanner:
+    """Reports re-replication after a chunk server is lost, as a `rebuild` operation.
+
+    The chunk servers do the work (each extent's primary removes the dead member after
+    `replace_after` and joins a replacement). For every registered server without a live
+    record (and not drained) while some extent still names it or lacks replicas, this planner
+    keeps one running `rebuild` operation (subject: that server): progress is the share of
+    those extents restored; it succeeds when none is left. A server that returns and catches
+    up ends it the same way.
+    """
+
+    name = "rebuild"
+
+    def __init__(self, etcd: Etcd) -> None:
+        self.etcd = etcd
+
+    async def run_once(self) -> None:
+        census = await ExtentCensus.read(self.etcd)
+        ops_kv, _ = await self.etcd.get_prefix(Keys.OPERATIONS)
+        running: dict[str, tuple[OperationRecord, KeyValue]] = {}
+        for kv in ops_kv:
+            with contextlib.suppress(RecordError):
+                op = OperationRecord.from_json(kv.value)
+                if op.kind == "rebuild" and op.state == "running":
+                    running[op.subject] = (op, kv)
+        admins, _ = await self.etcd.get_prefix(Keys.CHUNK_ADMIN)
+        drained = {a.id for a in _decode(admins, ChunkAdminRecord) if a.state == "drained"}
+        now = round(time.time(), 6)
+        lost = census.registered - census.live - drained
+        for chunk_id in sorted(lost | running.keys()):
+            pending = census.unrestored(chunk_id)
+            found = running.get(chunk_id)
+            if found is None:
+                if not pending:
+                    continue
+                op = OperationRecord(
+                    id=new_id("op"),
+                    kind="rebuild",
+                    subject=chunk_id,
+                    created_at=now,
+                    updated_at=now,
+                    total=pending,
+                    detail=f"{pending} extents to restore",
+                )
+                await self.etcd.create(Keys.operation(op.id), op.to_json())
+                continue
+            op, kv = found
+            if pending:
+                moved = _progress(op, pending, f"{pending} extents to restore")
+                if (moved.progress, moved.total) == (op.progress, op.total):
+                    continue
+                new = dataclasses.replace(moved, updated_at=now)
+            else:
+                new = dataclasses.replace(
+                    op,
+                    state="succeeded",
+                    progress=1.0,
+                    updated_at=now,
+                    detail=f"{op.total} extents restored",
+                )
+            await self.etcd.txn(
+                [Compare.mod_revision(kv.key) == kv.mod_revision], [Put(kv.key, new.to_json())]
             )
 
 

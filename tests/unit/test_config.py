@@ -51,6 +51,10 @@ def test_round_trip_through_toml(tmp_path: Path) -> None:
         ("", {}, ["iscsi_listen=nowhere"], "iscsi_listen: expected HOST:PORT"),
         ("", {}, ["data_dirs="], "data_dirs: at least one"),
         ("not toml [", {}, [], "chunk.toml"),
+        ("", {}, ["replace_after=-1"], "replace_after: must not be negative"),
+        ("", {"LUNASTOR_REBUILD_RATE": "1000"}, [], "rebuild_rate: at least 1 MiB/s"),
+        ("", {}, ["rebuild_concurrency=0"], "rebuild_concurrency: expected 1..64"),
+        ("", {}, ["repair_interval=0"], "repair_interval: expected 0.05..3600"),
     ],
 )
 def test_errors_name_the_setting(

@@ -265,10 +265,21 @@ class Replica:
 
     # -- catch-up, rebuild, repair, fencing -------------------------------------------------
 
-    async def apply_copy(self, offset: int, data: Buffer, checksums: Buffer) -> None:
+    async def apply_copy(
+        self,
+        offset: int,
+        data: Buffer,
+        checksums: Buffer,
+        *,
+        seq: int | None = None,
+        gen: int | None = None,
+    ) -> None:
         """Install whole blocks copied from a peer, with their checksums (0 = unmapped).
 
         Any state; does not change applied_seq. Data that fails its checksum is refused.
+        With `seq` (and `gen`) it is an *ordered* copy instead (a joining member's catch-up,
+        docs/datapath.md "Joining a member"): applied only as write `seq` of `gen`, like
+        `write`, and it advances applied_seq.
         """
         self._check_open()
         self._check_aligned(offset, len(data))
@@ -281,6 +292,8 @@ class Replica:
             raise ChecksumMismatch(bad)
         async with self._mutate:
             self._check_open()
+            if seq is not None:
+                self._check_order(seq, self._h.generation if gen is None else gen)
             await self._mark_dirty()
             self._check_open()
             view = memoryview(data)
@@ -294,7 +307,18 @@ class Replica:
                     self._store_blocks(
                         b0 + start, view[lo:hi], checksums[start * 8 : (start + count) * 8]
                     )
-                self._store_header(self._h)
+                self._store_header(self._h if seq is None else self._h.evolve(applied_seq=seq))
+
+    async def advance(self, *, seq: int, gen: int) -> None:
+        """An ordered no-op: write `seq` of `gen` changes nothing here but applied_seq (the
+        members that are not joining, while the primary copies blocks to one that is)."""
+        self._check_open()
+        async with self._mutate:
+            self._check_open()
+            self._check_order(seq, gen)
+            await self._mark_dirty()
+            with self._io():
+                self._store_header(self._h.evolve(applied_seq=seq))
 
     async def set_generation(
         self, gen: int, *, applied_seq: int | None = None, state: ReplicaState | None = None

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from lunastor.common.records import Keys, TargetRecord
+from lunastor.common.records import ExtentRecord, Keys, TargetRecord
 from lunastor.common.sealing import Sealer
 from lunastor.meta.planners import DrainPlanner
 from tests.integration.meta.conftest import SECRET_KEY, Api, meta_config, register_chunk, start_api
@@ -176,13 +176,14 @@ async def test_drain_and_remove_chunk_servers(api: Api) -> None:
     assert (await api.ok("GET", "/v1/operations"))["items"] == [op]
 
     # A server holding an extent replica cannot be removed and its drain does not finish.
-    await api.etcd.put(Keys.chunk_extents(up) + "vol-x/0", b"{}")
+    extent = ExtentRecord(volume="vol-x", index=0, replicas=[up])
+    await api.etcd.put(Keys.extent("vol-x", 0), extent.to_json())
     planner = DrainPlanner(api.etcd)
     await planner.run_once()
     assert (await api.ok("GET", f"/v1/operations/{op['id']}"))["state"] == "running"
     status, problem = await api.call("DELETE", f"/v1/chunks/{up}")
     assert status == 409 and problem["code"] == "chunk_server_not_empty"
-    await api.etcd.delete(Keys.chunk_extents(up) + "vol-x/0")
+    await api.etcd.delete(Keys.extent("vol-x", 0))
     await planner.run_once()
     done = await api.ok("GET", f"/v1/operations/{op['id']}")
     assert done["state"] == "succeeded" and done["progress"] == 1.0

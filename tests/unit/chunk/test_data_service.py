@@ -10,6 +10,8 @@ import pytest
 from lunastor.chunk import store as s
 from lunastor.chunk.data_service import DataService, error_response
 from lunastor.chunk.wire import (
+    Advance,
+    Copy,
     Create,
     FrameReader,
     GetState,
@@ -76,3 +78,30 @@ async def test_service_answers_requests_against_a_real_store(tmp_path: Path) -> 
     assert st.fields["applied_seq"] == 1 and len(st.payload) == 16 * 8
     assert (await service.handle(Read(6, "v", 0, 2, 10, 3))).status is Status.STALE_GENERATION
     assert (await service.handle(Read(7, "v", 0, 3, 1, 5, True))).status is Status.BAD_REQUEST
+
+
+async def test_ordered_copy_and_advance_take_their_turn_in_seq_order(tmp_path: Path) -> None:
+    # A joining member gets a copy as write `seq`; the other members an `advance` for it.
+    service = DataService(s.ExtentStore([tmp_path], 64 * 1024))
+    assert (await service.handle(Create(1, "v", 0, 3, 1))).ok  # syncing
+    block = b"\7" * 4096
+    got = await service.handle(Read(2, "v", 0, 3, 0, 4096))
+    assert got.status is Status.NOT_CURRENT  # a syncing replica serves no reads
+    (tmp_path / "src").mkdir()
+    src = s.ExtentStore([tmp_path / "src"], 64 * 1024)
+    r = await src.create("v", 0, 3)
+    await r.write(0, block, seq=1, gen=3, fua=False)
+    data, sums = await r.read_for_copy(0, 4096)
+    early = await service.handle(Copy(3, "v", 0, 3, 0, 4096, data, sums, seq=2))
+    assert early.status is Status.OUT_OF_ORDER and early.fields["expected"] == 1
+    assert (await service.handle(Write(4, "v", 0, 3, 1, 100, False, b"x"))).ok
+    assert (await service.handle(Copy(5, "v", 0, 3, 0, 4096, data, sums, seq=2))).ok
+    adv = await service.handle(Advance(6, "v", 0, 3, 3))
+    assert adv.ok and adv.fields == {"applied_seq": 3}
+    again = await service.handle(Advance(7, "v", 0, 3, 3))
+    assert again.status is Status.OUT_OF_ORDER and again.fields["expected"] == 4
+    stale = await service.handle(Advance(8, "v", 0, 2, 4))
+    assert stale.status is Status.STALE_GENERATION
+    st = await service.handle(GetState(9, "v", 0, True))
+    assert st.fields["applied_seq"] == 3 and st.payload[:8] == sums  # the copy replaced the write
+    await src.close()

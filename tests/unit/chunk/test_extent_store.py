@@ -235,6 +235,30 @@ async def test_apply_copy_refuses_data_that_fails_its_checksums(store: ExtentSto
     assert r.mapped_blocks == 0
 
 
+async def test_ordered_copy_and_advance_are_writes_in_seq_order(store: ExtentStore) -> None:
+    # A joining member: an ordered copy is write `seq`; `advance` is write `seq` doing nothing.
+    src = await store.create("vol-1", 4, 2)
+    await src.write(0, pattern(1, 2 * BLOCK_SIZE), seq=1, gen=2, fua=False)
+    data, sums = await src.read_for_copy(0, 2 * BLOCK_SIZE)
+    r = await store.create("vol-1", 3, 2, ReplicaState.SYNCING)
+    with pytest.raises(OutOfOrder):
+        await r.apply_copy(0, data, sums, seq=2, gen=2)
+    with pytest.raises(StaleGeneration):
+        await r.apply_copy(0, data, sums, seq=1, gen=1)
+    await r.write(BLOCK_SIZE, b"newer", seq=1, gen=2, fua=False)
+    await r.apply_copy(0, data, sums, seq=2, gen=2)
+    assert r.applied_seq == 2 and await r.checksums() == (await src.checksums())[: 256 * 8]
+    await r.advance(seq=3, gen=2)
+    assert r.applied_seq == 3 and r.mapped_blocks == 2
+    with pytest.raises(OutOfOrder):
+        await r.advance(seq=3, gen=2)
+    await r.set_generation(2, state=ReplicaState.STALE)
+    with pytest.raises(ReplicaNotCurrent):
+        await r.advance(seq=4, gen=2)
+    await r.apply_copy(0, data, sums)  # an unordered copy (repair) works in any state
+    assert r.applied_seq == 3
+
+
 @pytest.mark.parametrize(
     ("offset", "length"), [(-1, 1), (0, 0), (EXTENT, 1), (EXTENT - 1, 2), (0, EXTENT + 1)]
 )

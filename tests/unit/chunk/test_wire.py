@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from lunastor.chunk import wire
 from lunastor.chunk.wire import (
+    Advance,
     Copy,
     Create,
     Delete,
@@ -115,6 +116,16 @@ REQUEST_CASES: list[tuple[Request, dict[str, Any], bytes]] = [
         Copy(10, "v", 1, 9, 8192, 8192, b"\1" * 8192, SUMS),
         {"op": "copy", "id": 10, "vol": "v", "ext": 1, "gen": 9, "off": 8192, "n": 8192},
         b"\1" * 8192 + SUMS,
+    ),
+    (
+        Copy(14, "v", 1, 9, 0, 4096, b"\2" * 4096, SUMS[:8], seq=5),
+        {"op": "copy", "id": 14, "vol": "v", "ext": 1, "gen": 9, "off": 0, "n": 4096, "seq": 5},
+        b"\2" * 4096 + SUMS[:8],
+    ),
+    (
+        Advance(15, "v", 1, 9, 6),
+        {"op": "advance", "id": 15, "vol": "v", "ext": 1, "gen": 9, "seq": 6},
+        b"",
     ),
     (
         Create(11, "v", 2, 3, 1),
@@ -363,14 +374,18 @@ requests = st.one_of(
     st.builds(Create, u64, name, u64, u64, st.integers(0, 2)),
     st.builds(Delete, u64, name, u64, u64),
     st.builds(Flush, u64, name, u64, u64),
+    st.builds(Advance, u64, name, u64, u64, u64),
     st.builds(
-        lambda rid, vol, ext, gen, off, b: Copy(rid, vol, ext, gen, off, len(b[0]), b[0], b[1]),
+        lambda rid, vol, ext, gen, off, b, seq: Copy(
+            rid, vol, ext, gen, off, len(b[0]), b[0], b[1], seq
+        ),
         u64,
         name,
         u64,
         u64,
         u64,
         blocks,
+        st.none() | u64,
     ),
 )
 

@@ -1,0 +1,238 @@
+"""The chunk server's repair loop: every `repair_interval`, plan each extent's replica set
+(`repair_plan.plan`) and apply the actions this server is the actor of: failover for extents
+whose primary died (as their first live member), and for extents it is primary of: removing
+dead members, joining new or returning ones (join.py, throttled by `rebuild_rate`, at most
+`rebuild_concurrency` at once) and retiring drained ones. docs/datapath.md, "Rebuild,
+catch-up and drain". `run_once()` runs one pass (tests call it instead of waiting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from functools import partial
+
+from lunastor.chunk.dataserver import DataNode, StaleMap, Unavailable
+from lunastor.chunk.extentmap import AllocationError, ExtentMap
+from lunastor.chunk.join import JoinAborted, Throttle, join_member, retire_member
+from lunastor.chunk.peer import PeerError
+from lunastor.chunk.repair_plan import Action, ActionKind, ServerView, plan, plan_extent
+from lunastor.chunk.store import ExtentStoreError
+from lunastor.chunk.volume import AccessPath
+from lunastor.chunk.wire import GetState
+from lunastor.common.etcd import Etcd, EtcdError
+from lunastor.common.etcd.cache import PrefixCache
+from lunastor.common.records import (
+    ChunkAdminRecord,
+    ChunkServerInfo,
+    ChunkServerStatus,
+    ExtentRecord,
+    Keys,
+    RecordError,
+    VolumeRecord,
+)
+
+log = logging.getLogger(__name__)
+
+DRAIN_STATES = ("draining", "drained")
+
+
+class Repairer:
+    def __init__(
+        self,
+        etcd: Etcd,
+        emap: ExtentMap,
+        node: DataNode,
+        path: AccessPath,
+        *,
+        replace_after: float,
+        rebuild_rate: int,
+        concurrency: int,
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.emap = emap
+        self.node = node
+        self.path = path
+        self.me = node.node_id
+        self.replace_after = replace_after
+        self.interval = interval
+        self.clock = clock
+        self.throttle = Throttle(rebuild_rate)
+        self.slots = asyncio.Semaphore(concurrency)
+        self.volumes = PrefixCache(etcd, Keys.VOLUMES)
+        self.admin = emap.admin
+        self._down_since: dict[str, float] = {}
+        self._busy: set[tuple[str, int]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.last: list[Action] = []  # the last pass's plan (every extent, every actor)
+
+    async def start(self, loop_forever: bool = True) -> Repairer:
+        await self.volumes.start()
+        if loop_forever:
+            self._task = asyncio.create_task(self._run(), name="repair")
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.volumes.stop()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except (EtcdError, AllocationError) as exc:
+                log.warning("repair pass failed: %s", exc)
+            except Exception:  # a bug must not end the loop for good
+                log.exception("repair pass failed")
+            await asyncio.sleep(self.interval)
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def servers(self) -> dict[str, ServerView]:
+        now = self.clock()
+        zones: dict[str, str] = {}
+        live: dict[str, ChunkServerStatus] = {}
+        for kv in self.emap.chunks.items.values():
+            with contextlib.suppress(RecordError):
+                info = ChunkServerInfo.from_json(kv.value)
+                zones[info.id] = info.zone or "default"
+        for kv in self.emap.live.items.values():
+            with contextlib.suppress(RecordError):
+                st = ChunkServerStatus.from_json(kv.value)
+                live[st.id] = st
+                zones[st.id] = st.zone or "default"
+        draining = set()
+        for kv in self.admin.items.values():
+            with contextlib.suppress(RecordError):
+                admin = ChunkAdminRecord.from_json(kv.value)
+                if admin.state in DRAIN_STATES:
+                    draining.add(admin.id)
+        out = {}
+        for cid, zone in zones.items():
+            status = live.get(cid)
+            if status is not None:
+                self._down_since.pop(cid, None)
+            since = self._down_since.setdefault(cid, now) if status is None else now
+            out[cid] = ServerView(
+                cid,
+                zone,
+                live=status is not None,
+                draining=cid in draining or (status is not None and status.state == "draining"),
+                down_for=now - since,
+            )
+        return out
+
+    def extents(self) -> list[ExtentRecord]:
+        out = []
+        for key in list(self.emap.extents.items):
+            try:
+                volume, index = Keys.parse_extent(key)
+            except ValueError:
+                continue
+            rec = self.emap.get(volume, index)
+            if rec is not None:
+                out.append(rec)
+        return out
+
+    def desired(self) -> dict[str, int]:
+        out = {}
+        for kv in self.volumes.items.values():
+            with contextlib.suppress(RecordError):
+                vol = VolumeRecord.from_json(kv.value)
+                out[vol.id] = vol.replicas
+        return out
+
+    async def _placement(self, rec: ExtentRecord, replicas: int) -> list[str]:
+        try:
+            return (await self.emap.ring(replicas)).place(rec.volume, rec.index)
+        except AllocationError:
+            return []
+
+    async def _old_holders(self, rec: ExtentRecord, servers: dict[str, ServerView]) -> set[str]:
+        """Live servers that are not members but still hold a replica file of the extent."""
+        out = set()
+        for s in servers.values():
+            if not s.live or s.draining or s.id in rec.replicas:
+                continue
+            build = partial(GetState, volume=rec.volume, extent=rec.index)
+            try:
+                st = await self.node.replicas.call(s.id, build)
+            except PeerError:
+                continue
+            if st.ok:
+                out.add(s.id)
+        return out
+
+    # -- one pass --------------------------------------------------------------------------
+
+    async def run_once(self) -> list[Action]:
+        """Plan every extent; apply (and wait for) the actions this server is the actor of."""
+        servers = self.servers()
+        desired = self.desired()
+        extents = self.extents()
+        actions = plan(extents, servers, desired, replace_after=self.replace_after)
+        by_key = {(r.volume, r.index): r for r in extents}
+        mine = []
+        for act in actions:
+            if act.actor != self.me or not act.kind.acts:
+                continue
+            if act.kind is ActionKind.ADD:
+                # refine the target: a catch-up candidate, ring order
+                rec = by_key[(act.volume, act.index)]
+                want = desired[rec.volume]
+                refined = plan_extent(
+                    rec,
+                    servers,
+                    want,
+                    replace_after=self.replace_after,
+                    placement=await self._placement(rec, want),
+                    old_holders=await self._old_holders(rec, servers),
+                )
+                if refined is None or refined.kind is not ActionKind.ADD:
+                    continue
+                act = refined
+            mine.append(act)
+        self.last = actions
+        await asyncio.gather(*(self._apply(a) for a in mine))
+        return actions
+
+    async def _apply(self, act: Action) -> None:
+        key = (act.volume, act.index)
+        if key in self._busy:
+            return
+        self._busy.add(key)
+        try:
+            async with self.slots:
+                await self._do(act)
+        except (JoinAborted, Unavailable, StaleMap, PeerError, ExtentStoreError) as exc:
+            log.warning("%s of %s/%d (%s) failed: %s", act.kind, *key, act.member, exc)
+        except (EtcdError, TimeoutError) as exc:
+            log.warning("%s of %s/%d: etcd: %s", act.kind, *key, exc)
+        except Exception:  # a bug in one action must not stop the others
+            log.exception("%s of %s/%d (%s) failed", act.kind, *key, act.member)
+        finally:
+            self._busy.discard(key)
+
+    async def _do(self, act: Action) -> None:
+        if act.kind is ActionKind.FAILOVER:
+            entry = self.emap.entry(act.volume, act.index)
+            if entry is None:
+                return
+            if entry.record.converging:
+                await self.path.converge(entry)
+            else:
+                await self.path.failover(entry)
+        elif act.kind is ActionKind.REMOVE_DEAD:
+            pe = await self.node.lead(act.volume, act.index)
+            await self.node.remove_members(pe, [act.member])
+        elif act.kind is ActionKind.ADD:
+            await join_member(self.node, act.volume, act.index, act.member, self.throttle)
+        elif act.kind is ActionKind.REMOVE_EXTRA:
+            await retire_member(self.node, act.volume, act.index, act.member)

@@ -1,0 +1,171 @@
+"""What to do about each extent's replica set: a pure function of the extent map and the chunk
+servers' states (docs/datapath.md, "Rebuild, catch-up and drain").
+
+No IO and no clock here: `repair.py` gathers the inputs (the watched extent map, live records,
+drain intents, volume records, the ring, how long each server has been down) and applies the
+actions this server is the actor of. One action per extent per pass, the most urgent first:
+
+1. the primary is dead or the extent is converging: **failover** (the first live member runs
+   the access path's failover/convergence);
+2. a secondary has been down for `replace_after`: **remove-dead** (by the primary);
+3. a secondary is down for less than that, or some server went down less than `replace_after`
+   ago while the extent lacks replicas: **wait** (it may come back and catch up cheaply);
+4. fewer non-draining members than the volume's `replicas`: **add-replica** (the primary joins
+   a target: a live, non-draining server that holds an old replica file of the extent if any
+   (catch-up), else the least used zone, then ring order); **no-candidate** when none fits;
+5. a draining member whose replacement has joined, or more members than wanted:
+   **remove-extra** (a draining secondary before a draining primary, which hands over).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import xxhash
+
+from lunastor.common.records import ExtentRecord
+
+
+class ActionKind(StrEnum):
+    FAILOVER = "failover"
+    REMOVE_DEAD = "remove-dead"
+    ADD = "add-replica"
+    REMOVE_EXTRA = "remove-extra"
+    WAIT = "wait"  # nothing to do yet: a member may come back
+    NO_CANDIDATE = "no-candidate"  # replicas are missing and no server can take one
+
+    @property
+    def acts(self) -> bool:
+        return self not in (ActionKind.WAIT, ActionKind.NO_CANDIDATE)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerView:
+    id: str
+    zone: str = "default"
+    live: bool = True
+    draining: bool = False
+    down_for: float = 0.0  # seconds since its live record went away (0 while live)
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    kind: ActionKind
+    volume: str
+    index: int
+    actor: str  # the chunk server that applies it
+    member: str = ""  # the target (add-replica) or the member removed
+
+
+def _live(servers: Mapping[str, ServerView], chunk: str) -> bool:
+    s = servers.get(chunk)
+    return s is not None and s.live
+
+
+def choose_target(
+    rec: ExtentRecord,
+    servers: Mapping[str, ServerView],
+    *,
+    placement: Sequence[str] = (),
+    old_holders: Iterable[str] = (),
+) -> str | None:
+    """The server a new replica of `rec` goes to, or None if no server can take it."""
+    members = set(rec.replicas)
+    holders = set(old_holders)
+    cands = [s for s in servers.values() if s.live and not s.draining and s.id not in members]
+    if not cands:
+        return None
+    zones = Counter(
+        servers[m].zone for m in rec.replicas if m in servers and not servers[m].draining
+    )
+    rank = {c: i for i, c in enumerate(placement)}
+
+    def key(s: ServerView) -> tuple[bool, int, int, int]:
+        tie = xxhash.xxh3_64_intdigest(f"{rec.volume}/{rec.index}/{s.id}".encode())
+        return (s.id not in holders, zones[s.zone], rank.get(s.id, len(rank)), tie)
+
+    return min(cands, key=key).id
+
+
+def plan_extent(
+    rec: ExtentRecord,
+    servers: Mapping[str, ServerView],
+    desired: int,
+    *,
+    replace_after: float,
+    placement: Sequence[str] = (),
+    old_holders: Iterable[str] = (),
+) -> Action | None:
+    """The one action `rec` needs now, or None when it is as it should be."""
+    members = rec.replicas
+    live = [m for m in members if _live(servers, m)]
+    if not live:
+        return None  # nobody left to act; the data is unreachable until a member returns
+
+    def action(kind: ActionKind, actor: str, member: str = "") -> Action:
+        return Action(kind, rec.volume, rec.index, actor, member)
+
+    primary = members[0]
+    if rec.converging or not _live(servers, primary):
+        return action(ActionKind.FAILOVER, live[0])
+    dead = [m for m in members[1:] if not _live(servers, m)]
+    for m in dead:
+        view = servers.get(m)
+        if view is None or view.down_for >= replace_after:
+            return action(ActionKind.REMOVE_DEAD, primary, m)
+    if dead:
+        return action(ActionKind.WAIT, primary, dead[0])
+    draining = [m for m in members if servers[m].draining]
+    keep = len(members) - len(draining)
+    if keep < desired:
+        recent = sorted(
+            s.id
+            for s in servers.values()
+            if not s.live and not s.draining and s.down_for < replace_after
+        )
+        if recent:
+            return action(ActionKind.WAIT, primary, recent[0])
+        target = choose_target(rec, servers, placement=placement, old_holders=old_holders)
+        if target is None:
+            return action(ActionKind.NO_CANDIDATE, primary)
+        return action(ActionKind.ADD, primary, target)
+    if draining:
+        # secondaries first: a draining primary hands the extent over last
+        victim = next((m for m in draining if m != primary), primary)
+        return action(ActionKind.REMOVE_EXTRA, primary, victim)
+    if len(members) > desired:
+        return action(ActionKind.REMOVE_EXTRA, primary, members[-1])
+    return None
+
+
+def plan(
+    extents: Iterable[ExtentRecord],
+    servers: Mapping[str, ServerView],
+    desired: Mapping[str, int],
+    *,
+    replace_after: float,
+    placements: Mapping[tuple[str, int], Sequence[str]] | None = None,
+    old_holders: Mapping[tuple[str, int], Iterable[str]] | None = None,
+) -> list[Action]:
+    """Every extent's action. Extents of volumes without a record (deleted) are left alone:
+    they belong to garbage collection."""
+    out = []
+    for rec in extents:
+        want = desired.get(rec.volume)
+        if want is None or not rec.replicas:
+            continue
+        key = (rec.volume, rec.index)
+        act = plan_extent(
+            rec,
+            servers,
+            want,
+            replace_after=replace_after,
+            placement=(placements or {}).get(key, ()),
+            old_holders=(old_holders or {}).get(key, ()),
+        )
+        if act is not None:
+            out.append(act)
+    return out
