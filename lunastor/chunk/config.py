@@ -26,6 +26,9 @@ class ChunkConfig:
     extent_size: int = 64 * 1024 * 1024  # proposal for a new cluster; the stored value wins
     min_replicas: int = 2  # a primary acknowledges writes while at least this many remain
     io_timeout: float = 60.0  # an access point gives up on an extent after this (NOT READY)
+    # Nexus epochs against stale in-flight writes after a path switch (docs/datapath.md,
+    # "Fencing stale writes"). Off: logins store no epoch, writes carry none, none is checked.
+    fence_writes: bool = True
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
