@@ -215,3 +215,37 @@ def _gone(etcd: Etcd, key: str) -> Callable[[], Awaitable[bool]]:
         return await etcd.get(key) is None
 
     return check
+
+
+@pytest.mark.parametrize("fence", [True, False], ids=["fencing", "no-fencing"])
+async def test_a_stale_write_retried_at_a_new_primary_after_a_failover(
+    etcd: Etcd, tmp_path: Path, fence: bool
+) -> None:
+    # The primary dies with the stale write still held on the old access point's link; the
+    # old access point then fails the extent over and retries its write at the new primary
+    # (at the new generation, so `gen` alone lets it through). The new primary applied the
+    # newer write as a secondary and noted its epoch from the forward: it refuses.
+    c = await make_cluster(etcd, tmp_path, fence=fence)
+    try:
+        race = await start_race(c)
+        await fail_over(c, race)
+        await c.kill(race.primary.id)  # the held connection breaks: the old write is retried
+        if fence:
+            with pytest.raises(NexusLost):
+                await race.stale
+        else:
+            await race.stale
+        survivors = [race.old.id, race.new.id]
+
+        async def new_primary_open() -> bool:
+            rec = race.old.emap.get(VOL, 0)
+            return rec is not None and rec.primary in survivors and not rec.converging
+
+        await async_wait_for(new_primary_open, 10, "a survivor as the open primary")
+        for n in survivors:
+            replica = await c.nodes[n].store.open(VOL, 0)
+            assert await replica.read(0, len(FRESH)) == (FRESH if fence else STALE)
+        race.proxy.release()
+        await race.proxy.stop()
+    finally:
+        await c.close()
