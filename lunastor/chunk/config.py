@@ -31,6 +31,9 @@ class ChunkConfig:
     rebuild_rate: int = 64 * 1024 * 1024  # bytes/s this server copies to joining members
     rebuild_concurrency: int = 2  # extents this server joins members to at once
     repair_interval: float = 5.0  # seconds between repair passes
+    # Nexus epochs against stale in-flight writes after a path switch (docs/datapath.md,
+    # "Fencing stale writes"). Off: logins store no epoch, writes carry none, none is checked.
+    fence_writes: bool = True
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     log: LogSettings = field(default_factory=LogSettings)
 

@@ -32,6 +32,7 @@ from prometheus_client import Counter
 
 from lunastor.chunk.data_service import DataService, error_response
 from lunastor.chunk.extentmap import Entry, ExtentMap
+from lunastor.chunk.fencing import EpochTable, Fenced
 from lunastor.chunk.peer import PeerClient, PeerError, PeerUnavailable
 from lunastor.chunk.store import (
     ExtentStore,
@@ -44,6 +45,7 @@ from lunastor.chunk.wire import (
     Create,
     Flush,
     GetState,
+    Nexus,
     Ping,
     Read,
     Request,
@@ -152,6 +154,7 @@ class DataNode(DataService):
         alive: Callable[[], bool],
         min_replicas: int,
         read_lease: float,
+        epochs: EpochTable | None = None,
     ) -> None:
         super().__init__(store)
         self.emap = emap
@@ -159,6 +162,8 @@ class DataNode(DataService):
         self.node_id = node_id
         self.alive = alive
         self.min_replicas = min_replicas
+        # Nexus epochs (docs/datapath.md, "Fencing stale writes"); None: fencing is off
+        self.epochs = epochs
         # Read leases (docs/datapath.md, "Read leases"): a secondary serves reads of an extent
         # only while it holds a lease from the extent's primary, renewed by pinging it; the
         # primary removes a member only once any lease it granted that member has run out.
@@ -227,20 +232,25 @@ class DataNode(DataService):
         try:
             if isinstance(req, Write) and req.seq == 0:
                 seq = await self.primary_write(
-                    req.volume, req.extent, req.gen, req.offset, req.data, req.fua
+                    req.volume, req.extent, req.gen, req.offset, req.data, req.fua, req.nexus
                 )
                 return Response(req.id, Status.OK, {"applied_seq": seq})
             if isinstance(req, Unmap) and req.seq == 0:
                 seq = await self.primary_unmap(
-                    req.volume, req.extent, req.gen, req.offset, req.length, req.fua
+                    req.volume, req.extent, req.gen, req.offset, req.length, req.fua, req.nexus
                 )
                 return Response(req.id, Status.OK, {"applied_seq": seq})
+            if isinstance(req, Write | Unmap) and req.nexus and self.epochs is not None:
+                self.epochs.note(req.nexus)  # forwarded: the primary accepted this epoch
             if isinstance(req, Flush) and self._is_primary(req.volume, req.extent):
                 await self.primary_flush(req.volume, req.extent, req.gen)
                 return Response(req.id, Status.OK)
         except StaleMap as exc:
             msg = clip_message(str(exc))
             return Response(req.id, Status.STALE_GENERATION, {"gen": exc.gen, "message": msg})
+        except Fenced as exc:
+            msg = clip_message(str(exc))
+            return Response(req.id, Status.FENCED, {"epoch": exc.newest, "message": msg})
         except Unavailable as exc:
             return Response(req.id, Status.UNAVAILABLE, {"message": clip_message(str(exc))})
         except ExtentStoreError as exc:
@@ -356,38 +366,59 @@ class DataNode(DataService):
 
     # -- primary: ordered mutations --------------------------------------------------------
 
+    def _admit(self, nexus: Nexus | None) -> None:
+        """Under the extent's lock, before the seq: refuse a superseded login's write."""
+        if nexus is not None and self.epochs is not None:
+            self.epochs.admit(nexus)
+
     async def primary_write(
-        self, volume: str, index: int, gen: int, offset: int, data: bytes, fua: bool
+        self,
+        volume: str,
+        index: int,
+        gen: int,
+        offset: int,
+        data: bytes,
+        fua: bool,
+        nexus: Nexus | None = None,
     ) -> int:
         pe = await self._primary(volume, index, gen)
         async with pe.lock:
             if pe.gen != gen:
                 raise StaleMap(pe.gen)
+            self._admit(nexus)
             seq = pe.next_seq
             await pe.replica.write(offset, data, seq=seq, gen=pe.gen, fua=fua)
             pe.next_seq += 1
             g = pe.gen
 
             def build(i: int) -> Request:
-                return Write(i, volume, index, g, seq, offset, fua, data)
+                return Write(i, volume, index, g, seq, offset, fua, data, nexus)
 
             sends = self._forward(pe, build, seq)
         return await self._settle(pe, seq, sends)
 
     async def primary_unmap(
-        self, volume: str, index: int, gen: int, offset: int, length: int, fua: bool
+        self,
+        volume: str,
+        index: int,
+        gen: int,
+        offset: int,
+        length: int,
+        fua: bool,
+        nexus: Nexus | None = None,
     ) -> int:
         pe = await self._primary(volume, index, gen)
         async with pe.lock:
             if pe.gen != gen:
                 raise StaleMap(pe.gen)
+            self._admit(nexus)
             seq = pe.next_seq
             await pe.replica.unmap(offset, length, seq=seq, gen=pe.gen, fua=fua)
             pe.next_seq += 1
             g = pe.gen
 
             def build(i: int) -> Request:
-                return Unmap(i, volume, index, g, seq, offset, length, fua)
+                return Unmap(i, volume, index, g, seq, offset, length, fua, nexus)
 
             sends = self._forward(pe, build, seq)
         return await self._settle(pe, seq, sends)

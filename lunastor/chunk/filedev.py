@@ -26,6 +26,7 @@ from lunastor.iscsi.blockdev import (
     SpaceExhausted,
     WriteProtected,
 )
+from lunastor.iscsi.scsi.types import Nexus
 
 Buffer = bytes | bytearray | memoryview
 
@@ -186,7 +187,7 @@ class FileBlockDevice:
             data += bytes(size - len(data))
         return data
 
-    async def write(self, lba: int, data: Buffer, fua: bool) -> None:
+    async def write(self, lba: int, data: Buffer, fua: bool, nexus: Nexus | None = None) -> None:
         if len(data) % self._bs:
             raise ValueError("write length is not a multiple of the block size")
         self._check_write(lba, len(data) // self._bs)
@@ -197,14 +198,16 @@ class FileBlockDevice:
     async def flush(self) -> None:
         await self._sync(0)
 
-    async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
+    async def unmap(self, ranges: Sequence[tuple[int, int]], nexus: Nexus | None = None) -> None:
         for lba, blocks in ranges:
             self._check_write(lba, blocks)
         for lba, blocks in ranges:
             if blocks:
                 self._punch(lba, blocks)
 
-    async def write_same(self, lba: int, blocks: int, pattern: Buffer, unmap: bool) -> None:
+    async def write_same(
+        self, lba: int, blocks: int, pattern: Buffer, unmap: bool, nexus: Nexus | None = None
+    ) -> None:
         if len(pattern) != self._bs:
             raise ValueError("write same pattern must be one block")
         self._check_write(lba, blocks)
@@ -225,7 +228,9 @@ class FileBlockDevice:
             offset += n
             remaining -= n
 
-    async def compare_and_write(self, lba: int, verify: Buffer, data: Buffer) -> None:
+    async def compare_and_write(
+        self, lba: int, verify: Buffer, data: Buffer, nexus: Nexus | None = None
+    ) -> None:
         if len(verify) != len(data) or len(data) % self._bs:
             raise ValueError("compare and write buffers must be equal whole blocks")
         blocks = len(data) // self._bs

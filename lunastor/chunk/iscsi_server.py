@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,6 +60,13 @@ class TargetHost(Portal, Protocol):
     def scsi_target(self, name: str) -> ScsiTarget | None: ...
 
 
+class NexusObserver(Protocol):
+    """Told of every normal session's I_T nexus as it starts (the chunk server stores a new
+    nexus epoch); the callable it returns is called once when that session ends."""
+
+    def nexus_started(self, nexus: Nexus) -> Callable[[], None]: ...
+
+
 @dataclass(slots=True)
 class ServerConfig:
     listen: Sequence[tuple[str, int]]
@@ -74,9 +81,13 @@ class ServerConfig:
 
 
 class IscsiServer:
-    def __init__(self, host: TargetHost, config: ServerConfig) -> None:
+    def __init__(
+        self, host: TargetHost, config: ServerConfig, observer: NexusObserver | None = None
+    ) -> None:
         self.host = host
         self.config = config
+        self.observer = observer
+        self._ended: dict[Session, Callable[[], None]] = {}
         self.registry = SessionRegistry()
         self.connections: set[IscsiConnectionProtocol] = set()
         self._by_session: dict[Session, IscsiConnectionProtocol] = {}
@@ -116,6 +127,8 @@ class IscsiServer:
 
     def session_started(self, proto: IscsiConnectionProtocol, session: Session) -> None:
         self._by_session[session] = proto
+        if self.observer is not None and session.session_type is SessionType.NORMAL:
+            self._ended[session] = self.observer.nexus_started(session.nexus)
         kind = session.session_type.name.lower()
         LOGINS.labels(kind).inc()
         SESSIONS.labels(kind).inc()
@@ -123,6 +136,9 @@ class IscsiServer:
     def session_ended(self, proto: IscsiConnectionProtocol, session: Session) -> None:
         if self._by_session.get(session) is proto:
             del self._by_session[session]
+            ended = self._ended.pop(session, None)
+            if ended is not None:
+                ended()
             SESSIONS.labels(session.session_type.name.lower()).dec()
 
     def connection_of(self, session: Session) -> IscsiConnectionProtocol | None:

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from lunastor.chunk.config import ChunkConfig
 from lunastor.chunk.dataserver import DataNode, DataServer, Replicas
 from lunastor.chunk.extentmap import ExtentMap
+from lunastor.chunk.fencing import EpochTable
 from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
+from lunastor.chunk.nexus_epochs import NexusEpochs
 from lunastor.chunk.repair import Repairer
 from lunastor.chunk.store import ExtentStore
 from lunastor.chunk.targets import EtcdTargetHost
@@ -76,6 +78,7 @@ class DataPath:
         self.repairer: Repairer | None = None
         self.ports = PrefixCache(etcd, Keys.TARGET_PORTS)
         self.relative_port = 0
+        self.epochs = NexusEpochs(etcd, chunk_id) if config.fence_writes else None
 
     def _relative_ports(self) -> list[int]:
         return sorted(int(k.removeprefix(Keys.TARGET_PORTS)) for k in self.ports.items)
@@ -90,6 +93,9 @@ class DataPath:
         for problem in listing.problems:
             log.error("replica problem: %s: %s", problem.path, problem.reason)
         await self.emap.start()
+        if self.epochs is not None:
+            # before the data port opens: a restarted primary knows every live login's epoch
+            await self.epochs.start()
         self.node = DataNode(
             self.store,
             self.emap,
@@ -98,6 +104,7 @@ class DataPath:
             alive=self.alive,
             min_replicas=config.min_replicas,
             read_lease=config.lease_ttl / 2,
+            epochs=EpochTable(self.epochs.known) if self.epochs is not None else None,
         )
         self.node.start()
         self.data_server = DataServer(self.node, config.cluster_secret.encode(), self.chunk_id)
@@ -109,6 +116,7 @@ class DataPath:
             lease_ttl=config.lease_ttl,
             read_lease=config.lease_ttl / 2,
             io_timeout=config.io_timeout,
+            epochs=self.epochs,
         )
         sealer = Sealer(config.secret_key) if config.secret_key else None
         self.host = EtcdTargetHost(
@@ -126,6 +134,7 @@ class DataPath:
                 listen=[parse_hostport(config.iscsi_listen, "iscsi_listen")],
                 relative_port=self.relative_port,
             ),
+            observer=self.epochs,
         )
         self.host.server = self.iscsi
         await self.iscsi.start()
@@ -155,6 +164,8 @@ class DataPath:
         if self.node is not None:
             await self.node.stop()
         await self.replicas.close()
+        if self.epochs is not None:
+            await self.epochs.stop()
         await self.emap.stop()
         await self.ports.stop()
         if self.store is not None:

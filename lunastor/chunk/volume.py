@@ -17,12 +17,14 @@ from prometheus_client import Counter
 
 from lunastor.chunk.dataserver import Replicas
 from lunastor.chunk.extentmap import AllocationError, Entry, ExtentMap
+from lunastor.chunk.nexus_epochs import NexusEpochs
 from lunastor.chunk.peer import PeerError
 from lunastor.chunk.store import BLOCK_SIZE, CHECKSUM_SIZE
 from lunastor.chunk.wire import (
     Copy,
     Flush,
     GetState,
+    Nexus,
     Read,
     Request,
     Response,
@@ -37,10 +39,12 @@ from lunastor.iscsi.blockdev import (
     LbaStatus,
     MediumError,
     Miscompare,
+    NexusLost,
     NotReady,
     OutOfRange,
     SpaceExhausted,
 )
+from lunastor.iscsi.scsi.types import Nexus as ScsiNexus
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,7 @@ class AccessPath:
         lease_ttl: float,
         read_lease: float = 0.0,
         io_timeout: float = 60.0,
+        epochs: NexusEpochs | None = None,
     ) -> None:
         self.emap = emap
         self.replicas = replicas
@@ -124,10 +129,18 @@ class AccessPath:
         self.lease_ttl = lease_ttl
         self.read_lease = read_lease
         self.io_timeout = io_timeout
+        # None: writes carry no nexus epoch (fencing off, docs/datapath.md "Fencing")
+        self.epochs = epochs
         self._failing_over: dict[tuple[str, int], asyncio.Lock] = {}
 
     async def call(self, chunk_id: str, build: Callable[[int], Request]) -> Response:
         return await self.replicas.call(chunk_id, build)
+
+    async def nexus_epoch(self, nexus: ScsiNexus | None) -> Nexus | None:
+        """What a write of `nexus` carries to the primary (waits once for its login)."""
+        if nexus is None or self.epochs is None:
+            return None
+        return await self.epochs.epoch(nexus, self.io_timeout)
 
     # -- ordered mutations at the primary --------------------------------------------------
 
@@ -177,6 +190,10 @@ class AccessPath:
                 continue
             if resp.status is Status.NO_SPACE:
                 raise SpaceExhausted(str(resp.fields.get("message", "")))
+            if resp.status is Status.FENCED:
+                # A newer login of the nexus exists: this session is superseded, and its
+                # write must never be applied (nor retried) anywhere.
+                raise NexusLost(f"extent {volume}/{index}: {resp.fields.get('message')}")
             if resp.status in (Status.UNAVAILABLE, Status.NOT_FOUND, Status.NOT_CURRENT):
                 log.info(
                     "primary %s of %s/%d: %s %s",
@@ -474,24 +491,41 @@ class ReplicatedVolume:
     async def read(self, lba: int, blocks: int) -> bytes:
         return await asyncio.ensure_future(self._read(lba, blocks))
 
-    async def write(self, lba: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
-        await asyncio.ensure_future(self._write(lba, data, fua))
+    async def write(
+        self,
+        lba: int,
+        data: bytes | bytearray | memoryview,
+        fua: bool,
+        nexus: ScsiNexus | None = None,
+    ) -> None:
+        await asyncio.ensure_future(self._write(lba, data, fua, nexus))
 
     async def flush(self) -> None:
         await asyncio.ensure_future(self._flush())
 
-    async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
-        await asyncio.ensure_future(self._unmap(ranges))
+    async def unmap(
+        self, ranges: Sequence[tuple[int, int]], nexus: ScsiNexus | None = None
+    ) -> None:
+        await asyncio.ensure_future(self._unmap(ranges, nexus))
 
     async def write_same(
-        self, lba: int, blocks: int, pattern: bytes | bytearray | memoryview, unmap: bool
+        self,
+        lba: int,
+        blocks: int,
+        pattern: bytes | bytearray | memoryview,
+        unmap: bool,
+        nexus: ScsiNexus | None = None,
     ) -> None:
-        await asyncio.ensure_future(self._write_same(lba, blocks, pattern, unmap))
+        await asyncio.ensure_future(self._write_same(lba, blocks, pattern, unmap, nexus))
 
     async def compare_and_write(
-        self, lba: int, verify: bytes | bytearray | memoryview, data: bytes | bytearray | memoryview
+        self,
+        lba: int,
+        verify: bytes | bytearray | memoryview,
+        data: bytes | bytearray | memoryview,
+        nexus: ScsiNexus | None = None,
     ) -> None:
-        await asyncio.ensure_future(self._compare_and_write(lba, verify, data))
+        await asyncio.ensure_future(self._compare_and_write(lba, verify, data, nexus))
 
     async def lba_status(self, lba: int) -> Sequence[LbaStatus]:
         return await asyncio.ensure_future(self._lba_status(lba))
@@ -510,16 +544,23 @@ class ReplicatedVolume:
         )
         return b"".join(parts)
 
-    async def _write(self, lba: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+    async def _write(
+        self,
+        lba: int,
+        data: bytes | bytearray | memoryview,
+        fua: bool,
+        nexus: ScsiNexus | None = None,
+    ) -> None:
         offset, length = self._range(lba, len(data) // self.block_size)
         view = memoryview(data)
         vol, replicas = self.record.id, self.record.replicas
+        epoch = await self.path.nexus_epoch(nexus)
 
         async def one(p: Piece) -> None:
             chunk = bytes(view[p.start : p.start + p.length])
 
             def build(i: int, gen: int) -> Request:
-                return Write(i, vol, p.extent, gen, 0, p.offset, fua, chunk)
+                return Write(i, vol, p.extent, gen, 0, p.offset, fua, chunk, epoch)
 
             await self.path.mutate(vol, p.extent, replicas, build, allocate=True)
             self._dirty.add(p.extent)
@@ -542,8 +583,11 @@ class ReplicatedVolume:
             self._dirty |= dirty
             raise
 
-    async def _unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
+    async def _unmap(
+        self, ranges: Sequence[tuple[int, int]], nexus: ScsiNexus | None = None
+    ) -> None:
         vol, replicas = self.record.id, self.record.replicas
+        epoch = await self.path.nexus_epoch(nexus)
         # Merge overlapping and adjacent descriptors, then unmap every piece concurrently:
         # an UNMAP may carry hundreds of descriptors and their order does not matter.
         spans = sorted(self._range(lba, blocks) for lba, blocks in ranges if blocks)
@@ -557,7 +601,7 @@ class ReplicatedVolume:
 
         async def one(p: Piece) -> None:
             def build(i: int, gen: int) -> Request:
-                return Unmap(i, vol, p.extent, gen, 0, p.offset, p.length, False)
+                return Unmap(i, vol, p.extent, gen, 0, p.offset, p.length, False, epoch)
 
             await self.path.mutate(vol, p.extent, replicas, build, allocate=False)
 
@@ -567,19 +611,28 @@ class ReplicatedVolume:
         await asyncio.gather(*(one(p) for p in pieces))
 
     async def _write_same(
-        self, lba: int, blocks: int, pattern: bytes | bytearray | memoryview, unmap: bool
+        self,
+        lba: int,
+        blocks: int,
+        pattern: bytes | bytearray | memoryview,
+        unmap: bool,
+        nexus: ScsiNexus | None = None,
     ) -> None:
         self._range(lba, blocks)
         if unmap and not any(pattern):
-            await self._unmap([(lba, blocks)])
+            await self._unmap([(lba, blocks)], nexus)
             return
         step = max(1, (4 << 20) // self.block_size)
         for start in range(lba, lba + blocks, step):
             n = min(step, lba + blocks - start)
-            await self._write(start, bytes(pattern) * n, fua=False)
+            await self._write(start, bytes(pattern) * n, False, nexus)
 
     async def _compare_and_write(
-        self, lba: int, verify: bytes | bytearray | memoryview, data: bytes | bytearray | memoryview
+        self,
+        lba: int,
+        verify: bytes | bytearray | memoryview,
+        data: bytes | bytearray | memoryview,
+        nexus: ScsiNexus | None = None,
     ) -> None:
         # Serialised per extent at this access point only: the data protocol (version 1) has
         # no compare-and-write op, so two access points are not atomic with each other yet.
@@ -592,7 +645,7 @@ class ReplicatedVolume:
                     i for i, (x, y) in enumerate(zip(current, bytes(verify), strict=True)) if x != y
                 )
                 raise Miscompare(pos)
-            await self._write(lba, data, fua=False)
+            await self._write(lba, data, False, nexus)
 
     async def _lba_status(self, lba: int) -> Sequence[LbaStatus]:
         offset, _ = self._range(lba, 1)

@@ -54,6 +54,7 @@ class Status(StrEnum):
     UNAUTHENTICATED = "unauthenticated"
     BAD_REQUEST = "bad_request"
     UNAVAILABLE = "unavailable"  # a data directory failed, or the server is shutting down
+    FENCED = "fenced"  # an access write from a superseded login of its I_T nexus
 
 
 class WireError(Exception):
@@ -191,14 +192,18 @@ class Kind(Enum):
     STR = "str"
     NONCE = "nonce"  # 32 bytes
     PROOF = "proof"  # 32 bytes
-    NEXUS = "nexus"  # [initiator iqn, target iqn, epoch] or nil: reserved for nexus epochs
+    NEXUS = "nexus"  # [initiator port, target iqn, epoch] or nil: the nexus epoch of a write
     BLOCKS = "blocks"  # list of u64
     VERSIONS = "versions"  # list of u64
 
 
 @dataclass(frozen=True, slots=True)
 class Nexus:
-    """An I_T nexus and its login epoch (DATAPATH.md, "Stale in-flight writes")."""
+    """An I_T nexus and its login epoch (docs/datapath.md, "Fencing stale writes").
+
+    `initiator` is the SCSI initiator port name ("<iqn>,i,0x<isid, 12 hex digits>"), so two
+    paths of a multipath initiator (two ISIDs) are two nexuses; `target` the target IQN;
+    `epoch` the etcd revision of the nexus's latest login."""
 
     initiator: str
     target: str
@@ -545,6 +550,7 @@ STATUS_FIELDS: dict[Status, tuple[Field, ...]] = {
     Status.OUT_OF_ORDER: (Field("expected", "expected", Kind.U64),),
     Status.CHECKSUM_MISMATCH: (Field("blocks", "blocks", Kind.BLOCKS),),
     Status.BAD_REQUEST: (Field("versions", "versions", Kind.VERSIONS, required=False),),
+    Status.FENCED: (Field("epoch", "epoch", Kind.U64),),
 }
 # Fields an `ok` answer to this op MUST carry.
 OK_FIELDS: dict[Op, tuple[Field, ...]] = {

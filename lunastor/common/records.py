@@ -11,6 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
+from urllib.parse import quote
 
 R = TypeVar("R", bound="Record")
 
@@ -50,10 +51,17 @@ class Keys:
     RINGS = f"/{SCHEMA}/rings/"  # /<replicas>: the placement ring (Ring.to_dict() as JSON)
     CLUSTER_CONFIG = f"/{SCHEMA}/cluster-config"  # ClusterConfigRecord: extent size
     TARGET_PORTS = f"/{SCHEMA}/target-ports/"  # /<n, 5 digits>: chunk id holding relative port n
+    # /<target iqn>/<initiator port>, both percent-encoded: the access point holding the
+    # nexus's latest login; its mod_revision is the nexus epoch (docs/datapath.md, "Fencing")
+    NEXUS_EPOCHS = f"/{SCHEMA}/nexus-epochs/"
 
     @staticmethod
     def chunk(chunk_id: str) -> str:
         return Keys.CHUNKS + chunk_id
+
+    @staticmethod
+    def nexus_epoch(initiator_port: str, target: str) -> str:
+        return f"{Keys.NEXUS_EPOCHS}{quote(target, safe=':.,')}/{quote(initiator_port, safe=':.,')}"
 
     @staticmethod
     def live_chunk(chunk_id: str) -> str:

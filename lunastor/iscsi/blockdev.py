@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from lunastor.iscsi.scsi.types import Nexus
 
 
 class BlockDeviceError(Exception):
@@ -39,6 +42,11 @@ class NotReady(BlockDeviceError):
 
 class WriteProtected(BlockDeviceError):
     """Write to a read-only device -> DATA PROTECT / WRITE PROTECTED."""
+
+
+class NexusLost(BlockDeviceError):
+    """The command's I_T nexus logged in again (elsewhere) and its newer login fenced this
+    write: nothing was written -> ABORTED COMMAND / I_T NEXUS LOSS OCCURRED."""
 
 
 class Miscompare(BlockDeviceError):
@@ -90,18 +98,34 @@ class BlockDevice(Protocol):
 
     async def read(self, lba: int, blocks: int) -> bytes | bytearray | memoryview: ...
 
-    async def write(self, lba: int, data: bytes | bytearray | memoryview, fua: bool) -> None: ...
+    # Mutations name the I_T nexus they come from (None: not from an initiator), so that a
+    # replicated device can fence writes of a superseded login; local devices ignore it.
+
+    async def write(
+        self, lba: int, data: bytes | bytearray | memoryview, fua: bool, nexus: Nexus | None = None
+    ) -> None: ...
 
     async def flush(self) -> None: ...
 
-    async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None: ...  # (lba, blocks) pairs
+    async def unmap(
+        self, ranges: Sequence[tuple[int, int]], nexus: Nexus | None = None
+    ) -> None: ...  # (lba, blocks) pairs
 
     async def write_same(
-        self, lba: int, blocks: int, pattern: bytes | bytearray | memoryview, unmap: bool
+        self,
+        lba: int,
+        blocks: int,
+        pattern: bytes | bytearray | memoryview,
+        unmap: bool,
+        nexus: Nexus | None = None,
     ) -> None: ...
 
     async def compare_and_write(
-        self, lba: int, verify: bytes | bytearray | memoryview, data: bytes | bytearray | memoryview
+        self,
+        lba: int,
+        verify: bytes | bytearray | memoryview,
+        data: bytes | bytearray | memoryview,
+        nexus: Nexus | None = None,
     ) -> None: ...  # atomic; raises Miscompare
 
     async def lba_status(self, lba: int) -> Sequence[LbaStatus]: ...  # runs starting at lba

@@ -15,6 +15,7 @@ from lunastor.iscsi.blockdev import (
     OutOfRange,
     WriteProtected,
 )
+from lunastor.iscsi.scsi.types import Nexus
 
 Buffer = bytes | bytearray | memoryview
 
@@ -132,7 +133,7 @@ class MemoryBlockDevice:
             pos += n
         return out
 
-    async def write(self, lba: int, data: Buffer, fua: bool) -> None:
+    async def write(self, lba: int, data: Buffer, fua: bool, nexus: Nexus | None = None) -> None:
         if len(data) % self._bs:
             raise ValueError("write length is not a multiple of the block size")
         self._check_write(lba, len(data) // self._bs)
@@ -159,13 +160,15 @@ class MemoryBlockDevice:
                         del self._chunks[idx]
             pos += n
 
-    async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
+    async def unmap(self, ranges: Sequence[tuple[int, int]], nexus: Nexus | None = None) -> None:
         for lba, blocks in ranges:
             self._check_write(lba, blocks)
         for lba, blocks in ranges:
             self._deallocate(lba, blocks)
 
-    async def write_same(self, lba: int, blocks: int, pattern: Buffer, unmap: bool) -> None:
+    async def write_same(
+        self, lba: int, blocks: int, pattern: Buffer, unmap: bool, nexus: Nexus | None = None
+    ) -> None:
         if len(pattern) != self._bs:
             raise ValueError("write same pattern must be one block")
         self._check_write(lba, blocks)
@@ -176,7 +179,9 @@ class MemoryBlockDevice:
         for i in range(blocks):
             self._put((lba + i) * self._bs, block)
 
-    async def compare_and_write(self, lba: int, verify: Buffer, data: Buffer) -> None:
+    async def compare_and_write(
+        self, lba: int, verify: Buffer, data: Buffer, nexus: Nexus | None = None
+    ) -> None:
         if len(verify) != len(data) or len(data) % self._bs:
             raise ValueError("compare and write buffers must be equal whole blocks")
         self._check_write(lba, len(data) // self._bs)

@@ -1,4 +1,5 @@
-"""A TCP proxy that cuts connectivity on command, to break client streams deterministically."""
+"""A TCP proxy that cuts connectivity on command, to break client streams deterministically,
+or holds what the client sends (a slow link) until released."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from tests.support.procs import free_port
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:`port` to `target` ("host:port") until `cut()`; `restore()` again."""
+    """Forwards 127.0.0.1:`port` to `target` ("host:port") until `cut()`; `restore()` again.
+
+    `hold()` keeps the connections open but stops forwarding what clients send (it is read and
+    kept, in order) until `release()`; `held` counts the bytes waiting."""
 
     def __init__(self, target: str) -> None:
         host, _, port = target.rpartition(":")
@@ -17,6 +21,9 @@ class TcpProxy:
         self.port = free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
         self.open = True
+        self.held = 0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
 
@@ -40,6 +47,12 @@ class TcpProxy:
     def restore(self) -> None:
         self.open = True
 
+    def hold(self) -> None:
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.open:
             writer.transport.abort()
@@ -51,15 +64,23 @@ class TcpProxy:
             return
         self._writers.update((writer, up_writer))
         await asyncio.gather(
-            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+            self._pipe(reader, up_writer, upstream=True),
+            self._pipe(up_reader, writer),
+            return_exceptions=True,
         )
         for w in (writer, up_writer):
             self._writers.discard(w)
             w.transport.abort()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool = False
+    ) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
+                if upstream and not self._flowing.is_set():
+                    self.held += len(data)
+                    await self._flowing.wait()
+                    self.held -= len(data)
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()

@@ -196,10 +196,16 @@ class SlowDevice(MemoryBlockDevice):
             await asyncio.sleep(self.delay)
         return await super().read(lba, blocks)
 
-    async def write(self, lba: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+    async def write(
+        self,
+        lba: int,
+        data: bytes | bytearray | memoryview,
+        fua: bool,
+        nexus: Nexus | None = None,
+    ) -> None:
         if self.delay:
             await asyncio.sleep(self.delay)
-        await super().write(lba, data, fua)
+        await super().write(lba, data, fua, nexus)
 
 
 @pytest.fixture

@@ -206,7 +206,7 @@ async def _write(
         have = min(len(data), want) // bs * bs
         data = memoryview(data)[:have]
     if data:
-        await dev.write(lba, data, fua or not lu.write_cache)
+        await dev.write(lba, data, fua or not lu.write_cache, cmd.nexus)
     return ScsiResult(_GOOD, b"", b"", want)
 
 
@@ -236,7 +236,7 @@ async def write10(
         and not dev.read_only
         and not lu.software_write_protect  # type: ignore[union-attr]
     ):
-        await dev.write(lba, data, bool(flags & 0x08) or not lu.write_cache)  # type: ignore[union-attr]
+        await dev.write(lba, data, bool(flags & 0x08) or not lu.write_cache, cmd.nexus)  # type: ignore[union-attr]
         return ScsiResult(_GOOD, b"", b"", want)
     return await _write(lu, cmd, lba, blocks, bool(flags & 0x08), 7)  # type: ignore[arg-type]
 
@@ -265,7 +265,7 @@ async def write16(
         and not dev.read_only
         and not lu.software_write_protect  # type: ignore[union-attr]
     ):
-        await dev.write(lba, data, bool(flags & 0x08) or not lu.write_cache)  # type: ignore[union-attr]
+        await dev.write(lba, data, bool(flags & 0x08) or not lu.write_cache, cmd.nexus)  # type: ignore[union-attr]
         return ScsiResult(_GOOD, b"", b"", want)
     return await _write(lu, cmd, lba, blocks, bool(flags & 0x08), 10)  # type: ignore[arg-type]
 
@@ -475,7 +475,7 @@ async def unmap(
     if total > lu.max_unmap_blocks:
         raise invalid_param(8 + 8)
     if ranges:
-        await dev.unmap(ranges)
+        await dev.unmap(ranges, cmd.nexus)
     return ScsiResult(_GOOD, b"", b"", length)
 
 
@@ -502,7 +502,7 @@ async def _write_same(
         if len(cmd.data_out) != bs:  # exactly one block, or the initiator mis-sized it
             raise invalid_cdb(length_byte)
         pattern = memoryview(cmd.data_out)
-    await dev.write_same(lba, blocks, pattern, unmap_bit)
+    await dev.write_same(lba, blocks, pattern, unmap_bit, cmd.nexus)
     return ScsiResult(_GOOD, b"", b"", 0 if ndob else bs)
 
 
@@ -562,7 +562,7 @@ async def compare_and_write(
     if not blocks:
         return ScsiResult(_GOOD, b"", b"", 0)
     _writable(lu)
-    await lu.device.compare_and_write(lba, data[:n], data[n : 2 * n])
+    await lu.device.compare_and_write(lba, data[:n], data[n : 2 * n], cmd.nexus)
     return ScsiResult(_GOOD, b"", b"", 2 * n)
 
 
@@ -604,7 +604,7 @@ async def orwrite16(
         old = bytes(await dev.read(lba, n))
         new = (int.from_bytes(old, "little") | mask).to_bytes(len(old), "little")
         try:
-            await dev.compare_and_write(lba, old, new)
+            await dev.compare_and_write(lba, old, new, cmd.nexus)
         except Miscompare:
             continue  # another write landed between the read and the swap: redo with it
         if flags & 0x08 or not lu.write_cache:

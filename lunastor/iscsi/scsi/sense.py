@@ -15,6 +15,7 @@ from lunastor.iscsi.blockdev import (
     BlockDeviceError,
     MediumError,
     Miscompare,
+    NexusLost,
     NotReady,
     OutOfRange,
     SpaceExhausted,
@@ -102,6 +103,8 @@ WRITE_PROTECTED = _c(_K.DATA_PROTECT, 0x27, 0x00, "WRITE PROTECTED")
 SPACE_ALLOCATION_FAILED_WRITE_PROTECT = _c(
     _K.DATA_PROTECT, 0x27, 0x07, "SPACE ALLOCATION FAILED WRITE PROTECT"
 )
+# ABORTED COMMAND
+I_T_NEXUS_LOSS_ABORTED = _c(_K.ABORTED_COMMAND, 0x29, 0x07, "I_T NEXUS LOSS OCCURRED")
 # MISCOMPARE
 MISCOMPARE_DURING_VERIFY = _c(_K.MISCOMPARE, 0x1D, 0x00, "MISCOMPARE DURING VERIFY OPERATION")
 
@@ -267,4 +270,6 @@ def device_error_check(error: BlockDeviceError) -> CheckCondition:
         return CheckCondition(WRITE_PROTECTED)
     if isinstance(error, Miscompare):
         return CheckCondition(MISCOMPARE_DURING_VERIFY, information=error.offset)
+    if isinstance(error, NexusLost):
+        return CheckCondition(I_T_NEXUS_LOSS_ABORTED)
     return CheckCondition(INTERNAL_TARGET_FAILURE)

@@ -17,6 +17,8 @@ from prometheus_client import REGISTRY
 
 from lunastor.chunk.dataserver import DataNode, DataServer, Replicas
 from lunastor.chunk.extentmap import ExtentMap
+from lunastor.chunk.fencing import EpochTable
+from lunastor.chunk.nexus_epochs import NexusEpochs
 from lunastor.chunk.peer import PeerAuthFailed, PeerClient
 from lunastor.chunk.store import BLOCK_SIZE, ExtentStore
 from lunastor.chunk.volume import AccessPath, ReplicatedVolume
@@ -43,6 +45,7 @@ class Node:
     path: AccessPath
     address: str
     alive: bool = True
+    epochs: NexusEpochs | None = None  # nexus epochs (fencing on)
 
 
 class Cluster:
@@ -51,10 +54,13 @@ class Cluster:
         self.root = root
         self.nodes: dict[str, Node] = {}
 
-    async def add(self, chunk_id: str, zone: str, min_replicas: int = 2) -> Node:
+    async def add(
+        self, chunk_id: str, zone: str, min_replicas: int = 2, fence: bool = False
+    ) -> Node:
         (self.root / chunk_id).mkdir()
         store = ExtentStore([self.root / chunk_id], EXTENT)
         emap = await ExtentMap(self.etcd).start()
+        epochs = await NexusEpochs(self.etcd, chunk_id).start() if fence else None
         replicas = Replicas(emap, SECRET, chunk_id)
         holder: list[Node] = []
         node = DataNode(
@@ -65,6 +71,7 @@ class Cluster:
             alive=lambda: holder[0].alive,
             min_replicas=min_replicas,
             read_lease=READ_LEASE,
+            epochs=EpochTable(epochs.known) if epochs is not None else None,
         )
         node.start()
         server = DataServer(node, SECRET, chunk_id)
@@ -81,9 +88,15 @@ class Cluster:
         await self.etcd.put(Keys.chunk(chunk_id), info.to_json())
         await self.etcd.put(Keys.live_chunk(chunk_id), status.to_json())
         path = AccessPath(
-            emap, replicas, chunk_id, lease_ttl=0.5, read_lease=READ_LEASE, io_timeout=10
+            emap,
+            replicas,
+            chunk_id,
+            lease_ttl=0.5,
+            read_lease=READ_LEASE,
+            io_timeout=10,
+            epochs=epochs,
         )
-        n = Node(chunk_id, store, emap, replicas, node, server, path, address)
+        n = Node(chunk_id, store, emap, replicas, node, server, path, address, epochs=epochs)
         holder.append(n)
         self.nodes[chunk_id] = n
         return n
@@ -111,6 +124,8 @@ class Cluster:
                 await n.server.close()
             await n.node.stop()
             await n.replicas.close()
+            if n.epochs is not None:
+                await n.epochs.stop()
             await n.emap.stop()
             await n.store.close()
 

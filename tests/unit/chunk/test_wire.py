@@ -82,6 +82,22 @@ REQUEST_CASES: list[tuple[Request, dict[str, Any], bytes]] = [
         b"x",
     ),
     (
+        Unmap(4, "v", 0, 1, 0, 512, 8192, False, Nexus("iqn.i,i,0x00023d000001", "iqn.t", 2**40)),
+        {
+            "op": "unmap",
+            "id": 4,
+            "vol": "v",
+            "ext": 0,
+            "gen": 1,
+            "seq": 0,
+            "off": 512,
+            "n": 8192,
+            "fua": False,
+            "nexus": ["iqn.i,i,0x00023d000001", "iqn.t", 2**40],
+        },
+        b"",
+    ),
+    (
         Unmap(4, "v", 0, 1, 2, 512, 8192, False),
         {
             "op": "unmap",
@@ -212,6 +228,16 @@ RESPONSE_CASES: list[tuple[Op, Response, dict[str, Any]]] = [
         Response(11, Status.BAD_REQUEST, {"versions": [1]}),
         {"id": 11, "status": "bad_request", "versions": [1]},
     ),
+    (
+        Op.WRITE,
+        Response(12, Status.FENCED, {"epoch": 977}),
+        {"id": 12, "status": "fenced", "epoch": 977},
+    ),
+    (
+        Op.UNMAP,
+        Response(13, Status.FENCED, {"epoch": 5, "message": "superseded"}),
+        {"id": 13, "status": "fenced", "epoch": 5, "msg": "superseded"},
+    ),
 ]
 
 
@@ -272,6 +298,13 @@ BAD_REQUESTS: list[tuple[dict[str, Any], bytes, str, int | None, type[WireError]
     (_hdr(vol="x" * 300), b"x", "'vol'", 1, WireError),
     (_hdr(vol=b"bytes"), b"x", "'vol'", 1, WireError),
     (_hdr(nexus=["a", "b"]), b"x", "'nexus'", 1, WireError),
+    (_hdr(nexus=["a", "b", 1, 2]), b"x", "'nexus'", 1, WireError),
+    (_hdr(nexus=["a", "b", -1]), b"x", "'nexus'", 1, WireError),
+    (_hdr(nexus=["a", "b", True]), b"x", "'nexus'", 1, WireError),
+    (_hdr(nexus=["", "b", 1]), b"x", "'nexus'", 1, WireError),
+    (_hdr(nexus=["a", "b" * 300, 1]), b"x", "'nexus'", 1, WireError),
+    (_hdr(nexus=[b"a", "b", 1]), b"x", "'nexus'", 1, WireError),
+    (_hdr(nexus={"a": 1}), b"x", "'nexus'", 1, WireError),
     ({k: v for k, v in _hdr().items() if k != "seq"}, b"x", "missing field 'seq'", 1, WireError),
     ({"op": "ping", "id": 2}, b"zz", "no payload", 2, WireError),
     (
@@ -473,6 +506,10 @@ def _response_strategy() -> st.SearchStrategy[tuple[Op, Response]]:
         ),
         st.builds(
             lambda i, e: (Op.UNMAP, Response(i, Status.OUT_OF_ORDER, {"expected": e})), rid, u64
+        ),
+        st.builds(
+            lambda o, i, e, m: (o, Response(i, Status.FENCED, with_msg({"epoch": e}, m))),
+            st.sampled_from([Op.WRITE, Op.UNMAP]), rid, u64, msg,
         ),
         st.builds(
             lambda i, b: (Op.READ, Response(i, Status.CHECKSUM_MISMATCH, {"blocks": b})),

@@ -49,6 +49,7 @@ ERRORS = [
     (blockdev.NotReady(), (2, 0x04, 0x0A), None),
     (blockdev.WriteProtected(), (7, 0x27, 0x00), None),
     (blockdev.Miscompare(33), (0xE, 0x1D, 0x00), 33),
+    (blockdev.NexusLost(), (0xB, 0x29, 0x07), None),
     (blockdev.BlockDeviceError(), (4, 0x44, 0x00), None),
 ]
 
