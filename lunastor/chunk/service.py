@@ -11,6 +11,7 @@ from lunastor.chunk.config import ChunkConfig
 from lunastor.chunk.dataserver import DataNode, DataServer, Replicas
 from lunastor.chunk.extentmap import ExtentMap
 from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
+from lunastor.chunk.reservations import EtcdReservations
 from lunastor.chunk.store import ExtentStore
 from lunastor.chunk.targets import EtcdTargetHost
 from lunastor.chunk.volume import AccessPath
@@ -58,8 +59,15 @@ async def claim_relative_port(etcd: Etcd, chunk_id: str) -> int:
 
 class DataPath:
     def __init__(
-        self, config: ChunkConfig, etcd: Etcd, chunk_id: str, alive: Callable[[], bool]
+        self,
+        config: ChunkConfig,
+        etcd: Etcd,
+        chunk_id: str,
+        alive: Callable[[], bool],
+        lease: Callable[[], int] | None = None,
     ) -> None:
+        """`lease()`: the chunk lease id (0 while none); with it, SCSI reservations live in
+        etcd and every access point enforces them (`EtcdReservations`)."""
         self.config = config
         self.etcd = etcd
         self.chunk_id = chunk_id
@@ -74,6 +82,11 @@ class DataPath:
         self.iscsi: IscsiServer | None = None
         self.ports = PrefixCache(etcd, Keys.TARGET_PORTS)
         self.relative_port = 0
+        self.reservations: EtcdReservations | None = None
+        if lease is not None:
+            self.reservations = EtcdReservations(
+                etcd, chunk_id, lease=lease, alive=alive, lease_ttl=config.lease_ttl
+            )
 
     def _relative_ports(self) -> list[int]:
         return sorted(int(k.removeprefix(Keys.TARGET_PORTS)) for k in self.ports.items)
@@ -109,6 +122,9 @@ class DataPath:
             io_timeout=config.io_timeout,
         )
         sealer = Sealer(config.secret_key) if config.secret_key else None
+        if self.reservations is not None:
+            # before serving iSCSI: registered, so that no reservation change misses us
+            await self.reservations.start()
         self.host = EtcdTargetHost(
             self.etcd,
             path,
@@ -116,6 +132,7 @@ class DataPath:
             relative_port=lambda: self.relative_port,
             relative_ports=self._relative_ports,
             sealer=sealer,
+            reservations=self.reservations,
         )
         await self.host.start()
         self.iscsi = IscsiServer(
@@ -140,6 +157,8 @@ class DataPath:
             await self.data_server.close()
         if self.node is not None:
             await self.node.stop()
+        if self.reservations is not None:
+            await self.reservations.stop()
         await self.replicas.close()
         await self.emap.stop()
         await self.ports.stop()

@@ -96,6 +96,14 @@ class PrState:
     # (nexus, ASC, ASCQ) and the nexuses whose tasks PREEMPT AND ABORT aborted.
     events: tuple[tuple[ItNexus, int, int], ...] = ()
     aborts: tuple[ItNexus, ...] = ()
+    # SPC-2 RESERVE(6)/(10): the one nexus holding the LU (not a persistent reservation, but
+    # kept here so that every access point enforces it). Changing it leaves `generation`.
+    spc2_holder: ItNexus | None = None
+    # Resets that the transition carries, as (relative port it happened through, ASC, ASCQ):
+    # every nexus of the LU on every access point gets that unit attention (its queue is
+    # replaced, as a reset does) and medium-removal prevention ends. The access point it
+    # happened through applied it already.
+    resets: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def reserved(self) -> bool:
@@ -122,6 +130,8 @@ class PrState:
             "aptpl": self.aptpl,
             "events": [[n[0], n[1], asc, ascq] for n, asc, ascq in self.events],
             "aborts": [list(n) for n in self.aborts],
+            "spc2": list(self.spc2_holder) if self.spc2_holder else None,
+            "resets": [list(r) for r in self.resets],
         }
 
     @classmethod
@@ -132,6 +142,7 @@ class PrState:
         }
         holder = d.get("holder")
         ptype = d.get("type")
+        spc2 = d.get("spc2")
         return cls(
             int(d["generation"]),  # type: ignore[call-overload]
             regs,
@@ -143,7 +154,18 @@ class PrState:
                 for i, t, asc, ascq in d.get("events", ())  # type: ignore[attr-defined]
             ),
             tuple((str(i), str(t)) for i, t in d.get("aborts", ())),  # type: ignore[attr-defined]
+            (str(spc2[0]), str(spc2[1])) if spc2 else None,  # type: ignore[index]
+            tuple(
+                (int(port), int(asc), int(ascq))
+                for port, asc, ascq in d.get("resets", ())  # type: ignore[attr-defined]
+            ),
         )
+
+    def quiet(self) -> PrState:
+        """This state without a transition's effects (what a new transition starts from)."""
+        if not self.events and not self.aborts and not self.resets:
+            return self
+        return replace(self, events=(), aborts=(), resets=())
 
 
 EMPTY = PrState()
@@ -216,7 +238,7 @@ def apply_out(
     if new is state:
         return state, effects
     events = tuple((n, code.asc, code.ascq) for n, code in effects.unit_attentions)
-    return replace(new, events=events, aborts=tuple(effects.abort_nexuses)), effects
+    return replace(new, events=events, aborts=tuple(effects.abort_nexuses), resets=()), effects
 
 
 def _apply_out(
