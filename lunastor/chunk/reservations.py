@@ -115,6 +115,7 @@ class EtcdReservations:
         self.ready = asyncio.Event()  # set while registered (tests and start-up wait on it)
         self._task: asyncio.Task[None] | None = None
         self.revoked: list[str] = []  # applied-revision keys whose lease a barrier revoked
+        self.conflicts = 0  # compare-and-swaps lost to another change (then retried)
 
     # -- life ----------------------------------------------------------------------------
 
@@ -182,6 +183,7 @@ class EtcdReservations:
             log.error("changing reservations of %s: %s", key, exc)
             raise CheckCondition(LU_NOT_ACCESSIBLE_TRANSITION) from None
         if not result.succeeded:
+            self.conflicts += 1
             return False
         await self.barrier(result.revision)
         return True
