@@ -15,34 +15,15 @@ from tests.integration.chunk.test_replicated_cluster import Cluster, _target_url
 from tests.integration.test_iscsi_target import CU_INITIATORS, Target, classify, cunit_verdicts
 from tests.support.devcluster import dev_up, lunastor
 
-# SCSI state of a LU is kept per access point (docs/datapath.md, "Missing"): persistent
-# reservations and registrations, RESERVE(6) and unit attentions made through one chunk server
-# are not seen through another. The suite's second initiator uses the second URL, on another
-# chunk server, so these tests fail there; on the standalone target (one LU state) they pass.
+# Reservations, RESERVE(6), resets and their unit attentions are shared by every access point
+# through etcd (lunastor/chunk/reservations.py), so the PR, RESERVE(6) and MultipathIO tests
+# classify as on the standalone target. Mode parameters are still per access point.
 # test -> (classification on the replicated LUN, why it differs from the standalone's)
-PR_NOT_SHARED = "a persistent reservation made through one access point is not seen on the other"
-RESERVE6_NOT_SHARED = "RESERVE(6) through one access point does not conflict on the other"
 KNOWN_DIFFERENCES: dict[str, tuple[str, str]] = {
-    **{
-        f"ProutReserve.{t}": ("FAILED", PR_NOT_SHARED)
-        for t in ("AccessEA", "AccessWE", "AccessEARO", "AccessWERO", "AccessEAAR", "AccessWEAR")
-    },
-    "ProutReserve.OwnershipEAAR": ("FAILED", PR_NOT_SHARED),
-    "ProutReserve.OwnershipWEAR": ("FAILED", PR_NOT_SHARED),
-    "ProutPreempt.RemoveRegistration": (
-        "FAILED",
-        "a registration made through one access point cannot be preempted through the other",
-    ),
-    "Reserve6.2Initiators": ("FAILED", RESERVE6_NOT_SHARED),
-    "Reserve6.Logout": ("FAILED", RESERVE6_NOT_SHARED),
-    "Reserve6.ITNexusLoss": ("FAILED", RESERVE6_NOT_SHARED),
-    "MultipathIO.Reset": (
-        "FAILED",
-        "a LUN reset through one access point raises no unit attention on the other",
-    ),
-    # the standalone's "[FAILED]" line here is the next set-up meeting the unit attention this
-    # test raised for the other nexus; that nexus is on the other access point, which has none
-    "ModeSense6.Residuals": ("PASSED", "no unit attention crosses access points"),
+    # the standalone's "[FAILED]" line here is the next set-up meeting the MODE PARAMETERS
+    # CHANGED unit attention this test raised for the other nexus; that nexus is on the other
+    # access point, and mode parameters (and so that unit attention) are per access point
+    "ModeSense6.Residuals": ("PASSED", "mode parameters are per access point"),
 }
 # the differences CUnit itself fails (the others are classifier-only)
 KNOWN_CUNIT_FAILURES = {t for t, (s, _) in KNOWN_DIFFERENCES.items() if s == "FAILED"}
