@@ -29,6 +29,8 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
+from prometheus_client import Counter
+
 from lunastor.common.etcd import (
     Compare,
     Etcd,
@@ -49,6 +51,16 @@ from lunastor.iscsi.scsi.sense import (
 )
 
 log = logging.getLogger(__name__)
+
+CHANGES = Counter("lunastor_reservation_changes_total", "SCSI reservation changes committed here")
+CONFLICTS = Counter(
+    "lunastor_reservation_conflicts_total",
+    "reservation transactions that lost to another change (and were retried)",
+)
+EXPULSIONS = Counter(
+    "lunastor_reservation_expulsions_total",
+    "access points whose lease a reservation barrier revoked (they did not confirm in time)",
+)
 
 _LEASE_POLL = 0.1  # how often a changed or lost chunk lease is noticed (the fence is immediate)
 
@@ -184,7 +196,9 @@ class EtcdReservations:
             raise CheckCondition(LU_NOT_ACCESSIBLE_TRANSITION) from None
         if not result.succeeded:
             self.conflicts += 1
+            CONFLICTS.inc()
             return False
+        CHANGES.inc()
         await self.barrier(result.revision)
         return True
 
@@ -202,11 +216,17 @@ class EtcdReservations:
         expelled: its lease revoked and its own deadline passed)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.barrier_timeout
-        acks: dict[str, KeyValue] = {}
+        acks: dict[str, KeyValue] | None = None
         try:
             async with asyncio.timeout_at(deadline):
                 # read after the commit: every access point registered before it is listed
-                kvs, rev = await self.etcd.get_prefix(Keys.LIVE_RESERVATIONS_APPLIED)
+                while True:
+                    try:
+                        kvs, rev = await self.etcd.get_prefix(Keys.LIVE_RESERVATIONS_APPLIED)
+                        break
+                    except EtcdError as exc:
+                        log.warning("reading reservation acknowledgements: %s", exc)
+                        await asyncio.sleep(_LEASE_POLL)
                 acks = {kv.key: kv for kv in kvs}
                 if _confirmed(acks, revision):
                     return
@@ -223,8 +243,12 @@ class EtcdReservations:
                             acks.pop(item.kv.key, None)
                         if _confirmed(acks, revision):
                             return
-        except TimeoutError:
+        except (TimeoutError, EtcdError):
             pass
+        if acks is None:
+            # committed, but who must enforce it is unknown: not GOOD (the initiator asks
+            # again, or reads the state with PERSISTENT RESERVE IN)
+            raise CheckCondition(LU_NOT_ACCESSIBLE_TRANSITION)
         laggards = [kv for kv in acks.values() if decode_applied(kv.value) < revision]
         for kv in laggards:
             log.error(
@@ -234,6 +258,7 @@ class EtcdReservations:
                 self.barrier_timeout,
             )
             self.revoked.append(kv.key)
+            EXPULSIONS.inc()
             with contextlib.suppress(EtcdError):
                 await self.etcd.revoke(kv.lease)
         if laggards:

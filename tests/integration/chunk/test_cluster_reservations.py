@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,13 +35,13 @@ class Client(Initiator):
     """`Initiator` logged in as any initiator name, to any target, on any address."""
 
     @classmethod
-    async def to(cls, portal: str, initiator: str, target: str, isid: int) -> Client:
+    async def to(cls, portal: str, initiator: str, vol: dict[str, Any], isid: int) -> Client:
         host, _, port = portal.rpartition(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         client = cls(reader, writer)
         keys = [
             ("InitiatorName", initiator),
-            ("TargetName", target),
+            ("TargetName", vol["target_iqn"]),
             ("SessionType", "Normal"),
             ("HeaderDigest", "None"),
             ("DataDigest", "None"),
@@ -56,7 +58,29 @@ class Client(Initiator):
         assert isinstance(resp, p.LoginResponse) and resp.status_class == 0, resp
         assert dict(parse_text(resp.data))["HeaderDigest"] == "None"
         client.statsn = resp.statsn + 1
+        client.lun = int(vol["lun"])
         return client
+
+    lun = 0
+
+    def command(self, cdb: bytes, *, read: int = 0, write: int = 0, imm: bytes = b"") -> int:
+        """`Initiator.command` to this client's LUN."""
+        self.itt += 1
+        self.send(
+            p.ScsiCommand(
+                itt=self.itt,
+                cmdsn=self.cmdsn,
+                expstatsn=self.statsn,
+                lun=p.lun_field(self.lun),
+                cdb=cdb.ljust(16, b"\0"),
+                read=bool(read),
+                write=bool(write),
+                expected_data_transfer_length=read or write,
+                data=imm,
+            )
+        )
+        self.cmdsn += 1
+        return self.itt
 
     async def run(self, cdb: bytes, data: bytes = b"", read: int = 0) -> tuple[int, bytes]:
         self.pending_write = data
@@ -76,7 +100,7 @@ class Client(Initiator):
             assert pdu is not None, "connection closed"
             if isinstance(pdu, p.ScsiResponse) and pdu.itt == itt:
                 assert pdu.status == CHECK_CONDITION, pdu
-                sense = bytes(pdu.data)[2:]  # after the sense length
+                sense = bytes(pdu.sense)
                 return sense[2] & 0x0F, sense[12], sense[13]
             assert not isinstance(pdu, p.ScsiResponse | p.DataIn), f"unexpected {pdu!r}"
 
@@ -116,7 +140,14 @@ async def _applied_everywhere(cluster: Cluster, volume_id: str) -> bool:
     return all(a["revision"] >= state.mod_revision for a in applied.values())
 
 
-def _volume(cluster: Cluster) -> tuple[dict[str, str], list[str]]:
+def _metric(cluster: Cluster, chunk: str, name: str) -> float:
+    admin = cluster.state["daemons"][chunk]["endpoints"]["admin"]
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def _volume(cluster: Cluster) -> tuple[dict[str, Any], list[str]]:
     vol = cluster.create_exported_volume("pr", "64MiB", INI_A, INI_B)
     portals = [cluster.portal(c) for c in cluster.chunks]
     for portal in portals[:2]:
@@ -129,8 +160,8 @@ async def test_reservations_and_resets_through_one_chunk_server_hold_on_another_
     cluster: Cluster,
 ) -> None:
     vol, portals = _volume(cluster)
-    a = await Client.to(portals[0], INI_A, vol["target_iqn"], 0x400001)
-    b = await Client.to(portals[1], INI_B, vol["target_iqn"], 0x400002)
+    a = await Client.to(portals[0], INI_A, vol, 0x400001)
+    b = await Client.to(portals[1], INI_B, vol, 0x400002)
     await a.clear_unit_attentions()
     await b.clear_unit_attentions()
     assert await a.prout(0, 0, 0xA) == GOOD  # REGISTER
@@ -148,7 +179,10 @@ async def test_reservations_and_resets_through_one_chunk_server_hold_on_another_
     assert (await b.run(bytes([0x16, 0, 0, 0, 0, 0])))[0] == RESERVATION_CONFLICT
     # ... until a LUN reset through chunk 2, which raises BUS DEVICE RESET on chunk 1's nexus
     # by the time the reset is answered (libiscsi's MultipathIO.Reset)
-    b.send(p.TaskManagementRequest(function=5, itt=700, cmdsn=b.cmdsn, immediate=True))
+    reset = p.TaskManagementRequest(
+        function=5, itt=700, lun=p.lun_field(b.lun), cmdsn=b.cmdsn, immediate=True
+    )
+    b.send(reset)
     resp = await b.recv()
     assert isinstance(resp, p.TaskManagementResponse) and resp.response == 0
     assert await a.sense(TUR) == (6, 0x29, 0x03)
@@ -167,8 +201,8 @@ async def test_preempt_and_abort_through_one_chunk_server_aborts_a_write_queued_
     cluster: Cluster,
 ) -> None:
     vol, portals = _volume(cluster)
-    a = await Client.to(portals[0], INI_A, vol["target_iqn"], 0x400011)
-    b = await Client.to(portals[1], INI_B, vol["target_iqn"], 0x400012)
+    a = await Client.to(portals[0], INI_A, vol, 0x400011)
+    b = await Client.to(portals[1], INI_B, vol, 0x400012)
     await a.clear_unit_attentions()
     await b.clear_unit_attentions()
     assert await b.prout(0, 0, 0xB) == GOOD
@@ -177,13 +211,14 @@ async def test_preempt_and_abort_through_one_chunk_server_aborts_a_write_queued_
     queued = b.command(WRITE10, write=4096)
     r2t = await b.recv()
     assert isinstance(r2t, p.R2T) and r2t.itt == queued
-    # PREEMPT AND ABORT of b's key through chunk 1, taking a WRITE EXCLUSIVE reservation
+    # PREEMPT AND ABORT of b's key through chunk 1 (no reservation is held: it only removes
+    # b's registration, and aborts b's tasks)
     assert await a.prout(5, 0xA, 0xB, ptype=1) == GOOD
-    # the write is gone on chunk 2 already: its data now finds no task
+    # the write is gone on chunk 2 already: its data now finds no task, nothing is written
     b.send(p.DataOut(itt=queued, ttt=r2t.ttt, buffer_offset=0, data=b"b" * 4096, final=True))
     assert await b.sense(TUR) == (6, 0x2A, 0x05)  # REGISTRATIONS PREEMPTED, no write status
-    assert (await b.run(WRITE10, b"b" * 4096))[0] == RESERVATION_CONFLICT
     assert (await a.run(READ10, read=4096)) == (GOOD, bytes(4096))  # it never landed
+    assert await b.prout(0, 0xB, 0xB2) == RESERVATION_CONFLICT  # b's key is gone
     a.close()
     b.close()
 
@@ -194,13 +229,13 @@ async def test_a_restarted_chunk_server_enforces_the_reservation_it_missed(
     vol, portals = _volume(cluster)
     second = cluster.chunks[1]
     lunastor("dev", "stop", second, "--kill", "--dir", str(cluster.dir))
-    a = await Client.to(portals[0], INI_A, vol["target_iqn"], 0x400021)
+    a = await Client.to(portals[0], INI_A, vol, 0x400021)
     await a.clear_unit_attentions()
     assert await a.prout(0, 0, 0xA) == GOOD
     assert await a.prout(1, 0xA, 0, ptype=1) == GOOD  # WRITE EXCLUSIVE, while chunk 2 is down
     lunastor("dev", "start", second, "--dir", str(cluster.dir))
     _wait_lun(_target_url(portals[1], vol["target_iqn"], vol["lun"]), INI_B)
-    b = await Client.to(portals[1], INI_B, vol["target_iqn"], 0x400022)
+    b = await Client.to(portals[1], INI_B, vol, 0x400022)
     await b.clear_unit_attentions()
     assert (await b.run(WRITE10, bytes(4096)))[0] == RESERVATION_CONFLICT
     assert (await b.run(READ10, read=4096))[0] == GOOD  # WRITE EXCLUSIVE lets others read
@@ -214,8 +249,9 @@ async def test_concurrent_registrations_through_two_chunk_servers_serialize(
     cluster: Cluster,
 ) -> None:
     vol, portals = _volume(cluster)
-    a = await Client.to(portals[0], INI_A, vol["target_iqn"], 0x400031)
-    b = await Client.to(portals[1], INI_B, vol["target_iqn"], 0x400032)
+    chunks = cluster.chunks[:2]
+    a = await Client.to(portals[0], INI_A, vol, 0x400031)
+    b = await Client.to(portals[1], INI_B, vol, 0x400032)
     await a.clear_unit_attentions()
     await b.clear_unit_attentions()
     per_session = 8
@@ -227,7 +263,14 @@ async def test_concurrent_registrations_through_two_chunk_servers_serialize(
             data = bytes(8) + (base + i).to_bytes(8, "big") + bytes(8)
             c.pending_write = data
             itts.append(c.command(bytes([0x5F, 6, 0, 0, 0, 0, 0, 0, 24, 0]), write=24, imm=data))
-        return [(await c.result(itt))[0] for itt in itts]
+        statuses: dict[int, int] = {}
+        while len(statuses) < len(itts):  # they complete in any order
+            pdu = await c.recv()
+            assert pdu is not None, "connection closed"
+            if isinstance(pdu, p.ScsiResponse):
+                statuses[pdu.itt] = pdu.status
+        assert set(statuses) == set(itts)
+        return list(statuses.values())
 
     results = await asyncio.gather(register_many(a, 0xA00), register_many(b, 0xB00))
     assert set(results[0] + results[1]) == {GOOD}
@@ -235,5 +278,7 @@ async def test_concurrent_registrations_through_two_chunk_servers_serialize(
     assert status == GOOD
     assert int.from_bytes(data[0:4], "big") == 2 * per_session  # no change was lost
     assert int.from_bytes(data[4:8], "big") == 16  # one key per I_T nexus
+    # and they did collide in etcd (then were retried)
+    assert sum(_metric(cluster, c, "lunastor_reservation_conflicts_total") for c in chunks) > 0
     a.close()
     b.close()
