@@ -337,12 +337,15 @@ class EtcdReservations:
             log.error("%s: %s (keeping the previous state)", kv.key, exc)
             return
         self._states[key] = state
-        if notify:
-            for callback in list(self._listeners):
-                try:
-                    callback(key, state)
-                except Exception:
-                    log.exception("reservation listener failed")
+        # a state read in bulk (start, re-registration, compaction) reaches the listeners
+        # without its effects, which belonged to a change they may have seen long ago; they
+        # still take its lasting parts (mode parameters)
+        report = state if notify else state.quiet()
+        for callback in list(self._listeners):
+            try:
+                callback(key, report)
+            except Exception:
+                log.exception("reservation listener failed")
 
     async def _ack(self, lease: int) -> None:
         """Publish the applied revision (coalesced: the latest one when etcd answers)."""

@@ -104,6 +104,13 @@ class PrState:
     # replaced, as a reset does) and medium-removal prevention ends. The access point it
     # happened through applied it already.
     resets: tuple[tuple[int, int, int], ...] = ()
+    # Mode parameters MODE SELECT set, which every access point applies: (WCE, D_SENSE, SWP);
+    # None until one is changed (the defaults). Not a reservation either, but LU state all
+    # access points must agree on.
+    mode: tuple[bool, bool, bool] | None = None
+    # unit attentions for every nexus of the LU but the one that caused them (MODE PARAMETERS
+    # CHANGED): (that nexus, ASC, ASCQ)
+    notices: tuple[tuple[ItNexus, int, int], ...] = ()
 
     @property
     def reserved(self) -> bool:
@@ -132,6 +139,8 @@ class PrState:
             "aborts": [list(n) for n in self.aborts],
             "spc2": list(self.spc2_holder) if self.spc2_holder else None,
             "resets": [list(r) for r in self.resets],
+            "mode": list(self.mode) if self.mode is not None else None,
+            "notices": [[n[0], n[1], asc, ascq] for n, asc, ascq in self.notices],
         }
 
     @classmethod
@@ -143,6 +152,7 @@ class PrState:
         holder = d.get("holder")
         ptype = d.get("type")
         spc2 = d.get("spc2")
+        mode = d.get("mode")
         return cls(
             int(d["generation"]),  # type: ignore[call-overload]
             regs,
@@ -159,13 +169,18 @@ class PrState:
                 (int(port), int(asc), int(ascq))
                 for port, asc, ascq in d.get("resets", ())  # type: ignore[attr-defined]
             ),
+            (bool(mode[0]), bool(mode[1]), bool(mode[2])) if mode else None,  # type: ignore[index]
+            tuple(
+                ((str(i), str(t)), int(asc), int(ascq))
+                for i, t, asc, ascq in d.get("notices", ())  # type: ignore[attr-defined]
+            ),
         )
 
     def quiet(self) -> PrState:
         """This state without a transition's effects (what a new transition starts from)."""
-        if not self.events and not self.aborts and not self.resets:
+        if not self.events and not self.aborts and not self.resets and not self.notices:
             return self
-        return replace(self, events=(), aborts=(), resets=())
+        return replace(self, events=(), aborts=(), resets=(), notices=())
 
 
 EMPTY = PrState()
@@ -238,7 +253,8 @@ def apply_out(
     if new is state:
         return state, effects
     events = tuple((n, code.asc, code.ascq) for n, code in effects.unit_attentions)
-    return replace(new, events=events, aborts=tuple(effects.abort_nexuses), resets=()), effects
+    aborts = tuple(effects.abort_nexuses)
+    return replace(new, events=events, aborts=aborts, resets=(), notices=()), effects
 
 
 def _apply_out(

@@ -124,6 +124,10 @@ class LogicalUnit:
         self.prevent: set[ItNexus] = set()
         self.nexuses: dict[Nexus, NexusState] = {}
 
+    def apply_mode(self, values: tuple[bool, bool, bool]) -> None:
+        """Mode parameters as MODE SELECT set them (through any access point)."""
+        self.write_cache, self.descriptor_sense, self.software_write_protect = values
+
     @property
     def write_protected(self) -> bool:
         return self.device.read_only or self.software_write_protect
@@ -203,6 +207,8 @@ class ScsiTarget:
         self._sessions: dict[int, _Session] = {}  # id(nexus) -> cache; holds the nexus alive
         self._pending: set[asyncio.Future[None]] = set()
         self.reservations.subscribe(self.reservation_changed)
+        for lu in self.luns.values():
+            self._adopt(lu)
 
     # -- visibility ----------------------------------------------------------------------
     def visible(self, nexus: Nexus) -> frozenset[int]:
@@ -304,12 +310,17 @@ class ScsiTarget:
 
     def reservation_changed(self, key: str, state: PrState) -> None:
         """Store callback: apply a committed transition's effects to our nexuses."""
-        if not state.events and not state.aborts and not state.resets:
-            return
         aborted = set(state.aborts)
         for lun, lu in self.luns.items():
             if lu.pr_key != key:
                 continue
+            if state.mode is not None:
+                lu.apply_mode(state.mode)
+            for itid, asc, ascq in state.notices:
+                code = UNIT_ATTENTIONS[(asc, ascq)]
+                for ns in lu.nexuses.values():
+                    if ns.itid != itid:
+                        ns.add_ua(code)
             for port, asc, ascq in state.resets:
                 if port != self.relative_port:  # where it happened, it was applied at once
                     lu.reset(UNIT_ATTENTIONS[(asc, ascq)])
@@ -424,9 +435,21 @@ class ScsiTarget:
         """Call when `visible_luns` answers differently (ACL change): same UA rules."""
         self._change_luns(self.luns)
 
+    def _adopt(self, lu: LogicalUnit) -> None:
+        """A LU joins this target: take the mode parameters the store has for it."""
+        try:
+            values = self.reservations.current(lu.pr_key).mode
+        except CheckCondition:
+            return  # the store catches up and reports the state to `reservation_changed`
+        if values is not None:
+            lu.apply_mode(values)
+
     def _change_luns(self, luns: dict[int, LogicalUnit]) -> None:
         known = {n for lu in self.luns.values() for n in lu.nexuses} | set(self._visible)
         before = {n: self.visible(n) for n in known}
+        for lu in luns.values():
+            if all(lu is not old for old in self.luns.values()):
+                self._adopt(lu)
         self.luns = luns
         self._visible.clear()
         self._sessions.clear()

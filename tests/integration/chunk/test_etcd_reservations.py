@@ -154,6 +154,13 @@ async def test_changes_through_one_access_point_are_enforced_by_the_other_on_ret
         ap2.target.nexus_lost(Y)
         await ap2.target.settle()
         assert (await ap1.cmd(X, READ10)).status == Status.GOOD
+        # MODE SELECT through ap1 (caching page, WCE=0): ap2 applies it and tells y
+        await ap2.ready(Y)  # a new nexus after the loss above
+        mode_select = [0x15, 0x10, 0, 0, 24, 0]
+        assert (await ap1.cmd(X, mode_select, bytes(4) + b"\x08\x12" + bytes(18))).status == 0
+        assert not ap2.target.luns[0].write_cache
+        assert ua(await ap2.cmd(Y, TUR)) == (6, 0x2A, 0x01)
+        assert (await ap1.cmd(X, TUR)).status == Status.GOOD
         assert ap1.store.revoked == [] and ap2.store.revoked == []
     finally:
         await ap1.store.stop()
@@ -207,6 +214,7 @@ async def test_a_fenced_access_point_refuses_commands_and_registers_again(etcd: 
         # an access point that starts later (a restarted chunk server) loads the state
         ap3 = await access_point(etcd, "c3", 3)
         try:
+            assert ap3.target.luns[0].write_cache  # nobody changed the mode in this test
             await ap3.ready(Y)
             assert (await ap3.cmd(Y, READ10)).status == Status.RESERVATION_CONFLICT
             r = await ap3.cmd(Y, [0x5E, 0, 0, 0, 0, 0, 0, 0, 24, 0])  # READ KEYS

@@ -15,16 +15,11 @@ from tests.integration.chunk.test_replicated_cluster import Cluster, _target_url
 from tests.integration.test_iscsi_target import CU_INITIATORS, Target, classify, cunit_verdicts
 from tests.support.devcluster import dev_up, lunastor
 
-# Reservations, RESERVE(6), resets and their unit attentions are shared by every access point
-# through etcd (lunastor/chunk/reservations.py), so the PR, RESERVE(6) and MultipathIO tests
-# classify as on the standalone target. Mode parameters are still per access point.
-# test -> (classification on the replicated LUN, why it differs from the standalone's)
-KNOWN_DIFFERENCES: dict[str, tuple[str, str]] = {
-    # the standalone's "[FAILED]" line here is the next set-up meeting the MODE PARAMETERS
-    # CHANGED unit attention this test raised for the other nexus; that nexus is on the other
-    # access point, and mode parameters (and so that unit attention) are per access point
-    "ModeSense6.Residuals": ("PASSED", "mode parameters are per access point"),
-}
+# Reservations, RESERVE(6), resets, mode parameters and the unit attentions they raise are
+# LU state shared by every access point through etcd (lunastor/chunk/reservations.py), so every
+# test classifies as on the standalone target. A difference that comes back must be listed here
+# with its reason: test -> (classification on the replicated LUN, why it differs).
+KNOWN_DIFFERENCES: dict[str, tuple[str, str]] = {}
 # the differences CUnit itself fails (the others are classifier-only)
 KNOWN_CUNIT_FAILURES = {t for t, (s, _) in KNOWN_DIFFERENCES.items() if s == "FAILED"}
 

@@ -133,6 +133,8 @@ RESERVE6, RELEASE6 = [0x16, 0, 0, 0, 0, 0], [0x17, 0, 0, 0, 0, 0]
 READ10 = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]
 TUR = [0, 0, 0, 0, 0, 0]
 REGISTER_X = [0x5F, 0, 0, 0, 0, 0, 0, 0, 24, 0]
+MODE_SELECT_WCE_OFF = [0x15, 0x10, 0, 0, 24, 0]  # caching page, WCE=0
+MODE_SENSE_CACHING = [0x1A, 0x08, 0x08, 0, 255, 0]
 C = Status.RESERVATION_CONFLICT
 G = Status.GOOD
 SHARED_CASES: dict[str, list[tuple[int, str, object, object]]] = {
@@ -159,6 +161,12 @@ SHARED_CASES: dict[str, list[tuple[int, str, object, object]]] = {
         (1, "x", READ10, C),
         (2, "y", "lost", None),
         (1, "x", READ10, G),
+    ],
+    "MODE SELECT through one access point changes the mode for every nexus": [
+        (1, "x", MODE_SELECT_WCE_OFF, G),
+        (2, "y", "ua", (0x2A, 0x01)),
+        (2, "y", MODE_SENSE_CACHING, "wce off"),
+        (1, "x", TUR, G),  # not for the nexus that changed it
     ],
     "a registration through either access point makes RESERVE(6) conflict (CRH=0)": [
         (2, "y", REGISTER_X, G),
@@ -201,10 +209,17 @@ async def test_lu_state_shared_by_two_access_points(
             await ap.settle()
             continue
         cdb = TUR if what == "ua" else what
-        data = bytes(8) + (0xAB).to_bytes(8, "big") + bytes(8) if cdb is REGISTER_X else b""
+        data = b""
+        if cdb is REGISTER_X:
+            data = bytes(8) + (0xAB).to_bytes(8, "big") + bytes(8)
+        elif cdb is MODE_SELECT_WCE_OFF:
+            data = bytes(4) + bytes([0x08, 0x12]) + bytes(18)
         r = await ap.execute(ScsiCommand(nexus, 0, bytes(cdb), 1, data_out=data))  # type: ignore[arg-type]
         if what == "ua":
             assert r.status == Status.CHECK_CONDITION, (i, r)
             assert (r.sense[2], r.sense[12], r.sense[13]) == (6, *expected), i  # type: ignore[misc]
+        elif expected == "wce off":
+            assert r.status == G and r.data_in[4:6] == b"\x08\x12", (i, r)
+            assert not r.data_in[6] & 0x04, i
         else:
             assert r.status == expected, (i, r.status)
