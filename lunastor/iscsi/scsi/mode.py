@@ -224,20 +224,23 @@ async def _select(
                 raise invalid_param(pos + i, diff.bit_length() - 1)
         changes.append((page, new))
         pos += 2 + page.length
-    values = ModeValues(lu.write_cache, lu.descriptor_sense, lu.software_write_protect)
-    changed = False
-    for page, new in changes:
-        if page.apply is not None:
-            changed |= page.apply(values, new)
-    if not changed:
+    if not any(page.apply is not None for page, _ in changes):
         return
     # Through the reservation store, so that every access point applies the new values and
-    # raises MODE PARAMETERS CHANGED for its nexuses (all but ours), this one included.
-    mode = values.as_tuple()
+    # raises MODE PARAMETERS CHANGED for its nexuses (all but ours), this one included. The
+    # pages apply to the stored values, so that changes of different pages through different
+    # access points at once are all kept.
     notice = ((cmd.nexus.initiator_port, cmd.nexus.target_port), *_MODE_CHANGED)
 
     def change(state: PrState) -> PrState:
-        return replace(state, mode=mode, notices=(notice,))
+        before = state.mode if state.mode is not None else DEFAULT_MODE
+        values = ModeValues(*before)
+        for page, new in changes:
+            if page.apply is not None:
+                page.apply(values, new)
+        if values.as_tuple() == before:
+            return state
+        return replace(state, mode=values.as_tuple(), notices=(notice,))
 
     try:
         await update(target.reservations, lu.pr_key, change)
@@ -246,6 +249,8 @@ async def _select(
 
 
 _MODE_CHANGED = (MODE_PARAMETERS_CHANGED.asc, MODE_PARAMETERS_CHANGED.ascq)
+# (WCE, D_SENSE, SWP) of a LU nobody changed: `LogicalUnit`'s initial values
+DEFAULT_MODE = (True, False, False)
 
 
 @command(0x15, "MODE SELECT(6)", [0x15, 0x11, 0, 0, 0xFF, 0x00], access=Access.WRITE)

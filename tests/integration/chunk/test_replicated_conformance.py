@@ -50,6 +50,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the whole suite twice: 5 min or more on a loaded 2-core machine
 def test_libiscsi_conformance_on_a_replicated_volume_matches_the_standalone_target(
     cluster: Cluster, tmp_path: Path
 ) -> None:
