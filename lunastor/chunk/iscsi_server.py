@@ -406,6 +406,9 @@ class IscsiConnectionProtocol(asyncio.Protocol):
             else:
                 try:
                     response = target.task_management(ev.nexus, ev.function, ev.lun)
+                    # a reset reaches the other access points through the reservation store:
+                    # answer only once they all applied it
+                    await target.settle()
                 except Exception:
                     log.exception("task management %s failed", ev.function.name)
                     response = TmfResponse.REJECTED

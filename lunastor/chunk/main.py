@@ -78,7 +78,11 @@ async def serve(config: ChunkConfig, stop: asyncio.Event) -> int:
 
         datapath: DataPath | None = None
         if config.cluster_secret:
-            datapath = DataPath(config, etcd, chunk_id, alive)
+
+            def lease() -> int:
+                return presence.lease_id if presence is not None and presence.held.is_set() else 0
+
+            datapath = DataPath(config, etcd, chunk_id, alive, lease)
             await datapath.start()
         else:
             log.error("no cluster_secret configured: serving neither the data port nor iSCSI")

@@ -14,6 +14,7 @@ from lunastor.chunk.fencing import EpochTable
 from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
 from lunastor.chunk.nexus_epochs import NexusEpochs
 from lunastor.chunk.repair import Repairer
+from lunastor.chunk.reservations import EtcdReservations
 from lunastor.chunk.store import ExtentStore
 from lunastor.chunk.targets import EtcdTargetHost
 from lunastor.chunk.volume import AccessPath
@@ -61,8 +62,15 @@ async def claim_relative_port(etcd: Etcd, chunk_id: str) -> int:
 
 class DataPath:
     def __init__(
-        self, config: ChunkConfig, etcd: Etcd, chunk_id: str, alive: Callable[[], bool]
+        self,
+        config: ChunkConfig,
+        etcd: Etcd,
+        chunk_id: str,
+        alive: Callable[[], bool],
+        lease: Callable[[], int] | None = None,
     ) -> None:
+        """`lease()`: the chunk lease id (0 while none); with it, SCSI reservations live in
+        etcd and every access point enforces them (`EtcdReservations`)."""
         self.config = config
         self.etcd = etcd
         self.chunk_id = chunk_id
@@ -79,6 +87,11 @@ class DataPath:
         self.ports = PrefixCache(etcd, Keys.TARGET_PORTS)
         self.relative_port = 0
         self.epochs = NexusEpochs(etcd, chunk_id) if config.fence_writes else None
+        self.reservations: EtcdReservations | None = None
+        if lease is not None:
+            self.reservations = EtcdReservations(
+                etcd, chunk_id, lease=lease, alive=alive, lease_ttl=config.lease_ttl
+            )
 
     def _relative_ports(self) -> list[int]:
         return sorted(int(k.removeprefix(Keys.TARGET_PORTS)) for k in self.ports.items)
@@ -119,6 +132,9 @@ class DataPath:
             epochs=self.epochs,
         )
         sealer = Sealer(config.secret_key) if config.secret_key else None
+        if self.reservations is not None:
+            # before serving iSCSI: registered, so that no reservation change misses us
+            await self.reservations.start()
         self.host = EtcdTargetHost(
             self.etcd,
             path,
@@ -126,6 +142,7 @@ class DataPath:
             relative_port=lambda: self.relative_port,
             relative_ports=self._relative_ports,
             sealer=sealer,
+            reservations=self.reservations,
         )
         await self.host.start()
         self.iscsi = IscsiServer(
@@ -163,6 +180,8 @@ class DataPath:
             await self.data_server.close()
         if self.node is not None:
             await self.node.stop()
+        if self.reservations is not None:
+            await self.reservations.stop()
         await self.replicas.close()
         if self.epochs is not None:
             await self.epochs.stop()

@@ -34,6 +34,7 @@ from lunastor.common.records import (
 )
 from lunastor.common.sealing import Sealer, SealError
 from lunastor.iscsi.chap import ChapCredentials
+from lunastor.iscsi.scsi.reservations import InProcessReservations, ReservationStore
 from lunastor.iscsi.scsi.target import LogicalUnit, ScsiTarget
 from lunastor.iscsi.scsi.types import Nexus
 from lunastor.iscsi.session import TargetInfo
@@ -66,8 +67,12 @@ class EtcdTargetHost:
         relative_port: Callable[[], int],
         relative_ports: Callable[[], list[int]],
         sealer: Sealer | None,
+        reservations: ReservationStore | None = None,
     ) -> None:
+        """`reservations`: where SCSI reservation state lives (`EtcdReservations` on a chunk
+        server, so that every access point enforces it; in-process when not given)."""
         self.path = path
+        self.reservations: ReservationStore = reservations or InProcessReservations()
         self.extent_size = extent_size
         self.sealer = sealer
         self._relative_port = relative_port
@@ -157,7 +162,8 @@ class EtcdTargetHost:
             if unit is None:
                 device = ReplicatedVolume(vol, self.path, self.extent_size)
                 naa, serial = volume_identity(vol.id)
-                unit = (device, LogicalUnit(device, naa_id=naa, serial=serial))
+                lu = LogicalUnit(device, naa_id=naa, serial=serial, pr_key=vol.id)
+                unit = (device, lu)
                 self._units[vol.id] = unit
             else:
                 unit[0].update(vol)
@@ -174,6 +180,7 @@ class EtcdTargetHost:
                     target_iqn(target),
                     luns,
                     relative_port=self._relative_port(),
+                    reservations=self.reservations,
                     visible_luns=self._visible_for(target),
                     relative_ports=self._relative_ports,
                     abort_tasks=self._abort_tasks,

@@ -29,6 +29,8 @@ class Keys:
     LIVE_CHUNKS = f"/{SCHEMA}/live/chunks/"  # lease-bound status: present while alive
     LIVE_META = f"/{SCHEMA}/live/meta/"  # lease-bound, one per meta instance
     LIVE_REDIRECTORS = f"/{SCHEMA}/live/redirectors/"  # lease-bound, one per redirector
+    # lease-bound, one per chunk server serving iSCSI: the revision of RESERVATIONS it enforces
+    LIVE_RESERVATIONS_APPLIED = f"/{SCHEMA}/live/reservations-applied/"
     REDIRECTOR_ELECTION = f"/{SCHEMA}/election/redirector"  # leader election name
     PLANNER_ELECTION = f"/{SCHEMA}/election/planner"  # meta's single background planner
 
@@ -46,7 +48,7 @@ class Keys:
     # Reserved for the data path (documented, not written yet).
     EXTENTS = f"/{SCHEMA}/extents/"  # /<volume>/<extent index>: replicas, generation
     CHUNK_EXTENTS = f"/{SCHEMA}/chunk-extents/"  # /<chunk>/<volume>/<index>: reverse index
-    RESERVATIONS = f"/{SCHEMA}/reservations/"  # /<volume>: SCSI persistent reservations
+    RESERVATIONS = f"/{SCHEMA}/reservations/"  # /<volume>: SCSI reservations (chunk/reservations)
     # Written by the data path (docs/datapath.md).
     RINGS = f"/{SCHEMA}/rings/"  # /<replicas>: the placement ring (Ring.to_dict() as JSON)
     CLUSTER_CONFIG = f"/{SCHEMA}/cluster-config"  # ClusterConfigRecord: extent size
@@ -66,6 +68,10 @@ class Keys:
     @staticmethod
     def live_chunk(chunk_id: str) -> str:
         return Keys.LIVE_CHUNKS + chunk_id
+
+    @staticmethod
+    def live_reservations_applied(chunk_id: str) -> str:
+        return Keys.LIVE_RESERVATIONS_APPLIED + chunk_id
 
     @staticmethod
     def volume(volume_id: str) -> str:

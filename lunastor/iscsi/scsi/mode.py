@@ -8,11 +8,14 @@ supported (page control 11b -> SAVING PARAMETERS NOT SUPPORTED).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from lunastor.iscsi.scsi.commands import Access, command, data_result
+from lunastor.iscsi.scsi.pr import PrState
+from lunastor.iscsi.scsi.reservations import ReservationsBusy, update
 from lunastor.iscsi.scsi.sense import (
+    INTERNAL_TARGET_FAILURE,
     MODE_PARAMETERS_CHANGED,
     PARAMETER_LIST_LENGTH_ERROR,
     SAVING_PARAMETERS_NOT_SUPPORTED,
@@ -34,7 +37,19 @@ class ModePage:
     code: int
     length: int  # PAGE LENGTH (bytes after the 2-byte header)
     render: Callable[[LogicalUnit, int], bytes]  # (lu, page control) -> whole page
-    apply: Callable[[LogicalUnit, bytes], bool] | None = None  # returns True if changed
+    apply: Callable[[ModeValues, bytes], bool] | None = None  # returns True if changed
+
+
+@dataclass
+class ModeValues:
+    """The changeable mode parameters (a scratch copy MODE SELECT changes, then stores)."""
+
+    write_cache: bool
+    descriptor_sense: bool
+    software_write_protect: bool
+
+    def as_tuple(self) -> tuple[bool, bool, bool]:
+        return (self.write_cache, self.descriptor_sense, self.software_write_protect)
 
 
 def _page(code: int, body: bytearray) -> bytes:
@@ -57,7 +72,7 @@ def _caching(lu: LogicalUnit, pc: int) -> bytes:
     return _page(0x08, body)
 
 
-def _apply_caching(lu: LogicalUnit, page: bytes) -> bool:
+def _apply_caching(lu: ModeValues, page: bytes) -> bool:
     wce = bool(page[2] & 0x04)
     changed = wce != lu.write_cache
     lu.write_cache = wce
@@ -79,7 +94,7 @@ def _control(lu: LogicalUnit, pc: int) -> bytes:
     return _page(0x0A, body)
 
 
-def _apply_control(lu: LogicalUnit, page: bytes) -> bool:
+def _apply_control(lu: ModeValues, page: bytes) -> bool:
     d_sense = bool(page[2] & 0x04)
     swp = bool(page[4] & 0x08)
     changed = (d_sense, swp) != (lu.descriptor_sense, lu.software_write_protect)
@@ -164,7 +179,9 @@ async def mode_sense10(
     return data_result(len(body).to_bytes(2, "big") + body, alloc)
 
 
-def _select(lu: LogicalUnit, cmd: ScsiCommand, header_len: int, length: int, sp: bool) -> None:
+async def _select(
+    target: ScsiTarget, lu: LogicalUnit, cmd: ScsiCommand, header_len: int, length: int, sp: bool
+) -> None:
     if sp:
         raise invalid_cdb(1, 0)  # saving parameters is not supported
     if length == 0:
@@ -207,13 +224,33 @@ def _select(lu: LogicalUnit, cmd: ScsiCommand, header_len: int, length: int, sp:
                 raise invalid_param(pos + i, diff.bit_length() - 1)
         changes.append((page, new))
         pos += 2 + page.length
-    changed = False
-    for page, new in changes:
-        if page.apply is not None:
-            changed |= page.apply(lu, new)
-    if changed:
-        return_nexus = cmd.nexus
-        lu.ua_to_others(return_nexus, MODE_PARAMETERS_CHANGED)
+    if not any(page.apply is not None for page, _ in changes):
+        return
+    # Through the reservation store, so that every access point applies the new values and
+    # raises MODE PARAMETERS CHANGED for its nexuses (all but ours), this one included. The
+    # pages apply to the stored values, so that changes of different pages through different
+    # access points at once are all kept.
+    notice = ((cmd.nexus.initiator_port, cmd.nexus.target_port), *_MODE_CHANGED)
+
+    def change(state: PrState) -> PrState:
+        before = state.mode if state.mode is not None else DEFAULT_MODE
+        values = ModeValues(*before)
+        for page, new in changes:
+            if page.apply is not None:
+                page.apply(values, new)
+        if values.as_tuple() == before:
+            return state
+        return replace(state, mode=values.as_tuple(), notices=(notice,))
+
+    try:
+        await update(target.reservations, lu.pr_key, change)
+    except ReservationsBusy:
+        raise CheckCondition(INTERNAL_TARGET_FAILURE) from None
+
+
+_MODE_CHANGED = (MODE_PARAMETERS_CHANGED.asc, MODE_PARAMETERS_CHANGED.ascq)
+# (WCE, D_SENSE, SWP) of a LU nobody changed: `LogicalUnit`'s initial values
+DEFAULT_MODE = (True, False, False)
 
 
 @command(0x15, "MODE SELECT(6)", [0x15, 0x11, 0, 0, 0xFF, 0x00], access=Access.WRITE)
@@ -222,7 +259,7 @@ async def mode_select6(
 ) -> ScsiResult:
     assert lu is not None
     length = cmd.cdb[4]
-    _select(lu, cmd, 4, length, bool(cmd.cdb[1] & 0x01))
+    await _select(target, lu, cmd, 4, length, bool(cmd.cdb[1] & 0x01))
     return ScsiResult(transfer_length=length)
 
 
@@ -234,5 +271,5 @@ async def mode_select10(
 ) -> ScsiResult:
     assert lu is not None
     length = int.from_bytes(cmd.cdb[7:9], "big")
-    _select(lu, cmd, 8, length, bool(cmd.cdb[1] & 0x01))
+    await _select(target, lu, cmd, 8, length, bool(cmd.cdb[1] & 0x01))
     return ScsiResult(transfer_length=length)

@@ -96,6 +96,21 @@ class PrState:
     # (nexus, ASC, ASCQ) and the nexuses whose tasks PREEMPT AND ABORT aborted.
     events: tuple[tuple[ItNexus, int, int], ...] = ()
     aborts: tuple[ItNexus, ...] = ()
+    # SPC-2 RESERVE(6)/(10): the one nexus holding the LU (not a persistent reservation, but
+    # kept here so that every access point enforces it). Changing it leaves `generation`.
+    spc2_holder: ItNexus | None = None
+    # Resets that the transition carries, as (relative port it happened through, ASC, ASCQ):
+    # every nexus of the LU on every access point gets that unit attention (its queue is
+    # replaced, as a reset does) and medium-removal prevention ends. The access point it
+    # happened through applied it already.
+    resets: tuple[tuple[int, int, int], ...] = ()
+    # Mode parameters MODE SELECT set, which every access point applies: (WCE, D_SENSE, SWP);
+    # None until one is changed (the defaults). Not a reservation either, but LU state all
+    # access points must agree on.
+    mode: tuple[bool, bool, bool] | None = None
+    # unit attentions for every nexus of the LU but the one that caused them (MODE PARAMETERS
+    # CHANGED): (that nexus, ASC, ASCQ)
+    notices: tuple[tuple[ItNexus, int, int], ...] = ()
 
     @property
     def reserved(self) -> bool:
@@ -122,6 +137,10 @@ class PrState:
             "aptpl": self.aptpl,
             "events": [[n[0], n[1], asc, ascq] for n, asc, ascq in self.events],
             "aborts": [list(n) for n in self.aborts],
+            "spc2": list(self.spc2_holder) if self.spc2_holder else None,
+            "resets": [list(r) for r in self.resets],
+            "mode": list(self.mode) if self.mode is not None else None,
+            "notices": [[n[0], n[1], asc, ascq] for n, asc, ascq in self.notices],
         }
 
     @classmethod
@@ -132,6 +151,8 @@ class PrState:
         }
         holder = d.get("holder")
         ptype = d.get("type")
+        spc2 = d.get("spc2")
+        mode = d.get("mode")
         return cls(
             int(d["generation"]),  # type: ignore[call-overload]
             regs,
@@ -143,7 +164,23 @@ class PrState:
                 for i, t, asc, ascq in d.get("events", ())  # type: ignore[attr-defined]
             ),
             tuple((str(i), str(t)) for i, t in d.get("aborts", ())),  # type: ignore[attr-defined]
+            (str(spc2[0]), str(spc2[1])) if spc2 else None,  # type: ignore[index]
+            tuple(
+                (int(port), int(asc), int(ascq))
+                for port, asc, ascq in d.get("resets", ())  # type: ignore[attr-defined]
+            ),
+            (bool(mode[0]), bool(mode[1]), bool(mode[2])) if mode else None,  # type: ignore[index]
+            tuple(
+                ((str(i), str(t)), int(asc), int(ascq))
+                for i, t, asc, ascq in d.get("notices", ())  # type: ignore[attr-defined]
+            ),
         )
+
+    def quiet(self) -> PrState:
+        """This state without a transition's effects (what a new transition starts from)."""
+        if not self.events and not self.aborts and not self.resets and not self.notices:
+            return self
+        return replace(self, events=(), aborts=(), resets=(), notices=())
 
 
 EMPTY = PrState()
@@ -216,7 +253,8 @@ def apply_out(
     if new is state:
         return state, effects
     events = tuple((n, code.asc, code.ascq) for n, code in effects.unit_attentions)
-    return replace(new, events=events, aborts=tuple(effects.abort_nexuses)), effects
+    aborts = tuple(effects.abort_nexuses)
+    return replace(new, events=events, aborts=aborts, resets=(), notices=()), effects
 
 
 def _apply_out(

@@ -8,6 +8,8 @@ the store tells every subscribed target (every access point) about the new state
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from lunastor.iscsi.scsi.commands import Access, command, data_result
@@ -20,6 +22,7 @@ from lunastor.iscsi.scsi.pr import (
     ServiceAction,
     apply_out,
 )
+from lunastor.iscsi.scsi.reservations import ReservationsBusy, update
 from lunastor.iscsi.scsi.sense import (
     INTERNAL_TARGET_FAILURE,
     PARAMETER_LIST_LENGTH_ERROR,
@@ -233,22 +236,40 @@ for _sa in ServiceAction:
 # -- RESERVE / RELEASE (SPC-2) ------------------------------------------------------------
 
 
-def _spc2_reserve(target: ScsiTarget, lu: LogicalUnit, ns: NexusState) -> ScsiResult:
-    # CRH=0 (SPC-4 5.12.3): while any I_T nexus is registered, RESERVE and RELEASE conflict
-    if target.reservations.current(lu.pr_key).registrations:
-        raise ReservationConflict()
-    if lu.spc2_holder is not None and lu.spc2_holder != ns.itid:
-        raise ReservationConflict()
-    lu.spc2_holder = ns.itid
+async def _spc2_reserve(target: ScsiTarget, lu: LogicalUnit, ns: NexusState) -> ScsiResult:
+    def reserve(state: PrState) -> PrState:
+        # CRH=0 (SPC-4 5.12.3): while any I_T nexus is registered, RESERVE and RELEASE conflict
+        if state.registrations:
+            raise ReservationConflict()
+        if state.spc2_holder == ns.itid:
+            return state
+        if state.spc2_holder is not None:
+            raise ReservationConflict()
+        return replace(state, spc2_holder=ns.itid)
+
+    await _update(target, lu, reserve)
     return ScsiResult()
 
 
-def _spc2_release(target: ScsiTarget, lu: LogicalUnit, ns: NexusState) -> ScsiResult:
-    if target.reservations.current(lu.pr_key).registrations:
-        raise ReservationConflict()
-    if lu.spc2_holder == ns.itid:
-        lu.spc2_holder = None
-    return ScsiResult()  # releasing someone else's reservation is a no-op
+async def _spc2_release(target: ScsiTarget, lu: LogicalUnit, ns: NexusState) -> ScsiResult:
+    def release(state: PrState) -> PrState:
+        if state.registrations:
+            raise ReservationConflict()
+        if state.spc2_holder != ns.itid:
+            return state  # releasing someone else's reservation is a no-op
+        return replace(state, spc2_holder=None)
+
+    await _update(target, lu, release)
+    return ScsiResult()
+
+
+async def _update(
+    target: ScsiTarget, lu: LogicalUnit, change: Callable[[PrState], PrState]
+) -> None:
+    try:
+        await update(target.reservations, lu.pr_key, change)
+    except ReservationsBusy:
+        raise CheckCondition(INTERNAL_TARGET_FAILURE) from None
 
 
 @command(0x16, "RESERVE(6)", [0x16, 0, 0, 0, 0, 0x00], access=Access.SPC2)
@@ -256,7 +277,7 @@ async def reserve6(
     target: ScsiTarget, lu: LogicalUnit | None, cmd: ScsiCommand, ns: NexusState | None
 ) -> ScsiResult:
     assert lu is not None and ns is not None
-    return _spc2_reserve(target, lu, ns)
+    return await _spc2_reserve(target, lu, ns)
 
 
 @command(0x17, "RELEASE(6)", [0x17, 0, 0, 0, 0, 0x00], access=Access.SPC2)
@@ -264,7 +285,7 @@ async def release6(
     target: ScsiTarget, lu: LogicalUnit | None, cmd: ScsiCommand, ns: NexusState | None
 ) -> ScsiResult:
     assert lu is not None and ns is not None
-    return _spc2_release(target, lu, ns)
+    return await _spc2_release(target, lu, ns)
 
 
 @command(0x56, "RESERVE(10)", [0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0x00], access=Access.SPC2)
@@ -272,7 +293,7 @@ async def reserve10(
     target: ScsiTarget, lu: LogicalUnit | None, cmd: ScsiCommand, ns: NexusState | None
 ) -> ScsiResult:
     assert lu is not None and ns is not None
-    return _spc2_reserve(target, lu, ns)
+    return await _spc2_reserve(target, lu, ns)
 
 
 @command(0x57, "RELEASE(10)", [0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0x00], access=Access.SPC2)
@@ -280,4 +301,4 @@ async def release10(
     target: ScsiTarget, lu: LogicalUnit | None, cmd: ScsiCommand, ns: NexusState | None
 ) -> ScsiResult:
     assert lu is not None and ns is not None
-    return _spc2_release(target, lu, ns)
+    return await _spc2_release(target, lu, ns)

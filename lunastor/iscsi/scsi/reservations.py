@@ -36,6 +36,29 @@ class ReservationStore(Protocol):
 
 ReservationListener = Callable[[str, PrState], None]
 
+CAS_ATTEMPTS = 32
+
+
+class ReservationsBusy(Exception):
+    """Every compare-and-swap lost to another access point's change (`CAS_ATTEMPTS` times)."""
+
+
+async def update(
+    store: ReservationStore, key: str, change: Callable[[PrState], PrState]
+) -> PrState:
+    """Apply `change` to the latest state of `key` and swap it in, retrying when another
+    access point changed it in between. `change` gets the state without the previous
+    transition's effects and returns it unchanged (the very object) to change nothing."""
+    for _ in range(CAS_ATTEMPTS):
+        version, state = await store.load(key)
+        state = state.quiet()
+        new = change(state)
+        if new is state:
+            return state
+        if await store.compare_and_swap(key, version, new):
+            return new
+    raise ReservationsBusy(key)
+
 
 class InProcessReservations:
     """Reservation state in this process's memory (one access point, or tests)."""

@@ -9,15 +9,17 @@ live in `spc.py`, `mode.py`, `sbc.py` and `prcmds.py`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from lunastor.iscsi.blockdev import BlockDevice, BlockDeviceError
 from lunastor.iscsi.scsi import commands
 from lunastor.iscsi.scsi.commands import BY_OPCODE, Access
 from lunastor.iscsi.scsi.pr import ItNexus, PrState, ReservationConflict, conflicts
-from lunastor.iscsi.scsi.reservations import InProcessReservations, ReservationStore
+from lunastor.iscsi.scsi.reservations import InProcessReservations, ReservationStore, update
 from lunastor.iscsi.scsi.sense import (
     BUS_DEVICE_RESET,
     CAPACITY_DATA_HAS_CHANGED,
@@ -78,6 +80,7 @@ class LogicalUnit:
         max_write_same_blocks: int | None = None,
         max_compare_write_blocks: int = 255,
         physical_block_exponent: int = 0,
+        pr_key: str | None = None,
     ) -> None:
         """`physical_block_exponent` is what READ CAPACITY(16) reports as logical blocks per
         physical block (2^n). It is 0 by default although the device's physical block is
@@ -109,7 +112,8 @@ class LogicalUnit:
         self.max_write_same_blocks = max_write_same_blocks or max(1, (16 << 20) // bs)
         self.max_compare_write_blocks = max_compare_write_blocks
         self.physical_block_exponent = physical_block_exponent
-        self.pr_key = f"naa.{naa_id:x}"
+        # the LU's key in the reservation store: the same on every access point
+        self.pr_key = pr_key or f"naa.{naa_id:x}"
         # mode parameters (MODE SELECT changes them for every nexus)
         self.write_cache = True  # caching page WCE
         self.descriptor_sense = False  # control page D_SENSE
@@ -118,9 +122,11 @@ class LogicalUnit:
         self.started = True
         self.medium_present = True
         self.prevent: set[ItNexus] = set()
-        # SPC-2 RESERVE(6)/(10): held per access point (see docs/scsi.md)
-        self.spc2_holder: ItNexus | None = None
         self.nexuses: dict[Nexus, NexusState] = {}
+
+    def apply_mode(self, values: tuple[bool, bool, bool]) -> None:
+        """Mode parameters as MODE SELECT set them (through any access point)."""
+        self.write_cache, self.descriptor_sense, self.software_write_protect = values
 
     @property
     def write_protected(self) -> bool:
@@ -145,8 +151,8 @@ class LogicalUnit:
                 ns.add_ua(code)
 
     def reset(self, code: SenseCode) -> None:
-        """LOGICAL UNIT RESET (or part of a target reset)."""
-        self.spc2_holder = None
+        """The local part of a LOGICAL UNIT RESET (or of a target reset); the SPC-2
+        reservation it releases is in the reservation store."""
         self.prevent.clear()
         for ns in self.nexuses.values():
             ns.unit_attentions = [code]
@@ -199,7 +205,10 @@ class ScsiTarget:
         self._abort_tasks = abort_tasks
         self._visible: dict[Nexus, frozenset[int]] = {}
         self._sessions: dict[int, _Session] = {}  # id(nexus) -> cache; holds the nexus alive
+        self._pending: set[asyncio.Future[None]] = set()
         self.reservations.subscribe(self.reservation_changed)
+        for lu in self.luns.values():
+            self._adopt(lu)
 
     # -- visibility ----------------------------------------------------------------------
     def visible(self, nexus: Nexus) -> frozenset[int]:
@@ -267,14 +276,17 @@ class ScsiTarget:
                 raise CheckCondition(ns.unit_attentions.pop(0))
             access = spec.access
             if access is not Access.ALLOWED:
-                holder = lu.spc2_holder
+                state = self.reservations.current(lu.pr_key)
+                holder = state.spc2_holder
                 if holder is not None:
                     if holder != ns.itid and access is not Access.SPC2:
                         return _reservation_conflict()
-                elif access is Access.READ or access is Access.WRITE:
-                    state = self.reservations.current(lu.pr_key)
-                    if state.type is not None and conflicts(state, ns.itid, access is Access.WRITE):
-                        return _reservation_conflict()
+                elif (
+                    (access is Access.READ or access is Access.WRITE)
+                    and state.type is not None
+                    and conflicts(state, ns.itid, access is Access.WRITE)
+                ):
+                    return _reservation_conflict()
             spec.check_reserved(cdb)
             return await spec.handler(self, lu, cmd, ns)
         except CheckCondition as e:
@@ -297,13 +309,21 @@ class ScsiTarget:
         )
 
     def reservation_changed(self, key: str, state: PrState) -> None:
-        """Store callback: apply a committed PR transition's effects to our nexuses."""
-        if not state.events and not state.aborts:
-            return
+        """Store callback: apply a committed transition's effects to our nexuses."""
         aborted = set(state.aborts)
         for lun, lu in self.luns.items():
             if lu.pr_key != key:
                 continue
+            if state.mode is not None:
+                lu.apply_mode(state.mode)
+            for itid, asc, ascq in state.notices:
+                code = UNIT_ATTENTIONS[(asc, ascq)]
+                for ns in lu.nexuses.values():
+                    if ns.itid != itid:
+                        ns.add_ua(code)
+            for port, asc, ascq in state.resets:
+                if port != self.relative_port:  # where it happened, it was applied at once
+                    lu.reset(UNIT_ATTENTIONS[(asc, ascq)])
             for itid, asc, ascq in state.events:
                 code = UNIT_ATTENTIONS[(asc, ascq)]
                 for ns in lu.nexuses.values():
@@ -330,25 +350,69 @@ class ScsiTarget:
             lu = self.lu_for(nexus, lun)
             if lu is None:
                 return TmfResponse.LUN_DOES_NOT_EXIST
-            lu.reset(BUS_DEVICE_RESET)
+            self._reset(lu, BUS_DEVICE_RESET)
             return TmfResponse.COMPLETE
         if function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
-            for lu in self.luns.values():
-                lu.reset(POWER_ON_RESET)
+            for lu in {id(lu): lu for lu in self.luns.values()}.values():
+                self._reset(lu, POWER_ON_RESET)
             return TmfResponse.COMPLETE
         if function == TmfFunction.TASK_REASSIGN:
             return TmfResponse.REASSIGNMENT_NOT_SUPPORTED
         return TmfResponse.NOT_SUPPORTED  # CLEAR ACA: NormACA is not supported
 
+    def _reset(self, lu: LogicalUnit, code: SenseCode) -> None:
+        """Reset `lu` here at once, and through the store everywhere else (the SPC-2
+        reservation ends, every other access point's nexuses get `code`)."""
+        lu.reset(code)
+        reset = (self.relative_port, code.asc, code.ascq)
+
+        def change(state: PrState) -> PrState:
+            return replace(state, spc2_holder=None, resets=(reset,))
+
+        self._in_background(update(self.reservations, lu.pr_key, change))
+
+    def _in_background(self, work: Coroutine[Any, Any, object]) -> None:
+        """Run a store update started by a synchronous entry point (a TMF, a lost nexus):
+        its first step now (an in-process store finishes there), the rest as a task that
+        `settle()` waits for."""
+        try:
+            waiting = work.send(None)
+        except StopIteration:
+            return
+        except Exception:
+            log.exception("reservation store update failed")
+            return
+        task = asyncio.ensure_future(_resume(work, waiting))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def settle(self) -> None:
+        """Wait for the store updates that task management and lost nexuses started (the
+        session answers a LOGICAL UNIT RESET only once every access point applied it)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
     def nexus_lost(self, nexus: Nexus) -> None:
         """The session ended: SPC-2 reservations and medium-removal prevention held through
         this nexus end with it; persistent reservations and registrations stay (SPC-4)."""
         itid = (nexus.initiator_port, nexus.target_port)
-        for lu in self.luns.values():
+        for lu in {id(lu): lu for lu in self.luns.values()}.values():
             lu.nexuses.pop(nexus, None)
-            if lu.spc2_holder == itid and not any(ns.itid == itid for ns in lu.nexuses.values()):
-                lu.spc2_holder = None
             lu.prevent.discard(itid)
+            if any(ns.itid == itid for ns in lu.nexuses.values()):
+                continue  # another session of the same I_T nexus is still here
+
+            def release(state: PrState) -> PrState:
+                if state.spc2_holder != itid:
+                    return state
+                return replace(state, spc2_holder=None)
+
+            try:
+                held = self.reservations.current(lu.pr_key).spc2_holder == itid
+            except CheckCondition:  # the store cannot vouch for its copy: ask it
+                held = True
+            if held:
+                self._in_background(update(self.reservations, lu.pr_key, release))
         self._visible.pop(nexus, None)
         for key in [k for k, s in self._sessions.items() if s.nexus == nexus]:
             del self._sessions[key]
@@ -371,9 +435,21 @@ class ScsiTarget:
         """Call when `visible_luns` answers differently (ACL change): same UA rules."""
         self._change_luns(self.luns)
 
+    def _adopt(self, lu: LogicalUnit) -> None:
+        """A LU joins this target: take the mode parameters the store has for it."""
+        try:
+            values = self.reservations.current(lu.pr_key).mode
+        except CheckCondition:
+            return  # the store catches up and reports the state to `reservation_changed`
+        if values is not None:
+            lu.apply_mode(values)
+
     def _change_luns(self, luns: dict[int, LogicalUnit]) -> None:
         known = {n for lu in self.luns.values() for n in lu.nexuses} | set(self._visible)
         before = {n: self.visible(n) for n in known}
+        for lu in luns.values():
+            if all(lu is not old for old in self.luns.values()):
+                self._adopt(lu)
         self.luns = luns
         self._visible.clear()
         self._sessions.clear()
@@ -383,6 +459,30 @@ class ScsiTarget:
                 continue
             for lun in after:
                 self.luns[lun].state_for(n).add_ua(REPORTED_LUNS_DATA_HAS_CHANGED)
+
+
+async def _resume(work: Coroutine[Any, Any, object], waiting: Any) -> None:
+    """Drive a coroutine whose first step already ran and yielded `waiting` (what
+    asyncio.Task does with a yielded future)."""
+    while True:
+        try:
+            if waiting is None:
+                await asyncio.sleep(0)
+            else:
+                waiting._asyncio_future_blocking = False
+                await waiting
+        except asyncio.CancelledError:
+            work.close()
+            raise
+        except Exception:
+            pass  # the coroutine reads the future's exception itself
+        try:
+            waiting = work.send(None)
+        except StopIteration:
+            return
+        except Exception:
+            log.exception("reservation store update failed")
+            return
 
 
 # Register every handler module's commands (import for their side effect on the table).

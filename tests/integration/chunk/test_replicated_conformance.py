@@ -15,35 +15,11 @@ from tests.integration.chunk.test_replicated_cluster import Cluster, _target_url
 from tests.integration.test_iscsi_target import CU_INITIATORS, Target, classify, cunit_verdicts
 from tests.support.devcluster import dev_up, lunastor
 
-# SCSI state of a LU is kept per access point (docs/datapath.md, "Missing"): persistent
-# reservations and registrations, RESERVE(6) and unit attentions made through one chunk server
-# are not seen through another. The suite's second initiator uses the second URL, on another
-# chunk server, so these tests fail there; on the standalone target (one LU state) they pass.
-# test -> (classification on the replicated LUN, why it differs from the standalone's)
-PR_NOT_SHARED = "a persistent reservation made through one access point is not seen on the other"
-RESERVE6_NOT_SHARED = "RESERVE(6) through one access point does not conflict on the other"
-KNOWN_DIFFERENCES: dict[str, tuple[str, str]] = {
-    **{
-        f"ProutReserve.{t}": ("FAILED", PR_NOT_SHARED)
-        for t in ("AccessEA", "AccessWE", "AccessEARO", "AccessWERO", "AccessEAAR", "AccessWEAR")
-    },
-    "ProutReserve.OwnershipEAAR": ("FAILED", PR_NOT_SHARED),
-    "ProutReserve.OwnershipWEAR": ("FAILED", PR_NOT_SHARED),
-    "ProutPreempt.RemoveRegistration": (
-        "FAILED",
-        "a registration made through one access point cannot be preempted through the other",
-    ),
-    "Reserve6.2Initiators": ("FAILED", RESERVE6_NOT_SHARED),
-    "Reserve6.Logout": ("FAILED", RESERVE6_NOT_SHARED),
-    "Reserve6.ITNexusLoss": ("FAILED", RESERVE6_NOT_SHARED),
-    "MultipathIO.Reset": (
-        "FAILED",
-        "a LUN reset through one access point raises no unit attention on the other",
-    ),
-    # the standalone's "[FAILED]" line here is the next set-up meeting the unit attention this
-    # test raised for the other nexus; that nexus is on the other access point, which has none
-    "ModeSense6.Residuals": ("PASSED", "no unit attention crosses access points"),
-}
+# Reservations, RESERVE(6), resets, mode parameters and the unit attentions they raise are
+# LU state shared by every access point through etcd (lunastor/chunk/reservations.py), so every
+# test classifies as on the standalone target. A difference that comes back must be listed here
+# with its reason: test -> (classification on the replicated LUN, why it differs).
+KNOWN_DIFFERENCES: dict[str, tuple[str, str]] = {}
 # the differences CUnit itself fails (the others are classifier-only)
 KNOWN_CUNIT_FAILURES = {t for t, (s, _) in KNOWN_DIFFERENCES.items() if s == "FAILED"}
 
@@ -74,6 +50,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the whole suite twice: 5 min or more on a loaded 2-core machine
 def test_libiscsi_conformance_on_a_replicated_volume_matches_the_standalone_target(
     cluster: Cluster, tmp_path: Path
 ) -> None:
