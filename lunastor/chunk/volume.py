@@ -290,7 +290,13 @@ class AccessPath:
                 return  # it is alive after all (a transient error): retry through it
             # A read lease the old primary granted before its own deadline may still run for
             # `read_lease`: only after it can no member that misses the new writes serve reads.
-            await asyncio.sleep(self.read_lease)
+            # The old primary granted nothing after its live record vanished (its own deadline
+            # comes first), so the wait runs from then, not from now: a primary that died long
+            # ago does not stall each of its extents once more.
+            gone = self.emap.gone_since(primary)
+            wait = self.read_lease if gone is None else gone + self.read_lease - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
             fresh = await self.emap.fresh(rec.volume, rec.index)
             if fresh is None or fresh.mod_revision != entry.mod_revision:
                 return

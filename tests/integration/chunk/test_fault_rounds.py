@@ -152,7 +152,7 @@ class Rounds:
             "discovery through the VIP to list the target",
         )
         base = self.tmp / name
-        out, err, stop = base.with_suffix(".out"), base.with_suffix(".err"), base.with_suffix(".stop")
+        out, err, stop = (base.with_suffix(s) for s in (".out", ".err", ".stop"))
         with out.open("w") as stdout, err.open("w") as stderr:
             proc = subprocess.Popen(
                 [
