@@ -221,19 +221,28 @@ class DataNode(DataService):
                 Status.NOT_CURRENT,
                 {"message": "no read lease from the extent's primary"},
             )
+        # The primary's part runs shielded: when the access point goes away (its connection
+        # drops, or its iSCSI session and with it the command task), the request's task is
+        # cancelled, but a write applied locally must still be counted and forwarded. Cut
+        # short inside the replica's FUA flush, it left `applied_seq` one ahead of the
+        # primary's `next_seq`, and every later write of the extent failed as out of order.
         try:
             if isinstance(req, Write) and req.seq == 0:
-                seq = await self.primary_write(
-                    req.volume, req.extent, req.gen, req.offset, req.data, req.fua
+                seq = await asyncio.shield(
+                    self.primary_write(
+                        req.volume, req.extent, req.gen, req.offset, req.data, req.fua
+                    )
                 )
                 return Response(req.id, Status.OK, {"applied_seq": seq})
             if isinstance(req, Unmap) and req.seq == 0:
-                seq = await self.primary_unmap(
-                    req.volume, req.extent, req.gen, req.offset, req.length, req.fua
+                seq = await asyncio.shield(
+                    self.primary_unmap(
+                        req.volume, req.extent, req.gen, req.offset, req.length, req.fua
+                    )
                 )
                 return Response(req.id, Status.OK, {"applied_seq": seq})
             if isinstance(req, Flush) and self._is_primary(req.volume, req.extent):
-                await self.primary_flush(req.volume, req.extent, req.gen)
+                await asyncio.shield(self.primary_flush(req.volume, req.extent, req.gen))
                 return Response(req.id, Status.OK)
         except StaleMap as exc:
             msg = clip_message(str(exc))
@@ -341,8 +350,11 @@ class DataNode(DataService):
             if pe.gen != gen:
                 raise StaleMap(pe.gen)
             seq = pe.next_seq
-            await pe.replica.write(offset, data, seq=seq, gen=pe.gen, fua=fua)
-            pe.next_seq += 1
+            try:
+                await pe.replica.write(offset, data, seq=seq, gen=pe.gen, fua=fua)
+            finally:
+                # applied (its FUA flush may still have failed): the seq is used either way
+                pe.next_seq = max(pe.next_seq, pe.replica.applied_seq + 1)
             g = pe.gen
 
             def build(i: int) -> Request:
@@ -359,8 +371,10 @@ class DataNode(DataService):
             if pe.gen != gen:
                 raise StaleMap(pe.gen)
             seq = pe.next_seq
-            await pe.replica.unmap(offset, length, seq=seq, gen=pe.gen, fua=fua)
-            pe.next_seq += 1
+            try:
+                await pe.replica.unmap(offset, length, seq=seq, gen=pe.gen, fua=fua)
+            finally:
+                pe.next_seq = max(pe.next_seq, pe.replica.applied_seq + 1)
             g = pe.gen
 
             def build(i: int) -> Request:
