@@ -26,6 +26,9 @@ class ChunkConfig:
     extent_size: int = 64 * 1024 * 1024  # proposal for a new cluster; the stored value wins
     min_replicas: int = 2  # a primary acknowledges writes while at least this many remain
     io_timeout: float = 60.0  # an access point gives up on an extent after this (NOT READY)
+    # Background scrub (docs/scrub.md): a pass over every local replica, then a pause.
+    scrub_rate: int = 8 * 1024 * 1024  # bytes/s of mapped data verified; 0 = unthrottled
+    scrub_interval: float = 86400.0  # seconds between passes (the first after one); 0 = off
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
@@ -56,6 +59,10 @@ class ChunkConfig:
             raise ConfigError("min_replicas: at least 1")
         if self.io_timeout <= 0:
             raise ConfigError("io_timeout: must be positive")
+        if self.scrub_rate < 0:
+            raise ConfigError("scrub_rate: bytes per second, 0 (unthrottled) or more")
+        if self.scrub_interval < 0:
+            raise ConfigError("scrub_interval: seconds, 0 (scrub off) or more")
 
     def advertised(self, listen: str, advertise: str, what: str) -> str:
         if advertise:

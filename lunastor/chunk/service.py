@@ -11,6 +11,7 @@ from lunastor.chunk.config import ChunkConfig
 from lunastor.chunk.dataserver import DataNode, DataServer, Replicas
 from lunastor.chunk.extentmap import ExtentMap
 from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
+from lunastor.chunk.scrub import Scrubber
 from lunastor.chunk.store import ExtentStore
 from lunastor.chunk.targets import EtcdTargetHost
 from lunastor.chunk.volume import AccessPath
@@ -72,6 +73,7 @@ class DataPath:
         self.data_server: DataServer | None = None
         self.host: EtcdTargetHost | None = None
         self.iscsi: IscsiServer | None = None
+        self.scrubber: Scrubber | None = None
         self.ports = PrefixCache(etcd, Keys.TARGET_PORTS)
         self.relative_port = 0
 
@@ -127,11 +129,23 @@ class DataPath:
         )
         self.host.server = self.iscsi
         await self.iscsi.start()
+        self.scrubber = Scrubber(
+            self.store,
+            self.emap,
+            self.replicas.call,
+            self.chunk_id,
+            etcd=self.etcd,
+            rate=config.scrub_rate,
+            interval=config.scrub_interval,
+        )
+        self.scrubber.start()
         log.info(
             "data path up: extent size %d, %d replicas on disk", extent_size, len(listing.replicas)
         )
 
     async def stop(self) -> None:
+        if self.scrubber is not None:
+            await self.scrubber.stop()
         if self.iscsi is not None:
             await self.iscsi.close()
         if self.host is not None:

@@ -265,10 +265,15 @@ class Replica:
 
     # -- catch-up, rebuild, repair, fencing -------------------------------------------------
 
-    async def apply_copy(self, offset: int, data: Buffer, checksums: Buffer) -> None:
+    async def apply_copy(
+        self, offset: int, data: Buffer, checksums: Buffer, *, if_applied: int | None = None
+    ) -> bool:
         """Install whole blocks copied from a peer, with their checksums (0 = unmapped).
 
         Any state; does not change applied_seq. Data that fails its checksum is refused.
+        With `if_applied`, nothing is installed (False) unless `applied_seq` still is that
+        value once the replica's write lock is held: a copy read from a peer at that seq then
+        cannot undo a write that raced with it (scrub's repair).
         """
         self._check_open()
         self._check_aligned(offset, len(data))
@@ -281,6 +286,8 @@ class Replica:
             raise ChecksumMismatch(bad)
         async with self._mutate:
             self._check_open()
+            if if_applied is not None and self._h.applied_seq != if_applied:
+                return False
             await self._mark_dirty()
             self._check_open()
             view = memoryview(data)
@@ -295,6 +302,7 @@ class Replica:
                         b0 + start, view[lo:hi], checksums[start * 8 : (start + count) * 8]
                     )
                 self._store_header(self._h)
+        return True
 
     async def set_generation(
         self, gen: int, *, applied_seq: int | None = None, state: ReplicaState | None = None

@@ -329,6 +329,10 @@ class ExtentStore:
         if not replica.paths.header.exists():
             self._index.pop(key, None)
 
+    def known_replicas(self) -> list[tuple[str, int]]:
+        """(volume, extent) of every replica indexed on a data directory in service."""
+        return sorted(k for k, d in self._index.items() if d not in self.failed)
+
     def open_replicas(self) -> list[Replica]:
         return list(self._open.values())
 
