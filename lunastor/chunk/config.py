@@ -26,6 +26,7 @@ class ChunkConfig:
     extent_size: int = 64 * 1024 * 1024  # proposal for a new cluster; the stored value wins
     min_replicas: int = 2  # a primary acknowledges writes while at least this many remain
     io_timeout: float = 60.0  # an access point gives up on an extent after this (NOT READY)
+    data_dir_check_interval: float = 5.0  # seconds between data directory probes
     # Background scrub (docs/scrub.md): a pass over every local replica, then a pause.
     scrub_rate: int = 8 * 1024 * 1024  # bytes/s of mapped data verified; 0 = unthrottled
     scrub_interval: float = 86400.0  # seconds between passes (the first after one); 0 = off
@@ -59,6 +60,8 @@ class ChunkConfig:
             raise ConfigError("min_replicas: at least 1")
         if self.io_timeout <= 0:
             raise ConfigError("io_timeout: must be positive")
+        if self.data_dir_check_interval <= 0:
+            raise ConfigError("data_dir_check_interval: must be positive")
         if self.scrub_rate < 0:
             raise ConfigError("scrub_rate: bytes per second, 0 (unthrottled) or more")
         if self.scrub_interval < 0:

@@ -68,7 +68,12 @@ class DataService:
         try:
             return await handler(req)
         except ExtentStoreError as exc:
+            if isinstance(exc, DataDirFailed):
+                self.data_dir_failed(exc)
             return error_response(req.id, exc)
+
+    def data_dir_failed(self, exc: DataDirFailed) -> None:
+        """A request met a failed data directory (the chunk server takes it out of service)."""
 
     async def _ping(self, req: Ping) -> Response:
         return Response(req.id, Status.OK)

@@ -34,6 +34,7 @@ from lunastor.chunk.data_service import DataService, error_response
 from lunastor.chunk.extentmap import Entry, ExtentMap
 from lunastor.chunk.peer import PeerClient, PeerError, PeerUnavailable
 from lunastor.chunk.store import (
+    DataDirFailed,
     ExtentStore,
     ExtentStoreError,
     Replica,
@@ -165,7 +166,23 @@ class DataNode(DataService):
         self._lease_task: asyncio.Task[None] | None = None
         self._primaries: dict[tuple[str, int], PrimaryExtent] = {}
         self._setup: dict[tuple[str, int], asyncio.Lock] = {}
+        # Replicas lost with a failed data directory (datadirs.py): never recreated empty
+        # while the extent map still names us a member of their extent.
+        self.lost: set[tuple[str, int]] = set()
+        self.on_data_dir_failed: Callable[[DataDirFailed], None] | None = None
         replicas.local = self
+
+    def data_dir_failed(self, exc: DataDirFailed) -> None:
+        if self.on_data_dir_failed is not None:
+            self.on_data_dir_failed(exc)
+
+    def step_down(self, volume: str, index: int) -> None:
+        """Forget our primary state for an extent (its replica was lost with its data dir)."""
+        self._primaries.pop((volume, index), None)
+
+    def _lost_here(self, volume: str, index: int) -> bool:
+        rec = self.emap.get(volume, index)
+        return (volume, index) in self.lost and rec is not None and self.node_id in rec.replicas
 
     # -- read leases -----------------------------------------------------------------------
 
@@ -226,6 +243,14 @@ class DataNode(DataService):
         # cancelled, but a write applied locally must still be counted and forwarded. Cut
         # short inside the replica's FUA flush, it left `applied_seq` one ahead of the
         # primary's `next_seq`, and every later write of the extent failed as out of order.
+        if (
+            isinstance(req, Create)
+            and req.state == ReplicaState.CURRENT
+            and self._lost_here(req.volume, req.extent)
+        ):
+            # an empty replica in place of the lost one would serve zeros as current data
+            lost = "this server's replica was lost with its data directory"
+            return Response(req.id, Status.UNAVAILABLE, {"message": lost})
         try:
             if isinstance(req, Write) and req.seq == 0:
                 seq = await asyncio.shield(
@@ -250,6 +275,8 @@ class DataNode(DataService):
         except Unavailable as exc:
             return Response(req.id, Status.UNAVAILABLE, {"message": clip_message(str(exc))})
         except ExtentStoreError as exc:
+            if isinstance(exc, DataDirFailed):
+                self.data_dir_failed(exc)
             return error_response(req.id, exc)
         return await super().handle(req)
 
@@ -290,6 +317,8 @@ class DataNode(DataService):
             return pe
 
     async def _become_primary(self, rec: ExtentRecord) -> PrimaryExtent:
+        if self._lost_here(rec.volume, rec.index):
+            raise Unavailable("our replica was lost with its data directory")
         try:
             replica = await self.store.open(rec.volume, rec.index)
         except ReplicaNotFound:

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 
 from lunastor.chunk.config import ChunkConfig
+from lunastor.chunk.datadirs import DataDirMonitor
 from lunastor.chunk.dataserver import DataNode, DataServer, Replicas
 from lunastor.chunk.extentmap import ExtentMap
 from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
@@ -59,7 +60,12 @@ async def claim_relative_port(etcd: Etcd, chunk_id: str) -> int:
 
 class DataPath:
     def __init__(
-        self, config: ChunkConfig, etcd: Etcd, chunk_id: str, alive: Callable[[], bool]
+        self,
+        config: ChunkConfig,
+        etcd: Etcd,
+        chunk_id: str,
+        alive: Callable[[], bool],
+        status_changed: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.etcd = etcd
@@ -74,6 +80,8 @@ class DataPath:
         self.host: EtcdTargetHost | None = None
         self.iscsi: IscsiServer | None = None
         self.scrubber: Scrubber | None = None
+        self.monitor: DataDirMonitor | None = None
+        self.status_changed = status_changed
         self.ports = PrefixCache(etcd, Keys.TARGET_PORTS)
         self.relative_port = 0
 
@@ -139,6 +147,16 @@ class DataPath:
             interval=config.scrub_interval,
         )
         self.scrubber.start()
+        self.monitor = DataDirMonitor(
+            self.store,
+            self.node,
+            path,
+            self.emap,
+            self.chunk_id,
+            interval=config.data_dir_check_interval,
+            changed=self.status_changed,
+        )
+        self.monitor.start()
         log.info(
             "data path up: extent size %d, %d replicas on disk", extent_size, len(listing.replicas)
         )
@@ -146,6 +164,8 @@ class DataPath:
     async def stop(self) -> None:
         if self.scrubber is not None:
             await self.scrubber.stop()
+        if self.monitor is not None:
+            await self.monitor.stop()
         if self.iscsi is not None:
             await self.iscsi.close()
         if self.host is not None:

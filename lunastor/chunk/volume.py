@@ -300,55 +300,74 @@ class AccessPath:
             fresh = await self.emap.fresh(rec.volume, rec.index)
             if fresh is None or fresh.mod_revision != entry.mod_revision:
                 return
-            states: dict[str, int] = {}
-            absent: list[str] = []
-            for member in rec.replicas[1:]:
-                try:
-                    st = await self.get_state(member, rec.volume, rec.index, False)
-                except PeerError:
-                    continue
-                if st.ok and st.fields["gen"] == rec.gen and st.fields["state"] == 0:
-                    states[member] = st.fields["applied_seq"]
-                elif st.status is Status.NOT_FOUND:
-                    absent.append(member)
-            if not states and absent and len(absent) == len(rec.replicas) - 1:
-                # No survivor ever got a replica, so no write was ever acknowledged (an ack
-                # needs every member): the extent starts over, empty, on the survivors.
-                await self.emap.replace(
-                    fresh,
-                    ExtentRecord(
-                        volume=rec.volume,
-                        index=rec.index,
-                        gen=rec.gen + 1,
-                        replicas=absent,
-                        epoch=rec.epoch,
-                    ),
-                )
+            await self._promote(fresh)
+
+    async def resign(self, volume: str, index: int) -> None:
+        """Hand our own primary role to the most advanced other member: our replica was lost
+        with its data directory (datadirs.py). No lease wait: we stopped acknowledging for
+        the extent before, and the one member that loses data, us, serves no reads of it."""
+        async with self._failing_over.setdefault((volume, index), asyncio.Lock()):
+            fresh = await self.emap.fresh(volume, index)
+            if fresh is None or fresh.record.primary != self.node_id:
                 return
-            if not states:
-                log.error("extent %s/%d: no current survivor of gen %d", *key, rec.gen)
-                return
-            # Every acknowledged write is on every survivor; the most advanced survivor also
-            # holds the unacknowledged tail, which the others then copy from it.
-            order = [m for m in rec.replicas if m in states]
-            best = max(order, key=lambda m: (states[m], -order.index(m)))
-            members = [best] + [m for m in order if m != best]
-            new = ExtentRecord(
-                volume=rec.volume,
-                index=rec.index,
-                gen=rec.gen + 1,
-                replicas=members,
-                epoch=rec.epoch,
-                converging=True,
+            await self._promote(fresh)
+
+    async def _promote(self, fresh: Entry) -> None:
+        """Commit the most advanced current member other than the primary as the new primary
+        (converging), then converge. The caller made sure the old primary acknowledges
+        nothing any more."""
+        rec = fresh.record
+        key = (rec.volume, rec.index)
+        primary = rec.primary
+        states: dict[str, int] = {}
+        absent: list[str] = []
+        for member in rec.replicas[1:]:
+            try:
+                st = await self.get_state(member, rec.volume, rec.index, False)
+            except PeerError:
+                continue
+            if st.ok and st.fields["gen"] == rec.gen and st.fields["state"] == 0:
+                states[member] = st.fields["applied_seq"]
+            elif st.status is Status.NOT_FOUND:
+                absent.append(member)
+        if not states and absent and len(absent) == len(rec.replicas) - 1:
+            # No survivor ever got a replica, so no write was ever acknowledged (an ack
+            # needs every member): the extent starts over, empty, on the survivors.
+            await self.emap.replace(
+                fresh,
+                ExtentRecord(
+                    volume=rec.volume,
+                    index=rec.index,
+                    gen=rec.gen + 1,
+                    replicas=absent,
+                    epoch=rec.epoch,
+                ),
             )
-            committed = await self.emap.replace(fresh, new)
-            if committed is None:
-                return
-            FAILOVERS.inc()
-            log.warning(
-                "extent %s/%d: primary %s replaced by %s (gen %d)", *key, primary, best, new.gen
-            )
-            await self._converge(committed)
+            return
+        if not states:
+            log.error("extent %s/%d: no current survivor of gen %d", *key, rec.gen)
+            return
+        # Every acknowledged write is on every survivor; the most advanced survivor also
+        # holds the unacknowledged tail, which the others then copy from it.
+        order = [m for m in rec.replicas if m in states]
+        best = max(order, key=lambda m: (states[m], -order.index(m)))
+        members = [best] + [m for m in order if m != best]
+        new = ExtentRecord(
+            volume=rec.volume,
+            index=rec.index,
+            gen=rec.gen + 1,
+            replicas=members,
+            epoch=rec.epoch,
+            converging=True,
+        )
+        committed = await self.emap.replace(fresh, new)
+        if committed is None:
+            return
+        FAILOVERS.inc()
+        log.warning(
+            "extent %s/%d: primary %s replaced by %s (gen %d)", *key, primary, best, new.gen
+        )
+        await self._converge(committed)
 
     async def converge(self, entry: Entry) -> None:
         key = (entry.record.volume, entry.record.index)

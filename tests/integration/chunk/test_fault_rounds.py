@@ -323,14 +323,20 @@ def kill_rounds(cluster: Cluster, tmp: Path, writer: Path, rounds: int) -> None:
     )
 
 
+ROUNDS = int(os.environ.get("LUNASTOR_FAULT_ROUNDS", "20"))
+SOAK_ROUNDS = int(os.environ.get("LUNASTOR_SOAK_ROUNDS", "300"))
+
+
+@pytest.mark.timeout(max(300, 30 * ROUNDS))  # ~8 s a round here; generous on a loaded machine
 def test_kill_rounds_lose_no_acknowledged_write(
     cluster: Cluster, tmp_path: Path, writer: Path
 ) -> None:
-    kill_rounds(cluster, tmp_path, writer, int(os.environ.get("LUNASTOR_FAULT_ROUNDS", "20")))
+    kill_rounds(cluster, tmp_path, writer, ROUNDS)
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(30 * SOAK_ROUNDS)
 def test_soak_kill_rounds_lose_no_acknowledged_write(
     cluster: Cluster, tmp_path: Path, writer: Path
 ) -> None:
-    kill_rounds(cluster, tmp_path, writer, int(os.environ.get("LUNASTOR_SOAK_ROUNDS", "300")))
+    kill_rounds(cluster, tmp_path, writer, SOAK_ROUNDS)
