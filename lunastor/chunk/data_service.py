@@ -133,7 +133,12 @@ class DataService:
 
     async def _copy(self, req: Copy) -> Response:
         replica = await self._current(req.volume, req.extent, req.gen)
-        await replica.apply_copy(req.offset, req.data, req.checksums)
+        ok = await replica.apply_copy(
+            req.offset, req.data, req.checksums, if_applied=req.if_applied
+        )
+        if not ok and req.if_applied is not None:
+            # a write landed since the sender read its copy, which would undo it
+            raise OutOfOrder(req.if_applied + 1, replica.applied_seq + 1)
         return Response(req.id, Status.OK)
 
     async def _current(self, volume: str, extent: int, gen: int) -> Replica:

@@ -91,7 +91,7 @@ def _read_blocks(rec: ExtentRecord, offset: int, size: int) -> Callable[[int], R
 
 
 def _copy_blocks(
-    rec: ExtentRecord, offset: int, data: bytes, sums: bytes
+    rec: ExtentRecord, offset: int, data: bytes, sums: bytes, if_applied: int | None = None
 ) -> Callable[[int], Request]:
     return partial(
         Copy,
@@ -102,6 +102,7 @@ def _copy_blocks(
         length=len(data),
         data=data,
         checksums=sums,
+        if_applied=if_applied,
     )
 
 
@@ -247,16 +248,24 @@ class AccessPath:
             await self.emap.wait_newer(volume, index, rec.gen + 1, 0.5)
 
     async def _repair(self, rec: ExtentRecord, good: str, bad: dict[str, list[int]]) -> None:
-        """Rewrite blocks that failed their checksum with the good replica's copy."""
+        """Rewrite blocks that failed their checksum with the good replica's copy.
+
+        Only while the extent is quiet: both members at the same `applied_seq` before and
+        after the read, and the copy installed only if the bad member has not moved since
+        (`if_applied`), so a repair never undoes a write that raced with it. A block skipped
+        is repaired by the next read that meets it (or by scrub)."""
         for member, blocks in bad.items():
             for block in blocks:
                 off = block * BLOCK_SIZE
                 try:
+                    seq = await self._applied(member, rec)
+                    if seq is None or await self._applied(good, rec) != seq:
+                        continue
                     src = await self.call(good, _read_blocks(rec, off, BLOCK_SIZE))
-                    if not src.ok:
+                    if not src.ok or await self._applied(good, rec) != seq:
                         continue
                     data, sums = src.payload[:BLOCK_SIZE], src.payload[BLOCK_SIZE:]
-                    resp = await self.call(member, _copy_blocks(rec, off, data, sums))
+                    resp = await self.call(member, _copy_blocks(rec, off, data, sums, seq))
                 except PeerError:
                     continue
                 if resp.ok:
@@ -264,6 +273,10 @@ class AccessPath:
                     log.warning(
                         "repaired block %d of %s/%d on %s", block, rec.volume, rec.index, member
                     )
+
+    async def _applied(self, chunk_id: str, rec: ExtentRecord) -> int | None:
+        st = await self.get_state(chunk_id, rec.volume, rec.index, False)
+        return int(st.fields["applied_seq"]) if st.ok else None
 
     async def get_state(self, chunk_id: str, volume: str, index: int, csum: bool) -> Response:
         return await self.call(chunk_id, lambda i: GetState(i, volume, index, csum))

@@ -416,7 +416,14 @@ class Copy(Request):
     """Whole blocks and their checksums (payload = data || checksums; `n` = data length)."""
 
     OP = Op.COPY
-    FIELDS = (_VOL, _EXT, _GEN, _OFF, _N)
+    FIELDS = (
+        _VOL,
+        _EXT,
+        _GEN,
+        _OFF,
+        _N,
+        Field("if_applied", "if_applied", Kind.U64, required=False),
+    )
     volume: str
     extent: int
     gen: int
@@ -424,6 +431,7 @@ class Copy(Request):
     length: int
     data: bytes
     checksums: bytes
+    if_applied: int | None = None  # install only while the replica's applied_seq is this
 
 
 REQUEST_TYPES: dict[Op, type[Request]] = {

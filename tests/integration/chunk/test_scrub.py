@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY
 
 from lunastor.chunk.scrub import Scrubber
 from lunastor.chunk.store import BLOCK_SIZE
+from lunastor.chunk.wire import Copy, Status
 from lunastor.common.records import Keys, OperationRecord
 from tests.integration.chunk.test_replicated_cluster import QEMU_IQN, Cluster, _extents, run
 from tests.integration.chunk.test_replication import EXTENT, blocks
@@ -107,7 +108,17 @@ async def test_a_repair_never_undoes_a_write_that_raced_with_it(
     await v.write(0, blocks(2, 8), fua=False)  # the write lands between read and copy
     applied = await replica.apply_copy(0, stale_data, stale_sums, if_applied=seq)
     assert applied is False
+    # the same over the data port (read repair's copy): refused as out of order
+    resp = await cluster.nodes["chunk-0"].replicas.call(
+        "chunk-1",
+        lambda i: Copy(
+            i, "vol-t", 0, replica.generation, 0, BLOCK_SIZE, stale_data, stale_sums, seq
+        ),
+    )
+    assert resp.status is Status.OUT_OF_ORDER and resp.fields["expected"] == seq + 1
     assert await v.read(0, 8) == blocks(2, 8)
+    checksums = {await (await n.store.open("vol-t", 0)).checksums() for n in cluster.nodes.values()}
+    assert len(checksums) == 1
 
 
 # -- a live cluster ------------------------------------------------------------------------------
