@@ -264,6 +264,9 @@ class Rounds:
         lunastor("dev", "stop", victim, "--kill", "--dir", str(self.cluster.dir))
         if not quick:
             self.wait_acks(phase, BLOCKS, f"after killing {victim} ({kind})")
+        if kind == "access_point":  # the writer went on through the VIP on another server
+            moved = wait_for(self.access_point, 30, "the writer's session on a live server")
+            assert moved != victim
         lunastor("dev", "start", victim, "--dir", str(self.cluster.dir))
         if quick:
             self.wait_acks(phase, BLOCKS, f"after killing and restarting {victim} ({kind})")
