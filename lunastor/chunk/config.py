@@ -34,6 +34,10 @@ class ChunkConfig:
     # Nexus epochs against stale in-flight writes after a path switch (docs/datapath.md,
     # "Fencing stale writes"). Off: logins store no epoch, writes carry none, none is checked.
     fence_writes: bool = True
+    data_dir_check_interval: float = 5.0  # seconds between data directory probes
+    # Background scrub (docs/scrub.md): a pass over every local replica, then a pause.
+    scrub_rate: int = 8 * 1024 * 1024  # bytes/s of mapped data verified; 0 = unthrottled
+    scrub_interval: float = 86400.0  # seconds between passes (the first after one); 0 = off
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
@@ -72,6 +76,12 @@ class ChunkConfig:
             raise ConfigError("rebuild_concurrency: expected 1..64")
         if not 0.05 <= self.repair_interval <= 3600:
             raise ConfigError("repair_interval: expected 0.05..3600 seconds")
+        if self.data_dir_check_interval <= 0:
+            raise ConfigError("data_dir_check_interval: must be positive")
+        if self.scrub_rate < 0:
+            raise ConfigError("scrub_rate: bytes per second, 0 (unthrottled) or more")
+        if self.scrub_interval < 0:
+            raise ConfigError("scrub_interval: seconds, 0 (scrub off) or more")
 
     def advertised(self, listen: str, advertise: str, what: str) -> str:
         if advertise:

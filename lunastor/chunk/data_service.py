@@ -70,7 +70,12 @@ class DataService:
         try:
             return await handler(req)
         except ExtentStoreError as exc:
+            if isinstance(exc, DataDirFailed):
+                self.data_dir_failed(exc)
             return error_response(req.id, exc)
+
+    def data_dir_failed(self, exc: DataDirFailed) -> None:
+        """A request met a failed data directory (the chunk server takes it out of service)."""
 
     async def _ping(self, req: Ping) -> Response:
         return Response(req.id, Status.OK)
@@ -131,7 +136,12 @@ class DataService:
     async def _copy(self, req: Copy) -> Response:
         replica = await self._current(req.volume, req.extent, req.gen)
         if req.seq is None:
-            await replica.apply_copy(req.offset, req.data, req.checksums)
+            ok = await replica.apply_copy(
+                req.offset, req.data, req.checksums, if_applied=req.if_applied
+            )
+            if not ok and req.if_applied is not None:
+                # a write landed since the sender read its copy, which would undo it
+                raise OutOfOrder(req.if_applied + 1, replica.applied_seq + 1)
             return Response(req.id, Status.OK)
         await replica.apply_copy(req.offset, req.data, req.checksums, seq=req.seq, gen=req.gen)
         return Response(req.id, Status.OK)

@@ -35,6 +35,7 @@ from lunastor.chunk.extentmap import Entry, ExtentMap
 from lunastor.chunk.fencing import EpochTable, Fenced
 from lunastor.chunk.peer import PeerClient, PeerError, PeerUnavailable
 from lunastor.chunk.store import (
+    DataDirFailed,
     ExtentStore,
     ExtentStoreError,
     Replica,
@@ -173,7 +174,23 @@ class DataNode(DataService):
         self._lease_task: asyncio.Task[None] | None = None
         self._primaries: dict[tuple[str, int], PrimaryExtent] = {}
         self._setup: dict[tuple[str, int], asyncio.Lock] = {}
+        # Replicas lost with a failed data directory (datadirs.py): never recreated empty
+        # while the extent map still names us a member of their extent.
+        self.lost: set[tuple[str, int]] = set()
+        self.on_data_dir_failed: Callable[[DataDirFailed], None] | None = None
         replicas.local = self
+
+    def data_dir_failed(self, exc: DataDirFailed) -> None:
+        if self.on_data_dir_failed is not None:
+            self.on_data_dir_failed(exc)
+
+    def step_down(self, volume: str, index: int) -> None:
+        """Forget our primary state for an extent (its replica was lost with its data dir)."""
+        self._primaries.pop((volume, index), None)
+
+    def _lost_here(self, volume: str, index: int) -> bool:
+        rec = self.emap.get(volume, index)
+        return (volume, index) in self.lost and rec is not None and self.node_id in rec.replicas
 
     # -- read leases -----------------------------------------------------------------------
 
@@ -229,21 +246,38 @@ class DataNode(DataService):
                 Status.NOT_CURRENT,
                 {"message": "no read lease from the extent's primary"},
             )
+        # The primary's part runs shielded: when the access point goes away (its connection
+        # drops, or its iSCSI session and with it the command task), the request's task is
+        # cancelled, but a write applied locally must still be counted and forwarded. Cut
+        # short inside the replica's FUA flush, it left `applied_seq` one ahead of the
+        # primary's `next_seq`, and every later write of the extent failed as out of order.
+        if (
+            isinstance(req, Create)
+            and req.state == ReplicaState.CURRENT
+            and self._lost_here(req.volume, req.extent)
+        ):
+            # an empty replica in place of the lost one would serve zeros as current data
+            lost = "this server's replica was lost with its data directory"
+            return Response(req.id, Status.UNAVAILABLE, {"message": lost})
         try:
             if isinstance(req, Write) and req.seq == 0:
-                seq = await self.primary_write(
-                    req.volume, req.extent, req.gen, req.offset, req.data, req.fua, req.nexus
+                seq = await asyncio.shield(
+                    self.primary_write(
+                        req.volume, req.extent, req.gen, req.offset, req.data, req.fua, req.nexus
+                    )
                 )
                 return Response(req.id, Status.OK, {"applied_seq": seq})
             if isinstance(req, Unmap) and req.seq == 0:
-                seq = await self.primary_unmap(
-                    req.volume, req.extent, req.gen, req.offset, req.length, req.fua, req.nexus
+                seq = await asyncio.shield(
+                    self.primary_unmap(
+                        req.volume, req.extent, req.gen, req.offset, req.length, req.fua, req.nexus
+                    )
                 )
                 return Response(req.id, Status.OK, {"applied_seq": seq})
             if isinstance(req, Write | Unmap) and req.nexus and self.epochs is not None:
                 self.epochs.note(req.nexus)  # forwarded: the primary accepted this epoch
             if isinstance(req, Flush) and self._is_primary(req.volume, req.extent):
-                await self.primary_flush(req.volume, req.extent, req.gen)
+                await asyncio.shield(self.primary_flush(req.volume, req.extent, req.gen))
                 return Response(req.id, Status.OK)
         except StaleMap as exc:
             msg = clip_message(str(exc))
@@ -254,6 +288,8 @@ class DataNode(DataService):
         except Unavailable as exc:
             return Response(req.id, Status.UNAVAILABLE, {"message": clip_message(str(exc))})
         except ExtentStoreError as exc:
+            if isinstance(exc, DataDirFailed):
+                self.data_dir_failed(exc)
             return error_response(req.id, exc)
         return await super().handle(req)
 
@@ -314,6 +350,8 @@ class DataNode(DataService):
             return pe
 
     async def _become_primary(self, rec: ExtentRecord) -> PrimaryExtent:
+        if self._lost_here(rec.volume, rec.index):
+            raise Unavailable("our replica was lost with its data directory")
         try:
             replica = await self.store.open(rec.volume, rec.index)
         except ReplicaNotFound:
@@ -387,8 +425,11 @@ class DataNode(DataService):
                 raise StaleMap(pe.gen)
             self._admit(nexus)
             seq = pe.next_seq
-            await pe.replica.write(offset, data, seq=seq, gen=pe.gen, fua=fua)
-            pe.next_seq += 1
+            try:
+                await pe.replica.write(offset, data, seq=seq, gen=pe.gen, fua=fua)
+            finally:
+                # applied (its FUA flush may still have failed): the seq is used either way
+                pe.next_seq = max(pe.next_seq, pe.replica.applied_seq + 1)
             g = pe.gen
 
             def build(i: int) -> Request:
@@ -413,8 +454,10 @@ class DataNode(DataService):
                 raise StaleMap(pe.gen)
             self._admit(nexus)
             seq = pe.next_seq
-            await pe.replica.unmap(offset, length, seq=seq, gen=pe.gen, fua=fua)
-            pe.next_seq += 1
+            try:
+                await pe.replica.unmap(offset, length, seq=seq, gen=pe.gen, fua=fua)
+            finally:
+                pe.next_seq = max(pe.next_seq, pe.replica.applied_seq + 1)
             g = pe.gen
 
             def build(i: int) -> Request:

@@ -7,7 +7,10 @@ two chunk servers racing for the same change cannot both win; the loser re-reads
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
 from dataclasses import dataclass
 
 from lunastor.chunk.ring import RingError, Server, StoredRing, bootstrap_ring
@@ -43,15 +46,45 @@ class ExtentMap:
         # chunk record key -> (mod_revision, data address): every forwarded write asks
         self._addresses: dict[str, tuple[int, str | None]] = {}
         self._rings: dict[int, tuple[int, StoredRing]] = {}
+        # when each live record was first seen missing (monotonic); see `gone_since`
+        self._started = time.monotonic()
+        self._gone: dict[str, float] = {}
+        self._live_task: asyncio.Task[None] | None = None
 
     async def start(self) -> ExtentMap:
         for cache in (self.extents, self.live, self.chunks, self.admin):
             await cache.start()
+        self._started = time.monotonic()
+        self._live_task = asyncio.create_task(self._follow_live(), name="live chunk records")
         return self
 
     async def stop(self) -> None:
+        if self._live_task is not None:
+            self._live_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._live_task
         for cache in (self.extents, self.live, self.chunks, self.admin):
             await cache.stop()
+
+    async def _follow_live(self) -> None:
+        seen = set(self.live.items)
+        while True:
+            async with self.live.changed:
+                await self.live.changed.wait()
+            now = time.monotonic()
+            present = set(self.live.items)
+            for key in seen - present:
+                self._gone.setdefault(key.removeprefix(Keys.LIVE_CHUNKS), now)
+            for key in present:
+                self._gone.pop(key.removeprefix(Keys.LIVE_CHUNKS), None)
+            seen = present
+
+    def gone_since(self, chunk_id: str) -> float | None:
+        """When (time.monotonic) this server's live record was first seen missing: None while
+        it is live; our start time if it was already missing then (it vanished earlier)."""
+        if self.is_live(chunk_id):
+            return None
+        return self._gone.get(chunk_id, self._started)
 
     # -- look-ups (cached) ---------------------------------------------------------------------
 

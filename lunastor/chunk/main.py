@@ -44,6 +44,7 @@ async def serve(config: ChunkConfig, stop: asyncio.Event) -> int:
     etcd_config = etcd_client_config(config.etcd)
     started_at = time.time()
     presence: Presence | None = None
+    datapath: DataPath | None = None
 
     async def health() -> dict[str, Any]:
         return lease_health(presence, chunk_id)
@@ -66,7 +67,12 @@ async def serve(config: ChunkConfig, stop: asyncio.Event) -> int:
                 started_at=started_at,
                 lease=lease,
                 data_dirs=config.data_dirs,
+                failed_dirs=failed_dirs(),
             ).to_json()
+
+        def failed_dirs() -> dict[str, str]:
+            store = datapath.store if datapath is not None else None
+            return {d: str(exc) for d, exc in store.failed.items()} if store is not None else {}
 
         presence = Presence(etcd, etcd_config, status_key(chunk_id), config.lease_ttl, render)
         await presence.start()
@@ -76,13 +82,20 @@ async def serve(config: ChunkConfig, stop: asyncio.Event) -> int:
             keeper = presence.keeper if presence is not None else None
             return keeper is not None and presence.held.is_set() and keeper.alive()
 
-        datapath: DataPath | None = None
+        def status_changed() -> None:
+            # a data directory failed: the live record says so at once, not at the next tick
+            if presence is not None:
+                task = asyncio.get_running_loop().create_task(presence.update())
+                background.add(task)
+                task.add_done_callback(background.discard)
+
+        background: set[asyncio.Task[None]] = set()
         if config.cluster_secret:
 
             def lease() -> int:
                 return presence.lease_id if presence is not None and presence.held.is_set() else 0
 
-            datapath = DataPath(config, etcd, chunk_id, alive, lease)
+            datapath = DataPath(config, etcd, chunk_id, alive, lease, status_changed)
             await datapath.start()
         else:
             log.error("no cluster_secret configured: serving neither the data port nor iSCSI")

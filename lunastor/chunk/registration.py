@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from lunastor.common.daemon import StartupError
@@ -48,11 +49,26 @@ def load_or_create_id(data_dirs: list[str]) -> str:
     return chunk_id
 
 
-def probe_capacity(data_dirs: list[str]) -> list[DataDirCapacity]:
-    """Capacity and free space of each data directory's file system."""
+def probe_capacity(
+    data_dirs: list[str], failed: Mapping[str, str] | None = None
+) -> list[DataDirCapacity]:
+    """Capacity and free space of each data directory's file system; a failed one (path ->
+    why) counts as none."""
     result = []
+    failed = failed or {}
     for d in data_dirs:
-        st = os.statvfs(d)
+        if d in failed:
+            result.append(
+                DataDirCapacity(path=d, capacity=0, free=0, state="failed", error=failed[d])
+            )
+            continue
+        try:
+            st = os.statvfs(d)
+        except OSError as exc:  # failing under us: the data directory monitor will retire it
+            result.append(
+                DataDirCapacity(path=d, capacity=0, free=0, state="failed", error=str(exc))
+            )
+            continue
         result.append(
             DataDirCapacity(
                 path=d, capacity=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize
@@ -73,6 +89,7 @@ def build_status(
     lease: int,
     data_dirs: list[str],
     state: str = "up",
+    failed_dirs: Mapping[str, str] | None = None,
 ) -> ChunkServerStatus:
     return ChunkServerStatus(
         id=chunk_id,
@@ -84,7 +101,7 @@ def build_status(
         version=version,
         started_at=started_at,
         lease=lease,
-        data_dirs=[vars(c) for c in probe_capacity(data_dirs)],
+        data_dirs=[vars(c) for c in probe_capacity(data_dirs, failed_dirs)],
     )
 
 

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 
 from lunastor.chunk.config import ChunkConfig
+from lunastor.chunk.datadirs import DataDirMonitor
 from lunastor.chunk.dataserver import DataNode, DataServer, Replicas
 from lunastor.chunk.extentmap import ExtentMap
 from lunastor.chunk.fencing import EpochTable
@@ -15,6 +16,7 @@ from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
 from lunastor.chunk.nexus_epochs import NexusEpochs
 from lunastor.chunk.repair import Repairer
 from lunastor.chunk.reservations import EtcdReservations
+from lunastor.chunk.scrub import Scrubber
 from lunastor.chunk.store import ExtentStore
 from lunastor.chunk.targets import EtcdTargetHost
 from lunastor.chunk.volume import AccessPath
@@ -68,6 +70,7 @@ class DataPath:
         chunk_id: str,
         alive: Callable[[], bool],
         lease: Callable[[], int] | None = None,
+        status_changed: Callable[[], None] | None = None,
     ) -> None:
         """`lease()`: the chunk lease id (0 while none); with it, SCSI reservations live in
         etcd and every access point enforces them (`EtcdReservations`)."""
@@ -84,6 +87,9 @@ class DataPath:
         self.host: EtcdTargetHost | None = None
         self.iscsi: IscsiServer | None = None
         self.repairer: Repairer | None = None
+        self.scrubber: Scrubber | None = None
+        self.monitor: DataDirMonitor | None = None
+        self.status_changed = status_changed
         self.ports = PrefixCache(etcd, Keys.TARGET_PORTS)
         self.relative_port = 0
         self.epochs = NexusEpochs(etcd, chunk_id) if config.fence_writes else None
@@ -165,6 +171,26 @@ class DataPath:
             concurrency=config.rebuild_concurrency,
             interval=config.repair_interval,
         ).start()
+        self.scrubber = Scrubber(
+            self.store,
+            self.emap,
+            self.replicas.call,
+            self.chunk_id,
+            etcd=self.etcd,
+            rate=config.scrub_rate,
+            interval=config.scrub_interval,
+        )
+        self.scrubber.start()
+        self.monitor = DataDirMonitor(
+            self.store,
+            self.node,
+            path,
+            self.emap,
+            self.chunk_id,
+            interval=config.data_dir_check_interval,
+            changed=self.status_changed,
+        )
+        self.monitor.start()
         log.info(
             "data path up: extent size %d, %d replicas on disk", extent_size, len(listing.replicas)
         )
@@ -172,6 +198,10 @@ class DataPath:
     async def stop(self) -> None:
         if self.repairer is not None:
             await self.repairer.stop()
+        if self.scrubber is not None:
+            await self.scrubber.stop()
+        if self.monitor is not None:
+            await self.monitor.stop()
         if self.iscsi is not None:
             await self.iscsi.close()
         if self.host is not None:

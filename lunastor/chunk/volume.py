@@ -95,7 +95,7 @@ def _read_blocks(rec: ExtentRecord, offset: int, size: int) -> Callable[[int], R
 
 
 def _copy_blocks(
-    rec: ExtentRecord, offset: int, data: bytes, sums: bytes
+    rec: ExtentRecord, offset: int, data: bytes, sums: bytes, if_applied: int | None = None
 ) -> Callable[[int], Request]:
     return partial(
         Copy,
@@ -106,6 +106,7 @@ def _copy_blocks(
         length=len(data),
         data=data,
         checksums=sums,
+        if_applied=if_applied,
     )
 
 
@@ -264,16 +265,24 @@ class AccessPath:
             await self.emap.wait_newer(volume, index, rec.gen + 1, 0.5)
 
     async def _repair(self, rec: ExtentRecord, good: str, bad: dict[str, list[int]]) -> None:
-        """Rewrite blocks that failed their checksum with the good replica's copy."""
+        """Rewrite blocks that failed their checksum with the good replica's copy.
+
+        Only while the extent is quiet: both members at the same `applied_seq` before and
+        after the read, and the copy installed only if the bad member has not moved since
+        (`if_applied`), so a repair never undoes a write that raced with it. A block skipped
+        is repaired by the next read that meets it (or by scrub)."""
         for member, blocks in bad.items():
             for block in blocks:
                 off = block * BLOCK_SIZE
                 try:
+                    seq = await self._applied(member, rec)
+                    if seq is None or await self._applied(good, rec) != seq:
+                        continue
                     src = await self.call(good, _read_blocks(rec, off, BLOCK_SIZE))
-                    if not src.ok:
+                    if not src.ok or await self._applied(good, rec) != seq:
                         continue
                     data, sums = src.payload[:BLOCK_SIZE], src.payload[BLOCK_SIZE:]
-                    resp = await self.call(member, _copy_blocks(rec, off, data, sums))
+                    resp = await self.call(member, _copy_blocks(rec, off, data, sums, seq))
                 except PeerError:
                     continue
                 if resp.ok:
@@ -281,6 +290,10 @@ class AccessPath:
                     log.warning(
                         "repaired block %d of %s/%d on %s", block, rec.volume, rec.index, member
                     )
+
+    async def _applied(self, chunk_id: str, rec: ExtentRecord) -> int | None:
+        st = await self.get_state(chunk_id, rec.volume, rec.index, False)
+        return int(st.fields["applied_seq"]) if st.ok else None
 
     async def get_state(self, chunk_id: str, volume: str, index: int, csum: bool) -> Response:
         return await self.call(chunk_id, lambda i: GetState(i, volume, index, csum))
@@ -307,59 +320,84 @@ class AccessPath:
                 return  # it is alive after all (a transient error): retry through it
             # A read lease the old primary granted before its own deadline may still run for
             # `read_lease`: only after it can no member that misses the new writes serve reads.
-            await asyncio.sleep(self.read_lease)
+            # The old primary granted nothing after its live record vanished (its own deadline
+            # comes first), so the wait runs from then, not from now: a primary that died long
+            # ago does not stall each of its extents once more.
+            gone = self.emap.gone_since(primary)
+            wait = self.read_lease if gone is None else gone + self.read_lease - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
             fresh = await self.emap.fresh(rec.volume, rec.index)
             if fresh is None or fresh.mod_revision != entry.mod_revision:
                 return
-            states: dict[str, int] = {}
-            absent: list[str] = []
-            for member in rec.replicas[1:]:
-                try:
-                    st = await self.get_state(member, rec.volume, rec.index, False)
-                except PeerError:
-                    continue
-                if st.ok and st.fields["gen"] == rec.gen and st.fields["state"] == 0:
-                    states[member] = st.fields["applied_seq"]
-                elif st.status is Status.NOT_FOUND:
-                    absent.append(member)
-            if not states and absent and len(absent) == len(rec.replicas) - 1:
-                # No survivor ever got a replica, so no write was ever acknowledged (an ack
-                # needs every member): the extent starts over, empty, on the survivors.
-                await self.emap.replace(
-                    fresh,
-                    ExtentRecord(
-                        volume=rec.volume,
-                        index=rec.index,
-                        gen=rec.gen + 1,
-                        replicas=absent,
-                        epoch=rec.epoch,
-                    ),
-                )
+            await self._promote(fresh)
+
+    async def resign(self, volume: str, index: int) -> None:
+        """Hand our own primary role to the most advanced other member: our replica was lost
+        with its data directory (datadirs.py). No lease wait: we stopped acknowledging for
+        the extent before, and the one member that loses data, us, serves no reads of it."""
+        async with self._failing_over.setdefault((volume, index), asyncio.Lock()):
+            fresh = await self.emap.fresh(volume, index)
+            if fresh is None or fresh.record.primary != self.node_id:
                 return
-            if not states:
-                log.error("extent %s/%d: no current survivor of gen %d", *key, rec.gen)
-                return
-            # Every acknowledged write is on every survivor; the most advanced survivor also
-            # holds the unacknowledged tail, which the others then copy from it.
-            order = [m for m in rec.replicas if m in states]
-            best = max(order, key=lambda m: (states[m], -order.index(m)))
-            members = [best] + [m for m in order if m != best]
-            new = ExtentRecord(
-                volume=rec.volume,
-                index=rec.index,
-                gen=rec.gen + 1,
-                replicas=members,
-                epoch=rec.epoch,
-                converging=True,
+            await self._promote(fresh)
+
+    async def _promote(self, fresh: Entry) -> None:
+        """Commit the most advanced current member other than the primary as the new primary
+        (converging), then converge. The caller made sure the old primary acknowledges
+        nothing any more."""
+        rec = fresh.record
+        key = (rec.volume, rec.index)
+        primary = rec.primary
+        states: dict[str, int] = {}
+        absent: list[str] = []
+        for member in rec.replicas[1:]:
+            try:
+                st = await self.get_state(member, rec.volume, rec.index, False)
+            except PeerError:
+                continue
+            if st.ok and st.fields["gen"] == rec.gen and st.fields["state"] == 0:
+                states[member] = st.fields["applied_seq"]
+            elif st.status is Status.NOT_FOUND:
+                absent.append(member)
+        if not states and absent and len(absent) == len(rec.replicas) - 1:
+            # No survivor ever got a replica, so no write was ever acknowledged (an ack
+            # needs every member): the extent starts over, empty, on the survivors.
+            await self.emap.replace(
+                fresh,
+                ExtentRecord(
+                    volume=rec.volume,
+                    index=rec.index,
+                    gen=rec.gen + 1,
+                    replicas=absent,
+                    epoch=rec.epoch,
+                ),
             )
-            committed = await self.emap.replace(fresh, new)
-            if committed is None:
-                return
-            FAILOVERS.inc()
-            log.warning(
-                "extent %s/%d: primary %s replaced by %s (gen %d)", *key, primary, best, new.gen
-            )
-            await self._converge(committed)
+            return
+        if not states:
+            log.error("extent %s/%d: no current survivor of gen %d", *key, rec.gen)
+            return
+        # Every acknowledged write is on every survivor; the most advanced survivor also
+        # holds the unacknowledged tail, which the others then copy from it.
+        order = [m for m in rec.replicas if m in states]
+        best = max(order, key=lambda m: (states[m], -order.index(m)))
+        members = [best] + [m for m in order if m != best]
+        new = ExtentRecord(
+            volume=rec.volume,
+            index=rec.index,
+            gen=rec.gen + 1,
+            replicas=members,
+            epoch=rec.epoch,
+            converging=True,
+        )
+        committed = await self.emap.replace(fresh, new)
+        if committed is None:
+            return
+        FAILOVERS.inc()
+        log.warning(
+            "extent %s/%d: primary %s replaced by %s (gen %d)", *key, primary, best, new.gen
+        )
+        await self._converge(committed)
 
     async def converge(self, entry: Entry) -> None:
         key = (entry.record.volume, entry.record.index)

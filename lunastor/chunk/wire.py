@@ -423,7 +423,15 @@ class Copy(Request):
     """Whole blocks and their checksums (payload = data || checksums; `n` = data length)."""
 
     OP = Op.COPY
-    FIELDS = (_VOL, _EXT, _GEN, _OFF, _N, _SEQ_OPT)
+    FIELDS = (
+        _VOL,
+        _EXT,
+        _GEN,
+        _OFF,
+        _N,
+        _SEQ_OPT,
+        Field("if_applied", "if_applied", Kind.U64, required=False),
+    )
     volume: str
     extent: int
     gen: int
@@ -432,6 +440,7 @@ class Copy(Request):
     data: bytes
     checksums: bytes
     seq: int | None = None  # an ordered copy: applied as write `seq` (a joining member)
+    if_applied: int | None = None  # install only while the replica's applied_seq is this
 
 
 @dataclass(frozen=True, slots=True)

@@ -191,6 +191,8 @@ class DataDirCapacity:
     path: str
     capacity: int  # bytes the file system holds
     free: int  # bytes available to lunastor
+    state: str = "ok"  # ok | failed (taken out of service: IO errors, unmounted, removed)
+    error: str = ""  # why it failed
 
 
 @dataclass

@@ -273,13 +273,17 @@ class Replica:
         *,
         seq: int | None = None,
         gen: int | None = None,
-    ) -> None:
+        if_applied: int | None = None,
+    ) -> bool:
         """Install whole blocks copied from a peer, with their checksums (0 = unmapped).
 
         Any state; does not change applied_seq. Data that fails its checksum is refused.
         With `seq` (and `gen`) it is an *ordered* copy instead (a joining member's catch-up,
         docs/datapath.md "Joining a member"): applied only as write `seq` of `gen`, like
         `write`, and it advances applied_seq.
+        With `if_applied`, nothing is installed (False) unless `applied_seq` still is that
+        value once the replica's write lock is held: a copy read from a peer at that seq then
+        cannot undo a write that raced with it (scrub's repair).
         """
         self._check_open()
         self._check_aligned(offset, len(data))
@@ -294,6 +298,8 @@ class Replica:
             self._check_open()
             if seq is not None:
                 self._check_order(seq, self._h.generation if gen is None else gen)
+            if if_applied is not None and self._h.applied_seq != if_applied:
+                return False
             await self._mark_dirty()
             self._check_open()
             view = memoryview(data)
@@ -308,6 +314,7 @@ class Replica:
                         b0 + start, view[lo:hi], checksums[start * 8 : (start + count) * 8]
                     )
                 self._store_header(self._h if seq is None else self._h.evolve(applied_seq=seq))
+        return True
 
     async def advance(self, *, seq: int, gen: int) -> None:
         """An ordered no-op: write `seq` of `gen` changes nothing here but applied_seq (the

@@ -326,8 +326,31 @@ class ExtentStore:
         key = (replica.volume, replica.extent)
         if self._open.get(key) is replica:
             del self._open[key]
-        if not replica.paths.header.exists():
+        try:
+            gone = not replica.paths.header.exists()
+        except OSError:  # a failing data directory: it is retired, not indexed
+            gone = True
+        if gone:
             self._index.pop(key, None)
+
+    def retire_dir(self, failed: DataDirFailed) -> list[tuple[str, int]]:
+        """Take a failed data directory out of service: nothing is created, opened or kept
+        open there any more. Returns (volume, extent) of the replicas it held."""
+        d = failed.path
+        self.failed.setdefault(d, failed)
+        # listed before closing: closing forgets the index entries of files that are gone
+        lost = sorted(k for k, where in self._index.items() if where == d)
+        lost += [k for k, r in self._open.items() if r.paths.data_dir == d and k not in lost]
+        for replica in list(self._open.values()):
+            if replica.paths.data_dir == d:
+                replica.abandon()  # its files are unusable: never write its header again
+        for key in lost:
+            self._index.pop(key, None)
+        return sorted(lost)
+
+    def known_replicas(self) -> list[tuple[str, int]]:
+        """(volume, extent) of every replica indexed on a data directory in service."""
+        return sorted(k for k, d in self._index.items() if d not in self.failed)
 
     def open_replicas(self) -> list[Replica]:
         return list(self._open.values())

@@ -319,6 +319,64 @@ async def test_a_failed_primary_is_replaced_by_the_most_advanced_survivor(
     assert len(arrays) == 2 and len(set(arrays.values())) == 1
 
 
+async def test_the_read_lease_wait_runs_from_when_the_primary_vanished(cluster: Cluster) -> None:
+    # Two extents with the same dead primary: the first failover waits out the read lease the
+    # old primary may have granted; the second must not wait it again (docs/redirector.md).
+    path = cluster.nodes["chunk-0"].path
+    path.read_lease = 3.0  # long enough to tell one wait from two on a loaded machine
+    v = cluster.volume("chunk-0", size=16 * EXTENT)
+    by_primary: dict[str, list[int]] = {}
+    for i in range(16):
+        await v.write(i * EXTENT // 512, blocks(i, 8), fua=False)
+        rec = cluster.nodes["chunk-0"].emap.get("vol-t", i)
+        assert rec is not None
+        by_primary.setdefault(rec.primary, []).append(i)
+    victim, extents = next((p, e) for p, e in sorted(by_primary.items()) if p != "chunk-0")
+    assert len(extents) >= 2, by_primary
+    await cluster.kill(victim)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await v.write(extents[0] * EXTENT // 512, blocks(70, 8), fua=False)
+    first = loop.time() - start
+    start = loop.time()
+    await v.write(extents[1] * EXTENT // 512, blocks(71, 8), fua=False)
+    second = loop.time() - start
+    assert first >= 2.9, f"the first failover did not wait out the read lease ({first:.2f} s)"
+    assert second < 1.5, f"the second failover waited the read lease again ({second:.2f} s)"
+    for i, seed in ((extents[0], 70), (extents[1], 71)):
+        assert await v.read(i * EXTENT // 512, 8) == blocks(seed, 8)
+
+
+async def test_an_access_write_cancelled_at_any_moment_does_not_wedge_its_extent(
+    cluster: Cluster,
+) -> None:
+    # The access point vanishing cancels the primary's request task (connection lost, or the
+    # iSCSI command aborted). Cancelled anywhere, even inside the primary's FUA flush, the
+    # extent must keep taking writes and its replicas must stay identical.
+    v = cluster.volume("chunk-0", size=EXTENT)
+    await v.write(0, blocks(1, 8), fua=True)
+    rec = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
+    assert rec is not None
+    primary = cluster.nodes[rec.primary].node
+    for steps in range(40):
+        request = Write(0, "vol-t", 0, rec.gen, 0, 0, True, blocks(100 + steps, 8))
+        task = asyncio.ensure_future(primary.handle(request))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await v.write(8, blocks(steps, 8), fua=True)  # refused as out of order when wedged
+    assert await v.read(8, 8) == blocks(39, 8)
+    await async_wait_for(
+        lambda: _identical(cluster, "vol-t", 0), 10, "the replicas to settle identical"
+    )
+
+
+async def _identical(c: Cluster, vid: str, extent: int) -> bool:
+    arrays = await checksum_arrays(c, vid, extent)
+    return len(arrays) == 3 and len(set(arrays.values())) == 1
+
+
 async def test_failover_makes_the_survivors_identical_before_accepting_writes(
     cluster: Cluster,
 ) -> None:

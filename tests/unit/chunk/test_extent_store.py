@@ -536,3 +536,27 @@ async def test_duplicates_and_misplaced_headers_are_reported(tmp_path: Path) -> 
     reasons = sorted(p.reason for p in listing.problems)
     assert len(reasons) == 2
     assert reasons[0].startswith("duplicate replica") and reasons[1] == "header names vol/1"
+
+
+async def test_a_retired_data_dir_lists_its_replicas_and_serves_none(tmp_path: Path) -> None:
+    dirs = [tmp_path / "d0", tmp_path / "d1"]
+    for d in dirs:
+        d.mkdir()
+    store = ExtentStore(dirs, EXTENT, boot_id=BOOT_A)
+    store.list_replicas()
+    placed = {}
+    for i in range(4):
+        r = await store.create("v", i, 1)
+        await r.write(0, pattern(i, BLOCK_SIZE), seq=1, gen=1, fua=False)
+        placed[i] = r.paths.data_dir
+    bad = placed[0]
+    on_bad = [("v", i) for i, d in placed.items() if d == bad]
+    os.rename(bad, tmp_path / "gone")  # the directory disappears under open replicas
+    lost = store.retire_dir(DataDirFailed(bad, 2, "gone"))
+    assert lost == on_bad
+    assert all(r.paths.data_dir != bad for r in store.open_replicas())
+    assert set(store.known_replicas()) == {("v", i) for i in range(4)} - set(on_bad)
+    with pytest.raises(ReplicaNotFound):
+        await store.open(*on_bad[0])
+    again = await store.create(*on_bad[0], 2)  # a rebuild may place it again, elsewhere
+    assert again.paths.data_dir != bad

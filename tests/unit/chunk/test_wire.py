@@ -144,6 +144,20 @@ REQUEST_CASES: list[tuple[Request, dict[str, Any], bytes]] = [
         b"",
     ),
     (
+        Copy(16, "v", 1, 9, 8192, 8192, b"\1" * 8192, SUMS, if_applied=5),
+        {
+            "op": "copy",
+            "id": 16,
+            "vol": "v",
+            "ext": 1,
+            "gen": 9,
+            "off": 8192,
+            "n": 8192,
+            "if_applied": 5,
+        },
+        b"\1" * 8192 + SUMS,
+    ),
+    (
         Create(11, "v", 2, 3, 1),
         {"op": "create", "id": 11, "vol": "v", "ext": 2, "gen": 3, "state": 1},
         b"",

@@ -1,0 +1,159 @@
+"""Data directories that fail on a live chunk server (docs/datapath.md, "A data directory
+fails").
+
+A data directory that returns an IO error, goes read-only or disappears (unmounted, removed)
+is found by a periodic probe (`ExtentStore.check_data_dirs`: exists, same file system,
+write + fsync work) or by any request that meets a `DataDirFailed`. Then, once:
+
+1. the store retires it: nothing is created, opened or kept open there any more
+   (`ExtentStore.retire_dir`); the replicas it held are *lost* (`DataNode.lost`): never
+   recreated empty while the extent map still names us (that copy would serve zeros);
+2. it is reported: `lunastor_data_dir_failed{path}` = 1, `lunastor_data_dir_failures_total`,
+   and the chunk server's live status record lists the directory with `state: failed`;
+3. for every lost replica whose extent still names us, the chunk server leaves the replica
+   set through the existing paths: as a secondary it asks the primary to flush the extent,
+   which fails on us, so the primary removes us (`gen + 1` by transaction, the remaining
+   members told the new gen); as the primary it stops acknowledging for the extent and
+   hands it to the most advanced other member (`AccessPath.resign`: the failover commit and
+   convergence, without the lease wait). Re-replication can then restore the replica count.
+   Extents that still name us are retried every probe interval.
+
+A full data directory is not failed: writes that need space get SPACE ALLOCATION FAILED
+(`SpaceExhausted`) and the directory stays in service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from functools import partial
+
+from prometheus_client import Counter, Gauge
+
+from lunastor.chunk.dataserver import DataNode
+from lunastor.chunk.extentmap import ExtentMap
+from lunastor.chunk.peer import PeerError
+from lunastor.chunk.store import DataDirFailed, ExtentStore
+from lunastor.chunk.volume import AccessPath
+from lunastor.chunk.wire import Flush
+
+log = logging.getLogger(__name__)
+
+DIR_FAILED = Gauge(
+    "lunastor_data_dir_failed", "1 once a data directory was taken out of service", ["path"]
+)
+DIR_FAILURES = Counter("lunastor_data_dir_failures_total", "Data directories taken out of service")
+REPLICAS_LOST = Counter(
+    "lunastor_data_dir_replicas_lost_total", "Replicas lost with a failed data directory"
+)
+
+
+class DataDirMonitor:
+    def __init__(
+        self,
+        store: ExtentStore,
+        node: DataNode,
+        path: AccessPath,
+        emap: ExtentMap,
+        chunk_id: str,
+        *,
+        interval: float,
+        changed: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.node = node
+        self.path = path
+        self.emap = emap
+        self.chunk_id = chunk_id
+        self.interval = interval
+        self.changed = changed  # the status record should be rewritten
+        self._task: asyncio.Task[None] | None = None
+        self._pending: list[DataDirFailed] = []
+        self._retired: set[str] = set()
+        self._wake = asyncio.Event()
+        for d in store.data_dirs:
+            DIR_FAILED.labels(d).set(0)
+        node.on_data_dir_failed = self.notice
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run_forever(), name="data dir monitor")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def notice(self, exc: DataDirFailed) -> None:
+        """A request met a failed data directory: retire it soon (not inside the request)."""
+        if exc.path in self.store.data_dirs and exc.path not in self._retired:
+            self._pending.append(exc)
+            self._wake.set()
+
+    async def run_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the next probe tries again
+                log.exception("data directory check failed")
+
+    async def run_once(self) -> list[str]:
+        """Probe, retire what failed, leave the replica sets of lost replicas. Returns the
+        directories retired by this call."""
+        self.store.check_data_dirs()
+        pending, self._pending = self._pending, []
+        for exc in pending:
+            self.store.failed.setdefault(exc.path, exc)
+        retired = []
+        for d, exc in list(self.store.failed.items()):
+            if d in self._retired:
+                continue
+            self._retired.add(d)
+            retired.append(d)
+            lost = self.store.retire_dir(exc)
+            self.node.lost.update(lost)
+            for key in lost:
+                self.node.step_down(*key)
+            DIR_FAILED.labels(d).set(1)
+            DIR_FAILURES.inc()
+            REPLICAS_LOST.inc(len(lost))
+            log.error("data directory %s out of service (%s): %d replicas lost", d, exc, len(lost))
+        if retired and self.changed is not None:
+            self.changed()
+        await self.leave_replica_sets()
+        return retired
+
+    async def leave_replica_sets(self) -> None:
+        named = []
+        for volume, index in sorted(self.node.lost):
+            rec = self.emap.get(volume, index)
+            if rec is not None and self.chunk_id in rec.replicas:
+                named.append((volume, index, rec.gen, rec.primary == self.chunk_id))
+        # forget lost replicas no extent names us for any more (removed, or the extent gone)
+        self.node.lost.intersection_update((v, i) for v, i, _, _ in named)
+        await asyncio.gather(*(self._leave(*n) for n in named))
+
+    async def _leave(self, volume: str, index: int, gen: int, primary: bool) -> None:
+        try:
+            if primary:
+                await self.path.resign(volume, index)
+                return
+            rec = self.emap.get(volume, index)
+            if rec is None:
+                return
+            # the primary flushes every member; ours fails, so it removes us (gen + 1)
+            resp = await self.node.replicas.call(
+                rec.primary, partial(Flush, volume=volume, extent=index, gen=gen)
+            )
+            if not resp.ok:
+                log.info("extent %s/%d: flush at the primary: %s", volume, index, resp.status)
+        except PeerError as exc:
+            log.info("extent %s/%d: cannot reach the primary yet: %s", volume, index, exc)
