@@ -7,8 +7,14 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from tests.support.etcd import EtcdServer
+
+# Property tests check behaviour, not speed: on a loaded 2-core CI machine one example can
+# take longer than Hypothesis' 200 ms default deadline, which is then reported as a failure.
+settings.register_profile("lunastor", deadline=None)
+settings.load_profile("lunastor")
 
 
 @pytest.fixture(scope="session")
