@@ -55,7 +55,7 @@ from lunastor.common.records import ExtentRecord
 log = logging.getLogger(__name__)
 
 BYTES_COPIED = Counter(
-    "lunastor_rebuild_bytes_copied_total", "Bytes copied to joining members (rebuild, catch-up)"
+    "lunastor_rebuild_bytes_total", "Bytes copied to joining members (rebuild, catch-up)"
 )
 EXTENTS_REBUILT = Counter(
     "lunastor_rebuild_extents_total", "Members joined to an extent after a rebuild or catch-up"
