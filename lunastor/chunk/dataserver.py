@@ -349,10 +349,12 @@ class DataNode(DataService):
                     member, partial(GetState, volume=rec.volume, extent=rec.index)
                 )
             except PeerError:
-                return True  # cannot tell: assume the worst
+                if rec.gen > 1:
+                    return True  # cannot tell: assume the worst
+                continue  # a new extent's first write: the dead member is removed at its forward
             if st.ok and (st.fields["applied_seq"] > 0 or st.fields["mapped_blocks"] > 0):
                 return True
-            if not st.ok and st.status is not Status.NOT_FOUND:
+            if not st.ok and st.status is not Status.NOT_FOUND and rec.gen > 1:
                 return True
         return False
 
