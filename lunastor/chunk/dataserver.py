@@ -71,6 +71,11 @@ class Unavailable(Exception):
     """The primary cannot acknowledge now; the access point retries."""
 
 
+class PrimaryReplicaLost(Unavailable):
+    """We are the extent's primary but our replica is gone while the others hold data: the
+    repair loop hands the extent to a secondary (repair.py)."""
+
+
 class StaleMap(Exception):
     """The sender's generation is not the primary's: refresh the map and retry."""
 
@@ -308,6 +313,10 @@ class DataNode(DataService):
         """Whether `pe` is still our primary state of its extent."""
         return self._primaries.get((pe.volume, pe.index)) is pe
 
+    def leading(self, volume: str, index: int) -> bool:
+        """Whether we hold primary state for the extent (it is open for writes here)."""
+        return (volume, index) in self._primaries
+
     def forget(self, pe: PrimaryExtent) -> None:
         """We are no longer the extent's primary (we handed it over)."""
         if self.current(pe):
@@ -355,10 +364,13 @@ class DataNode(DataService):
         try:
             replica = await self.store.open(rec.volume, rec.index)
         except ReplicaNotFound:
-            if rec.gen > 1 and await self._secondaries_hold_data(rec):
+            # (any gen: at gen 1 too the others may hold data, and an empty primary would
+            # take their `out_of_order` answers for repeats and diverge from them)
+            if len(rec.replicas) > 1 and await self._secondaries_hold_data(rec):
                 # Our copy vanished (a wiped or replaced disk): never start over empty while
                 # the others hold the data; a failover (or rebuild) has to sort it out.
-                raise Unavailable("our replica is missing but the secondaries hold data") from None
+                why = "our replica is missing but the secondaries hold data"
+                raise PrimaryReplicaLost(why) from None
             replica = await self.store.create(rec.volume, rec.index, rec.gen)
         if replica.generation < rec.gen:
             await replica.set_generation(rec.gen)
@@ -385,10 +397,12 @@ class DataNode(DataService):
                     member, partial(GetState, volume=rec.volume, extent=rec.index)
                 )
             except PeerError:
-                return True  # cannot tell: assume the worst
+                if rec.gen > 1:
+                    return True  # cannot tell: assume the worst
+                continue  # a new extent's first write: the dead member is removed at its forward
             if st.ok and (st.fields["applied_seq"] > 0 or st.fields["mapped_blocks"] > 0):
                 return True
-            if not st.ok and st.status is not Status.NOT_FOUND:
+            if not st.ok and st.status is not Status.NOT_FOUND and rec.gen > 1:
                 return True
         return False
 
@@ -688,4 +702,11 @@ class DataServer:
             await self._server.wait_closed()
 
 
-__all__ = ["DataNode", "DataServer", "Replicas", "StaleMap", "Unavailable"]
+__all__ = [
+    "DataNode",
+    "DataServer",
+    "PrimaryReplicaLost",
+    "Replicas",
+    "StaleMap",
+    "Unavailable",
+]

@@ -26,6 +26,7 @@ and a returning replica copies only the regions that changed while it was away (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -35,7 +36,7 @@ from functools import partial
 
 from prometheus_client import Counter
 
-from lunastor.chunk.dataserver import DataNode, PrimaryExtent
+from lunastor.chunk.dataserver import DataNode, PrimaryExtent, StaleMap, Unavailable
 from lunastor.chunk.peer import PeerError
 from lunastor.chunk.store import BLOCK_SIZE, CHECKSUM_SIZE, ReplicaState
 from lunastor.chunk.wire import (
@@ -55,7 +56,7 @@ from lunastor.common.records import ExtentRecord
 log = logging.getLogger(__name__)
 
 BYTES_COPIED = Counter(
-    "lunastor_rebuild_bytes_copied_total", "Bytes copied to joining members (rebuild, catch-up)"
+    "lunastor_rebuild_bytes_total", "Bytes copied to joining members (rebuild, catch-up)"
 )
 EXTENTS_REBUILT = Counter(
     "lunastor_rebuild_extents_total", "Members joined to an extent after a rebuild or catch-up"
@@ -238,14 +239,14 @@ async def join_member(
     if target in pe.members:
         return JoinResult(target, 0, 0, pe.gen)
     started = time.monotonic()
-    async with pe.lock:
-        if pe.joining is not None:
-            raise JoinAborted(f"{pe.joining} is joining {volume}/{index} already")
-        gen = pe.gen
-        await _prepare(node, pe, target)
-        pe.joining = target
     copied = 0
     try:
+        async with pe.lock:
+            if pe.joining is not None:
+                raise JoinAborted(f"{pe.joining} is joining {volume}/{index} already")
+            gen = pe.gen
+            await _prepare(node, pe, target)
+            pe.joining = target
         for passes in range(1, MAX_PASSES + 1):
             ours = await pe.replica.checksums()
             runs = differing_runs(ours, await _their_sums(node, pe, target), run)
@@ -259,9 +260,10 @@ async def join_member(
                 if differing_runs(ours, await _their_sums(node, pe, target)):
                     continue
                 again = await _commit(node, pe, target)
-            if again:
-                await node.remove_members(pe, again)
             EXTENTS_REBUILT.inc()
+            if again:  # committed: a member that refused the new generation goes
+                with contextlib.suppress(Unavailable, StaleMap):
+                    await node.remove_members(pe, again)
             took = time.monotonic() - started
             log.warning(
                 "extent %s/%d: %s joined (gen %d), %d bytes copied in %d passes, %.2f s",

@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from lunastor.chunk.dataserver import DataNode, StaleMap, Unavailable
+from lunastor.chunk.dataserver import DataNode, PrimaryReplicaLost, StaleMap, Unavailable
 from lunastor.chunk.extentmap import AllocationError, ExtentMap
 from lunastor.chunk.join import JoinAborted, Throttle, join_member, retire_member
 from lunastor.chunk.peer import PeerError
 from lunastor.chunk.repair_plan import Action, ActionKind, ServerView, plan, plan_extent
-from lunastor.chunk.store import ExtentStoreError
+from lunastor.chunk.store import ExtentStoreError, ReplicaNotFound
 from lunastor.chunk.volume import AccessPath
 from lunastor.chunk.wire import GetState
 from lunastor.common.etcd import Etcd, EtcdError
@@ -200,8 +200,80 @@ class Repairer:
                 act = refined
             mine.append(act)
         self.last = actions
-        await asyncio.gather(*(self._apply(a) for a in mine))
+        lost = await self._lost_primaries(extents)
+        await asyncio.gather(
+            *(self._apply(a) for a in mine), *(self._hand_over_lost(rec) for rec in lost)
+        )
         return actions
+
+    # -- a primary whose replica is gone (a wiped or replaced disk) -------------------------
+
+    async def _lost_primaries(self, extents: list[ExtentRecord]) -> list[ExtentRecord]:
+        """Extents we are primary of, not open here, whose replica file is missing."""
+        out = []
+        for rec in extents:
+            if rec.primary != self.me or rec.converging or len(rec.replicas) < 2:
+                continue
+            if self.node.leading(rec.volume, rec.index):
+                continue
+            try:
+                await self.node.store.open(rec.volume, rec.index)
+            except ReplicaNotFound:
+                out.append(rec)
+            except ExtentStoreError:
+                continue
+        return out
+
+    async def _hand_over_lost(self, rec: ExtentRecord) -> None:
+        """Our replica is gone while the others hold the data: the most advanced current
+        secondary becomes primary by transaction (`converging`, as after a failover: nothing
+        was acknowledged that is not on every member), and converges the others. We are no
+        longer a member; the repair adds a replica back (possibly on us, copied in full)."""
+        key = (rec.volume, rec.index)
+        if key in self._busy:
+            return
+        self._busy.add(key)
+        try:
+            try:
+                await self.node.lead(rec.volume, rec.index)
+                return  # it was not lost after all (never written: created empty)
+            except PrimaryReplicaLost:
+                pass
+            entry = await self.emap.fresh(rec.volume, rec.index)
+            if entry is None or entry.record != rec:
+                return
+            states: dict[str, int] = {}
+            for member in rec.replicas[1:]:
+                try:
+                    st = await self.path.get_state(member, rec.volume, rec.index, False)
+                except PeerError:
+                    continue
+                if st.ok and st.fields["gen"] == rec.gen and st.fields["state"] == 0:
+                    states[member] = st.fields["applied_seq"]
+            if not states:
+                log.error("extent %s/%d: our replica is lost and no member is current", *key)
+                return
+            order = [m for m in rec.replicas if m in states]
+            best = max(order, key=lambda m: (states[m], -order.index(m)))
+            new = ExtentRecord(
+                volume=rec.volume,
+                index=rec.index,
+                gen=rec.gen + 1,
+                replicas=[best] + [m for m in order if m != best],
+                epoch=rec.epoch,
+                converging=True,
+            )
+            committed = await self.emap.replace(entry, new)
+            if committed is None:
+                return
+            log.warning(
+                "extent %s/%d: our replica is lost; %s is primary now (gen %d)", *key, best, new.gen
+            )
+            await self.path.converge(committed)
+        except (Unavailable, StaleMap, PeerError, ExtentStoreError, EtcdError, TimeoutError) as exc:
+            log.warning("hand-over of %s/%d (replica lost) failed: %s", *key, exc)
+        finally:
+            self._busy.discard(key)
 
     async def _apply(self, act: Action) -> None:
         key = (act.volume, act.index)

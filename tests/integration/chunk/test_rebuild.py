@@ -186,11 +186,14 @@ async def test_a_join_under_concurrent_writes_to_the_same_blocks_copies_once_and
     tasks = [asyncio.create_task(writer(0, 128)), asyncio.create_task(writer(40, 96))]
     await asyncio.sleep(0.2)
     writes_before = len(log)
-    result = await join_member(primary.node, VID, 0, outsider, Throttle(128 << 10), run=64 << 10)
-    assert len(log) - writes_before > 20, "the writers were too slow to overlap the copy"
-    await asyncio.sleep(0.2)  # writes continue with the new member
-    stop.set()
-    await asyncio.gather(*tasks)
+    try:
+        result = await join_member(primary.node, VID, 0, outsider, Throttle(64 << 10), run=64 << 10)
+        overlapping = len(log) - writes_before
+        await asyncio.sleep(0.2)  # writes continue with the new member
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert overlapping >= 5, "the writers were too slow to overlap the copy"
     # Every copy landed between the writes around it: one pass, nothing left to recopy.
     assert result.passes == 1, result
     assert result.bytes_copied >= EXTENT // 4  # the outsider started empty: all mapped blocks
@@ -214,7 +217,7 @@ async def test_a_lost_member_is_replaced_and_the_operation_succeeds(rig: Rig) ->
     # (first live member), drop the dead member elsewhere, and copy new replicas
     victim = records[0].primary
     before = counter("lunastor_rebuild_extents_total")
-    copied0 = counter("lunastor_rebuild_bytes_copied_total")
+    copied0 = counter("lunastor_rebuild_bytes_total")
     started = time.monotonic()
     await c.kill(victim)
     planner = RebuildPlanner(c.etcd)
@@ -237,7 +240,7 @@ async def test_a_lost_member_is_replaced_and_the_operation_succeeds(rig: Rig) ->
     await rig.repair_until(restored_noting_actions, 60, "every extent back to 3 replicas")
     elapsed = time.monotonic() - started
     assert {ActionKind.FAILOVER, ActionKind.ADD} <= planned, planned
-    copied = counter("lunastor_rebuild_bytes_copied_total") - copied0
+    copied = counter("lunastor_rebuild_bytes_total") - copied0
     mib = copied / 2**20
     print(f"rebuilt {mib:.1f} MiB in {elapsed:.2f} s ({mib / elapsed:.1f} MiB/s)")
     assert counter("lunastor_rebuild_extents_total") - before == op.total
@@ -277,14 +280,14 @@ async def test_a_returning_member_catches_up_with_only_the_changed_blocks(rig: R
     assert waits
     for i in range(2):
         assert away not in (await rig.fresh(i)).replicas
-    copied0 = counter("lunastor_rebuild_bytes_copied_total")
+    copied0 = counter("lunastor_rebuild_bytes_total")
     await rig.restart(away)
 
     async def rejoined() -> bool:
         return all(away in r.replicas for r in [await rig.fresh(i) for i in range(2)])
 
     await rig.repair_until(rejoined, 30, f"{away} to rejoin")
-    copied = counter("lunastor_rebuild_bytes_copied_total") - copied0
+    copied = counter("lunastor_rebuild_bytes_total") - copied0
     changed_bytes = 4096 * sum(1 for i, _ in changed if away in recs[i].replicas)
     print(f"catch-up copied {copied:.0f} bytes; changed {changed_bytes}; extent size {EXTENT}")
     assert 0 < copied <= changed_bytes < EXTENT // 16  # only the changed blocks
@@ -336,3 +339,28 @@ async def test_a_drain_moves_every_replica_off_the_server(rig: Rig) -> None:
         with pytest.raises(ReplicaNotFound):
             await c.nodes[victim].store.open(VID, i)  # its files are gone
     assert await v.read(8, 8) == version(1, 9, 8)
+
+
+async def test_a_primary_whose_replica_vanished_hands_the_extent_over(rig: Rig) -> None:
+    # A wiped or replaced disk under a live primary: it must not serve zeros nor block the
+    # extent forever; a secondary takes over, and a replica is copied back.
+    c = rig.c
+    v = await rig.volume("chunk-0", extents=1)
+    data = b"".join(version(k, 1, 64) for k in range(0, EXTENT // SECTOR, 64))
+    await v.write(0, data, fua=True)
+    await v.write(0, version(0, 2, 8), fua=True)
+    rec = await rig.fresh(0)
+    owner = c.nodes[rec.primary]
+    pe = await owner.node.lead(VID, 0)
+    owner.node.forget(pe)  # as after a restart with an empty disk
+    await (await owner.store.open(VID, 0)).delete()
+
+    async def healed() -> bool:
+        now = await rig.fresh(0)
+        return now.primary != owner.id and not now.converging and len(now.replicas) == 3
+
+    await rig.repair_until(healed, 60, "a secondary to take over and a replica to be re-added")
+    now = await rig.fresh(0)
+    want = version(0, 2, 8) + data[8 * SECTOR :]
+    assert await rig.replicas_identical(0, now.replicas) == want
+    assert await v.read(0, EXTENT // SECTOR) == want

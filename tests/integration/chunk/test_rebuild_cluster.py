@@ -46,7 +46,7 @@ STRIDE = VOLUME // BLOCKS
 
 def copied_bytes(admin: str) -> float:
     text = urllib.request.urlopen(f"http://{admin}/metrics", timeout=5).read().decode()
-    match = re.search(r"^lunastor_rebuild_bytes_copied_total ([0-9.e+]+)$", text, re.M)
+    match = re.search(r"^lunastor_rebuild_bytes_total ([0-9.e+]+)$", text, re.M)
     return float(match.group(1)) if match else 0.0
 
 
