@@ -65,6 +65,10 @@ log = logging.getLogger(__name__)
 MEMBERS_REMOVED = Counter(
     "lunastor_replicas_removed_total", "Secondaries removed from an extent by its primary"
 )
+WRITES_FENCED = Counter(
+    "lunastor_writes_fenced_total",
+    "Access writes and unmaps refused by this primary: their nexus logged in again since",
+)
 
 
 class Unavailable(Exception):
@@ -288,6 +292,8 @@ class DataNode(DataService):
             msg = clip_message(str(exc))
             return Response(req.id, Status.STALE_GENERATION, {"gen": exc.gen, "message": msg})
         except Fenced as exc:
+            WRITES_FENCED.inc()
+            log.warning("refused a write: %s", exc)
             msg = clip_message(str(exc))
             return Response(req.id, Status.FENCED, {"epoch": exc.newest, "message": msg})
         except Unavailable as exc:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from lunastor.chunk.fencing import EpochTable
 from lunastor.chunk.peer import PeerClient
@@ -129,9 +130,11 @@ async def test_a_stale_write_from_the_old_access_point_is_refused(
     try:
         race = await start_race(c)
         await fail_over(c, race)
+        before = REGISTRY.get_sample_value("lunastor_writes_fenced_total") or 0.0
         race.proxy.release()  # the old write reaches the primary now, after the new one
         with pytest.raises(NexusLost):
             await race.stale
+        assert REGISTRY.get_sample_value("lunastor_writes_fenced_total") == before + 1
         contents = await replica_contents(c)
         assert contents == {n: FRESH for n in c.nodes}, "the newer data must survive everywhere"
         # the other path of a multipath initiator (another ISID) logged in at the old access
