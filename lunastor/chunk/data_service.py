@@ -28,6 +28,7 @@ from lunastor.chunk.store import (
     StaleGeneration,
 )
 from lunastor.chunk.wire import (
+    Clone,
     Copy,
     Create,
     Delete,
@@ -59,6 +60,7 @@ class DataService:
             GetState: self._get_state,
             SetGen: self._set_gen,
             Copy: self._copy,
+            Clone: self._clone,
         }
 
     async def handle(self, req: Request) -> Response:
@@ -129,6 +131,10 @@ class DataService:
     async def _copy(self, req: Copy) -> Response:
         replica = await self._current(req.volume, req.extent, req.gen)
         await replica.apply_copy(req.offset, req.data, req.checksums)
+        return Response(req.id, Status.OK)
+
+    async def _clone(self, req: Clone) -> Response:
+        await self.store.clone(req.volume, req.extent, req.dst, req.gen)
         return Response(req.id, Status.OK)
 
     async def _current(self, volume: str, extent: int, gen: int) -> Replica:

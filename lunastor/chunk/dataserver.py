@@ -33,6 +33,7 @@ from prometheus_client import Counter
 from lunastor.chunk.data_service import DataService, error_response
 from lunastor.chunk.extentmap import Entry, ExtentMap
 from lunastor.chunk.peer import PeerClient, PeerError, PeerUnavailable
+from lunastor.chunk.snapshots import PreserveFailed, clone_from_origin, preserve
 from lunastor.chunk.store import (
     ExtentStore,
     ExtentStoreError,
@@ -45,6 +46,7 @@ from lunastor.chunk.wire import (
     Flush,
     GetState,
     Ping,
+    Preserve,
     Read,
     Request,
     Response,
@@ -235,6 +237,9 @@ class DataNode(DataService):
             if isinstance(req, Flush) and self._is_primary(req.volume, req.extent):
                 await self.primary_flush(req.volume, req.extent, req.gen)
                 return Response(req.id, Status.OK)
+            if isinstance(req, Preserve):
+                await self.primary_preserve(req.volume, req.extent, req.gen)
+                return Response(req.id, Status.OK)
         except StaleMap as exc:
             msg = clip_message(str(exc))
             return Response(req.id, Status.STALE_GENERATION, {"gen": exc.gen, "message": msg})
@@ -284,11 +289,18 @@ class DataNode(DataService):
         try:
             replica = await self.store.open(rec.volume, rec.index)
         except ReplicaNotFound:
-            if rec.gen > 1 and await self._secondaries_hold_data(rec):
+            if rec.origin and rec.gen == 1:
+                # A clone's extent starts as a local copy of its origin (docs/snapshots.md).
+                # Our own copy is missing, so no write was ever applied to any member.
+                if not await clone_from_origin(self.replicas.call, self.node_id, rec):
+                    raise Unavailable(f"cannot copy origin {rec.origin}/{rec.index}") from None
+                replica = await self.store.open(rec.volume, rec.index)
+            elif rec.gen > 1 and await self._secondaries_hold_data(rec):
                 # Our copy vanished (a wiped or replaced disk): never start over empty while
                 # the others hold the data; a failover (or rebuild) has to sort it out.
                 raise Unavailable("our replica is missing but the secondaries hold data") from None
-            replica = await self.store.create(rec.volume, rec.index, rec.gen)
+            else:
+                replica = await self.store.create(rec.volume, rec.index, rec.gen)
         if replica.generation < rec.gen:
             await replica.set_generation(rec.gen)
         elif replica.generation > rec.gen:
@@ -301,7 +313,10 @@ class DataNode(DataService):
         pe.idle.set()
         failed = []
         for member in pe.members[1:]:
-            if not await self._ensure_secondary(pe, member):
+            if rec.origin:
+                if not await clone_from_origin(self.replicas.call, member, rec):
+                    failed.append(member)
+            elif not await self._ensure_secondary(pe, member):
                 failed.append(member)
         if failed:
             await self._remove(pe, failed)
@@ -340,6 +355,7 @@ class DataNode(DataService):
         async with pe.lock:
             if pe.gen != gen:
                 raise StaleMap(pe.gen)
+            await self._preserve(pe)
             seq = pe.next_seq
             await pe.replica.write(offset, data, seq=seq, gen=pe.gen, fua=fua)
             pe.next_seq += 1
@@ -358,6 +374,7 @@ class DataNode(DataService):
         async with pe.lock:
             if pe.gen != gen:
                 raise StaleMap(pe.gen)
+            await self._preserve(pe)
             seq = pe.next_seq
             await pe.replica.unmap(offset, length, seq=seq, gen=pe.gen, fua=fua)
             pe.next_seq += 1
@@ -368,6 +385,22 @@ class DataNode(DataService):
 
             sends = self._forward(pe, build, seq)
         return await self._settle(pe, seq, sends)
+
+    async def primary_preserve(self, volume: str, index: int, gen: int) -> None:
+        """Copy the extent aside now if a snapshot froze its data (a clone is about to read
+        or copy it: docs/snapshots.md)."""
+        pe = await self._primary(volume, index, gen)
+        async with pe.lock:
+            if pe.gen != gen:
+                raise StaleMap(pe.gen)
+            await self._preserve(pe)
+
+    async def _preserve(self, pe: PrimaryExtent) -> None:
+        """Under the extent's lock, before a mutation: snapshot copy-on-write."""
+        try:
+            await preserve(self.emap, self.replicas.call, pe)
+        except PreserveFailed as exc:
+            raise Unavailable(str(exc)) from None
 
     async def primary_flush(self, volume: str, index: int, gen: int) -> None:
         pe = await self._primary(volume, index, gen)

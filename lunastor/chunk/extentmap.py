@@ -19,6 +19,7 @@ from lunastor.common.records import (
     ExtentRecord,
     Keys,
     RecordError,
+    VolumeRecord,
 )
 
 
@@ -38,16 +39,19 @@ class ExtentMap:
         self.extents = PrefixCache(etcd, Keys.EXTENTS)
         self.live = PrefixCache(etcd, Keys.LIVE_CHUNKS)
         self.chunks = PrefixCache(etcd, Keys.CHUNKS)
+        # volumes: their snapshot epoch and clone base (docs/snapshots.md)
+        self.volumes = PrefixCache(etcd, Keys.VOLUMES)
+        self._volumes: dict[str, tuple[int, VolumeRecord]] = {}
         self._decoded: dict[str, Entry] = {}
         self._rings: dict[int, tuple[int, StoredRing]] = {}
 
     async def start(self) -> ExtentMap:
-        for cache in (self.extents, self.live, self.chunks):
+        for cache in (self.extents, self.live, self.chunks, self.volumes):
             await cache.start()
         return self
 
     async def stop(self) -> None:
-        for cache in (self.extents, self.live, self.chunks):
+        for cache in (self.extents, self.live, self.chunks, self.volumes):
             await cache.stop()
 
     # -- look-ups (cached) ---------------------------------------------------------------------
@@ -71,6 +75,23 @@ class ExtentMap:
     def get(self, volume: str, index: int) -> ExtentRecord | None:
         e = self.entry(volume, index)
         return e.record if e is not None else None
+
+    def volume(self, volume: str) -> VolumeRecord | None:
+        """The volume's record as watched; None for a deleted volume or a store name that is
+        not a volume (a snapshot's preserved copy)."""
+        kv = self.volumes.get(Keys.volume(volume))
+        if kv is None:
+            self._volumes.pop(volume, None)
+            return None
+        cached = self._volumes.get(volume)
+        if cached is not None and cached[0] == kv.mod_revision:
+            return cached[1]
+        try:
+            record = VolumeRecord.from_json(kv.value)
+        except RecordError:
+            return None
+        self._volumes[volume] = (kv.mod_revision, record)
+        return record
 
     def is_live(self, chunk_id: str) -> bool:
         return self.live.get(Keys.live_chunk(chunk_id)) is not None
@@ -115,19 +136,42 @@ class ExtentMap:
 
     # -- changes -------------------------------------------------------------------------------
 
-    async def allocate(self, volume: str, index: int, replicas: int) -> Entry:
-        """The extent's entry, creating it (gen 1, replicas from the ring) if absent."""
+    async def allocate(
+        self,
+        volume: str,
+        index: int,
+        replicas: int,
+        *,
+        on: list[str] | None = None,
+        origin: str = "",
+    ) -> Entry:
+        """The extent's entry, creating it (gen 1, replicas from the ring) if absent.
+
+        A clone's extent is placed `on` the servers of its `origin` (docs/snapshots.md); its
+        epoch is the volume's current snapshot epoch."""
         existing = self.entry(volume, index)
         if existing is not None:
             return existing
-        ring = await self.ring(replicas)
-        placed = ring.place(volume, index)
-        # A ring may still name a server that is down (no planner rebuilt it yet): leave it
-        # out rather than give the extent a replica that can never be written.
-        members = [c for c in placed if self.is_live(c)]
+        if on is not None:
+            members = [c for c in on if self.is_live(c)]
+            placed = on
+        else:
+            ring = await self.ring(replicas)
+            placed = ring.place(volume, index)
+            # A ring may still name a server that is down (no planner rebuilt it yet): leave
+            # it out rather than give the extent a replica that can never be written.
+            members = [c for c in placed if self.is_live(c)]
         if not members:
             raise AllocationError(f"no live chunk server among {placed}")
-        record = ExtentRecord(volume=volume, index=index, gen=1, replicas=members)
+        vol = self.volume(volume)
+        record = ExtentRecord(
+            volume=volume,
+            index=index,
+            gen=1,
+            replicas=members,
+            epoch=vol.epoch if vol is not None else 0,
+            origin=origin,
+        )
         key = Keys.extent(volume, index)
         res = await self.etcd.txn([Compare.version(key) == 0], [Put(key, record.to_json())])
         if res.succeeded:

@@ -7,10 +7,12 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from lunastor.chunk.collector import ReplicaCollector
 from lunastor.chunk.config import ChunkConfig
 from lunastor.chunk.dataserver import DataNode, DataServer, Replicas
 from lunastor.chunk.extentmap import ExtentMap
 from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
+from lunastor.chunk.seen import SeenPublisher
 from lunastor.chunk.store import ExtentStore
 from lunastor.chunk.targets import EtcdTargetHost
 from lunastor.chunk.volume import AccessPath
@@ -74,6 +76,8 @@ class DataPath:
         self.iscsi: IscsiServer | None = None
         self.ports = PrefixCache(etcd, Keys.TARGET_PORTS)
         self.relative_port = 0
+        self.seen = SeenPublisher(etcd, self.emap.volumes, chunk_id)
+        self.collector: ReplicaCollector | None = None
 
     def _relative_ports(self) -> list[int]:
         return sorted(int(k.removeprefix(Keys.TARGET_PORTS)) for k in self.ports.items)
@@ -88,6 +92,9 @@ class DataPath:
         for problem in listing.problems:
             log.error("replica problem: %s: %s", problem.path, problem.reason)
         await self.emap.start()
+        self.seen.start()
+        self.collector = ReplicaCollector(self.etcd, self.store, self.chunk_id)
+        await self.collector.start()
         self.node = DataNode(
             self.store,
             self.emap,
@@ -140,6 +147,9 @@ class DataPath:
             await self.data_server.close()
         if self.node is not None:
             await self.node.stop()
+        if self.collector is not None:
+            await self.collector.stop()
+        await self.seen.stop()
         await self.replicas.close()
         await self.emap.stop()
         await self.ports.stop()

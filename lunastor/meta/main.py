@@ -24,6 +24,7 @@ from lunastor.common.records import Keys, MetaInstance
 from lunastor.common.settings import etcd_client_config
 from lunastor.meta.app import make_app
 from lunastor.meta.config import MetaConfig
+from lunastor.meta.gc import GcPlanner
 from lunastor.meta.luns import LunMap
 from lunastor.meta.planners import DrainPlanner, PlannerLeader
 
@@ -58,7 +59,11 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
         await presence.start()
         luns = await LunMap(etcd).start()
         planners = PlannerLeader(
-            etcd, presence, config.instance_id, [DrainPlanner(etcd)], config.planner_interval
+            etcd,
+            presence,
+            config.instance_id,
+            [DrainPlanner(etcd), GcPlanner(etcd)],
+            config.planner_interval,
         )
         app = make_app(config, etcd, health, luns)
         runner = await start_http(app, config.listen, "listen", ssl_context)
