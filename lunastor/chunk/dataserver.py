@@ -57,7 +57,7 @@ from lunastor.chunk.wire import (
     clip_message,
 )
 from lunastor.chunk.wire_session import ServerConnection
-from lunastor.common.records import ExtentRecord
+from lunastor.common.records import ExtentRecord, parse_preserved
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,8 @@ class DataNode(DataService):
             self._leases[peer] = sent + self.read_lease * 0.9
 
     def may_serve_read(self, volume: str, index: int) -> bool:
+        if parse_preserved(volume) is not None:
+            return True  # a snapshot's preserved copy is never written: every replica is current
         rec = self.emap.get(volume, index)
         if rec is None or rec.primary == self.node_id:
             return self.alive() or rec is None

@@ -329,3 +329,78 @@ def test_online_expansion_raises_capacity_data_has_changed_on_every_access_point
         out = ok(run("iscsi-readcapacity16", "-i", WATCH_IQN, link))
         assert f"RETURNED LOGICAL BLOCK ADDRESS:{192 * MIB // 512 - 1}" in out
     lunastor("volume", "delete", "grow", "--force", "--dir", str(cluster.dir))
+
+
+def store_files(cluster: Cluster, chunk: str) -> set[tuple[str, int]]:
+    root = cluster.dir / "data" / chunk / "extents"
+    return {(p.parent.name, int(p.stem, 16)) for p in root.glob("*/*.hdr")}
+
+
+def test_gc_killed_midway_frees_everything_unreferenced_and_nothing_referenced(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    n = 40  # one 4 KiB write per 64 MiB extent: many extents, little data
+    size = f"{n * 64}MiB"
+    pinned = volume(cluster, "pinned", "--size", size, export=(QEMU_IQN,))
+    doomed = volume(cluster, "doomed", "--size", size, export=(QEMU_IQN,))
+
+    def write_all(vol: dict[str, Any], value: int) -> None:
+        cmds = [a for k in range(n) for a in ("-c", f"write -P {value + k} {k * 64}M 4k")]
+        ok(run("qemu-io", "-f", "raw", *cmds, url(cluster, "chunk1", vol)))
+
+    write_all(pinned, 1)
+    write_all(doomed, 1)
+    snap = cluster.cli("snapshot", "create", "sp", "pinned")
+    write_all(pinned, 100)  # every extent is copied aside for the snapshot first
+    clone = volume(cluster, "cp", "--size", size, "--from-snapshot", snap["id"], export=(QEMU_IQN,))
+
+    def clone_reads_the_snapshot() -> None:
+        cmds = [a for k in range(n) for a in ("-c", f"read -P {1 + k} {k * 64}M 4k")]
+        cmds += ["-c", "read -P 0 4k 60k", "-c", f"read -P 0 {(n - 1) * 64 + 1}M 1M"]
+        out = ok(run("qemu-io", "-f", "raw", *cmds, url(cluster, "chunk2", clone)))
+        assert "verification failed" not in out, out
+
+    clone_reads_the_snapshot()
+
+    def versions() -> dict[str, ExtentRecord]:
+        return {k: ExtentRecord.from_json(v) for k, v in etcd_prefix(cluster, Keys.EXTENTS).items()}
+
+    def garbage_left() -> int:
+        return sum(1 for r in versions().values() if r.volume in (pinned["id"], doomed["id"]))
+
+    assert garbage_left() == 2 * n
+    preserved = {k for k, r in versions().items() if r.volume == f"{pinned['id']}.e0"}
+    assert len(preserved) == n
+
+    # chunk3 is down while the collector hands out its work: it must pick it up on restart
+    lunastor("dev", "stop", "chunk3", "--kill", "--dir", str(cluster.dir))
+    lunastor("snapshot", "delete", "sp", "--dir", str(cluster.dir))
+    for name in ("pinned", "doomed"):
+        lunastor("volume", "delete", name, "--force", "--dir", str(cluster.dir))
+    midway = wait_for(lambda: 0 < (g := garbage_left()) < 2 * n and g, 60, "GC to start")
+    lunastor("dev", "stop", "meta", "--kill", "--dir", str(cluster.dir))  # SIGKILL mid-GC
+    print(f"meta killed with {midway} of {2 * n} unreferenced extent versions left")
+    assert garbage_left() > 0, "GC finished before the kill: the test proves nothing"
+    lunastor("dev", "start", "meta", "--dir", str(cluster.dir))
+    wait_for(lambda: garbage_left() == 0, 180, "GC to finish after the restart")
+
+    # Nothing still referenced was freed: the clone's copies, and the clone reads the same.
+    now = versions()
+    assert preserved <= set(now), "a preserved copy the clone reads was freed"
+    assert Keys.gc_volume(pinned["id"]) in etcd_prefix(cluster, Keys.GC_VOLUMES)  # still pinned
+    assert Keys.gc_volume(doomed["id"]) not in etcd_prefix(cluster, Keys.GC_VOLUMES)
+    assert not etcd_prefix(cluster, Keys.GC_SNAPSHOTS)
+    clone_reads_the_snapshot()
+
+    lunastor("dev", "start", "chunk3", "--dir", str(cluster.dir))
+    wait_for(lambda: not etcd_prefix(cluster, Keys.GC_REPLICAS), 60, "every chunk's GC work done")
+    for chunk in cluster.chunks:  # the files on disk are exactly what the map still names
+        me = cluster.chunk_id(chunk)
+        named = {(r.volume, r.index) for r in versions().values() if me in r.replicas}
+        assert store_files(cluster, chunk) == named, chunk
+
+    lunastor("volume", "delete", "cp", "--force", "--dir", str(cluster.dir))
+    wait_for(lambda: not versions() and not etcd_prefix(cluster, Keys.GC_VOLUMES), 60, "all freed")
+    wait_for(lambda: not etcd_prefix(cluster, Keys.GC_REPLICAS), 60, "all files deleted")
+    for chunk in cluster.chunks:
+        assert store_files(cluster, chunk) == set(), chunk
