@@ -1,6 +1,6 @@
 """`python -m bench` (`make bench`): run every benchmark in turn, each against its anchor.
 
-    python -m bench [NAME ...]     # names: iscsi_target, control_plane, extent_store
+    python -m bench [NAME ...]     # names: iscsi_target, control_plane, extent_store, snapshots
 
 Each benchmark is also its own command (`python -m bench.<name> --help`).
 """
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "iscsi_target": "the standalone iSCSI target against tgt on the same file",
     "control_plane": "the meta REST API against raw etcd",
     "extent_store": "the local extent store and the chunk data protocol",
+    "snapshots": "snapshot/clone create and the copy-on-write write against a normal write",
 }
 
 
