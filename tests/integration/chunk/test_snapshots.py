@@ -259,6 +259,11 @@ def test_snapshot_and_clones_while_the_volume_keeps_changing(
     now[100 * MIB : 100 * MIB + BLOCK] = b"\x77" * BLOCK
     compare(bytes(now), url(cluster, "chunk1", src), tmp_path / "expected.raw")
 
+    # A clone of a clone reads through both: its own source's extent 0, the snapshot's 1.
+    c3 = volume(cluster, "c3", "--size", "128MiB", "--from-volume", "c1", export=(QEMU_IQN,))
+    ok(run("qemu-io", "-f", "raw", "-c", "write -P 0x66 2M 4k", url(cluster, "chunk1", c1)))
+    compare(bytes(expected), url(cluster, "chunk2", c3), tmp_path / "expected.raw")
+
     # Each replica of a preserved copy was made where the extent lives, never elsewhere.
     extents = {k: ExtentRecord.from_json(v) for k, v in etcd_prefix(cluster, Keys.EXTENTS).items()}
     live = {(r.volume, r.index): r for r in extents.values() if parse_preserved(r.volume) is None}
@@ -275,7 +280,7 @@ def test_snapshot_and_clones_while_the_volume_keeps_changing(
     # Space reclaim: deleting everything gives every byte back.
     used = used_on_disk(cluster)
     reported = reported_used(cluster)
-    for name in ("c1", "c2"):
+    for name in ("c3", "c1", "c2"):
         lunastor("volume", "delete", name, "--force", "--dir", str(cluster.dir))
     lunastor("snapshot", "delete", "s1", "--dir", str(cluster.dir))
     lunastor("volume", "delete", "src", "--force", "--dir", str(cluster.dir))
