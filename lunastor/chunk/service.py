@@ -92,6 +92,7 @@ class DataPath:
         for problem in listing.problems:
             log.error("replica problem: %s: %s", problem.path, problem.reason)
         await self.emap.start()
+        await self.seen.publish_once()  # before any IO: meta's fence counts us from now on
         self.seen.start()
         self.collector = ReplicaCollector(self.etcd, self.store, self.chunk_id)
         await self.collector.start()

@@ -5,7 +5,8 @@ aside before writing. A primary learns the epoch from its watch of `/v1/volumes/
 lag, so a snapshot is only answered once every live chunk server has published (at
 `Keys.live_seen`) a volumes revision at least the snapshot's: a write acknowledged after the
 answer can then never land in the frozen data. A chunk server that is not live cannot
-acknowledge writes (its lease is gone), so it is not waited for.
+acknowledge writes (its lease is gone), so it is not waited for; nor is one that never
+published (it runs no data path). A chunk server publishes once before its data port opens.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ async def lagging(etcd: Etcd, revision: int) -> list[str]:
         except ValueError:
             continue
     ids = [kv.key.removeprefix(Keys.LIVE_CHUNKS) for kv in live]
-    return [c for c in ids if at.get(c, 0) < revision]
+    # A server that never published runs no data path (no cluster secret): it serves no IO.
+    return [c for c in ids if c in at and at[c] < revision]
 
 
 async def wait_data_path(etcd: Etcd, revision: int, timeout: float = FENCE_TIMEOUT) -> None:

@@ -355,9 +355,12 @@ def test_gc_killed_midway_frees_everything_unreferenced_and_nothing_referenced(
 
     write_all(pinned, 1)
     write_all(doomed, 1)
-    snap = cluster.cli("snapshot", "create", "sp", "pinned")
-    write_all(pinned, 100)  # every extent is copied aside for the snapshot first
-    clone = volume(cluster, "cp", "--size", size, "--from-snapshot", snap["id"], export=(QEMU_IQN,))
+    cluster.cli("snapshot", "create", "sp", "pinned")
+    later = cluster.cli("snapshot", "create", "sp2", "pinned")  # no write in between
+    write_all(pinned, 100)  # every extent is copied aside for the snapshots first, once
+    clone = volume(
+        cluster, "cp", "--size", size, "--from-snapshot", later["id"], export=(QEMU_IQN,)
+    )
 
     def clone_reads_the_snapshot() -> None:
         cmds = [a for k in range(n) for a in ("-c", f"read -P {1 + k} {k * 64}M 4k")]
@@ -375,11 +378,12 @@ def test_gc_killed_midway_frees_everything_unreferenced_and_nothing_referenced(
 
     assert garbage_left() == 2 * n
     preserved = {k for k, r in versions().items() if r.volume == f"{pinned['id']}.e0"}
-    assert len(preserved) == n
+    assert len(preserved) == n  # one copy per extent, shared by both snapshots
 
     # chunk3 is down while the collector hands out its work: it must pick it up on restart
     lunastor("dev", "stop", "chunk3", "--kill", "--dir", str(cluster.dir))
-    lunastor("snapshot", "delete", "sp", "--dir", str(cluster.dir))
+    for name in ("sp", "sp2"):
+        lunastor("snapshot", "delete", name, "--dir", str(cluster.dir))
     for name in ("pinned", "doomed"):
         lunastor("volume", "delete", name, "--force", "--dir", str(cluster.dir))
     midway = wait_for(lambda: 0 < (g := garbage_left()) < 2 * n and g, 60, "GC to start")
