@@ -36,8 +36,8 @@ async def lagging(etcd: Etcd, revision: int) -> list[str]:
     return [c for c in ids if c in at and at[c] < revision]
 
 
-async def wait_data_path(etcd: Etcd, revision: int, timeout: float = FENCE_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_data_path(etcd: Etcd, revision: int, timeout: float | None = None) -> None:
+    deadline = time.monotonic() + (FENCE_TIMEOUT if timeout is None else timeout)
     delay = 0.02
     while True:
         behind = await lagging(etcd, revision)

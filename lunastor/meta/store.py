@@ -362,7 +362,10 @@ class Store:
                 # A retried clone must find its volume even if the source is gone by now.
                 existing = await self.find_volume(spec.name)
                 if existing is not None:
-                    return self._same(existing, spec), False
+                    same = self._same(existing, spec)
+                    if "volume_id" in spec.source:  # the first call may have failed waiting
+                        await wait_data_path(self.etcd, await self.etcd.revision())
+                    return same, False
             src = await self._source(spec)
             source_compares, source_size, source_block = src.compares, src.size, src.block_size
             if spec.source is not None:
