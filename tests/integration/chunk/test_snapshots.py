@@ -413,3 +413,47 @@ def test_gc_killed_midway_frees_everything_unreferenced_and_nothing_referenced(
     wait_for(lambda: not etcd_prefix(cluster, Keys.GC_REPLICAS), 60, "all files deleted")
     for chunk in cluster.chunks:
         assert store_files(cluster, chunk) == set(), chunk
+
+
+def test_copy_on_write_with_a_chunk_server_down(cluster: Cluster, tmp_path: Path) -> None:
+    """A member that is down when an extent is preserved is left out of the copy (and out of
+    the extent); a dead primary is replaced first. The snapshot still reads back exactly."""
+    vol = volume(cluster, "degraded", "--size", "256MiB", export=(QEMU_IQN,))
+    image = bytearray(os.urandom(256 * MIB))
+    (tmp_path / "img.raw").write_bytes(image)
+    ok(
+        run(
+            "qemu-img",
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            str(tmp_path / "img.raw"),
+            url(cluster, "chunk1", vol),
+        )
+    )
+    snap = cluster.cli("snapshot", "create", "ds", "degraded")
+    lunastor("dev", "stop", "chunk3", "--kill", "--dir", str(cluster.dir))
+    dead = cluster.chunk_id("chunk3")
+    try:
+        cmds = [a for k in range(4) for a in ("-c", f"write -P 0x{k + 1}{k + 1} {k * 64 + 8}M 64k")]
+        ok(run("qemu-io", "-f", "raw", *cmds, url(cluster, "chunk1", vol), timeout=300))
+        recs = [ExtentRecord.from_json(v) for v in etcd_prefix(cluster, Keys.EXTENTS).values()]
+        kept = [r for r in recs if r.volume == f"{vol['id']}.e0"]
+        assert len(kept) == 4 and all(dead not in r.replicas and r.replicas for r in kept), kept
+        clone = volume(
+            cluster, "dc", "--size", "256MiB", "--from-snapshot", snap["id"], export=(QEMU_IQN,)
+        )
+        compare(bytes(image), url(cluster, "chunk2", clone), tmp_path / "expected.raw")
+        for k in range(4):
+            image[k * 64 * MIB + 8 * MIB : k * 64 * MIB + 8 * MIB + 65536] = (
+                bytes([(k + 1) * 17]) * 65536
+            )
+        compare(bytes(image), url(cluster, "chunk2", vol), tmp_path / "expected.raw")
+    finally:
+        lunastor("dev", "start", "chunk3", "--dir", str(cluster.dir))
+    lunastor("volume", "delete", "dc", "--force", "--dir", str(cluster.dir))
+    lunastor("snapshot", "delete", "ds", "--dir", str(cluster.dir))
+    lunastor("volume", "delete", "degraded", "--force", "--dir", str(cluster.dir))
