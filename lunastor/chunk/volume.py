@@ -129,6 +129,7 @@ class AccessPath:
         self.io_timeout = io_timeout
         self._failing_over: dict[tuple[str, int], asyncio.Lock] = {}
         self.versions = VersionIndex(emap)
+        self._frozen: set[tuple[str, int]] = set()  # live extents of deleted clone sources
 
     async def call(self, chunk_id: str, build: Callable[[int], Request]) -> Response:
         return await self.replicas.call(chunk_id, build)
@@ -222,13 +223,22 @@ class AccessPath:
         if found is None or parse_preserved(found.record.volume) is not None:
             return found
         rec = found.record
+        if (rec.volume, rec.index) in self._frozen:
+            return found
 
         def build(i: int, gen: int) -> Request:
             return Preserve(i, rec.volume, rec.index, gen)
 
         await self.mutate(rec.volume, rec.index, len(rec.replicas), build, allocate=False)
         await self.emap.fresh(rec.volume, rec.index)  # our watch shows the preserved copy
-        return self.versions.source(base, index)
+        again = self.versions.source(base, index)
+        if again is not None and again.record.volume == rec.volume:
+            # The primary preserved nothing: the source volume is deleted, so its extents
+            # are frozen as they are; no need to ask again.
+            if len(self._frozen) >= 100_000:
+                self._frozen.clear()
+            self._frozen.add((rec.volume, rec.index))
+        return again
 
     # -- reads -------------------------------------------------------------------------------
 
