@@ -1,6 +1,7 @@
 """`python -m bench` (`make bench`): run every benchmark in turn, each against its anchor.
 
-    python -m bench [NAME ...]     # names: iscsi_target, control_plane, extent_store, replicated
+    python -m bench [NAME ...]     # names: iscsi_target, control_plane, extent_store, replicated,
+                                   # snapshots
 
 Each benchmark is also its own command (`python -m bench.<name> --help`).
 """
@@ -15,6 +16,7 @@ BENCHMARKS = {
     "control_plane": "the meta REST API against raw etcd",
     "extent_store": "the local extent store and the chunk data protocol",
     "replicated": "a 3-replica dev-cluster volume against tgt, and re-replication",
+    "snapshots": "snapshot/clone create and the copy-on-write write against a normal write",
 }
 
 

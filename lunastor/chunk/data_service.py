@@ -29,6 +29,7 @@ from lunastor.chunk.store import (
 )
 from lunastor.chunk.wire import (
     Advance,
+    Clone,
     Copy,
     Create,
     Delete,
@@ -61,6 +62,7 @@ class DataService:
             SetGen: self._set_gen,
             Copy: self._copy,
             Advance: self._advance,
+            Clone: self._clone,
         }
 
     async def handle(self, req: Request) -> Response:
@@ -150,6 +152,10 @@ class DataService:
         replica = await self.store.open(req.volume, req.extent)
         await replica.advance(seq=req.seq, gen=req.gen)
         return Response(req.id, Status.OK, {"applied_seq": replica.applied_seq})
+
+    async def _clone(self, req: Clone) -> Response:
+        await self.store.clone(req.volume, req.extent, req.dst, req.gen)
+        return Response(req.id, Status.OK)
 
     async def _current(self, volume: str, extent: int, gen: int) -> Replica:
         replica = await self.store.open(volume, extent)

@@ -34,6 +34,7 @@ from lunastor.chunk.data_service import DataService, error_response
 from lunastor.chunk.extentmap import Entry, ExtentMap
 from lunastor.chunk.fencing import EpochTable, Fenced
 from lunastor.chunk.peer import PeerClient, PeerError, PeerUnavailable
+from lunastor.chunk.snapshots import PreserveFailed, clone_from_origin, preserve
 from lunastor.chunk.store import (
     DataDirFailed,
     ExtentStore,
@@ -48,6 +49,7 @@ from lunastor.chunk.wire import (
     GetState,
     Nexus,
     Ping,
+    Preserve,
     Read,
     Request,
     Response,
@@ -58,7 +60,7 @@ from lunastor.chunk.wire import (
     clip_message,
 )
 from lunastor.chunk.wire_session import ServerConnection
-from lunastor.common.records import ExtentRecord
+from lunastor.common.records import ExtentRecord, parse_preserved
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +238,8 @@ class DataNode(DataService):
             self._leases[peer] = sent + self.read_lease * 0.9
 
     def may_serve_read(self, volume: str, index: int) -> bool:
+        if parse_preserved(volume) is not None:
+            return True  # a snapshot's preserved copy is never written: every replica is current
         rec = self.emap.get(volume, index)
         if rec is None or rec.primary == self.node_id:
             return self.alive() or rec is None
@@ -287,6 +291,9 @@ class DataNode(DataService):
                 self.epochs.note(req.nexus)  # forwarded: the primary accepted this epoch
             if isinstance(req, Flush) and self._is_primary(req.volume, req.extent):
                 await asyncio.shield(self.primary_flush(req.volume, req.extent, req.gen))
+                return Response(req.id, Status.OK)
+            if isinstance(req, Preserve):
+                await self.primary_preserve(req.volume, req.extent, req.gen)
                 return Response(req.id, Status.OK)
         except StaleMap as exc:
             msg = clip_message(str(exc))
@@ -370,14 +377,21 @@ class DataNode(DataService):
         try:
             replica = await self.store.open(rec.volume, rec.index)
         except ReplicaNotFound:
+            if rec.origin and rec.gen == 1:
+                # A clone's extent starts as a local copy of its origin (docs/snapshots.md).
+                # Our own copy is missing, so no write was ever applied to any member.
+                if not await clone_from_origin(self.replicas.call, self.node_id, rec):
+                    raise Unavailable(f"cannot copy origin {rec.origin}/{rec.index}") from None
+                replica = await self.store.open(rec.volume, rec.index)
             # (any gen: at gen 1 too the others may hold data, and an empty primary would
             # take their `out_of_order` answers for repeats and diverge from them)
-            if len(rec.replicas) > 1 and await self._secondaries_hold_data(rec):
+            elif len(rec.replicas) > 1 and await self._secondaries_hold_data(rec):
                 # Our copy vanished (a wiped or replaced disk): never start over empty while
                 # the others hold the data; a failover (or rebuild) has to sort it out.
                 why = "our replica is missing but the secondaries hold data"
                 raise PrimaryReplicaLost(why) from None
-            replica = await self.store.create(rec.volume, rec.index, rec.gen)
+            else:
+                replica = await self.store.create(rec.volume, rec.index, rec.gen)
         if replica.generation < rec.gen:
             await replica.set_generation(rec.gen)
         elif replica.generation > rec.gen:
@@ -390,7 +404,10 @@ class DataNode(DataService):
         pe.idle.set()
         failed = []
         for member in pe.members[1:]:
-            if not await self._ensure_secondary(pe, member):
+            if rec.origin:
+                if not await clone_from_origin(self.replicas.call, member, rec):
+                    failed.append(member)
+            elif not await self._ensure_secondary(pe, member):
                 failed.append(member)
         if failed:
             await self._remove(pe, failed)
@@ -444,6 +461,7 @@ class DataNode(DataService):
             if pe.gen != gen:
                 raise StaleMap(pe.gen)
             self._admit(nexus)
+            await self._preserve(pe)
             seq = pe.next_seq
             try:
                 await pe.replica.write(offset, data, seq=seq, gen=pe.gen, fua=fua)
@@ -473,6 +491,7 @@ class DataNode(DataService):
             if pe.gen != gen:
                 raise StaleMap(pe.gen)
             self._admit(nexus)
+            await self._preserve(pe)
             seq = pe.next_seq
             try:
                 await pe.replica.unmap(offset, length, seq=seq, gen=pe.gen, fua=fua)
@@ -485,6 +504,22 @@ class DataNode(DataService):
 
             sends = self._forward(pe, build, seq)
         return await self._settle(pe, seq, sends)
+
+    async def primary_preserve(self, volume: str, index: int, gen: int) -> None:
+        """Copy the extent aside now if a snapshot froze its data (a clone is about to read
+        or copy it: docs/snapshots.md)."""
+        pe = await self._primary(volume, index, gen)
+        async with pe.lock:
+            if pe.gen != gen:
+                raise StaleMap(pe.gen)
+            await self._preserve(pe)
+
+    async def _preserve(self, pe: PrimaryExtent) -> None:
+        """Under the extent's lock, before a mutation: snapshot copy-on-write."""
+        try:
+            await preserve(self.emap, self.replicas.call, pe)
+        except PreserveFailed as exc:
+            raise Unavailable(str(exc)) from None
 
     async def primary_flush(self, volume: str, index: int, gen: int) -> None:
         pe = await self._primary(volume, index, gen)

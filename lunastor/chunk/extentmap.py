@@ -22,6 +22,7 @@ from lunastor.common.records import (
     ExtentRecord,
     Keys,
     RecordError,
+    VolumeRecord,
 )
 
 
@@ -42,6 +43,9 @@ class ExtentMap:
         self.live = PrefixCache(etcd, Keys.LIVE_CHUNKS)
         self.chunks = PrefixCache(etcd, Keys.CHUNKS)
         self.admin = PrefixCache(etcd, Keys.CHUNK_ADMIN)  # drains: no new extents there
+        # volumes: their snapshot epoch and clone base (docs/snapshots.md)
+        self.volumes = PrefixCache(etcd, Keys.VOLUMES)
+        self._volumes: dict[str, tuple[int, VolumeRecord]] = {}
         self._decoded: dict[str, Entry] = {}
         # chunk record key -> (mod_revision, data address): every forwarded write asks
         self._addresses: dict[str, tuple[int, str | None]] = {}
@@ -52,7 +56,7 @@ class ExtentMap:
         self._live_task: asyncio.Task[None] | None = None
 
     async def start(self) -> ExtentMap:
-        for cache in (self.extents, self.live, self.chunks, self.admin):
+        for cache in (self.extents, self.live, self.chunks, self.admin, self.volumes):
             await cache.start()
         self._started = time.monotonic()
         self._live_task = asyncio.create_task(self._follow_live(), name="live chunk records")
@@ -63,7 +67,7 @@ class ExtentMap:
             self._live_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._live_task
-        for cache in (self.extents, self.live, self.chunks, self.admin):
+        for cache in (self.extents, self.live, self.chunks, self.admin, self.volumes):
             await cache.stop()
 
     async def _follow_live(self) -> None:
@@ -107,6 +111,23 @@ class ExtentMap:
     def get(self, volume: str, index: int) -> ExtentRecord | None:
         e = self.entry(volume, index)
         return e.record if e is not None else None
+
+    def volume(self, volume: str) -> VolumeRecord | None:
+        """The volume's record as watched; None for a deleted volume or a store name that is
+        not a volume (a snapshot's preserved copy)."""
+        kv = self.volumes.get(Keys.volume(volume))
+        if kv is None:
+            self._volumes.pop(volume, None)
+            return None
+        cached = self._volumes.get(volume)
+        if cached is not None and cached[0] == kv.mod_revision:
+            return cached[1]
+        try:
+            record = VolumeRecord.from_json(kv.value)
+        except RecordError:
+            return None
+        self._volumes[volume] = (kv.mod_revision, record)
+        return record
 
     def is_live(self, chunk_id: str) -> bool:
         return self.live.get(Keys.live_chunk(chunk_id)) is not None
@@ -160,21 +181,44 @@ class ExtentMap:
 
     # -- changes -------------------------------------------------------------------------------
 
-    async def allocate(self, volume: str, index: int, replicas: int) -> Entry:
-        """The extent's entry, creating it (gen 1, replicas from the ring) if absent."""
+    async def allocate(
+        self,
+        volume: str,
+        index: int,
+        replicas: int,
+        *,
+        on: list[str] | None = None,
+        origin: str = "",
+    ) -> Entry:
+        """The extent's entry, creating it (gen 1, replicas from the ring) if absent.
+
+        A clone's extent is placed `on` the servers of its `origin` (docs/snapshots.md); its
+        epoch is the volume's current snapshot epoch."""
         existing = self.entry(volume, index)
         if existing is not None:
             return existing
-        ring = await self.ring(replicas)
-        placed = ring.place(volume, index)
-        # A ring may still name a server that is down (no planner rebuilt it yet): leave it
-        # out rather than give the extent a replica that can never be written.
-        members = [c for c in placed if self.is_live(c) and not self.draining(c)]
+        if on is not None:
+            members = [c for c in on if self.is_live(c)]
+            placed = on
+        else:
+            ring = await self.ring(replicas)
+            placed = ring.place(volume, index)
+            # A ring may still name a server that is down (no planner rebuilt it yet): leave
+            # it out rather than give the extent a replica that can never be written.
+            members = [c for c in placed if self.is_live(c) and not self.draining(c)]
         if not members:  # everything placed is draining: better there than nowhere
             members = [c for c in placed if self.is_live(c)]
         if not members:
             raise AllocationError(f"no live chunk server among {placed}")
-        record = ExtentRecord(volume=volume, index=index, gen=1, replicas=members)
+        vol = self.volume(volume)
+        record = ExtentRecord(
+            volume=volume,
+            index=index,
+            gen=1,
+            replicas=members,
+            epoch=vol.epoch if vol is not None else 0,
+            origin=origin,
+        )
         key = Keys.extent(volume, index)
         res = await self.etcd.txn([Compare.version(key) == 0], [Put(key, record.to_json())])
         if res.succeeded:

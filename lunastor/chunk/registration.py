@@ -71,10 +71,25 @@ def probe_capacity(
             continue
         result.append(
             DataDirCapacity(
-                path=d, capacity=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize
+                path=d,
+                capacity=st.f_blocks * st.f_frsize,
+                free=st.f_bavail * st.f_frsize,
+                used=used_bytes(d),
             )
         )
     return result
+
+
+def used_bytes(data_dir: str) -> int:
+    """Bytes allocated to replica files under `data_dir` (sparse files count what they hold)."""
+    total = 0
+    for dirpath, _, names in os.walk(os.path.join(data_dir, "extents")):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except OSError:
+                continue  # deleted while we walked
+    return total
 
 
 def build_status(

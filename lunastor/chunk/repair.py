@@ -19,7 +19,14 @@ from lunastor.chunk.dataserver import DataNode, PrimaryReplicaLost, StaleMap, Un
 from lunastor.chunk.extentmap import AllocationError, ExtentMap
 from lunastor.chunk.join import JoinAborted, Throttle, join_member, retire_member
 from lunastor.chunk.peer import PeerError
-from lunastor.chunk.repair_plan import Action, ActionKind, ServerView, plan, plan_extent
+from lunastor.chunk.repair_plan import (
+    Action,
+    ActionKind,
+    ServerView,
+    plan,
+    plan_extent,
+    wanted_replicas,
+)
 from lunastor.chunk.store import ExtentStoreError, ReplicaNotFound
 from lunastor.chunk.volume import AccessPath
 from lunastor.chunk.wire import GetState
@@ -186,7 +193,7 @@ class Repairer:
             if act.kind is ActionKind.ADD:
                 # refine the target: a catch-up candidate, ring order
                 rec = by_key[(act.volume, act.index)]
-                want = desired[rec.volume]
+                want = wanted_replicas(desired, rec.volume) or len(rec.replicas)
                 refined = plan_extent(
                     rec,
                     servers,

@@ -26,7 +26,7 @@ from enum import StrEnum
 
 import xxhash
 
-from lunastor.common.records import ExtentRecord
+from lunastor.common.records import ExtentRecord, parse_preserved
 
 
 class ActionKind(StrEnum):
@@ -141,6 +141,15 @@ def plan_extent(
     return None
 
 
+def wanted_replicas(desired: Mapping[str, int], volume: str) -> int | None:
+    """Replicas wanted for an extent-map volume: its volume's, and for a snapshot's preserved
+    copy (`<volume>.e<epoch>`, docs/snapshots.md) those of the volume it was taken of."""
+    want = desired.get(volume)
+    if want is None and (kept := parse_preserved(volume)) is not None:
+        want = desired.get(kept[0])
+    return want
+
+
 def plan(
     extents: Iterable[ExtentRecord],
     servers: Mapping[str, ServerView],
@@ -154,7 +163,7 @@ def plan(
     they belong to garbage collection."""
     out = []
     for rec in extents:
-        want = desired.get(rec.volume)
+        want = wanted_replicas(desired, rec.volume)
         if want is None or not rec.replicas:
             continue
         key = (rec.volume, rec.index)

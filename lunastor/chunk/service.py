@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from lunastor.chunk.collector import ReplicaCollector
 from lunastor.chunk.config import ChunkConfig
 from lunastor.chunk.datadirs import DataDirMonitor
 from lunastor.chunk.dataserver import DataNode, DataServer, Replicas
@@ -17,6 +18,7 @@ from lunastor.chunk.nexus_epochs import NexusEpochs
 from lunastor.chunk.repair import Repairer
 from lunastor.chunk.reservations import EtcdReservations
 from lunastor.chunk.scrub import Scrubber
+from lunastor.chunk.seen import SeenPublisher
 from lunastor.chunk.store import ExtentStore
 from lunastor.chunk.targets import EtcdTargetHost
 from lunastor.chunk.volume import AccessPath
@@ -98,6 +100,8 @@ class DataPath:
             self.reservations = EtcdReservations(
                 etcd, chunk_id, lease=lease, alive=alive, lease_ttl=config.lease_ttl
             )
+        self.seen = SeenPublisher(etcd, self.emap.volumes, chunk_id)
+        self.collector: ReplicaCollector | None = None
 
     def _relative_ports(self) -> list[int]:
         return sorted(int(k.removeprefix(Keys.TARGET_PORTS)) for k in self.ports.items)
@@ -115,6 +119,10 @@ class DataPath:
         if self.epochs is not None:
             # before the data port opens: a restarted primary knows every live login's epoch
             await self.epochs.start()
+        await self.seen.publish_once()  # before any IO: meta's fence counts us from now on
+        self.seen.start()
+        self.collector = ReplicaCollector(self.etcd, self.store, self.chunk_id)
+        await self.collector.start()
         self.node = DataNode(
             self.store,
             self.emap,
@@ -212,6 +220,9 @@ class DataPath:
             await self.node.stop()
         if self.reservations is not None:
             await self.reservations.stop()
+        if self.collector is not None:
+            await self.collector.stop()
+        await self.seen.stop()
         await self.replicas.close()
         if self.epochs is not None:
             await self.epochs.stop()

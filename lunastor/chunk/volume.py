@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from prometheus_client import Counter
 
@@ -19,12 +20,14 @@ from lunastor.chunk.dataserver import Replicas
 from lunastor.chunk.extentmap import AllocationError, Entry, ExtentMap
 from lunastor.chunk.nexus_epochs import NexusEpochs
 from lunastor.chunk.peer import PeerError
+from lunastor.chunk.snapshots import VersionIndex
 from lunastor.chunk.store import BLOCK_SIZE, CHECKSUM_SIZE
 from lunastor.chunk.wire import (
     Copy,
     Flush,
     GetState,
     Nexus,
+    Preserve,
     Read,
     Request,
     Response,
@@ -33,7 +36,7 @@ from lunastor.chunk.wire import (
     Unmap,
     Write,
 )
-from lunastor.common.records import ExtentRecord, VolumeRecord
+from lunastor.common.records import ExtentRecord, VolumeRecord, parse_preserved
 from lunastor.iscsi.blockdev import (
     LbaState,
     LbaStatus,
@@ -133,6 +136,8 @@ class AccessPath:
         # None: writes carry no nexus epoch (fencing off, docs/datapath.md "Fencing")
         self.epochs = epochs
         self._failing_over: dict[tuple[str, int], asyncio.Lock] = {}
+        self.versions = VersionIndex(emap)
+        self._frozen: set[tuple[str, int]] = set()  # live extents of deleted clone sources
 
     async def call(self, chunk_id: str, build: Callable[[int], Request]) -> Response:
         return await self.replicas.call(chunk_id, build)
@@ -153,10 +158,12 @@ class AccessPath:
         build: Callable[[int, int], Request],
         *,
         allocate: bool,
+        base: Sequence[dict[str, Any]] = (),
     ) -> bool:
         """Run `build(id, gen)` at the extent's primary until it is acknowledged.
 
-        Returns False (nothing done) for an unallocated extent when `allocate` is False."""
+        Returns False (nothing done) for an unallocated extent when `allocate` is False and
+        the volume does not read that extent from a clone source (`base`)."""
         deadline = time.monotonic() + self.io_timeout
         delay = 0.05
         while True:
@@ -164,10 +171,20 @@ class AccessPath:
                 raise NotReady(f"extent {volume}/{index}: no primary acknowledged in time")
             entry = self.emap.entry(volume, index)
             if entry is None:
-                if not allocate:
+                origin = await self.source(base, index) if base else None
+                if not allocate and origin is None:
                     return False
                 try:
-                    entry = await self.emap.allocate(volume, index, replicas)
+                    if origin is None:
+                        entry = await self.emap.allocate(volume, index, replicas)
+                    else:  # a clone's first write: a local copy on the origin's servers
+                        entry = await self.emap.allocate(
+                            volume,
+                            index,
+                            replicas,
+                            on=list(origin.record.replicas),
+                            origin=origin.record.volume,
+                        )
                 except AllocationError as exc:
                     log.warning("allocation of %s/%d failed: %s", volume, index, exc)
                     await asyncio.sleep(delay)
@@ -213,14 +230,54 @@ class AccessPath:
                 raise MediumError(f"primary {rec.primary}: {resp.fields.get('message')}")
             raise MediumError(f"primary {rec.primary} answered {resp.status}", write=True)
 
+    # -- clones and snapshots (docs/snapshots.md) -------------------------------------------
+
+    async def source(self, base: Sequence[dict[str, Any]], index: int) -> Entry | None:
+        """The extent a volume with clone source chain `base` reads for an extent index it
+        never wrote, None if there is none (zeros). Always a version nobody writes any more:
+        a live extent of a source volume is first preserved by its primary (a snapshot froze
+        it), so the source volume's own writes cannot change what the clone sees."""
+        found = self.versions.source(base, index)
+        if found is None or parse_preserved(found.record.volume) is not None:
+            return found
+        rec = found.record
+        if (rec.volume, rec.index) in self._frozen:
+            return found
+
+        def build(i: int, gen: int) -> Request:
+            return Preserve(i, rec.volume, rec.index, gen)
+
+        await self.mutate(rec.volume, rec.index, len(rec.replicas), build, allocate=False)
+        await self.emap.fresh(rec.volume, rec.index)  # our watch shows the preserved copy
+        again = self.versions.source(base, index)
+        if again is not None and again.record.volume == rec.volume:
+            # The primary preserved nothing: the source volume is deleted, so its extents
+            # are frozen as they are; no need to ask again.
+            if len(self._frozen) >= 100_000:
+                self._frozen.clear()
+            self._frozen.add((rec.volume, rec.index))
+        return again
+
     # -- reads -------------------------------------------------------------------------------
 
-    async def read(self, volume: str, index: int, offset: int, length: int) -> bytes:
+    async def read(
+        self,
+        volume: str,
+        index: int,
+        offset: int,
+        length: int,
+        base: Sequence[dict[str, Any]] = (),
+    ) -> bytes:
         deadline = time.monotonic() + self.io_timeout
         while True:
             if time.monotonic() > deadline:
                 raise NotReady(f"extent {volume}/{index}: no replica could be read in time")
             entry = self.emap.entry(volume, index)
+            if entry is None and base:
+                origin = await self.source(base, index)
+                if origin is not None:
+                    # nothing of ours yet: read what the clone's source holds
+                    volume, entry, base = origin.record.volume, origin, ()
             if entry is None:
                 return bytes(length)
             rec = entry.record
@@ -577,8 +634,9 @@ class ReplicatedVolume:
         offset, length = self._range(lba, blocks)
         pieces = split(offset, length, self.extent_size)
         vol = self.record.id
+        base = self.record.base
         parts = await asyncio.gather(
-            *(self.path.read(vol, p.extent, p.offset, p.length) for p in pieces)
+            *(self.path.read(vol, p.extent, p.offset, p.length, base) for p in pieces)
         )
         return b"".join(parts)
 
@@ -600,7 +658,9 @@ class ReplicatedVolume:
             def build(i: int, gen: int) -> Request:
                 return Write(i, vol, p.extent, gen, 0, p.offset, fua, chunk, epoch)
 
-            await self.path.mutate(vol, p.extent, replicas, build, allocate=True)
+            await self.path.mutate(
+                vol, p.extent, replicas, build, allocate=True, base=self.record.base
+            )
             self._dirty.add(p.extent)
 
         await asyncio.gather(*(one(p) for p in split(offset, length, self.extent_size)))
@@ -641,7 +701,10 @@ class ReplicatedVolume:
             def build(i: int, gen: int) -> Request:
                 return Unmap(i, vol, p.extent, gen, 0, p.offset, p.length, False, epoch)
 
-            await self.path.mutate(vol, p.extent, replicas, build, allocate=False)
+            # a clone's extent read from its source is copied first, then unmapped
+            await self.path.mutate(
+                vol, p.extent, replicas, build, allocate=False, base=self.record.base
+            )
 
         for lba, blocks in ranges:  # every descriptor is checked, empty ones too
             self._range(lba, blocks)
@@ -691,10 +754,12 @@ class ReplicatedVolume:
         ext_end = min((index + 1) * self.extent_size, self.record.size_bytes)
         bs = self.block_size
         entry = self.path.emap.entry(self.record.id, index)
+        if entry is None and self.record.base:
+            entry = await self.path.source(self.record.base, index)  # a clone reads through
         if entry is None:
             return [LbaStatus(lba, (ext_end - offset) // bs, LbaState.DEALLOCATED)]
         try:
-            st = await self.path.get_state(entry.record.primary, self.record.id, index, True)
+            st = await self.path.get_state(entry.record.primary, entry.record.volume, index, True)
         except PeerError as exc:
             raise NotReady(str(exc)) from None
         if not st.ok:

@@ -278,6 +278,8 @@ class Op(StrEnum):
     SET_GEN = "set_gen"
     COPY = "copy"
     ADVANCE = "advance"
+    CLONE = "clone"  # snapshots: copy a local replica into a new one (docs/snapshots.md)
+    PRESERVE = "preserve"  # snapshots: ask a primary to preserve an extent's frozen data
 
 
 _VOL = Field("volume", "vol", Kind.STR)
@@ -455,6 +457,31 @@ class Advance(Request):
     seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class Clone(Request):
+    """Make replica `dst`/`extent` (at generation `gen`) a copy of this server's own replica
+    `volume`/`extent`, chunk-locally (copy_file_range; reflinks on XFS/btrfs)."""
+
+    OP = Op.CLONE
+    FIELDS = (_VOL, _EXT, Field("dst", "dst", Kind.STR), _GEN)
+    volume: str
+    extent: int
+    dst: str
+    gen: int
+
+
+@dataclass(frozen=True, slots=True)
+class Preserve(Request):
+    """Sent to an extent's primary: if its data predates the volume's newest snapshot, copy
+    it aside now (on every replica), as the first write would (docs/snapshots.md)."""
+
+    OP = Op.PRESERVE
+    FIELDS = (_VOL, _EXT, _GEN)
+    volume: str
+    extent: int
+    gen: int
+
+
 REQUEST_TYPES: dict[Op, type[Request]] = {
     cls.OP: cls
     for cls in (
@@ -471,6 +498,8 @@ REQUEST_TYPES: dict[Op, type[Request]] = {
         SetGen,
         Copy,
         Advance,
+        Clone,
+        Preserve,
     )
 }
 _STATE_MAX = 2  # ReplicaState values on the wire: 0 current, 1 syncing, 2 stale

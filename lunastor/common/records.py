@@ -45,6 +45,9 @@ class Keys:
     CHUNK_ADMIN = f"/{SCHEMA}/chunk-admin/"  # ChunkAdminRecord: operator intent (drain)
     OPERATIONS = f"/{SCHEMA}/operations/"  # OperationRecord: long-running jobs
     GC_VOLUMES = f"/{SCHEMA}/gc/volumes/"  # deleted volume ids whose extents await collection
+    GC_SNAPSHOTS = f"/{SCHEMA}/gc/snapshots/"  # deleted snapshots whose copies await collection
+    GC_REPLICAS = f"/{SCHEMA}/gc/replicas/"  # /<chunk>/<store volume>/<index>: files to delete
+    LIVE_SEEN = f"/{SCHEMA}/live/seen/"  # /<chunk>: volumes revision its data path has applied
     # Reserved for the data path (documented, not written yet).
     EXTENTS = f"/{SCHEMA}/extents/"  # /<volume>/<extent index>: replicas, generation
     CHUNK_EXTENTS = f"/{SCHEMA}/chunk-extents/"  # /<chunk>/<volume>/<index>: reverse index
@@ -145,6 +148,37 @@ class Keys:
     def gc_volume(volume_id: str) -> str:
         return Keys.GC_VOLUMES + volume_id
 
+    @staticmethod
+    def gc_snapshot(snapshot_id: str) -> str:
+        return Keys.GC_SNAPSHOTS + snapshot_id
+
+    @staticmethod
+    def gc_replica(chunk_id: str, store_volume: str, index: int) -> str:
+        return f"{Keys.GC_REPLICAS}{chunk_id}/{store_volume}/{index:08d}"
+
+    @staticmethod
+    def gc_replicas(chunk_id: str) -> str:
+        return f"{Keys.GC_REPLICAS}{chunk_id}/"
+
+    @staticmethod
+    def live_seen(chunk_id: str) -> str:
+        return Keys.LIVE_SEEN + chunk_id
+
+
+def preserved_volume(volume_id: str, epoch: int) -> str:
+    """The extent-map volume name of a volume's extents preserved for snapshots: the copy of
+    extent i made when data written in `epoch` was first overwritten lives at
+    `Keys.extent(preserved_volume(v, epoch), i)` (docs/snapshots.md)."""
+    return f"{volume_id}.e{epoch}"
+
+
+def parse_preserved(name: str) -> tuple[str, int] | None:
+    """(volume id, epoch) of a preserved-copy name, None for a volume's own extents."""
+    base, sep, epoch = name.rpartition(".e")
+    if not sep or not base or not epoch.isdigit():
+        return None
+    return base, int(epoch)
+
 
 # Targets and LUNs (docs/etcd-schema.md, "LUN assignment").
 TARGET_IQN_PREFIX = "iqn.2026-11.io.lunastor:tgt-"
@@ -193,6 +227,7 @@ class DataDirCapacity:
     free: int  # bytes available to lunastor
     state: str = "ok"  # ok | failed (taken out of service: IO errors, unmounted, removed)
     error: str = ""  # why it failed
+    used: int = 0  # bytes lunastor's replicas occupy there (allocated blocks)
 
 
 @dataclass
@@ -266,6 +301,11 @@ class VolumeRecord(Record):
     created_at: float = 0.0
     target: int = 0
     lun: int = 0
+    # Snapshots (docs/snapshots.md): the epoch writes now land in (a snapshot freezes it and
+    # bumps it), and where a clone reads extents it has not written yet: a chain of
+    # {"volume": id, "epoch": e}, nearest first.
+    epoch: int = 0
+    base: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def target_iqn(self) -> str:
@@ -308,6 +348,8 @@ class SnapshotRecord(Record):
     block_size: int = 512
     created_at: float = 0.0
     ready_to_use: bool = True
+    epoch: int = 0  # the source volume's epoch this snapshot froze
+    base: list[dict[str, Any]] = field(default_factory=list)  # the source's base chain then
 
 
 @dataclass
@@ -359,6 +401,11 @@ class ExtentRecord(Record):
     replicas: list[str] = field(default_factory=list)
     epoch: int = 0  # snapshot epoch the data was written in (issue 6)
     converging: bool = False
+    # A preserved copy (docs/snapshots.md) holds the data of epochs [epoch, until).
+    until: int = 0
+    # A clone's extent is created as a local copy of this extent (a store volume name) on
+    # every member, instead of empty.
+    origin: str = ""
 
     @property
     def primary(self) -> str:

@@ -24,6 +24,7 @@ from lunastor.common.records import Keys, MetaInstance
 from lunastor.common.settings import etcd_client_config
 from lunastor.meta.app import make_app
 from lunastor.meta.config import MetaConfig
+from lunastor.meta.gc import GcPlanner
 from lunastor.meta.luns import LunMap
 from lunastor.meta.planners import DrainPlanner, Planner, PlannerLeader, RebuildPlanner
 
@@ -57,7 +58,7 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
         )
         await presence.start()
         luns = await LunMap(etcd).start()
-        jobs: list[Planner] = [DrainPlanner(etcd), RebuildPlanner(etcd)]
+        jobs: list[Planner] = [DrainPlanner(etcd), RebuildPlanner(etcd), GcPlanner(etcd)]
         planners = PlannerLeader(etcd, presence, config.instance_id, jobs, config.planner_interval)
         app = make_app(config, etcd, health, luns)
         runner = await start_http(app, config.listen, "listen", ssl_context)

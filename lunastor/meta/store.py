@@ -39,6 +39,7 @@ from lunastor.common.records import (
     SnapshotRecord,
     VolumeRecord,
 )
+from lunastor.meta.fence import wait_data_path
 from lunastor.meta.luns import LunMap
 from lunastor.meta.problems import Problem
 from lunastor.meta.schemas import MAX_INITIATORS_PER_LUN
@@ -249,6 +250,17 @@ def snapshot_view(s: SnapshotRecord) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class CloneSource:
+    """What creating a volume from a source adds to the create transaction."""
+
+    compares: list[Compare]
+    puts: list[Put]
+    size: int
+    block_size: int
+    base: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class VolumeSpec:
     """What a create asks for; two creates with the same name must ask for the same thing."""
 
@@ -293,21 +305,28 @@ class Store:
     async def list_volumes(self, limit: int, token: str | None) -> Listing:
         return await list_page(self.etcd, Keys.VOLUMES, limit, token, self._volume_views)
 
-    async def _source(self, spec: VolumeSpec) -> tuple[list[Compare], int, int]:
-        """Compares that pin the clone source, and its size and block size."""
+    async def _source(self, spec: VolumeSpec) -> CloneSource:
+        """Compares that pin the clone source, its size and block size, and the clone's base
+        chain (docs/snapshots.md). A clone of a volume takes an implicit snapshot: the
+        source's epoch is bumped in the same transaction."""
         if spec.source is None:
-            return [], 0, spec.block_size
+            return CloneSource([], [], 0, spec.block_size, [])
         if "snapshot_id" in spec.source:
             sid = spec.source["snapshot_id"]
             snap, sv = await read(self.etcd, Keys.snapshot(sid), SnapshotRecord)
             if snap is None:
                 raise Problem(404, "source_not_found", f"source snapshot {sid} does not exist")
-            return [sv.unchanged], snap.size_bytes, snap.block_size
+            base = [{"volume": snap.source_volume_id, "epoch": snap.epoch}, *snap.base]
+            return CloneSource([sv.unchanged], [], snap.size_bytes, snap.block_size, base)
         vid = spec.source["volume_id"]
         vol, vv = await read(self.etcd, Keys.volume(vid), VolumeRecord)
         if vol is None:
             raise Problem(404, "source_not_found", f"source volume {vid} does not exist")
-        return [vv.unchanged], vol.size_bytes, vol.block_size
+        base = [{"volume": vol.id, "epoch": vol.epoch}, *vol.base]
+        bumped = dataclasses.replace(vol, epoch=vol.epoch + 1)
+        return CloneSource(
+            [vv.unchanged], [Put(vv.key, bumped.to_json())], vol.size_bytes, vol.block_size, base
+        )
 
     def _check_spec(self, spec: VolumeSpec) -> None:
         if spec.size_bytes % spec.block_size:
@@ -343,8 +362,12 @@ class Store:
                 # A retried clone must find its volume even if the source is gone by now.
                 existing = await self.find_volume(spec.name)
                 if existing is not None:
-                    return self._same(existing, spec), False
-            source_compares, source_size, source_block = await self._source(spec)
+                    same = self._same(existing, spec)
+                    if "volume_id" in spec.source:  # the first call may have failed waiting
+                        await wait_data_path(self.etcd, await self.etcd.revision())
+                    return same, False
+            src = await self._source(spec)
+            source_compares, source_size, source_block = src.compares, src.size, src.block_size
             if spec.source is not None:
                 if spec.block_size != source_block:
                     raise Problem(
@@ -374,6 +397,7 @@ class Store:
                 created_at=round(time.time(), 6),
                 target=slot[0],
                 lun=slot[1],
+                base=src.base,
             )
             lun_key = Keys.lun(*slot)
             taken = False
@@ -388,11 +412,14 @@ class Store:
                         Put(Keys.volume(volume.id), volume.to_json()),
                         Put(name_key, volume.id.encode()),
                         Put(lun_key, LunRecord(volume_id=volume.id).to_json()),
+                        *src.puts,
                     ],
                     [Get(name_key), Get(lun_key)],
                 )
                 if result.succeeded:
                     taken = True
+                    if src.puts:  # a clone of a volume: its writes must now copy first
+                        await wait_data_path(self.etcd, result.revision)
                     self._volume_views.add(
                         Keys.volume(volume.id), result.revision, volume_view(volume)
                     )
@@ -594,6 +621,8 @@ class Store:
         for _ in range(MAX_ATTEMPTS):
             existing = await self.find_snapshot(name)
             if existing is not None:
+                # a retry: the first call may have failed waiting for the data path
+                await wait_data_path(self.etcd, await self.etcd.revision())
                 return self._same_snapshot(existing, volume_id), False
             volume, vv = await read(self.etcd, Keys.volume(volume_id), VolumeRecord)
             if volume is None:
@@ -605,12 +634,22 @@ class Store:
                 size_bytes=volume.size_bytes,
                 block_size=volume.block_size,
                 created_at=round(time.time(), 6),
+                epoch=volume.epoch,
+                base=list(volume.base),
             )
+            # The snapshot freezes the volume's epoch: from the next one on, the first write
+            # to each extent copies it aside first (docs/snapshots.md).
+            bumped = dataclasses.replace(volume, epoch=volume.epoch + 1)
             result = await self.etcd.txn(
                 [Compare.version(name_key) == 0, vv.unchanged],
-                [Put(Keys.snapshot(snap.id), snap.to_json()), Put(name_key, snap.id.encode())],
+                [
+                    Put(Keys.snapshot(snap.id), snap.to_json()),
+                    Put(name_key, snap.id.encode()),
+                    Put(vv.key, bumped.to_json()),
+                ],
             )
             if result.succeeded:
+                await wait_data_path(self.etcd, result.revision)
                 return snap, True
         raise aborted(f"create snapshot {name!r}")
 
@@ -622,7 +661,12 @@ class Store:
             name_key = Keys.snapshot_name(snap.name)
             result = await self.etcd.txn(
                 [sv.unchanged, Compare.value(name_key) == snapshot_id.encode()],
-                [Delete(sv.key), Delete(name_key)],
+                # the garbage collector frees the copies only it needed (docs/snapshots.md)
+                [
+                    Delete(sv.key),
+                    Delete(name_key),
+                    Put(Keys.gc_snapshot(snapshot_id), snap.to_json()),
+                ],
             )
             if result.succeeded:
                 return

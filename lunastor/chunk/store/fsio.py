@@ -102,3 +102,33 @@ def data_dir_io(path: str) -> Iterator[None]:
         if exc.errno in NO_SPACE:
             raise SpaceExhausted(path) from exc
         raise DataDirFailed(path, exc.errno, exc.strerror or str(exc)) from exc
+
+
+def copy_sparse(src_fd: int, dst_fd: int, size: int) -> int:
+    """Copy the allocated ranges of `src_fd` into `dst_fd` (already `size` bytes, sparse).
+
+    Holes are skipped (SEEK_DATA/SEEK_HOLE), so a thin file stays thin; each data run goes
+    through copy_file_range(2), which shares the blocks (a reflink) on XFS and btrfs and
+    copies in the kernel elsewhere. Returns the bytes copied.
+    """
+    copied = 0
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src_fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                break
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
+        off = start
+        while off < end:
+            n = os.copy_file_range(src_fd, dst_fd, end - off, off, off)
+            if n == 0:  # the source shrank under us: nothing more to copy
+                return copied
+            off += n
+            copied += n
+        pos = end
+    return copied

@@ -36,7 +36,14 @@ from lunastor.chunk.store.errors import (
     ReplicaNotCurrent,
     StaleGeneration,
 )
-from lunastor.chunk.store.fsio import data_dir_io, pread_exact, preallocate, punch_hole, pwrite_all
+from lunastor.chunk.store.fsio import (
+    copy_sparse,
+    data_dir_io,
+    pread_exact,
+    preallocate,
+    punch_hole,
+    pwrite_all,
+)
 from lunastor.chunk.store.header import (
     SLOT_SIZE,
     Header,
@@ -405,6 +412,22 @@ class Replica:
                     self._store_header(self._h.evolve(flags=flags))
                 await self._sync_header()
                 self._close_fds()
+
+    async def copy_files_to(self, data_fd: int, sums_fd: int) -> int:
+        """Copy this replica's data and checksum files into two open files of the same size
+        (a snapshot's preserved copy or a clone's extent), between ordered mutations. Only
+        allocated ranges are copied (reflinks where the file system can). Bytes copied."""
+        self._check_open()
+        if self.state != ReplicaState.CURRENT:
+            raise ReplicaNotCurrent(self.state, "be copied")
+        async with self._mutate:
+            self._check_open()
+            with self._io():
+                n = await asyncio.to_thread(copy_sparse, self._data_fd, data_fd, self.extent_size)
+                n += await asyncio.to_thread(
+                    copy_sparse, self._sum_fd, sums_fd, self.num_blocks * CHECKSUM_SIZE
+                )
+        return n
 
     async def delete(self) -> None:
         """Remove the replica's files. The header goes first: without it, no replica exists."""

@@ -9,6 +9,7 @@ temporary name, then renamed), `delete` removes it first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import re
@@ -260,6 +261,109 @@ class ExtentStore:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+    async def clone(self, source: str, extent: int, volume: str, gen: int) -> Replica:
+        """A new replica of `volume`/`extent` holding a copy of replica `source`/`extent`
+        (docs/snapshots.md): in the source's data directory, so copy_file_range can share
+        blocks. A left-over `volume`/`extent` (an interrupted earlier copy) is replaced: the
+        caller only clones into names nobody writes yet."""
+        _check_key(volume, extent)
+        src = await self.open(source, extent)
+        key = (volume, extent)
+        async with self._opening.setdefault(key, asyncio.Lock()):
+            old = self._open.get(key)
+            if old is not None:
+                await old.delete()
+            else:
+                where = self._locate(volume, extent)
+                if where is not None:
+                    with data_dir_io(where):
+                        self._unlink(self.paths(where, volume, extent))
+            d = src.paths.data_dir
+            p = self.paths(d, volume, extent)
+            h = Header(
+                volume=volume,
+                extent=extent,
+                extent_size=self.extent_size,
+                block_size=BLOCK_SIZE,
+                generation=gen,
+                applied_seq=0,
+                durable_seq=0,
+                state=ReplicaState.CURRENT,
+                counter=1,
+            )
+            try:
+                with data_dir_io(d):
+                    fds = await asyncio.to_thread(self._open_copy_files, p)
+                    try:
+                        await src.copy_files_to(*fds)
+                        for fd in fds:
+                            await asyncio.to_thread(os.fsync, fd)
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
+                    await asyncio.to_thread(self._write_header, p, h)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self._unlink(p)
+                raise
+            self._index[key] = d
+            return await self._open_files(p)
+
+    def _open_copy_files(self, p: ReplicaPaths) -> tuple[int, int]:
+        p.header.parent.mkdir(parents=True, exist_ok=True)
+        nblocks = self.extent_size // BLOCK_SIZE
+        fds = []
+        for path, size in ((p.data, self.extent_size), (p.sums, nblocks * CHECKSUM_SIZE)):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.ftruncate(fd, size)
+            fds.append(fd)
+        return fds[0], fds[1]
+
+    def _write_header(self, p: ReplicaPaths, h: Header) -> None:
+        tmp = p.header.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, encode_slot(h) + bytes(SLOT_SIZE))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, p.header)
+        dir_fd = os.open(p.header.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    @staticmethod
+    def _unlink(p: ReplicaPaths) -> None:
+        # header first: without it the replica no longer exists
+        for path in (p.header, p.header.with_suffix(".tmp"), p.data, p.sums):
+            path.unlink(missing_ok=True)
+
+    async def remove(self, volume: str, extent: int) -> bool:
+        """Delete a replica's files (garbage collection); False if there was none. A replica
+        whose header is damaged is removed too: nothing refers to it any more."""
+        _check_key(volume, extent)
+        key = (volume, extent)
+        try:
+            replica = await self.open(volume, extent)
+        except ReplicaNotFound:
+            return False
+        except HeaderDamaged:
+            d = self._locate(volume, extent)
+            if d is None:
+                return False
+            with data_dir_io(d):
+                self._unlink(self.paths(d, volume, extent))
+            self._index.pop(key, None)
+            return True
+        await replica.delete()
+        self._index.pop(key, None)
+        parent = replica.paths.header.parent
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # the volume's last replica here: drop its directory too
+        return True
 
     def _pick_dir(self) -> str:
         best: tuple[int, str] | None = None

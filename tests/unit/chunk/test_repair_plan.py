@@ -227,6 +227,16 @@ def test_plan_skips_deleted_volumes_and_uses_each_volumes_replicas() -> None:
     ]
 
 
+def test_a_snapshots_preserved_copy_is_kept_as_redundant_as_its_volume() -> None:
+    servers = {s.id: s for s in THREE_ZONES}
+    extents = [
+        ExtentRecord(volume="three.e1", index=0, replicas=["a", "b"]),
+        ExtentRecord(volume="gone.e2", index=0, replicas=["a"]),
+    ]
+    got = plan(extents, servers, {"three": 3}, replace_after=1)
+    assert got == [Action(ActionKind.ADD, "three.e1", 0, "a", "c")]
+
+
 ids = st.sampled_from("abcdef")
 
 

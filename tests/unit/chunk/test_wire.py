@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from lunastor.chunk import wire
 from lunastor.chunk.wire import (
     Advance,
+    Clone,
     Copy,
     Create,
     Delete,
@@ -26,6 +27,7 @@ from lunastor.chunk.wire import (
     Nexus,
     Op,
     Ping,
+    Preserve,
     Read,
     Request,
     Response,
@@ -164,6 +166,12 @@ REQUEST_CASES: list[tuple[Request, dict[str, Any], bytes]] = [
     ),
     (Delete(12, "v", 2, 3), {"op": "delete", "id": 12, "vol": "v", "ext": 2, "gen": 3}, b""),
     (Flush(13, "v", 2, 3), {"op": "flush", "id": 13, "vol": "v", "ext": 2, "gen": 3}, b""),
+    (
+        Clone(14, "v", 2, "v.e0", 1),
+        {"op": "clone", "id": 14, "vol": "v", "ext": 2, "dst": "v.e0", "gen": 1},
+        b"",
+    ),
+    (Preserve(15, "v", 2, 3), {"op": "preserve", "id": 15, "vol": "v", "ext": 2, "gen": 3}, b""),
 ]
 
 

@@ -1,0 +1,142 @@
+"""Garbage collection of extents nobody can read any more (docs/snapshots.md, "Space reclaim").
+
+Work is recorded in etcd: deleting a volume puts `/v1/gc/volumes/<id>`, deleting a snapshot
+`/v1/gc/snapshots/<id>` (each in the same transaction as the delete). Each pass of the planner
+(the meta instance holding the planner lease) looks at the volumes those name and frees every
+extent version no live volume or snapshot refers to: one transaction per extent deletes its
+map entry (comparing its mod_revision) and puts a work item per member at
+`Keys.gc_replica(chunk, store volume, index)`, which that chunk server executes
+(`lunastor/chunk/collector.py`). A tombstone is removed once its volume has nothing left.
+
+References are **counted, not stored**: a version is referenced while a pin selects it. A pin
+is a (volume, epoch) that some snapshot or clone reads (`pins`); a volume's live extent with
+epoch L is selected by pins (V, e >= L) and by V itself while V exists; a preserved copy of
+epochs [K, until) by pins (V, K <= e < until). Nothing can be over- or under-counted after a
+crash, because nothing is counted ahead: every pass recomputes from the records. Every step
+is idempotent, so a planner killed midway simply redoes the remainder on its next pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from lunastor.common.etcd import Compare, Delete, Etcd, Get, Put
+from lunastor.common.logs import get_logger
+from lunastor.common.records import (
+    ExtentRecord,
+    Keys,
+    RecordError,
+    SnapshotRecord,
+    VolumeRecord,
+    parse_preserved,
+)
+
+log = get_logger(component="gc")
+
+BATCH = 16  # extents freed per pass: bounds a pass's time and etcd load
+
+
+def pins(
+    snapshots: Iterable[SnapshotRecord], volumes: Iterable[VolumeRecord]
+) -> dict[str, set[int]]:
+    """Every (volume, epoch) some snapshot or clone may read, as volume -> epochs."""
+    out: dict[str, set[int]] = {}
+    for snap in snapshots:
+        out.setdefault(snap.source_volume_id, set()).add(snap.epoch)
+        for link in snap.base:
+            out.setdefault(str(link["volume"]), set()).add(int(link["epoch"]))
+    for vol in volumes:
+        for link in vol.base:
+            out.setdefault(str(link["volume"]), set()).add(int(link["epoch"]))
+    return out
+
+
+def referenced(rec: ExtentRecord, alive: set[str], pinned: dict[str, set[int]]) -> bool:
+    """Whether anything can still read this extent version."""
+    preserved = parse_preserved(rec.volume)
+    if preserved is None:
+        return rec.volume in alive or any(e >= rec.epoch for e in pinned.get(rec.volume, ()))
+    volume, first = preserved
+    until = rec.until if rec.until > first else 2**63  # a damaged bound: keep it
+    return any(first <= e < until for e in pinned.get(volume, ()))
+
+
+class GcPlanner:
+    name = "gc"
+
+    def __init__(self, etcd: Etcd, batch: int = BATCH) -> None:
+        self.etcd = etcd
+        self.batch = batch
+
+    async def run_once(self) -> None:
+        await self.collect_once()
+
+    async def collect_once(self) -> int:
+        """One pass: the number of extent versions freed."""
+        vol_tombs, _ = await self.etcd.get_prefix(Keys.GC_VOLUMES)
+        snap_tombs, _ = await self.etcd.get_prefix(Keys.GC_SNAPSHOTS)
+        if not vol_tombs and not snap_tombs:
+            return 0
+        # Read after the tombstones: every pin that could still be created refers to a
+        # version these records already pin, or to a live extent of a volume that exists.
+        snap_kvs, _ = await self.etcd.get_prefix(Keys.SNAPSHOTS)
+        vol_kvs, _ = await self.etcd.get_prefix(Keys.VOLUMES)
+        snaps = [SnapshotRecord.from_json(kv.value) for kv in snap_kvs]
+        vols = [VolumeRecord.from_json(kv.value) for kv in vol_kvs]
+        alive = {v.id for v in vols}
+        pinned = pins(snaps, vols)
+        subjects: dict[str, list[str]] = {}  # volume -> tombstone keys that name it
+        for kv in vol_tombs:
+            subjects.setdefault(kv.key.removeprefix(Keys.GC_VOLUMES), []).append(kv.key)
+        for kv in snap_tombs:
+            try:
+                snap = SnapshotRecord.from_json(kv.value)
+            except RecordError:
+                snap = SnapshotRecord()
+            subjects.setdefault(snap.source_volume_id, []).append(kv.key)
+        freed = 0
+        for volume, tombs in sorted(subjects.items()):
+            remaining, n = await self._collect(volume, alive, pinned, self.batch - freed)
+            freed += n
+            if remaining is None:
+                break  # out of budget: the next pass goes on
+            for key in tombs:
+                # A volume tombstone stays while anything of the volume is left (pinned);
+                # a snapshot tombstone is done once its volume was looked at in full.
+                if key.startswith(Keys.GC_SNAPSHOTS) or not remaining:
+                    await self.etcd.delete(key)
+        if freed:
+            log.info("extent versions freed", count=freed)
+        return freed
+
+    async def _collect(
+        self, volume: str, alive: set[str], pinned: dict[str, set[int]], budget: int
+    ) -> tuple[int | None, int]:
+        """Free `volume`'s unreferenced versions: (versions left, or None when the budget ran
+        out first; versions freed)."""
+        kvs = []
+        if volume:
+            own, _ = await self.etcd.get_prefix(Keys.volume_extents(volume))
+            preserved, _ = await self.etcd.get_prefix(f"{Keys.EXTENTS}{volume}.e")
+            kvs = [*own, *preserved]
+        left = 0
+        freed = 0
+        for kv in kvs:
+            try:
+                rec = ExtentRecord.from_json(kv.value)
+            except RecordError:
+                left += 1
+                continue
+            if referenced(rec, alive, pinned):
+                left += 1
+                continue
+            if freed >= budget:
+                return None, freed
+            ops: list[Put | Delete | Get] = [Delete(kv.key)]
+            ops += [Put(Keys.gc_replica(m, rec.volume, rec.index), b"") for m in rec.replicas]
+            res = await self.etcd.txn([Compare.mod_revision(kv.key) == kv.mod_revision], ops)
+            if res.succeeded:
+                freed += 1
+            else:
+                left += 1  # changed meanwhile: looked at again next pass
+        return left, freed
