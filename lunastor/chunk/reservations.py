@@ -116,7 +116,7 @@ class EtcdReservations:
         self._lease = lease
         self._alive = alive
         self.lease_ttl = lease_ttl
-        self.barrier_timeout = barrier_timeout if barrier_timeout is not None else 2 * lease_ttl
+        self.barrier_timeout = barrier_timeout if barrier_timeout is not None else 3 * lease_ttl
         self.applied_key = Keys.live_reservations_applied(chunk_id)
         self._states: dict[str, PrState] = {}
         self._listeners: list[ReservationListener] = []
