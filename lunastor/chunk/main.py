@@ -92,8 +92,15 @@ async def serve(config: ChunkConfig, stop: asyncio.Event) -> int:
         background: set[asyncio.Task[None]] = set()
         if config.cluster_secret:
 
-            def lease() -> int:
-                return presence.lease_id if presence is not None and presence.held.is_set() else 0
+            def lease() -> tuple[int, float]:
+                # the lease the reservation store registers under, and until when it surely
+                # lives (docs/scsi.md, "Fencing")
+                keeper = presence.keeper if presence is not None else None
+                if keeper is None or presence is None or not presence.held.is_set():
+                    return 0, 0.0
+                if keeper.lost.is_set():
+                    return 0, 0.0
+                return keeper.lease_id, keeper.deadline()
 
             datapath = DataPath(config, etcd, chunk_id, alive, lease, status_changed)
             await datapath.start()

@@ -16,7 +16,10 @@ that server's own lease deadline has passed and it refuses every command (below)
 
 Fencing: `current()` raises NOT READY / LOGICAL UNIT NOT ACCESSIBLE, ASYMMETRIC ACCESS STATE
 TRANSITION (an initiator retries, or takes another path) unless this server's applied-revision
-key is written under the lease it holds now and that lease is provably alive. Registration
+key is written under the lease it holds now and that lease is surely alive (before its
+keep-alive deadline; the hot path compares one clock reading with that deadline, cached: the
+lease it registered under lives at least that long, or was revoked by a barrier that waits a
+TTL, or expires in etcd no earlier, taking the key with it). Registration
 happens before the copy is loaded, so a change committed before it is in the copy and one
 committed after it waits for this server's acknowledgement.
 """
@@ -27,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import Counter
@@ -104,23 +108,25 @@ class EtcdReservations:
         etcd: Etcd,
         chunk_id: str,
         *,
-        lease: Callable[[], int],
-        alive: Callable[[], bool],
+        lease: Callable[[], tuple[int, float]],
         lease_ttl: float,
         barrier_timeout: float | None = None,
     ) -> None:
-        """`lease()` is the chunk server's current lease id (0 while it has none) and
-        `alive()` whether it can prove that lease alive right now."""
+        """`lease()` is the chunk server's current lease: (id, the `time.monotonic()` until
+        which it is surely alive), (0, 0.0) while it has none."""
         self.etcd = etcd
         self.chunk_id = chunk_id
         self._lease = lease
-        self._alive = alive
         self.lease_ttl = lease_ttl
-        self.barrier_timeout = barrier_timeout if barrier_timeout is not None else 2 * lease_ttl
+        self.barrier_timeout = barrier_timeout if barrier_timeout is not None else 3 * lease_ttl
         self.applied_key = Keys.live_reservations_applied(chunk_id)
         self._states: dict[str, PrState] = {}
         self._listeners: list[ReservationListener] = []
         self._registered = 0  # the lease our applied-revision key lives under; 0: fenced
+        # Until when our copy is known to be enforceable: the registered lease's own deadline
+        # (it is surely alive until then, and a barrier that revokes it waits a TTL), so the
+        # hot path compares one clock reading and asks the lease again only once it passes.
+        self._until = 0.0
         self._applied = 0  # revision of the prefix our copy reflects
         self._acked = 0
         self._ack_wanted = asyncio.Event()
@@ -143,7 +149,7 @@ class EtcdReservations:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        self._registered = 0
+        self._registered, self._until = 0, 0.0
         self.ready.clear()
 
     @property
@@ -152,8 +158,23 @@ class EtcdReservations:
 
     @property
     def fenced(self) -> bool:
-        lease = self._registered
-        return lease == 0 or lease != self._lease() or not self._alive()
+        try:
+            self._check()
+        except CheckCondition:
+            return True
+        return False
+
+    def _check(self) -> None:
+        """Raise unless registered under the lease we hold and that lease is surely alive."""
+        if time.monotonic() < self._until:
+            return
+        if self._registered == 0:
+            raise CheckCondition(LU_NOT_ACCESSIBLE_TRANSITION)
+        lease, deadline = self._lease()
+        if lease != self._registered or time.monotonic() >= deadline:
+            self._until = 0.0
+            raise CheckCondition(LU_NOT_ACCESSIBLE_TRANSITION)
+        self._until = deadline
 
     # -- ReservationStore ------------------------------------------------------------------
 
@@ -162,13 +183,12 @@ class EtcdReservations:
         return True
 
     def current(self, key: str) -> PrState:
-        if self.fenced:
-            raise CheckCondition(LU_NOT_ACCESSIBLE_TRANSITION)
+        if time.monotonic() >= self._until:
+            self._check()
         return self._states.get(key, EMPTY)
 
     async def load(self, key: str) -> tuple[int, PrState]:
-        if self.fenced:
-            raise CheckCondition(LU_NOT_ACCESSIBLE_TRANSITION)
+        self._check()
         try:
             kv = await self.etcd.get(Keys.RESERVATIONS + key)
         except EtcdError as exc:
@@ -183,8 +203,7 @@ class EtcdReservations:
             raise CheckCondition(INTERNAL_TARGET_FAILURE) from None
 
     async def compare_and_swap(self, key: str, version: int, state: PrState) -> bool:
-        if self.fenced:
-            raise CheckCondition(LU_NOT_ACCESSIBLE_TRANSITION)
+        self._check()
         etcd_key = Keys.RESERVATIONS + key
         try:
             result = await self.etcd.txn(
@@ -277,14 +296,16 @@ class EtcdReservations:
             except Exception as exc:  # etcd trouble: fenced until registered again
                 log.warning("reservation watch stopped (%s); registering again", exc)
             finally:
-                self._registered = 0
+                self._registered, self._until = 0, 0.0
                 self.ready.clear()
             await asyncio.sleep(_LEASE_POLL)
 
     async def _follow_under_one_lease(self) -> None:
-        while not (self._lease() and self._alive()):
+        while True:
+            lease, deadline = self._lease()
+            if lease and time.monotonic() < deadline:
+                break
             await asyncio.sleep(_LEASE_POLL)
-        lease = self._lease()
         # Register first, then load: whatever was committed before the registration is in
         # the copy, and a change committed after it waits for our acknowledgement.
         await self.etcd.put(self.applied_key, encode_applied(self.chunk_id, 0), lease=lease)
@@ -310,7 +331,7 @@ class EtcdReservations:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _lease_changes(self, lease: int) -> None:
-        while self._lease() == lease:
+        while self._lease()[0] == lease:
             await asyncio.sleep(_LEASE_POLL)
         log.warning("chunk lease changed: registering for reservations again")
 

@@ -71,11 +71,12 @@ class DataPath:
         etcd: Etcd,
         chunk_id: str,
         alive: Callable[[], bool],
-        lease: Callable[[], int] | None = None,
+        lease: Callable[[], tuple[int, float]] | None = None,
         status_changed: Callable[[], None] | None = None,
     ) -> None:
-        """`lease()`: the chunk lease id (0 while none); with it, SCSI reservations live in
-        etcd and every access point enforces them (`EtcdReservations`)."""
+        """`lease()`: the chunk lease (id, `time.monotonic()` until which it is surely alive),
+        (0, 0.0) while none; with it, SCSI reservations live in etcd and every access point
+        enforces them (`EtcdReservations`)."""
         self.config = config
         self.etcd = etcd
         self.chunk_id = chunk_id
@@ -98,7 +99,7 @@ class DataPath:
         self.reservations: EtcdReservations | None = None
         if lease is not None:
             self.reservations = EtcdReservations(
-                etcd, chunk_id, lease=lease, alive=alive, lease_ttl=config.lease_ttl
+                etcd, chunk_id, lease=lease, lease_ttl=config.lease_ttl
             )
         self.seen = SeenPublisher(etcd, self.emap.volumes, chunk_id)
         self.collector: ReplicaCollector | None = None

@@ -64,17 +64,14 @@ async def access_point(
     lease = await etcd.grant(60)
     ap: AccessPoint
 
-    def current_lease() -> int:
-        return ap.lease
-
-    def alive() -> bool:
-        return ap.alive
+    def current_lease() -> tuple[int, float]:
+        # a test lease lives as long as the test says (`alive`)
+        return (ap.lease, time.monotonic() + 0.2) if ap.alive else (ap.lease, 0.0)
 
     store = EtcdReservations(
         etcd,
         chunk,
         lease=current_lease,
-        alive=alive,
         lease_ttl=lease_ttl,
         barrier_timeout=barrier_timeout,
     )
@@ -198,6 +195,7 @@ async def test_a_fenced_access_point_refuses_commands_and_registers_again(etcd: 
     try:
         await ap2.ready(Y)
         ap2.alive = False  # its lease can no longer be proven alive
+        await async_wait_for(lambda: _true(ap2.store.fenced), 5, "its lease deadline to pass")
         assert ua(await ap2.cmd(Y, READ10)) == (2, 0x04, 0x0A)
         assert (await ap2.cmd(Y, [0x12, 0, 0, 0, 96, 0])).status == Status.GOOD  # INQUIRY
         ap2.alive = True
