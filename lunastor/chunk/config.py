@@ -26,13 +26,17 @@ class ChunkConfig:
     extent_size: int = 64 * 1024 * 1024  # proposal for a new cluster; the stored value wins
     min_replicas: int = 2  # a primary acknowledges writes while at least this many remain
     io_timeout: float = 60.0  # an access point gives up on an extent after this (NOT READY)
+    # Also export every LUN through the kernel's LIO target (docs/lio.md): needs configfs,
+    # target_core_user and rtslib-fb. LIO listens on lio_listen (not iscsi_listen's port).
+    lio_export: bool = False
+    lio_listen: str = "0.0.0.0:3260"
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def validate(self) -> None:
         if not self.data_dirs:
             raise ConfigError("data_dirs: at least one data directory is required")
-        for name in ("iscsi_listen", "data_listen", "admin_listen"):
+        for name in ("iscsi_listen", "data_listen", "admin_listen", "lio_listen"):
             parse_hostport(getattr(self, name), name)
         for name in ("iscsi_advertise", "data_advertise"):
             value = getattr(self, name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lunastor.chunk.config import ChunkConfig
 from lunastor.chunk.dataserver import DataNode, DataServer, Replicas
@@ -19,6 +20,9 @@ from lunastor.common.etcd import Etcd
 from lunastor.common.etcd.cache import PrefixCache
 from lunastor.common.records import ClusterConfigRecord, Keys, RecordError
 from lunastor.common.sealing import Sealer
+
+if TYPE_CHECKING:
+    from lunastor.chunk.lio.exporter import LioExporter
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,7 @@ class DataPath:
         self.iscsi: IscsiServer | None = None
         self.ports = PrefixCache(etcd, Keys.TARGET_PORTS)
         self.relative_port = 0
+        self.lio: LioExporter | None = None
 
     def _relative_ports(self) -> list[int]:
         return sorted(int(k.removeprefix(Keys.TARGET_PORTS)) for k in self.ports.items)
@@ -127,11 +132,20 @@ class DataPath:
         )
         self.host.server = self.iscsi
         await self.iscsi.start()
+        if config.lio_export:
+            from lunastor.chunk.lio.exporter import LioExporter
+
+            self.lio = LioExporter(
+                self.host, [parse_hostport(config.lio_listen, "lio_listen")], self.relative_port
+            )
+            await self.lio.start()
         log.info(
             "data path up: extent size %d, %d replicas on disk", extent_size, len(listing.replicas)
         )
 
     async def stop(self) -> None:
+        if self.lio is not None:
+            await self.lio.stop()
         if self.iscsi is not None:
             await self.iscsi.close()
         if self.host is not None:
