@@ -14,12 +14,14 @@ device (linux include/uapi/linux/target_core_user.h, ABI version 2). Its layout:
 
     entry header (8 bytes): u32 len_op (length | opcode in the low 3 bits: 0 PAD, 1 CMD,
                             2 TMR), u16 cmd_id, u8 kflags, u8 uflags (UNKNOWN_OP 1, READ_LEN 2)
-    CMD request @8:  u32 iov_cnt, u32 iov_bidi_cnt, u32 iov_dif_cnt, u64 cdb_off, 2 x u64 pad,
-                     @44 struct iovec[iov_cnt + iov_bidi_cnt + iov_dif_cnt]: u64 base, u64 len
-                     (base and cdb_off are offsets from the start of the shared region)
+    CMD request @8:  u32 iov_cnt, u32 iov_bidi_cnt, u32 iov_dif_cnt, 4 pad, @24 u64 cdb_off,
+                     2 x u64 pad, @48 struct iovec[iov_cnt + iov_bidi_cnt + iov_dif_cnt]:
+                     u64 base, u64 len (base and cdb_off: offsets from the region's start)
+                     (the entry is __packed but its inner request struct is not: cdb_off is
+                     8-byte aligned inside it)
     CMD response @8: u8 scsi_status, 3 pad, u32 read_len, @16 96 bytes of sense
 
-A command entry is never shorter than 120 bytes (the size of the response form), so a response
+A command entry is never shorter than 112 bytes (the size of the response form), so a response
 always fits in any command entry. The kernel supports out-of-order completion (CAP_OOOC): it
 reads the answered entries between its last position and our cmd_tail and finds each command
 by the cmd_id written in the entry. So `CommandRing` answers each command in the oldest unused
@@ -41,10 +43,10 @@ TAIL_OFFSET = 64  # cmd_tail sits on its own cache line
 MAILBOX_SIZE = 68
 ENTRY_ALIGN = 8  # TCMU_OP_ALIGN_SIZE
 HEADER_SIZE = 8
-REQUEST_SIZE = 44  # header + request fields, before the iovecs
+REQUEST_SIZE = 48  # header + request fields, before the iovecs
 IOVEC_SIZE = 16
 RESPONSE_SIZE = 112  # header + status, padding, read_len, sense
-MIN_ENTRY_SIZE = 120  # sizeof(struct tcmu_cmd_entry)
+MIN_ENTRY_SIZE = 112  # sizeof(struct tcmu_cmd_entry)
 SENSE_SIZE = 96
 MAX_CDB = 260  # SPC-4: a variable-length CDB is at most 260 bytes
 
@@ -57,7 +59,7 @@ UFLAG_READ_LEN = 0x2
 _MAILBOX = struct.Struct("<HHIII")
 _U32 = struct.Struct("<I")
 _HEADER = struct.Struct("<IHBB")
-_REQUEST = struct.Struct("<IIIQ")  # iov_cnt, iov_bidi_cnt, iov_dif_cnt, cdb_off (at 8)
+_REQUEST = struct.Struct("<IIIxxxxQ")  # iov_cnt, iov_bidi_cnt, iov_dif_cnt, cdb_off (at 8)
 _IOVEC = struct.Struct("<QQ")
 _RESPONSE = struct.Struct("<BxxxI")  # scsi_status, read_len (at 8)
 

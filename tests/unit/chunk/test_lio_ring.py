@@ -58,7 +58,7 @@ def test_cdb_length(cdb: bytes, length: int) -> None:
 
 @pytest.mark.parametrize(
     ("iovs", "cdb_len", "size"),
-    [(0, 6, 128), (1, 10, 136), (4, 16, 136), (5, 16, 144), (8, 260, 432)],
+    [(0, 6, 120), (1, 10, 128), (4, 16, 128), (5, 16, 144), (8, 260, 440)],
 )
 def test_entry_size_is_at_least_the_response_form(iovs: int, cdb_len: int, size: int) -> None:
     assert entry_size(iovs, cdb_len) == size
@@ -173,8 +173,8 @@ def test_bad_mailbox_is_refused(damage: object, message: str) -> None:
         (lambda b: struct.pack_into("<I", b, CMDR_OFF, 128 | 5), "unknown opcode 5"),
         (lambda b: struct.pack_into("<I", b, CMDR_OFF, 8192 | 1), "in a 4096-byte ring"),
         (lambda b: struct.pack_into("<I", b, CMDR_OFF + 8, 100), "do not fit"),
-        (lambda b: struct.pack_into("<Q", b, CMDR_OFF + 44, REGION), "outside the shared"),
-        (lambda b: struct.pack_into("<Q", b, CMDR_OFF + 20, REGION), "CDB offset"),
+        (lambda b: struct.pack_into("<Q", b, CMDR_OFF + 48, REGION), "outside the shared"),
+        (lambda b: struct.pack_into("<Q", b, CMDR_OFF + 24, REGION), "CDB offset"),
         (lambda b: struct.pack_into("<I", b, 12, 4093), "cmd_head 4093"),
     ],
 )
@@ -250,3 +250,20 @@ def test_every_command_is_answered_once_whatever_the_order(
     assert ring.outstanding == 0
     tail = struct.unpack_from("<I", buf, TAIL_OFFSET)[0]
     assert tail == read_mailbox(buf).cmd_head == reaped
+
+
+def test_abi_offsets_golden_entry() -> None:
+    """An entry laid out by hand from target_core_user.h (not by queue_entry): the request
+    struct inside the packed entry is naturally aligned, so cdb_off is at byte 24 and the
+    iovecs start at 48; sizeof(struct tcmu_cmd_entry) is 112. (A first version read cdb_off at
+    20 and met a real kernel's 0xF0 << 32.)"""
+    buf = region()
+    entry = CMDR_OFF
+    struct.pack_into("<IHBB", buf, entry, 128 | 1, 0x1234, 0, 0)  # len 128, CMD
+    struct.pack_into("<III", buf, entry + 8, 1, 0, 0)
+    struct.pack_into("<Q", buf, entry + 24, entry + 112)  # cdb_off
+    struct.pack_into("<QQ", buf, entry + 48, DATA_OFF, 4096)
+    buf[entry + 112 : entry + 122] = READ10
+    struct.pack_into("<I", buf, 12, 128)  # cmd_head
+    [cmd] = CommandRing(buf).poll()
+    assert (cmd.cmd_id, cmd.cdb, cmd.iovecs) == (0x1234, READ10, ((DATA_OFF, 4096),))
