@@ -46,6 +46,9 @@ CLUSTER_SECRET = "lio-test-cluster-secret-0123"
 HOST_IQN = "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test"
 HOST_IQN_2 = "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2"
 BENCH_IQN = "iqn.2024-01.test.anchor:bench"
+STRANGER_IQN = "iqn.2026-11.org.example:not-in-the-acl"
+CHAP_USER = "lio-guest"
+CHAP_SECRET = "lio-chap-secret-16"
 CHUNKS = 3
 PATTERN = 8 * MIB
 CLASSIFY = Path("/work/shared/tools/cu-classify.sh")
@@ -260,6 +263,28 @@ class LioCluster:
         if cap.returncode != 0 or str(self.size) not in cap.stdout:
             raise LioScenarioError(f"READ CAPACITY(16) via LIO: {cap.stdout[-400:]}")
         self.measured["inquiry"] = inq.stdout.strip().splitlines()[:6]
+        stranger = self.run("iscsi-inq", "-i", STRANGER_IQN, url)
+        if stranger.returncode == 0:
+            raise LioScenarioError("an initiator outside the LUN's ACL logged in through LIO")
+
+    def chap(self) -> None:
+        """CHAP set on the target through meta reaches LIO: without it login fails, with it
+        login works; cleared again, login without CHAP works again."""
+        started = time.monotonic()
+        url = self.url(lun=True)
+        with_chap = url.replace("iscsi://", f"iscsi://{CHAP_USER}%{CHAP_SECRET}@")
+
+        def inq(u: str) -> bool:
+            return self.run("iscsi-inq", "-i", HOST_IQN, u).returncode == 0
+
+        path = f"/v1/targets/{self.target}/chap"
+        self.call("PUT", path, {"user": CHAP_USER, "secret": CHAP_SECRET})
+        self.wait("LIO to require CHAP", 60, lambda: not inq(url))
+        if not inq(with_chap):
+            raise LioScenarioError("login through LIO with the target's CHAP secret failed")
+        self.call("DELETE", path)
+        self.wait("LIO to drop CHAP", 60, lambda: inq(url))
+        self.measured["chap on, checked, off (s)"] = round(time.monotonic() - started, 1)
 
     def bench(self, seconds: float) -> None:
         """iscsi-bench (libiscsi, async) through LIO and through a userspace portal."""
@@ -308,6 +333,7 @@ class LioCluster:
             self.bench(bench_seconds)
         if conformance:
             self.conformance()
+        self.chap()
         self.measured["host checks seconds"] = round(time.monotonic() - started, 1)
         (self.workdir / "lio-host.json").write_text(json.dumps(self.measured, indent=1))
         return json.dumps(self.measured)

@@ -55,7 +55,7 @@ class LioExporter:
             )
             for e in self.host.exported()
         ]
-        return plan(exports, self.host.chap, self.portals)
+        return plan(exports, self.host.chap, self.portals, self.host.chap(None))
 
     async def start(self) -> None:
         """Configure LIO for what etcd exports now, then follow changes.

@@ -5,7 +5,9 @@ configuration `lunastor/<volume id>`; one iSCSI target per lunastor target (the 
 with the configured portals; one LIO LUN per LUN-map entry (the same LUN number); one node ACL
 per initiator named in any of the target's LUN ACLs, mapping exactly the LUNs that name it
 (LIO's mapped LUN = the LUN number). With CHAP set on the target, every ACL carries its
-user/secret (and mutual user/secret) and the TPG requires authentication.
+user/secret (and mutual user/secret) and the TPG requires authentication. Discovery CHAP
+becomes the iSCSI fabric's discovery_auth (fabric-wide in LIO: it also guards SendTargets for
+targets that are not lunastor's).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class LioPlan:
     backstores: dict[str, Backstore] = field(default_factory=dict)
     targets: dict[str, TargetPlan] = field(default_factory=dict)
     problems: tuple[str, ...] = ()  # what could not be exported, one line each
+    discovery: ChapCredentials | None = None  # SendTargets CHAP (LIO: fabric-wide)
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,10 @@ def plan(
     exports: Sequence[LunExport],
     chap: Callable[[str], ChapCredentials | None],
     portals: Sequence[tuple[str, int]],
+    discovery: ChapCredentials | None = None,
 ) -> LioPlan:
-    """The LIO configuration serving `exports`, with `chap(target_iqn)` per target."""
+    """The LIO configuration serving `exports`, with `chap(target_iqn)` per target and
+    `discovery` for SendTargets sessions."""
     backstores: dict[str, Backstore] = {}
     luns: dict[str, dict[int, str]] = {}
     acl_luns: dict[str, dict[str, list[int]]] = {}
@@ -110,4 +115,4 @@ def plan(
             for initiator, numbers in sorted(acl_luns[iqn].items())
         )
         targets[iqn] = TargetPlan(iqn, dict(sorted(table.items())), acls, credentials is not None)
-    return LioPlan(tuple(portals), backstores, targets, tuple(problems))
+    return LioPlan(tuple(portals), backstores, targets, tuple(problems), discovery)

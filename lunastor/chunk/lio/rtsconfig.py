@@ -20,6 +20,7 @@ from typing import Any
 
 from lunastor.chunk.lio.plan import BACKSTORE_PREFIX, Backstore, LioPlan, TargetPlan
 from lunastor.common.records import TARGET_IQN_PREFIX
+from lunastor.iscsi.chap import ChapCredentials
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class RtsConfig:
             self.fabric: Any = self.rts.FabricModule("iscsi")
         except Exception as exc:  # rtslib raises its own errors for a missing configfs
             raise LioUnavailable(f"LIO is not available: {exc}") from None
+        self._discovery_set = False  # whether we turned discovery CHAP on
 
     def existing_backstores(self) -> dict[str, Any]:
         return {
@@ -87,6 +89,22 @@ class RtsConfig:
                 stores[name] = self._create_backstore(store)
         for target in plan.targets.values():
             self._apply_target(target, plan.portals, stores)
+        self._apply_discovery(plan.discovery)
+
+    def _apply_discovery(self, chap: ChapCredentials | None) -> None:
+        f = self.fabric
+        if chap is None:
+            if self._discovery_set:  # ours to clear; someone else's setting stays
+                f.clear_discovery_auth_settings()
+                self._discovery_set = False
+            return
+        f.discovery_userid = chap.username
+        f.discovery_password = chap.secret.decode()
+        mutual = chap.mutual_username is not None and chap.mutual_secret is not None
+        f.discovery_mutual_userid = chap.mutual_username if mutual else ""
+        f.discovery_mutual_password = (chap.mutual_secret or b"").decode() if mutual else ""
+        f.discovery_enable_auth = True
+        self._discovery_set = True
 
     def _same(self, so: Any, store: Backstore) -> bool:
         try:
@@ -162,6 +180,7 @@ class RtsConfig:
     def clear(self) -> None:
         """Remove everything lunastor created (at shutdown)."""
         self.clear_targets()
+        self._apply_discovery(None)
         for so in self.existing_backstores().values():
             for lun in list(so.attached_luns):
                 lun.delete()
