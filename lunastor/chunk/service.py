@@ -15,7 +15,7 @@ from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
 from lunastor.chunk.store import ExtentStore
 from lunastor.chunk.targets import EtcdTargetHost
 from lunastor.chunk.volume import AccessPath
-from lunastor.common.daemon import parse_hostport
+from lunastor.common.daemon import StartupError, parse_hostport
 from lunastor.common.etcd import Etcd
 from lunastor.common.etcd.cache import PrefixCache
 from lunastor.common.records import ClusterConfigRecord, Keys, RecordError
@@ -134,11 +134,18 @@ class DataPath:
         await self.iscsi.start()
         if config.lio_export:
             from lunastor.chunk.lio.exporter import LioExporter
+            from lunastor.chunk.lio.rtsconfig import LioUnavailable
 
             self.lio = LioExporter(
-                self.host, [parse_hostport(config.lio_listen, "lio_listen")], self.relative_port
+                self.host,
+                [parse_hostport(config.lio_listen, "lio_listen")],
+                self.relative_port,
+                command_timeout=int(config.io_timeout) + 15,
             )
-            await self.lio.start()
+            try:
+                await self.lio.start()
+            except LioUnavailable as exc:
+                raise StartupError(f"lio_export: {exc}") from None
         log.info(
             "data path up: extent size %d, %d replicas on disk", extent_size, len(listing.replicas)
         )

@@ -32,12 +32,14 @@ class LioExporter:
         *,
         rts: RtsConfig | None = None,
         clear_on_stop: bool = True,
+        command_timeout: int = 0,
     ) -> None:
         self.host = host
         self.portals = tuple(portals)
         self.relative_port = relative_port
         self.rts = rts
         self.clear_on_stop = clear_on_stop
+        self.command_timeout = command_timeout
         self.devices: dict[str, TcmuDevice] = {}
         self.syncs = 0  # plans applied (tests and logs)
         self._changed = asyncio.Event()
@@ -62,7 +64,9 @@ class LioExporter:
 
         Raises `LioUnavailable` when this machine has no LIO (or no rtslib-fb)."""
         if self.rts is None:
-            self.rts = await asyncio.to_thread(RtsConfig)
+            self.rts = await asyncio.to_thread(
+                lambda: RtsConfig(command_timeout=self.command_timeout)
+            )
         await self.sync()
         self.host.on_rebuild.append(self._changed.set)
         self._task = asyncio.create_task(self._follow(), name="lio export")

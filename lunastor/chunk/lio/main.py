@@ -63,7 +63,10 @@ async def serve(config: ChunkConfig, stop: asyncio.Event) -> int:
             sealer=Sealer(config.secret_key) if config.secret_key else None,
         )
         await host.start()
-        exporter = LioExporter(host, [portal], relative_port)
+        # LIO must not fail a command lunastor is still retrying (io_timeout, then NOT READY)
+        exporter = LioExporter(
+            host, [portal], relative_port, command_timeout=int(config.io_timeout) + 15
+        )
         try:
             try:
                 await exporter.start()

@@ -50,8 +50,11 @@ def load_rtslib() -> ModuleType:
 class RtsConfig:
     """The LIO side: `existing_backstores()`, then `apply(plan)`."""
 
-    def __init__(self, rtslib: ModuleType | None = None) -> None:
+    def __init__(self, rtslib: ModuleType | None = None, *, command_timeout: int = 0) -> None:
+        """`command_timeout`: seconds before LIO fails a command the handler has not answered
+        (TCMU's cmd_time_out; 0 keeps the kernel's default of 30 s)."""
         self.rts: Any = rtslib or load_rtslib()
+        self.command_timeout = command_timeout
         try:
             self.root: Any = self.rts.RTSRoot()
             self.fabric: Any = self.rts.FabricModule("iscsi")
@@ -116,13 +119,16 @@ class RtsConfig:
     def _create_backstore(self, store: Backstore) -> Any:
         log.info("LIO: user backstore %s (%s, %d bytes)", store.name, store.config, store.size)
         control = f"{CONTROL},hw_block_size={store.block_size}"
-        return self.rts.UserBackedStorageObject(
+        so = self.rts.UserBackedStorageObject(
             store.name,
             config=store.config,
             size=store.size,
             hw_max_sectors=HW_MAX_SECTORS,
             control=control,
         )
+        if self.command_timeout:
+            so.set_attribute("cmd_time_out", str(self.command_timeout))
+        return so
 
     def _apply_target(
         self, plan: TargetPlan, portals: tuple[tuple[str, int], ...], stores: dict[str, Any]
