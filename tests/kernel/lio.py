@@ -50,6 +50,7 @@ STRANGER_IQN = "iqn.2026-11.org.example:not-in-the-acl"
 CHAP_USER = "lio-guest"
 CHAP_SECRET = "lio-chap-secret-16"
 CHUNKS = 3
+GUEST_USERSPACE_PORT = 3261  # the guest export process's own userspace portal
 PATTERN = 8 * MIB
 CLASSIFY = Path("/work/shared/tools/cu-classify.sh")
 BENCH_SOURCE = Path("/work/shared/tools/iscsi-bench.c")
@@ -294,14 +295,21 @@ class LioCluster:
             if gcc.returncode != 0:
                 self.measured["bench"] = f"iscsi-bench not built: {gcc.stderr[-200:]}"
                 return
-        for where, chunk in (("lio", None), ("userspace", 1)):
-            for mode in ("w", "r"):
+        guest_userspace = f"iscsi://{self.net.guest_addr}:{GUEST_USERSPACE_PORT}"
+        guest_userspace += f"/{self.target}/{self.lun}"
+        for where, url in (
+            ("guest LIO", self.url(lun=True)),
+            ("guest userspace", guest_userspace),
+            ("host chunk1 userspace", self.url(1, lun=True)),
+        ):
+            for mode, bs, qd in (("w", 256 * 1024, 8), ("r", 256 * 1024, 8), ("w", 4096, 1)):
                 proc = self.run(
-                    str(binary), self.url(chunk, lun=True), mode, "seq", str(256 * 1024), "8",
-                    str(seconds), timeout=seconds + 120,
+                    str(binary), url, mode, "seq", str(bs), str(qd), str(seconds),
+                    timeout=seconds + 120,
                 )  # fmt: skip
-                key = f"bench {where} seq {'write' if mode == 'w' else 'read'} 256k qd8"
-                self.measured[key] = (proc.stdout + proc.stderr).strip().splitlines()[:2]
+                what = "write" if mode == "w" else "read"
+                key = f"bench {where} seq {what} {bs // 1024}k qd{qd}"
+                self.measured[key] = (proc.stdout + proc.stderr).strip().splitlines()[:1]
 
     def conformance(self) -> None:
         log = self.workdir / "cu-lio.log"
@@ -381,6 +389,9 @@ def run_lio(
                 "config": guest_config(cluster),
                 "python": sys.executable,
                 "repo": str(REPO),
+                # the same process also serves its userspace target: same guest, same data
+                # path, the other front end (for the throughput comparison)
+                "userspace_portal": f"{net.guest_addr}:{GUEST_USERSPACE_PORT}",
                 "start_timeout": 180,
                 "host_timeout": timeout,
             }

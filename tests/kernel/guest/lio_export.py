@@ -63,7 +63,15 @@ def body(run: Run) -> None:
         env = dict(os.environ, PYTHONPATH=p["repo"], PYTHONDONTWRITEBYTECODE="1")
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [p["python"], "-m", "lunastor.chunk.lio.main", "--config", str(config)],
+                [
+                    p["python"],
+                    "-m",
+                    "lunastor.chunk.lio.main",
+                    "--config",
+                    str(config),
+                    "--userspace-portal",
+                    p["userspace_portal"],
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
