@@ -12,10 +12,10 @@ host checks, with libiscsi and qemu-img run in the namespace:
   8 MiB written through chunk2's portal read back identically through LIO;
 - throughput through LIO and through a userspace portal (qemu-img timings, and iscsi-bench
   when /work/shared/tools/iscsi-bench.c compiles);
-- with `conformance=True`: `iscsi-test-cu -d -v --test=ALL` against the LIO export, classified
+- with `conformance="ALL"`: `iscsi-test-cu -d -v --test=ALL` against the LIO export, classified
   with cu-classify.sh (a separate, explicitly invoked run: it takes long under TCG).
 
-    PYTHONPATH=. .venv/bin/python -m tests.kernel.lio [--conformance]
+    PYTHONPATH=. .venv/bin/python -m tests.kernel.lio [--conformance [TESTS]]
 """
 
 from __future__ import annotations
@@ -311,13 +311,13 @@ class LioCluster:
                 key = f"bench {where} seq {what} {bs // 1024}k qd{qd}"
                 self.measured[key] = (proc.stdout + proc.stderr).strip().splitlines()[:1]
 
-    def conformance(self) -> None:
+    def conformance(self, tests: str) -> None:
         log = self.workdir / "cu-lio.log"
         started = time.monotonic()
         with open(log, "w") as out:
             proc = subprocess.run(
                 self.net.cmd(
-                    ["iscsi-test-cu", "-d", "-v", "--test=ALL", self.url(lun=True)],
+                    ["iscsi-test-cu", "-d", "-v", f"--test={tests}", self.url(lun=True)],
                 ),
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -333,14 +333,14 @@ class LioCluster:
             line.split()[1] for line in classified.splitlines() if line.startswith("FAILED")
         ]
 
-    def lio_ready(self, conformance: bool, bench_seconds: float) -> str:
+    def lio_ready(self, conformance: str | None, bench_seconds: float) -> str:
         started = time.monotonic()
         self.identity()
         self.cross_check()
         if bench_seconds > 0:
             self.bench(bench_seconds)
         if conformance:
-            self.conformance()
+            self.conformance(conformance)
         self.chap()
         self.measured["host checks seconds"] = round(time.monotonic() - started, 1)
         (self.workdir / "lio-host.json").write_text(json.dumps(self.measured, indent=1))
@@ -362,16 +362,27 @@ def guest_config(cluster: LioCluster) -> str:
     )
 
 
+def scenario_name(conformance: str | None) -> str:
+    if conformance is None:
+        return "lio-export"
+    if conformance == "ALL":
+        return "lio-export-conformance"
+    return "lio-export-cu-" + "".join(c if c.isalnum() else "-" for c in conformance)
+
+
 def run_lio(
     boot: BootFiles,
     workdir: Path,
     *,
-    conformance: bool = False,
+    conformance: str | None = None,
     bench_seconds: float = 5.0,
     timeout: float = 600,
 ) -> ScenarioResult:
-    """The lio-export scenario: one boot, everything torn down before returning."""
-    name = "lio-export-conformance" if conformance else "lio-export"
+    """The lio-export scenario: one boot, everything torn down before returning.
+
+    `conformance`: an iscsi-test-cu --test spec ("ALL", "ALL.ProutRegister", ...) to run
+    against the LIO export, or None."""
+    name = scenario_name(conformance)
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -418,7 +429,13 @@ LIO_SCENARIOS = {
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.kernel.lio", description=__doc__)
     ap.add_argument("--build-dir", type=Path, default=Path("build/kernel-guest"))
-    ap.add_argument("--conformance", action="store_true", help="also run iscsi-test-cu")
+    ap.add_argument(
+        "--conformance",
+        nargs="?",
+        const="ALL",
+        metavar="TESTS",
+        help="also run iscsi-test-cu --test=TESTS (default ALL)",
+    )
     ap.add_argument("--bench-seconds", type=float, default=5.0)
     ap.add_argument("--timeout", type=float, default=600, help="the guest's time limit")
     args = ap.parse_args(argv)
@@ -427,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SKIP lio-export: {reason}")
         return 77
     boot = boot_files(args.build_dir)
-    name = "lio-export-conformance" if args.conformance else "lio-export"
+    name = scenario_name(args.conformance)
     result = run_lio(
         boot,
         args.build_dir / "runs" / name,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -61,6 +62,17 @@ class RtsConfig:
         except Exception as exc:  # rtslib raises its own errors for a missing configfs
             raise LioUnavailable(f"LIO is not available: {exc}") from None
         self._discovery_set = False  # whether we turned discovery CHAP on
+        self._ensure_pr_directory()
+
+    def _ensure_pr_directory(self) -> None:
+        """LIO answers PERSISTENT RESERVE OUT and rewrites its APTPL file
+        `<dbroot>/pr/aptpl_<serial>` on every change, APTPL or not; without that directory
+        every PR OUT fails with NOT READY, LOGICAL UNIT COMMUNICATION FAILURE."""
+        try:
+            pr = Path(str(self.root.dbroot)) / "pr"
+            pr.mkdir(parents=True, exist_ok=True)
+        except Exception as exc:  # read-only root, odd dbroot: serve anyway, say why PR fails
+            log.error("LIO: no PR directory under its dbroot (PR OUT will fail): %s", exc)
 
     def existing_backstores(self) -> dict[str, Any]:
         return {
