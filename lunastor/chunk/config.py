@@ -38,13 +38,17 @@ class ChunkConfig:
     # Background scrub (docs/scrub.md): a pass over every local replica, then a pause.
     scrub_rate: int = 8 * 1024 * 1024  # bytes/s of mapped data verified; 0 = unthrottled
     scrub_interval: float = 86400.0  # seconds between passes (the first after one); 0 = off
+    # Also export every LUN through the kernel's LIO target (docs/lio.md): needs configfs,
+    # target_core_user and rtslib-fb. LIO listens on lio_listen (not iscsi_listen's port).
+    lio_export: bool = False
+    lio_listen: str = "0.0.0.0:3260"
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def validate(self) -> None:
         if not self.data_dirs:
             raise ConfigError("data_dirs: at least one data directory is required")
-        for name in ("iscsi_listen", "data_listen", "admin_listen"):
+        for name in ("iscsi_listen", "data_listen", "admin_listen", "lio_listen"):
             parse_hostport(getattr(self, name), name)
         for name in ("iscsi_advertise", "data_advertise"):
             value = getattr(self, name)

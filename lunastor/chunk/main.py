@@ -145,6 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lunastor.chunk.standalone import main as standalone_main
 
         return standalone_main(args_list[1:])
+    if args_list[:1] == ["lio-export"]:
+        from lunastor.chunk.lio.main import main as lio_main
+
+        return lio_main(args_list[1:])
     parser = config_argparser(
         PROG,
         "lunastor chunk server: extent store and iSCSI access point. "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lunastor.chunk.collector import ReplicaCollector
 from lunastor.chunk.config import ChunkConfig
@@ -22,11 +23,14 @@ from lunastor.chunk.seen import SeenPublisher
 from lunastor.chunk.store import ExtentStore
 from lunastor.chunk.targets import EtcdTargetHost
 from lunastor.chunk.volume import AccessPath
-from lunastor.common.daemon import parse_hostport
+from lunastor.common.daemon import StartupError, parse_hostport
 from lunastor.common.etcd import Etcd
 from lunastor.common.etcd.cache import PrefixCache
 from lunastor.common.records import ClusterConfigRecord, Keys, RecordError
 from lunastor.common.sealing import Sealer
+
+if TYPE_CHECKING:
+    from lunastor.chunk.lio.exporter import LioExporter
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +107,7 @@ class DataPath:
             )
         self.seen = SeenPublisher(etcd, self.emap.volumes, chunk_id)
         self.collector: ReplicaCollector | None = None
+        self.lio: LioExporter | None = None
 
     def _relative_ports(self) -> list[int]:
         return sorted(int(k.removeprefix(Keys.TARGET_PORTS)) for k in self.ports.items)
@@ -200,6 +205,20 @@ class DataPath:
             changed=self.status_changed,
         )
         self.monitor.start()
+        if config.lio_export:
+            from lunastor.chunk.lio.exporter import LioExporter
+            from lunastor.chunk.lio.rtsconfig import LioUnavailable
+
+            self.lio = LioExporter(
+                self.host,
+                [parse_hostport(config.lio_listen, "lio_listen")],
+                self.relative_port,
+                command_timeout=int(config.io_timeout) + 15,
+            )
+            try:
+                await self.lio.start()
+            except LioUnavailable as exc:
+                raise StartupError(f"lio_export: {exc}") from None
         log.info(
             "data path up: extent size %d, %d replicas on disk", extent_size, len(listing.replicas)
         )
@@ -211,6 +230,8 @@ class DataPath:
             await self.scrubber.stop()
         if self.monitor is not None:
             await self.monitor.stop()
+        if self.lio is not None:
+            await self.lio.stop()
         if self.iscsi is not None:
             await self.iscsi.close()
         if self.host is not None:

@@ -50,6 +50,15 @@ def volume_identity(volume_id: str) -> tuple[int, str]:
     return naa, volume_id
 
 
+@dataclass(frozen=True)
+class ExportedLun:
+    target: int
+    lun: int
+    volume: ReplicatedVolume
+    unit: LogicalUnit
+    initiators: frozenset[str]
+
+
 @dataclass
 class _Lun:
     volume: ReplicatedVolume
@@ -89,6 +98,7 @@ class EtcdTargetHost:
         self._discovery_chap: ChapCredentials | None = None
         self._task: asyncio.Task[None] | None = None
         self.changes = 0  # rebuilds done (tests wait on it)
+        self.on_rebuild: list[Callable[[], None]] = []  # called after each rebuild (LIO export)
 
     async def start(self) -> None:
         for cache in self._caches:
@@ -210,6 +220,15 @@ class EtcdTargetHost:
                 record = ChapRecord.from_json(dkv.value)
                 self._discovery_chap = self._credentials(dataclasses.asdict(record))
         self.changes += 1
+        for listener in self.on_rebuild:
+            listener()
+
+    def exported(self) -> list[ExportedLun]:
+        """Every (target, LUN) served now, with its volume, unit and ACL (for the LIO export)."""
+        return [
+            ExportedLun(target, lun, entry.volume, entry.unit, entry.initiators)
+            for (target, lun), entry in sorted(self._luns.items())
+        ]
 
     def _credentials(self, chap: dict[str, object] | None) -> ChapCredentials | None:
         if not chap or not chap.get("user"):

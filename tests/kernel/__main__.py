@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from tests.kernel.harness import boot_files, unavailable
+from tests.kernel.lio import LIO_SCENARIOS
 from tests.kernel.scenarios import SCENARIOS, run_scenario
 
 SKIP = 77
@@ -20,15 +21,18 @@ SKIP = 77
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.kernel", description=__doc__)
-    ap.add_argument("scenarios", nargs="*", metavar="SCENARIO", help=", ".join(SCENARIOS))
+    ap.add_argument(
+        "scenarios", nargs="*", metavar="SCENARIO", help=", ".join([*SCENARIOS, *LIO_SCENARIOS])
+    )
     ap.add_argument("--build-dir", type=Path, default=Path("build/kernel-guest"))
     ap.add_argument("--log-level", default="DEBUG", help="the target's (default DEBUG)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print guest results on failure")
     args = ap.parse_args(argv)
-    names = args.scenarios or list(SCENARIOS)
-    unknown = [n for n in names if n not in SCENARIOS]
+    known = [*SCENARIOS, *LIO_SCENARIOS]
+    names = args.scenarios or known
+    unknown = [n for n in names if n not in known]
     if unknown:
-        ap.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+        ap.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(known)}")
     reason = unavailable()
     if reason is not None:
         print(f"SKIP kernel-initiator scenarios: {reason}")
@@ -38,9 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kernel {boot.version}, boot files ready in {time.monotonic() - started:.1f}s")
     failed = 0
     for name in names:
-        result = run_scenario(
-            SCENARIOS[name](), boot, args.build_dir / "runs" / name, args.log_level
-        )
+        if name in LIO_SCENARIOS:  # its own host side: a dev cluster, not the standalone target
+            result = LIO_SCENARIOS[name](boot, args.build_dir / "runs" / name)
+        else:
+            result = run_scenario(
+                SCENARIOS[name](), boot, args.build_dir / "runs" / name, args.log_level
+            )
         print(result.line(), flush=True)
         if not result.passed:
             failed += 1
