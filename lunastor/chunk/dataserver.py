@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -616,12 +617,8 @@ class DataNode(DataService):
                     self._primaries.pop((pe.volume, pe.index), None)
                     raise Unavailable("the extent changed while removing a failed secondary")
                 keep = [m for m in pe.members if m not in failed]
-                new = ExtentRecord(
-                    volume=pe.volume,
-                    index=pe.index,
-                    gen=pe.gen + 1,
-                    replicas=keep,
-                    epoch=entry.record.epoch,
+                new = dataclasses.replace(
+                    entry.record, gen=pe.gen + 1, replicas=keep, converging=False
                 )
                 await self._lease_expiry(failed)
                 committed = await self.emap.replace(entry, new)

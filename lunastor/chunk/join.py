@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -51,7 +52,6 @@ from lunastor.chunk.wire import (
     SetGen,
     Status,
 )
-from lunastor.common.records import ExtentRecord
 
 log = logging.getLogger(__name__)
 
@@ -296,9 +296,7 @@ async def _commit(node: DataNode, pe: PrimaryExtent, target: str) -> list[str]:
     if entry is None or entry.record.gen != pe.gen or entry.record.replicas != pe.members:
         raise JoinAborted(f"extent {pe.volume}/{pe.index} changed during the join")
     members = [*pe.members, target]
-    new = ExtentRecord(
-        volume=pe.volume, index=pe.index, gen=pe.gen + 1, replicas=members, epoch=entry.record.epoch
-    )
+    new = dataclasses.replace(entry.record, gen=pe.gen + 1, replicas=members, converging=False)
     committed = await node.emap.replace(entry, new)
     if committed is None:
         raise JoinAborted(f"extent {pe.volume}/{pe.index} changed during the join")
@@ -349,9 +347,7 @@ async def retire_member(node: DataNode, volume: str, index: int, member: str) ->
             resp = await _call(node, m, partial(SetGen, volume=volume, extent=index, gen=gen))
             if not resp.ok:
                 raise JoinAborted(f"{m} refused gen {gen}: {resp.status}")
-        new = ExtentRecord(
-            volume=volume, index=index, gen=gen, replicas=rest, epoch=entry.record.epoch
-        )
+        new = dataclasses.replace(entry.record, gen=gen, replicas=rest, converging=False)
         committed = await node.emap.replace(entry, new)
         if committed is None:
             raise JoinAborted(f"extent {volume}/{index} changed during the handover")

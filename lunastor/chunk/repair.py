@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -262,12 +263,10 @@ class Repairer:
                 return
             order = [m for m in rec.replicas if m in states]
             best = max(order, key=lambda m: (states[m], -order.index(m)))
-            new = ExtentRecord(
-                volume=rec.volume,
-                index=rec.index,
+            new = dataclasses.replace(
+                rec,
                 gen=rec.gen + 1,
                 replicas=[best] + [m for m in order if m != best],
-                epoch=rec.epoch,
                 converging=True,
             )
             committed = await self.emap.replace(entry, new)

@@ -6,6 +6,7 @@ across generation changes, and replacing a failed primary). docs/datapath.md.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -422,13 +423,7 @@ class AccessPath:
             # needs every member): the extent starts over, empty, on the survivors.
             await self.emap.replace(
                 fresh,
-                ExtentRecord(
-                    volume=rec.volume,
-                    index=rec.index,
-                    gen=rec.gen + 1,
-                    replicas=absent,
-                    epoch=rec.epoch,
-                ),
+                dataclasses.replace(rec, gen=rec.gen + 1, replicas=absent, converging=False),
             )
             return
         if not states:
@@ -439,14 +434,7 @@ class AccessPath:
         order = [m for m in rec.replicas if m in states]
         best = max(order, key=lambda m: (states[m], -order.index(m)))
         members = [best] + [m for m in order if m != best]
-        new = ExtentRecord(
-            volume=rec.volume,
-            index=rec.index,
-            gen=rec.gen + 1,
-            replicas=members,
-            epoch=rec.epoch,
-            converging=True,
-        )
+        new = dataclasses.replace(rec, gen=rec.gen + 1, replicas=members, converging=True)
         committed = await self.emap.replace(fresh, new)
         if committed is None:
             return
@@ -501,9 +489,7 @@ class AccessPath:
         except NotReady as exc:
             log.error("extent %s/%d: converging failed: %s", vol, idx, exc)
             return
-        done = ExtentRecord(
-            volume=vol, index=idx, gen=gen, replicas=list(rec.replicas), epoch=rec.epoch
-        )
+        done = dataclasses.replace(rec, gen=gen, replicas=list(rec.replicas), converging=False)
         await self.emap.replace(entry, done)
 
     async def _copy_differences(
