@@ -155,7 +155,9 @@ def _replica_dirs(c: Cluster, name: str) -> list[Path]:
     return [Path(p.strip().strip('"')) for p in match.group(1).split(",")]
 
 
-def _identical_members(c: Cluster, volume: str) -> None:
+def _identical_members(c: Cluster, volume: str, failed: Path | None = None) -> None:
+    """Every member holds one replica of each extent (outside the `failed` data directory,
+    whose files no server uses any more) and the members' files are identical."""
     for index, rec in sorted(_extents(c.state, volume).items()):
         assert not rec.converging, rec
         digests = set()
@@ -164,7 +166,7 @@ def _identical_members(c: Cluster, volume: str) -> None:
             found = [
                 d / "extents" / volume / f"{index:016x}.dat"
                 for d in _replica_dirs(c, name)
-                if (d / "extents" / volume / f"{index:016x}.hdr").exists()
+                if d != failed and (d / "extents" / volume / f"{index:016x}.hdr").exists()
             ]
             assert len(found) == 1, f"{name} has {found} for extent {index}"
             digests.add(
@@ -257,11 +259,15 @@ def test_a_failed_data_dir_is_taken_out_of_service_and_nothing_acknowledged_is_l
             failed = rf'^lunastor_data_dir_failed\{{path="{re.escape(str(extra))}"\}} ([0-9.e+]+)$'
             wait_for(lambda: _metric(admin, failed) == 1.0, 30, "the metric to report the dir")
 
-            def left() -> bool:
-                now = _extents(c.state, vol["id"])
-                return all(victim_id not in e.replicas for e in now.values())
+            gens = {i: e.gen for i, e in extents.items()}
 
-            wait_for(left, 60, f"{victim} to leave every replica set it held a replica of")
+            def restored() -> bool:
+                # the victim left each replica set (gen + 1), then re-replication brought the
+                # extent back to 3 members (gen + 1), wherever the repair planner placed it
+                now = _extents(c.state, vol["id"])
+                return all(now[i].gen >= gens[i] + 2 and len(now[i].replicas) == 3 for i in held)
+
+            wait_for(restored, 120, "every extent it held a replica of to be re-replicated")
             status = _live_status(c.state, victim_id)
             assert status is not None
             states = {d["path"]: d.get("state") for d in status.data_dirs}
@@ -270,9 +276,9 @@ def test_a_failed_data_dir_is_taken_out_of_service_and_nothing_acknowledged_is_l
         finally:
             journal = w.finish()
         w.verify(journal, f"iscsi://{c.portal('chunk3')}/{target}/{lun}")
-        _identical_members(c, vol["id"])
+        _identical_members(c, vol["id"], failed=extra)
         after = _extents(c.state, vol["id"])
-        assert all(len(e.replicas) == 2 for i, e in after.items() if i in held), after
+        assert all(len(e.replicas) == 3 for e in after.values()), after
     finally:
         _umount(extra)
         subprocess.run(["losetup", "-d", loop], capture_output=True)

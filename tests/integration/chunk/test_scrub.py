@@ -112,7 +112,15 @@ async def test_a_repair_never_undoes_a_write_that_raced_with_it(
     resp = await cluster.nodes["chunk-0"].replicas.call(
         "chunk-1",
         lambda i: Copy(
-            i, "vol-t", 0, replica.generation, 0, BLOCK_SIZE, stale_data, stale_sums, seq
+            i,
+            "vol-t",
+            0,
+            replica.generation,
+            0,
+            BLOCK_SIZE,
+            stale_data,
+            stale_sums,
+            if_applied=seq,
         ),
     )
     assert resp.status is Status.OUT_OF_ORDER and resp.fields["expected"] == seq + 1
