@@ -422,7 +422,7 @@ def run_lio(
 
 # what `python -m tests.kernel` can run beside SCENARIOS: name -> runner(boot, workdir)
 LIO_SCENARIOS = {
-    "lio-export": lambda boot, workdir: run_lio(boot, workdir),
+    "lio-export": lambda boot, workdir: run_lio(boot, workdir, bench_seconds=3),
 }
 
 

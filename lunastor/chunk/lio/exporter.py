@@ -91,9 +91,10 @@ class LioExporter:
         await asyncio.to_thread(rts.apply, wanted)
         units = {e.volume.record.id: e.unit for e in self.host.exported()}
         for name, store in wanted.backstores.items():
-            if name in self.devices:
-                continue
-            device = TcmuDevice(name, store.config, units[store.volume_id], self.relative_port)
+            unit = units.get(store.volume_id)
+            if name in self.devices or unit is None:
+                continue  # None: unexported while LIO was being configured; the next sync
+            device = TcmuDevice(name, store.config, unit, self.relative_port)
             await device.start()
             self.devices[name] = device
         self.syncs += 1
