@@ -18,6 +18,9 @@ write + fsync work) or by any request that meets a `DataDirFailed`. Then, once:
    convergence, without the lease wait). Re-replication can then restore the replica count.
    Extents that still name us are retried every probe interval.
 
+The same happens at start for replicas the extent map says we hold as a secondary but no data
+directory has (a replaced, empty disk under the same identity): `find_missing_replicas`.
+
 A full data directory is not failed: writes that need space get SPACE ALLOCATION FAILED
 (`SpaceExhausted`) and the directory stays in service.
 """
@@ -37,7 +40,8 @@ from lunastor.chunk.extentmap import ExtentMap
 from lunastor.chunk.peer import PeerError
 from lunastor.chunk.store import DataDirFailed, ExtentStore
 from lunastor.chunk.volume import AccessPath
-from lunastor.chunk.wire import Flush
+from lunastor.chunk.wire import Flush, GetState
+from lunastor.common.records import Keys
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,10 @@ DIR_FAILED = Gauge(
 DIR_FAILURES = Counter("lunastor_data_dir_failures_total", "Data directories taken out of service")
 REPLICAS_LOST = Counter(
     "lunastor_data_dir_replicas_lost_total", "Replicas lost with a failed data directory"
+)
+REPLICAS_MISSING = Counter(
+    "lunastor_replicas_missing_total",
+    "Replicas named in the extent map that no data directory held at start (wiped disk)",
 )
 
 
@@ -93,6 +101,12 @@ class DataDirMonitor:
             self._wake.set()
 
     async def run_forever(self) -> None:
+        try:
+            await self.find_missing_replicas()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a replica found missing later fails its flush or write instead
+            log.exception("looking for missing replicas failed")
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):
@@ -130,6 +144,37 @@ class DataDirMonitor:
             self.changed()
         await self.leave_replica_sets()
         return retired
+
+    async def find_missing_replicas(self) -> list[tuple[str, int]]:
+        """Replicas the extent map says we hold as a secondary but no data directory has (a
+        wiped or replaced disk, deleted files) are lost like a failed directory's: we leave
+        those replica sets and re-replication copies the data back. Only where the primary
+        has its replica: a new extent's secondaries get theirs with its first write."""
+        missing = []
+        for key in list(self.emap.extents.items):
+            try:
+                volume, index = Keys.parse_extent(key)
+            except ValueError:
+                continue
+            rec = self.emap.get(volume, index)
+            if rec is None or self.chunk_id not in rec.replicas[1:]:
+                continue
+            if self.store.has_replica(volume, index):
+                continue
+            try:
+                st = await self.node.replicas.call(
+                    rec.primary, partial(GetState, volume=volume, extent=index)
+                )
+            except PeerError:
+                continue  # the primary's own failure is someone else's repair
+            if st.ok:
+                missing.append((volume, index))
+        if missing:
+            REPLICAS_MISSING.inc(len(missing))
+            log.error("%d replicas named in the extent map are missing here", len(missing))
+            self.node.lost.update(missing)
+            await self.leave_replica_sets()
+        return missing
 
     async def leave_replica_sets(self) -> None:
         named = []

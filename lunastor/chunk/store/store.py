@@ -452,6 +452,10 @@ class ExtentStore:
             self._index.pop(key, None)
         return sorted(lost)
 
+    def has_replica(self, volume: str, extent: int) -> bool:
+        """A replica of (volume, extent) exists on a data directory in service."""
+        return self._locate(volume, extent) is not None
+
     def known_replicas(self) -> list[tuple[str, int]]:
         """(volume, extent) of every replica indexed on a data directory in service."""
         return sorted(k for k, d in self._index.items() if d not in self.failed)

@@ -221,3 +221,57 @@ def _rebuild_under_writes(c: Cluster, tmp_path: Path) -> None:
             sums = hashlib.sha256(base.with_suffix(".sum").read_bytes()).hexdigest()
             digests.add((dat, sums))
         assert len(digests) == 1, f"extent {index}: replica files differ"
+
+
+def test_a_chunk_server_back_with_a_wiped_disk_is_refilled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same identity, empty disk (a replaced drive): the extent map still names the server, so
+    no member is down and nothing waits for `replace_after`. At start it finds the replicas
+    it should hold missing, leaves those replica sets, and re-replication copies them back."""
+    monkeypatch.setenv("LUNASTOR_REPAIR_INTERVAL", "0.5")
+    directory = tmp_path / "dev"
+    c = Cluster(directory, dev_up(directory, chunks=3, lease_ttl=2.0))
+    try:
+        vol = c.create_exported_volume("wiped", f"{VOLUME // MIB}MiB", QEMU_IQN)
+        url = _target_url(c.portal(c.chunks[0]), vol["target_iqn"], vol["lun"])
+        _wait_lun(url, QEMU_IQN)
+        image = tmp_path / "image.raw"
+        image.write_bytes(os.urandom(VOLUME))
+        conv = run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(image), url)
+        assert conv.returncode == 0, conv.stderr
+        before = _extents(c.state, vol["id"])
+        victim = c.chunks[2]
+        victim_id = c.chunk_id(victim)
+        assert all(victim_id in e.replicas for e in before.values())
+
+        lunastor("dev", "stop", victim, "--kill", "--dir", str(c.dir))
+        shutil.rmtree(c.dir / "data" / victim / "extents")  # the identity file stays
+        lunastor("dev", "start", victim, "--dir", str(c.dir))
+
+        def refilled() -> bool:
+            now = _extents(c.state, vol["id"])
+            return all(
+                victim_id in now[i].replicas
+                and len(now[i].replicas) == 3
+                and now[i].gen >= e.gen + 2  # left (gen + 1), joined again (gen + 1)
+                and not now[i].converging
+                for i, e in before.items()
+            )
+
+        wait_for(refilled, 180, f"{victim} to hold every extent again")
+        # read through the refilled server's portal: its local replicas are read first
+        back = tmp_path / "back.raw"
+        local = _target_url(c.portal(victim), vol["target_iqn"], vol["lun"])
+        conv = run("qemu-img", "convert", "-f", "raw", "-O", "raw", local, str(back))
+        assert conv.returncode == 0, conv.stderr
+        assert back.read_bytes() == image.read_bytes()
+        for index, rec in _extents(c.state, vol["id"]).items():
+            digests = set()
+            for member in rec.replicas:
+                name = c.name_of(member)
+                base = c.dir / "data" / name / "extents" / vol["id"] / f"{index:016x}"
+                digests.add(hashlib.sha256(base.with_suffix(".dat").read_bytes()).hexdigest())
+            assert len(digests) == 1, f"extent {index}: replica files differ"
+    finally:
+        lunastor("dev", "down", "--dir", str(directory), check=False)
