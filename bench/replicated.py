@@ -10,15 +10,18 @@ counts every chunk server (they all work for each write) against tgtd.
 
 Then, unless --no-rebuild: the raw write bandwidth of the disk under the data directories
 (dd, O_DIRECT) as the anchor, and the re-replication of a lost replica: chunk3 is SIGKILLed,
-its data directory wiped and it is started again, empty; the cluster copies its replicas back
-while a foreground 4 KiB random-read job runs through chunk1. Prints the copy rate against the
+its extents wiped and it is started again with the same identity (a replaced disk); the
+cluster copies its replicas back while a foreground 4 KiB random-read job runs through chunk1
+(re-replication is throttled by the chunk servers' `rebuild_rate`). Prints the copy rate against the
 disk's bandwidth and the foreground IOPS against the same job before the loss.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import random
 import re
 import shutil
@@ -43,6 +46,8 @@ from bench.iscsi_target import (
     tgt_target,
 )
 from lunastor.cli.api import ApiClient
+from lunastor.common.etcd import Etcd, EtcdConfig
+from lunastor.common.records import ExtentRecord, Keys
 
 LOAD_INITIATOR = "iqn.2026-11.io.lunastor:bench"  # the name bench/iscsi_load.c logs in with
 LUNASTOR = [sys.executable, "-m", "lunastor.cli.main"]
@@ -135,17 +140,36 @@ def disk_write_mbps(directory: Path, size: int = 256 << 20) -> float:
     return size / elapsed / 1e6
 
 
+def extents(state: dict[str, Any], volume_id: str) -> list[ExtentRecord]:
+    async def read() -> list[ExtentRecord]:
+        cfg = EtcdConfig(endpoints=state["etcd"]["endpoints"], namespace=state["etcd"]["namespace"])
+        async with await Etcd.connect(cfg) as etcd:
+            kvs, _ = await etcd.get_prefix(Keys.volume_extents(volume_id))
+        return [ExtentRecord.from_json(kv.value) for kv in kvs]
+
+    return asyncio.run(read())
+
+
 def rebuild_stage(
-    cluster: DevCluster, client: Path, url: str, size: int, seconds: float, baseline_iops: float
+    cluster: DevCluster,
+    client: Path,
+    url: str,
+    volume_id: str,
+    size: int,
+    seconds: float,
+    baseline_iops: float,
 ) -> dict[str, float]:
-    """Lose chunk3's replicas (SIGKILL, wipe, restart empty) and time their re-replication
-    while a foreground random-read job runs through chunk1."""
-    data_dir = cluster.dir / "data" / "chunk3"
-    lunastor("dev", "stop", "chunk3", "--kill", "--dir", str(cluster.dir))
-    shutil.rmtree(data_dir)
-    data_dir.mkdir()
+    """Lose chunk3's replicas (SIGKILL, wipe its extents, restart it with the same identity:
+    a replaced disk) and time their re-replication while a foreground random-read job runs
+    through chunk1."""
+    victim = "chunk3"
+    victim_id = (cluster.dir / "data" / victim / "chunk-id").read_text().strip()
+    before = {(e.index): e.gen for e in extents(cluster.state, volume_id)}
+    lunastor("dev", "stop", victim, "--kill", "--dir", str(cluster.dir))
+    shutil.rmtree(cluster.dir / "data" / victim / "extents")
     copied_before = sum(cluster.metric(f"chunk{i}", "lunastor_rebuild_bytes_total") for i in (1, 2))
-    lunastor("dev", "start", "chunk3", "--dir", str(cluster.dir))
+    lunastor("dev", "start", victim, "--dir", str(cluster.dir))
+    cluster.refresh()
     start = time.monotonic()
     fg: dict[str, float] = {}
     stop = threading.Event()
@@ -157,19 +181,21 @@ def rebuild_stage(
             runs.append(run_job(client, url, job, min(seconds, 5), cluster.chunk_pids(), size))
         fg["iops"] = sum(r["ios"] for r in runs) / max(1e-9, sum(r["seconds"] for r in runs))
 
+    def refilled() -> bool:
+        now = extents(cluster.state, volume_id)
+        return all(
+            victim_id in e.replicas and e.gen >= before.get(e.index, 0) + 2 and not e.converging
+            for e in now
+        )
+
     worker = threading.Thread(target=foreground)
     worker.start()
     try:
         deadline = start + 1800
-        while time.monotonic() < deadline:
-            ops = cluster.api.get("/v1/operations")
-            items = ops.get("items", ops) if isinstance(ops, dict) else ops
-            rebuilds = [o for o in items if o.get("kind") == "rebuild"]
-            if rebuilds and all(o.get("state") == "succeeded" for o in rebuilds):
-                break
+        while not refilled():
+            if time.monotonic() > deadline:
+                raise RuntimeError("re-replication did not finish within 30 minutes")
             time.sleep(0.5)
-        else:
-            raise RuntimeError("re-replication did not finish within 30 minutes")
         elapsed = time.monotonic() - start
     finally:
         stop.set()
@@ -201,6 +227,12 @@ def main() -> int:
     parser.add_argument("--size", type=parse_size, default=512 << 20, help="volume size")
     parser.add_argument("--jobs", default=",".join(j.name for j in JOBS))
     parser.add_argument("--no-rebuild", action="store_true", help="skip re-replication")
+    parser.add_argument(
+        "--rebuild-rate",
+        type=parse_size,
+        default=256 << 20,
+        help="the chunk servers' rebuild_rate (bytes/s; e.g. 256MiB)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "out")
     args = parser.parse_args()
     if shutil.which("tgtd") is None:
@@ -223,6 +255,9 @@ def main() -> int:
                     client, url, job, args.seconds, [pid], args.size
                 )
                 print_result("tgt", job, r)
+        # the chunk servers read their settings from the environment too (docs/operations.md)
+        os.environ["LUNASTOR_REBUILD_RATE"] = str(args.rebuild_rate)
+        os.environ["LUNASTOR_REPAIR_INTERVAL"] = "0.5"
         cluster = DevCluster(Path(tmp) / "cluster")
         try:
             volume = cluster.api.request(
@@ -251,13 +286,16 @@ def main() -> int:
             if not args.no_rebuild:
                 disk = disk_write_mbps(cluster.dir / "data")
                 baseline = results["lunastor"].get("rr4k", {}).get("iops", 0.0)
-                rb = rebuild_stage(cluster, client, url, args.size, args.seconds, baseline)
+                rb = rebuild_stage(
+                    cluster, client, url, volume["id"], args.size, args.seconds, baseline
+                )
                 results["rebuild"] = {**rb, "disk_mbps": disk}
                 print()
                 print(
                     f"re-replication of chunk3's replicas ({rb['bytes'] / 1e6:.0f} MB): "
                     f"{rb['mbps']:.1f} MB/s = {rb['mbps'] / disk:.2f}x the disk's "
-                    f"{disk:.0f} MB/s; foreground 4K random read {rb['fg_iops']:.0f} IOPS = "
+                    f"{disk:.0f} MB/s (rebuild_rate {args.rebuild_rate >> 20} MiB/s); "
+                    f"foreground 4K random read {rb['fg_iops']:.0f} IOPS = "
                     f"{rb['fg_ratio']:.2f}x before the loss"
                 )
         finally:
