@@ -12,23 +12,26 @@ import sys
 import time
 from pathlib import Path
 
+from tests.kernel.cluster_scenarios import NAMES as CLUSTER_NAMES
+from tests.kernel.cluster_scenarios import run_cluster_scenarios
 from tests.kernel.harness import boot_files, unavailable
-from tests.kernel.scenarios import SCENARIOS, run_scenario
+from tests.kernel.scenarios import SCENARIOS, ScenarioResult, run_scenario
 
 SKIP = 77
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.kernel", description=__doc__)
-    ap.add_argument("scenarios", nargs="*", metavar="SCENARIO", help=", ".join(SCENARIOS))
+    known = [*SCENARIOS, *CLUSTER_NAMES]
+    ap.add_argument("scenarios", nargs="*", metavar="SCENARIO", help=", ".join(known))
     ap.add_argument("--build-dir", type=Path, default=Path("build/kernel-guest"))
     ap.add_argument("--log-level", default="DEBUG", help="the target's (default DEBUG)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print guest results on failure")
     args = ap.parse_args(argv)
-    names = args.scenarios or list(SCENARIOS)
-    unknown = [n for n in names if n not in SCENARIOS]
+    names = args.scenarios or known
+    unknown = [n for n in names if n not in known]
     if unknown:
-        ap.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+        ap.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(known)}")
     reason = unavailable()
     if reason is not None:
         print(f"SKIP kernel-initiator scenarios: {reason}")
@@ -37,16 +40,25 @@ def main(argv: list[str] | None = None) -> int:
     boot = boot_files(args.build_dir)
     print(f"kernel {boot.version}, boot files ready in {time.monotonic() - started:.1f}s")
     failed = 0
-    for name in names:
-        result = run_scenario(
-            SCENARIOS[name](), boot, args.build_dir / "runs" / name, args.log_level
-        )
+
+    def report(result: ScenarioResult) -> None:
+        nonlocal failed
         print(result.line(), flush=True)
         if not result.passed:
             failed += 1
             print(f"  run directory: {result.workdir}")
             if args.verbose and result.guest is not None:
                 print(result.guest.serial_tail())
+
+    for name in names:
+        if name in SCENARIOS:
+            runs = args.build_dir / "runs" / name
+            report(run_scenario(SCENARIOS[name](), boot, runs, args.log_level))
+    cluster = [n for n in names if n in CLUSTER_NAMES]
+    if cluster:
+        runs = args.build_dir / "runs" / "cluster"
+        for result in run_cluster_scenarios(cluster, boot, runs, args.build_dir):
+            report(result)
     print(f"kernel scenarios took {time.monotonic() - started:.0f}s")
     print(f"{len(names) - failed} passed, {failed} failed")
     return 1 if failed else 0
