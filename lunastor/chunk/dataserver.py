@@ -128,6 +128,7 @@ class PrimaryExtent:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # seq order; membership changes
     inflight: int = 0  # forwards sent and not yet settled
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    copies: int = 0  # the volume's replica count (ExtentRecord.copies), 0 if not recorded
 
     def settle(self, n: int) -> None:
         self.inflight -= n
@@ -296,7 +297,13 @@ class DataNode(DataService):
         if replica.state != ReplicaState.CURRENT:
             raise Unavailable(f"our replica is {replica.state.name.lower()}")
         pe = PrimaryExtent(
-            rec.volume, rec.index, rec.gen, list(rec.replicas), replica, replica.applied_seq + 1
+            rec.volume,
+            rec.index,
+            rec.gen,
+            list(rec.replicas),
+            replica,
+            replica.applied_seq + 1,
+            copies=rec.copies,
         )
         pe.idle.set()
         failed = []
@@ -421,10 +428,11 @@ class DataNode(DataService):
         return seq
 
     def _check_quorum(self, pe: PrimaryExtent) -> None:
-        if len(pe.members) < self.min_replicas:
-            raise Unavailable(
-                f"{len(pe.members)} replicas left, min_replicas is {self.min_replicas}"
-            )
+        # a volume made with fewer copies than min_replicas (e.g. 1) would otherwise refuse
+        # every write: it needs all of its copies instead
+        need = min(self.min_replicas, pe.copies) if pe.copies else self.min_replicas
+        if len(pe.members) < need:
+            raise Unavailable(f"{len(pe.members)} replicas left, {need} needed")
         if not self.alive():
             raise Unavailable("this chunk server cannot prove its lease is alive")
 
@@ -455,6 +463,7 @@ class DataNode(DataService):
                     gen=pe.gen + 1,
                     replicas=keep,
                     epoch=entry.record.epoch,
+                    copies=entry.record.copies,
                 )
                 await self._lease_expiry(failed)
                 committed = await self.emap.replace(entry, new)

@@ -127,7 +127,7 @@ class ExtentMap:
         members = [c for c in placed if self.is_live(c)]
         if not members:
             raise AllocationError(f"no live chunk server among {placed}")
-        record = ExtentRecord(volume=volume, index=index, gen=1, replicas=members)
+        record = ExtentRecord(volume=volume, index=index, gen=1, replicas=members, copies=replicas)
         key = Keys.extent(volume, index)
         res = await self.etcd.txn([Compare.version(key) == 0], [Put(key, record.to_json())])
         if res.succeeded:

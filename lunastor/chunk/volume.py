@@ -316,6 +316,7 @@ class AccessPath:
                         gen=rec.gen + 1,
                         replicas=absent,
                         epoch=rec.epoch,
+                        copies=rec.copies,
                     ),
                 )
                 return
@@ -334,6 +335,7 @@ class AccessPath:
                 replicas=members,
                 epoch=rec.epoch,
                 converging=True,
+                copies=rec.copies,
             )
             committed = await self.emap.replace(fresh, new)
             if committed is None:
@@ -390,7 +392,12 @@ class AccessPath:
             log.error("extent %s/%d: converging failed: %s", vol, idx, exc)
             return
         done = ExtentRecord(
-            volume=vol, index=idx, gen=gen, replicas=list(rec.replicas), epoch=rec.epoch
+            volume=vol,
+            index=idx,
+            gen=gen,
+            replicas=list(rec.replicas),
+            epoch=rec.epoch,
+            copies=rec.copies,
         )
         await self.emap.replace(entry, done)
 

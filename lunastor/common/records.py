@@ -342,6 +342,9 @@ class ExtentRecord(Record):
     replicas: list[str] = field(default_factory=list)
     epoch: int = 0  # snapshot epoch the data was written in (issue 6)
     converging: bool = False
+    # the volume's replica count when the extent was allocated (0: not recorded); a volume
+    # made with fewer copies than the chunk servers' min_replicas is written with all it has
+    copies: int = 0
 
     @property
     def primary(self) -> str:
