@@ -221,6 +221,20 @@ class NetCluster:
         """The chunk servers with a normal iSCSI session open now."""
         return [n for n in self.chunk_names() if self.metric(n, "lunastor_iscsi_sessions") >= 1]
 
+    def redirect_targets(self) -> list[str]:
+        """The chunk servers the redirector sends logins to now (its /healthz)."""
+        admin = self.state["daemons"]["redirector"]["endpoints"]["admin"]
+        text = self.curl(f"http://{admin}/healthz")
+        try:
+            return list(json.loads(text).get("chunk_servers_up", []))
+        except ValueError:
+            return []
+
+    def up_in_zone(self, zone: str) -> list[str]:
+        """Ids of the chunk servers of `zone` that are up."""
+        items = self.api("GET", "/v1/chunks")["items"]
+        return [i["id"] for i in items if i["zone"] == zone and i["state"] == "up"]
+
     def used_bytes(self) -> int:
         """What the live chunk servers store: capacity - free of their data directories."""
         items = self.api("GET", "/v1/chunks")["items"]

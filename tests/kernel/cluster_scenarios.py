@@ -281,7 +281,8 @@ def _power_loss(
         "lease_ttl": 5.0,
         "cluster_secret": cluster.secret("cluster-secret"),
         "secret_key": cluster.secret("secret-key"),
-        "etcd": {"endpoints": [cluster.etcd_endpoint], "namespace": "/lunastor"},
+        # one request may take a while from a TCG guest (5 s by default)
+        "etcd": {"endpoints": [cluster.etcd_endpoint], "namespace": "/lunastor", "timeout": 30.0},
         "log": {"level": "info", "format": "kv"},
     }
     params: dict[str, Any] = {
@@ -290,6 +291,8 @@ def _power_loss(
         "repo": str(REPO),
         "config": to_toml_table(config),
         "admin": f"{guest_addr}:9100",
+        "etcd": cluster.etcd_endpoint,
+        "portal": f"{guest_addr}:3260",
     }
     params["python"] = sys.executable  # the host's venv: its root is the guest's too, over 9p
     stride = PL_SIZE // PL_BLOCKS
@@ -298,6 +301,13 @@ def _power_loss(
     cut: dict[str, float] = {}
 
     def power_cut(_: str) -> str:
+        # the guest's chunk server answers /healthz before it is registered; the writer's
+        # login needs the redirector to know it
+        with host.timed(part, "chunk-known"):
+            ours = wait_until(lambda: cluster.up_in_zone("guest"), 60, "the guest's chunk server")
+            wait_until(
+                lambda: ours[0] in cluster.redirect_targets(), 30, "the redirector to see it"
+            )
         with out.open("w") as stdout, err.open("w") as stderr:
             argv = [str(tool), url, WRITER_IQN, str(PL_BLOCKS), str(stride), str(workdir / "stop")]
             proc = subprocess.Popen(net.cmd(argv), stdout=stdout, stderr=stderr)

@@ -12,7 +12,8 @@ on the host writes to a 1-replica volume that lives only here, with FUA.
   same data directory, ask the host to read every block back and count the acknowledged
   writes that are lost, then stop the chunk server (SIGTERM, exit 0).
 
-params.json: phase, route, host, python, repo, config (the chunk server's TOML), admin.
+params.json: phase, route, host, python, repo, config (the chunk server's TOML), admin, etcd,
+portal.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import urllib.request
 
-from steps import Run, StepFailed, main, wait_for
+from steps import Run, StepFailed, console, main, wait_for
 
 DISK = "/dev/vda"
 MOUNT = "/mnt/chunk"
@@ -37,26 +39,49 @@ def healthy(admin: str) -> bool:
         return False
 
 
-def start_chunk_server(run: Run) -> subprocess.Popen[bytes]:
+def reachable(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        console(f"{host}:{port}: {exc}")
+        return False
+    return True
+
+
+def start_chunk_server(run: Run, attempts: int = 4) -> subprocess.Popen[bytes]:
+    """Start the chunk server and wait until its portal listens.
+
+    Like a service manager would, it is started again when it exits during start-up: from a
+    TCG guest on a loaded machine, its first etcd connection can time out (grpc's connect
+    deadline), and the daemon then exits with "etcd unavailable"."""
     p = run.params
     config = "/tmp/chunk.toml"
     with open(config, "w") as f:
         f.write(p["config"])
-    env = dict(os.environ, PYTHONPATH=p["repo"], LUNASTOR_STATUS_INTERVAL="1")
-    log = open(f"/results/chunk-{p['phase']}.log", "ab")  # noqa: SIM115 (the server keeps it)
-    proc = subprocess.Popen(
-        [p["python"], "-m", "lunastor.chunk.main", "--config", config],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    # unbuffered: the log must be on the results share before the power goes
+    env = dict(os.environ, PYTHONPATH=p["repo"], LUNASTOR_STATUS_INTERVAL="1", PYTHONUNBUFFERED="1")
+    for attempt in range(1, attempts + 1):
+        log = open(f"/results/chunk-{p['phase']}.log", "ab")  # noqa: SIM115 (the server keeps it)
+        proc = subprocess.Popen(
+            [p["python"], "-m", "lunastor.chunk.main", "--config", config],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise StepFailed(f"the chunk server exited {proc.returncode} (chunk-*.log)")
-        return healthy(p["admin"])
+        def up(proc: subprocess.Popen[bytes] = proc) -> bool:
+            return proc.poll() is not None or healthy(p["admin"])
 
-    wait_for(up, 240, "the chunk server to answer /healthz", interval=0.5)
+        wait_for(up, 240, "the chunk server to answer /healthz", interval=0.5)
+        if proc.poll() is None:
+            break
+        run.message(f"the chunk server exited {proc.returncode} during start-up ({attempt})")
+        run.record("chunk_restarts", attempt)
+    else:
+        raise StepFailed(f"the chunk server exited during start-up {attempts} times")
+    # /healthz answers before the iSCSI portal listens ("chunk server up" in its log)
+    host, port = p["portal"].rsplit(":", 1)
+    wait_for(lambda: reachable(host, int(port)), 60, f"the portal {p['portal']}", interval=0.5)
     return proc
 
 
@@ -73,6 +98,9 @@ def body(run: Run) -> None:
         os.makedirs(MOUNT, exist_ok=True)
         run.sh("mount", "-t", "ext4", DISK, MOUNT)
         os.makedirs(f"{MOUNT}/data", exist_ok=True)
+    with run.step("reach-etcd"):
+        host, port = p["etcd"].rsplit(":", 1)
+        wait_for(lambda: reachable(host, int(port)), 30, f"etcd at {p['etcd']}", interval=0.5)
     with run.step("chunk-start"):
         proc = start_chunk_server(run)
     if first:
