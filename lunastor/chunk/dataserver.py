@@ -223,6 +223,10 @@ class DataNode(DataService):
                 {"message": "no read lease from the extent's primary"},
             )
         try:
+            if isinstance(req, Read) and self._sole_copy(req.volume, req.extent):
+                # a read may come before any write since a restart: set the extent up as
+                # its primary first, which resumes a copy that lost its page cache
+                await self._primary(req.volume, req.extent, req.gen)
             if isinstance(req, Write) and req.seq == 0:
                 seq = await self.primary_write(
                     req.volume, req.extent, req.gen, req.offset, req.data, req.fua
@@ -244,6 +248,10 @@ class DataNode(DataService):
         except ExtentStoreError as exc:
             return error_response(req.id, exc)
         return await super().handle(req)
+
+    def _sole_copy(self, volume: str, index: int) -> bool:
+        rec = self.emap.get(volume, index)
+        return rec is not None and rec.replicas == [self.node_id]
 
     def _is_primary(self, volume: str, index: int) -> bool:
         rec = self.emap.get(volume, index)
@@ -294,6 +302,8 @@ class DataNode(DataService):
             await replica.set_generation(rec.gen)
         elif replica.generation > rec.gen:
             raise Unavailable("our replica is newer than our map: the map lags")
+        if replica.state == ReplicaState.STALE and rec.replicas == [self.node_id]:
+            await self._resume_sole_copy(rec, replica)
         if replica.state != ReplicaState.CURRENT:
             raise Unavailable(f"our replica is {replica.state.name.lower()}")
         pe = PrimaryExtent(
@@ -313,6 +323,25 @@ class DataNode(DataService):
         if failed:
             await self._remove(pe, failed)
         return pe
+
+    async def _resume_sole_copy(self, rec: ExtentRecord, replica: Replica) -> None:
+        """Make the extent's only copy current again after it lost its page cache.
+
+        A power loss leaves a dirty replica STALE (its applied_seq cut back to what was
+        durable) until it catches up from a current one. An extent with a single member (a
+        1-replica volume) has no other copy to catch up from, and none can be newer: every
+        write acknowledged as durable is in its durable prefix. So its checksums are made
+        truthful (rescan) and it serves again; before this, such an extent stayed NOT READY
+        for good (found by the kernel power-loss scenario, tests/kernel).
+        """
+        fixed = len(await replica.rescan()) if replica.needs_rescan else 0
+        await replica.set_generation(rec.gen, state=ReplicaState.CURRENT)
+        log.warning(
+            "extent %s/%d: sole copy resumed after a lost page cache (%d blocks re-hashed)",
+            rec.volume,
+            rec.index,
+            fixed,
+        )
 
     async def _secondaries_hold_data(self, rec: ExtentRecord) -> bool:
         for member in rec.replicas[1:]:
