@@ -201,7 +201,7 @@ def _flow(
     }
     guest = Guest(net, workdir, boot)
     result = guest.run(GUEST_DIR / "cluster_flow.py", params, 900, actions)
-    yield from _split(result, wanted, host, workdir)
+    yield from split_parts(result, FLOW, wanted, host, workdir)
 
 
 def _notes(part: str, data: dict[str, Any]) -> list[str]:
@@ -219,29 +219,34 @@ def _notes(part: str, data: dict[str, Any]) -> list[str]:
     return []
 
 
-def _split(
-    result: GuestResult, wanted: list[str], host: HostSide, workdir: Path
+def split_parts(
+    result: GuestResult,
+    parts: tuple[str, ...],
+    wanted: list[str],
+    host: HostSide,
+    workdir: Path,
 ) -> Iterator[ScenarioResult]:
-    """One ScenarioResult per scenario the boot carried, from the steps tagged with it."""
-    failed_part = next((s.part for s in result.steps if not s.ok), None)
+    """One ScenarioResult per scenario (`parts`, in boot order) from the steps tagged with it."""
     reached = {s.part for s in result.steps}
-    for i, part in enumerate(FLOW):
+    failed = {s.part for s in result.steps if not s.ok}
+    last = result.steps[-1].part if result.steps else parts[0]
+    for i, part in enumerate(parts):
         steps = [s for s in result.steps if s.part == part]
         view = dataclasses.replace(
             result,
             steps=steps,
             boot_seconds=result.boot_seconds if i == 0 else None,
-            max_rss_kb=result.max_rss_kb if part == FLOW[-1] else None,
+            max_rss_kb=result.max_rss_kb if part == parts[-1] else None,
         )
         problems = list(host.problems.get(part, []))
-        if part == failed_part or (not result.passed and part not in reached and not problems):
-            if part == failed_part or failed_part is None:
-                problems += [f"guest {result.status}", *result.messages]
-            else:
-                problems.append(f"not reached: {failed_part} failed")
+        problems += [f"{s.name}: {s.message}" for s in steps if not s.ok]
+        if not result.passed and not failed and part == last:
+            problems += [f"guest {result.status}", *result.messages]  # killed, or no result
+        if not result.passed and part not in reached:
+            problems.append("not reached")
         passed = bool(steps) and all(s.ok for s in steps) and not problems
         host_steps = dict(host.steps.get(part, {}))
-        if part == FLOW[-1]:
+        if part == parts[-1]:
             host_steps["guest"] = result.wall_seconds
         notes = host.notes.get(part, []) + _notes(part, result.data)
         if part in wanted:
