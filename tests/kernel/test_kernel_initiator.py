@@ -66,7 +66,7 @@ def cluster_results(
 @needs_guest
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CLUSTER_NAMES)
-def test_cluster_scenario(
+def test_scenario_on_the_dev_cluster(
     name: str, cluster_results: dict[str, ScenarioResult], capsys: pytest.CaptureFixture[str]
 ) -> None:
     result = cluster_results[name]
