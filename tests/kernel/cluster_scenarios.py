@@ -39,8 +39,9 @@ NODE1 = "iqn.2025-01.io.lunastor.test:node1"
 NODE2 = "iqn.2025-01.io.lunastor.test:node2"
 WRITER_IQN = "iqn.2025-01.io.lunastor.test:host-writer"
 FLOW = ("node-flow", "expand", "fstrim", "failover")  # the order the one boot runs them in
+FEATURES = ("snapshot-clone", "pr-two-sessions")  # issue 8's 4 and 5: cluster_features.py
 POWER_LOSS = "power-loss"
-NAMES = (*FLOW, POWER_LOSS)
+NAMES = (*FLOW, *FEATURES, POWER_LOSS)
 GAP_GOAL = 5.0  # seconds, the failover's goal
 FLOW_SIZE = 256 * MIB
 FLOW_GROWN = 384 * MIB
@@ -117,6 +118,11 @@ def run_cluster_scenarios(
             if flow:
                 yield from _flow(flow, cluster, net, boot, workdir / "flow", setup)
                 setup = 0.0
+            features = [n for n in FEATURES if n in names]
+            if features:
+                from tests.kernel.cluster_features import run_features  # it imports us
+
+                yield from run_features(features, cluster, net, boot, workdir / "features")
             if POWER_LOSS in names:
                 yield _power_loss(cluster, net, boot, workdir / POWER_LOSS, build_dir, setup)
         finally:
