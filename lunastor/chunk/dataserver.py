@@ -146,6 +146,7 @@ class PrimaryExtent:
     # A member being added (docs/datapath.md, "Joining a member"): it gets every ordered write
     # too, but its failure only ends the join (join.py), never a write or a real member.
     joining: str | None = None
+    copies: int = 0  # the volume's replica count (ExtentRecord.copies), 0 if not recorded
 
     def settle(self, n: int) -> None:
         self.inflight -= n
@@ -274,6 +275,10 @@ class DataNode(DataService):
             lost = "this server's replica was lost with its data directory"
             return Response(req.id, Status.UNAVAILABLE, {"message": lost})
         try:
+            if isinstance(req, Read) and self._sole_copy(req.volume, req.extent):
+                # a read may come before any write since a restart: set the extent up as
+                # its primary first, which resumes a copy that lost its page cache
+                await self._primary(req.volume, req.extent, req.gen)
             if isinstance(req, Write) and req.seq == 0:
                 seq = await asyncio.shield(
                     self.primary_write(
@@ -311,6 +316,10 @@ class DataNode(DataService):
                 self.data_dir_failed(exc)
             return error_response(req.id, exc)
         return await super().handle(req)
+
+    def _sole_copy(self, volume: str, index: int) -> bool:
+        rec = self.emap.get(volume, index)
+        return rec is not None and rec.replicas == [self.node_id]
 
     def _is_primary(self, volume: str, index: int) -> bool:
         rec = self.emap.get(volume, index)
@@ -397,10 +406,18 @@ class DataNode(DataService):
             await replica.set_generation(rec.gen)
         elif replica.generation > rec.gen:
             raise Unavailable("our replica is newer than our map: the map lags")
+        if replica.state == ReplicaState.STALE and rec.replicas == [self.node_id]:
+            await self._resume_sole_copy(rec, replica)
         if replica.state != ReplicaState.CURRENT:
             raise Unavailable(f"our replica is {replica.state.name.lower()}")
         pe = PrimaryExtent(
-            rec.volume, rec.index, rec.gen, list(rec.replicas), replica, replica.applied_seq + 1
+            rec.volume,
+            rec.index,
+            rec.gen,
+            list(rec.replicas),
+            replica,
+            replica.applied_seq + 1,
+            copies=rec.copies,
         )
         pe.idle.set()
         failed = []
@@ -413,6 +430,25 @@ class DataNode(DataService):
         if failed:
             await self._remove(pe, failed)
         return pe
+
+    async def _resume_sole_copy(self, rec: ExtentRecord, replica: Replica) -> None:
+        """Make the extent's only copy current again after it lost its page cache.
+
+        A power loss leaves a dirty replica STALE (its applied_seq cut back to what was
+        durable) until it catches up from a current one. An extent with a single member (a
+        1-replica volume) has no other copy to catch up from, and none can be newer: every
+        write acknowledged as durable is in its durable prefix. So its checksums are made
+        truthful (rescan) and it serves again; before this, such an extent stayed NOT READY
+        for good (found by the kernel power-loss scenario, tests/kernel).
+        """
+        fixed = len(await replica.rescan()) if replica.needs_rescan else 0
+        await replica.set_generation(rec.gen, state=ReplicaState.CURRENT)
+        log.warning(
+            "extent %s/%d: sole copy resumed after a lost page cache (%d blocks re-hashed)",
+            rec.volume,
+            rec.index,
+            fixed,
+        )
 
     async def _secondaries_hold_data(self, rec: ExtentRecord) -> bool:
         for member in rec.replicas[1:]:
@@ -589,10 +625,11 @@ class DataNode(DataService):
             pe.joining = None  # the join ends; the write stands without it
 
     def _check_quorum(self, pe: PrimaryExtent) -> None:
-        if len(pe.members) < self.min_replicas:
-            raise Unavailable(
-                f"{len(pe.members)} replicas left, min_replicas is {self.min_replicas}"
-            )
+        # a volume made with fewer copies than min_replicas (e.g. 1) would otherwise refuse
+        # every write: it needs all of its copies instead
+        need = min(self.min_replicas, pe.copies) if pe.copies else self.min_replicas
+        if len(pe.members) < need:
+            raise Unavailable(f"{len(pe.members)} replicas left, {need} needed")
         if not self.alive():
             raise Unavailable("this chunk server cannot prove its lease is alive")
 

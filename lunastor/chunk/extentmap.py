@@ -218,6 +218,7 @@ class ExtentMap:
             replicas=members,
             epoch=vol.epoch if vol is not None else 0,
             origin=origin,
+            copies=replicas,
         )
         key = Keys.extent(volume, index)
         res = await self.etcd.txn([Compare.version(key) == 0], [Put(key, record.to_json())])

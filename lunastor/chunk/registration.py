@@ -43,10 +43,28 @@ def load_or_create_id(data_dirs: list[str]) -> str:
     for d in data_dirs:
         id_path = Path(d) / ID_FILE
         if not id_path.exists():
-            tmp = id_path.with_suffix(".tmp")
-            tmp.write_text(chunk_id + "\n")
-            os.replace(tmp, id_path)
+            _write_durably(id_path, chunk_id + "\n")
     return chunk_id
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Create `path` holding `text` so that a power loss leaves it whole or absent.
+
+    Without the fsyncs, ext4 may commit the rename before the data: after a power loss soon
+    after a first start the ID file existed but was empty, and the chunk server could never
+    start again (found by the kernel power-loss scenario, tests/kernel).
+    """
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def probe_capacity(

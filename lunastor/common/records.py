@@ -406,6 +406,9 @@ class ExtentRecord(Record):
     # A clone's extent is created as a local copy of this extent (a store volume name) on
     # every member, instead of empty.
     origin: str = ""
+    # the volume's replica count when the extent was allocated (0: not recorded); a volume
+    # made with fewer copies than the chunk servers' min_replicas is written with all it has
+    copies: int = 0
 
     @property
     def primary(self) -> str:

@@ -145,6 +145,7 @@ class Step:
     seconds: float
     ok: bool
     message: str = ""
+    part: str = ""  # the scenario it belongs to, when one boot carries several
 
 
 @dataclass
@@ -180,7 +181,10 @@ class GuestResult:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _serve_requests(results: Path, actions: Mapping[str, Callable[[], str]]) -> None:
+Action = Callable[[str], str]  # the guest's argument -> the answer
+
+
+def _serve_requests(results: Path, actions: Mapping[str, Action]) -> None:
     """Carry out the guest's new requests, each once, and write the replies."""
     for request in sorted((results / "requests").iterdir()):
         name = request.name
@@ -189,7 +193,8 @@ def _serve_requests(results: Path, actions: Mapping[str, Callable[[], str]]) -> 
             continue
         action = actions.get(name)
         try:
-            answer = action() if action else f"error: no host action {name!r}"
+            argument = request.read_text()
+            answer = action(argument) if action else f"error: no host action {name!r}"
         except Exception as exc:  # reported to the guest, whose step then fails
             answer = f"error: {type(exc).__name__}: {exc}"
         partial = reply.with_name(f"{name}.tmp")
@@ -235,6 +240,16 @@ class Guest:
     boot: BootFiles
     memory_mb: int = 512
     disk: Path | None = None  # an extra raw image, seen by the guest as /dev/vda
+    _qemu: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def power_cut(self) -> None:
+        """SIGKILL QEMU (its process group: /usr/bin/time and QEMU) while it runs: the guest's
+        page cache and everything not yet written to the virtio disk are lost, as in a power
+        loss. Meant for a host action; `run` then collects what the guest left."""
+        if self._qemu is not None and self._qemu.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._qemu.pid, signal.SIGKILL)
+            self._qemu.wait(10)
 
     def command(self, script: Path, results: Path, serial: Path) -> list[str]:
         append = " ".join(
@@ -290,14 +305,15 @@ class Guest:
         script: Path,
         params: dict[str, Any],
         timeout: float,
-        actions: Mapping[str, Callable[[], str]] | None = None,
+        actions: Mapping[str, Action] | None = None,
     ) -> GuestResult:
         """Boot, run `script` in the guest with `params`, and collect what it left.
 
         `actions` are what the guest may ask the host to do mid-scenario (`Run.ask_host` in
         guest/steps.py): the guest drops `results/requests/NAME`, the host calls
-        `actions[NAME]()` and answers in `results/replies/NAME` with its return value, or
-        with "error: ..." if it raised or is unknown.
+        `actions[NAME](argument)` (what the guest wrote in the request) and answers in
+        `results/replies/NAME` with its return value, or with "error: ..." if it raised or is
+        unknown. An action may end the guest (`power_cut`): QEMU is then gone when it returns.
         """
         results = self.workdir / "results"
         if results.exists():
@@ -312,6 +328,7 @@ class Guest:
         started = time.monotonic()
         deadline = started + timeout
         qemu = self.net.popen(argv, log=self.workdir / "qemu.out")
+        self._qemu = qemu
         timed_out = False
         try:
             while True:
@@ -325,6 +342,7 @@ class Guest:
                     _serve_requests(results, actions or {})
         finally:
             _stop(qemu, grace=2)
+            self._qemu = None
         wall = time.monotonic() - started
         return self._collect(results, serial, wall, timed_out, _parse_time_v(timing))
 

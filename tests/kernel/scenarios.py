@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.kernel.harness import BootFiles, Guest, GuestNet, GuestResult
+from tests.kernel.harness import Action, BootFiles, Guest, GuestNet, GuestResult
 from tests.kernel.initramfs import GUEST_DIR
 from tests.kernel.target import StandaloneTarget
 
@@ -36,6 +36,7 @@ class ScenarioResult:
     host_steps: dict[str, float]  # host-side timings, seconds
     problems: list[str]  # why it failed, one line each
     workdir: Path
+    notes: list[str] = field(default_factory=list)  # measurements worth a place on the line
 
     def line(self) -> str:
         """One line: verdict, total and per-step timings."""
@@ -48,8 +49,9 @@ class ScenarioResult:
         rss = ""
         if self.guest and self.guest.max_rss_kb:
             rss = f", qemu max RSS {self.guest.max_rss_kb // 1024} MiB"
+        notes = f"; {', '.join(self.notes)}" if self.notes else ""
         extra = f" -- {'; '.join(self.problems)}" if self.problems else ""
-        return f"{verdict} {self.name}: {host}; {boot}{steps}{rss}{extra}"
+        return f"{verdict} {self.name}: {host}; {boot}{steps}{rss}{notes}{extra}"
 
 
 @dataclass
@@ -63,7 +65,7 @@ class Scenario:
     # after the guest is done and the target stopped: problems found in the backing file
     host_check: Callable[[StandaloneTarget, GuestResult], list[str]] | None = None
     # what the guest may ask the host to do to the target mid-scenario (Guest.run's actions)
-    actions: Callable[[StandaloneTarget], Mapping[str, Callable[[], str]]] | None = None
+    actions: Callable[[StandaloneTarget], Mapping[str, Action]] | None = None
 
 
 def _debugfs_sha256(image: Path, name: str) -> str | None:
@@ -136,7 +138,7 @@ def restart(size: int = 256 * MIB) -> Scenario:
             "fio_seconds": 15,
             "pattern_mib": 8,
         },
-        actions=lambda target: {"restart-target": target.restart},
+        actions=lambda target: {"restart-target": lambda _: target.restart()},
     )
 
 

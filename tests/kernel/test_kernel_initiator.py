@@ -7,15 +7,20 @@ see tests/kernel/README.md. Skipped only where QEMU or the kernel package is not
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.kernel import writer
+from tests.kernel.cluster import NetCluster, wait_until
+from tests.kernel.cluster_scenarios import NAMES as CLUSTER_NAMES
+from tests.kernel.cluster_scenarios import run_cluster_scenarios
 from tests.kernel.harness import BootFiles, Guest, GuestNet, boot_files, unavailable
 from tests.kernel.initramfs import GUEST_DIR, Kernel, find_kernel
-from tests.kernel.scenarios import SCENARIOS, ScenarioResult, run_scenario
+from tests.kernel.scenarios import MIB, SCENARIOS, ScenarioResult, run_scenario
 from tests.kernel.target import REPO
 
 reason = unavailable()
@@ -46,6 +51,28 @@ def test_scenario(
     assert result.passed, f"{result.line()}\n--- serial.log (end) ---\n{tail}"
     assert result.guest is not None
     assert all(step.ok for step in result.guest.steps)
+
+
+@pytest.fixture(scope="module")
+def cluster_results(
+    boot: BootFiles, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, ScenarioResult]:
+    """Every dev-cluster scenario, run once (one namespace, one cluster, their boots)."""
+    workdir = tmp_path_factory.mktemp("cluster")
+    build = REPO / "build" / "kernel-guest"
+    return {r.name: r for r in run_cluster_scenarios(list(CLUSTER_NAMES), boot, workdir, build)}
+
+
+@needs_guest
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CLUSTER_NAMES)
+def test_scenario_on_the_dev_cluster(
+    name: str, cluster_results: dict[str, ScenarioResult], capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = cluster_results[name]
+    report(result, capsys)
+    tail = result.guest.serial_tail() if result.guest else ""
+    assert result.passed, f"{result.line()}\n--- serial.log (end) ---\n{tail}"
 
 
 @needs_guest
@@ -176,3 +203,32 @@ def test_find_kernel_picks_newest_with_modules(
     boot, modules = _kernel_tree(tmp_path, images, with_modules)
     found: Kernel | None = find_kernel(boot, modules)
     assert (found.version if found else None) == expected
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+def test_namespace_dev_cluster_serves_a_one_replica_volume(tmp_path: Path) -> None:
+    """The cluster the dev-cluster scenarios use, without a guest: reachable only inside the
+    namespace, and a 1-replica volume (power-loss's) takes FUA writes through the VIP."""
+    tool = writer.build(tmp_path)
+    with GuestNet() as net, NetCluster(net, tmp_path / "cluster") as cluster:
+        assert cluster.portal.startswith(f"{cluster.prefix}.0.100:")
+        vol = cluster.create_volume("one-copy", 8 * MIB, 1, ["iqn.2025-01.io.lunastor.test:w"])
+        url = f"iscsi://{cluster.portal}/{vol['target_iqn']}/{vol['lun']}"
+        out, stop = tmp_path / "writer.out", tmp_path / "stop"
+        argv = [str(tool), url, "iqn.2025-01.io.lunastor.test:w", "8", str(MIB), str(stop)]
+        with out.open("w") as stdout:
+            proc = subprocess.Popen(net.cmd(argv), stdout=stdout, stderr=subprocess.PIPE)
+        try:
+            wait_until(
+                lambda: proc.poll() is not None or writer.Journal.parse(out.read_text()).acks >= 16,
+                120,
+                "two rounds of acknowledged writes",
+            )
+        finally:
+            stop.touch()
+            _, err = proc.communicate(timeout=120)
+        journal = writer.Journal.parse(out.read_text())
+        assert proc.returncode == 0, err
+        assert journal.failed == 0
+        assert journal.acks >= 16
+    assert not any(str(tmp_path) in line for line in Path("/proc/mounts").read_text().splitlines())

@@ -100,3 +100,58 @@ def expect_refused(proc: subprocess.CompletedProcess[str], what: str, code: int 
         raise StepFailed(f"{what} succeeded; the target should have refused it")
     if code is not None and proc.returncode != code:
         raise StepFailed(f"{what} exited {proc.returncode}, expected {code}")
+
+
+def session_disk(iqn: str, lun: int) -> str | None:
+    """The /dev/sdX of LUN `lun` of the (one) session to `iqn`, once the kernel made it.
+
+    Found through sysfs, which names the session's disks whichever portal it ended up on (a
+    redirected login's by-path link is not guaranteed to name the portal the user gave)."""
+    for session in sessions_for(iqn):
+        for block in glob.glob(f"{session}/device/target*/*:*:*:{lun}/block/*"):
+            return f"/dev/{os.path.basename(block)}"
+    return None
+
+
+def current_portal(iqn: str) -> str:
+    """address:port of the connection the session to `iqn` runs on now (after redirects)."""
+    for session in sessions_for(iqn):
+        for conn in glob.glob(f"{session}/device/connection*/iscsi_connection/connection*"):
+            with open(f"{conn}/address") as f:
+                address = f.read().strip()
+            with open(f"{conn}/port") as f:
+                port = f.read().strip()
+            return f"{address}:{port}"
+    return ""
+
+
+def new_iface(run: Run, name: str, initiator_name: str) -> list[str]:
+    """An iface carrying another initiator name (a second node); returns `-I name`."""
+    iscsiadm(run, "-m", "iface", "-I", name, "-o", "new")
+    iscsiadm(
+        run, "-m", "iface", "-I", name, "-o", "update", "-n", "iface.initiatorname",
+        "-v", initiator_name,
+    )  # fmt: skip
+    return ["-I", name]
+
+
+def login_disk(
+    run: Run, iqn: str, portal: str, lun: int, iface: list[str], settings: dict[str, str]
+) -> str:
+    """Discover through `portal`, apply node `settings`, log in, wait for the LUN's disk."""
+    out = iscsiadm(run, "-m", "discovery", "-t", "sendtargets", "-p", portal, *iface).stdout
+    if iqn not in out:
+        raise StepFailed(f"SendTargets at {portal} did not list {iqn}: {out.strip()}")
+    node = ["-m", "node", "-T", iqn, "-p", portal, *iface]
+    for name, value in settings.items():
+        iscsiadm(run, *node, "-o", "update", "-n", name, "-v", value)
+    iscsiadm(run, *node, "--login")
+    disk: str = wait_for(lambda: session_disk(iqn, lun), 30, f"LUN {lun} of {iqn}")
+    wait_for(lambda: os.path.exists(disk), 30, disk)
+    run.message(f"{iqn} lun {lun}: {disk}, connected to {current_portal(iqn)}")
+    return disk
+
+
+def logout_iface(run: Run, iqn: str, portal: str, iface: list[str]) -> None:
+    iscsiadm(run, "-m", "node", "-T", iqn, "-p", portal, *iface, "--logout")
+    wait_for(lambda: not sessions_for(iqn), 30, f"the session to {iqn} to end")

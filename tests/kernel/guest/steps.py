@@ -48,6 +48,7 @@ class Run:
             "messages": [],
             "data": {},
         }
+        self.part = ""  # the scenario the next steps belong to, when one boot runs several
         self._write()
 
     def _write(self) -> None:
@@ -80,7 +81,7 @@ class Run:
     def _step(self, name: str, started: float, ok: bool, message: str) -> None:
         seconds = round(time.monotonic() - started, 3)
         console(f"step {name}: {'ok' if ok else 'FAILED'} in {seconds:.2f}s {message}")
-        entry = {"name": name, "seconds": seconds, "ok": ok, "message": message}
+        entry = {"name": name, "seconds": seconds, "ok": ok, "message": message, "part": self.part}
         self.doc["steps"].append(entry)
         self._write()
 
@@ -103,11 +104,12 @@ class Run:
             raise StepFailed(f"{argv[0]} exited {proc.returncode}: {output[-500:]}")
         return proc
 
-    def ask_host(self, action: str, timeout: float) -> str:
-        """Have the host carry out `action` (see Guest.run's `actions`); returns its answer."""
-        console(f"asking the host to {action}")
+    def ask_host(self, action: str, timeout: float, argument: str = "") -> str:
+        """Have the host carry out `action` (see Guest.run's `actions`) with `argument`;
+        returns its answer."""
+        console(f"asking the host to {action} {argument}")
         partial = self.results / "requests" / f"{action}.tmp"
-        partial.write_text("")
+        partial.write_text(argument)
         partial.replace(self.results / "requests" / action)
         reply = self.results / "replies" / action
         wait_for(reply.exists, timeout, f"the host to {action}")
