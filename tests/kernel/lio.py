@@ -407,7 +407,7 @@ def run_lio(
                 "host_timeout": timeout,
             }
             guest = Guest(net, workdir, boot)
-            actions = {"lio-ready": lambda: cluster.lio_ready(conformance, bench_seconds)}
+            actions = {"lio-ready": lambda _arg: cluster.lio_ready(conformance, bench_seconds)}
             guest_result = guest.run(GUEST_DIR / "lio_export.py", params, timeout, actions)
             host_steps["guest"] = guest_result.wall_seconds
         except LioScenarioError as exc:

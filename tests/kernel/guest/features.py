@@ -106,7 +106,7 @@ def pr_two_sessions(run: Run) -> None:
         portals: list[str] = []
         for name in ("pr_a", "pr_b"):
             iface = initiator.new_iface(run, name.replace("_", "-"), p[name])
-            disks.append(initiator.login_disk(run, iqn, portal, lun, iface, {}))
+            disks.append(initiator.login_disk(run, iqn, portal, lun, iface, {}, disks))
             portals.append(initiator_portal(iqn, len(portals)))
         run.record("pr_portals", portals)
         if portals[0] == portals[1]:

@@ -9,6 +9,7 @@ import glob
 import os
 import shutil
 import subprocess
+from collections.abc import Collection
 
 from steps import Run, StepFailed, wait_for
 
@@ -102,14 +103,17 @@ def expect_refused(proc: subprocess.CompletedProcess[str], what: str, code: int 
         raise StepFailed(f"{what} exited {proc.returncode}, expected {code}")
 
 
-def session_disk(iqn: str, lun: int) -> str | None:
-    """The /dev/sdX of LUN `lun` of the (one) session to `iqn`, once the kernel made it.
+def session_disk(iqn: str, lun: int, exclude: Collection[str] = ()) -> str | None:
+    """The /dev/sdX of LUN `lun` of a session to `iqn` (not one of `exclude`: the disks of
+    the sessions logged in before), once the kernel made it.
 
     Found through sysfs, which names the session's disks whichever portal it ended up on (a
     redirected login's by-path link is not guaranteed to name the portal the user gave)."""
     for session in sessions_for(iqn):
         for block in glob.glob(f"{session}/device/target*/*:*:*:{lun}/block/*"):
-            return f"/dev/{os.path.basename(block)}"
+            disk = f"/dev/{os.path.basename(block)}"
+            if disk not in exclude:
+                return disk
     return None
 
 
@@ -136,9 +140,16 @@ def new_iface(run: Run, name: str, initiator_name: str) -> list[str]:
 
 
 def login_disk(
-    run: Run, iqn: str, portal: str, lun: int, iface: list[str], settings: dict[str, str]
+    run: Run,
+    iqn: str,
+    portal: str,
+    lun: int,
+    iface: list[str],
+    settings: dict[str, str],
+    exclude: Collection[str] = (),
 ) -> str:
-    """Discover through `portal`, apply node `settings`, log in, wait for the LUN's disk."""
+    """Discover through `portal`, apply node `settings`, log in, wait for the LUN's disk (a
+    disk not in `exclude`: another session to the same target already has those)."""
     out = iscsiadm(run, "-m", "discovery", "-t", "sendtargets", "-p", portal, *iface).stdout
     if iqn not in out:
         raise StepFailed(f"SendTargets at {portal} did not list {iqn}: {out.strip()}")
@@ -146,7 +157,7 @@ def login_disk(
     for name, value in settings.items():
         iscsiadm(run, *node, "-o", "update", "-n", name, "-v", value)
     iscsiadm(run, *node, "--login")
-    disk: str = wait_for(lambda: session_disk(iqn, lun), 30, f"LUN {lun} of {iqn}")
+    disk: str = wait_for(lambda: session_disk(iqn, lun, exclude), 30, f"LUN {lun} of {iqn}")
     wait_for(lambda: os.path.exists(disk), 30, disk)
     run.message(f"{iqn} lun {lun}: {disk}, connected to {current_portal(iqn)}")
     return disk
