@@ -593,8 +593,15 @@ class DataNode(DataService):
         return sends
 
     async def _settle(
-        self, pe: PrimaryExtent, seq: int, sends: list[tuple[str, asyncio.Task[Response]]]
+        self,
+        pe: PrimaryExtent,
+        seq: int,
+        sends: list[tuple[str, asyncio.Task[Response]]],
+        quorum: bool = True,
     ) -> int:
+        """Wait for the forwards of `seq`; remove members that failed. With `quorum`, refuse
+        (Unavailable) when fewer members than min_replicas remain; a join's ordered copy
+        does not: adding a member is how an extent gets back above min_replicas."""
         failed: list[str] = []
         try:
             for member, task in sends:
@@ -614,7 +621,8 @@ class DataNode(DataService):
             pe.settle(len(sends))
         if failed:
             await self._remove(pe, failed)
-        self._check_quorum(pe)
+        if quorum:
+            self._check_quorum(pe)
         return seq
 
     @staticmethod

@@ -201,7 +201,7 @@ async def _copy_run(
                 seq=seq,
             ),
         )
-    return asyncio.ensure_future(node._settle(pe, seq, sends))
+    return asyncio.ensure_future(node._settle(pe, seq, sends, quorum=False))
 
 
 async def _copy(

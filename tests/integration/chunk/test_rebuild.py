@@ -364,3 +364,26 @@ async def test_a_primary_whose_replica_vanished_hands_the_extent_over(rig: Rig) 
     want = version(0, 2, 8) + data[8 * SECTOR :]
     assert await rig.replicas_identical(0, now.replicas) == want
     assert await v.read(0, EXTENT // SECTOR) == want
+
+
+async def test_an_extent_left_below_min_replicas_gets_members_back(rig: Rig) -> None:
+    """Two of three members die: the survivor alone is below min_replicas, so it refuses
+    writes, but joining a member must still work (the join is how it gets back above)."""
+    c = rig.c
+    v = await rig.volume("chunk-0", extents=1)
+    data = b"".join(version(k, 1, 64) for k in range(0, EXTENT // SECTOR, 64))
+    await v.write(0, data, False)
+    rec = rig.record(0)
+    dead = rec.replicas[1:]
+    for cid in dead:
+        await c.kill(cid)
+
+    async def restored() -> bool:
+        now = await rig.fresh(0)
+        return len(now.replicas) >= 2 and not set(dead) & set(now.replicas)
+
+    await rig.repair_until(restored, 60, "the lone survivor to get a member back")
+    now = await rig.fresh(0)
+    assert await rig.replicas_identical(0, now.replicas) == data
+    await v.write(0, version(0, 2), False)  # writes are accepted again
+    assert await v.read(0, 8) == version(0, 2)
