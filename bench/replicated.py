@@ -8,7 +8,8 @@ local replica), fills it and a tgt backing file with the same random data, and r
 load client's jobs (bench/iscsi_load.c) against both through one portal each. CPU per IO
 counts every chunk server (they all work for each write) against tgtd.
 
-Then, unless --no-rebuild: the raw write bandwidth of the disk under the data directories
+Then, unless --no-rebuild: catch-up (chunk3 SIGKILLed for 10 s under random writes, then
+back: time and bytes copied), the raw write bandwidth of the disk under the data directories
 (dd, O_DIRECT) as the anchor, and the re-replication of a lost replica: chunk3 is SIGKILLed,
 its extents wiped and it is started again with the same identity (a replaced disk); the
 cluster copies its replicas back while a foreground 4 KiB random-read job runs through chunk1
@@ -31,6 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +152,43 @@ def extents(state: dict[str, Any], volume_id: str) -> list[ExtentRecord]:
     return asyncio.run(read())
 
 
+def rebuilt_bytes(cluster: DevCluster, servers: Sequence[str]) -> float:
+    return sum(cluster.metric(n, "lunastor_rebuild_bytes_total") for n in servers)
+
+
+def catchup_stage(
+    cluster: DevCluster, client: Path, url: str, volume_id: str, size: int, outage: float
+) -> dict[str, float]:
+    """chunk3 is SIGKILLed, 4 KiB random writes go on through chunk1 for `outage` seconds
+    (they drop chunk3 from the replica sets they touch), chunk3 comes back: the time and the
+    bytes until every extent names it again (only the changed blocks are copied)."""
+    victim = "chunk3"
+    victim_id = (cluster.dir / "data" / victim / "chunk-id").read_text().strip()
+    copied0 = rebuilt_bytes(cluster, ["chunk1", "chunk2"])
+    lunastor("dev", "stop", victim, "--kill", "--dir", str(cluster.dir))
+    job = Job("rw4k", "write", "rand", 4096, 32)
+    written = run_job(client, url, job, outage, cluster.chunk_pids(), size)
+    lunastor("dev", "start", victim, "--dir", str(cluster.dir))
+    cluster.refresh()
+    start = time.monotonic()
+    deadline = start + 1800
+    while not all(
+        victim_id in e.replicas and not e.converging for e in extents(cluster.state, volume_id)
+    ):
+        if time.monotonic() > deadline:
+            raise RuntimeError("catch-up did not finish within 30 minutes")
+        time.sleep(0.5)
+    elapsed = time.monotonic() - start
+    copied = rebuilt_bytes(cluster, ["chunk1", "chunk2"]) - copied0
+    return {
+        "outage_s": outage,
+        "writes": written["ios"],
+        "written_bytes": written["ios"] * 4096,
+        "seconds": elapsed,
+        "bytes": copied,
+    }
+
+
 def rebuild_stage(
     cluster: DevCluster,
     client: Path,
@@ -167,7 +206,7 @@ def rebuild_stage(
     before = {(e.index): e.gen for e in extents(cluster.state, volume_id)}
     lunastor("dev", "stop", victim, "--kill", "--dir", str(cluster.dir))
     shutil.rmtree(cluster.dir / "data" / victim / "extents")
-    copied_before = sum(cluster.metric(f"chunk{i}", "lunastor_rebuild_bytes_total") for i in (1, 2))
+    copied_before = rebuilt_bytes(cluster, ["chunk1", "chunk2"])
     lunastor("dev", "start", victim, "--dir", str(cluster.dir))
     cluster.refresh()
     start = time.monotonic()
@@ -200,10 +239,7 @@ def rebuild_stage(
     finally:
         stop.set()
         worker.join()
-    copied = (
-        sum(cluster.metric(f"chunk{i}", "lunastor_rebuild_bytes_total") for i in (1, 2))
-        - copied_before
-    )
+    copied = rebuilt_bytes(cluster, ["chunk1", "chunk2"]) - copied_before
     return {
         "seconds": elapsed,
         "bytes": copied,
@@ -284,6 +320,15 @@ def main() -> int:
                 print_result("lunastor", job, r)
             print_ratios(jobs, results["tgt"], results["lunastor"])
             if not args.no_rebuild:
+                cu = catchup_stage(cluster, client, url, volume["id"], args.size, 10)
+                results["catchup"] = cu
+                print()
+                print(
+                    f"catch-up of chunk3 after a {cu['outage_s']:.0f} s outage with "
+                    f"{cu['writes']:.0f} random 4 KiB writes ({cu['written_bytes'] / 1e6:.1f} MB): "
+                    f"{cu['bytes'] / 1e6:.1f} MB copied in {cu['seconds']:.1f} s "
+                    f"(the volume holds {args.size / 1e6:.0f} MB)"
+                )
                 disk = disk_write_mbps(cluster.dir / "data")
                 baseline = results["lunastor"].get("rr4k", {}).get("iops", 0.0)
                 rb = rebuild_stage(
