@@ -51,6 +51,7 @@ LOGINS = Counter("lunastor_iscsi_logins_total", "iSCSI sessions opened, by sessi
 SESSIONS = Gauge("lunastor_iscsi_sessions", "iSCSI sessions open now, by session type", ["type"])
 
 # fixed-format sense: HARDWARE ERROR, INTERNAL TARGET FAILURE (an unexpected exception)
+LOGOUT_SETTLE_TIMEOUT = 30.0  # seconds a logout waits for the reservation store, at most
 _INTERNAL_TARGET_FAILURE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10] + [0] * 4 + [0x44, 0, 0, 0, 0, 0])
 
 
@@ -295,11 +296,32 @@ class IscsiConnectionProtocol(asyncio.Protocol):
             for pdu in conn._out:
                 log.debug("-> %r %r", pdu, bytes(getattr(pdu, "data", b""))[:512])
         bufs = conn.data_to_send()
+        if close is not None and close.reason == "logout" and self.target is not None:
+            # The session's SPC-2 reservation ends with it, through the reservation store:
+            # answer the logout only once every access point applied that, since another
+            # initiator's RESERVE may follow at once on another chunk server.
+            self._closing = True
+            self._nexus_lost()
+            self.loop.create_task(self._answer_logout(self.target, bufs))
+            return
         if bufs:
             transport.writelines(bufs)
         if close is not None:
             log.info("closing iSCSI connection: %s", close.reason)
             self._closing = True
+            transport.close()
+
+    async def _answer_logout(self, target: ScsiTarget, bufs: Sequence[Any]) -> None:
+        try:
+            async with asyncio.timeout(LOGOUT_SETTLE_TIMEOUT):
+                await target.settle()
+        except Exception:  # answer anyway: the initiator is leaving
+            log.warning("logout: the reservation store did not settle in time")
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if bufs:
+                transport.writelines(bufs)
+            log.info("closing iSCSI connection: logout")
             transport.close()
 
     def _session_started(self, session: Session) -> None:
