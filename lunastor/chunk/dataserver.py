@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -493,25 +493,14 @@ class DataNode(DataService):
         fua: bool,
         nexus: Nexus | None = None,
     ) -> int:
-        pe = await self._primary(volume, index, gen)
-        async with pe.lock:
-            if pe.gen != gen:
-                raise StaleMap(pe.gen)
-            self._admit(nexus)
-            await self._preserve(pe)
-            seq = pe.next_seq
-            try:
-                await pe.replica.write(offset, data, seq=seq, gen=pe.gen, fua=fua)
-            finally:
-                # applied (its FUA flush may still have failed): the seq is used either way
-                pe.next_seq = max(pe.next_seq, pe.replica.applied_seq + 1)
-            g = pe.gen
-
-            def build(i: int) -> Request:
-                return Write(i, volume, index, g, seq, offset, fua, data, nexus)
-
-            sends = self._forward(pe, build, seq)
-        return await self._settle(pe, seq, sends)
+        return await self._ordered(
+            volume,
+            index,
+            gen,
+            nexus,
+            lambda pe, seq: pe.replica.write(offset, data, seq=seq, gen=pe.gen, fua=fua),
+            lambda i, g, seq: Write(i, volume, index, g, seq, offset, fua, data, nexus),
+        )
 
     async def primary_unmap(
         self,
@@ -523,6 +512,27 @@ class DataNode(DataService):
         fua: bool,
         nexus: Nexus | None = None,
     ) -> int:
+        return await self._ordered(
+            volume,
+            index,
+            gen,
+            nexus,
+            lambda pe, seq: pe.replica.unmap(offset, length, seq=seq, gen=pe.gen, fua=fua),
+            lambda i, g, seq: Unmap(i, volume, index, g, seq, offset, length, fua, nexus),
+        )
+
+    async def _ordered(
+        self,
+        volume: str,
+        index: int,
+        gen: int,
+        nexus: Nexus | None,
+        apply: Callable[[PrimaryExtent, int], Awaitable[None]],
+        request: Callable[[int, int, int], Request],
+    ) -> int:
+        """One access mutation at the primary: fenced, copy-on-write first, given the next
+        seq and applied locally under the extent's lock, forwarded, then settled.
+        `request(id, gen, seq)` builds the forwarded request."""
         pe = await self._primary(volume, index, gen)
         async with pe.lock:
             if pe.gen != gen:
@@ -531,15 +541,12 @@ class DataNode(DataService):
             await self._preserve(pe)
             seq = pe.next_seq
             try:
-                await pe.replica.unmap(offset, length, seq=seq, gen=pe.gen, fua=fua)
+                await apply(pe, seq)
             finally:
+                # applied (its FUA flush may still have failed): the seq is used either way
                 pe.next_seq = max(pe.next_seq, pe.replica.applied_seq + 1)
             g = pe.gen
-
-            def build(i: int) -> Request:
-                return Unmap(i, volume, index, g, seq, offset, length, fua, nexus)
-
-            sends = self._forward(pe, build, seq)
+            sends = self._forward(pe, lambda i: request(i, g, seq), seq)
         return await self._settle(pe, seq, sends)
 
     async def primary_preserve(self, volume: str, index: int, gen: int) -> None:
