@@ -31,21 +31,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.systems.devcluster import dev_cluster
 from lunastor.common.etcd import Etcd, EtcdConfig
 from lunastor.common.records import Keys
 
 MIB = 1 << 20
 IQN = "iqn.2008-11.org.linux-kvm"  # qemu's default initiator name
-LUNASTOR = [sys.executable, "-m", "lunastor.cli.main"]
-
-
-def cli(directory: Path, *args: str) -> str:
-    proc = subprocess.run(
-        [*LUNASTOR, *args, "--dir", str(directory)], capture_output=True, text=True
-    )
-    if proc.returncode:
-        raise SystemExit(f"lunastor {' '.join(args)}: {proc.stderr or proc.stdout}")
-    return proc.stdout
 
 
 class Api:
@@ -196,13 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dir is not None:
         run(args.dir, args.extents, args.rounds)
         return 0
-    with tempfile.TemporaryDirectory(prefix="lunastor-bench-") as tmp:
-        directory = Path(tmp) / "dev"
-        cli(directory, "dev", "up", "--detach", "--chunks", "3", "--address-prefix", "127.211")
-        try:
-            run(directory, args.extents, args.rounds)
-        finally:
-            cli(directory, "dev", "down")
+    with (
+        tempfile.TemporaryDirectory(prefix="lunastor-bench-") as tmp,
+        dev_cluster(Path(tmp) / "dev") as cluster,
+    ):
+        run(cluster.dir, args.extents, args.rounds)
     return 0
 
 
