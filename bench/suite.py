@@ -243,6 +243,7 @@ def part_cluster(run: Run, work: Path, image: Path, parts: Sequence[str], disk_m
                 run.json["noisy"] = n.to_json()
         if "snapshots" in parts:
             with guarded("snapshots"):
+                say("  snapshots (bench/snapshots.py) ...")
                 subprocess_part(run, "snapshots", ["-m", "bench.snapshots", "--dir",
                                                    str(cluster.dir)])  # fmt: skip
         if "rebuild" in parts:
