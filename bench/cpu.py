@@ -11,6 +11,7 @@ is lost: /proc forgets it).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -129,11 +130,23 @@ def run_child(argv: Sequence[str], timeout: float, stop_after: str | None = None
     chunks: list[bytes] = []
     marker = stop_after.encode() if stop_after else None
 
+    # The child is reaped only by the wait4 below, which alone reports its rusage (so not
+    # proc.kill(): it polls first, and a poll may reap). A kill is sent only until the child is
+    # known to have exited (waitid with WNOWAIT leaves it a zombie, holding its pid): never to
+    # a reused pid.
+    lock = threading.Lock()
+    exited = False
+
+    def kill() -> None:
+        with lock:
+            if not exited:
+                os.kill(proc.pid, signal.SIGKILL)
+
     def drain() -> None:
         while block := os.read(read_fd, 65536):
             chunks.append(block)
             if marker is not None and marker in b"".join(chunks[-2:]):
-                proc.kill()
+                kill()
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
@@ -141,11 +154,14 @@ def run_child(argv: Sequence[str], timeout: float, stop_after: str | None = None
 
     def expire() -> None:
         expired.set()
-        proc.kill()
+        kill()
 
     killer = threading.Timer(timeout, expire)
     killer.start()
     try:
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        with lock:
+            exited = True
         _, status, usage = os.wait4(proc.pid, 0)
     except BaseException:
         proc.kill()

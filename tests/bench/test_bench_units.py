@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 
 import pytest
 
 from bench import goals, locality
-from bench.cpu import CLK_TCK, CpuDelta, delta, parse_proc_stat, sample
+from bench.cpu import CLK_TCK, CpuDelta, delta, parse_proc_stat, run_child, sample
 from bench.iscsi_load import parse_load_output
 from bench.qemu_img import (
     JOB_BY_NAME,
@@ -341,3 +342,32 @@ def test_bad_arguments_are_refused_with_the_name(capsys: pytest.CaptureFixture[s
     assert args.parts == ["tgt", "standalone"]
     assert [j.name for j in args.job_list] == ["qd1wf"]
     assert "r3-vip" not in parse_args([]).parts
+
+
+# --- the client runner -------------------------------------------------------------------------
+
+
+def test_run_child_reports_the_child_cpu_and_output() -> None:
+    busy = (
+        "import time\nt = time.process_time()\n"
+        "while time.process_time() - t < 0.3: pass\nprint('done')"
+    )
+    run = run_child([sys.executable, "-c", busy], timeout=60)
+    assert run.returncode == 0 and run.output.strip() == "done" and not run.timed_out
+    assert run.cpu_seconds >= 0.25  # the child's own rusage, not ours
+    assert run.wall_seconds >= run.cpu_seconds * 0.5
+
+
+def test_run_child_stops_a_client_whose_report_is_complete() -> None:
+    # the client exits by itself at about the moment its report is read: the kill must not
+    # race the wait for it (it did once: a poll inside Popen.kill reaped it first)
+    for _ in range(50):
+        run = run_child(["sh", "-c", "echo 'Run completed in 0.1 seconds.'"], 10, " seconds.")
+        assert run.returncode == 0 and "Run completed" in run.output
+    slow = run_child(["sh", "-c", "echo 'done in 1 seconds.'; sleep 30"], 60, " seconds.")
+    assert slow.returncode == 0 and slow.wall_seconds < 20 and not slow.timed_out
+
+
+def test_run_child_kills_at_the_timeout() -> None:
+    run = run_child(["sleep", "30"], timeout=0.5)
+    assert run.timed_out and run.returncode == -9 and run.wall_seconds < 20
