@@ -27,8 +27,9 @@ class Goal:
     def needs(self) -> set[str]:
         """The parts that must have run for this goal to be checked (see `lines`)."""
         part, _, what = self.measure.rpartition(".")
-        if what.startswith("x_"):  # a ratio: the anchor's same job too
-            return {part, f"{what.removeprefix('x_')}.{part.partition('.')[2]}"}
+        anchor = what.removeprefix("x_")
+        if anchor in (SINGLE_COPY_ANCHOR, REPLICATED_ANCHOR):  # the anchor's same job too
+            return {part, f"{anchor}.{part.partition('.')[2]}"}
         return {part}
 
     def check(self, measures: Mapping[str, float]) -> bool | None:

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 from bench.cpu import ChildRun, CpuDelta, ProcessGroup, delta, run_child
 
+# Written data: qemu-img bench writes zeros unless told otherwise, which a target could treat
+# specially (zero detection, unmapping) and which would leave the images all zeros.
+WRITE_PATTERN = 0xA5
 KIB = 1 << 10
 MIB = 1 << 20
 GOLDEN_RATIO = (math.sqrt(5) - 1) / 2  # the stride that spreads a modular walk the most
@@ -114,7 +117,7 @@ def bench_argv(job: Job, opts: str, image_bytes: int, count: int) -> list[str]:
         "-S", str(step_bytes(job, image_bytes)),
     ]  # fmt: skip
     if job.write:
-        argv.append("-w")
+        argv += ["-w", f"--pattern={WRITE_PATTERN}"]
     if job.flush_interval:
         argv.append(f"--flush-interval={job.flush_interval}")
     return [*argv, opts]

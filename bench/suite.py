@@ -85,6 +85,7 @@ class Run:
     measures: dict[str, float] = field(default_factory=dict)
     ran: set[str] = field(default_factory=set)
     failures: list[str] = field(default_factory=list)
+    part_seconds: dict[str, float] = field(default_factory=dict)
     json: dict[str, Any] = field(default_factory=dict)
 
     def fail(self, part: str, exc: BaseException) -> None:
@@ -136,11 +137,20 @@ def measure_system(run: Run, system: System, info: SystemInfo) -> None:
 
 
 def make_image(path: Path, size: int) -> None:
-    """A file of `size` random bytes: the LUN tgt and standalone serve, and the data every
-    other system is filled with (reads then return real data, not holes)."""
+    """A file of `size` random bytes: the data every system holds before its jobs run (reads
+    return real data, not holes or zeros). Never written to: tgt and standalone serve a copy
+    (`lun_file`)."""
     with open(path, "wb") as f:
         for _ in range(size >> 20):
             f.write(os.urandom(1 << 20))
+
+
+def lun_file(work: Path, source: Path) -> Path:
+    """The file tgt and then the standalone target serve: a copy of `source`."""
+    lun = work / "lun.img"
+    if not lun.exists():
+        shutil.copyfile(source, lun)
+    return lun
 
 
 def filled(label: str, image: Path, opts: str, size: int) -> None:
@@ -151,30 +161,32 @@ def filled(label: str, image: Path, opts: str, size: int) -> None:
 # --- the parts -----------------------------------------------------------------------------
 
 
-def part_tgt(run: Run, work: Path, image: Path) -> None:
+def part_tgt(run: Run, work: Path, source: Path) -> None:
     host = loopback_host()
-    with tgt_system.serve(image, host, free_port(host), work / "tgtd.log") as t:
+    with tgt_system.serve(lun_file(work, source), host, free_port(host), work / "tgtd.log") as t:
         servers = ProcessGroup("tgtd", lambda: [t.pid])
         system = System("tgt", "tgt, 1 copy (C)", iscsi_opts(t.portal, t.iqn, t.lun,
                         BENCH_INITIATOR), run.size, servers)  # fmt: skip
         measure_system(run, system, SystemInfo("tgt", system.label, "tgtd"))
 
 
-def part_gluster(run: Run, work: Path, image: Path) -> None:
+def part_gluster(run: Run, work: Path, source: Path) -> None:
     with gluster_system.replica3(work / "gluster", run.size) as g:
         say(f"  {g.version}, volume settings: {dict(gluster_system.SETTINGS)}")
         run.json["gluster"] = {"version": g.version, "namespace": g.namespace.name,
                                "settings": dict(gluster_system.SETTINGS)}  # fmt: skip
-        filled("the Gluster image", image, g.image_opts, run.size)
+        filled("the Gluster image", source, g.image_opts, run.size)
         servers = ProcessGroup("glusterd + bricks + self-heal", g.namespace.pids)
         system = System("gluster", "GlusterFS replica 3 (gfapi)", g.image_opts, run.size, servers)
         label = "glusterd, 3 bricks, self-heal daemon (replication itself runs in the client)"
         measure_system(run, system, SystemInfo("gluster", system.label, label))
 
 
-def part_standalone(run: Run, work: Path, image: Path) -> None:
+def part_standalone(run: Run, work: Path, source: Path) -> None:
     host = loopback_host()
-    with standalone_system.serve(image, host, free_port(host), work / "standalone.log") as s:
+    with standalone_system.serve(
+        lun_file(work, source), host, free_port(host), work / "standalone.log"
+    ) as s:
         servers = ProcessGroup("lunastor-chunk standalone", lambda: [s.pid])
         opts = iscsi_opts(s.portal, s.iqn, s.lun, BENCH_INITIATOR)
         system = System("standalone", "lunastor standalone (1 file)", opts, run.size, servers)
@@ -190,7 +202,9 @@ def cluster_system(
     return system, info
 
 
-def part_cluster(run: Run, work: Path, image: Path, parts: Sequence[str], disk_mbps: float) -> None:
+def part_cluster(
+    run: Run, work: Path, source: Path, parts: Sequence[str], disk_mbps: float
+) -> None:
     """The parts that share one dev cluster, in an order where the disruptive come last."""
     with dev_cluster(work / "cluster", env=rebuild.REBUILD_ENV) as cluster:
         say(f"  dev cluster up in {cluster.dir}, {len(cluster.chunk_names())} chunk servers")
@@ -202,14 +216,14 @@ def part_cluster(run: Run, work: Path, image: Path, parts: Sequence[str], disk_m
             nonlocal r3
             if r3 is None:
                 r3 = cluster.create_volume("bench-r3", run.size, 3)
-                filled("the 3-replica volume", image, r3.image_opts(portal), run.size)
+                filled("the 3-replica volume", source, r3.image_opts(portal), run.size)
             return r3
 
         guarded = guard(run)
         if "r1" in parts:
             with guarded("r1"):
                 r1 = cluster.create_volume("bench-r1", run.size, 1)
-                filled("the 1-replica volume", image, r1.image_opts(portal), run.size)
+                filled("the 1-replica volume", source, r1.image_opts(portal), run.size)
                 measure_system(run, *cluster_system(
                     cluster, "r1", f"lunastor 1 replica ({ACCESS_POINT})", r1.image_opts(portal),
                     run.size))  # fmt: skip
@@ -272,10 +286,14 @@ def guard(run: Run) -> Callable[[str], AbstractContextManager[None]]:
 
     @contextmanager
     def guarded(part: str) -> Iterator[None]:
+        start = time.monotonic()
         try:
             yield
         except Exception as exc:
             run.fail(part, exc)
+        took = time.monotonic() - start
+        run.part_seconds[part] = took
+        say(f"  ({part}: {took:.0f} s)")
 
     return guarded
 
@@ -390,8 +408,8 @@ def measure_parts(
         facts = machine.measure(work, load_before, seconds=min(2.0, args.seconds / 2))
         for line in facts.lines():
             say(line)
-        image = work / "lun.img"
-        make_image(image, args.size)
+        source = work / "source.img"
+        make_image(source, args.size)
         guarded = guard(run)
         for part, body in (
             ("tgt", part_tgt),
@@ -401,12 +419,12 @@ def measure_parts(
             if part in args.parts:
                 say(f"== {part}: {PARTS[part]}")
                 with guarded(part):
-                    body(run, work, image)
+                    body(run, work, source)
         cluster_parts = [p for p in CLUSTER_PARTS if p in args.parts]
         if cluster_parts:
             say(f"== dev cluster: {', '.join(cluster_parts)}")
             with guarded("dev cluster"):
-                part_cluster(run, work, image, cluster_parts, facts.direct_write_mbps)
+                part_cluster(run, work, source, cluster_parts, facts.direct_write_mbps)
         for part, command in SUBPROCESS_PARTS.items():
             if part in args.parts:
                 say(f"== {part}: {PARTS[part]}")
@@ -431,6 +449,7 @@ def write_json(
         "results": {name: {job: (r.to_json() if isinstance(r, JobResult) else {"error": r})
                            for job, r in by_job.items()} for name, by_job in run.results.items()},
         "measures": run.measures,
+        "part_seconds": run.part_seconds,
         "failures": run.failures,
         "summary": lines,
     })  # fmt: skip

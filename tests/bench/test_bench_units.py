@@ -93,6 +93,7 @@ def test_bench_argv_is_what_the_job_says() -> None:
     assert argv[argv.index("-c") : argv.index("-c") + 2] == ["-c", "1234"]
     assert argv[argv.index("-d") : argv.index("-d") + 2] == ["-d", "1"]
     assert "-w" in argv and "--flush-interval=1" in argv
+    assert "--pattern=165" in argv  # never zeros: a target could shortcut them
     reads = bench_argv(JOB_BY_NAME["sr1m"], "o", 1 << 30, 10)
     assert "-w" not in reads and not any(a.startswith("--flush") for a in reads)
     assert reads[reads.index("-S") + 1] == str(1 << 20)  # sequential: one block per step
@@ -316,6 +317,7 @@ def test_goals_are_checked_and_shown_only_for_what_ran() -> None:
     assert len(noisy) == 1 and noisy[0].endswith("n/a")  # the limited run does not exist yet
     assert goals.Goal(1, "x", "a.b.value", "<=", 10).check({"a.b.value": 11}) is False
     assert goals.Goal(1, "x", "a.b.x_gluster", ">=", 1).needs() == {"a.b", "gluster.b"}
+    assert goals.Goal(1, "x", "rebuild.x_disk", ">=", 1).needs() == {"rebuild"}
 
 
 # --- the command line ---------------------------------------------------------------------------
