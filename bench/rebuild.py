@@ -71,13 +71,19 @@ def rebuilt_bytes(cluster: DevCluster) -> float:
 
 
 def wait_until(done: Callable[[], bool], what: str) -> float:
-    """Poll `done()` every 0.5 s; seconds it took. RuntimeError after TIMEOUT."""
+    """Poll `done()` every 0.5 s; seconds it took. A poll that fails (etcd slow to answer on a
+    loaded machine) counts as not done yet; RuntimeError with the last failure after TIMEOUT."""
     start = time.monotonic()
-    while not done():
+    last: Exception | None = None
+    while True:
+        try:
+            if done():
+                return time.monotonic() - start
+        except Exception as exc:
+            last = exc
         if time.monotonic() - start > TIMEOUT:
-            raise RuntimeError(f"{what} did not finish within {TIMEOUT} s")
+            raise RuntimeError(f"{what} did not finish within {TIMEOUT} s (last error: {last!r})")
         time.sleep(0.5)
-    return time.monotonic() - start
 
 
 def catch_up(cluster: DevCluster, client: Path, volume: Volume, outage: float) -> CatchUp:

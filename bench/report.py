@@ -97,7 +97,10 @@ def tables(
     systems: Sequence[SystemInfo],
     results: Mapping[str, Mapping[str, Outcome]],
 ) -> list[str]:
-    """Every group's table, in the order the jobs are given, with a legend of the systems."""
+    """Every group's table, in the order the jobs are given, with a legend of the systems;
+    nothing when no system was measured."""
+    if not any(results.values()):
+        return []
     lines = ["systems (server CPU/IO sums the CPU of these processes over each job):"]
     for s in systems:
         if s.name in results:

@@ -23,7 +23,7 @@ from bench.qemu_img import (
     run_count,
     step_bytes,
 )
-from bench.report import SystemInfo, anchor_ratio, group_table
+from bench.report import SystemInfo, anchor_ratio, group_table, tables
 from bench.suite import parse_args, parse_size
 from bench.systems.devcluster import metric_samples
 
@@ -297,6 +297,13 @@ def test_group_table() -> None:
     failed = group_table([JOB_BY_NAME["sr1m"]], SYSTEMS, RESULTS)
     assert "failed: sr1m: qemu-img bench failed" in failed[3]
     assert "n/a" in failed[2]  # tgt against a failed Gluster line
+
+
+def test_tables_show_a_legend_and_a_table_per_group_and_nothing_without_results() -> None:
+    out = tables([JOB_BY_NAME["rr4k"], JOB_BY_NAME["sr1m"]], SYSTEMS, RESULTS)
+    assert out[0].startswith("systems") and "tgtd" in out[1]
+    assert sum(1 for line in out if "more is better" in line) == 2
+    assert tables(list(JOBS), SYSTEMS, {}) == []
 
 
 def test_goals_are_checked_and_shown_only_for_what_ran() -> None:
