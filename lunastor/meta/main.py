@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 import time
 from collections.abc import Sequence
@@ -63,6 +64,7 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
         app = make_app(config, etcd, health, luns)
         runner = await start_http(app, config.listen, "listen", ssl_context)
         planners.start()
+        quiet_gc()
         log.info("meta service up", api=config.api_url)
         await stop.wait()
         log.info("meta service stopping")
@@ -71,6 +73,16 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
         await luns.stop()
         await presence.stop()
     return 0
+
+
+def quiet_gc() -> None:
+    """Move everything allocated at start-up out of the collector's view and collect the
+    young generation less often: a request allocates many short-lived objects (protobufs,
+    dicts, coroutines) that reference counting frees, and at the default threshold of 700
+    the cyclic collector ran every few requests (7% of meta's CPU under load, py-spy)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
