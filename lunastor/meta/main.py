@@ -28,6 +28,7 @@ from lunastor.meta.config import MetaConfig
 from lunastor.meta.gc import GcPlanner
 from lunastor.meta.luns import LunMap
 from lunastor.meta.planners import DrainPlanner, Planner, PlannerLeader, RebuildPlanner
+from lunastor.meta.rebalance import RebalancePlanner, RingPlanner
 
 PROG = "lunastor-meta"
 
@@ -60,6 +61,15 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
         await presence.start()
         luns = await LunMap(etcd).start()
         jobs: list[Planner] = [DrainPlanner(etcd), RebuildPlanner(etcd), GcPlanner(etcd)]
+        jobs.append(RingPlanner(etcd))
+        if config.rebalance_max_moves:
+            jobs.append(
+                RebalancePlanner(
+                    etcd,
+                    max_moves=config.rebalance_max_moves,
+                    max_per_server=config.rebalance_per_server,
+                )
+            )
         planners = PlannerLeader(etcd, presence, config.instance_id, jobs, config.planner_interval)
         app = make_app(config, etcd, health, luns)
         runner = await start_http(app, config.listen, "listen", ssl_context)
