@@ -20,6 +20,8 @@ join-then-retire mechanism (chunk/replication/join.py, driven by the repair loop
   zone spread). Among candidate extents it prefers those whose ring placement already wants
   the target (so data and ring converge and later rebuilds move less), then secondaries over
   primaries (a primary hands over, which costs a generation change), then a stable hash.
+- **Repair first**: while any extent has a member down or draining, lacks a replica or is
+  converging after a failover, no new move is planned (moves in flight finish).
 - **Throttle**: at most `max_moves` moves outstanding in the cluster and `max_per_server`
   per server (as source or target), counting the intents still in flight.
 """
@@ -180,13 +182,22 @@ def plan_moves(
     on: dict[str, list[ExtentRecord]] = defaultdict(list)
     skipped = 0
     for rec in records:
-        if (rec.volume, rec.index) in flight or rec.converging:
+        if (rec.volume, rec.index) in flight:
             continue
-        if not all(m in usable for m in rec.replicas):
+        if rec.converging or not all(m in usable for m in rec.replicas):
             skipped += 1
+            continue
+        if len(rec.replicas) < rec.copies:
+            skipped += 1  # below its replica count: the repair loop adds one first
             continue
         for m in rec.replicas:
             on[m].append(rec)
+    if skipped:
+        # Repair first: while any extent waits for the repair loop (a member down or
+        # draining, a replica missing, a failover converging), no new move competes with it
+        # for copy bandwidth or makes its member count harder to reason about.
+        after = Balance(counts, targets)
+        return RebalancePlan([], before, after, _within(counts, targets, tolerance), False, skipped)
     for sid, recs in on.items():
         recs.sort(key=partial(_preference, sid))
 

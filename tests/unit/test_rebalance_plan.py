@@ -145,16 +145,24 @@ def test_capacity_skew_gives_a_bigger_server_a_bigger_share() -> None:
     assert after.worst <= 0.05
 
 
-def test_extents_with_a_draining_or_unknown_member_are_left_to_the_repair_loop() -> None:
+@pytest.mark.parametrize(
+    ("waiting", "count"),
+    [
+        ([ExtentRecord(volume="x", index=i, replicas=["s0", "old", "s1"]) for i in range(5)], 5),
+        ([ExtentRecord(volume="y", index=0, replicas=["s0", "gone", "s1"])], 1),
+        ([ExtentRecord(volume="y", index=0, replicas=["s0", "s1"], copies=3)], 1),
+        ([ExtentRecord(volume="y", index=0, replicas=["s0", "s1", "s2"], converging=True)], 1),
+    ],
+    ids=["draining member", "unknown member", "missing replica", "converging"],
+)
+def test_repair_first_no_move_while_an_extent_waits_for_the_repair_loop(
+    waiting: list[ExtentRecord], count: int
+) -> None:
     servers = [*OLD, Holder("s3", "z", 1000), Holder("old", "z", 1000, usable=False)]
-    recs = (
-        extents(30, ["s0", "s1", "s2"])
-        + [ExtentRecord(volume="x", index=i, replicas=["s0", "old", "s1"]) for i in range(5)]
-        + [ExtentRecord(volume="y", index=0, replicas=["s0", "gone", "s1"])]
-    )
-    plan = plan_moves(recs, servers, max_moves=100, max_per_server=100)
-    assert plan.skipped == 6
-    assert all(m.volume == "vol-0" for m in plan.moves)
+    recs = extents(30, ["s0", "s1", "s2"])
+    assert plan_moves(recs, servers).moves  # s3 is empty: moves, when nothing waits
+    plan = plan_moves(recs + waiting, servers, max_moves=100, max_per_server=100)
+    assert plan.moves == [] and plan.skipped == count and not plan.balanced
     assert "old" not in plan.before.targets  # a draining server has no share
 
 
