@@ -7,8 +7,8 @@ and gluster drivers; bench/qemu_img.py): tgt on one file, GlusterFS replica 3, t
 standalone target on the same file as tgt, and a lunastor dev cluster's 1-replica and
 3-replica volumes through one chunk server's portal. Then the lines that need the cluster
 (noisy neighbour, snapshots, catch-up and re-replication) and the other benchmarks
-(control plane, extent store). Prints one table per job group, the extra lines and the goals
-of open issues, and writes everything as JSON to bench/out/.
+(control plane, extent store, metadata scale). Prints one table per job group, the extra
+lines and the goals of open issues, and writes everything as JSON to bench/out/.
 
 Everything started is stopped on the way out, on failure and on SIGINT/SIGTERM too.
 """
@@ -57,12 +57,14 @@ PARTS = {
     "rebuild": "catch-up and re-replication of a lost replica, with a foreground load",
     "control_plane": "the meta REST API against raw etcd (bench/control_plane.py)",
     "extent_store": "the local extent store and the data protocol (bench/extent_store.py)",
+    "scale": "metadata of a 1,000-server, 1 PiB cluster, from a slice (bench/scale.py)",
 }
 DEFAULT_PARTS = tuple(p for p in PARTS if p != "r3-vip")
 CLUSTER_PARTS = ("r1", "r3", "r3-vip", "noisy", "snapshots", "rebuild")
 SUBPROCESS_PARTS = {  # benchmarks that stay their own command, run as they are
     "control_plane": ["-m", "bench.control_plane"],
     "extent_store": ["-m", "bench.extent_store"],
+    "scale": ["-m", "bench.scale"],
 }
 SUBPROCESS_TIMEOUT = 900
 ACCESS_POINT = "chunk1"
