@@ -112,12 +112,13 @@ def idle_cpu(group: ProcessGroup, seconds: float = IDLE_SECONDS) -> float:
     return delta(before, group.sample()).percent(seconds)
 
 
-def measure_system(run: Run, system: System, info: SystemInfo) -> None:
+def measure_system(run: Run, system: System) -> None:
     """Run every job against `system`; results and progress lines into `run`."""
-    run.systems.append(info)
+    others = system.others.label if system.others else None
+    run.systems.append(SystemInfo(system.name, system.label, system.servers.label, others))
     run.pids[system.name] = list(system.servers.pids())
     run.idle_cpu[system.name] = idle = idle_cpu(system.servers)
-    say(f"  {system.label}: servers idle at {idle:.1f}% of a core ({info.servers})")
+    say(f"  {system.label}: servers idle at {idle:.1f}% of a core ({system.servers.label})")
     outcomes: dict[str, Outcome] = {}
     run.results[system.name] = outcomes
     for job in run.jobs:
@@ -166,10 +167,9 @@ def filled(label: str, image: Path, opts: str, size: int) -> None:
 def part_tgt(run: Run, work: Path, source: Path) -> None:
     host = loopback_host()
     with tgt_system.serve(lun_file(work, source), host, free_port(host), work / "tgtd.log") as t:
+        opts = iscsi_opts(t.portal, t.iqn, t.lun, BENCH_INITIATOR)
         servers = ProcessGroup("tgtd", lambda: [t.pid])
-        system = System("tgt", "tgt, 1 copy (C)", iscsi_opts(t.portal, t.iqn, t.lun,
-                        BENCH_INITIATOR), run.size, servers)  # fmt: skip
-        measure_system(run, system, SystemInfo("tgt", system.label, "tgtd"))
+        measure_system(run, System("tgt", "tgt, 1 copy (C)", opts, run.size, servers))
 
 
 def part_gluster(run: Run, work: Path, source: Path) -> None:
@@ -178,10 +178,10 @@ def part_gluster(run: Run, work: Path, source: Path) -> None:
         run.json["gluster"] = {"version": g.version, "namespace": g.namespace.name,
                                "settings": dict(gluster_system.SETTINGS)}  # fmt: skip
         filled("the Gluster image", source, g.image_opts, run.size)
-        servers = ProcessGroup("glusterd + bricks + self-heal", g.namespace.pids)
-        system = System("gluster", "GlusterFS replica 3 (gfapi)", g.image_opts, run.size, servers)
         label = "glusterd, 3 bricks, self-heal daemon (replication itself runs in the client)"
-        measure_system(run, system, SystemInfo("gluster", system.label, label))
+        servers = ProcessGroup(label, g.namespace.pids)
+        label = "GlusterFS replica 3 (gfapi)"
+        measure_system(run, System("gluster", label, g.image_opts, run.size, servers))
 
 
 def part_standalone(run: Run, work: Path, source: Path) -> None:
@@ -189,19 +189,17 @@ def part_standalone(run: Run, work: Path, source: Path) -> None:
     with standalone_system.serve(
         lun_file(work, source), host, free_port(host), work / "standalone.log"
     ) as s:
-        servers = ProcessGroup("lunastor-chunk standalone", lambda: [s.pid])
+        servers = ProcessGroup("its one process", lambda: [s.pid])
         opts = iscsi_opts(s.portal, s.iqn, s.lun, BENCH_INITIATOR)
-        system = System("standalone", "lunastor standalone (1 file)", opts, run.size, servers)
-        measure_system(run, system, SystemInfo("standalone", system.label, "its one process"))
+        label = "lunastor standalone (1 file)"
+        measure_system(run, System("standalone", label, opts, run.size, servers))
 
 
 def cluster_system(
-    cluster: DevCluster, name: str, label: str, opts: str, size: int
-) -> tuple[System, SystemInfo]:
-    system = System(name, label, opts, size, cluster.servers(), cluster.control())
-    chunks = len(cluster.chunk_names())
-    info = SystemInfo(name, label, f"the {chunks} chunk servers", "etcd, meta, redirector")
-    return system, info
+    cluster: DevCluster, name: str, label: str, volume: Volume, portal: str
+) -> System:
+    opts = volume.image_opts(portal)
+    return System(name, label, opts, volume.size, cluster.servers(), cluster.control())
 
 
 def part_cluster(
@@ -226,16 +224,14 @@ def part_cluster(
             with guarded("r1"):
                 r1 = cluster.create_volume("bench-r1", run.size, 1)
                 filled("the 1-replica volume", source, r1.image_opts(portal), run.size)
-                measure_system(run, *cluster_system(
-                    cluster, "r1", f"lunastor 1 replica ({ACCESS_POINT})", r1.image_opts(portal),
-                    run.size))  # fmt: skip
+                label = f"lunastor 1 replica ({ACCESS_POINT})"
+                measure_system(run, cluster_system(cluster, "r1", label, r1, portal))
         if "r3" in parts:
             with guarded("r3"):
                 vol = volume_r3()
                 before = locality.sample(cluster)
-                measure_system(run, *cluster_system(
-                    cluster, "r3", f"lunastor 3 replicas ({ACCESS_POINT})", vol.image_opts(portal),
-                    run.size))  # fmt: skip
+                label = f"lunastor 3 replicas ({ACCESS_POINT})"
+                measure_system(run, cluster_system(cluster, "r3", label, vol, portal))
                 share = locality.share(before, locality.sample(cluster))
                 run.ran.add("locality")
                 run.extra.append(locality.line(share, "3-replica volume, all its write jobs"))
@@ -245,9 +241,10 @@ def part_cluster(
         if "r3-vip" in parts:
             with guarded("r3-vip"):
                 vol = volume_r3()
-                measure_system(run, *cluster_system(
-                    cluster, "r3-vip", "lunastor 3 replicas (VIP)",
-                    vol.image_opts(cluster.vip_portal), run.size))  # fmt: skip
+                label = "lunastor 3 replicas (VIP)"
+                measure_system(
+                    run, cluster_system(cluster, "r3-vip", label, vol, cluster.vip_portal)
+                )
         client = iscsi_load.build(ROOT / "bench" / "out")
         if "noisy" in parts:
             with guarded("noisy"):

@@ -95,10 +95,10 @@ class DevCluster:
         return self._pids(CONTROL_DAEMONS)
 
     def servers(self) -> ProcessGroup:
-        return ProcessGroup("chunk servers", self.chunk_pids)
+        return ProcessGroup(f"the {len(self.chunk_names())} chunk servers", self.chunk_pids)
 
     def control(self) -> ProcessGroup:
-        return ProcessGroup("etcd + meta + redirector", self.control_pids)
+        return ProcessGroup("etcd, meta, redirector", self.control_pids)
 
     def create_volume(self, name: str, size: int, replicas: int) -> Volume:
         """A volume exported to the bench's initiator."""

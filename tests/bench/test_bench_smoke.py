@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.devcluster import pid_alive
 from tests.support.procs import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,14 +26,6 @@ def bench(*args: str, out: Path, workdir: Path) -> list[str]:
         sys.executable, "-m", "bench", *args, "--size", "64MiB",
         "--out", str(out), "--workdir", str(workdir),
     ]  # fmt: skip
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def children(pid: int) -> list[int]:
@@ -64,7 +57,7 @@ def test_bench_measures_tgt_and_standalone_and_cleans_up(tmp_path: Path) -> None
             assert "error" not in r, (system, name, r)
             assert r["ios"] > 0 and r["seconds"] > 0 and r["server_cpu_s"] >= 0
         pids = result["systems"][system]["pids"]
-        assert pids and not any(alive(p) for p in pids), f"{system} left {pids} running"
+        assert pids and not any(pid_alive(p) for p in pids), f"{system} left {pids} running"
     assert result["machine"]["fdatasync_per_s"] > 0
     assert result["machine"]["direct_write_mbps"] > 0
     assert "standalone.rr4k.x_tgt" in result["measures"]
@@ -99,5 +92,5 @@ def test_an_interrupted_bench_stops_what_it_started(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 130, output.decode()[-3000:]
     assert b"interrupted: everything the bench started has been stopped" in output
-    assert len(started) >= 1 and not any(alive(p) for p in started), started
+    assert len(started) >= 1 and not any(pid_alive(p) for p in started), started
     assert list(work.iterdir()) == []
