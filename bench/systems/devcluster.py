@@ -127,12 +127,15 @@ class DevCluster:
         """Sum of every sample of metric `name` on one chunk server (0 when absent)."""
         return sum(metric_samples(self.metrics(chunk), name).values())
 
-    def extents(self, volume_id: str) -> list[ExtentRecord]:
+    def extents(self, volume_id: str | None = None) -> list[ExtentRecord]:
+        """The extent records of one volume, or of every volume."""
+        prefix = Keys.EXTENTS if volume_id is None else Keys.volume_extents(volume_id)
+
         async def read() -> list[ExtentRecord]:
             etcd = self.state["etcd"]
             cfg = EtcdConfig(endpoints=etcd["endpoints"], namespace=etcd["namespace"])
             async with await Etcd.connect(cfg) as client:
-                kvs, _ = await client.get_prefix(Keys.volume_extents(volume_id))
+                kvs, _ = await client.get_prefix(prefix)
             return [ExtentRecord.from_json(kv.value) for kv in kvs]
 
         return asyncio.run(read())
