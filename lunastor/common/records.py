@@ -59,6 +59,8 @@ class Keys:
     # /<target iqn>/<initiator port>, both percent-encoded: the access point holding the
     # nexus's latest login; its mod_revision is the nexus epoch (docs/datapath.md, "Fencing")
     NEXUS_EPOCHS = f"/{SCHEMA}/nexus-epochs/"
+    # /<microseconds, 17 digits>-<random>: EventRecord, the recent events (common/events.py)
+    EVENTS = f"/{SCHEMA}/events/"
 
     @staticmethod
     def chunk(chunk_id: str) -> str:
