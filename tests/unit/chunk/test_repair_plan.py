@@ -1,4 +1,5 @@
-"""The repair planner (lunastor/chunk/repair_plan.py): one action per extent, table-driven."""
+"""The repair planner (lunastor/chunk/maintenance/repair_plan.py): one action per extent,
+table-driven."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lunastor.chunk.repair_plan import (
+from lunastor.chunk.maintenance.repair_plan import (
     Action,
     ActionKind,
     ServerView,

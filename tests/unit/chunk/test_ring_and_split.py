@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lunastor.chunk.ring import RingError, Server, StoredRing, bootstrap_ring
-from lunastor.chunk.volume import split
+from lunastor.chunk.access.volume import split
+from lunastor.chunk.replication.ring import RingError, Server, StoredRing, bootstrap_ring
 from lunastor.meta.placement import Candidate, Ring, build_ring, place_replicas
 
 SERVERS = [

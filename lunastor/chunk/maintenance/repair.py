@@ -16,11 +16,8 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from lunastor.chunk.dataserver import DataNode, PrimaryReplicaLost, StaleMap, Unavailable
-from lunastor.chunk.extentmap import AllocationError, ExtentMap
-from lunastor.chunk.join import JoinAborted, Throttle, join_member, retire_member
-from lunastor.chunk.peer import PeerError
-from lunastor.chunk.repair_plan import (
+from lunastor.chunk.access.volume import AccessPath
+from lunastor.chunk.maintenance.repair_plan import (
     Action,
     ActionKind,
     ServerView,
@@ -28,9 +25,12 @@ from lunastor.chunk.repair_plan import (
     plan_extent,
     wanted_replicas,
 )
+from lunastor.chunk.replication.extentmap import AllocationError, ExtentMap
+from lunastor.chunk.replication.join import JoinAborted, Throttle, join_member, retire_member
+from lunastor.chunk.replication.node import DataNode, PrimaryReplicaLost, StaleMap, Unavailable
 from lunastor.chunk.store import ExtentStoreError, ReplicaNotFound
-from lunastor.chunk.volume import AccessPath
-from lunastor.chunk.wire import GetState
+from lunastor.chunk.wire.messages import GetState
+from lunastor.chunk.wire.peer import PeerError
 from lunastor.common.etcd import Etcd, EtcdError
 from lunastor.common.etcd.cache import PrefixCache
 from lunastor.common.records import (

@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from lunastor.chunk.ring import RingError, Server, StoredRing, bootstrap_ring
+from lunastor.chunk.replication.ring import RingError, Server, StoredRing, bootstrap_ring
 from lunastor.common.etcd import Compare, Etcd, Put
 from lunastor.common.etcd.cache import PrefixCache
 from lunastor.common.records import (
