@@ -29,7 +29,31 @@ from lunastor.common.records import Keys, Record, RecordError
 
 KEEP = 1000  # events kept in etcd; older ones are pruned
 PRUNE_BATCH = 100  # deletes per transaction (etcd's default limit is 128 operations)
-SEVERITIES = ("info", "warning", "error")
+
+# Every kind of event, its severity and what it means; `detail` adds the particulars.
+KINDS: dict[str, tuple[str, str]] = {
+    # meta: daemons coming and going (meta/events.py), operations (meta/planners.py)
+    "chunk_server_joined": ("info", "a new chunk server registered and is up"),
+    "chunk_server_up": ("info", "a chunk server is back"),
+    "chunk_server_down": ("warning", "a chunk server stopped renewing its lease"),
+    "meta_up": ("info", "a meta instance started"),
+    "meta_down": ("warning", "a meta instance is gone"),
+    "redirector_leader": ("info", "a redirector leads and holds the VIP"),
+    "redirector_failover": ("warning", "another redirector took over the VIP"),
+    "redirector_leader_lost": ("error", "no redirector leads: logins through the VIP fail"),
+    "rebuild_started": ("warning", "re-replication of a lost server's extents began"),
+    "rebuild_done": ("info", "every extent of a lost server has its replicas back"),
+    "drain_started": ("info", "an operator asked to drain a chunk server"),
+    "drain_done": ("info", "a drained chunk server holds no replica any more"),
+    # chunk servers: the data path (subject: "<volume>/<extent>")
+    "replica_removed": ("warning", "members left an extent's replica set (failed or dead)"),
+    "replica_added": ("info", "a member joined an extent's replica set (rebuild, catch-up)"),
+    "failover": ("warning", "an extent got a new primary: old -> new"),
+    "checksum_repair": ("warning", "a block failed its checksum on read; rewritten on this member"),
+    "scrub_repair": ("warning", "scrub found a block failing its checksum and rewrote it"),
+    "scrub_unrepaired": ("error", "scrub found a bad block it could not repair yet"),
+    "data_dir_failed": ("error", "a data directory was taken out of service"),
+}
 
 EMITTED = Counter("lunastor_events_total", "Events written to the cluster's event log", ["kind"])
 DROPPED = Counter(
@@ -42,7 +66,7 @@ log = get_logger(component="events")
 @dataclass
 class EventRecord(Record):
     at: float = 0.0  # seconds since the epoch, on the writer's clock
-    kind: str = ""  # e.g. chunk_server_down, replica_removed, scrub_repair, failover
+    kind: str = ""  # a key of `KINDS`
     severity: str = "info"  # info | warning | error
     subject: str = ""  # what it is about: a chunk server id, "<volume>/<extent>", ...
     detail: str = ""  # one sentence for people
@@ -63,6 +87,7 @@ def event_view(kv: KeyValue) -> dict[str, object] | None:
         "at": e.at,
         "kind": e.kind,
         "severity": e.severity,
+        "what": KINDS.get(e.kind, ("", ""))[1],
         "subject": e.subject,
         "detail": e.detail,
         "source": e.source,
@@ -116,7 +141,7 @@ class EventLog:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def emit(self, kind: str, subject: str, detail: str, severity: str = "info") -> None:
+    def emit(self, kind: str, subject: str, detail: str) -> None:
         """Write an event in the background; never blocks, never raises."""
         if self._etcd is None:
             return
@@ -128,16 +153,16 @@ class EventLog:
         except RuntimeError:  # called off the event loop (a thread): not written
             DROPPED.labels("no_loop").inc()
             return
-        task = loop.create_task(self.write(kind, subject, detail, severity), name="event")
+        task = loop.create_task(self.write(kind, subject, detail), name="event")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def write(self, kind: str, subject: str, detail: str, severity: str = "info") -> None:
+    async def write(self, kind: str, subject: str, detail: str) -> None:
         """Write an event and wait for it (planners, tests); a failure is logged, not raised."""
         etcd = self._etcd
         if etcd is None:
             return
-        assert severity in SEVERITIES, severity
+        severity = KINDS[kind][0]
         now = time.time()
         record = EventRecord(now, kind, severity, subject, detail, self._source)
         try:

@@ -14,6 +14,7 @@ are the differences between two readings, which the dashboard takes itself.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -81,8 +82,9 @@ class VolumeIo:
     def forget(self) -> None:
         """The volume is no longer served here: drop its series."""
         for op in OPS:
-            IO_SECONDS.remove(self.volume, op)
-            IO_BYTES.remove(self.volume, op)
+            with contextlib.suppress(KeyError):  # already dropped
+                IO_SECONDS.remove(self.volume, op)
+                IO_BYTES.remove(self.volume, op)
 
 
 # --- reading them back (meta) -------------------------------------------------------------------

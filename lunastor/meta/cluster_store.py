@@ -284,7 +284,7 @@ class ClusterStore:
                 [Put(av.key, admin.to_json()), Put(Keys.operation(op.id), op.to_json())],
             )
             if result.succeeded:
-                await EVENTS.write("drain_started", chunk_id, f"drain of {chunk_id} requested")
+                await EVENTS.write("drain_started", chunk_id, op.id)
                 return operation_view(op), True
         raise aborted(f"drain {chunk_id}")
 

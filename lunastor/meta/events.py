@@ -73,35 +73,26 @@ class PresenceEvents:
         was_registered, was_live, was_meta, was_leader = seen
         for cid in sorted(was_live - live):
             info = registered.get(cid)
-            where = f" ({info.zone}, {info.portal})" if info is not None else ""
-            await EVENTS.write(
-                "chunk_server_down",
-                cid,
-                f"{cid}{where} stopped renewing its lease: its replicas are unreachable",
-                "warning",
-            )
+            where = f"zone {info.zone}, portal {info.portal}" if info is not None else "unknown"
+            await EVENTS.write("chunk_server_down", cid, where)
         for cid in sorted(live - was_live):
             kind = "chunk_server_up" if cid in was_registered else "chunk_server_joined"
-            await EVENTS.write(kind, cid, f"{cid} is up", "info")
+            await EVENTS.write(kind, cid, "")
         for mid in sorted(was_meta - meta):
-            await EVENTS.write("meta_down", mid, f"meta instance {mid} is gone", "warning")
+            await EVENTS.write("meta_down", mid, "")
         for mid in sorted(meta - was_meta):
-            await EVENTS.write("meta_up", mid, f"meta instance {mid} is up", "info")
-        if leader != was_leader:
-            vip = _ids(redirectors, RedirectorInstance).get(leader or "")
-            if leader is None:
-                await EVENTS.write(
-                    "redirector_leader_lost",
-                    was_leader or "",
-                    "no redirector leads: new iSCSI logins through the VIP fail",
-                    "error",
-                )
-            else:
-                detail = f"{leader} leads" + (f" and holds the VIP {vip.vip}" if vip else "")
-                kind = "redirector_failover" if was_leader else "redirector_leader"
-                if was_leader:
-                    detail += f" (was {was_leader})"
-                await EVENTS.write(kind, leader, detail, "warning" if was_leader else "info")
+            await EVENTS.write("meta_up", mid, "")
+        if leader == was_leader:
+            return
+        if leader is None:
+            await EVENTS.write("redirector_leader_lost", was_leader or "", "")
+            return
+        vip = _ids(redirectors, RedirectorInstance).get(leader)
+        detail = f"VIP {vip.vip}" if vip is not None else ""
+        if was_leader:
+            await EVENTS.write("redirector_failover", leader, f"{detail} (was {was_leader})")
+        else:
+            await EVENTS.write("redirector_leader", leader, detail)
 
 
 class EventPruner:

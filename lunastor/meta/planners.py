@@ -143,7 +143,7 @@ class DrainPlanner:
                 [Put(ov.key, done.to_json()), Put(kv.key, drained.to_json())],
             )
             if result.succeeded:
-                await EVENTS.write("drain_done", admin.id, f"{admin.id} drained: {done.detail}")
+                await EVENTS.write("drain_done", admin.id, done.detail)
 
 
 class RebuildPlanner:
@@ -191,7 +191,7 @@ class RebuildPlanner:
                     detail=f"{pending} extents to restore",
                 )
                 await self.etcd.create(Keys.operation(op.id), op.to_json())
-                await EVENTS.write("rebuild_started", chunk_id, op.detail, "warning")
+                await EVENTS.write("rebuild_started", chunk_id, op.detail)
                 continue
             op, kv = found
             if pending:
@@ -211,7 +211,7 @@ class RebuildPlanner:
                 [Compare.mod_revision(kv.key) == kv.mod_revision], [Put(kv.key, new.to_json())]
             )
             if result.succeeded and new.state == "succeeded":
-                await EVENTS.write("rebuild_done", chunk_id, f"{chunk_id}: {new.detail}")
+                await EVENTS.write("rebuild_done", chunk_id, new.detail)
 
 
 class PlannerLeader:

@@ -355,6 +355,7 @@ RESPONSES.update(
                             "at": _num,
                             "kind": _str,
                             "severity": {"enum": ["info", "warning", "error"]},
+                            "what": _str,
                             "subject": _str,
                             "detail": _str,
                             "source": _str,
