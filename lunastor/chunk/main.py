@@ -70,6 +70,7 @@ async def serve(config: ChunkConfig, stop: asyncio.Event) -> int:
                 lease=lease,
                 data_dirs=config.data_dirs,
                 failed_dirs=failed_dirs(),
+                replace_after=config.replace_after,
             ).to_json()
 
         def failed_dirs() -> dict[str, str]:

@@ -260,6 +260,9 @@ class ChunkServerStatus(Record):
     started_at: float = 0.0
     lease: int = 0
     data_dirs: list[dict[str, Any]] = field(default_factory=list)  # DataDirCapacity as dicts
+    # its `replace_after`: how long its repair loop waits for a lost member to come back
+    # before replacing it (0: not said); meta's volume health mirrors that wait
+    replace_after: float = 0.0
 
     @property
     def capacity(self) -> int:

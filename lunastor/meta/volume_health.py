@@ -5,11 +5,12 @@ Per extent, the first that applies:
 
 - **unavailable**: no member is up; the data cannot be read until one returns.
 - **rebuilding**: its members are being made identical after a failover (`converging`), or a
-  dead member was dropped and a live, non-draining server outside the set can take the new
-  replica (the primary's repair loop joins one: docs/datapath.md, "Rebuild, catch-up and
-  drain").
-- **degraded**: a member is down and still named (the primary waits for it to come back and
-  catch up, or for `replace_after`), or a replica is missing and no server can take one.
+  replica is missing, no lost server is still within its `replace_after` wait, and a live,
+  non-draining server outside the set can take the new replica (the primary's repair loop
+  joins one: docs/datapath.md, "Rebuild, catch-up and drain").
+- **degraded**: a member is down and still named, or a replica is missing while the repair
+  loop waits (a server went down less than `replace_after` ago: it may come back and catch
+  up cheaply, `repair_plan.py`'s wait rule), or no server can take one.
 - **ok**: every wanted replica is on a live server (a draining member still counts: it holds
   the data until its replacement has joined).
 
@@ -43,6 +44,7 @@ class Servers:
 
     live: frozenset[str]
     draining: frozenset[str] = frozenset()
+    waiting_for: frozenset[str] = frozenset()  # lost less than `replace_after` ago
 
     def spare_for(self, members: Sequence[str]) -> bool:
         """Could a live, non-draining server outside `members` take a replica?"""
@@ -58,7 +60,8 @@ def extent_health(rec: ExtentRecord, wanted: int, servers: Servers) -> Health:
     if any(m not in servers.live for m in members):
         return Health.DEGRADED
     if len(members) < wanted:
-        return Health.REBUILDING if servers.spare_for(members) else Health.DEGRADED
+        rebuilding = not servers.waiting_for and servers.spare_for(members)
+        return Health.REBUILDING if rebuilding else Health.DEGRADED
     return Health.OK
 
 
@@ -89,13 +92,13 @@ def volume_health(extents: Iterable[ExtentRecord], wanted: int, servers: Servers
     state = max((h for h in Health if counts[h]), key=SEVERITY.__getitem__, default=Health.OK)
     return VolumeHealth(
         state,
-        _detail(counts, total, sorted(down)),
+        _detail(counts, total, sorted(down), sorted(servers.waiting_for)),
         total,
         {str(h): n for h, n in counts.items() if h is not Health.OK and n},
     )
 
 
-def _detail(counts: dict[Health, int], total: int, down: list[str]) -> str:
+def _detail(counts: dict[Health, int], total: int, down: list[str], waiting: list[str]) -> str:
     if total == 0:
         return "no data written yet"
     parts = []
@@ -107,4 +110,6 @@ def _detail(counts: dict[Health, int], total: int, down: list[str]) -> str:
         parts.append(f"{counts[Health.DEGRADED]} of {total} extents missing a replica")
     if down:
         parts.append(f"down: {', '.join(down)}")
+    if counts[Health.DEGRADED] and waiting:
+        parts.append(f"waiting for {', '.join(waiting)} to come back before replacing it")
     return "; ".join(parts) if parts else f"all {total} extents fully replicated"

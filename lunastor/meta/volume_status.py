@@ -10,6 +10,7 @@ the access point it is logged in to). Health is `volume_health.volume_health`.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from lunastor.common.records import (
     ExtentRecord,
     Keys,
     LunRecord,
+    OperationRecord,
     R,
     RecordError,
     VolumeRecord,
@@ -72,39 +74,63 @@ def served_by(
 
 @dataclass(frozen=True)
 class ChunkStates:
-    """Each known chunk server's state as the dashboard shows it: up, draining or down."""
+    """Each known chunk server's state as the dashboard shows it (up, draining or down), and
+    the servers as the health rules need them."""
 
     states: dict[str, str]
     zones: dict[str, str]
+    servers: Servers
 
     @classmethod
-    def read(
-        cls, infos: list[KeyValue], lives: list[KeyValue], admins: list[KeyValue]
+    def of(
+        cls,
+        infos: list[ChunkServerInfo],
+        lives: list[ChunkServerStatus],
+        admins: list[ChunkAdminRecord],
+        operations: list[OperationRecord],
+        now: float,
     ) -> ChunkStates:
-        zones = {i.id: i.zone for i in _decode(infos, ChunkServerInfo)}
+        """`operations`: a running `rebuild` operation is created when its server is found
+        lost, so its start is when the repair loops' `replace_after` wait began."""
+        zones = {i.id: i.zone for i in infos}
         states = dict.fromkeys(zones, "down")
-        for s in _decode(lives, ChunkServerStatus):
+        for s in lives:
             states[s.id] = "draining" if s.state == "draining" else "up"
             zones[s.id] = s.zone
-        for a in _decode(admins, ChunkAdminRecord):
+        for a in admins:
             if a.state == "draining" and states.get(a.id) == "up":
                 states[a.id] = "draining"
-        return cls(states, zones)
-
-    @property
-    def servers(self) -> Servers:
-        return Servers(
-            live=frozenset(c for c, s in self.states.items() if s != "down"),
-            draining=frozenset(c for c, s in self.states.items() if s == "draining"),
+        replace_after = max((s.replace_after for s in lives), default=0.0)
+        waiting = {
+            op.subject
+            for op in operations
+            if op.kind == "rebuild"
+            and op.state == "running"
+            and states.get(op.subject, "down") == "down"
+            and now - op.created_at < replace_after
+        }
+        servers = Servers(
+            live=frozenset(c for c, s in states.items() if s != "down"),
+            draining=frozenset(c for c, s in states.items() if s == "draining"),
+            waiting_for=frozenset(waiting),
         )
+        return cls(states, zones, servers)
 
 
 async def _read_cluster(etcd: Etcd, revision: int) -> tuple[ChunkStates, dict[str, Any]]:
     infos, _ = await etcd.get_prefix(Keys.CHUNKS, revision=revision)
     lives, _ = await etcd.get_prefix(Keys.LIVE_CHUNKS, revision=revision)
     admins, _ = await etcd.get_prefix(Keys.CHUNK_ADMIN, revision=revision)
+    ops, _ = await etcd.get_prefix(Keys.OPERATIONS, revision=revision)
     nexus, _ = await etcd.get_prefix(Keys.NEXUS_EPOCHS, revision=revision)
-    return ChunkStates.read(infos, lives, admins), sessions(nexus)
+    chunks = ChunkStates.of(
+        _decode(infos, ChunkServerInfo),
+        _decode(lives, ChunkServerStatus),
+        _decode(admins, ChunkAdminRecord),
+        _decode(ops, OperationRecord),
+        time.time(),
+    )
+    return chunks, sessions(nexus)
 
 
 async def list_volume_status(call: Call) -> web.Response:
@@ -149,6 +175,8 @@ async def get_volume_status(call: Call) -> web.Response:
     if vol is None:
         raise Problem(404, "volume_not_found", f"no volume {volume_id}")
     lun = await _get_at(etcd, Keys.lun(vol.target, vol.lun), LunRecord, rev)
+    if lun is not None and lun.volume_id != vol.id:
+        lun = None
     config = await _get_at(etcd, Keys.CLUSTER_CONFIG, ClusterConfigRecord, rev)
     ext_kvs, _ = await etcd.get_prefix(Keys.volume_extents(vol.id), revision=rev)
     chunks, live_sessions = await _read_cluster(etcd, rev)
@@ -176,9 +204,7 @@ async def get_volume_status(call: Call) -> web.Response:
         {
             "volume_id": vol.id,
             **health.view(),
-            "served_by": served_by(
-                vol.target_iqn, lun if lun and lun.volume_id == vol.id else None, live_sessions
-            ),
+            "served_by": served_by(vol.target_iqn, lun, live_sessions),
             "exports": len(lun.initiators) if lun is not None else 0,
             "extent_size": config.extent_size if config is not None else None,
             "extent_map": extents,
