@@ -153,15 +153,16 @@ class EventLog:
         except RuntimeError:  # called off the event loop (a thread): not written
             DROPPED.labels("no_loop").inc()
             return
-        task = loop.create_task(self.write(kind, subject, detail), name="event")
+        task = loop.create_task(self._put(self._etcd, kind, subject, detail), name="event")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def write(self, kind: str, subject: str, detail: str) -> None:
         """Write an event and wait for it (planners, tests); a failure is logged, not raised."""
-        etcd = self._etcd
-        if etcd is None:
-            return
+        if self._etcd is not None:
+            await self._put(self._etcd, kind, subject, detail)
+
+    async def _put(self, etcd: Etcd, kind: str, subject: str, detail: str) -> None:
         severity = KINDS[kind][0]
         now = time.time()
         record = EventRecord(now, kind, severity, subject, detail, self._source)
