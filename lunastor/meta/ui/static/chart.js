@@ -52,11 +52,11 @@ export class LineChart {
   draw() {
     const top = Math.max(1e-9, ...this.data.flat().filter((v) => v !== null));
     this.max.textContent = this.format(top);
+    // fills from the left, then scrolls: the newest reading is always the rightmost
     const step = W / (this.points - 1);
     this.data.forEach((d, i) => {
-      const offset = this.points - d.length;
       const pts = d
-        .map((v, j) => (v === null ? null : `${((offset + j) * step).toFixed(1)},${(H - (v / top) * (H - 4)).toFixed(1)}`))
+        .map((v, j) => (v === null ? null : `${(j * step).toFixed(1)},${(H - (v / top) * (H - 4)).toFixed(1)}`))
         .filter((p) => p !== null);
       this.lines[i].setAttribute("points", pts.join(" "));
     });
