@@ -292,3 +292,17 @@ def test_a_sigkilled_chunk_server_shows_down_then_its_volume_degraded_rebuilding
     ), events
     for tab in (volumes_tab, cluster_tab, ops_tab):
         assert tab.errors == []
+
+    # an admin drains another server from the cluster page: the API records it at once
+    drained = next(c for c in portals if c != victim_id and by_portal[portals[c]] != "chunk1")
+    row = cluster_tab.page.locator(f'tr[data-chunk="{drained}"]')
+    row.locator("button[data-action=drain]").click()
+    cluster_tab.page.locator("dialog button[value=confirm]").click()
+    expect(cluster_tab.page.locator("#notice")).to_contain_text(f"drain of {drained} started")
+    expect(row).to_have_attribute("data-state", "draining")
+    expect(row.locator("button[data-action=drain]")).to_have_count(0)
+    expect(ops_tab.page.locator(f'tr[data-kind="drain"][data-subject="{drained}"]')).to_be_visible()
+    listed = {c["id"]: c for c in cluster.cli("chunk", "list")}
+    assert listed[drained]["admin_state"] == "draining"
+    cluster_tab.shot("cluster-draining")
+    assert cluster_tab.errors == []

@@ -1,3 +1,5 @@
+import { SIZE_UNITS } from "./format.js";
+
 // Building the page from data: elements and text nodes only, never HTML strings, so nothing
 // a record holds (a volume name, a label) can become markup.
 
@@ -89,6 +91,22 @@ export function actionForm({ label, fields, submit, notify, className = "action"
 }
 
 export const field = (label, input) => h("label", { class: "field" }, h("span", {}, label), input);
+
+// A size as a number and a unit (fields `size` and `unit`; `sizeBytes` reads them back).
+export function sizeField(label, value) {
+  return field(
+    label,
+    h(
+      "span",
+      { class: "size" },
+      h("input", { name: "size", type: "number", min: "1", step: "any", required: true, value }),
+      h("select", { name: "unit", "aria-label": "unit" }, Object.keys(SIZE_UNITS).map((u) => h("option", { selected: u === "GiB" }, u))),
+    ),
+  );
+}
+
+// Bytes from a sizeField's values, rounded to whole 512-byte blocks (the API's unit).
+export const sizeBytes = (f) => Math.round((Number(f.size) * SIZE_UNITS[f.unit]) / 512) * 512;
 
 // Ask before an action that cannot be undone; resolves true when confirmed.
 export function confirmAction(question, verb) {

@@ -5,9 +5,10 @@ import { api, get } from "../api.js";
 import { badge, confirmAction, h, replace, table } from "../dom.js";
 import { ago, bytes, percent } from "../format.js";
 
+// down wins; then the operator's intent (draining, drained) as soon as it is recorded
 function stateOf(chunk, admin) {
-  if (admin?.admin_state === "drained") return "drained";
-  return admin?.state ?? chunk.state;
+  const state = admin?.state ?? chunk.state;
+  return state === "down" ? state : (admin?.admin_state ?? state);
 }
 
 function capacity(c) {

@@ -3,8 +3,8 @@
 // unpublish and delete here.
 
 import { api, get, listAll } from "../api.js";
-import { actionForm, badge, confirmAction, field, h, replace, table } from "../dom.js";
-import { SIZE_UNITS, bytes, rate, when } from "../format.js";
+import { actionForm, badge, confirmAction, field, h, replace, sizeBytes, sizeField, table } from "../dom.js";
+import { bytes, rate, when } from "../format.js";
 import { LineChart } from "../chart.js";
 import { rates } from "../metrics.js";
 
@@ -96,20 +96,9 @@ export default {
         actionForm({
           label: "Expand",
           notify: ctx.notify,
-          fields: [
-            field(
-              "New size",
-              h(
-                "span",
-                { class: "size" },
-                h("input", { name: "size", type: "number", min: "1", step: "any", required: true }),
-                h("select", { name: "unit", "aria-label": "unit" }, Object.keys(SIZE_UNITS).map((u) => h("option", { selected: u === "GiB" }, u))),
-              ),
-            ),
-          ],
+          fields: [sizeField("New size")],
           submit: async (f) => {
-            const size = Math.round((Number(f.size) * SIZE_UNITS[f.unit]) / 512) * 512;
-            const v = await api("POST", `${path}/expand`, { size_bytes: size });
+            const v = await api("POST", `${path}/expand`, { size_bytes: sizeBytes(f) });
             ctx.refresh();
             return `${v.name} is ${bytes(v.size_bytes)} now`;
           },

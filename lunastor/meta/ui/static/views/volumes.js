@@ -2,8 +2,8 @@
 // it and its exports; admins create volumes here.
 
 import { api, get, listAll } from "../api.js";
-import { actionForm, badge, field, h, replace, table } from "../dom.js";
-import { SIZE_UNITS, bytes, when } from "../format.js";
+import { actionForm, badge, field, h, replace, sizeBytes, sizeField, table } from "../dom.js";
+import { bytes, when } from "../format.js";
 
 const HEALTH_ORDER = { unavailable: 0, rebuilding: 1, degraded: 2, ok: 3, unknown: 4 };
 
@@ -40,20 +40,11 @@ export function createForm(ctx) {
     notify: ctx.notify,
     fields: [
       field("Name", h("input", { name: "name", required: true, pattern: "[A-Za-z0-9][A-Za-z0-9._\\-]{0,127}", placeholder: "db-1" })),
-      field(
-        "Size",
-        h(
-          "span",
-          { class: "size" },
-          h("input", { name: "size", type: "number", min: "1", step: "any", required: true, value: "1" }),
-          h("select", { name: "unit", "aria-label": "unit" }, Object.keys(SIZE_UNITS).map((u) => h("option", { selected: u === "GiB" }, u))),
-        ),
-      ),
+      sizeField("Size", "1"),
       field("Replicas", h("input", { name: "replicas", type: "number", min: "1", max: "5", value: "3", required: true })),
     ],
     submit: async (f) => {
-      const size = Math.round((Number(f.size) * SIZE_UNITS[f.unit]) / 512) * 512;
-      const vol = await api("POST", "/v1/volumes", { name: f.name, size_bytes: size, replicas: Number(f.replicas) });
+      const vol = await api("POST", "/v1/volumes", { name: f.name, size_bytes: sizeBytes(f), replicas: Number(f.replicas) });
       ctx.refresh();
       return `volume ${vol.name} (${vol.id}, ${bytes(vol.size_bytes)}) created`;
     },
