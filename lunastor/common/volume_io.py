@@ -14,11 +14,10 @@ are the differences between two readings, which the dashboard takes itself.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
@@ -60,31 +59,35 @@ T = TypeVar("T")
 
 
 class VolumeIo:
-    """One volume's series at this access point, bound once (a label lookup per command
-    would take a lock and a dict lookup on the hot path)."""
+    """One volume's series at this access point. A volume gets series on its first command
+    here (every chunk server serves every LUN: series for idle volumes would fill each
+    server's /metrics), then keeps them bound (a label lookup per command takes a lock)."""
 
-    __slots__ = ("_bytes", "_seconds", "volume")
+    __slots__ = ("_bound", "volume")
 
     def __init__(self, volume: str) -> None:
         self.volume = volume
-        self._seconds = {op: IO_SECONDS.labels(volume, op) for op in OPS}
-        self._bytes = {op: IO_BYTES.labels(volume, op) for op in OPS}
+        self._bound: dict[str, tuple[Any, Any]] = {}  # op -> (latency child, bytes child)
 
     async def timed(self, op: str, nbytes: int, command: Awaitable[T]) -> T:
         """Await `command` and record it as one `op` of `nbytes` (failures are not counted:
         a failed command moved no data, and its latency would only blur the histogram)."""
         start = time.perf_counter()
         result = await command
-        self._seconds[op].observe(time.perf_counter() - start)
-        self._bytes[op].inc(nbytes)
+        bound = self._bound.get(op)
+        if bound is None:
+            bound = IO_SECONDS.labels(self.volume, op), IO_BYTES.labels(self.volume, op)
+            self._bound[op] = bound
+        bound[0].observe(time.perf_counter() - start)
+        bound[1].inc(nbytes)
         return result
 
     def forget(self) -> None:
         """The volume is no longer served here: drop its series."""
-        for op in OPS:
-            with contextlib.suppress(KeyError):  # already dropped
-                IO_SECONDS.remove(self.volume, op)
-                IO_BYTES.remove(self.volume, op)
+        for op in self._bound:
+            IO_SECONDS.remove(self.volume, op)
+            IO_BYTES.remove(self.volume, op)
+        self._bound.clear()
 
 
 # --- reading them back (meta) -------------------------------------------------------------------

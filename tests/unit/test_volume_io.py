@@ -42,23 +42,23 @@ async def test_commands_are_counted_with_their_bytes_and_latency() -> None:
     assert view["read"]["buckets"][-1] == [10.0, 2.0]  # type: ignore[index]
 
 
-def test_access_points_add_up() -> None:
+async def test_access_points_add_up() -> None:
     vol = volume_id()
-    io = VolumeIo(vol)
-    io._seconds["write"].observe(0.002)
-    io._bytes["write"].inc(4096)
+    await VolumeIo(vol).timed("write", 4096, done())
     one = parse(generate_latest().decode(), vol)
     total = IoTotals()
     total.add(one)
     total.add(one)
     w = total.ops["write"]
     assert (w.ops, w.bytes) == (2, 8192)
-    assert w.buckets[0.0025] == 2 and w.buckets[0.001] == 0
+    assert w.buckets[10.0] == 2 and total.ops["read"].ops == 0
 
 
-def test_a_volume_no_longer_served_is_forgotten() -> None:
+async def test_an_idle_volume_has_no_series_and_a_forgotten_one_loses_them() -> None:
     vol = volume_id()
     io = VolumeIo(vol)
+    assert vol not in generate_latest().decode()  # every server serves every LUN
+    await io.timed("read", 512, done())
     assert vol in generate_latest().decode()
     io.forget()
     io.forget()  # twice is fine
