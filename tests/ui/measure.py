@@ -44,10 +44,9 @@ async def measure(directory: Path, count: int) -> None:
                     await r.read()
                     assert r.status == 200, (path, r.status)
                 took.append(time.perf_counter() - start)
-            print(
-                f"{path.replace(ids[0], '{id}'):32s} median {statistics.median(took) * 1000:6.1f} ms"
-                f"  max {max(took) * 1000:6.1f} ms  ({count} volumes)"
-            )
+            name = path.replace(ids[0], "{id}")
+            median, worst = statistics.median(took) * 1000, max(took) * 1000
+            print(f"{name:32s} median {median:6.1f} ms  max {worst:6.1f} ms  ({count} volumes)")
 
 
 if __name__ == "__main__":
