@@ -175,16 +175,20 @@ def test_a_volume_created_and_expanded_in_the_browser_is_what_the_cli_lists(
 def test_a_reader_sees_every_page_but_has_no_action_and_the_api_refuses_it(
     cluster: Cluster, browser: Browser
 ) -> None:
+    cluster.cli("volume", "create", "seen-by-a-reader", "--size", "1GiB")
+    cluster.cli("export", "add", "seen-by-a-reader", "iqn.2026-11.org.example:reader-node")
     tab = open_tab(browser, cluster, READER_TOKEN)
     expect(tab.page.locator("#who")).to_contain_text("reader")
     tab.go("cluster")
     expect(tab.page.locator("tr[data-chunk]")).to_have_count(4)
     expect(tab.page.locator("button[data-action=drain]")).to_have_count(0)
     tab.go("volumes")
-    expect(tab.page.locator("tr[data-volume]").first).to_be_visible()
+    row = tab.page.locator('tr[data-volume="seen-by-a-reader"]')
+    expect(row).to_have_attribute("data-health", "ok")
     expect(tab.page.locator("form.action")).to_have_count(0)
-    tab.page.locator("tr[data-volume] a").first.click()
-    expect(tab.page.locator("tr[data-extent]").first).to_be_visible()
+    row.locator("a").click()
+    expect(tab.page.locator("main h1")).to_contain_text("seen-by-a-reader")
+    expect(tab.page.get_by_text("iqn.2026-11.org.example:reader-node")).to_be_visible()
     expect(tab.page.locator("form.action")).to_have_count(0)
     expect(tab.page.locator("button[data-action=unpublish]")).to_have_count(0)
     tab.shot("volume-reader")

@@ -16,6 +16,7 @@ const session = { role: null, may: new Set() };
 let current = null; // { page, instance }
 let timer = null;
 let busy = false;
+let again = false; // a refresh was asked for while one ran (a new page): run it after
 
 function route() {
   const parts = location.hash.replace(/^#\/?/, "").split("/").filter(Boolean);
@@ -45,7 +46,11 @@ const ctx = {
 };
 
 async function refresh() {
-  if (!current || busy) return;
+  if (!current) return;
+  if (busy) {
+    again = true;
+    return;
+  }
   busy = true;
   try {
     await current.instance.refresh();
@@ -60,6 +65,10 @@ async function refresh() {
     $("updated").className = "problem";
   } finally {
     busy = false;
+    if (again) {
+      again = false;
+      refresh();
+    }
   }
 }
 

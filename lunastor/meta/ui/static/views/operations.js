@@ -52,7 +52,7 @@ export default {
             [
               { title: "When", cell: (e) => h("span", { title: when(e.at) }, ago(e.at)) },
               { title: "Severity", cell: (e) => badge(e.severity) },
-              { title: "Event", cell: (e) => h("span", {}, h("strong", {}, e.kind.replaceAll("_", " ")), " ", h("small", {}, e.subject)) },
+              { title: "Event", cell: (e) => h("span", { title: e.what }, h("strong", {}, e.kind.replaceAll("_", " ")), " ", h("small", {}, e.subject)) },
               { title: "Detail", cell: (e) => e.detail },
               { title: "From", cell: (e) => h("small", {}, e.source) },
             ],
