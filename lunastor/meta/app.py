@@ -18,7 +18,19 @@ from lunastor.common.logs import get_logger
 from lunastor.common.metrics import add_admin_routes
 from lunastor.common.records import RecordError
 from lunastor.common.sealing import Sealer
-from lunastor.meta import chunks, exports, health, operations, snapshots, targets, volumes
+from lunastor.meta import (
+    chunks,
+    events,
+    exports,
+    health,
+    operations,
+    snapshots,
+    targets,
+    volume_metrics,
+    volume_status,
+    volumes,
+    whoami,
+)
 from lunastor.meta.cluster_store import ClusterStore
 from lunastor.meta.config import MetaConfig
 from lunastor.meta.context import CLUSTER_STORE_KEY, CONFIG_KEY, ETCD_KEY, ROLE_KEY, STORE_KEY
@@ -27,6 +39,7 @@ from lunastor.meta.openapi import build_spec
 from lunastor.meta.problems import Problem, problem_response
 from lunastor.meta.routing import Route, register
 from lunastor.meta.store import Store
+from lunastor.meta.ui import add_ui_routes, is_ui_path
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -38,6 +51,10 @@ ROUTES: list[Route] = [
     *chunks.ROUTES,
     *health.ROUTES,
     *operations.ROUTES,
+    *volume_status.ROUTES,
+    *volume_metrics.ROUTES,
+    *events.ROUTES,
+    *whoami.ROUTES,
 ]
 OPENAPI_PATH = "/v1/openapi.json"
 PUBLIC_PATHS = {"/healthz", "/metrics", OPENAPI_PATH}
@@ -108,7 +125,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Who is calling (bearer token -> role); what the role may do is each route's rule."""
-    if request.path in PUBLIC_PATHS:
+    if request.path in PUBLIC_PATHS or is_ui_path(request.path):  # the UI's files hold no data
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -137,7 +154,9 @@ def make_app(
     app[STORE_KEY] = Store(etcd, luns, config.portal)
     app[CLUSTER_STORE_KEY] = ClusterStore(etcd, luns, sealer)
     add_admin_routes(app, health_check)
+    app[whoami.ROUTES_KEY] = tuple(ROUTES)
     register(app, ROUTES)
+    add_ui_routes(app)
     spec = build_spec(ROUTES)
 
     async def openapi(request: web.Request) -> web.Response:
