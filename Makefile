@@ -20,6 +20,7 @@ lint: setup
 	$(VENV)/ruff check lunastor tests bench
 	$(VENV)/ruff format --check lunastor tests bench
 	$(VENV)/mypy
+	$(VENV)/mypy bench
 
 test: lint
 	$(VENV)/pytest -q --ignore=tests/kernel
@@ -36,7 +37,10 @@ unit: setup
 soak: setup
 	$(VENV)/pytest -q -m soak -p no:cacheprovider --override-ini addopts=
 
+# lunastor against tgt and GlusterFS replica 3, one client, one run (docs/benchmarks.md);
+# scripts/bench-setup.sh installs what only the bench needs (GlusterFS)
 bench: setup
+	./scripts/bench-setup.sh
 	$(VENV)/python -m bench
 
 clean:

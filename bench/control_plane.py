@@ -226,7 +226,7 @@ async def populate(etcd: Etcd, count: int) -> None:
             await etcd.txn([], list(batch))
             batch.clear()
     if batch:
-        await etcd.txn([], batch)
+        await etcd.txn([], list(batch))
 
 
 async def list_rest(url: str) -> tuple[float, int]:

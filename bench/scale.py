@@ -70,7 +70,7 @@ def settle(endpoint: str) -> int:
 
 async def write(etcd: Etcd, puts: list[Put]) -> None:
     for i in range(0, len(puts), 120):
-        await etcd.txn([], puts[i : i + 120])
+        await etcd.txn([], list(puts[i : i + 120]))
 
 
 def servers(n: int) -> list[Candidate]:
@@ -121,9 +121,9 @@ async def measure(etcd: Etcd, endpoint: str, volumes: int, per_volume: int, n_se
     for v in range(volumes):
         vid = f"vol-{v:016x}"
         for i in range(per_volume):
-            rec = ExtentRecord(volume=vid, index=i, gen=1, replicas=ring.place(vid, i), copies=3)
-            extents.append(rec)
-            ext_puts.append(Put(Keys.extent(vid, i), rec.to_json()))
+            ext = ExtentRecord(volume=vid, index=i, gen=1, replicas=ring.place(vid, i), copies=3)
+            extents.append(ext)
+            ext_puts.append(Put(Keys.extent(vid, i), ext.to_json()))
     await write(etcd, ext_puts)
     with_extents = settle(endpoint)
     per_volume_bytes = (with_volumes - empty) / volumes
@@ -203,8 +203,8 @@ async def measure(etcd: Etcd, endpoint: str, volumes: int, per_volume: int, n_se
         ),
     ]
     width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v}")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
 
 
 def main() -> None:

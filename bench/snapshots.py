@@ -1,9 +1,10 @@
 """Snapshots and clones on a dev cluster: time and bytes (docs/snapshots.md).
 
-    PYTHONPATH=. python -m bench.snapshots [--dir DIR] [--extents 4] [--rounds 5]
+    python -m bench.snapshots [--dir DIR] [--extents 4] [--rounds 5]
 
 Starts a dev cluster (3 chunk servers, 3 replicas, 64 MiB extents) unless `--dir` names a
-running one, fills a volume with random data through qemu-img, then measures:
+running one (`make bench` passes its own), fills a volume with random data through qemu-img,
+then measures:
 
 * snapshot create and clone create through the REST API (median latency; etcd bytes the
   transaction writes, read back from etcd);
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import statistics
@@ -27,40 +27,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.qemu_img import fill
+from bench.systems.devcluster import DevCluster, dev_cluster
 from lunastor.common.etcd import Etcd, EtcdConfig
 from lunastor.common.records import Keys
 
 MIB = 1 << 20
-IQN = "iqn.2008-11.org.linux-kvm"  # qemu's default initiator name
-LUNASTOR = [sys.executable, "-m", "lunastor.cli.main"]
-
-
-def cli(directory: Path, *args: str) -> str:
-    proc = subprocess.run(
-        [*LUNASTOR, *args, "--dir", str(directory)], capture_output=True, text=True
-    )
-    if proc.returncode:
-        raise SystemExit(f"lunastor {' '.join(args)}: {proc.stderr or proc.stdout}")
-    return proc.stdout
-
-
-class Api:
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.url = state["api_url"]
-        self.token = state["admin_token"]
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Authorization", f"Bearer {self.token}")
-        req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            out: dict[str, Any] = json.loads(resp.read() or b"{}")
-            return out
 
 
 def etcd_sizes(state: dict[str, Any], keys: list[str]) -> int:
@@ -86,12 +61,12 @@ def used_on_disk(directory: Path) -> int:
     return total
 
 
-def qemu_io_times(link: str, commands: list[str]) -> list[float]:
+def qemu_io_times(image_opts: str, commands: list[str]) -> list[float]:
     """Seconds each qemu-io command took, as qemu-io reports them."""
-    argv = ["qemu-io", "-f", "raw"]
+    argv = ["qemu-io", "--image-opts"]
     for c in commands:
         argv += ["-c", c]
-    out = subprocess.run([*argv, link], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([*argv, image_opts], capture_output=True, text=True, check=True).stdout
     times = []
     for m in re.finditer(r"ops; (?:(\d+):(\d+):(\d+\.\d+)|(\d+\.\d+) sec)", out):
         if m.group(4):
@@ -104,39 +79,30 @@ def qemu_io_times(link: str, commands: list[str]) -> list[float]:
     return times
 
 
-def run(directory: Path, extents: int, rounds: int) -> None:
-    state = json.loads((directory / "cluster.json").read_text())
-    api = Api(state)
-    portal = next(d for d in state["daemons"].values() if d["kind"] == "chunk")["endpoints"][
-        "portal"
-    ]
+def run(cluster: DevCluster, extents: int, rounds: int) -> None:
+    state, api, directory = cluster.state, cluster.api, cluster.dir
     size = extents * 64 * MIB
-    vol = api.call("POST", "/v1/volumes", {"name": "bench-src", "size_bytes": size})
-    api.call("POST", f"/v1/volumes/{vol['id']}/exports", {"initiator": IQN})
-    link = f"iscsi://{portal}/{vol['target_iqn']}/{vol['lun']}"
+    vol = cluster.create_volume("bench-src", size, 3)
+    opts = vol.image_opts(cluster.portal(cluster.chunk_names()[0]))
     with tempfile.NamedTemporaryFile() as image:
         image.write(os.urandom(size))
         image.flush()
-        start = time.perf_counter()
-        subprocess.run(
-            ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", image.name, link], check=True
-        )
-        fill = time.perf_counter() - start
-    print(f"filled {size // MIB} MiB ({extents} extents x 3 replicas) in {fill:.1f} s")
+        took = fill(image.name, opts)
+    print(f"filled {size // MIB} MiB ({extents} extents x 3 replicas) in {took:.1f} s")
 
     snap_ms, clone_ms, cow, normal = [], [], [], []
     snap_bytes = clone_bytes = 0
     copied = 0
     for r in range(rounds):
         start = time.perf_counter()
-        snap = api.call("POST", "/v1/snapshots", {"name": f"bench-s{r}", "volume_id": vol["id"]})
+        snap = api.request("POST", "/v1/snapshots", {"name": f"bench-s{r}", "volume_id": vol.id})
         snap_ms.append((time.perf_counter() - start) * 1000)
         snap_bytes = etcd_sizes(
             state,
-            [Keys.snapshot(snap["id"]), Keys.snapshot_name(snap["name"]), Keys.volume(vol["id"])],
+            [Keys.snapshot(snap["id"]), Keys.snapshot_name(snap["name"]), Keys.volume(vol.id)],
         )
         start = time.perf_counter()
-        clone = api.call(
+        clone = api.request(
             "POST",
             "/v1/volumes",
             {"name": f"bench-c{r}", "size_bytes": size, "source": {"snapshot_id": snap["id"]}},
@@ -157,7 +123,7 @@ def run(directory: Path, extents: int, rounds: int) -> None:
             for k in range(extents)
             for i in (0, 1)
         ]
-        times = qemu_io_times(link, commands)
+        times = qemu_io_times(opts, commands)
         cow += times[0::2]
         normal += times[1::2]
         copied += used_on_disk(directory) - before
@@ -194,15 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     if args.dir is not None:
-        run(args.dir, args.extents, args.rounds)
+        run(DevCluster(args.dir), args.extents, args.rounds)
         return 0
-    with tempfile.TemporaryDirectory(prefix="lunastor-bench-") as tmp:
-        directory = Path(tmp) / "dev"
-        cli(directory, "dev", "up", "--detach", "--chunks", "3", "--address-prefix", "127.211")
-        try:
-            run(directory, args.extents, args.rounds)
-        finally:
-            cli(directory, "dev", "down")
+    with (
+        tempfile.TemporaryDirectory(prefix="lunastor-bench-") as tmp,
+        dev_cluster(Path(tmp) / "dev") as cluster,
+    ):
+        run(cluster, args.extents, args.rounds)
     return 0
 
 
