@@ -117,7 +117,8 @@ async def test_a_map_of_the_old_layout_is_read_and_moved_into_pages(etcd: Etcd) 
     changed = dataclasses.replace(rec, gen=3, replicas=[SERVERS[4], *rec.replicas[1:]])
     assert await commit(etcd, [Change(V, 0, stamp, changed)]) is not None
     kvs, _ = await read_keys(etcd, extent_keys(V, 0))
-    assert kvs[Keys.extent(V, 0)] is not None and kvs[Keys.extent(V, 0)].value == MOVED
+    marker = kvs[Keys.extent(V, 0)]
+    assert marker is not None and marker.value == MOVED
     migrator = ExtentMigrator(etcd, batch=16)
     moved = 0
     while n := await migrator.migrate_once():
