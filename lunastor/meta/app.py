@@ -18,7 +18,16 @@ from lunastor.common.logs import get_logger
 from lunastor.common.metrics import add_admin_routes
 from lunastor.common.records import RecordError
 from lunastor.common.sealing import Sealer
-from lunastor.meta import chunks, exports, health, operations, snapshots, targets, volumes
+from lunastor.meta import (
+    chunks,
+    condition,
+    exports,
+    health,
+    operations,
+    snapshots,
+    targets,
+    volumes,
+)
 from lunastor.meta.cluster_store import ClusterStore
 from lunastor.meta.config import MetaConfig
 from lunastor.meta.context import CLUSTER_STORE_KEY, CONFIG_KEY, ETCD_KEY, ROLE_KEY, STORE_KEY
@@ -32,6 +41,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ROUTES: list[Route] = [
     *volumes.ROUTES,
+    *condition.ROUTES,
     *exports.ROUTES,
     *snapshots.ROUTES,
     *targets.ROUTES,

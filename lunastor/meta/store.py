@@ -235,6 +235,7 @@ def volume_view(v: VolumeRecord) -> dict[str, Any]:
         "created_at": v.created_at,
         "target_iqn": v.target_iqn,
         "lun": v.lun,
+        "zones": v.zones,
     }
 
 
@@ -270,6 +271,7 @@ class VolumeSpec:
     block_size: int = 512
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     source: dict[str, str] | None = None
+    zones: list[str] = dataclasses.field(default_factory=list)
 
     def differences(self, v: VolumeRecord) -> list[str]:
         mine = dataclasses.asdict(self)
@@ -364,7 +366,7 @@ class Store:
                 if existing is not None:
                     same = self._same(existing, spec)
                     if "volume_id" in spec.source:  # the first call may have failed waiting
-                        await wait_data_path(self.etcd, await self.etcd.revision())
+                        await wait_data_path(self.etcd, await self._created(Keys.volume(same.id)))
                     return same, False
             src = await self._source(spec)
             source_compares, source_size, source_block = src.compares, src.size, src.block_size
@@ -398,6 +400,7 @@ class Store:
                 target=slot[0],
                 lun=slot[1],
                 base=src.base,
+                zones=list(spec.zones),
             )
             lun_key = Keys.lun(*slot)
             taken = False
@@ -598,6 +601,13 @@ class Store:
             raise Problem(404, "snapshot_not_found", f"no snapshot {snapshot_id}")
         return snap
 
+    async def _created(self, key: str) -> int:
+        """The revision of the transaction that created `key` (a clone or a snapshot: the one
+        the data path must have seen). Waiting for etcd's current revision instead would
+        wait for writes the data path never follows (leases, status), and time out."""
+        kv = await self.etcd.get(key)
+        return kv.create_revision if kv is not None else await self.etcd.revision()
+
     async def find_snapshot(self, name: str) -> SnapshotRecord | None:
         kv = await self.etcd.get(Keys.snapshot_name(name))
         if kv is None:
@@ -622,8 +632,9 @@ class Store:
             existing = await self.find_snapshot(name)
             if existing is not None:
                 # a retry: the first call may have failed waiting for the data path
-                await wait_data_path(self.etcd, await self.etcd.revision())
-                return self._same_snapshot(existing, volume_id), False
+                same = self._same_snapshot(existing, volume_id)
+                await wait_data_path(self.etcd, await self._created(Keys.snapshot(same.id)))
+                return same, False
             volume, vv = await read(self.etcd, Keys.volume(volume_id), VolumeRecord)
             if volume is None:
                 raise Problem(404, "volume_not_found", f"no volume {volume_id}")
