@@ -135,9 +135,11 @@ class Initiator:
             "node.conn[0].timeo.noop_out_interval": str(s.noop_out_interval),
             "node.conn[0].timeo.noop_out_timeout": str(s.noop_out_timeout),
             "node.conn[0].timeo.login_timeout": str(s.login_timeout),
-            "node.session.auth.authmethod": "CHAP" if chap else "None",
         }
-        settings.update(chap)
+        if chap:  # without, the record keeps iscsid.conf's "None" (iscsiadm 2.1.8 crashes
+            # when asked to update authmethod to None)
+            settings["node.session.auth.authmethod"] = "CHAP"
+            settings.update(chap)
         await self._update(iqn, portal, settings)
         await host.run(
             self._iscsiadm("-m", "node", "-T", iqn, "-p", portal, "--login"),

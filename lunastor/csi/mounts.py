@@ -72,6 +72,43 @@ def mount_at(path: str) -> Mount | None:
     return found
 
 
+LOOP_MAJOR = 7
+
+
+def backing(devno: int) -> int:
+    """The disk under a loop device (a read-only raw block publish: a block device node's
+    write permission ignores a read-only mount, so the pod gets a read-only loop device over
+    the disk), else `devno` itself."""
+    if os.major(devno) != LOOP_MAJOR:
+        return devno
+    try:
+        with open(f"/sys/dev/block/{os.major(devno)}:{os.minor(devno)}/loop/backing_file") as f:
+            st = os.stat(f.read().strip())
+    except OSError:
+        return devno
+    return st.st_rdev if stat.S_ISBLK(st.st_mode) else devno
+
+
+def loop_device(devno: int) -> str | None:
+    """/dev/loopN for a loop device number, else None."""
+    if os.major(devno) != LOOP_MAJOR:
+        return None
+    return "/dev/" + os.path.basename(
+        os.path.realpath(f"/sys/dev/block/{os.major(devno)}:{os.minor(devno)}")
+    )
+
+
+async def read_only_loop(device: str) -> str:
+    if not os.path.exists("/dev/loop-control"):  # the loop driver is a module on some kernels
+        await host.run(["modprobe", "loop"])
+    result = await host.run(["losetup", "--read-only", "--find", "--show", device])
+    return result.stdout.strip()
+
+
+async def detach_loop(device: str) -> None:
+    await host.run(["losetup", "-d", device], ok=(0, 1))
+
+
 def device_of(path: str) -> int | None:
     """The block device behind `path`: the disk bind-mounted on a file, or the disk of the
     file system mounted there; None when nothing is mounted."""
@@ -80,7 +117,7 @@ def device_of(path: str) -> int | None:
         return None
     st = os.stat(path)
     if stat.S_ISBLK(st.st_mode):
-        return st.st_rdev
+        return backing(st.st_rdev)
     return st.st_dev
 
 
@@ -95,7 +132,7 @@ def devices_in_use() -> set[int]:
             except OSError:
                 continue
             if stat.S_ISBLK(st.st_mode):
-                used.add(st.st_rdev)
+                used.add(backing(st.st_rdev))
     return used
 
 

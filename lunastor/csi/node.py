@@ -214,6 +214,8 @@ class NodeService:
             if block:
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 open(target, "a").close()
+                if req.readonly:  # a read-only mount does not stop writes to a device node
+                    source = await mounts.read_only_loop(staged.path)
             else:
                 os.makedirs(target, exist_ok=True)
             await mounts.bind(source, target, req.readonly)
@@ -225,7 +227,12 @@ class NodeService:
         volume_id = required(req.volume_id, "volume_id")
         target = required(req.target_path, "target_path")
         async with self._volumes[volume_id]:
+            loop = None
+            if mounts.mount_at(target) is not None and not os.path.isdir(target):
+                loop = mounts.loop_device(os.stat(target).st_rdev)
             await mounts.umount(target)
+            if loop is not None:
+                await mounts.detach_loop(loop)
             if os.path.isdir(target):
                 os.rmdir(target)
             elif os.path.exists(target):
