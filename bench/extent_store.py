@@ -16,9 +16,9 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 
-from lunastor.chunk.data_service import DataService
-from lunastor.chunk.peer import PeerClient, PeerServer
+from lunastor.chunk.replication.replicas import DataService
 from lunastor.chunk.store import ExtentStore
+from lunastor.chunk.wire.peer import PeerClient, PeerServer
 
 MIB = 1024 * 1024
 

@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return standalone_main(args_list[1:])
     if args_list[:1] == ["lio-export"]:
-        from lunastor.chunk.lio.main import main as lio_main
+        from lunastor.chunk.access.lio.main import main as lio_main
 
         return lio_main(args_list[1:])
     parser = config_argparser(

@@ -8,21 +8,21 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from lunastor.chunk.collector import ReplicaCollector
+from lunastor.chunk.access.iscsi_server import IscsiServer, ServerConfig
+from lunastor.chunk.access.nexus_epochs import NexusEpochs
+from lunastor.chunk.access.reservations import EtcdReservations
+from lunastor.chunk.access.targets import EtcdTargetHost
+from lunastor.chunk.access.volume import AccessPath
 from lunastor.chunk.config import ChunkConfig
-from lunastor.chunk.datadirs import DataDirMonitor
-from lunastor.chunk.dataserver import DataNode, DataServer, Replicas
-from lunastor.chunk.extentmap import ExtentMap
-from lunastor.chunk.fencing import EpochTable
-from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
-from lunastor.chunk.nexus_epochs import NexusEpochs
-from lunastor.chunk.repair import Repairer
-from lunastor.chunk.reservations import EtcdReservations
-from lunastor.chunk.scrub import Scrubber
+from lunastor.chunk.maintenance.collector import ReplicaCollector
+from lunastor.chunk.maintenance.datadirs import DataDirMonitor
+from lunastor.chunk.maintenance.repair import Repairer
+from lunastor.chunk.maintenance.scrub import Scrubber
+from lunastor.chunk.replication.extentmap import ExtentMap
+from lunastor.chunk.replication.fencing import EpochTable
+from lunastor.chunk.replication.node import DataNode, DataServer, Replicas
 from lunastor.chunk.seen import SeenPublisher
 from lunastor.chunk.store import ExtentStore
-from lunastor.chunk.targets import EtcdTargetHost
-from lunastor.chunk.volume import AccessPath
 from lunastor.common.daemon import StartupError, parse_hostport
 from lunastor.common.etcd import Etcd
 from lunastor.common.etcd.cache import PrefixCache
@@ -30,7 +30,7 @@ from lunastor.common.records import ClusterConfigRecord, Keys, RecordError
 from lunastor.common.sealing import Sealer
 
 if TYPE_CHECKING:
-    from lunastor.chunk.lio.exporter import LioExporter
+    from lunastor.chunk.access.lio.exporter import LioExporter
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,8 @@ class DataPath:
         )
         self.monitor.start()
         if config.lio_export:
-            from lunastor.chunk.lio.exporter import LioExporter
-            from lunastor.chunk.lio.rtsconfig import LioUnavailable
+            from lunastor.chunk.access.lio.exporter import LioExporter
+            from lunastor.chunk.access.lio.rtsconfig import LioUnavailable
 
             self.lio = LioExporter(
                 self.host,

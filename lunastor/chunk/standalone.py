@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
+from lunastor.chunk.access.iscsi_server import IscsiServer, ServerConfig
 from lunastor.iscsi.chap import ChapCredentials
 from lunastor.iscsi.scsi.target import LogicalUnit, ScsiTarget
 from lunastor.iscsi.scsi.types import Nexus
@@ -116,7 +116,7 @@ def _identity(iqn: str, lun: int) -> tuple[int, str]:
 
 
 def build(args: argparse.Namespace) -> tuple[StandaloneHost, ServerConfig, object]:
-    from lunastor.chunk.filedev import FileBlockDevice
+    from lunastor.chunk.access.filedev import FileBlockDevice
 
     if not args.iqn.startswith(("iqn.", "eui.", "naa.")):
         raise UsageError(f"--iqn {args.iqn!r}: not an iSCSI name (iqn./eui./naa.)")

@@ -52,6 +52,8 @@ class Keys:
     EXTENTS = f"/{SCHEMA}/extents/"  # /<volume>/<extent index>: replicas, generation
     CHUNK_EXTENTS = f"/{SCHEMA}/chunk-extents/"  # /<chunk>/<volume>/<index>: reverse index
     RESERVATIONS = f"/{SCHEMA}/reservations/"  # /<volume>: SCSI reservations (chunk/reservations)
+    # meta's rebalance planner: /<volume>/<index>: MoveRecord, carried out by the primary
+    REBALANCE = f"/{SCHEMA}/rebalance/"
     # Written by the data path (docs/datapath.md).
     RINGS = f"/{SCHEMA}/rings/"  # /<replicas>: the placement ring (Ring.to_dict() as JSON)
     CLUSTER_CONFIG = f"/{SCHEMA}/cluster-config"  # ClusterConfigRecord: extent size
@@ -135,6 +137,10 @@ class Keys:
     @staticmethod
     def ring(replicas: int) -> str:
         return f"{Keys.RINGS}{replicas}"
+
+    @staticmethod
+    def rebalance_move(volume_id: str, index: int) -> str:
+        return f"{Keys.REBALANCE}{volume_id}/{index:08d}"
 
     @staticmethod
     def chunk_extents(chunk_id: str) -> str:
@@ -377,6 +383,20 @@ class OperationRecord(Record):
     updated_at: float = 0.0
     detail: str = ""
     total: int = 0  # work items (extents) counted when it started; progress is their share
+
+
+@dataclass
+class MoveRecord(Record):
+    """A rebalancing move (`Keys.rebalance_move`): the extent's primary joins `target`, then
+    retires `source` (docs/placement.md, "Rebalancing"). Written and deleted by meta's
+    planner; the chunk servers only read it."""
+
+    volume: str = ""
+    index: int = 0
+    source: str = ""
+    target: str = ""
+    operation_id: str = ""
+    created_at: float = 0.0
 
 
 @dataclass

@@ -34,6 +34,10 @@ class MetaConfig:
     tls_key: str = ""
     secret_key: str = ""  # seals CHAP secrets in etcd; at least 16 characters when set
     planner_interval: float = 5.0  # seconds between background planner passes
+    # rebalancing (docs/placement.md): moves outstanding in the cluster (0: never move data)
+    # and per chunk server, as source or target
+    rebalance_max_moves: int = 16
+    rebalance_per_server: int = 2
     auth: AuthSettings = field(default_factory=AuthSettings)
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     log: LogSettings = field(default_factory=LogSettings)
@@ -48,6 +52,14 @@ class MetaConfig:
         if not 0.05 <= self.planner_interval <= 3600:
             raise ConfigError(
                 f"planner_interval: expected 0.05..3600 seconds, got {self.planner_interval}"
+            )
+        if not 0 <= self.rebalance_max_moves <= 10_000:
+            raise ConfigError(
+                f"rebalance_max_moves: expected 0..10000, got {self.rebalance_max_moves}"
+            )
+        if not 1 <= self.rebalance_per_server <= 1000:
+            raise ConfigError(
+                f"rebalance_per_server: expected 1..1000, got {self.rebalance_per_server}"
             )
         if not 1 <= self.lease_ttl <= 300:
             raise ConfigError(f"lease_ttl: expected 1..300 seconds, got {self.lease_ttl}")

@@ -6,7 +6,8 @@ Work is recorded in etcd: deleting a volume puts `/v1/gc/volumes/<id>`, deleting
 extent version no live volume or snapshot refers to: one transaction per extent deletes its
 map entry (comparing its mod_revision) and puts a work item per member at
 `Keys.gc_replica(chunk, store volume, index)`, which that chunk server executes
-(`lunastor/chunk/collector.py`). A tombstone is removed once its volume has nothing left.
+(`lunastor/chunk/maintenance/collector.py`). A tombstone is removed once its volume has
+nothing left.
 
 References are **counted, not stored**: a version is referenced while a pin selects it. A pin
 is a (volume, epoch) that some snapshot or clone reads (`pins`); a volume's live extent with

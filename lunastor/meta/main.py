@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 import time
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from lunastor.meta.config import MetaConfig
 from lunastor.meta.gc import GcPlanner
 from lunastor.meta.luns import LunMap
 from lunastor.meta.planners import DrainPlanner, Planner, PlannerLeader, RebuildPlanner
+from lunastor.meta.rebalance import RebalancePlanner, RingPlanner
 
 PROG = "lunastor-meta"
 
@@ -59,10 +61,20 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
         await presence.start()
         luns = await LunMap(etcd).start()
         jobs: list[Planner] = [DrainPlanner(etcd), RebuildPlanner(etcd), GcPlanner(etcd)]
+        jobs.append(RingPlanner(etcd))
+        if config.rebalance_max_moves:
+            jobs.append(
+                RebalancePlanner(
+                    etcd,
+                    max_moves=config.rebalance_max_moves,
+                    max_per_server=config.rebalance_per_server,
+                )
+            )
         planners = PlannerLeader(etcd, presence, config.instance_id, jobs, config.planner_interval)
         app = make_app(config, etcd, health, luns)
         runner = await start_http(app, config.listen, "listen", ssl_context)
         planners.start()
+        quiet_gc()
         log.info("meta service up", api=config.api_url)
         await stop.wait()
         log.info("meta service stopping")
@@ -71,6 +83,16 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
         await luns.stop()
         await presence.stop()
     return 0
+
+
+def quiet_gc() -> None:
+    """Move everything allocated at start-up out of the collector's view and collect the
+    young generation less often: a request allocates many short-lived objects (protobufs,
+    dicts, coroutines) that reference counting frees, and at the default threshold of 700
+    the cyclic collector ran every few requests (7% of meta's CPU under load, py-spy)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

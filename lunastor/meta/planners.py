@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,10 +66,10 @@ class ExtentCensus:
         lives, _ = await etcd.get_prefix(Keys.LIVE_CHUNKS, revision=rev)
         chunks, _ = await etcd.get_prefix(Keys.CHUNKS, revision=rev)
         return cls(
-            _decode(kvs, ExtentRecord),
-            {v.id: v.replicas for v in _decode(vols, VolumeRecord)},
-            {s.id for s in _decode(lives, ChunkServerStatus)},
-            {c.id for c in _decode(chunks, ChunkServerInfo)},
+            decode_records(kvs, ExtentRecord),
+            {v.id: v.replicas for v in decode_records(vols, VolumeRecord)},
+            {s.id for s in decode_records(lives, ChunkServerStatus)},
+            {c.id for c in decode_records(chunks, ChunkServerInfo)},
         )
 
     def held_by(self, chunk_id: str) -> int:
@@ -83,7 +84,8 @@ class ExtentCensus:
         )
 
 
-def _decode(kvs: list[KeyValue], cls: type[R]) -> list[R]:
+def decode_records(kvs: Sequence[KeyValue], cls: type[R]) -> list[R]:
+    """The records of `kvs` that decode (an undecodable one is skipped, not fatal)."""
     out = []
     for kv in kvs:
         with contextlib.suppress(RecordError):
@@ -169,7 +171,7 @@ class RebuildPlanner:
                 if op.kind == "rebuild" and op.state == "running":
                     running[op.subject] = (op, kv)
         admins, _ = await self.etcd.get_prefix(Keys.CHUNK_ADMIN)
-        drained = {a.id for a in _decode(admins, ChunkAdminRecord) if a.state == "drained"}
+        drained = {a.id for a in decode_records(admins, ChunkAdminRecord) if a.state == "drained"}
         now = round(time.time(), 6)
         lost = census.registered - census.live - drained
         for chunk_id in sorted(lost | running.keys()):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
+from lunastor.chunk.access.iscsi_server import IscsiServer, ServerConfig
 from lunastor.iscsi import pdu as p
 from lunastor.iscsi.chap import ChapCredentials
 from lunastor.iscsi.memdev import MemoryBlockDevice

@@ -3,7 +3,7 @@
 Host side, all inside the guest's network namespace (192.168.77.1 on tap0): etcd, meta and
 three `lunastor-chunk` servers (their userspace iSCSI portals on ports 3261-3263), and a
 volume exported to the libiscsi initiator names. The guest (192.168.77.2) loads LIO and runs
-`lunastor.chunk.lio.main` against them (guest/lio_export.py). When it asks ("lio-ready"), the
+`lunastor.chunk.access.lio.main` against them (guest/lio_export.py). When it asks ("lio-ready"), the
 host checks, with libiscsi and qemu-img run in the namespace:
 
 - INQUIRY through LIO answers with lunastor's identity (LIO passes it to the TCMU handler),

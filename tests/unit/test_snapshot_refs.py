@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lunastor.chunk.extentmap import Entry
-from lunastor.chunk.snapshots import pick_preserved
+from lunastor.chunk.replication.extentmap import Entry
+from lunastor.chunk.replication.snapshots import pick_preserved
 from lunastor.common.records import (
     ExtentRecord,
     SnapshotRecord,

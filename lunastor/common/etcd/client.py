@@ -124,6 +124,8 @@ class Etcd:
     async def _connection(self) -> _Conn:
         if self._closed:
             raise EtcdClosed("etcd client is closed")
+        if self._conn is not None:  # the common case, without the lock's bookkeeping
+            return self._conn
         async with self._lock:
             if self._conn is not None:
                 return self._conn

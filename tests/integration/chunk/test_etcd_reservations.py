@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lunastor.chunk.reservations import EtcdReservations, decode_applied, encode_applied
+from lunastor.chunk.access.reservations import EtcdReservations, decode_applied, encode_applied
 from lunastor.common.etcd import Etcd, EtcdConfig
 from lunastor.common.records import Keys
 from lunastor.iscsi.memdev import MemoryBlockDevice

@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from lunastor.chunk.fencing import EpochTable
-from lunastor.chunk.peer import PeerClient
-from lunastor.chunk.wire import Ping
+from lunastor.chunk.replication.fencing import EpochTable
+from lunastor.chunk.wire.messages import Ping
+from lunastor.chunk.wire.peer import PeerClient
 from lunastor.common.etcd import Etcd, EtcdConfig
 from lunastor.common.records import Keys
 from lunastor.iscsi.blockdev import NexusLost

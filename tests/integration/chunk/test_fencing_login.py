@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
-from lunastor.chunk.targets import EtcdTargetHost
+from lunastor.chunk.access.iscsi_server import IscsiServer, ServerConfig
+from lunastor.chunk.access.targets import EtcdTargetHost
 from lunastor.common.etcd import Etcd, EtcdConfig
 from lunastor.common.records import Keys, LunRecord, VolumeRecord, target_iqn
 from lunastor.iscsi.scsi.types import Nexus

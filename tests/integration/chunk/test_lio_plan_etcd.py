@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from lunastor.chunk.dataserver import Replicas
-from lunastor.chunk.extentmap import ExtentMap
-from lunastor.chunk.lio.exporter import LioExporter
-from lunastor.chunk.lio.plan import Acl
-from lunastor.chunk.targets import EtcdTargetHost
-from lunastor.chunk.volume import AccessPath
+from lunastor.chunk.access.lio.exporter import LioExporter
+from lunastor.chunk.access.lio.plan import Acl
+from lunastor.chunk.access.targets import EtcdTargetHost
+from lunastor.chunk.access.volume import AccessPath
+from lunastor.chunk.replication.extentmap import ExtentMap
+from lunastor.chunk.replication.node import Replicas
 from lunastor.common.etcd import Etcd, EtcdConfig
 from lunastor.common.records import Keys, LunRecord, TargetRecord, VolumeRecord, target_iqn
 from lunastor.common.sealing import Sealer

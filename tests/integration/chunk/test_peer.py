@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 import lunastor
-from lunastor.chunk.peer import PeerAuthFailed, PeerClient, PeerUnavailable
 from lunastor.chunk.store.checksums import checksums_of
-from lunastor.chunk.wire import Status
+from lunastor.chunk.wire.messages import Status
+from lunastor.chunk.wire.peer import PeerAuthFailed, PeerClient, PeerUnavailable
 
 REPO = Path(lunastor.__file__).parent.parent
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -34,7 +34,7 @@ async def start_server(tmp: Path, port: int = 0) -> ServerProc:
     (tmp / "secret").write_bytes(SECRET)
     (tmp / "data").mkdir(exist_ok=True)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lunastor.chunk.peer_serve",
+        sys.executable, "-m", "lunastor.chunk.wire.peer_serve",
         "--data-dir", str(tmp / "data"), "--listen", f"127.0.0.1:{port}",
         "--secret-file", str(tmp / "secret"), "--node", "srv", "--extent-size", str(EXTENT),
         stdout=asyncio.subprocess.PIPE,
@@ -155,9 +155,9 @@ async def test_client_reconnects_after_a_server_restart(tmp_path: Path) -> None:
 async def test_deep_pipeline_and_abrupt_disconnects_in_process(tmp_path: Path) -> None:
     """More requests in flight than the server reads ahead (backpressure), then clients that
     vanish mid-frame: the server keeps serving everyone else."""
-    from lunastor.chunk.data_service import DataService
-    from lunastor.chunk.peer import PeerServer
+    from lunastor.chunk.replication.replicas import DataService
     from lunastor.chunk.store import ExtentStore
+    from lunastor.chunk.wire.peer import PeerServer
 
     store = ExtentStore([tmp_path], EXTENT)
     server = PeerServer(DataService(store), SECRET, "srv")

@@ -1,6 +1,7 @@
 """Re-replication, catch-up and drain with real parts in one process (real etcd, data nodes on
 real sockets; the cluster of test_replication.py): a member joins while writes continue
-(lunastor/chunk/join.py), driven by each server's repair loop (lunastor/chunk/repair.py)."""
+(lunastor/chunk/replication/join.py), driven by each server's repair loop
+(lunastor/chunk/maintenance/repair.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from lunastor.chunk.dataserver import DataServer
-from lunastor.chunk.join import Throttle, join_member
-from lunastor.chunk.repair import Repairer
-from lunastor.chunk.repair_plan import ActionKind
+from lunastor.chunk.access.volume import ReplicatedVolume
+from lunastor.chunk.maintenance.repair import Repairer
+from lunastor.chunk.maintenance.repair_plan import ActionKind
+from lunastor.chunk.replication.join import Throttle, join_member
+from lunastor.chunk.replication.node import DataServer
 from lunastor.chunk.store import ReplicaNotFound
-from lunastor.chunk.volume import ReplicatedVolume
 from lunastor.common.etcd import Etcd, EtcdConfig
 from lunastor.common.records import (
     ChunkAdminRecord,

@@ -16,7 +16,8 @@ from tests.integration.test_iscsi_target import CU_INITIATORS, Target, classify,
 from tests.support.devcluster import dev_up, lunastor
 
 # Reservations, RESERVE(6), resets, mode parameters and the unit attentions they raise are
-# LU state shared by every access point through etcd (lunastor/chunk/reservations.py), so every
+# LU state shared by every access point through etcd
+# (lunastor/chunk/access/reservations.py), so every
 # test classifies as on the standalone target. A difference that comes back must be listed here
 # with its reason: test -> (classification on the replicated LUN, why it differs).
 KNOWN_DIFFERENCES: dict[str, tuple[str, str]] = {}

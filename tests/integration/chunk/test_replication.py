@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from lunastor.chunk.dataserver import DataNode, DataServer, Replicas
-from lunastor.chunk.extentmap import ExtentMap
-from lunastor.chunk.fencing import EpochTable
-from lunastor.chunk.nexus_epochs import NexusEpochs
-from lunastor.chunk.peer import PeerAuthFailed, PeerClient
+from lunastor.chunk.access.nexus_epochs import NexusEpochs
+from lunastor.chunk.access.volume import AccessPath, ReplicatedVolume
+from lunastor.chunk.replication.extentmap import ExtentMap
+from lunastor.chunk.replication.fencing import EpochTable
+from lunastor.chunk.replication.node import DataNode, DataServer, Replicas
 from lunastor.chunk.store import BLOCK_SIZE, ExtentStore
-from lunastor.chunk.volume import AccessPath, ReplicatedVolume
-from lunastor.chunk.wire import Read, Response, Status, Write
+from lunastor.chunk.wire.messages import Read, Response, Status, Write
+from lunastor.chunk.wire.peer import PeerAuthFailed, PeerClient
 from lunastor.common.etcd import Etcd, EtcdConfig
 from lunastor.common.records import ChunkServerInfo, ChunkServerStatus, Keys, VolumeRecord
 from lunastor.iscsi.blockdev import LbaState, Miscompare, NotReady, OutOfRange

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from lunastor.chunk.scrub import Scrubber
+from lunastor.chunk.maintenance.scrub import Scrubber
 from lunastor.chunk.store import BLOCK_SIZE
-from lunastor.chunk.wire import Copy, Status
+from lunastor.chunk.wire.messages import Copy, Status
 from lunastor.common.records import Keys, OperationRecord
 from tests.integration.chunk.test_replicated_cluster import QEMU_IQN, Cluster, _extents, run
 from tests.integration.chunk.test_replication import EXTENT, blocks

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from lunastor.chunk.dataserver import Replicas
-from lunastor.chunk.extentmap import ExtentMap
+from lunastor.chunk.access.targets import EtcdTargetHost, volume_identity
+from lunastor.chunk.access.volume import AccessPath, ReplicatedVolume
+from lunastor.chunk.replication.extentmap import ExtentMap
+from lunastor.chunk.replication.node import Replicas
 from lunastor.chunk.service import claim_relative_port
-from lunastor.chunk.targets import EtcdTargetHost, volume_identity
-from lunastor.chunk.volume import AccessPath, ReplicatedVolume
 from lunastor.common.etcd import Etcd, EtcdConfig
 from lunastor.common.records import Keys, LunRecord, TargetRecord, VolumeRecord, target_iqn
 from lunastor.common.sealing import Sealer

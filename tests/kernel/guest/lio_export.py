@@ -2,7 +2,7 @@
 """Guest scenario lio-export: lunastor's LIO export (TCMU) in the guest, checked from the host.
 
 The guest loads LIO (configfs, target_core_mod, target_core_user, iscsi_target_mod) and runs
-`python -m lunastor.chunk.lio.main` against the host's etcd and chunk servers. Once LIO holds
+`python -m lunastor.chunk.access.lio.main` against the host's etcd and chunk servers. Once LIO holds
 the exported target, it asks the host to check it: libiscsi reaches the guest's LIO portal,
 data written through LIO reads back through a chunk server's userspace portal and the other
 way round, and throughput is measured (host action "lio-ready"; with params["conformance"]
@@ -66,7 +66,7 @@ def body(run: Run) -> None:
                 [
                     p["python"],
                     "-m",
-                    "lunastor.chunk.lio.main",
+                    "lunastor.chunk.access.lio.main",
                     "--config",
                     str(config),
                     "--userspace-portal",

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from lunastor.chunk import store as s
-from lunastor.chunk.data_service import DataService, error_response
-from lunastor.chunk.wire import (
+from lunastor.chunk.replication.replicas import DataService, error_response
+from lunastor.chunk.wire.messages import (
     Advance,
     Copy,
     Create,

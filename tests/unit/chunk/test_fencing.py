@@ -1,4 +1,5 @@
-"""The primary's nexus-epoch decision (lunastor/chunk/fencing.py), table-driven, plus the
+"""The primary's nexus-epoch decision (lunastor/chunk/replication/fencing.py), table-driven,
+plus the
 `fenced` answer on the wire and the etcd key of a nexus."""
 
 from __future__ import annotations
@@ -7,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lunastor.chunk.fencing import EpochTable, Fenced
-from lunastor.chunk.wire import (
+from lunastor.chunk.replication.fencing import EpochTable, Fenced
+from lunastor.chunk.wire.messages import (
     FrameError,
     FrameReader,
     Nexus,

@@ -1,4 +1,4 @@
-"""The join's diff of two checksum arrays into copy runs (lunastor/chunk/join.py)."""
+"""The join's diff of two checksum arrays into copy runs (lunastor/chunk/replication/join.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lunastor.chunk.join import differing_runs
+from lunastor.chunk.replication.join import differing_runs
 
 KIB = 1024
 

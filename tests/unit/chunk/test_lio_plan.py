@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lunastor.chunk.lio.plan import Acl, Backstore, LunExport, PlanError, backstore_for, plan
-from lunastor.chunk.lio.tcmu import find_uio, uio_name
+from lunastor.chunk.access.lio.plan import Acl, Backstore, LunExport, PlanError, backstore_for, plan
+from lunastor.chunk.access.lio.tcmu import find_uio, uio_name
 from lunastor.iscsi.chap import ChapCredentials
 
 T1 = "iqn.2026-11.io.lunastor:tgt-1"

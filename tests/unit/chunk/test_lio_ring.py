@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lunastor.chunk.lio.ring import (
+from lunastor.chunk.access.lio.ring import (
     CAP_OOOC,
     CAP_READ_LEN,
     MIN_ENTRY_SIZE,

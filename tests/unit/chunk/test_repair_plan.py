@@ -1,4 +1,5 @@
-"""The repair planner (lunastor/chunk/repair_plan.py): one action per extent, table-driven."""
+"""The repair planner (lunastor/chunk/maintenance/repair_plan.py): one action per extent,
+table-driven."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lunastor.chunk.repair_plan import (
+from lunastor.chunk.maintenance.repair_plan import (
     Action,
     ActionKind,
     ServerView,
@@ -39,6 +40,7 @@ class Case:
     converging: bool = False
     placement: list[str] = field(default_factory=list)
     holders: list[str] = field(default_factory=list)
+    move: tuple[str, str] | None = None  # a rebalancing move (source, target) from meta
 
 
 THREE_ZONES = [up("a", "z1"), up("b", "z2"), up("c", "z3")]
@@ -189,6 +191,48 @@ CASES = [
         (ActionKind.ADD, "a", "c"),
         desired=2,
     ),
+    Case(
+        "rebalancing move: the primary joins the target",
+        ["a", "b", "c"],
+        [*THREE_ZONES, up("d", "z2")],
+        (ActionKind.REBALANCE_ADD, "a", "d"),
+        move=("b", "d"),
+    ),
+    Case(
+        "rebalancing move, target joined: the source retires (not the last member)",
+        ["a", "b", "c", "d"],
+        [*THREE_ZONES, up("d", "z2")],
+        (ActionKind.REBALANCE_RETIRE, "a", "b"),
+        move=("b", "d"),
+    ),
+    Case(
+        "rebalancing move off the primary: it hands over once the target joined",
+        ["a", "b", "c", "d"],
+        [*THREE_ZONES, up("d", "z1")],
+        (ActionKind.REBALANCE_RETIRE, "a", "a"),
+        move=("a", "d"),
+    ),
+    Case(
+        "rebalancing move to a server that went down: waits (meta withdraws it)",
+        ["a", "b", "c"],
+        [*THREE_ZONES, down("d", "z2")],
+        None,
+        move=("b", "d"),
+    ),
+    Case(
+        "rebalancing move done: nothing left",
+        ["a", "c", "d"],
+        [*THREE_ZONES, up("d", "z2")],
+        None,
+        move=("b", "d"),
+    ),
+    Case(
+        "repair comes before a rebalancing move",
+        ["a", "b", "c"],
+        [up("a"), down("b", "z2"), up("c", "z3"), up("d", "z2")],
+        (ActionKind.REMOVE_DEAD, "a", "b"),
+        move=("c", "d"),
+    ),
 ]
 
 
@@ -205,6 +249,7 @@ def test_plan_extent(case: Case) -> None:
         replace_after=REPLACE_AFTER,
         placement=case.placement,
         old_holders=case.holders,
+        move=case.move,
     )
     if case.want is None:
         assert got is None

@@ -1,4 +1,5 @@
-"""The chunk server's ring reader agrees with meta's placement; IO splits at extent edges."""
+"""The bootstrap ring is a valid placement ring; look-ups by (volume, index) agree with extent
+keys; IO splits at extent edges."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lunastor.chunk.ring import RingError, Server, StoredRing, bootstrap_ring
-from lunastor.chunk.volume import split
-from lunastor.meta.placement import Candidate, Ring, build_ring, place_replicas
+from lunastor.chunk.access.volume import split
+from lunastor.chunk.replication.ring import RingError, Server, bootstrap_ring
+from lunastor.common.ring import InvalidRing, Ring, place_replicas
+from lunastor.meta.placement import Candidate, build_ring
 
 SERVERS = [
     Server("chunk-a", "z1", 100, 50),
@@ -19,12 +21,11 @@ SERVERS = [
 
 
 def test_bootstrap_ring_is_a_valid_placement_ring_with_one_replica_per_zone() -> None:
-    data = bootstrap_ring(SERVERS, 3, part_power=6)
-    ring = Ring.from_dict(data)  # meta's validation: distinct servers, all up
-    ours = StoredRing.from_dict(data)
+    ring = bootstrap_ring(SERVERS, 3, part_power=6)
+    assert Ring.from_dict(ring.to_dict()) == ring  # full validation: distinct servers, all up
     for vol in ("vol-1", "vol-0123456789abcdef"):
         for index in range(40):
-            placed = ours.place(vol, index)
+            placed = ring.place(vol, index)
             assert placed == place_replicas(f"{vol}/{index}", ring)
             zones = {next(s.zone for s in SERVERS if s.id == c) for c in placed}
             assert len(zones) == 3
@@ -36,12 +37,11 @@ def test_bootstrap_ring_is_deterministic_and_needs_enough_servers() -> None:
         bootstrap_ring(SERVERS[:2], 3)
 
 
-def test_a_ring_built_by_meta_reads_the_same_here() -> None:
+def test_place_by_volume_and_index_is_place_replicas_of_the_extent_key() -> None:
     cands = [Candidate(s.id, s.zone, 1000, 500, "up") for s in SERVERS]
-    ring = build_ring(cands, 3, 8)
-    ours = StoredRing.from_dict(ring.to_dict())
+    ring = Ring.from_dict(build_ring(cands, 3, 8).to_dict())
     for index in range(300):
-        assert ours.place("vol-x", index) == place_replicas(f"vol-x/{index}", ring)
+        assert ring.place("vol-x", index) == place_replicas(f"vol-x/{index}", ring)
 
 
 @pytest.mark.parametrize(
@@ -53,8 +53,8 @@ def test_a_ring_built_by_meta_reads_the_same_here() -> None:
     ],
 )
 def test_bad_stored_rings_are_typed_errors(bad: dict[str, object]) -> None:
-    with pytest.raises(RingError):
-        StoredRing.from_dict(bad)
+    with pytest.raises(InvalidRing):
+        Ring.from_dict(bad)
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lunastor.chunk import wire
-from lunastor.chunk.wire import (
+from lunastor.chunk.wire import messages as wire
+from lunastor.chunk.wire.messages import (
     Advance,
     Clone,
     Copy,

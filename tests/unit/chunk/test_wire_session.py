@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from lunastor.chunk import wire
-from lunastor.chunk.wire import (
+from lunastor.chunk.wire import messages as wire
+from lunastor.chunk.wire.messages import (
     Auth,
     AuthFailed,
     FrameReader,
@@ -20,7 +20,7 @@ from lunastor.chunk.wire import (
     decode_response,
     encode_request,
 )
-from lunastor.chunk.wire_session import ClientConnection, Phase, ServerConnection
+from lunastor.chunk.wire.session import ClientConnection, Phase, ServerConnection
 
 SECRET = b"cluster secret: 32 random bytes!"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lunastor.chunk import filedev
-from lunastor.chunk.filedev import FileBlockDevice
+from lunastor.chunk.access import filedev
+from lunastor.chunk.access.filedev import FileBlockDevice
 from lunastor.iscsi.blockdev import (
     BlockDevice,
     LbaState,

@@ -17,13 +17,12 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from lunastor.chunk.dataserver import Replicas
-from lunastor.chunk.extentmap import AllocationError, Entry, ExtentMap
-from lunastor.chunk.nexus_epochs import NexusEpochs
-from lunastor.chunk.peer import PeerError
-from lunastor.chunk.snapshots import VersionIndex
+from lunastor.chunk.access.nexus_epochs import NexusEpochs
+from lunastor.chunk.replication.extentmap import AllocationError, Entry, ExtentMap
+from lunastor.chunk.replication.node import Replicas
+from lunastor.chunk.replication.snapshots import VersionIndex
 from lunastor.chunk.store import BLOCK_SIZE, CHECKSUM_SIZE
-from lunastor.chunk.wire import (
+from lunastor.chunk.wire.messages import (
     Copy,
     Flush,
     GetState,
@@ -37,6 +36,7 @@ from lunastor.chunk.wire import (
     Unmap,
     Write,
 )
+from lunastor.chunk.wire.peer import PeerError
 from lunastor.common.records import ExtentRecord, VolumeRecord, parse_preserved
 from lunastor.iscsi.blockdev import (
     LbaState,

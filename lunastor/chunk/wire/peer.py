@@ -11,8 +11,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from lunastor.chunk.data_service import DataService
-from lunastor.chunk.wire import (
+from lunastor.chunk.replication.replicas import DataService
+from lunastor.chunk.wire.messages import (
     MAX_PAYLOAD,
     AuthFailed,
     Copy,
@@ -31,7 +31,7 @@ from lunastor.chunk.wire import (
     Write,
     clip_message,
 )
-from lunastor.chunk.wire_session import ClientConnection, ServerConnection
+from lunastor.chunk.wire.session import ClientConnection, ServerConnection
 from lunastor.common.logs import get_logger
 
 log = get_logger(component="peer")

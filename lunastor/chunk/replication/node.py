@@ -31,11 +31,10 @@ from functools import partial
 
 from prometheus_client import Counter
 
-from lunastor.chunk.data_service import DataService, error_response
-from lunastor.chunk.extentmap import Entry, ExtentMap
-from lunastor.chunk.fencing import EpochTable, Fenced
-from lunastor.chunk.peer import PeerClient, PeerError, PeerUnavailable
-from lunastor.chunk.snapshots import PreserveFailed, clone_from_origin, preserve
+from lunastor.chunk.replication.extentmap import Entry, ExtentMap
+from lunastor.chunk.replication.fencing import EpochTable, Fenced
+from lunastor.chunk.replication.replicas import DataService, error_response
+from lunastor.chunk.replication.snapshots import PreserveFailed, clone_from_origin, preserve
 from lunastor.chunk.store import (
     DataDirFailed,
     ExtentStore,
@@ -44,7 +43,7 @@ from lunastor.chunk.store import (
     ReplicaNotFound,
     ReplicaState,
 )
-from lunastor.chunk.wire import (
+from lunastor.chunk.wire.messages import (
     Create,
     Flush,
     GetState,
@@ -60,7 +59,8 @@ from lunastor.chunk.wire import (
     Write,
     clip_message,
 )
-from lunastor.chunk.wire_session import ServerConnection
+from lunastor.chunk.wire.peer import PeerClient, PeerError, PeerUnavailable
+from lunastor.chunk.wire.session import ServerConnection
 from lunastor.common.records import ExtentRecord, parse_preserved
 
 log = logging.getLogger(__name__)

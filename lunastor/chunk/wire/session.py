@@ -23,7 +23,7 @@ from enum import Enum
 
 import msgpack
 
-from lunastor.chunk.wire import (
+from lunastor.chunk.wire.messages import (
     ACCEPTED_VERSIONS,
     MAX_HEADER,
     MAX_PAYLOAD,

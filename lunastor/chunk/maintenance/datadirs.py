@@ -35,12 +35,12 @@ from functools import partial
 
 from prometheus_client import Counter, Gauge
 
-from lunastor.chunk.dataserver import DataNode
-from lunastor.chunk.extentmap import ExtentMap
-from lunastor.chunk.peer import PeerError
+from lunastor.chunk.access.volume import AccessPath
+from lunastor.chunk.replication.extentmap import ExtentMap
+from lunastor.chunk.replication.node import DataNode
 from lunastor.chunk.store import DataDirFailed, ExtentStore
-from lunastor.chunk.volume import AccessPath
-from lunastor.chunk.wire import Flush, GetState
+from lunastor.chunk.wire.messages import Flush, GetState
+from lunastor.chunk.wire.peer import PeerError
 from lunastor.common.records import Keys
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""A bare data-protocol server over one extent store: `python -m lunastor.chunk.peer_serve`.
+"""A bare data-protocol server over one extent store: `python -m lunastor.chunk.wire.peer_serve`.
 
 For tests and benchmarks of the replication layer without a full chunk server (no etcd, no
 iSCSI). Prints `listening HOST:PORT` once it accepts connections; stops on SIGTERM/SIGINT,
@@ -13,13 +13,13 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from lunastor.chunk.data_service import DataService
-from lunastor.chunk.peer import PeerServer
+from lunastor.chunk.replication.replicas import DataService
 from lunastor.chunk.store import DEFAULT_EXTENT_SIZE, ExtentStore
+from lunastor.chunk.wire.peer import PeerServer
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lunastor.chunk.peer_serve")
+    p = argparse.ArgumentParser(prog="python -m lunastor.chunk.wire.peer_serve")
     p.add_argument("--data-dir", action="append", required=True)
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any free)")
     p.add_argument("--secret-file", required=True)

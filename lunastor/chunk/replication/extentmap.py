@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from lunastor.chunk.ring import RingError, Server, StoredRing, bootstrap_ring
+from lunastor.chunk.replication.ring import RingError, Server, bootstrap_ring
 from lunastor.common.etcd import Compare, Etcd, Put
 from lunastor.common.etcd.cache import PrefixCache
 from lunastor.common.records import (
@@ -24,6 +24,7 @@ from lunastor.common.records import (
     RecordError,
     VolumeRecord,
 )
+from lunastor.common.ring import PlacementError, Ring
 from lunastor.common.zoning import restrict_to_zones
 
 
@@ -50,7 +51,7 @@ class ExtentMap:
         self._decoded: dict[str, Entry] = {}
         # chunk record key -> (mod_revision, data address): every forwarded write asks
         self._addresses: dict[str, tuple[int, str | None]] = {}
-        self._rings: dict[int, tuple[int, StoredRing]] = {}
+        self._rings: dict[int, tuple[int, Ring]] = {}
         # when each live record was first seen missing (monotonic); see `gone_since`
         self._started = time.monotonic()
         self._gone: dict[str, float] = {}
@@ -245,7 +246,7 @@ class ExtentMap:
         await self.extents.wait_for_revision(res.revision, timeout=10)
         return Entry(new, res.revision)
 
-    async def ring(self, replicas: int) -> StoredRing:
+    async def ring(self, replicas: int) -> Ring:
         """The stored ring for this replica count; the first caller builds and stores one."""
         key = Keys.ring(replicas)
         kv = await self.etcd.get(key)
@@ -254,7 +255,7 @@ class ExtentMap:
                 proposal = bootstrap_ring(self.live_servers(), replicas)
             except RingError as exc:
                 raise AllocationError(str(exc)) from None
-            await self.etcd.create(key, json.dumps(proposal).encode())
+            await self.etcd.create(key, json.dumps(proposal.to_dict()).encode())
             kv = await self.etcd.get(key)
             if kv is None:
                 raise AllocationError(f"ring {key} vanished")
@@ -262,8 +263,8 @@ class ExtentMap:
         if cached is not None and cached[0] == kv.mod_revision:
             return cached[1]
         try:
-            ring = StoredRing.from_dict(json.loads(kv.value))
-        except (ValueError, RingError) as exc:
+            ring = Ring.from_dict(json.loads(kv.value))
+        except (ValueError, PlacementError) as exc:
             raise AllocationError(f"stored ring {key} is unusable: {exc}") from None
         self._rings[replicas] = (kv.mod_revision, ring)
         return ring

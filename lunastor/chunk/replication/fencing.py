@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lunastor.chunk.wire import Nexus
+from lunastor.chunk.wire.messages import Nexus
 
 
 class Fenced(Exception):

@@ -27,7 +27,7 @@ from lunastor.chunk.store import (
     SpaceExhausted,
     StaleGeneration,
 )
-from lunastor.chunk.wire import (
+from lunastor.chunk.wire.messages import (
     Advance,
     Clone,
     Copy,

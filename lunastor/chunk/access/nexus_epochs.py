@@ -21,7 +21,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from lunastor.chunk.wire import Nexus as WireNexus
+from lunastor.chunk.wire.messages import Nexus as WireNexus
 from lunastor.common.etcd import Compare, Delete, Etcd, EtcdError
 from lunastor.common.etcd.cache import PrefixCache
 from lunastor.common.records import Keys

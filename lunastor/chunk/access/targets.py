@@ -18,8 +18,8 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from lunastor.chunk.iscsi_server import IscsiServer
-from lunastor.chunk.volume import AccessPath, ReplicatedVolume
+from lunastor.chunk.access.iscsi_server import IscsiServer
+from lunastor.chunk.access.volume import AccessPath, ReplicatedVolume
 from lunastor.common.etcd import Etcd
 from lunastor.common.etcd.cache import PrefixCache
 from lunastor.common.records import (

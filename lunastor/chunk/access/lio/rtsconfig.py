@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from lunastor.chunk.lio.plan import BACKSTORE_PREFIX, Backstore, LioPlan, TargetPlan
+from lunastor.chunk.access.lio.plan import BACKSTORE_PREFIX, Backstore, LioPlan, TargetPlan
 from lunastor.common.records import TARGET_IQN_PREFIX
 from lunastor.iscsi.chap import ChapCredentials
 

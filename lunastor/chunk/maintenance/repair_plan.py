@@ -14,7 +14,11 @@ actions this server is the actor of. One action per extent per pass, the most ur
    a target: a live, non-draining server that holds an old replica file of the extent if any
    (catch-up), else the least used zone, then ring order); **no-candidate** when none fits;
 5. a draining member whose replacement has joined, or more members than wanted:
-   **remove-extra** (a draining secondary before a draining primary, which hands over).
+   **remove-extra** (a draining secondary before a draining primary, which hands over);
+6. a healthy extent with a rebalancing move from meta (`/v1/rebalance/...`,
+   docs/placement.md): **rebalance-add** of its target (join), then **rebalance-retire** of
+   its source once the target is a member. A move whose target cannot take the replica now
+   (down, draining) waits for meta to withdraw it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class ActionKind(StrEnum):
     REMOVE_EXTRA = "remove-extra"
     WAIT = "wait"  # nothing to do yet: a member may come back
     NO_CANDIDATE = "no-candidate"  # replicas are missing and no server can take one
+    REBALANCE_ADD = "rebalance-add"  # a move's target joins
+    REBALANCE_RETIRE = "rebalance-retire"  # the move's target joined: its source goes
 
     @property
     def acts(self) -> bool:
@@ -98,8 +104,10 @@ def plan_extent(
     replace_after: float,
     placement: Sequence[str] = (),
     old_holders: Iterable[str] = (),
+    move: tuple[str, str] | None = None,
 ) -> Action | None:
-    """The one action `rec` needs now, or None when it is as it should be."""
+    """The one action `rec` needs now, or None when it is as it should be. `move`: a
+    rebalancing move (source, target) meta handed out for it."""
     members = rec.replicas
     live = [m for m in members if _live(servers, m)]
     if not live:
@@ -136,6 +144,13 @@ def plan_extent(
         # secondaries first: a draining primary hands the extent over last
         victim = next((m for m in draining if m != primary), primary)
         return action(ActionKind.REMOVE_EXTRA, primary, victim)
+    if move is not None and move[0] in members:
+        source, target = move
+        if target in members:
+            return action(ActionKind.REBALANCE_RETIRE, primary, source)
+        view = servers.get(target)
+        if view is not None and view.live and not view.draining and len(members) <= desired:
+            return action(ActionKind.REBALANCE_ADD, primary, target)
     if len(members) > desired:
         return action(ActionKind.REMOVE_EXTRA, primary, members[-1])
     return None
@@ -158,6 +173,7 @@ def plan(
     replace_after: float,
     placements: Mapping[tuple[str, int], Sequence[str]] | None = None,
     old_holders: Mapping[tuple[str, int], Iterable[str]] | None = None,
+    moves: Mapping[tuple[str, int], tuple[str, str]] | None = None,
 ) -> list[Action]:
     """Every extent's action. Extents of volumes without a record (deleted) are left alone:
     they belong to garbage collection."""
@@ -174,6 +190,7 @@ def plan(
             replace_after=replace_after,
             placement=(placements or {}).get(key, ()),
             old_holders=(old_holders or {}).get(key, ()),
+            move=(moves or {}).get(key),
         )
         if act is not None:
             out.append(act)

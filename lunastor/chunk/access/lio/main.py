@@ -6,7 +6,7 @@ with the cluster secret, and serves each volume through a TCMU backstore of LIO 
 Its settings are a chunk server's (`ChunkConfig`): etcd, cluster_secret, secret_key, io_timeout,
 lio_listen (LIO's portal), data_dirs (only to keep its identity across restarts).
 
-    python -m lunastor.chunk.lio.main --config lio.toml [--userspace-portal HOST:PORT]
+    python -m lunastor.chunk.access.lio.main --config lio.toml [--userspace-portal HOST:PORT]
 
 `--userspace-portal` also serves the same LUNs through lunastor's userspace iSCSI target on
 HOST:PORT, from the same process and data path (to compare the two front ends).
@@ -19,16 +19,16 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from lunastor.chunk.access.iscsi_server import IscsiServer, ServerConfig
+from lunastor.chunk.access.lio.exporter import LioExporter
+from lunastor.chunk.access.lio.rtsconfig import LioUnavailable
+from lunastor.chunk.access.targets import EtcdTargetHost
+from lunastor.chunk.access.volume import AccessPath
 from lunastor.chunk.config import ChunkConfig
-from lunastor.chunk.dataserver import Replicas
-from lunastor.chunk.extentmap import ExtentMap
-from lunastor.chunk.iscsi_server import IscsiServer, ServerConfig
-from lunastor.chunk.lio.exporter import LioExporter
-from lunastor.chunk.lio.rtsconfig import LioUnavailable
 from lunastor.chunk.registration import load_or_create_id
+from lunastor.chunk.replication.extentmap import ExtentMap
+from lunastor.chunk.replication.node import Replicas
 from lunastor.chunk.service import claim_relative_port, cluster_extent_size
-from lunastor.chunk.targets import EtcdTargetHost
-from lunastor.chunk.volume import AccessPath
 from lunastor.common.daemon import (
     StartupError,
     config_argparser,

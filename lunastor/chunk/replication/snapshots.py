@@ -26,9 +26,9 @@ from typing import Any, Protocol
 
 from prometheus_client import Counter
 
-from lunastor.chunk.extentmap import Entry, ExtentMap
-from lunastor.chunk.peer import PeerError
-from lunastor.chunk.wire import Clone, GetState, Request, Response, Status
+from lunastor.chunk.replication.extentmap import Entry, ExtentMap
+from lunastor.chunk.wire.messages import Clone, GetState, Request, Response, Status
+from lunastor.chunk.wire.peer import PeerError
 from lunastor.common.etcd import Compare, Put
 from lunastor.common.records import (
     ExtentRecord,

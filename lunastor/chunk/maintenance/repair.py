@@ -2,7 +2,8 @@
 (`repair_plan.plan`) and apply the actions this server is the actor of: failover for extents
 whose primary died (as their first live member), and for extents it is primary of: removing
 dead members, joining new or returning ones (join.py, throttled by `rebuild_rate`, at most
-`rebuild_concurrency` at once) and retiring drained ones. docs/datapath.md, "Rebuild,
+`rebuild_concurrency` at once), retiring drained ones and carrying out meta's rebalancing
+moves (join the target, then retire the source). docs/datapath.md, "Rebuild,
 catch-up and drain". `run_once()` runs one pass (tests call it instead of waiting).
 """
 
@@ -16,11 +17,8 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from lunastor.chunk.dataserver import DataNode, PrimaryReplicaLost, StaleMap, Unavailable
-from lunastor.chunk.extentmap import AllocationError, ExtentMap
-from lunastor.chunk.join import JoinAborted, Throttle, join_member, retire_member
-from lunastor.chunk.peer import PeerError
-from lunastor.chunk.repair_plan import (
+from lunastor.chunk.access.volume import AccessPath
+from lunastor.chunk.maintenance.repair_plan import (
     Action,
     ActionKind,
     ServerView,
@@ -28,9 +26,12 @@ from lunastor.chunk.repair_plan import (
     plan_extent,
     wanted_replicas,
 )
+from lunastor.chunk.replication.extentmap import AllocationError, ExtentMap
+from lunastor.chunk.replication.join import JoinAborted, Throttle, join_member, retire_member
+from lunastor.chunk.replication.node import DataNode, PrimaryReplicaLost, StaleMap, Unavailable
 from lunastor.chunk.store import ExtentStoreError, ReplicaNotFound
-from lunastor.chunk.volume import AccessPath
-from lunastor.chunk.wire import GetState
+from lunastor.chunk.wire.messages import GetState
+from lunastor.chunk.wire.peer import PeerError
 from lunastor.common.etcd import Etcd, EtcdError
 from lunastor.common.etcd.cache import PrefixCache
 from lunastor.common.records import (
@@ -39,6 +40,7 @@ from lunastor.common.records import (
     ChunkServerStatus,
     ExtentRecord,
     Keys,
+    MoveRecord,
     RecordError,
     VolumeRecord,
 )
@@ -72,6 +74,7 @@ class Repairer:
         self.throttle = Throttle(rebuild_rate)
         self.slots = asyncio.Semaphore(concurrency)
         self.volumes = PrefixCache(etcd, Keys.VOLUMES)
+        self.moves = PrefixCache(etcd, Keys.REBALANCE)  # meta's rebalancing moves
         self.admin = emap.admin
         self._down_since: dict[str, float] = {}
         self._busy: set[tuple[str, int]] = set()
@@ -80,6 +83,7 @@ class Repairer:
 
     async def start(self, loop_forever: bool = True) -> Repairer:
         await self.volumes.start()
+        await self.moves.start()
         if loop_forever:
             self._task = asyncio.create_task(self._run(), name="repair")
         return self
@@ -89,6 +93,7 @@ class Repairer:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self.moves.stop()
         await self.volumes.stop()
 
     async def _run(self) -> None:
@@ -157,6 +162,15 @@ class Repairer:
                 out[vol.id] = vol.replicas
         return out
 
+    def rebalance_moves(self) -> dict[tuple[str, int], tuple[str, str]]:
+        """Meta's moves: (volume, index) -> (source, target)."""
+        out = {}
+        for kv in self.moves.items.values():
+            with contextlib.suppress(RecordError):
+                move = MoveRecord.from_json(kv.value)
+                out[(move.volume, move.index)] = (move.source, move.target)
+        return out
+
     async def _placement(self, rec: ExtentRecord, replicas: int) -> list[str]:
         try:
             return (await self.emap.ring(replicas)).place(rec.volume, rec.index)
@@ -185,7 +199,13 @@ class Repairer:
         servers = self.servers()
         desired = self.desired()
         extents = self.extents()
-        actions = plan(extents, servers, desired, replace_after=self.replace_after)
+        actions = plan(
+            extents,
+            servers,
+            desired,
+            replace_after=self.replace_after,
+            moves=self.rebalance_moves(),
+        )
         by_key = {(r.volume, r.index): r for r in extents}
         mine = []
         for act in actions:
@@ -310,7 +330,7 @@ class Repairer:
         elif act.kind is ActionKind.REMOVE_DEAD:
             pe = await self.node.lead(act.volume, act.index)
             await self.node.remove_members(pe, [act.member])
-        elif act.kind is ActionKind.ADD:
+        elif act.kind in (ActionKind.ADD, ActionKind.REBALANCE_ADD):
             await join_member(self.node, act.volume, act.index, act.member, self.throttle)
-        elif act.kind is ActionKind.REMOVE_EXTRA:
+        elif act.kind in (ActionKind.REMOVE_EXTRA, ActionKind.REBALANCE_RETIRE):
             await retire_member(self.node, act.volume, act.index, act.member)

@@ -37,10 +37,9 @@ from functools import partial
 
 from prometheus_client import Counter
 
-from lunastor.chunk.dataserver import DataNode, PrimaryExtent, StaleMap, Unavailable
-from lunastor.chunk.peer import PeerError
+from lunastor.chunk.replication.node import DataNode, PrimaryExtent, StaleMap, Unavailable
 from lunastor.chunk.store import BLOCK_SIZE, CHECKSUM_SIZE, ReplicaState
-from lunastor.chunk.wire import (
+from lunastor.chunk.wire.messages import (
     Advance,
     Copy,
     Create,
@@ -52,6 +51,7 @@ from lunastor.chunk.wire import (
     SetGen,
     Status,
 )
+from lunastor.chunk.wire.peer import PeerError
 
 log = logging.getLogger(__name__)
 

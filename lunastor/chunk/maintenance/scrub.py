@@ -27,8 +27,7 @@ from functools import partial
 
 from prometheus_client import Counter, Gauge
 
-from lunastor.chunk.extentmap import ExtentMap
-from lunastor.chunk.peer import PeerError
+from lunastor.chunk.replication.extentmap import ExtentMap
 from lunastor.chunk.store import (
     BLOCK_SIZE,
     ChecksumMismatch,
@@ -37,7 +36,8 @@ from lunastor.chunk.store import (
     ReplicaState,
 )
 from lunastor.chunk.store import checksums as cs
-from lunastor.chunk.wire import GetState, Read, Request, Response
+from lunastor.chunk.wire.messages import GetState, Read, Request, Response
+from lunastor.chunk.wire.peer import PeerError
 from lunastor.common.etcd import Etcd
 from lunastor.common.etcd.errors import EtcdError
 from lunastor.common.records import Keys, OperationRecord

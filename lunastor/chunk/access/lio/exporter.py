@@ -14,10 +14,10 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-from lunastor.chunk.lio.plan import LioPlan, LunExport, plan
-from lunastor.chunk.lio.rtsconfig import RtsConfig
-from lunastor.chunk.lio.tcmu import TcmuDevice
-from lunastor.chunk.targets import EtcdTargetHost
+from lunastor.chunk.access.lio.plan import LioPlan, LunExport, plan
+from lunastor.chunk.access.lio.rtsconfig import RtsConfig
+from lunastor.chunk.access.lio.tcmu import TcmuDevice
+from lunastor.chunk.access.targets import EtcdTargetHost
 from lunastor.common.records import target_iqn
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import os
 import time
 from pathlib import Path
 
-from lunastor.chunk.lio.ring import Command, CommandRing, Response, RingError
+from lunastor.chunk.access.lio.ring import Command, CommandRing, Response, RingError
 from lunastor.iscsi.scsi.target import LogicalUnit, ScsiTarget
 from lunastor.iscsi.scsi.types import Nexus, ScsiCommand, Status
 

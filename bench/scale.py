@@ -1,0 +1,220 @@
+"""Metadata at scale: a 1,000-server, 1 PiB, 1,000,000-LUN cluster, measured on a slice.
+
+    python -m bench.scale [--volumes 2000] [--extents-per-volume 16] [--servers 1000]
+
+Writing 16.8 million extent records into etcd would take hours on this machine, so the bench
+writes a **representative slice** into a real etcd, exactly as the product writes it today
+(`VolumeRecord`, name, `LunRecord` per volume, as a create does; one `ExtentRecord` key per
+allocated extent, placed by a ring of `--servers` servers), measures it, and **extrapolates
+linearly** to the full cluster, saying so on every extrapolated line:
+
+- etcd bytes per allocated 64 MiB extent and per volume (etcd's own dbSizeInUse after a
+  compaction and defragmentation, over the slice);
+- time to list (all volumes, all extents) and to plan (ring build for the servers; one
+  rebalancing pass after one server joins);
+- placement balance: every server against its fair share in the ring's table and in the
+  slice's extents;
+- the keys each chunk server watches;
+- the largest cluster that fits etcd's 8 GB database ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import time
+from collections import Counter
+from typing import Any
+
+from lunastor.common.etcd import Etcd, EtcdConfig, Put
+from lunastor.common.records import ExtentRecord, Keys, LunRecord, VolumeRecord
+from lunastor.meta.placement import Candidate, build_ring, fair_shares, replica_count_by_server
+from lunastor.meta.rebalance_plan import Holder, plan_moves
+from tests.support.etcd import EtcdServer
+
+PIB = 1 << 50
+GIB = 1 << 30
+EXTENT = 64 << 20
+FULL_EXTENTS = PIB // EXTENT  # 16,777,216
+FULL_LUNS = 1_000_000
+ETCD_CEILING = 8 * 10**9
+ZONES = 10
+REPLICAS = 3
+
+
+def status(endpoint: str) -> dict[str, Any]:
+    out = subprocess.run(
+        ["etcdctl", f"--endpoints={endpoint}", "endpoint", "status", "-w", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)[0]["Status"]
+
+
+def settle(endpoint: str) -> int:
+    """Compact to the current revision and defragment; etcd's bytes in use then."""
+    rev = status(endpoint)["header"]["revision"]
+    subprocess.run(
+        ["etcdctl", f"--endpoints={endpoint}", "compact", str(rev), "--physical"],
+        capture_output=True,
+        check=True,
+    )
+    subprocess.run(
+        ["etcdctl", f"--endpoints={endpoint}", "defrag"], capture_output=True, check=True
+    )
+    return int(status(endpoint)["dbSizeInUse"])
+
+
+async def write(etcd: Etcd, puts: list[Put]) -> None:
+    for i in range(0, len(puts), 120):
+        await etcd.txn([], puts[i : i + 120])
+
+
+def servers(n: int) -> list[Candidate]:
+    return [
+        Candidate(f"chunk-{i:012x}", f"zone{i % ZONES}", 1 << 40, 1 << 40, "up") for i in range(n)
+    ]
+
+
+async def run(volumes: int, per_volume: int, n_servers: int) -> None:
+    server = EtcdServer().start()
+    try:
+        config = EtcdConfig(endpoints=[server.endpoint], namespace="/lunastor")
+        async with await Etcd.connect(config) as etcd:
+            await measure(etcd, server.endpoint, volumes, per_volume, n_servers)
+    finally:
+        server.cleanup()
+
+
+async def measure(etcd: Etcd, endpoint: str, volumes: int, per_volume: int, n_servers: int) -> None:
+    slice_extents = volumes * per_volume
+    scale_ext = FULL_EXTENTS / slice_extents
+    scale_vol = FULL_LUNS / volumes
+    cands = servers(n_servers)
+    pp = 16
+    t = time.perf_counter()
+    ring = build_ring(cands, REPLICAS, pp)
+    ring_s = time.perf_counter() - t
+    ring_bytes = len(json.dumps(ring.to_dict()))
+
+    empty = settle(endpoint)
+    vol_puts: list[Put] = []
+    for v in range(volumes):
+        target, lun = divmod(v, 255)
+        rec = VolumeRecord(
+            id=f"vol-{v:016x}", name=f"pvc-{v:08d}", size_bytes=per_volume * EXTENT,
+            created_at=time.time(), target=target, lun=lun + 1,
+        )  # fmt: skip
+        acl = LunRecord(rec.id, ["iqn.2026-01.io.k8s:node-1"])
+        vol_puts += [
+            Put(Keys.volume(rec.id), rec.to_json()),
+            Put(Keys.volume_name(rec.name), rec.id.encode()),
+            Put(Keys.lun(target, lun + 1), acl.to_json()),
+        ]
+    await write(etcd, vol_puts)
+    with_volumes = settle(endpoint)
+    ext_puts = []
+    extents = []
+    for v in range(volumes):
+        vid = f"vol-{v:016x}"
+        for i in range(per_volume):
+            rec = ExtentRecord(volume=vid, index=i, gen=1, replicas=ring.place(vid, i), copies=3)
+            extents.append(rec)
+            ext_puts.append(Put(Keys.extent(vid, i), rec.to_json()))
+    await write(etcd, ext_puts)
+    with_extents = settle(endpoint)
+    per_volume_bytes = (with_volumes - empty) / volumes
+    per_extent_bytes = (with_extents - with_volumes) / slice_extents
+
+    t = time.perf_counter()
+    listed, _ = await etcd.get_prefix(Keys.VOLUMES)
+    [VolumeRecord.from_json(kv.value) for kv in listed]
+    list_vol_s = time.perf_counter() - t
+    t = time.perf_counter()
+    listed_ext, _ = await etcd.get_prefix(Keys.EXTENTS)
+    [ExtentRecord.from_json(kv.value) for kv in listed_ext]
+    list_ext_s = time.perf_counter() - t
+
+    # balance: the ring's table and the slice's extents against the fair shares
+    shares = fair_shares(cands, REPLICAS, pp)
+    table = replica_count_by_server(ring)
+    table_worst = max(abs(table[s] - f) / f for s, f in shares.items())
+    counts = Counter(m for e in extents for m in e.replicas)
+    total = sum(counts.values())
+    slots = REPLICAS * ring.partitions
+    extent_worst = max(
+        abs(counts.get(s, 0) - f * total / slots) / (f * total / slots) for s, f in shares.items()
+    )
+
+    # planning: one more server joins (zone0); rebuild the ring, then one rebalance pass
+    joined = [*cands, Candidate(f"chunk-{n_servers:012x}", "zone0", 1 << 40, 1 << 40, "up")]
+    t = time.perf_counter()
+    build_ring(joined, REPLICAS, pp, previous=ring)
+    rebuild_s = time.perf_counter() - t
+    holders = [Holder(c.id, c.zone, c.capacity) for c in joined]
+    t = time.perf_counter()
+    plan = plan_moves(extents, holders, max_moves=1000, max_per_server=1000)
+    plan_s = time.perf_counter() - t
+
+    per_full = per_extent_bytes * FULL_EXTENTS + per_volume_bytes * FULL_LUNS
+    fits_extents = (ETCD_CEILING - per_volume_bytes * FULL_LUNS) / per_extent_bytes
+    ext_keys_full = FULL_EXTENTS
+    print(
+        f"\nslice: {volumes} volumes x {per_volume} extents of 64 MiB = {slice_extents} "
+        f"extents ({slice_extents * EXTENT / 2**40:.1f} TiB) on a ring of {n_servers} servers "
+        f"in {ZONES} zones, part power {pp}, {REPLICAS} replicas, in a real etcd"
+    )
+    print(
+        "lines marked (x) are extrapolated linearly from the slice to 1 PiB "
+        f"({FULL_EXTENTS:,} extents) and {FULL_LUNS:,} LUNs"
+    )
+    rows = [
+        ("etcd bytes per allocated extent (goal < 100)", f"{per_extent_bytes:.0f} B"),
+        ("etcd bytes per volume (record, name, LUN + ACL)", f"{per_volume_bytes:.0f} B"),
+        ("(x) etcd database for the full cluster", f"{per_full / 1e9:.1f} GB"),
+        (
+            "(x) largest cluster within 8 GB",
+            f"{fits_extents * EXTENT / PIB:.2f} PiB "
+            f"({fits_extents:,.0f} extents) with {FULL_LUNS:,} volumes",
+        ),
+        ("ring JSON (one etcd key)", f"{ring_bytes / 1e6:.2f} MB"),
+        (
+            f"list {volumes} volumes / (x) {FULL_LUNS:,}",
+            f"{list_vol_s * 1000:.0f} ms / {list_vol_s * scale_vol:.0f} s",
+        ),
+        (
+            f"list {slice_extents} extents / (x) all",
+            f"{list_ext_s * 1000:.0f} ms / {list_ext_s * scale_ext:.0f} s",
+        ),
+        (f"plan: build the ring, {n_servers} servers", f"{ring_s:.1f} s"),
+        ("plan: rebuild it after one server joins", f"{rebuild_s:.1f} s"),
+        (
+            f"plan: one rebalance pass over the slice, {len(plan.moves)} moves",
+            f"{plan_s:.2f} s ({plan_s / max(1, len(plan.moves)) * 1000:.1f} ms a move)",
+        ),
+        ("balance: ring table, worst server off its fair share", f"{table_worst:.2%}"),
+        ("balance: the slice's extents, worst server", f"{extent_worst:.2%}"),
+        (
+            "(x) keys each chunk server watches today",
+            f"{ext_keys_full + FULL_LUNS:,} (it caches /v1/extents/ and /v1/volumes/ in full)",
+        ),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.scale")
+    parser.add_argument("--volumes", type=int, default=2000)
+    parser.add_argument("--extents-per-volume", type=int, default=16, help="1 GiB volumes")
+    parser.add_argument("--servers", type=int, default=1000)
+    args = parser.parse_args()
+    asyncio.run(run(args.volumes, args.extents_per_volume, args.servers))
+
+
+if __name__ == "__main__":
+    main()
