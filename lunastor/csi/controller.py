@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.wrappers_pb2 import Int64Value
 
 from lunastor.csi import csi_pb2 as pb
-from lunastor.csi.errors import CsiError, invalid, not_found
+from lunastor.csi.errors import invalid, not_found
 from lunastor.csi.requests import (
     MAX_SIZE,
     READ_ONLY_MODES,
@@ -203,18 +203,11 @@ class ControllerService:
             # node ids are initiator names (NodeGetInfo): anything else names no node
             raise not_found(f"no node {node_id!r}: node ids are iSCSI initiator names")
         mode = req.volume_capability.access_mode.mode
-        if mode in SINGLE_NODE_MODES:
-            others = [n for n in await self._published_nodes(volume_id) if n != node_id.lower()]
-            if others:
-                raise CsiError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"volume {volume_id} is published to {', '.join(others)} and its access "
-                    f"mode {pb.VolumeCapability.AccessMode.Mode.Name(mode)} allows one node",
-                )
+        # single-node modes: the API refuses the export while another node has one, in the
+        # same etcd transaction (409 volume_in_use: FAILED_PRECONDITION, as CSI asks)
+        body = {"initiator": node_id, "exclusive": mode in SINGLE_NODE_MODES}
         try:
-            export = await self.api.post(
-                f"/v1/volumes/{segment(volume_id)}/exports", {"initiator": node_id}
-            )
+            export = await self.api.post(f"/v1/volumes/{segment(volume_id)}/exports", body)
         except ApiError as exc:
             if exc.problem == "invalid_field" and exc.body.get("field") == "initiator":
                 raise not_found(f"no node {node_id!r}: {exc.message}") from None

@@ -92,7 +92,11 @@ VOLUME_EXPAND: Schema = {
 EXPORT_CREATE: Schema = {
     "type": "object",
     "required": ["initiator"],
-    "properties": {"initiator": initiator},
+    "properties": {
+        "initiator": initiator,
+        # only if no other initiator sees the LUN (409 volume_in_use otherwise)
+        "exclusive": {"type": "boolean", "default": False},
+    },
     "additionalProperties": False,
 }
 SNAPSHOT_CREATE: Schema = {

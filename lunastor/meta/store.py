@@ -550,8 +550,13 @@ class Store:
             del self._slots[next(iter(self._slots))]
         self._slots[volume.id] = (volume.target, volume.lun)
 
-    async def add_export(self, volume_id: str, initiator: str) -> tuple[dict[str, Any], bool]:
-        """Let `initiator` see the volume's LUN; publishing twice gives the same answer."""
+    async def add_export(
+        self, volume_id: str, initiator: str, exclusive: bool = False
+    ) -> tuple[dict[str, Any], bool]:
+        """Let `initiator` see the volume's LUN; publishing twice gives the same answer.
+
+        `exclusive`: only if no other initiator sees it (CSI single-node access modes), decided
+        in the same transaction, so two concurrent publishes to two nodes cannot both win."""
         initiator = initiator.lower()
         for _ in range(MAX_ATTEMPTS):
             volume, vv, lun, lv = await self._volume_and_lun(volume_id)
@@ -561,6 +566,13 @@ class Store:
                 raise Problem(409, "aborted", f"volume {volume_id} is being deleted")
             if initiator in lun.initiators:
                 return self.export_view(volume, initiator), False
+            if exclusive and lun.initiators:
+                raise Problem(
+                    409,
+                    "volume_in_use",
+                    f"volume {volume_id} is exported to {', '.join(lun.initiators)}; "
+                    "an exclusive export needs it exported nowhere else",
+                )
             if len(lun.initiators) >= MAX_INITIATORS_PER_LUN:
                 raise Problem(
                     507,

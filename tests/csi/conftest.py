@@ -100,5 +100,23 @@ async def csi(controller: Plugin) -> AsyncIterator[CsiClient]:
         await client.close()
 
 
+QEMU_IQN = "iqn.2008-11.org.linux-kvm"  # the initiator name qemu-io logs in with
+
+
+def qemu_io(url: str, command: str) -> None:
+    """Run one qemu-io command against `url` (iscsi://portal/target/lun), waiting for the
+    LUN to answer first: a fresh export reaches the chunk servers through their etcd watch."""
+
+    def answers() -> bool:
+        inq = ["iscsi-inq", "-i", QEMU_IQN, url]
+        return subprocess.run(inq, capture_output=True, timeout=20, check=False).returncode == 0
+
+    wait_for(answers, 30, f"{url} to answer INQUIRY")
+    proc = subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", command, url], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{os.urandom(4).hex()}"

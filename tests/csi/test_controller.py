@@ -18,7 +18,17 @@ from lunastor.common.records import ExtentRecord, Keys
 from lunastor.csi import csi_pb2 as pb
 from lunastor.csi.client import CsiClient
 from lunastor.csi.requests import ZONE_KEY
-from tests.csi.conftest import Mode, block_cap, mount_cap, start_plugin, stop_plugin, unique
+from tests.csi.conftest import (
+    QEMU_IQN,
+    Mode,
+    block_cap,
+    mount_cap,
+    qemu_io,
+    start_plugin,
+    stop_plugin,
+    unique,
+)
+from tests.support.devcluster import lunastor
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -312,6 +322,30 @@ async def test_publish_answers_the_vip_target_and_lun_and_is_idempotent(
     await fails(Code.NOT_FOUND, csi.call("ControllerUnpublishVolume", unpub))
 
 
+async def test_concurrent_publishes_of_a_single_node_volume_to_ten_nodes_let_one_win(
+    csi: CsiClient,
+) -> None:
+    vid = (await create(csi, unique("excl"))).volume.volume_id
+    nodes = [f"iqn.2026-11.io.lunastor.test:race{i}" for i in range(10)]
+
+    async def publish(node: str) -> grpc.StatusCode:
+        req = pb.ControllerPublishVolumeRequest(
+            volume_id=vid, node_id=node, volume_capability=mount_cap()
+        )
+        try:
+            await csi.call("ControllerPublishVolume", req)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return Code.OK
+
+    codes = await asyncio.gather(*(publish(n) for n in nodes))
+    assert sorted(codes, key=lambda c: c.value) == [Code.OK] + [Code.FAILED_PRECONDITION] * 9
+    got = await csi.call("ControllerGetVolume", pb.ControllerGetVolumeRequest(volume_id=vid))
+    assert len(got.status.published_node_ids) == 1
+    await csi.call("ControllerUnpublishVolume", pb.ControllerUnpublishVolumeRequest(volume_id=vid))
+    await csi.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id=vid))
+
+
 async def test_publish_errors(csi: CsiClient) -> None:
     vid = (await create(csi, unique("puberr"))).volume.volume_id
     cap = mount_cap()
@@ -447,9 +481,6 @@ async def test_get_volume_reports_a_healthy_then_under_replicated_condition(
 ) -> None:
     """The condition comes from the extent map: written extents whose replica is on a chunk
     server that is down are under-replicated."""
-    from tests.integration.chunk.test_replicated_cluster import QEMU_IQN, _wait_lun, run
-    from tests.support.devcluster import lunastor
-
     vid = (await create(csi, unique("cond"), 8 * MiB)).volume.volume_id
     got = await csi.call("ControllerGetVolume", pb.ControllerGetVolumeRequest(volume_id=vid))
     assert not got.status.volume_condition.abnormal
@@ -461,10 +492,7 @@ async def test_get_volume_reports_a_healthy_then_under_replicated_condition(
             ),
         )
     ).publish_context
-    url = f"iscsi://{ctx['portal']}/{ctx['targetIqn']}/{ctx['lun']}"
-    _wait_lun(url, QEMU_IQN)
-    wrote = run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 1M", url)
-    assert wrote.returncode == 0, wrote.stderr
+    qemu_io(f"iscsi://{ctx['portal']}/{ctx['targetIqn']}/{ctx['lun']}", "write -P 0x5a 0 1M")
     got = await csi.call("ControllerGetVolume", pb.ControllerGetVolumeRequest(volume_id=vid))
     assert not got.status.volume_condition.abnormal, got.status.volume_condition.message
     assert got.volume.capacity_bytes == 8 * MiB
@@ -536,8 +564,6 @@ async def test_topology_places_the_volume_in_the_zones_asked_for(
 ) -> None:
     """A 1-replica volume asked for in zone2 is accessible from zone2 only, and its data is
     written to zone2's chunk server; 2 replicas with zone3 preferred take zone3 then zone1."""
-    from tests.integration.chunk.test_replicated_cluster import QEMU_IQN, _wait_lun, run
-
     req = pb.TopologyRequirement(
         requisite=[pb.Topology(segments={ZONE_KEY: z}) for z in ("zone1", "zone2")],
         preferred=[pb.Topology(segments={ZONE_KEY: "zone2"})],
@@ -566,10 +592,7 @@ async def test_topology_places_the_volume_in_the_zones_asked_for(
                 ),
             )
         ).publish_context
-        url = f"iscsi://{ctx['portal']}/{ctx['targetIqn']}/{ctx['lun']}"
-        _wait_lun(url, QEMU_IQN)
-        wrote = run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 4M", url)
-        assert wrote.returncode == 0, wrote.stderr
+        qemu_io(f"iscsi://{ctx['portal']}/{ctx['targetIqn']}/{ctx['lun']}", "write -P 0x11 0 4M")
         extents = await extent_records(cluster, vol.volume_id)
         assert extents
         for e in extents:
