@@ -21,6 +21,7 @@ from lunastor.csi.errors import CsiError
 _DISK_PATH = re.compile(r"/session(\d+)/target[^/]+/\d+:\d+:\d+:(\d+)/block/([^/]+)$")
 ALREADY_LOGGED_IN = 15  # iscsiadm: "session exists"
 NO_SESSION = 21  # iscsiadm: no matching sessions / records
+LOGIN_AUTH_FAILED = 24  # iscsiadm: the target refused our CHAP (or its absence)
 
 
 @dataclass(frozen=True)
@@ -114,14 +115,16 @@ class Initiator:
             )
 
     async def login(self, portal: str, iqn: str, chap: dict[str, str]) -> int:
-        """A session to `iqn` through the VIP `portal`: SendTargets discovery there, the
-        node record's timers (and CHAP) set, then login; an existing session is kept and
-        rescanned, so a LUN published since it logged in appears."""
+        """A session to `iqn` through the VIP `portal`: a fresh node record (SendTargets
+        discovery there), its timers and CHAP set, then login. An existing session is kept
+        and rescanned, so a LUN published since it logged in appears."""
         session = self.session_of(iqn)
         if session is not None:
             await self.rescan(session)
             return session
         s = self.settings
+        # a record left by an earlier login may carry other CHAP settings: start afresh
+        await host.run(self._iscsiadm("-m", "node", "-T", iqn, "-o", "delete"), ok=(0, NO_SESSION))
         await host.run(
             self._iscsiadm("-m", "discovery", "-t", "sendtargets", "-p", portal), timeout=60
         )
@@ -136,16 +139,18 @@ class Initiator:
             "node.conn[0].timeo.noop_out_timeout": str(s.noop_out_timeout),
             "node.conn[0].timeo.login_timeout": str(s.login_timeout),
         }
-        if chap:  # without, the record keeps iscsid.conf's "None" (iscsiadm 2.1.8 crashes
-            # when asked to update authmethod to None)
+        if chap:  # without, the fresh record has iscsid.conf's authmethod (None); iscsiadm
+            # 2.1.8 crashes when asked to update authmethod to None
             settings["node.session.auth.authmethod"] = "CHAP"
             settings.update(chap)
         await self._update(iqn, portal, settings)
-        await host.run(
+        result = await host.run(
             self._iscsiadm("-m", "node", "-T", iqn, "-p", portal, "--login"),
             timeout=s.login_timeout * 4 + 10,
-            ok=(0, ALREADY_LOGGED_IN),
+            ok=(0, ALREADY_LOGGED_IN, LOGIN_AUTH_FAILED),
         )
+        if result.returncode == LOGIN_AUTH_FAILED:
+            raise result.error(grpc.StatusCode.PERMISSION_DENIED)
         session = self.session_of(iqn)
         if session is None:
             raise CsiError(grpc.StatusCode.INTERNAL, f"logged in to {iqn} but no session in sysfs")

@@ -39,12 +39,14 @@ CSI_NAMES = (
     "csi-expand",
     "csi-restart",
     "csi-chunk-kill",
+    "csi-chap",
 )
 NODE = "iqn.2026-11.io.lunastor.test:csi-node"
 SIZE = 128 * MIB
 GROWN = 192 * MIB
 XFS_SIZE = 320 * MIB  # mkfs.xfs refuses file systems under 300 MiB
-CREATES = ("ext4", "xfs", "block", "two-a", "two-b")
+CREATES = ("ext4", "xfs", "block", "two-a", "two-b", "chap")
+CHAP = {"username": "csi-node", "password": "chap-secret-0123"}
 Mode = pb.VolumeCapability.AccessMode.Mode
 
 
@@ -200,7 +202,19 @@ def _actions(controller: Controller, cluster: NetCluster, host: HostSide) -> dic
         host.note("csi-chunk-kill", f"killed {holders[0]}")
         return holders[0]
 
+    def chap_on(iqn: str) -> str:
+        with host.timed("csi-chap", "chap-on"):
+            body = {"user": CHAP["username"], "secret": CHAP["password"]}
+            cluster.api("PUT", f"/v1/targets/{iqn}/chap", body)
+        return json.dumps(CHAP)  # what the StorageClass's node-stage Secret would hold
+
+    def chap_off(iqn: str) -> str:
+        cluster.api("DELETE", f"/v1/targets/{iqn}/chap", ok=(204,))
+        return "off"
+
     actions: dict[str, Action] = {f"create-{tag}": create(tag) for tag in CREATES}
+    actions["chap-on"] = chap_on
+    actions["chap-off"] = chap_off
     actions["expand"] = expand
     actions["kill-chunk"] = kill_chunk
     return actions

@@ -219,3 +219,20 @@ def test_the_committed_gencode_is_what_the_proto_generates(tmp_path: Path) -> No
         assert (tmp_path / name).read_text() == (CSI_DIR / name).read_text(), (
             f"{name} is stale: run `make csi-proto`"
         )
+
+
+def test_node_stage_secrets_become_chap_settings() -> None:
+    from lunastor.csi.node import _chap
+
+    assert _chap({}) == {}
+    assert _chap({"username": "u", "password": "p" * 12}) == {
+        "node.session.auth.username": "u",
+        "node.session.auth.password": "p" * 12,
+    }
+    mutual = _chap({"username": "u", "password": "p", "mutualUsername": "t", "mutualPassword": "q"})
+    assert mutual["node.session.auth.username_in"] == "t"
+    assert mutual["node.session.auth.password_in"] == "q"
+    for bad in ({"username": "u"}, {"user": "u", "password": "p"}):
+        with pytest.raises(CsiError) as info:
+            _chap(bad)
+        assert info.value.code == S.INVALID_ARGUMENT

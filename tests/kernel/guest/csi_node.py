@@ -11,7 +11,8 @@ and a chunk server's SIGKILL.
 
 One boot runs the scenarios in this order (each is a `part` with its own result line):
 csi-ext4, csi-xfs, csi-block, csi-two-luns, csi-stats, csi-expand, csi-restart,
-csi-chunk-kill. The last four work on the volume csi-two-luns leaves staged.
+csi-chunk-kill, csi-chap. csi-stats to csi-chunk-kill work on the volume csi-two-luns leaves
+staged.
 
 params.json: python, repo, portal, route, host, node, zone, size, xfs_size (mkfs.xfs needs
 300 MiB), expand_to, files_after.
@@ -158,17 +159,18 @@ class Volume:
         self.publish = answer["publish_context"]
         self.context = answer["volume_context"]
 
-    def stage(self) -> None:
-        self.k.call(
-            "NodeStageVolume",
-            pb.NodeStageVolumeRequest(
-                volume_id=self.id,
-                publish_context=self.publish,
-                staging_target_path=self.staging,
-                volume_capability=capability(self.fs),
-                volume_context=self.context,
-            ),
+    def stage_request(self, secrets: dict[str, str] | None = None) -> Any:
+        return pb.NodeStageVolumeRequest(
+            volume_id=self.id,
+            publish_context=self.publish,
+            staging_target_path=self.staging,
+            volume_capability=capability(self.fs),
+            volume_context=self.context,
+            secrets=secrets or {},
         )
+
+    def stage(self, secrets: dict[str, str] | None = None) -> None:
+        self.k.call("NodeStageVolume", self.stage_request(secrets))
 
     def publish_to_pod(self, readonly: bool = False, target: str = "") -> None:
         self.k.call(
@@ -480,6 +482,47 @@ def chunk_kill(run: Run, k: Kubelet, vol: Volume, writer: Writer) -> None:
             raise StepFailed(f"sessions left: {iscsi_sessions()}")
 
 
+def chap(run: Run, k: Kubelet, node_id: str) -> None:
+    """csi-chap: the target's CHAP on (host, REST); NodeStage without the node-stage secret
+    and with a wrong one is PERMISSION_DENIED and leaves no session; with it, the volume
+    stages, mounts and takes a file."""
+    run.part = "csi-chap"
+    vol = Volume(k, "chap", "ext4", run.params["size"])
+    iqn = ""
+    with run.step("create-publish-chap-on"):
+        vol.create(run, node_id)
+        iqn = vol.publish["targetIqn"]
+        secret = json.loads(run.ask_host("chap-on", 60, iqn))
+
+    def refused(secrets: dict[str, str]) -> bool:
+        try:
+            vol.stage(secrets)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
+                raise StepFailed(f"NodeStage: {exc.code().name} {exc.details()}") from None
+            if iscsi_sessions():
+                raise StepFailed(f"a refused login left sessions: {iscsi_sessions()}") from None
+            return True
+        vol.unstage()  # the CHAP change has not reached the access point yet: again
+        return False
+
+    with run.step("without-secret-refused"):
+        wait_for(lambda: refused({}), 60, "a login without CHAP to be refused", interval=1)
+    with run.step("wrong-secret-refused"):
+        if not refused({"username": secret["username"], "password": "wrong-secret-0123"}):
+            raise StepFailed("a wrong CHAP secret was accepted")
+    with run.step("stage-with-secret"):
+        vol.stage(secret)
+        vol.publish_to_pod()
+        digests = write_files(vol.target, {"chap.bin": MiB})
+        if mismatches(digests):
+            raise StepFailed("the file written under CHAP differs")
+        vol.unpublish()
+        vol.unstage()
+    with run.step("chap-off"):
+        run.ask_host("chap-off", 60, iqn)
+
+
 def scenario(run: Run) -> None:
     p = run.params
     k = Kubelet(run)
@@ -506,7 +549,7 @@ def scenario(run: Run) -> None:
     expand(run, vol, writer)
     restart(run, k, vol, writer)
     chunk_kill(run, k, vol, writer)
-    run.part = "csi-chunk-kill"
+    chap(run, k, node_id)
     with run.step("plugin-stop"):
         k.stop()
 
