@@ -165,12 +165,7 @@ class ControllerService:
             )
             if zones:
                 body["zones"] = zones
-        try:
-            view = await self.api.post("/v1/volumes", body)
-        except ApiError as exc:
-            if exc.problem == "source_not_found":
-                raise not_found(exc.message) from None
-            raise
+        view = await self.api.post("/v1/volumes", body)  # source_not_found is NOT_FOUND
         return pb.CreateVolumeResponse(volume=volume_message(view))
 
     async def _source(self, path: str) -> dict[str, Any]:

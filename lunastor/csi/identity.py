@@ -16,9 +16,8 @@ Expansion = pb.PluginCapability.VolumeExpansion
 
 
 class IdentityService:
-    def __init__(self, name: str, controller: bool, probe: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, name: str, probe: Callable[[], Awaitable[None]]) -> None:
         self.name = name
-        self.controller = controller
         self.probe = probe  # raises a CsiError when the plugin cannot work
 
     async def GetPluginInfo(self, req: Any, ctx: Any) -> pb.GetPluginInfoResponse:

@@ -91,6 +91,12 @@ class Initiator:
                 out.append(Disk(m.group(3), int(m.group(1)), int(m.group(2))))
         return out
 
+    def devno(self, disk: Disk) -> int | None:
+        try:
+            return os.stat(disk.path).st_rdev
+        except OSError:
+            return None
+
     def disk_by_devno(self, devno: int) -> Disk | None:
         """The iSCSI disk with device number `devno` (st_dev / st_rdev), if it is one."""
         path = os.path.realpath(f"{self.sysfs}/dev/block/{os.major(devno)}:{os.minor(devno)}")

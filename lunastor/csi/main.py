@@ -62,10 +62,13 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> int:
         services.append(("Controller", controller))
     else:
         node = NodeService(config)
-        await node.start()
+        try:
+            await node.start()
+        except CsiError as exc:  # no initiator name: nothing this node could be published to
+            raise StartupError(exc.message) from None
         probe = node.probe
         services.append(("Node", node))
-    services.insert(0, ("Identity", IdentityService(config.driver_name, True, probe)))
+    services.insert(0, ("Identity", IdentityService(config.driver_name, probe)))
     try:
         server = await serve(args.endpoint, services)
     except (OSError, RuntimeError) as exc:

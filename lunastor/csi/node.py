@@ -123,6 +123,8 @@ class NodeService:
             if block:
                 target = os.path.join(staging, mounts.BLOCK_FILE)
                 open(target, "a").close()
+                if read_only:  # published read-only to this node: the whole disk is
+                    await host.run(["blockdev", "--setro", disk.path])
                 await mounts.bind(disk.path, target, read_only)
             else:
                 await self._mount_fs(disk, staging, cap, dict(req.volume_context), read_only)
@@ -171,19 +173,14 @@ class NodeService:
             await mounts.umount(os.path.join(staging, mounts.BLOCK_FILE))
             await mounts.umount(staging)
             await self.initiator.remove_disk(disk)
+            # the session goes only when no other disk of it is mounted anywhere on the node
             in_use = mounts.devices_in_use()
-            others = (
-                [
-                    d
-                    for d in self.initiator.disks(disk.session)
-                    if d.name != disk.name and os.stat(d.path).st_rdev in in_use
-                ]
-                if os.path.isdir(
-                    f"{self.initiator.sysfs}/class/iscsi_session/session{disk.session}"
-                )
-                else []
-            )
-            if not others:
+            others = [
+                d.name
+                for d in self.initiator.disks(disk.session)
+                if d.name != disk.name and self.initiator.devno(d) in in_use
+            ]
+            if not others and self.initiator.target_of(disk.session):
                 await self.initiator.logout(disk.session)
         log.info("unstaged", volume=req.volume_id, disk=disk.path, target=iqn, logout=not others)
         return pb.NodeUnstageVolumeResponse()

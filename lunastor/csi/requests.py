@@ -9,7 +9,6 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
@@ -239,7 +238,3 @@ def zone_filter(topology: csi_pb2.Topology | None) -> str | None:
     if zone is None:
         raise invalid(f"accessible_topology: only {ZONE_KEY} is known")
     return zone
-
-
-def as_dict(m: Mapping[str, Any]) -> dict[str, Any]:
-    return dict(m.items())

@@ -121,7 +121,8 @@ def run_csi_scenarios(
                 "files_after": 16,
             }
             guest = Guest(net, workdir / "guest", boot, memory_mb=768)
-            result = guest.run(GUEST_DIR / "csi_node.py", params, 900, actions)
+            # about 5 min on a quiet machine; 14 min seen at a load average of 40
+            result = guest.run(GUEST_DIR / "csi_node.py", params, 1800, actions)
             data = result.data
             if "fs_grown_bytes" in data:
                 host.note("csi-expand", f"ext4 grew {data['fs_grown_bytes'] / MIB:.0f} MiB online")

@@ -71,8 +71,6 @@ class Kubelet:
 
     def start_plugin(self) -> None:
         p = self.run.params
-        if os.path.exists(SOCKET):  # a killed plugin leaves its socket; the new one replaces it
-            pass
         log = open("/results/csi-node.log", "ab")  # noqa: SIM115 (the plugin keeps it)
         argv = [p["python"], "-m", "lunastor.csi.main", "--mode", "node"]
         argv += ["--endpoint", f"unix://{SOCKET}", "--set", f"zone={p['zone']}"]
@@ -81,7 +79,7 @@ class Kubelet:
         started = time.monotonic()
         wait_for(
             lambda: self.proc is None or self.proc.poll() is not None or self._probe(),
-            180,
+            600,  # Python importing grpc over 9p under TCG: 13-80 s, minutes on a loaded host
             "the node plugin to answer Probe",
             interval=0.5,
         )
@@ -93,8 +91,10 @@ class Kubelet:
         if not os.path.exists(SOCKET):
             return False
         try:
-            self.call("Probe", pb.ProbeRequest(), timeout=5)
+            self.call("Probe", pb.ProbeRequest(), timeout=30)
         except grpc.aio.AioRpcError:
+            # a fresh channel next time: a failed one backs off reconnecting for up to 2 min
+            self._close_client()
             return False
         return True
 
