@@ -17,6 +17,7 @@ SYSTEM_PACKAGES=(
     qemu-system-x86 linux-image-amd64 busybox-static cpio
     open-iscsi e2fsprogs fio python3-rtslib-fb targetcli-fb
     xfsprogs util-linux            # the CSI node plugin: mkfs.xfs, xfs_growfs; losetup, blkid, mount
+    chromium fonts-dejavu-core     # tests/ui: the dashboard in a real headless browser (Playwright)
 )
 
 missing=()

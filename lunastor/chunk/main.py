@@ -27,6 +27,7 @@ from lunastor.common.daemon import (
     start_http,
 )
 from lunastor.common.etcd import Etcd
+from lunastor.common.events import EVENTS
 from lunastor.common.logs import setup_logging
 from lunastor.common.metrics import add_admin_routes, describe_daemon
 from lunastor.common.presence import Presence, lease_health
@@ -55,6 +56,7 @@ async def serve(config: ChunkConfig, stop: asyncio.Event) -> int:
     async with await Etcd.connect(etcd_config) as etcd:
         info = build_info(chunk_id, portal=portal, data_address=data_address, zone=config.zone)
         await _register(etcd, info)
+        EVENTS.bind(etcd, chunk_id)
 
         def render(lease: int) -> bytes:
             return build_status(
@@ -68,6 +70,7 @@ async def serve(config: ChunkConfig, stop: asyncio.Event) -> int:
                 lease=lease,
                 data_dirs=config.data_dirs,
                 failed_dirs=failed_dirs(),
+                replace_after=config.replace_after,
             ).to_json()
 
         def failed_dirs() -> dict[str, str]:
@@ -115,6 +118,7 @@ async def serve(config: ChunkConfig, stop: asyncio.Event) -> int:
         log.info("chunk server stopping")
         if datapath is not None:
             await datapath.stop()
+        await EVENTS.unbind()
         await presence.stop()
     await admin.cleanup()
     return 0

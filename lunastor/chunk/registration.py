@@ -123,6 +123,7 @@ def build_status(
     data_dirs: list[str],
     state: str = "up",
     failed_dirs: Mapping[str, str] | None = None,
+    replace_after: float = 0.0,
 ) -> ChunkServerStatus:
     return ChunkServerStatus(
         id=chunk_id,
@@ -135,6 +136,7 @@ def build_status(
         started_at=started_at,
         lease=lease,
         data_dirs=[vars(c) for c in probe_capacity(data_dirs, failed_dirs)],
+        replace_after=replace_after,
     )
 
 

@@ -52,6 +52,7 @@ def print_ready(state: dict[str, Any]) -> None:
     etcd = ",".join(state["etcd"]["endpoints"])
     console.print(
         f"REST API      {state['api_url']}  (admin token in {statefile})\n"
+        f"dashboard     {state['api_url']}/ui/  (sign in with a REST API token)\n"
         f"iSCSI portal  {state['portal']}  (the redirector's VIP)\n"
         f"etcd          {etcd}  namespace {state['etcd']['namespace']}\n"
         f"status        lunastor cluster status --dir {state['dir']}\n"

@@ -61,6 +61,8 @@ class Keys:
     # /<target iqn>/<initiator port>, both percent-encoded: the access point holding the
     # nexus's latest login; its mod_revision is the nexus epoch (docs/datapath.md, "Fencing")
     NEXUS_EPOCHS = f"/{SCHEMA}/nexus-epochs/"
+    # /<microseconds, 17 digits>-<random>: EventRecord, the recent events (common/events.py)
+    EVENTS = f"/{SCHEMA}/events/"
 
     @staticmethod
     def chunk(chunk_id: str) -> str:
@@ -264,6 +266,9 @@ class ChunkServerStatus(Record):
     started_at: float = 0.0
     lease: int = 0
     data_dirs: list[dict[str, Any]] = field(default_factory=list)  # DataDirCapacity as dicts
+    # its `replace_after`: how long its repair loop waits for a lost member to come back
+    # before replacing it (0: not said); meta's volume health mirrors that wait
+    replace_after: float = 0.0
 
     @property
     def capacity(self) -> int:

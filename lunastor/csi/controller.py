@@ -96,8 +96,13 @@ def snapshot_message(view: dict[str, Any]) -> pb.Snapshot:
     )
 
 
-def condition_message(view: dict[str, Any]) -> pb.VolumeCondition:
-    return pb.VolumeCondition(abnormal=view["abnormal"], message=view["message"])
+def condition_message(status: dict[str, Any]) -> pb.VolumeCondition:
+    """The CSI condition of a volume's status (meta's `volume_health`: ok, degraded,
+    rebuilding or unavailable, from its extent map and the chunk servers' states)."""
+    return pb.VolumeCondition(
+        abnormal=status["health"] != "ok",
+        message=f"{status['health']}: {status['health_detail']}",
+    )
 
 
 class ControllerService:
@@ -119,7 +124,7 @@ class ControllerService:
         return [e["initiator"] for e in exports["items"]]
 
     async def _condition(self, volume_id: str) -> pb.VolumeCondition:
-        return condition_message(await self.api.get(f"/v1/volumes/{segment(volume_id)}/condition"))
+        return condition_message(await self.api.get(f"/v1/volumes/{segment(volume_id)}/status"))
 
     async def _live_servers_per_zone(self) -> dict[str, int]:
         capacity = await self.api.get("/v1/capacity")

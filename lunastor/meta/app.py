@@ -20,13 +20,16 @@ from lunastor.common.records import RecordError
 from lunastor.common.sealing import Sealer
 from lunastor.meta import (
     chunks,
-    condition,
+    events,
     exports,
     health,
     operations,
     snapshots,
     targets,
+    volume_metrics,
+    volume_status,
     volumes,
+    whoami,
 )
 from lunastor.meta.cluster_store import ClusterStore
 from lunastor.meta.config import MetaConfig
@@ -36,18 +39,22 @@ from lunastor.meta.openapi import build_spec
 from lunastor.meta.problems import Problem, problem_response
 from lunastor.meta.routing import Route, register
 from lunastor.meta.store import Store
+from lunastor.meta.ui import add_ui_routes, is_ui_path
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ROUTES: list[Route] = [
     *volumes.ROUTES,
-    *condition.ROUTES,
     *exports.ROUTES,
     *snapshots.ROUTES,
     *targets.ROUTES,
     *chunks.ROUTES,
     *health.ROUTES,
     *operations.ROUTES,
+    *volume_status.ROUTES,
+    *volume_metrics.ROUTES,
+    *events.ROUTES,
+    *whoami.ROUTES,
 ]
 OPENAPI_PATH = "/v1/openapi.json"
 PUBLIC_PATHS = {"/healthz", "/metrics", OPENAPI_PATH}
@@ -118,7 +125,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Who is calling (bearer token -> role); what the role may do is each route's rule."""
-    if request.path in PUBLIC_PATHS:
+    if request.path in PUBLIC_PATHS or is_ui_path(request.path):  # the UI's files hold no data
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -147,7 +154,9 @@ def make_app(
     app[STORE_KEY] = Store(etcd, luns, config.portal)
     app[CLUSTER_STORE_KEY] = ClusterStore(etcd, luns, sealer)
     add_admin_routes(app, health_check)
+    app[whoami.ROUTES_KEY] = tuple(ROUTES)
     register(app, ROUTES)
+    add_ui_routes(app)
     spec = build_spec(ROUTES)
 
     async def openapi(request: web.Request) -> web.Response:

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from lunastor.common.etcd import Delete, Etcd, EtcdError, Put
+from lunastor.common.events import EVENTS
 from lunastor.common.records import (
     MAX_TARGETS,
     TARGET_IQN_PREFIX,
@@ -283,6 +284,7 @@ class ClusterStore:
                 [Put(av.key, admin.to_json()), Put(Keys.operation(op.id), op.to_json())],
             )
             if result.succeeded:
+                await EVENTS.write("drain_started", chunk_id, op.id)
                 return operation_view(op), True
         raise aborted(f"drain {chunk_id}")
 

@@ -18,6 +18,7 @@ from lunastor.common.daemon import (
     start_http,
 )
 from lunastor.common.etcd import Etcd
+from lunastor.common.events import EVENTS
 from lunastor.common.logs import setup_logging
 from lunastor.common.metrics import describe_daemon
 from lunastor.common.presence import Presence, lease_health
@@ -25,6 +26,7 @@ from lunastor.common.records import Keys, MetaInstance
 from lunastor.common.settings import etcd_client_config
 from lunastor.meta.app import make_app
 from lunastor.meta.config import MetaConfig
+from lunastor.meta.events import EventPruner, PresenceEvents
 from lunastor.meta.gc import GcPlanner
 from lunastor.meta.luns import LunMap
 from lunastor.meta.planners import DrainPlanner, Planner, PlannerLeader, RebuildPlanner
@@ -60,7 +62,9 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
         )
         await presence.start()
         luns = await LunMap(etcd).start()
+        EVENTS.bind(etcd, config.instance_id)
         jobs: list[Planner] = [DrainPlanner(etcd), RebuildPlanner(etcd), GcPlanner(etcd)]
+        jobs += [PresenceEvents(etcd), EventPruner(etcd)]
         jobs.append(RingPlanner(etcd))
         if config.rebalance_max_moves:
             jobs.append(
@@ -81,6 +85,7 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
         await runner.cleanup()
         await planners.stop()
         await luns.stop()
+        await EVENTS.unbind()
         await presence.stop()
     return 0
 

@@ -27,6 +27,7 @@ from lunastor.common.etcd import (
     KeyValue,
     Put,
 )
+from lunastor.common.events import EVENTS
 from lunastor.common.logs import get_logger
 from lunastor.common.presence import Presence
 from lunastor.common.records import (
@@ -139,10 +140,12 @@ class DrainPlanner:
                 detail=f"{op.total} extents moved" if op.total else "nothing left",
             )
             drained = dataclasses.replace(admin, state="drained")
-            await self.etcd.txn(
+            result = await self.etcd.txn(
                 [ov.unchanged, Compare.mod_revision(kv.key) == kv.mod_revision],
                 [Put(ov.key, done.to_json()), Put(kv.key, drained.to_json())],
             )
+            if result.succeeded:
+                await EVENTS.write("drain_done", admin.id, done.detail)
 
 
 class RebuildPlanner:
@@ -190,6 +193,7 @@ class RebuildPlanner:
                     detail=f"{pending} extents to restore",
                 )
                 await self.etcd.create(Keys.operation(op.id), op.to_json())
+                await EVENTS.write("rebuild_started", chunk_id, op.detail)
                 continue
             op, kv = found
             if pending:
@@ -205,9 +209,11 @@ class RebuildPlanner:
                     updated_at=now,
                     detail=f"{op.total} extents restored",
                 )
-            await self.etcd.txn(
+            result = await self.etcd.txn(
                 [Compare.mod_revision(kv.key) == kv.mod_revision], [Put(kv.key, new.to_json())]
             )
+            if result.succeeded and new.state == "succeeded":
+                await EVENTS.write("rebuild_done", chunk_id, new.detail)
 
 
 class PlannerLeader:

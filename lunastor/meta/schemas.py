@@ -186,16 +186,6 @@ RESPONSES: dict[str, Schema] = {
         {"zones": {"type": "array", "items": _str}},
     ),
     "VolumePage": _page("Volume"),
-    "VolumeCondition": _obj(
-        {
-            "abnormal": {"type": "boolean"},
-            "message": _str,
-            "extents": _int,
-            "unavailable_extents": _int,
-            "under_replicated_extents": _int,
-            "rebuilding_extents": _int,
-        }
-    ),
     "Export": _obj(
         {"volume_id": _str, "initiator": _str, "portal": _str, "target_iqn": _str, "lun": _int}
     ),
@@ -288,3 +278,110 @@ RESPONSES: dict[str, Schema] = {
     ),
     "OperationPage": _page("Operation"),
 }
+
+# --- the dashboard's views (volume_status.py, volume_metrics.py, events.py, whoami.py) ----------
+
+_health = {"type": "string", "enum": ["ok", "degraded", "rebuilding", "unavailable"]}
+_health_fields: dict[str, Schema] = {
+    "volume_id": _str,
+    "health": _health,
+    "health_detail": _str,
+    "extents": _int,
+    "extents_by_health": {"type": "object", "additionalProperties": _int},
+    "exports": _int,
+}
+_op_totals = _obj(
+    {
+        "ops": _num,
+        "bytes": _num,
+        "seconds": _num,
+        "buckets": {"type": "array", "items": {"type": "array", "items": _num}},
+    }
+)
+RESPONSES.update(
+    {
+        "VolumeStatusList": _obj(
+            {
+                "items": {
+                    "type": "array",
+                    "items": _obj(
+                        {**_health_fields, "served_by": {"type": "array", "items": _str}}
+                    ),
+                },
+                "revision": _int,
+            }
+        ),
+        "VolumeStatus": _obj(
+            {
+                **_health_fields,
+                "served_by": {
+                    "type": "array",
+                    "items": _obj({"chunk_id": _str, "initiator": _str}),
+                },
+                "extent_size": _nullable_int,
+                "extent_map": {
+                    "type": "array",
+                    "items": _obj(
+                        {
+                            "index": _int,
+                            "gen": _int,
+                            "converging": {"type": "boolean"},
+                            "health": _health,
+                            "replicas": {
+                                "type": "array",
+                                "items": _obj(
+                                    {
+                                        "chunk_id": _str,
+                                        "state": {"enum": ["up", "draining", "down"]},
+                                        "zone": _str,
+                                    }
+                                ),
+                            },
+                        }
+                    ),
+                },
+                "revision": _int,
+            }
+        ),
+        "VolumeMetrics": _obj(
+            {
+                "volume_id": _str,
+                "at": _num,
+                "read": _op_totals,
+                "write": _op_totals,
+                "access_points": {
+                    "type": "array",
+                    "items": _obj(
+                        {"chunk_id": _str, "admin_address": _str, "reachable": {"type": "boolean"}},
+                        {"error": _str},
+                    ),
+                },
+            }
+        ),
+        "EventList": _obj(
+            {
+                "items": {
+                    "type": "array",
+                    "items": _obj(
+                        {
+                            "id": _str,
+                            "at": _num,
+                            "kind": _str,
+                            "severity": {"enum": ["info", "warning", "error"]},
+                            "what": _str,
+                            "subject": _str,
+                            "detail": _str,
+                            "source": _str,
+                        }
+                    ),
+                }
+            }
+        ),
+        "WhoAmI": _obj(
+            {
+                "role": {"enum": ["admin", "csi", "reader"]},
+                "may": {"type": "array", "items": _str},
+            }
+        ),
+    }
+)

@@ -165,7 +165,7 @@ class EtcdTargetHost:
             wanted[(target, lun)] = (vol, frozenset(rec.initiators))
         # units per volume, kept across rebuilds
         for vid in [v for v in self._units if v not in {w[0].id for w in wanted.values()}]:
-            del self._units[vid]
+            self._units.pop(vid)[0].io.forget()
         new_luns: dict[tuple[int, int], _Lun] = {}
         for key, (vol, initiators) in wanted.items():
             unit = self._units.get(vol.id)

@@ -37,7 +37,9 @@ from lunastor.chunk.wire.messages import (
     Write,
 )
 from lunastor.chunk.wire.peer import PeerError
+from lunastor.common.events import EVENTS
 from lunastor.common.records import ExtentRecord, VolumeRecord, parse_preserved
+from lunastor.common.volume_io import VolumeIo
 from lunastor.iscsi.blockdev import (
     LbaState,
     LbaStatus,
@@ -345,6 +347,7 @@ class AccessPath:
                     continue
                 if resp.ok:
                     CHECKSUM_REPAIRS.inc()
+                    EVENTS.emit("checksum_repair", f"{rec.volume}/{rec.index}", member)
                     log.warning(
                         "repaired block %d of %s/%d on %s", block, rec.volume, rec.index, member
                     )
@@ -439,6 +442,7 @@ class AccessPath:
         if committed is None:
             return
         FAILOVERS.inc()
+        EVENTS.emit("failover", f"{rec.volume}/{rec.index}", f"{primary} -> {best}, gen {new.gen}")
         log.warning(
             "extent %s/%d: primary %s replaced by %s (gen %d)", *key, primary, best, new.gen
         )
@@ -531,6 +535,7 @@ class ReplicatedVolume:
         self._capacity_generation = 0
         self._dirty: set[int] = set()  # extents written since the last flush
         self._caw_locks: dict[int, asyncio.Lock] = {}
+        self.io = VolumeIo(record.id)  # its IO metrics at this access point
 
     def update(self, record: VolumeRecord) -> None:
         """A new version of the volume record (expand): capacity may change."""
@@ -570,7 +575,8 @@ class ReplicatedVolume:
     # etcd and peer clients) raises "Timeout should be used inside a task".
 
     async def read(self, lba: int, blocks: int) -> bytes:
-        return await asyncio.ensure_future(self._read(lba, blocks))
+        nbytes = blocks * self.block_size
+        return await self.io.timed("read", nbytes, asyncio.ensure_future(self._read(lba, blocks)))
 
     async def write(
         self,
@@ -579,7 +585,9 @@ class ReplicatedVolume:
         fua: bool,
         nexus: ScsiNexus | None = None,
     ) -> None:
-        await asyncio.ensure_future(self._write(lba, data, fua, nexus))
+        await self.io.timed(
+            "write", len(data), asyncio.ensure_future(self._write(lba, data, fua, nexus))
+        )
 
     async def flush(self) -> None:
         await asyncio.ensure_future(self._flush())

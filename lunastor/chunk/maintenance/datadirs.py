@@ -41,6 +41,7 @@ from lunastor.chunk.replication.node import DataNode
 from lunastor.chunk.store import DataDirFailed, ExtentStore
 from lunastor.chunk.wire.messages import Flush, GetState
 from lunastor.chunk.wire.peer import PeerError
+from lunastor.common.events import EVENTS
 from lunastor.common.records import Keys
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class DataDirMonitor:
                 self.node.step_down(*key)
             DIR_FAILED.labels(d).set(1)
             DIR_FAILURES.inc()
+            EVENTS.emit("data_dir_failed", d, f"{exc}; {len(lost)} replicas lost")
             REPLICAS_LOST.inc(len(lost))
             log.error("data directory %s out of service (%s): %d replicas lost", d, exc, len(lost))
         if retired and self.changed is not None:

@@ -40,6 +40,7 @@ from lunastor.chunk.wire.messages import GetState, Read, Request, Response
 from lunastor.chunk.wire.peer import PeerError
 from lunastor.common.etcd import Etcd
 from lunastor.common.etcd.errors import EtcdError
+from lunastor.common.events import EVENTS
 from lunastor.common.records import Keys, OperationRecord
 
 log = logging.getLogger(__name__)
@@ -179,9 +180,11 @@ class Scrubber:
                 log.warning("scrub: block %d of %s/%d fails its checksum", block, volume, index)
                 if await self._repair(volume, index, block):
                     REPAIRED.inc()
+                    EVENTS.emit("scrub_repair", f"{volume}/{index}", f"block {block}")
                     result.repaired += 1
                 else:
                     UNREPAIRED.inc()
+                    EVENTS.emit("scrub_unrepaired", f"{volume}/{index}", f"block {block}")
             await throttle.account(mapped * BLOCK_SIZE)
 
     async def _repair(self, volume: str, index: int, block: int) -> bool:

@@ -52,6 +52,7 @@ from lunastor.chunk.wire.messages import (
     Status,
 )
 from lunastor.chunk.wire.peer import PeerError
+from lunastor.common.events import EVENTS
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +262,7 @@ async def join_member(
                     continue
                 again = await _commit(node, pe, target)
             EXTENTS_REBUILT.inc()
+            EVENTS.emit("replica_added", f"{volume}/{index}", f"{target}, {copied} bytes copied")
             if again:  # committed: a member that refused the new generation goes
                 with contextlib.suppress(Unavailable, StaleMap):
                     await node.remove_members(pe, again)

@@ -61,6 +61,7 @@ from lunastor.chunk.wire.messages import (
 )
 from lunastor.chunk.wire.peer import PeerClient, PeerError, PeerUnavailable
 from lunastor.chunk.wire.session import ServerConnection
+from lunastor.common.events import EVENTS
 from lunastor.common.records import ExtentRecord, parse_preserved
 
 log = logging.getLogger(__name__)
@@ -680,6 +681,7 @@ class DataNode(DataService):
                     "extent %s/%d: removed %s, gen %d", pe.volume, pe.index, failed, new.gen
                 )
                 MEMBERS_REMOVED.inc(len(failed))
+                EVENTS.emit("replica_removed", f"{pe.volume}/{pe.index}", ", ".join(failed))
                 await pe.replica.set_generation(new.gen)
                 pe.gen, pe.members = new.gen, keep
                 pe.joining = None  # a join in progress restarts for the new generation
