@@ -5,7 +5,7 @@ VENV := .venv/bin
 DEVDIR ?= devcluster
 CHUNKS ?= 3
 
-.PHONY: setup run down test lint unit kernel soak bench clean
+.PHONY: setup run down test lint unit kernel soak bench clean csi-proto
 
 setup:
 	@./scripts/setup.sh
@@ -42,6 +42,11 @@ soak: setup
 bench: setup
 	./scripts/bench-setup.sh
 	$(VENV)/python -m bench
+
+# Regenerate the committed protobuf code of the CSI driver after editing its .proto
+# (tests/unit/test_csi_requests.py fails while it is stale).
+csi-proto: setup
+	cd lunastor/csi && ../../$(VENV)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. csi.proto
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build *.egg-info

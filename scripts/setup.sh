@@ -16,6 +16,7 @@ SYSTEM_PACKAGES=(
     # kernel's own initiator (open-iscsi); the guest's userspace is the host root over 9p
     qemu-system-x86 linux-image-amd64 busybox-static cpio
     open-iscsi e2fsprogs fio python3-rtslib-fb targetcli-fb
+    xfsprogs util-linux            # the CSI node plugin: mkfs.xfs, xfs_growfs; losetup, blkid, mount
     chromium fonts-dejavu-core     # tests/ui: the dashboard in a real headless browser (Playwright)
 )
 

@@ -169,6 +169,7 @@ class Supervisor:
         self.layout = layout
         self.lease_ttl = lease_ttl
         self.token = ""
+        self.csi_token = secrets.token_urlsafe(24)  # role `csi`, for lunastor-csi controllers
         self.daemons: dict[str, Daemon] = {}
 
     # -- configuration -------------------------------------------------------------------------
@@ -257,7 +258,7 @@ class Supervisor:
                 "listen": layout.meta_listen,
                 "portal": f"{layout.vip}:3260",
                 "lease_ttl": self.lease_ttl,
-                "auth": {"admin_tokens": [self.token]},
+                "auth": {"admin_tokens": [self.token], "csi_tokens": [self.csi_token]},
                 "secret_key": self._secret_key(),
                 "etcd": self._etcd_settings(),
                 "log": log,
@@ -319,6 +320,7 @@ class Supervisor:
             "etcd": {"endpoints": [self.layout.etcd_client], "namespace": NAMESPACE},
             "api_url": f"http://{self.layout.meta_listen}",
             "admin_token": self.token,
+            "csi_token": self.csi_token,
             "portal": f"{self.layout.vip}:3260",
             "daemons": {
                 d.name: {

@@ -320,6 +320,8 @@ class VolumeRecord(Record):
     # {"volume": id, "epoch": e}, nearest first.
     epoch: int = 0
     base: list[dict[str, Any]] = field(default_factory=list)
+    # CSI topology: the zones its extents are placed in (chunk servers' `zone`); [] = any
+    zones: list[str] = field(default_factory=list)
 
     @property
     def target_iqn(self) -> str:

@@ -12,7 +12,10 @@ from lunastor.meta.volumes import VOLUME_ID
 
 async def add_export(call: Call) -> web.Response:
     store = call.app[STORE_KEY]
-    view, created = await store.add_export(call.params["volume_id"], call.body["initiator"])
+    body = call.body
+    view, created = await store.add_export(
+        call.params["volume_id"], body["initiator"], body.get("exclusive", False)
+    )
     return json_response(view, 201 if created else 200)
 
 

@@ -48,6 +48,13 @@ labels = {
     "propertyNames": {"type": "string", "pattern": LABEL_KEY, "maxLength": 63},
     "additionalProperties": {"type": "string", "maxLength": 253, "pattern": PRINTABLE},
 }
+ZONE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+zones = {
+    "type": "array",
+    "description": "place the volume's extents on chunk servers of these zones only (CSI topology)",
+    "items": {"type": "string", "pattern": ZONE},
+    "maxItems": 16,
+}
 source = {
     "type": "object",
     "description": "exactly one of snapshot_id and volume_id",
@@ -69,6 +76,7 @@ VOLUME_CREATE: Schema = {
         "block_size": {"type": "integer", "enum": [512, 4096], "default": 512},
         "labels": labels,
         "source": source,
+        "zones": zones,
     },
     "additionalProperties": False,
     # A 4096-byte block size needs a size in whole 4096-byte blocks.
@@ -84,7 +92,11 @@ VOLUME_EXPAND: Schema = {
 EXPORT_CREATE: Schema = {
     "type": "object",
     "required": ["initiator"],
-    "properties": {"initiator": initiator},
+    "properties": {
+        "initiator": initiator,
+        # only if no other initiator sees the LUN (409 volume_in_use otherwise)
+        "exclusive": {"type": "boolean", "default": False},
+    },
     "additionalProperties": False,
 }
 SNAPSHOT_CREATE: Schema = {
@@ -170,7 +182,8 @@ RESPONSES: dict[str, Schema] = {
             "created_at": _num,
             "target_iqn": _str,
             "lun": {"type": "integer", "minimum": 1, "maximum": MAX_LUN},
-        }
+        },
+        {"zones": {"type": "array", "items": _str}},
     ),
     "VolumePage": _page("Volume"),
     "Export": _obj(

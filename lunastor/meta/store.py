@@ -235,6 +235,7 @@ def volume_view(v: VolumeRecord) -> dict[str, Any]:
         "created_at": v.created_at,
         "target_iqn": v.target_iqn,
         "lun": v.lun,
+        "zones": v.zones,
     }
 
 
@@ -270,6 +271,7 @@ class VolumeSpec:
     block_size: int = 512
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     source: dict[str, str] | None = None
+    zones: list[str] = dataclasses.field(default_factory=list)
 
     def differences(self, v: VolumeRecord) -> list[str]:
         mine = dataclasses.asdict(self)
@@ -364,7 +366,7 @@ class Store:
                 if existing is not None:
                     same = self._same(existing, spec)
                     if "volume_id" in spec.source:  # the first call may have failed waiting
-                        await wait_data_path(self.etcd, await self.etcd.revision())
+                        await wait_data_path(self.etcd, await self._created(Keys.volume(same.id)))
                     return same, False
             src = await self._source(spec)
             source_compares, source_size, source_block = src.compares, src.size, src.block_size
@@ -398,6 +400,7 @@ class Store:
                 target=slot[0],
                 lun=slot[1],
                 base=src.base,
+                zones=list(spec.zones),
             )
             lun_key = Keys.lun(*slot)
             taken = False
@@ -547,8 +550,13 @@ class Store:
             del self._slots[next(iter(self._slots))]
         self._slots[volume.id] = (volume.target, volume.lun)
 
-    async def add_export(self, volume_id: str, initiator: str) -> tuple[dict[str, Any], bool]:
-        """Let `initiator` see the volume's LUN; publishing twice gives the same answer."""
+    async def add_export(
+        self, volume_id: str, initiator: str, exclusive: bool = False
+    ) -> tuple[dict[str, Any], bool]:
+        """Let `initiator` see the volume's LUN; publishing twice gives the same answer.
+
+        `exclusive`: only if no other initiator sees it (CSI single-node access modes), decided
+        in the same transaction, so two concurrent publishes to two nodes cannot both win."""
         initiator = initiator.lower()
         for _ in range(MAX_ATTEMPTS):
             volume, vv, lun, lv = await self._volume_and_lun(volume_id)
@@ -558,6 +566,13 @@ class Store:
                 raise Problem(409, "aborted", f"volume {volume_id} is being deleted")
             if initiator in lun.initiators:
                 return self.export_view(volume, initiator), False
+            if exclusive and lun.initiators:
+                raise Problem(
+                    409,
+                    "volume_in_use",
+                    f"volume {volume_id} is exported to {', '.join(lun.initiators)}; "
+                    "an exclusive export needs it exported nowhere else",
+                )
             if len(lun.initiators) >= MAX_INITIATORS_PER_LUN:
                 raise Problem(
                     507,
@@ -598,6 +613,13 @@ class Store:
             raise Problem(404, "snapshot_not_found", f"no snapshot {snapshot_id}")
         return snap
 
+    async def _created(self, key: str) -> int:
+        """The revision of the transaction that created `key` (a clone or a snapshot: the one
+        the data path must have seen). Waiting for etcd's current revision instead would
+        wait for writes the data path never follows (leases, status), and time out."""
+        kv = await self.etcd.get(key)
+        return kv.create_revision if kv is not None else await self.etcd.revision()
+
     async def find_snapshot(self, name: str) -> SnapshotRecord | None:
         kv = await self.etcd.get(Keys.snapshot_name(name))
         if kv is None:
@@ -622,8 +644,9 @@ class Store:
             existing = await self.find_snapshot(name)
             if existing is not None:
                 # a retry: the first call may have failed waiting for the data path
-                await wait_data_path(self.etcd, await self.etcd.revision())
-                return self._same_snapshot(existing, volume_id), False
+                same = self._same_snapshot(existing, volume_id)
+                await wait_data_path(self.etcd, await self._created(Keys.snapshot(same.id)))
+                return same, False
             volume, vv = await read(self.etcd, Keys.volume(volume_id), VolumeRecord)
             if volume is None:
                 raise Problem(404, "volume_not_found", f"no volume {volume_id}")

@@ -29,6 +29,7 @@ async def create_volume(call: Call) -> web.Response:
         block_size=body.get("block_size", 512),
         labels=body.get("labels", {}),
         source=body.get("source"),
+        zones=body.get("zones", []),
     )
     volume, created = await call.app[STORE_KEY].create_volume(spec)
     return json_response(volume_view(volume), 201 if created else 200)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tests.kernel.cluster_scenarios import NAMES as CLUSTER_NAMES
 from tests.kernel.cluster_scenarios import run_cluster_scenarios
+from tests.kernel.csi_scenarios import CSI_NAMES, run_csi_scenarios
 from tests.kernel.harness import boot_files, unavailable
 from tests.kernel.lio import LIO_SCENARIOS
 from tests.kernel.scenarios import SCENARIOS, ScenarioResult, run_scenario
@@ -23,7 +24,7 @@ SKIP = 77
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.kernel", description=__doc__)
-    known = [*SCENARIOS, *CLUSTER_NAMES, *LIO_SCENARIOS]
+    known = [*SCENARIOS, *CLUSTER_NAMES, *CSI_NAMES, *LIO_SCENARIOS]
     ap.add_argument("scenarios", nargs="*", metavar="SCENARIO", help=", ".join(known))
     ap.add_argument("--build-dir", type=Path, default=Path("build/kernel-guest"))
     ap.add_argument("--log-level", default="DEBUG", help="the target's (default DEBUG)")
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     if cluster:
         runs = args.build_dir / "runs" / "cluster"
         for result in run_cluster_scenarios(cluster, boot, runs, args.build_dir):
+            report(result)
+    csi = [n for n in names if n in CSI_NAMES]
+    if csi:  # its own dev cluster and boot: the node plugin in the guest
+        for result in run_csi_scenarios(csi, boot, args.build_dir / "runs" / "csi", args.build_dir):
             report(result)
     for name in names:
         if name in LIO_SCENARIOS:  # its own dev cluster in the guest's namespace

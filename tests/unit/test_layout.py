@@ -16,6 +16,7 @@ ALLOWED = {
     "redirector": {"iscsi", "common"},
     "meta": {"common"},
     "cli": {"common"},
+    "csi": {"common"},
 }
 
 

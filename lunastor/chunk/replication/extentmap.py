@@ -36,6 +36,7 @@ from lunastor.common.records import (
     VolumeRecord,
 )
 from lunastor.common.ring import PlacementError, Ring
+from lunastor.common.zoning import restrict_to_zones
 
 
 class AllocationError(Exception):
@@ -239,6 +240,10 @@ class ExtentMap:
         else:
             ring = await self.ring(replicas)
             placed = ring.place(volume, index)
+            vol = self.volume(volume)
+            if vol is not None and vol.zones:  # CSI topology: only servers of those zones
+                zone_of = {s.id: s.zone for s in self.live_servers()}
+                placed = restrict_to_zones(placed, zone_of, vol.zones, replicas, volume, index)
             # A ring may still name a server that is down (no planner rebuilt it yet): leave
             # it out rather than give the extent a replica that can never be written.
             members = [c for c in placed if self.is_live(c) and not self.draining(c)]

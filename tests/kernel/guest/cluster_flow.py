@@ -305,4 +305,5 @@ def body(run: Run) -> None:
     failover(run, disk, iface, digests)
 
 
-main("cluster", body)
+if __name__ == "__main__":  # guest/csi_node.py imports the writer from here
+    main("cluster", body)
