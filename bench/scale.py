@@ -3,10 +3,11 @@
     python -m bench.scale [--volumes 2000] [--extents-per-volume 16] [--servers 1000]
 
 Writing 16.8 million extent records into etcd would take hours on this machine, so the bench
-writes a **representative slice** into a real etcd, exactly as the product writes it today
-(`VolumeRecord`, name, `LunRecord` per volume, as a create does; one `ExtentRecord` key per
-allocated extent, placed by a ring of `--servers` servers), measures it, and **extrapolates
-linearly** to the full cluster, saying so on every extrapolated line:
+writes a **representative slice** into a real etcd, exactly as the product writes it
+(`VolumeRecord`, name, `LunRecord` per volume, as a create does; each volume's extents,
+placed by a ring of `--servers` servers, allocated through the extent map's own transaction,
+`lunastor.common.extent_pages.commit`: pages of 64 extents plus the reverse index), measures
+it, and **extrapolates linearly** to the full cluster, saying so on every extrapolated line:
 
 - etcd bytes per allocated 64 MiB extent and per volume (etcd's own dbSizeInUse after a
   compaction and defragmentation, over the slice);
@@ -29,6 +30,13 @@ from collections import Counter
 from typing import Any
 
 from lunastor.common.etcd import Etcd, EtcdConfig, Put
+from lunastor.common.extent_pages import (
+    SHARD_BUCKETS,
+    Change,
+    commit,
+    encode_shard,
+    extent_records,
+)
 from lunastor.common.records import ExtentRecord, Keys, LunRecord, VolumeRecord
 from lunastor.meta.placement import Candidate, build_ring, fair_shares, replica_count_by_server
 from lunastor.meta.rebalance_plan import Holder, plan_moves
@@ -116,18 +124,36 @@ async def measure(etcd: Etcd, endpoint: str, volumes: int, per_volume: int, n_se
         ]
     await write(etcd, vol_puts)
     with_volumes = settle(endpoint)
-    ext_puts = []
     extents = []
+    allocations: list[list[Change]] = []
     for v in range(volumes):
         vid = f"vol-{v:016x}"
+        changes = []
         for i in range(per_volume):
             ext = ExtentRecord(volume=vid, index=i, gen=1, replicas=ring.place(vid, i), copies=3)
             extents.append(ext)
-            ext_puts.append(Put(Keys.extent(vid, i), ext.to_json()))
-    await write(etcd, ext_puts)
+            changes.append(Change(vid, i, None, ext))
+        for at in range(0, len(changes), 16):  # <= 128 ops a txn: 1 page, <= 48 shards
+            allocations.append(changes[at : at + 16])
+    t = time.perf_counter()
+    await allocate(etcd, allocations)
+    alloc_s = time.perf_counter() - t
     with_extents = settle(endpoint)
+    page_keys = len((await etcd.get_prefix(Keys.EXTENTS))[0])
+    index_keys, _ = await etcd.get_prefix(Keys.CHUNK_EXTENTS)
+    shards_per_server = Counter(kv.key.split("/")[3] for kv in index_keys)
     per_volume_bytes = (with_volumes - empty) / volumes
-    per_extent_bytes = (with_extents - with_volumes) / slice_extents
+    slice_extent_bytes = (with_extents - with_volumes) / slice_extents
+    # The slice's reverse index is sparse (~1 extent per shard key); the full cluster's is
+    # dense. So: the pages as measured, plus the index measured at the full cluster's density.
+    await etcd.delete_prefix(Keys.CHUNK_EXTENTS)
+    pages_only = settle(endpoint)
+    page_bytes = (pages_only - with_volumes) / slice_extents
+    per_shard = round(REPLICAS * FULL_EXTENTS / n_servers / SHARD_BUCKETS)
+    dense = await dense_index(etcd, per_shard, servers=4)
+    membership_bytes = (settle(endpoint) - pages_only) / dense
+    await etcd.delete_prefix(Keys.CHUNK_EXTENTS)
+    per_extent_bytes = page_bytes + REPLICAS * membership_bytes
 
     t = time.perf_counter()
     listed, _ = await etcd.get_prefix(Keys.VOLUMES)
@@ -135,7 +161,7 @@ async def measure(etcd: Etcd, endpoint: str, volumes: int, per_volume: int, n_se
     list_vol_s = time.perf_counter() - t
     t = time.perf_counter()
     listed_ext, _ = await etcd.get_prefix(Keys.EXTENTS)
-    [ExtentRecord.from_json(kv.value) for kv in listed_ext]
+    assert len(extent_records(listed_ext)) == slice_extents
     list_ext_s = time.perf_counter() - t
 
     # balance: the ring's table and the slice's extents against the fair shares
@@ -161,7 +187,7 @@ async def measure(etcd: Etcd, endpoint: str, volumes: int, per_volume: int, n_se
 
     per_full = per_extent_bytes * FULL_EXTENTS + per_volume_bytes * FULL_LUNS
     fits_extents = (ETCD_CEILING - per_volume_bytes * FULL_LUNS) / per_extent_bytes
-    ext_keys_full = FULL_EXTENTS
+    page_keys_full = page_keys * scale_ext
     print(
         f"\nslice: {volumes} volumes x {per_volume} extents of 64 MiB = {slice_extents} "
         f"extents ({slice_extents * EXTENT / 2**40:.1f} TiB) on a ring of {n_servers} servers "
@@ -172,8 +198,24 @@ async def measure(etcd: Etcd, endpoint: str, volumes: int, per_volume: int, n_se
         f"({FULL_EXTENTS:,} extents) and {FULL_LUNS:,} LUNs"
     )
     rows = [
-        ("etcd bytes per allocated extent (goal < 100)", f"{per_extent_bytes:.0f} B"),
+        (
+            "(x) etcd bytes per allocated extent (goal < 100)",
+            f"{per_extent_bytes:.0f} B: page {page_bytes:.0f} B + {REPLICAS} x "
+            f"{membership_bytes:.1f} B in reverse-index shards of {per_shard} extents",
+        ),
+        (
+            "etcd bytes per extent in the slice itself",
+            f"{slice_extent_bytes:.0f} B (its index is sparse: ~1 extent per shard key)",
+        ),
         ("etcd bytes per volume (record, name, LUN + ACL)", f"{per_volume_bytes:.0f} B"),
+        (
+            "extent map keys in the slice",
+            f"{page_keys} pages, {len(index_keys)} reverse-index shards",
+        ),
+        (
+            f"allocate the slice's extents ({len(allocations)} txns, 8 at a time)",
+            f"{alloc_s:.1f} s",
+        ),
         ("(x) etcd database for the full cluster", f"{per_full / 1e9:.1f} GB"),
         (
             "(x) largest cluster within 8 GB",
@@ -199,12 +241,45 @@ async def measure(etcd: Etcd, endpoint: str, volumes: int, per_volume: int, n_se
         ("balance: the slice's extents, worst server", f"{extent_worst:.2%}"),
         (
             "(x) keys each chunk server watches today",
-            f"{ext_keys_full + FULL_LUNS:,} (it caches /v1/extents/ and /v1/volumes/ in full)",
+            f"{page_keys_full + FULL_LUNS:,.0f} (it caches the pages of /v1/extents/ and "
+            "/v1/volumes/ in full)",
+        ),
+        (
+            "its own reverse-index shards (what it holds), worst server",
+            f"{max(shards_per_server.values(), default=0)} keys (of at most {SHARD_BUCKETS})",
         ),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
+
+
+async def dense_index(etcd: Etcd, per_shard: int, servers: int) -> int:
+    """Reverse-index shards as full as the whole cluster's: every shard of `servers` servers
+    listing `per_shard` extents of distinct volumes. The number of memberships written."""
+    puts = []
+    for s in range(servers):
+        for bucket in range(SHARD_BUCKETS):
+            held = {
+                f"vol-{(s << 40) + (bucket << 20) + k:016x}": {k % 16} for k in range(per_shard)
+            }
+            key = f"{Keys.chunk_extents(f'chunk-{s:012x}')}{bucket:03x}"
+            puts.append(Put(key, encode_shard(held)))
+    await write(etcd, puts)
+    return servers * SHARD_BUCKETS * per_shard
+
+
+async def allocate(etcd: Etcd, allocations: list[list[Change]], parallel: int = 8) -> None:
+    """Every allocation through the extent map's transaction, `parallel` at a time."""
+    queue = list(reversed(allocations))
+
+    async def worker() -> None:
+        while queue:
+            changes = queue.pop()
+            if await commit(etcd, changes) is None:
+                raise RuntimeError(f"allocating {changes[0]} lost: nothing else writes here")
+
+    await asyncio.gather(*(worker() for _ in range(parallel)))
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from bench.qemu_img import iscsi_opts
 from bench.systems import BENCH_INITIATOR
 from lunastor.cli.api import ApiClient
 from lunastor.common.etcd import Etcd, EtcdConfig
+from lunastor.common.extent_pages import extent_records
 from lunastor.common.records import ExtentRecord, Keys
 
 LUNASTOR = [sys.executable, "-m", "lunastor.cli.main"]
@@ -136,7 +137,7 @@ class DevCluster:
             cfg = EtcdConfig(endpoints=etcd["endpoints"], namespace=etcd["namespace"])
             async with await Etcd.connect(cfg) as client:
                 kvs, _ = await client.get_prefix(prefix)
-            return [ExtentRecord.from_json(kv.value) for kv in kvs]
+            return extent_records(kvs)
 
         return asyncio.run(read())
 

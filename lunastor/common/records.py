@@ -48,9 +48,10 @@ class Keys:
     GC_SNAPSHOTS = f"/{SCHEMA}/gc/snapshots/"  # deleted snapshots whose copies await collection
     GC_REPLICAS = f"/{SCHEMA}/gc/replicas/"  # /<chunk>/<store volume>/<index>: files to delete
     LIVE_SEEN = f"/{SCHEMA}/live/seen/"  # /<chunk>: volumes revision its data path has applied
-    # Reserved for the data path (documented, not written yet).
-    EXTENTS = f"/{SCHEMA}/extents/"  # /<volume>/<extent index>: replicas, generation
-    CHUNK_EXTENTS = f"/{SCHEMA}/chunk-extents/"  # /<chunk>/<volume>/<index>: reverse index
+    # The extent map (common/extent_pages.py): /<volume>/p<page>: a page of extents; the
+    # layout before pages, /<volume>/<index 8 digits>: one ExtentRecord, is still read
+    EXTENTS = f"/{SCHEMA}/extents/"
+    CHUNK_EXTENTS = f"/{SCHEMA}/chunk-extents/"  # /<chunk>/<bucket>: reverse index shard
     RESERVATIONS = f"/{SCHEMA}/reservations/"  # /<volume>: SCSI reservations (chunk/reservations)
     # meta's rebalance planner: /<volume>/<index>: MoveRecord, carried out by the primary
     REBALANCE = f"/{SCHEMA}/rebalance/"
@@ -117,6 +118,8 @@ class Keys:
 
     @staticmethod
     def extent(volume_id: str, index: int) -> str:
+        """The key of the layout before pages (one record per extent): still read, and
+        moved into its page on the extent's next change (common/extent_pages.py)."""
         # Zero-padded so that etcd's byte order is extent order.
         return f"{Keys.EXTENTS}{volume_id}/{index:08d}"
 
@@ -436,6 +439,11 @@ class ExtentRecord(Record):
     # the volume's replica count when the extent was allocated (0: not recorded); a volume
     # made with fewer copies than the chunk servers' min_replicas is written with all it has
     copies: int = 0
+    # Former members that may still hold files of this extent: a member removed while it was
+    # down (failover, repair) keeps its replica files. The GC hands them work too when it
+    # frees the extent; a stray that rejoins is a member again. Kept by the extent map's
+    # transactions (common/extent_pages.py), never by callers.
+    strays: list[str] = field(default_factory=list)
 
     @property
     def primary(self) -> str:

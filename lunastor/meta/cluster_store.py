@@ -5,13 +5,13 @@ Same discipline as `store.py`: read, decide, commit with compares on what was re
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from typing import Any
 
 from lunastor.common.etcd import Delete, Etcd, EtcdError, Put
 from lunastor.common.events import EVENTS
+from lunastor.common.extent_pages import extent_records
 from lunastor.common.records import (
     MAX_TARGETS,
     TARGET_IQN_PREFIX,
@@ -19,7 +19,6 @@ from lunastor.common.records import (
     ChunkAdminRecord,
     ChunkServerInfo,
     ChunkServerStatus,
-    ExtentRecord,
     Keys,
     OperationRecord,
     RecordError,
@@ -228,13 +227,9 @@ class ClusterStore:
         page = await self.etcd.get_page(Keys.chunk_extents(chunk_id), None, 1, revision)
         if page.kvs:
             return True
-        # The extent map names every member (the reverse index is not written yet).
+        # Extents not moved into pages yet are not in the reverse index.
         kvs, _ = await self.etcd.get_prefix(Keys.EXTENTS, revision=revision)
-        for kv in kvs:
-            with contextlib.suppress(RecordError):
-                if chunk_id in ExtentRecord.from_json(kv.value).replicas:
-                    return True
-        return False
+        return any(chunk_id in rec.replicas for rec in extent_records(kvs))
 
     async def list_chunks(self) -> list[dict[str, Any]]:
         infos, rev = await self.etcd.get_prefix(Keys.CHUNKS)

@@ -4,7 +4,8 @@ Work is recorded in etcd: deleting a volume puts `/v1/gc/volumes/<id>`, deleting
 `/v1/gc/snapshots/<id>` (each in the same transaction as the delete). Each pass of the planner
 (the meta instance holding the planner lease) looks at the volumes those name and frees every
 extent version no live volume or snapshot refers to: one transaction per extent deletes its
-map entry (comparing its mod_revision) and puts a work item per member at
+map entry (if the extent still carries the stamp read: common/extent_pages.py) and puts a work
+item per member, and per former member that may still hold files (`ExtentRecord.strays`), at
 `Keys.gc_replica(chunk, store volume, index)`, which that chunk server executes
 (`lunastor/chunk/maintenance/collector.py`). A tombstone is removed once its volume has
 nothing left.
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from lunastor.common.etcd import Compare, Delete, Etcd, Get, Put
+from lunastor.common.etcd import Etcd, Put
+from lunastor.common.extent_pages import MOVED, Change, commit, decode_kv
 from lunastor.common.logs import get_logger
 from lunastor.common.records import (
     ExtentRecord,
@@ -123,21 +125,23 @@ class GcPlanner:
         left = 0
         freed = 0
         for kv in kvs:
-            try:
-                rec = ExtentRecord.from_json(kv.value)
-            except RecordError:
-                left += 1
-                continue
-            if referenced(rec, alive, pinned):
-                left += 1
-                continue
-            if freed >= budget:
-                return None, freed
-            ops: list[Put | Delete | Get] = [Delete(kv.key)]
-            ops += [Put(Keys.gc_replica(m, rec.volume, rec.index), b"") for m in rec.replicas]
-            res = await self.etcd.txn([Compare.mod_revision(kv.key) == kv.mod_revision], ops)
-            if res.succeeded:
-                freed += 1
-            else:
-                left += 1  # changed meanwhile: looked at again next pass
+            entries = decode_kv(kv.key, kv.value, kv.mod_revision)
+            if not entries and kv.value != MOVED:
+                left += 1  # undecodable: kept, and so is the tombstone
+            for rec, stamp in entries:
+                if referenced(rec, alive, pinned):
+                    left += 1
+                    continue
+                if freed >= budget:
+                    return None, freed
+                holders = sorted({*rec.replicas, *rec.strays})
+                done = await commit(
+                    self.etcd,
+                    [Change(rec.volume, rec.index, stamp, None)],
+                    extra=[Put(Keys.gc_replica(m, rec.volume, rec.index), b"") for m in holders],
+                )
+                if done is not None:
+                    freed += 1
+                else:
+                    left += 1  # changed meanwhile: looked at again next pass
         return left, freed

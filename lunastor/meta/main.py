@@ -27,6 +27,7 @@ from lunastor.common.settings import etcd_client_config
 from lunastor.meta.app import make_app
 from lunastor.meta.config import MetaConfig
 from lunastor.meta.events import EventPruner, PresenceEvents
+from lunastor.meta.extent_migration import ExtentMigrator
 from lunastor.meta.gc import GcPlanner
 from lunastor.meta.luns import LunMap
 from lunastor.meta.planners import DrainPlanner, Planner, PlannerLeader, RebuildPlanner
@@ -64,6 +65,7 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
         luns = await LunMap(etcd).start()
         EVENTS.bind(etcd, config.instance_id)
         jobs: list[Planner] = [DrainPlanner(etcd), RebuildPlanner(etcd), GcPlanner(etcd)]
+        jobs.append(ExtentMigrator(etcd))
         jobs += [PresenceEvents(etcd), EventPruner(etcd)]
         jobs.append(RingPlanner(etcd))
         if config.rebalance_max_moves:

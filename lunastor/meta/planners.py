@@ -28,6 +28,7 @@ from lunastor.common.etcd import (
     Put,
 )
 from lunastor.common.events import EVENTS
+from lunastor.common.extent_pages import extent_records, held_counts
 from lunastor.common.logs import get_logger
 from lunastor.common.presence import Presence
 from lunastor.common.records import (
@@ -59,6 +60,7 @@ class ExtentCensus:
     desired: dict[str, int]  # volume id -> replicas
     live: set[str]
     registered: set[str]
+    held: dict[str, int]  # chunk id -> extents it is a member of (the reverse index)
 
     @classmethod
     async def read(cls, etcd: Etcd) -> ExtentCensus:
@@ -66,15 +68,17 @@ class ExtentCensus:
         vols, _ = await etcd.get_prefix(Keys.VOLUMES, revision=rev)
         lives, _ = await etcd.get_prefix(Keys.LIVE_CHUNKS, revision=rev)
         chunks, _ = await etcd.get_prefix(Keys.CHUNKS, revision=rev)
+        index, _ = await etcd.get_prefix(Keys.CHUNK_EXTENTS, revision=rev)
         return cls(
-            decode_records(kvs, ExtentRecord),
+            extent_records(kvs),
             {v.id: v.replicas for v in decode_records(vols, VolumeRecord)},
             {s.id for s in decode_records(lives, ChunkServerStatus)},
             {c.id for c in decode_records(chunks, ChunkServerInfo)},
+            held_counts(index, kvs),
         )
 
     def held_by(self, chunk_id: str) -> int:
-        return sum(chunk_id in e.replicas for e in self.extents)
+        return self.held.get(chunk_id, 0)
 
     def unrestored(self, chunk_id: str) -> int:
         """Extents still naming the server, plus extents missing replicas (of any cause)."""

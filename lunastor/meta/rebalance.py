@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lunastor.common.etcd import Compare, Delete, Etcd, KeyValue, Put
+from lunastor.common.extent_pages import extent_records
 from lunastor.common.logs import get_logger
 from lunastor.common.records import (
     ChunkAdminRecord,
@@ -140,7 +141,7 @@ class RebalancePlanner:
     async def run_once(self) -> None:
         census = await ServerCensus.read(self.etcd)
         kvs, rev = await self.etcd.get_prefix(Keys.EXTENTS)
-        extents = {(e.volume, e.index): e for e in decode_records(kvs, ExtentRecord)}
+        extents = {(e.volume, e.index): e for e in extent_records(kvs)}
         intents, _ = await self.etcd.get_prefix(Keys.REBALANCE, revision=rev)
         rings: dict[int, Ring] = {}
         for kv in (await self.etcd.get_prefix(Keys.RINGS, revision=rev))[0]:

@@ -19,6 +19,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from lunastor.common.etcd import Etcd, KeyValue
+from lunastor.common.extent_pages import extent_records
 from lunastor.common.records import (
     ChunkAdminRecord,
     ChunkServerInfo,
@@ -141,7 +142,7 @@ async def list_volume_status(call: Call) -> web.Response:
     chunks, live_sessions = await _read_cluster(etcd, rev)
     luns = {lun.volume_id: lun for lun in _decode(lun_kvs, LunRecord)}
     extents: dict[str, list[ExtentRecord]] = defaultdict(list)
-    for rec in _decode(ext_kvs, ExtentRecord):
+    for rec in extent_records(ext_kvs):
         extents[rec.volume].append(rec)  # a snapshot's preserved copies are named apart
     servers = chunks.servers
     items = []
@@ -181,7 +182,7 @@ async def get_volume_status(call: Call) -> web.Response:
     ext_kvs, _ = await etcd.get_prefix(Keys.volume_extents(vol.id), revision=rev)
     chunks, live_sessions = await _read_cluster(etcd, rev)
     servers = chunks.servers
-    records = sorted(_decode(ext_kvs, ExtentRecord), key=lambda r: r.index)
+    records = sorted(extent_records(ext_kvs), key=lambda r: r.index)
     health = volume_health(records, vol.replicas, servers)
     extents = [
         {

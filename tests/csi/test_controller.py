@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from lunastor.common.etcd import Etcd, EtcdConfig
+from lunastor.common.extent_pages import extent_records as decode_extents
 from lunastor.common.records import ExtentRecord, Keys
 from lunastor.csi import csi_pb2 as pb
 from lunastor.csi.client import CsiClient
@@ -69,7 +70,7 @@ async def extent_records(cluster: dict[str, Any], volume_id: str) -> list[Extent
     cfg = EtcdConfig(endpoints=cluster["etcd"]["endpoints"], namespace=cluster["etcd"]["namespace"])
     async with await Etcd.connect(cfg) as etcd:
         kvs, _ = await etcd.get_prefix(Keys.volume_extents(volume_id))
-    return [ExtentRecord.from_json(kv.value) for kv in kvs]
+    return decode_extents(kvs)
 
 
 # --- identity ------------------------------------------------------------------------------------

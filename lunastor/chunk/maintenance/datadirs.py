@@ -42,7 +42,6 @@ from lunastor.chunk.store import DataDirFailed, ExtentStore
 from lunastor.chunk.wire.messages import Flush, GetState
 from lunastor.chunk.wire.peer import PeerError
 from lunastor.common.events import EVENTS
-from lunastor.common.records import Keys
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +152,7 @@ class DataDirMonitor:
         those replica sets and re-replication copies the data back. Only where the primary
         has its replica: a new extent's secondaries get theirs with its first write."""
         missing = []
-        for key in list(self.emap.extents.items):
-            try:
-                volume, index = Keys.parse_extent(key)
-            except ValueError:
-                continue
+        for volume, index in self.emap.ids():
             rec = self.emap.get(volume, index)
             if rec is None or self.chunk_id not in rec.replicas[1:]:
                 continue

@@ -144,11 +144,7 @@ class Repairer:
 
     def extents(self) -> list[ExtentRecord]:
         out = []
-        for key in list(self.emap.extents.items):
-            try:
-                volume, index = Keys.parse_extent(key)
-            except ValueError:
-                continue
+        for volume, index in self.emap.ids():
             rec = self.emap.get(volume, index)
             if rec is not None:
                 out.append(rec)

@@ -1,8 +1,11 @@
 """The extent map as a chunk server sees it: a watched copy of etcd, plus the transactions that
 change it (allocation, removing a replica, promoting a new primary). docs/datapath.md.
 
-Every change is one etcd transaction comparing the entry's mod_revision (or its absence), so
-two chunk servers racing for the same change cannot both win; the loser re-reads.
+The map is stored in pages of extents with a reverse index (`lunastor.common.extent_pages`).
+Every change is one etcd transaction that holds only if the extent still carries the stamp
+the caller read (or is still absent), so two chunk servers racing for the same change cannot
+both win; the loser re-reads. A concurrent change to another extent of the same page never
+makes a change lose: the transaction is re-planned on the current page.
 """
 
 from __future__ import annotations
@@ -14,8 +17,16 @@ import time
 from dataclasses import dataclass
 
 from lunastor.chunk.replication.ring import RingError, Server, bootstrap_ring
-from lunastor.common.etcd import Compare, Etcd, Put
+from lunastor.common.etcd import Etcd, KeyValue
 from lunastor.common.etcd.cache import PrefixCache
+from lunastor.common.extent_pages import (
+    MOVED,
+    Change,
+    commit,
+    decode_kv,
+    extent_keys,
+    read_keys,
+)
 from lunastor.common.records import (
     ChunkServerInfo,
     ChunkServerStatus,
@@ -35,6 +46,8 @@ class AllocationError(Exception):
 @dataclass(frozen=True, slots=True)
 class Entry:
     record: ExtentRecord
+    # The extent's own change stamp (common/extent_pages.py): equal stamps mean the same
+    # state of this extent; it is passed back to `replace` as what the change is based on.
     mod_revision: int
 
 
@@ -48,7 +61,9 @@ class ExtentMap:
         # volumes: their snapshot epoch and clone base (docs/snapshots.md)
         self.volumes = PrefixCache(etcd, Keys.VOLUMES)
         self._volumes: dict[str, tuple[int, VolumeRecord]] = {}
-        self._decoded: dict[str, Entry] = {}
+        # key under EXTENTS -> (its mod_revision, the entries it holds by (volume, index))
+        self._decoded: dict[str, tuple[int, dict[tuple[str, int], Entry]]] = {}
+        self._ids: tuple[int, list[tuple[str, int]]] = (-1, [])
         # chunk record key -> (mod_revision, data address): every forwarded write asks
         self._addresses: dict[str, tuple[int, str | None]] = {}
         self._rings: dict[int, tuple[int, Ring]] = {}
@@ -94,21 +109,37 @@ class ExtentMap:
 
     # -- look-ups (cached) ---------------------------------------------------------------------
 
+    def _entries(self, kv: KeyValue) -> dict[tuple[str, int], Entry]:
+        cached = self._decoded.get(kv.key)
+        if cached is not None and cached[0] == kv.mod_revision:
+            return cached[1]
+        found = {
+            (rec.volume, rec.index): Entry(rec, stamp)
+            for rec, stamp in decode_kv(kv.key, kv.value, kv.mod_revision)
+        }
+        self._decoded[kv.key] = (kv.mod_revision, found)
+        return found
+
     def entry(self, volume: str, index: int) -> Entry | None:
-        key = Keys.extent(volume, index)
-        kv = self.extents.get(key)
-        if kv is None:
-            self._decoded.pop(key, None)
-            return None
-        cached = self._decoded.get(key)
-        if cached is not None and cached.mod_revision == kv.mod_revision:
-            return cached
-        try:
-            entry = Entry(ExtentRecord.from_json(kv.value), kv.mod_revision)
-        except RecordError:
-            return None
-        self._decoded[key] = entry
-        return entry
+        for key in extent_keys(volume, index):
+            kv = self.extents.get(key)
+            if kv is None:
+                self._decoded.pop(key, None)
+                continue
+            found = self._entries(kv).get((volume, index))
+            if found is not None:
+                return found
+        return None
+
+    def ids(self) -> list[tuple[str, int]]:
+        """(store volume, index) of every extent in the watched map."""
+        if self._ids[0] != self.extents.revision:
+            items = self.extents.items
+            for key in [k for k in self._decoded if k not in items]:
+                del self._decoded[key]
+            ids = [i for kv in items.values() if kv.value != MOVED for i in self._entries(kv)]
+            self._ids = (self.extents.revision, ids)
+        return self._ids[1]
 
     def get(self, volume: str, index: int) -> ExtentRecord | None:
         e = self.entry(volume, index)
@@ -175,11 +206,15 @@ class ExtentMap:
 
     async def fresh(self, volume: str, index: int) -> Entry | None:
         """The entry as etcd has it now (bypassing the watch), and the cache caught up to it."""
-        kv = await self.etcd.get(Keys.extent(volume, index))
-        if kv is None:
-            return None
-        await self.extents.wait_for_revision(kv.mod_revision, timeout=10)
-        return Entry(ExtentRecord.from_json(kv.value), kv.mod_revision)
+        found, _ = await read_keys(self.etcd, extent_keys(volume, index))
+        # (the read's own revision may be of keys elsewhere, which the cache never sees)
+        newest = max((kv.mod_revision for kv in found.values() if kv is not None), default=0)
+        await self.extents.wait_for_revision(newest, timeout=10)
+        for kv in found.values():
+            for rec, stamp in decode_kv(kv.key, kv.value, kv.mod_revision) if kv else ():
+                if rec.index == index:
+                    return Entry(rec, stamp)
+        return None
 
     # -- changes -------------------------------------------------------------------------------
 
@@ -226,10 +261,9 @@ class ExtentMap:
             origin=origin,
             copies=replicas,
         )
-        key = Keys.extent(volume, index)
-        res = await self.etcd.txn([Compare.version(key) == 0], [Put(key, record.to_json())])
-        if res.succeeded:
-            await self.extents.wait_for_revision(res.revision, timeout=10)
+        done = await self.transact([Change(volume, index, None, record)])
+        if done is not None and done[0] is not None:
+            return done[0]
         entry = await self.fresh(volume, index)
         if entry is None:  # deleted at once by someone else: unusual, let the caller retry
             raise AllocationError(f"extent {volume}/{index} vanished after allocation")
@@ -237,14 +271,18 @@ class ExtentMap:
 
     async def replace(self, old: Entry, new: ExtentRecord) -> Entry | None:
         """Commit `new` if the entry is still `old`; the new entry, or None if we lost."""
-        key = Keys.extent(new.volume, new.index)
-        res = await self.etcd.txn(
-            [Compare.mod_revision(key) == old.mod_revision], [Put(key, new.to_json())]
-        )
-        if not res.succeeded:
+        done = await self.transact([Change(new.volume, new.index, old.mod_revision, new)])
+        return done[0] if done is not None else None
+
+    async def transact(self, changes: list[Change]) -> list[Entry | None] | None:
+        """Apply `changes` in one transaction (common/extent_pages.py): each extent's new
+        entry (None where deleted), or None if one was not what its change expects."""
+        view = {k: self.extents.get(k) for ch in changes for k in extent_keys(ch.volume, ch.index)}
+        done = await commit(self.etcd, changes, view=view, base=self.extents.revision)
+        if done is None:
             return None
-        await self.extents.wait_for_revision(res.revision, timeout=10)
-        return Entry(new, res.revision)
+        await self.extents.wait_for_revision(done.revision, timeout=10)
+        return [Entry(r, done.stamp) if r is not None else None for r in done.stored]
 
     async def ring(self, replicas: int) -> Ring:
         """The stored ring for this replica count; the first caller builds and stores one."""

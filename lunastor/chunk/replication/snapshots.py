@@ -29,10 +29,9 @@ from prometheus_client import Counter
 from lunastor.chunk.replication.extentmap import Entry, ExtentMap
 from lunastor.chunk.wire.messages import Clone, GetState, Request, Response, Status
 from lunastor.chunk.wire.peer import PeerError
-from lunastor.common.etcd import Compare, Put
+from lunastor.common.extent_pages import ANY, Change
 from lunastor.common.records import (
     ExtentRecord,
-    Keys,
     parse_preserved,
     preserved_volume,
 )
@@ -54,8 +53,8 @@ class PreserveFailed(Exception):
 class VersionIndex:
     """Preserved copies per (volume, extent index), from the watched extent map.
 
-    Rebuilt from the keys whenever the map's revision moved (keys only, no JSON): O(extents)
-    per change, cheap next to the etcd round trip that caused the change.
+    Rebuilt from the map's extent ids whenever its revision moved: O(extents) per change,
+    cheap next to the etcd round trip that caused the change.
     """
 
     def __init__(self, emap: ExtentMap) -> None:
@@ -67,11 +66,7 @@ class VersionIndex:
         cache = self.emap.extents
         if cache.revision != self._revision:
             epochs: dict[tuple[str, int], list[int]] = {}
-            for key in cache.items:
-                try:
-                    name, idx = Keys.parse_extent(key)
-                except ValueError:
-                    continue
+            for name, idx in self.emap.ids():
                 parsed = parse_preserved(name)
                 if parsed is not None:
                     epochs.setdefault((parsed[0], idx), []).append(parsed[1])
@@ -161,17 +156,23 @@ async def preserve(emap: ExtentMap, call: Call, pe: PrimaryState) -> bool:
     if not done[0]:
         raise PreserveFailed(f"the primary could not copy {pe.volume}/{pe.index}")
     kept = ExtentRecord(
-        volume=name, index=pe.index, gen=1, replicas=holders, epoch=rec.epoch, until=volume.epoch
+        volume=name,
+        index=pe.index,
+        gen=1,
+        replicas=holders,
+        epoch=rec.epoch,
+        until=volume.epoch,
+        strays=[m for m in pe.members if m not in holders],  # a copy may have begun there
     )
     moved = dataclasses.replace(rec, epoch=volume.epoch)
-    key = Keys.extent(pe.volume, pe.index)
-    res = await emap.etcd.txn(
-        [Compare.mod_revision(key) == entry.mod_revision],
-        [Put(Keys.extent(name, pe.index), kept.to_json()), Put(key, moved.to_json())],
+    committed = await emap.transact(
+        [
+            Change(name, pe.index, ANY, kept),
+            Change(pe.volume, pe.index, entry.mod_revision, moved),
+        ]
     )
-    if not res.succeeded:
+    if committed is None:
         raise PreserveFailed(f"extent {pe.volume}/{pe.index} changed while preserving it")
-    await emap.extents.wait_for_revision(res.revision, timeout=10)
     PRESERVED.inc()
     log.info(
         "extent %s/%d: epoch %d preserved as %s on %s",

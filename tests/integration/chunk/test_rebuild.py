@@ -20,6 +20,7 @@ from lunastor.chunk.replication.join import Throttle, join_member
 from lunastor.chunk.replication.node import DataServer
 from lunastor.chunk.store import ReplicaNotFound
 from lunastor.common.etcd import Etcd, EtcdConfig
+from lunastor.common.extent_pages import extent_keys, extent_records, read_keys
 from lunastor.common.records import (
     ChunkAdminRecord,
     ChunkServerInfo,
@@ -76,9 +77,10 @@ class Rig:
         return rec
 
     async def fresh(self, index: int) -> ExtentRecord:
-        kv = await self.c.etcd.get(Keys.extent(VID, index))
-        assert kv is not None
-        return ExtentRecord.from_json(kv.value)
+        found, _ = await read_keys(self.c.etcd, extent_keys(VID, index))
+        recs = [r for kv in found.values() if kv for r in extent_records([kv]) if r.index == index]
+        assert recs
+        return recs[0]
 
     async def pass_(self) -> None:
         """One repair pass on every live node, concurrently."""

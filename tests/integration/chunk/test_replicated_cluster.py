@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from lunastor.common.etcd import Etcd, EtcdConfig
+from lunastor.common.extent_pages import extent_records
 from lunastor.common.records import ExtentRecord, Keys
 from tests.support.devcluster import dev_up, lunastor
 from tests.support.procs import wait_for
@@ -46,7 +47,7 @@ def _extents(state: dict[str, Any], volume_id: str) -> dict[int, ExtentRecord]:
         cfg = EtcdConfig(endpoints=state["etcd"]["endpoints"], namespace=state["etcd"]["namespace"])
         async with await Etcd.connect(cfg) as etcd:
             kvs, _ = await etcd.get_prefix(Keys.volume_extents(volume_id))
-        return {Keys.parse_extent(kv.key)[1]: ExtentRecord.from_json(kv.value) for kv in kvs}
+        return {r.index: r for r in extent_records(kvs)}
 
     return asyncio.run(read())
 
