@@ -5,7 +5,7 @@ VENV := .venv/bin
 DEVDIR ?= devcluster
 CHUNKS ?= 3
 
-.PHONY: setup run down test lint unit kernel soak bench clean csi-proto
+.PHONY: setup run down test lint unit kernel compose-test soak bench clean csi-proto
 
 setup:
 	@./scripts/setup.sh
@@ -23,13 +23,19 @@ lint: setup
 	$(VENV)/mypy bench
 
 test: lint
-	$(VENV)/pytest -q --ignore=tests/kernel
+	$(VENV)/pytest -q --ignore=tests/kernel --ignore=tests/compose
 
 # The Linux kernel initiator (open-iscsi) in QEMU guests: one line per scenario with timings,
 # then the harness's own tests. Needs root (network namespaces, tap devices).
 kernel: setup
 	PYTHONPATH=. $(VENV)/python -m tests.kernel
 	$(VENV)/pytest -q tests/kernel -k "not test_scenario"
+
+# docker-compose.yml run for real (tests/compose): images built from nothing where they are
+# absent, the containers as hosts, kills, a network partition, a restart; one line per scenario.
+# Needs a Docker engine with Compose (`docker compose` or `docker-compose`).
+compose-test: setup
+	timeout -s INT -k 60 1800 $(VENV)/pytest -q -p no:cacheprovider tests/compose
 
 unit: setup
 	$(VENV)/pytest -q tests/unit

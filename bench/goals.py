@@ -70,6 +70,9 @@ GOALS: tuple[Goal, ...] = (
     Goal(12, "re-replication >= 0.5x the disk's bandwidth", "rebuild.x_disk", ">=", 0.5),
     Goal(12, "foreground IOPS during re-replication >= 70%", "rebuild.fg_ratio", ">=", 0.7),
     Goal(12, "writes sequenced by the access point >= 95%", "locality.share", ">=", 0.95),
+    # issue 17: a chunk server on every core, two clients on one server of 1-replica volumes
+    Goal(17, "2 workers >= 1.6x 1 worker, 4 KiB random write", "workers.rw4k.x_one", ">=", 1.6),
+    Goal(17, "2 workers >= 1.6x 1 worker, 4 KiB random read", "workers.rr4k.x_one", ">=", 1.6),
     # issue 18: QoS, the noisy neighbour
     Goal(18, "A's p99 with B limited <= 1.5x A alone", "noisy.limited_x_alone", "<=", 1.5),
 )

@@ -58,13 +58,16 @@ static void on_done(struct iscsi_context *c, int status, void *command_data, voi
 {
     struct scsi_task *task = command_data;
     int index = (int)(intptr_t)private_data;
-    (void)c;
     if (status == SCSI_STATUS_GOOD) {
         completed++;
         if (nlat < MAX_SAMPLES)
             latencies[nlat++] = (float)((now() - slots[index].issued_at) * 1e6);
     } else {
         failed++;
+        if (failed <= 5) /* say what failed: a count alone cannot be diagnosed */
+            fprintf(stderr, "iscsi_load: command failed: status 0x%02x, sense %s/0x%04x: %s\n",
+                    task->status, scsi_sense_key_str(task->sense.key), task->sense.ascq,
+                    iscsi_get_error(c));
     }
     scsi_free_scsi_task(task);
     inflight--;

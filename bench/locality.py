@@ -1,17 +1,21 @@
-"""Slot for issue 12's locality line: the share of writes sequenced by the access point's own
-process (the primary follows the access point), from the chunk servers' Prometheus metrics.
+"""Issue 12's locality line: the share of writes sequenced by the access point's own process
+(the primary follows the access point, docs/datapath.md "Locality"), from the chunk servers'
+Prometheus metrics.
 
-Summed over every chunk server: the change of `SEQUENCED_LOCAL` (writes a primary ordered that
-arrived through an access point in its own process) over the change of `SEQUENCED` (every
-write a primary ordered) across the measured jobs. While the data path does not export these
-counters the line reads n/a; the data path names them here if it chooses other names.
+Summed over every chunk server: the change of `SEQUENCED_LOCAL` (writes an access point had
+ordered by a primary in its own process) over the change of `SEQUENCED` (every write an
+access point had ordered) across the measured jobs. Before the jobs, `settle` is the
+warm-up: it reads the volume through the access point (reads count as locality activity
+too) until every extent's primary is the access point's chunk server, or a time bound.
 """
 
 from __future__ import annotations
 
+import subprocess
+import time
 from dataclasses import dataclass
 
-from bench.systems.devcluster import DevCluster, metric_samples
+from bench.systems.devcluster import DevCluster, Volume, metric_samples
 
 SEQUENCED = "lunastor_writes_sequenced_total"
 SEQUENCED_LOCAL = "lunastor_writes_sequenced_local_total"
@@ -49,3 +53,29 @@ def line(value: float | None, what: str) -> str:
         "n/a (the chunk servers export no " + SEQUENCED + ")" if value is None else (f"{value:.1%}")
     )
     return f"writes sequenced by the access point's own process ({what}): {shown}"
+
+
+def settle(
+    cluster: DevCluster, volume: Volume, access_point: str, portal: str, timeout: float = 120.0
+) -> tuple[int, int, float]:
+    """Warm-up: read `volume` through `portal` until every extent's primary is the chunk
+    server `access_point`, at most `timeout` s. (extents settled, extents, seconds)."""
+    me = cluster.chunk_id(access_point)
+    start = time.monotonic()
+    block = 64 << 10
+    while True:
+        recs = cluster.extents(volume.id)
+        done = sum(1 for r in recs if r.primary == me)
+        took = time.monotonic() - start
+        if (recs and done == len(recs)) or took > timeout:
+            return done, len(recs), took
+        argv = ["qemu-img", "bench", "--image-opts", "-c", str(volume.size // block)]
+        argv += ["-d", "16", "-s", str(block), "-S", str(block), volume.image_opts(portal)]
+        subprocess.run(argv, capture_output=True, timeout=max(10.0, timeout - took), check=False)
+
+
+def settled_line(done: int, total: int, seconds: float, what: str) -> str:
+    return (
+        f"locality warm-up ({what}): {done}/{total} extents' primary at the access point"
+        f" after {seconds:.0f} s"
+    )

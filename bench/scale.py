@@ -15,7 +15,10 @@ it, and **extrapolates linearly** to the full cluster, saying so on every extrap
   rebalancing pass after one server joins);
 - placement balance: every server against its fair share in the ring's table and in the
   slice's extents;
-- the keys each chunk server watches;
+- the keys each chunk server watches: measured by starting the chunk server's own watch
+  (`PageWatch`: its reverse-index shards and the pages of the volumes they name) for a
+  sample of servers of the slice, and for the full cluster by the placement model it
+  checks against the slice (1 GiB volumes on independently hashed extents);
 - the largest cluster that fits etcd's 8 GB database ceiling.
 """
 
@@ -29,8 +32,10 @@ import time
 from collections import Counter
 from typing import Any
 
+from lunastor.chunk.replication.pagewatch import PageWatch
 from lunastor.common.etcd import Etcd, EtcdConfig, Put
 from lunastor.common.extent_pages import (
+    PAGE_EXTENTS,
     SHARD_BUCKETS,
     Change,
     commit,
@@ -142,6 +147,10 @@ async def measure(etcd: Etcd, endpoint: str, volumes: int, per_volume: int, n_se
     page_keys = len((await etcd.get_prefix(Keys.EXTENTS))[0])
     index_keys, _ = await etcd.get_prefix(Keys.CHUNK_EXTENTS)
     shards_per_server = Counter(kv.key.split("/")[3] for kv in index_keys)
+    # an even sample of every server (those holding nothing too), and the busiest ones
+    sample = [c.id for c in cands[:: max(1, n_servers // 40)]]
+    watched = await watched_keys(etcd, sample)
+    busiest = await watched_keys(etcd, [s for s, _ in shards_per_server.most_common(5)])
     per_volume_bytes = (with_volumes - empty) / volumes
     slice_extent_bytes = (with_extents - with_volumes) / slice_extents
     # The slice's reverse index is sparse (~1 extent per shard key); the full cluster's is
@@ -188,6 +197,14 @@ async def measure(etcd: Etcd, endpoint: str, volumes: int, per_volume: int, n_se
     per_full = per_extent_bytes * FULL_EXTENTS + per_volume_bytes * FULL_LUNS
     fits_extents = (ETCD_CEILING - per_volume_bytes * FULL_LUNS) / per_extent_bytes
     page_keys_full = page_keys * scale_ext
+    # A server holds a volume's family if it is a member of any of its extents: with
+    # replicas placed per extent by hash, 1 - (1 - R/n)^extents of the volumes.
+    p_family = 1 - (1 - REPLICAS / n_servers) ** per_volume
+    model_slice = volumes * p_family
+    pages_per_family = -(-per_volume // PAGE_EXTENTS)
+    families_full = FULL_LUNS * p_family
+    extent_keys_full = families_full * pages_per_family + SHARD_BUCKETS
+    mean_families = sum(f for _, f in watched) / max(1, len(watched))
     print(
         f"\nslice: {volumes} volumes x {per_volume} extents of 64 MiB = {slice_extents} "
         f"extents ({slice_extents * EXTENT / 2**40:.1f} TiB) on a ring of {n_servers} servers "
@@ -240,9 +257,24 @@ async def measure(etcd: Etcd, endpoint: str, volumes: int, per_volume: int, n_se
         ("balance: ring table, worst server off its fair share", f"{table_worst:.2%}"),
         ("balance: the slice's extents, worst server", f"{extent_worst:.2%}"),
         (
-            "(x) keys each chunk server watches today",
-            f"{page_keys_full + FULL_LUNS:,.0f} (it caches the pages of /v1/extents/ and "
-            "/v1/volumes/ in full)",
+            f"keys a chunk server watches in the slice ({len(watched)} servers evenly "
+            "sampled, their PageWatch started)",
+            f"mean {sum(k for k, _ in watched) / max(1, len(watched)):.1f} (shards + pages); "
+            f"volumes loaded: mean {mean_families:.1f}, model {model_slice:.1f}",
+        ),
+        (
+            "the same, the 5 servers with most shards",
+            f"max {max((k for k, _ in busiest), default=0)} keys, "
+            f"{max((f for _, f in busiest), default=0)} volumes",
+        ),
+        (
+            "(x) extent-map keys each chunk server watches, full cluster",
+            f"{extent_keys_full:,.0f} ({families_full:,.0f} volumes x {pages_per_family} "
+            f"page + {SHARD_BUCKETS} shards; was {page_keys_full:,.0f}: every page)",
+        ),
+        (
+            "(x) other keys it still watches in full",
+            f"{FULL_LUNS:,} (/v1/volumes/: epochs, zones, the snapshot fence)",
         ),
         (
             "its own reverse-index shards (what it holds), worst server",
@@ -252,6 +284,18 @@ async def measure(etcd: Etcd, endpoint: str, volumes: int, per_volume: int, n_se
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
+
+
+async def watched_keys(etcd: Etcd, chunks: list[str]) -> list[tuple[int, int]]:
+    """(keys watched, volumes loaded) by each chunk server's own watch of the extent map."""
+    out = []
+    for chunk in chunks:
+        watch = await PageWatch(etcd, chunk).start()
+        try:
+            out.append((watch.watched_keys(), len(watch.families())))
+        finally:
+            await watch.stop()
+    return out
 
 
 async def dense_index(etcd: Etcd, per_shard: int, servers: int) -> int:

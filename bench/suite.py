@@ -33,7 +33,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import goals, iscsi_load, locality, machine, noisy, rebuild, report
+from bench import goals, iscsi_load, locality, machine, noisy, rebuild, report, workers
 from bench.cpu import ProcessGroup, delta
 from bench.qemu_img import JOBS, Job, JobFailed, JobResult, fill, iscsi_opts, jobs_named, run_job
 from bench.report import Outcome, SystemInfo
@@ -55,6 +55,7 @@ PARTS = {
     "noisy": "noisy neighbour: QD1 p99 of one volume alone and next to a flood",
     "snapshots": "snapshot/clone create and the copy-on-write write (bench/snapshots.py)",
     "rebuild": "catch-up and re-replication of a lost replica, with a foreground load",
+    "workers": "one chunk server of 1 and one of 2 worker processes, alternating (issue 17)",
     "control_plane": "the meta REST API against raw etcd (bench/control_plane.py)",
     "extent_store": "the local extent store and the data protocol (bench/extent_store.py)",
     "scale": "metadata of a 1,000-server, 1 PiB cluster, from a slice (bench/scale.py)",
@@ -224,17 +225,21 @@ def part_cluster(
             with guarded("r1"):
                 r1 = cluster.create_volume("bench-r1", run.size, 1)
                 filled("the 1-replica volume", source, r1.image_opts(portal), run.size)
+                settled = locality.settle(cluster, r1, ACCESS_POINT, portal)
+                run.extra.append(locality.settled_line(*settled, "1-replica volume"))
                 label = f"lunastor 1 replica ({ACCESS_POINT})"
                 measure_system(run, cluster_system(cluster, "r1", label, r1, portal))
         if "r3" in parts:
             with guarded("r3"):
                 vol = volume_r3()
+                settled = locality.settle(cluster, vol, ACCESS_POINT, portal)
+                run.extra.append(locality.settled_line(*settled, "3-replica volume"))
                 before = locality.sample(cluster)
                 label = f"lunastor 3 replicas ({ACCESS_POINT})"
                 measure_system(run, cluster_system(cluster, "r3", label, vol, portal))
                 share = locality.share(before, locality.sample(cluster))
                 run.ran.add("locality")
-                run.extra.append(locality.line(share, "3-replica volume, all its write jobs"))
+                run.extra.append(locality.line(share, "3-replica volume, write jobs after warm-up"))
                 run.json["locality_share"] = share
                 if share is not None:
                     run.measures["locality.share"] = share
@@ -270,6 +275,14 @@ def part_cluster(
                 run.extra += rebuild.lines(cu, rr, vol.size)
                 run.measures.update({"rebuild.x_disk": rr.x_disk, "rebuild.fg_ratio": rr.fg_ratio})
                 run.json["rebuild"] = {"catch_up": cu.__dict__, "rereplication": rr.to_json()}
+
+
+def part_workers(run: Run, work: Path, source: Path) -> None:
+    setups = workers.measure(work, source, run.size, run.seconds)
+    run.ran.update(f"workers.{job.name}" for job in workers.JOBS)
+    run.extra += workers.lines(setups, run.size)
+    run.measures.update(workers.measures(setups))
+    run.json["workers"] = [s.to_json() for s in setups]
 
 
 def subprocess_part(run: Run, name: str, args: list[str]) -> None:
@@ -424,6 +437,10 @@ def measure_parts(
             say(f"== dev cluster: {', '.join(cluster_parts)}")
             with guarded("dev cluster"):
                 part_cluster(run, work, source, cluster_parts, facts.direct_write_mbps)
+        if "workers" in args.parts:
+            say(f"== workers: {PARTS['workers']}")
+            with guarded("workers"):
+                part_workers(run, work, source)
         for part, command in SUBPROCESS_PARTS.items():
             if part in args.parts:
                 say(f"== {part}: {PARTS[part]}")

@@ -10,6 +10,7 @@ SYSTEM_PACKAGES=(
     libiscsi-bin libiscsi-dev      # iscsi-inq, iscsi-ls, iscsi-test-cu; the bench client links it
     qemu-utils qemu-block-extra    # qemu-img/qemu-io with iscsi:// URLs
     iproute2 iputils-ping sg3-utils  # network namespaces for failover tests; SCSI tools
+    nftables                       # tests/fault/test_partitions.py: one-way and partial cuts
     tgt                            # the C userspace target the benchmarks compare against
     gcc python3-venv curl           # curl: tests read metrics from inside network namespaces
     # tests/kernel: boot a stock Debian kernel under QEMU (TCG) and drive the target with the
@@ -27,8 +28,11 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
     echo "setup: installing ${missing[*]}"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # wait for another install (a second checkout's setup) instead of failing on the dpkg lock
+    lock=(-o DPkg::Lock::Timeout=900)
+    $SUDO apt-get "${lock[@]}" update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get "${lock[@]}" install -y -qq \
+        --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # Debian's etcd-server package starts a system etcd on 2379; lunastor runs its own.
 if command -v systemctl >/dev/null && systemctl is-active -q etcd 2>/dev/null; then

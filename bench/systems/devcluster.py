@@ -14,8 +14,9 @@ import random
 import re
 import subprocess
 import sys
+import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +49,10 @@ class Volume:
     replicas: int
     target: str
     lun: int
+    initiator: str = BENCH_INITIATOR  # the one it is exported to
 
     def image_opts(self, portal: str) -> str:
-        return iscsi_opts(portal, self.target, self.lun, BENCH_INITIATOR)
+        return iscsi_opts(portal, self.target, self.lun, self.initiator)
 
     def url(self, portal: str) -> str:
         """iscsi:// URL, for bench/iscsi_load.c."""
@@ -90,7 +92,9 @@ class DevCluster:
         return [int(daemons[n]["pid"]) for n in names if n in daemons and daemons[n].get("pid")]
 
     def chunk_pids(self) -> list[int]:
-        return self._pids(self.chunk_names())
+        """Every chunk server process: each server's first, and its other workers."""
+        firsts = self._pids(self.chunk_names())
+        return [*firsts, *(w for pid in firsts for w in worker_pids(pid))]
 
     def control_pids(self) -> list[int]:
         return self._pids(CONTROL_DAEMONS)
@@ -101,12 +105,14 @@ class DevCluster:
     def control(self) -> ProcessGroup:
         return ProcessGroup("etcd, meta, redirector", self.control_pids)
 
-    def create_volume(self, name: str, size: int, replicas: int) -> Volume:
-        """A volume exported to the bench's initiator."""
+    def create_volume(
+        self, name: str, size: int, replicas: int, initiator: str = BENCH_INITIATOR
+    ) -> Volume:
+        """A volume exported to `initiator` (the bench's)."""
         body = {"name": name, "size_bytes": size, "replicas": replicas}
         vol = self.api.request("POST", "/v1/volumes", body)
         export = self.api.request(
-            "POST", f"/v1/volumes/{vol['id']}/exports", {"initiator": BENCH_INITIATOR}
+            "POST", f"/v1/volumes/{vol['id']}/exports", {"initiator": initiator}
         )
         return Volume(
             id=vol["id"],
@@ -115,11 +121,15 @@ class DevCluster:
             replicas=replicas,
             target=export["target_iqn"],
             lun=int(export["lun"]),
+            initiator=initiator,
         )
 
     def metrics(self, chunk: str) -> str:
-        """The Prometheus text of one chunk server's /metrics."""
-        admin = self.daemon(chunk)["endpoints"]["admin"]
+        """The Prometheus text of one chunk server's /metrics (its worker 0's)."""
+        return self.metrics_at(self.daemon(chunk)["endpoints"]["admin"])
+
+    def metrics_at(self, admin: str) -> str:
+        """The Prometheus text of the /metrics at `admin` (HOST:PORT)."""
         with urllib.request.urlopen(f"http://{admin}/metrics", timeout=10) as resp:
             text: str = resp.read().decode()
         return text
@@ -153,6 +163,37 @@ class DevCluster:
         self.refresh()
 
 
+def when_served(run: Callable[[], object], wait: float = 60.0) -> None:
+    """`run()` once the access point serves the new LUN (a loaded machine takes a while to
+    see a new volume and its export: the first logins may find no such LUN yet)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            run()
+            return
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The other worker processes of the chunk server whose first process is `pid`
+    (lunastor/chunk/workers.py): its children that run the chunk server too."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    out = []
+    for child in children:
+        try:
+            if b"lunastor.chunk.main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.append(int(child))
+        except OSError:
+            continue
+    return out
+
+
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})? (\S+)", re.M)
 
 
@@ -167,14 +208,19 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
 
 @contextmanager
 def dev_cluster(
-    directory: Path, chunks: int = 3, env: Mapping[str, str] | None = None
+    directory: Path,
+    chunks: int = 3,
+    env: Mapping[str, str] | None = None,
+    chunk_workers: int = 1,
 ) -> Iterator[DevCluster]:
     """`lunastor dev up --detach` in `directory` on a random 127.x prefix, `dev down` on exit.
-    `env` (e.g. LUNASTOR_REBUILD_RATE) reaches the daemons through the environment."""
+    `env` (e.g. LUNASTOR_REBUILD_RATE) reaches the daemons through the environment;
+    `chunk_workers`: worker processes per chunk server."""
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
     try:
-        up = ["dev", "up", "--detach", "--dir", str(directory), "--chunks", str(chunks)]
+        up = ["dev", "up", "--detach", "--dir", str(directory), "--chunks", str(chunks),
+              "--chunk-workers", str(chunk_workers)]  # fmt: skip
         try:
             lunastor(*up, "--address-prefix", f"127.{random.randint(100, 250)}")
             yield DevCluster(directory)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lunastor.chunk.workers import MAX_WORKERS, worker_address
 from lunastor.common.config import ConfigError, EtcdSettings, LogSettings
 from lunastor.common.daemon import format_hostport, parse_hostport
 
@@ -18,6 +19,9 @@ class ChunkConfig:
     data_advertise: str = ""
     admin_listen: str = "127.0.0.1:9100"  # /metrics and /healthz
     lease_ttl: float = 5.0  # seconds without a heartbeat before the cluster calls us down
+    # A guard process revokes our lease the moment this process exits, however it exits, so
+    # a crash is seen at once instead of after lease_ttl (lunastor/chunk/guard.py).
+    crash_guard: bool = True
     status_interval: float = 10.0  # how often capacity is refreshed in etcd
     # The data path (docs/datapath.md). Without cluster_secret the server only registers: it
     # serves neither the data port nor iSCSI (no unauthenticated path to data).
@@ -31,6 +35,12 @@ class ChunkConfig:
     rebuild_rate: int = 64 * 1024 * 1024  # bytes/s this server copies to joining members
     rebuild_concurrency: int = 2  # extents this server joins members to at once
     repair_interval: float = 5.0  # seconds between repair passes
+    # Planned restarts (docs/faults.md): how long the others wait for a server that stopped on
+    # purpose (SIGTERM) or is starting, and a starting server for those already missing.
+    restart_grace: float = 30.0
+    # The primary follows the access point (docs/datapath.md, "Locality"): an access point
+    # that keeps doing IO on an extent claims it; the primary makes it a member, hands over.
+    locality: bool = True
     # Nexus epochs against stale in-flight writes after a path switch (docs/datapath.md,
     # "Fencing stale writes"). Off: logins store no epoch, writes carry none, none is checked.
     fence_writes: bool = True
@@ -42,6 +52,11 @@ class ChunkConfig:
     # target_core_user and rtslib-fb. LIO listens on lio_listen (not iscsi_listen's port).
     lio_export: bool = False
     lio_listen: str = "0.0.0.0:3260"
+    # Worker processes (lunastor/chunk/workers.py, docs/scale.md): each owns the volumes
+    # whose id hashes to its index (workers.owner); worker i serves the data port and
+    # /metrics on data_listen's and admin_listen's port + i; worker 0 hands each iSCSI login
+    # to the worker owning the initiator's volumes.
+    workers: int = 1
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
@@ -78,6 +93,8 @@ class ChunkConfig:
             raise ConfigError("rebuild_rate: at least 1 MiB/s")
         if not 1 <= self.rebuild_concurrency <= 64:
             raise ConfigError("rebuild_concurrency: expected 1..64")
+        if not 0 <= self.restart_grace <= 3600:
+            raise ConfigError("restart_grace: expected 0..3600 seconds")
         if not 0.05 <= self.repair_interval <= 3600:
             raise ConfigError("repair_interval: expected 0.05..3600 seconds")
         if self.data_dir_check_interval <= 0:
@@ -86,6 +103,14 @@ class ChunkConfig:
             raise ConfigError("scrub_rate: bytes per second, 0 (unthrottled) or more")
         if self.scrub_interval < 0:
             raise ConfigError("scrub_interval: seconds, 0 (scrub off) or more")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers: expected 1..{MAX_WORKERS}, got {self.workers}")
+        if self.workers > 1:
+            last = self.workers - 1
+            for name in ("data_listen", "admin_listen"):
+                worker_address(getattr(self, name), last, name)
+            if self.data_advertise:
+                worker_address(self.data_advertise, last, "data_advertise")
 
     def advertised(self, listen: str, advertise: str, what: str) -> str:
         if advertise:

@@ -124,6 +124,7 @@ def build_status(
     state: str = "up",
     failed_dirs: Mapping[str, str] | None = None,
     replace_after: float = 0.0,
+    data_workers: list[str] | None = None,
 ) -> ChunkServerStatus:
     return ChunkServerStatus(
         id=chunk_id,
@@ -137,6 +138,7 @@ def build_status(
         lease=lease,
         data_dirs=[vars(c) for c in probe_capacity(data_dirs, failed_dirs)],
         replace_after=replace_after,
+        data_workers=data_workers or [],
     )
 
 

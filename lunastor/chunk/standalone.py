@@ -143,7 +143,10 @@ def build(args: argparse.Namespace) -> tuple[StandaloneHost, ServerConfig, objec
     lu = LogicalUnit(device, naa_id=naa, serial=serial, removable=args.removable)
     holder: list[StandaloneHost] = []
     target = ScsiTarget(
-        args.iqn, {args.lun: lu}, abort_tasks=lambda nexus, lun: holder[0].abort_tasks(nexus, lun)
+        args.iqn,
+        {args.lun: lu},
+        abort_tasks=lambda nexus, lun: holder[0].abort_tasks(nexus, lun),
+        spawn=asyncio.ensure_future,
     )
     secrets = None
     if chap is not None:

@@ -58,14 +58,17 @@ class Layout:
 
     prefix: str = DEFAULT_PREFIX
     chunks: int = 3
+    etcd_members: int = 1  # 3 or 5 for a cluster that survives losing members
+    # worker processes per chunk server; worker i takes ports 3270 + i and 9100 + i
+    chunk_workers: int = 1
+
+    def etcd_host(self, member: int) -> str:
+        """Member 1 (daemon `etcd`) on .0.1, members 2.. (`etcd-2`, ...) on .0.11, .0.12..."""
+        return f"{self.prefix}.0.1" if member == 1 else f"{self.prefix}.0.{9 + member}"
 
     @property
-    def etcd_client(self) -> str:
-        return f"{self.prefix}.0.1:2379"
-
-    @property
-    def etcd_peer(self) -> str:
-        return f"{self.prefix}.0.1:2380"
+    def etcd_clients(self) -> list[str]:
+        return [f"{self.etcd_host(m)}:2379" for m in range(1, self.etcd_members + 1)]
 
     @property
     def meta_listen(self) -> str:
@@ -175,7 +178,7 @@ class Supervisor:
     # -- configuration -------------------------------------------------------------------------
 
     def _etcd_settings(self) -> dict[str, Any]:
-        return {"endpoints": [self.layout.etcd_client], "namespace": NAMESPACE}
+        return {"endpoints": self.layout.etcd_clients, "namespace": NAMESPACE}
 
     def _write_config(self, name: str, table: dict[str, Any]) -> Path:
         path = self.dir / "config" / f"{name}.toml"
@@ -219,36 +222,41 @@ class Supervisor:
         etcd_bin = shutil.which("etcd")
         if etcd_bin is None:
             raise DevClusterError("etcd is not installed (run ./scripts/setup.sh)")
-        etcd_url = f"http://{layout.etcd_client}"
-        peer_url = f"http://{layout.etcd_peer}"
-        self.daemons["etcd"] = Daemon(
-            name="etcd",
-            kind="etcd",
-            argv=[
-                etcd_bin,
-                "--name",
-                "dev",
-                "--data-dir",
-                str(self.dir / "etcd"),
-                "--listen-client-urls",
-                etcd_url,
-                "--advertise-client-urls",
-                etcd_url,
-                "--listen-peer-urls",
-                peer_url,
-                "--initial-advertise-peer-urls",
-                peer_url,
-                "--initial-cluster",
-                f"dev={peer_url}",
-                "--logger",
-                "zap",
-                "--log-outputs",
-                "stderr",
-            ],
-            log=self.dir / "logs" / "etcd.log",
-            health_url=f"{etcd_url}/health",
-            endpoints={"client": layout.etcd_client},
-        )
+        members = {
+            ("etcd" if m == 1 else f"etcd-{m}"): layout.etcd_host(m)
+            for m in range(1, layout.etcd_members + 1)
+        }
+        initial = ",".join(f"{name}=http://{host}:2380" for name, host in members.items())
+        for name, host in members.items():
+            client_url, peer_url = f"http://{host}:2379", f"http://{host}:2380"
+            self.daemons[name] = Daemon(
+                name=name,
+                kind="etcd",
+                argv=[
+                    etcd_bin,
+                    "--name",
+                    name,
+                    "--data-dir",
+                    str(self.dir / name),
+                    "--listen-client-urls",
+                    client_url,
+                    "--advertise-client-urls",
+                    client_url,
+                    "--listen-peer-urls",
+                    peer_url,
+                    "--initial-advertise-peer-urls",
+                    peer_url,
+                    "--initial-cluster",
+                    initial,
+                    "--logger",
+                    "zap",
+                    "--log-outputs",
+                    "stderr",
+                ],
+                log=self.dir / "logs" / f"{name}.log",
+                health_url=f"{client_url}/health",
+                endpoints={"client": f"{host}:2379"},
+            )
         log = {"level": "info", "format": "kv"}
         self.daemons["meta"] = self._python_daemon(
             "meta",
@@ -282,6 +290,7 @@ class Supervisor:
                     "data_listen": f"{host}:3270",
                     "admin_listen": f"{host}:9100",
                     "lease_ttl": self.lease_ttl,
+                    **({"workers": layout.chunk_workers} if layout.chunk_workers > 1 else {}),
                     # the same data-port secret and CHAP sealing key in every chunk server
                     "cluster_secret": self._secret_key("cluster-secret"),
                     "secret_key": self._secret_key(),
@@ -317,7 +326,7 @@ class Supervisor:
             "dir": str(self.dir),
             "supervisor_pid": os.getpid(),
             "control_socket": str(self.dir / CONTROL_SOCKET),
-            "etcd": {"endpoints": [self.layout.etcd_client], "namespace": NAMESPACE},
+            "etcd": self._etcd_settings(),
             "api_url": f"http://{self.layout.meta_listen}",
             "admin_token": self.token,
             "csi_token": self.csi_token,
@@ -346,16 +355,24 @@ class Supervisor:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start_all(self, timeout: float = 60.0) -> None:
-        order = ["etcd", "meta", *[n for n in self.daemons if n.startswith("chunk")], "redirector"]
-        for name in order:
-            daemon = self.daemons[name]
-            daemon.start()
-            self.write_state()
-            if name in ("etcd", "meta"):  # the others need them; chunk servers start together
-                _wait(daemon.healthy, timeout, f"{name} to become healthy (log: {daemon.log})")
-        for name in order[2:]:
-            daemon = self.daemons[name]
-            _wait(daemon.healthy, timeout, f"{name} to become healthy (log: {daemon.log})")
+        etcds = [n for n, d in self.daemons.items() if d.kind == "etcd"]
+        chunks = [n for n in self.daemons if n.startswith("chunk")]
+
+        def start(names: list[str]) -> None:
+            for name in names:
+                self.daemons[name].start()
+                self.write_state()
+
+        def wait(names: list[str]) -> None:
+            for name in names:
+                d = self.daemons[name]
+                _wait(d.healthy, timeout, f"{name} to become healthy (log: {d.log})")
+
+        # etcd's members start together (each waits for a quorum), then meta; the chunk
+        # servers and the redirector need both, and start together
+        for group in (etcds, ["meta"], [*chunks, "redirector"]):
+            start(group)
+            wait(group)
         self.write_state()
 
     def stop_all(self) -> None:

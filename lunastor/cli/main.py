@@ -84,15 +84,41 @@ def print_ready(state: dict[str, Any]) -> None:
     type=click.FloatRange(1, 60),
     help="etcd lease TTL in seconds (how fast a dead daemon is noticed)",
 )
+@click.option(
+    "--etcd-members",
+    default=1,
+    show_default=True,
+    type=click.Choice(["1", "3", "5"]),
+    help="etcd cluster members (3 or 5: the cluster survives losing one or two)",
+)
+@click.option(
+    "--chunk-workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="worker processes per chunk server (`workers` in its config; docs/scale.md)",
+)
 @click.option("--demo", is_flag=True, help="create a 1 GiB demo volume and print how to reach it")
 def dev_up(
-    chunks: int, directory: Path, detach: bool, address_prefix: str, lease_ttl: float, demo: bool
+    chunks: int,
+    directory: Path,
+    detach: bool,
+    address_prefix: str,
+    lease_ttl: float,
+    etcd_members: str,
+    chunk_workers: int,
+    demo: bool,
 ) -> None:
     """Start etcd, meta, N chunk servers and a redirector on loopback."""
     octets = address_prefix.split(".")
     if len(octets) != 2 or octets[0] != "127" or not octets[1].isdigit() or int(octets[1]) > 255:
         fail(f"--address-prefix must look like 127.N (N in 0..255), got {address_prefix!r}")
-    layout = devcluster.Layout(prefix=address_prefix, chunks=chunks)
+    layout = devcluster.Layout(
+        prefix=address_prefix,
+        chunks=chunks,
+        etcd_members=int(etcd_members),
+        chunk_workers=chunk_workers,
+    )
 
     def event(message: str) -> None:
         err_console.print(f"[yellow]dev:[/] {message}", highlight=False)

@@ -12,7 +12,7 @@ from typing import Any
 import click
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from lunastor.cli import backup
+from lunastor.cli import backup, qos
 from lunastor.cli.options import (
     SIZE,
     Cli,
@@ -103,6 +103,7 @@ def volume() -> None:
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="repeatable")
 @click.option("--from-snapshot", metavar="SNAPSHOT", help="clone a snapshot (id or name)")
 @click.option("--from-volume", metavar="VOLUME", help="clone a volume (id or name)")
+@qos.qos_options
 @api_command
 def volume_create(
     cli: Cli,
@@ -113,8 +114,10 @@ def volume_create(
     labels: tuple[str, ...],
     from_snapshot: str | None,
     from_volume: str | None,
+    **limits: Any,
 ) -> None:
-    """Create volume NAME (the same command twice gives the same volume)."""
+    """Create volume NAME (the same command twice gives the same volume). The QoS limits
+    (docs/qos.md) change later with `volume set-qos`."""
     parsed: dict[str, str] = {}
     for item in labels:
         key, sep, value = item.partition("=")
@@ -128,6 +131,8 @@ def volume_create(
         "block_size": int(block_size),
         "labels": parsed,
     }
+    if qos.given(limits):
+        body["qos"] = qos.limits_for_create(limits)
     if from_snapshot and from_volume:
         fail("give --from-snapshot or --from-volume, not both")
     if from_snapshot:
@@ -151,6 +156,7 @@ def volume_get(cli: Cli, volume_ref: str) -> None:
     def render(v: dict[str, Any]) -> None:
         _volume_rows([v])
         console.print(f"exported to: {', '.join(v['exports']) or 'nobody'}", highlight=False)
+        console.print(f"QoS limits: {qos.describe(v.get('qos') or {})}", highlight=False)
 
     cli.emit(vol, render)
 
@@ -536,6 +542,7 @@ def cluster_operations(cli: Cli, operation_id: str | None) -> None:
 def register(main: click.Group, cluster: click.Group) -> None:
     for group in (volume, export, snapshot, target, chunk):
         main.add_command(group)
+    qos.register(volume, _volume_id)
     cluster.command("capacity")(cluster_capacity)
     cluster.command("operations")(cluster_operations)
 

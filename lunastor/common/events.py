@@ -49,6 +49,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "replica_removed": ("warning", "members left an extent's replica set (failed or dead)"),
     "replica_added": ("info", "a member joined an extent's replica set (rebuild, catch-up)"),
     "failover": ("warning", "an extent got a new primary: old -> new"),
+    "locality_handover": ("info", "an extent's primary moved to the access point writing it"),
     "checksum_repair": ("warning", "a block failed its checksum on read; rewritten on this member"),
     "scrub_repair": ("warning", "scrub found a block failing its checksum and rewrote it"),
     "scrub_unrepaired": ("error", "scrub found a bad block it could not repair yet"),

@@ -2,23 +2,23 @@
 
 **Pages.** `PAGE_EXTENTS` extents of one store volume share one key,
 `/v1/extents/<store volume>/p<page 7 digits>`, a msgpack value listing each allocated extent
-compactly (chunk ids `chunk-<12 hex>` as 6 bytes). Each extent carries its own **stamp**: the
-etcd revision its last change was based on. Every change of a page is one transaction that
-compares the mod_revision of every key it read (`version == 0` for an absent one); when that
-fails because *another* extent of the page (or a shared reverse-index shard) changed, the
-keys are re-read in the failure branch and the change is re-applied only if every extent it
-touches still carries the stamp the caller based its change on. So a change to one extent
-never overwrites, nor is lost to, a concurrent change to another.
+compactly (`encode_page`). Each extent carries its own **stamp**: the etcd revision its last
+change was based on. Every change of a page is one transaction that compares the mod_revision
+of every key it read (`version == 0` for an absent one); when that fails because *another*
+extent of the page (or a shared reverse-index shard) changed, the keys are re-read in the
+failure branch and the change is re-applied only if every extent it touches still carries the
+stamp the caller based its change on. So a change to one extent never overwrites, nor is lost
+to, a concurrent change to another.
 
 Stamps of one extent strictly increase over its whole life (even across delete and
 re-create): a change is based on reads made at revision B, so its stamp B is below its commit
 revision, and any later change reads at or after that commit. Callers compare stamps for
 equality only (`ExtentMap`'s `Entry.mod_revision`).
 
-**Reverse index.** `/v1/chunk-extents/<chunk>/<bucket 2 hex>`: per chunk server, which extents
+**Reverse index.** `/v1/chunk-extents/<chunk>/<bucket 3 hex>`: per chunk server, which extents
 it is a member of, in `SHARD_BUCKETS` shards chosen by (store volume, index // SHARD_SPAN), each
-a msgpack list of (store volume, sorted indexes). Kept in the same transactions as the pages;
-an empty shard is deleted, so "no key under the prefix" means "member of nothing".
+listing (store volume, sorted indexes) (`encode_shard`). Kept in the same transactions as the
+pages; an empty shard is deleted, so "no key under the prefix" means "member of nothing".
 
 **The layout before pages** (one JSON `ExtentRecord` per `Keys.extent` key) is still read: its
 stamp is the key's mod_revision. The first change of such an extent moves it into its page in
@@ -37,6 +37,7 @@ import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import msgpack
@@ -48,8 +49,8 @@ from lunastor.common.records import ExtentRecord, Keys, RecordError
 PAGE_EXTENTS = 64  # extents per page key
 SHARD_BUCKETS = 1024  # reverse-index shards per chunk server (values well under a bbolt page)
 SHARD_SPAN = 1024  # consecutive extent indexes of a volume that share a shard choice
-PAGE_FORMAT = 1
-SHARD_FORMAT = 1
+PAGE_FORMAT = 2  # 1: [1, rows] with stamps and chunk ids one by one (still read)
+SHARD_FORMAT = 2  # 1: [1, [volume, [indexes], ...]] (still read)
 MOVED = b"moved-to-page"  # a legacy key whose extent now lives in its page
 ANY = -1  # Change.expect: overwrite whatever is there (a preserved copy's first record)
 MAX_ATTEMPTS = 1000  # conflicts on other extents of a page or on shards, before giving up
@@ -100,10 +101,6 @@ def _chunk(c: str) -> str | bytes:
     return _pack_id(c, _CHUNK_ID, 6)
 
 
-def _volume(v: str) -> str | bytes:
-    return _pack_id(v, _VOLUME_ID, 4)
-
-
 # Fields after the first four, in order, with the default that lets them be left out.
 _TAIL: tuple[tuple[str, Any], ...] = (
     ("copies", 0),
@@ -114,26 +111,55 @@ _TAIL: tuple[tuple[str, Any], ...] = (
 )
 
 
+def _pack_ids(ids: Sequence[str]) -> bytes | list[str | bytes]:
+    """Chunk ids as one run of 6-byte ids when every one is `chunk-<12 hex>` (the usual
+    case: 20 B for three replicas), else a list of each packed on its own."""
+    if all(_CHUNK_ID.fullmatch(c) for c in ids):
+        return b"".join(bytes.fromhex(c[6:]) for c in ids)
+    return [_chunk(c) for c in ids]
+
+
+def _unpack_ids(value: Any) -> list[str]:
+    if isinstance(value, bytes):
+        if len(value) % 6:
+            raise RecordError(f"extent page: bad chunk id run {value!r}")
+        return ["chunk-" + value[i : i + 6].hex() for i in range(0, len(value), 6)]
+    return [_unpack_id(c, "chunk-") for c in value]
+
+
 def encode_page(entries: Mapping[int, tuple[ExtentRecord, int]]) -> bytes:
-    """One page's value from {extent index: (record, stamp)}."""
+    """One page's value from {extent index: (record, stamp)}.
+
+    Format 2: `[2, top, rows]`, each row `[slot, top - stamp, gen, replicas, <_TAIL>,
+    strays]` with trailing defaults left out: the stamps of a page are mostly one
+    allocation's, so their distance to the page's newest stamp is one byte where the stamp
+    itself is five; replicas and strays are one run of 6-byte chunk ids. Both keep every
+    page under one bbolt leaf's share (docs/scale.md, "etcd bytes per extent")."""
+    top = max((stamp for _, stamp in entries.values()), default=0)
     rows = []
     for index in sorted(entries):
         rec, stamp = entries[index]
-        row: list[Any] = [index % PAGE_EXTENTS, stamp, rec.gen, [_chunk(c) for c in rec.replicas]]
+        row: list[Any] = [index % PAGE_EXTENTS, top - stamp, rec.gen, _pack_ids(rec.replicas)]
         row += [getattr(rec, name) for name, _ in _TAIL]
-        row.append([_chunk(c) for c in rec.strays])
-        while len(row) > 4 and row[-1] in ("", 0, False, []):  # trailing defaults
+        row.append(_pack_ids(rec.strays))
+        while len(row) > 4 and row[-1] in ("", 0, False, [], b""):  # trailing defaults
             row.pop()
         rows.append(row)
-    return msgpack.packb([PAGE_FORMAT, rows])
+    return msgpack.packb([PAGE_FORMAT, top, rows])
 
 
 def decode_page(volume: str, page: int, raw: bytes) -> dict[int, tuple[ExtentRecord, int]]:
-    """{extent index: (record, stamp)} of a page value; RecordError if it is not one."""
+    """{extent index: (record, stamp)} of a page value (format 2, or 1 as written before);
+    RecordError if it is not one."""
     try:
         body = msgpack.unpackb(raw, strict_map_key=False)
-        version, rows = body
-        if version != PAGE_FORMAT:
+        version = body[0]
+        if version == PAGE_FORMAT:
+            _, top, rows = body
+        elif version == 1:  # [1, rows], each row's stamp itself, chunk ids one by one
+            _, rows = body
+            top = None
+        else:
             raise RecordError(f"extent page: unsupported format version {version!r}")
         out = {}
         for row in rows:
@@ -148,38 +174,78 @@ def decode_page(volume: str, page: int, raw: bytes) -> dict[int, tuple[ExtentRec
                 volume=volume,
                 index=index,
                 gen=int(gen),
-                replicas=[_unpack_id(c, "chunk-") for c in replicas],
-                strays=[_unpack_id(c, "chunk-") for c in strays],
+                replicas=_unpack_ids(replicas),
+                strays=_unpack_ids(strays),
                 **fields,
             )
-            out[index] = (rec, int(stamp))
+            out[index] = (rec, int(stamp) if top is None else int(top) - int(stamp))
         return out
     except RecordError:
         raise
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+    except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
         raise RecordError(f"extent page {volume}/p{page}: {exc}") from None
 
 
 def encode_shard(held: Mapping[str, Iterable[int]]) -> bytes:
-    flat: list[Any] = []
+    """A reverse-index shard's value from {store volume: extent indexes}.
+
+    Format 2: `[2, ids, entries, others]`: `ids` the 8-byte ids of the `vol-<16 hex>`
+    volumes, one run; `entries` one per id, in order: the index itself when it is the only
+    one (the dense cluster's usual case: ~49 volumes a shard, one extent each), else the
+    sorted indexes as a list of first index, then differences; `others` a flat list of
+    (name, entry) for any other name (a preserved copy `<vol>.e<n>`). 9 B a membership."""
+    ids = bytearray()
+    entries: list[Any] = []
+    others: list[Any] = []
     for volume in sorted(held):
-        flat += [_volume(volume), sorted(held[volume])]
-    return msgpack.packb([SHARD_FORMAT, flat])
+        ixs = sorted(held[volume])
+        entry: Any = ixs[0] if len(ixs) == 1 else [ixs[0], *(b - a for a, b in pairwise(ixs))]
+        if _VOLUME_ID.fullmatch(volume):
+            ids += bytes.fromhex(volume[4:])
+            entries.append(entry)
+        else:
+            others += [volume, entry]
+    return msgpack.packb([SHARD_FORMAT, bytes(ids), entries, others])
+
+
+def _shard_entry(entry: Any) -> set[int]:
+    if isinstance(entry, int) and not isinstance(entry, bool):
+        return {entry}
+    out, at = set(), 0
+    for i, step in enumerate(entry):
+        at = int(step) if i == 0 else at + int(step)
+        out.add(at)
+    return out
 
 
 def decode_shard(raw: bytes) -> dict[str, set[int]]:
-    """{store volume: extent indexes} of a reverse-index shard; RecordError if malformed."""
+    """{store volume: extent indexes} of a reverse-index shard (format 2, or 1 as written
+    before); RecordError if malformed."""
     try:
-        version, flat = msgpack.unpackb(raw)
-        if version != SHARD_FORMAT or len(flat) % 2:
+        body = msgpack.unpackb(raw)
+        version = body[0]
+        if version == 1:  # [1, [volume, [indexes], ...]]
+            _, flat = body
+            if len(flat) % 2:
+                raise RecordError("reverse-index shard: odd list")
+            return {
+                _unpack_id(flat[i], "vol-"): {int(x) for x in flat[i + 1]}
+                for i in range(0, len(flat), 2)
+            }
+        if version != SHARD_FORMAT:
             raise RecordError(f"reverse-index shard: unsupported format {version!r}")
-        return {
-            _unpack_id(flat[i], "vol-"): {int(x) for x in flat[i + 1]}
-            for i in range(0, len(flat), 2)
+        _, ids, entries, others = body
+        if len(ids) != 8 * len(entries) or len(others) % 2:
+            raise RecordError("reverse-index shard: ids and entries do not match")
+        out = {
+            "vol-" + ids[8 * i : 8 * i + 8].hex(): _shard_entry(e) for i, e in enumerate(entries)
         }
+        for i in range(0, len(others), 2):
+            out[str(others[i])] = _shard_entry(others[i + 1])
+        return out
     except RecordError:
         raise
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+    except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
         raise RecordError(f"reverse-index shard: {exc}") from None
 
 

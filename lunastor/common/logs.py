@@ -61,4 +61,7 @@ def setup_logging(settings: LogSettings, daemon: str, **context: Any) -> structl
 
 
 def get_logger(**context: Any) -> Any:
-    return structlog.get_logger().bind(**context)
+    """A logger carrying `context`, lazy: modules bind theirs at import, before the daemon's
+    `setup_logging` runs, and each call must still go through the configured level and
+    format (a logger bound eagerly keeps structlog's defaults: console format, every level)."""
+    return structlog.get_logger(**context)

@@ -24,13 +24,22 @@ class Presence:
     """Keeps `key` = `render(lease_id)` in etcd under a live lease."""
 
     def __init__(
-        self, etcd: Etcd, config: EtcdConfig, key: str, ttl: float, render: Callable[[int], bytes]
+        self,
+        etcd: Etcd,
+        config: EtcdConfig,
+        key: str,
+        ttl: float,
+        render: Callable[[int], bytes],
+        on_lease: Callable[[int], None] | None = None,
     ) -> None:
+        """`on_lease(id)` is called with every lease granted (the chunk server's crash guard
+        learns from it which lease to revoke when the process dies)."""
         self.etcd = etcd
         self.config = config
         self.key = key
         self.ttl = max(1, round(ttl))
         self.render = render
+        self.on_lease = on_lease
         self.keeper: LeaseKeeper | None = None
         self.held = asyncio.Event()  # set while the lease is alive and the record written
         self.changed = asyncio.Event()  # set whenever a new lease was granted
@@ -62,6 +71,8 @@ class Presence:
                 await asyncio.sleep(min(1.0, self.ttl / 3))
                 continue
             self.keeper = keeper
+            if self.on_lease is not None:
+                self.on_lease(keeper.lease_id)
             self.held.set()
             self.changed.set()
             ETCD_LEASE_HELD.set(1)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 from urllib.parse import quote
 
 R = TypeVar("R", bound="Record")
@@ -22,6 +23,33 @@ class RecordError(ValueError):
     """A stored record could not be decoded (wrong format, unsupported version)."""
 
 
+class StoredValue(Protocol):
+    """What decode_records needs of a stored key (an etcd KeyValue)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def value(self) -> bytes: ...
+
+
+def decode_records(
+    kvs: Iterable[StoredValue],
+    cls: type[R],
+    on_error: Callable[[str, RecordError], None] | None = None,
+) -> list[R]:
+    """The records of `kvs` that decode; an undecodable one is skipped (and handed to
+    `on_error`), never fatal: one bad key must not take a listing or a planner down."""
+    out = []
+    for kv in kvs:
+        try:
+            out.append(cls.from_json(kv.value))
+        except RecordError as exc:
+            if on_error is not None:
+                on_error(kv.key, exc)
+    return out
+
+
 class Keys:
     """Key layout under the cluster namespace (the etcd client prepends the namespace)."""
 
@@ -31,6 +59,8 @@ class Keys:
     LIVE_REDIRECTORS = f"/{SCHEMA}/live/redirectors/"  # lease-bound, one per redirector
     # lease-bound, one per chunk server serving iSCSI: the revision of RESERVATIONS it enforces
     LIVE_RESERVATIONS_APPLIED = f"/{SCHEMA}/live/reservations-applied/"
+    # lease-bound, /<volume>/<chunk>: an access point's demand on a limited volume (docs/qos.md)
+    LIVE_QOS_DEMAND = f"/{SCHEMA}/live/qos-demand/"
     REDIRECTOR_ELECTION = f"/{SCHEMA}/election/redirector"  # leader election name
     PLANNER_ELECTION = f"/{SCHEMA}/election/planner"  # meta's single background planner
 
@@ -55,6 +85,10 @@ class Keys:
     RESERVATIONS = f"/{SCHEMA}/reservations/"  # /<volume>: SCSI reservations (chunk/reservations)
     # meta's rebalance planner: /<volume>/<index>: MoveRecord, carried out by the primary
     REBALANCE = f"/{SCHEMA}/rebalance/"
+    # /<chunk>: ScrubErrorsRecord, the blocks its last scrub pass could not repair
+    SCRUB_ERRORS = f"/{SCHEMA}/scrub-errors/"
+    # /<volume>/<index>: LocalityClaim, an access point asking to hold the extent's primary
+    LOCALITY = f"/{SCHEMA}/locality/"
     # Written by the data path (docs/datapath.md).
     RINGS = f"/{SCHEMA}/rings/"  # /<replicas>: the placement ring (Ring.to_dict() as JSON)
     CLUSTER_CONFIG = f"/{SCHEMA}/cluster-config"  # ClusterConfigRecord: extent size
@@ -64,6 +98,8 @@ class Keys:
     NEXUS_EPOCHS = f"/{SCHEMA}/nexus-epochs/"
     # /<microseconds, 17 digits>-<random>: EventRecord, the recent events (common/events.py)
     EVENTS = f"/{SCHEMA}/events/"
+    # /<chunk>: PlannedStop, a chunk server stopped on purpose (or starting), expected back
+    PLANNED_STOPS = f"/{SCHEMA}/planned-stops/"
 
     @staticmethod
     def chunk(chunk_id: str) -> str:
@@ -72,6 +108,10 @@ class Keys:
     @staticmethod
     def nexus_epoch(initiator_port: str, target: str) -> str:
         return f"{Keys.NEXUS_EPOCHS}{quote(target, safe=':.,')}/{quote(initiator_port, safe=':.,')}"
+
+    @staticmethod
+    def planned_stop(chunk_id: str) -> str:
+        return Keys.PLANNED_STOPS + chunk_id
 
     @staticmethod
     def live_chunk(chunk_id: str) -> str:
@@ -144,8 +184,16 @@ class Keys:
         return f"{Keys.RINGS}{replicas}"
 
     @staticmethod
+    def scrub_errors(chunk_id: str) -> str:
+        return Keys.SCRUB_ERRORS + chunk_id
+
+    @staticmethod
     def rebalance_move(volume_id: str, index: int) -> str:
         return f"{Keys.REBALANCE}{volume_id}/{index:08d}"
+
+    @staticmethod
+    def locality_claim(volume_id: str, index: int) -> str:
+        return f"{Keys.LOCALITY}{volume_id}/{index:08d}"
 
     @staticmethod
     def chunk_extents(chunk_id: str) -> str:
@@ -191,6 +239,18 @@ def parse_preserved(name: str) -> tuple[str, int] | None:
     return base, int(epoch)
 
 
+T = TypeVar("T")
+
+
+def of_volume(per_volume: Mapping[str, T], volume: str) -> T | None:
+    """`per_volume`'s entry for an extent-map volume: its own, or for a snapshot's preserved
+    copy (`<volume>.e<epoch>`) that of the volume it was taken of."""
+    found = per_volume.get(volume)
+    if found is None and (kept := parse_preserved(volume)) is not None:
+        found = per_volume.get(kept[0])
+    return found
+
+
 # Targets and LUNs (docs/etcd-schema.md, "LUN assignment").
 TARGET_IQN_PREFIX = "iqn.2026-11.io.lunastor:tgt-"
 MAX_TARGETS = 4096
@@ -202,6 +262,17 @@ def target_iqn(target: int) -> str:
     return f"{TARGET_IQN_PREFIX}{target}"
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # per record class, its fields' names
+
+
+def _nested(value: object) -> object:
+    """JSON for a value json cannot encode itself: a nested record (a dataclass), as
+    `dataclasses.asdict` gives it; anything else is an error, as before."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 @dataclass
 class Record:
     """Base for JSON records with a format version."""
@@ -210,8 +281,15 @@ class Record:
     ACCEPTS: ClassVar[tuple[int, ...]] = (1,)
 
     def to_json(self) -> bytes:
-        body = {"v": self.VERSION, **dataclasses.asdict(self)}
-        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+        # The fields as they are, nested records through `_nested`: the same JSON as from
+        # `dataclasses.asdict`, without its deep copy of every value (~half of this call's
+        # CPU; meta writes 2-3 records per REST call, docs/scale.md)
+        names = _FIELD_NAMES.get(type(self))
+        if names is None:
+            names = _FIELD_NAMES[type(self)] = tuple(f.name for f in dataclasses.fields(self))
+        body = {"v": self.VERSION}
+        body.update((name, getattr(self, name)) for name in names)
+        return json.dumps(body, separators=(",", ":"), sort_keys=True, default=_nested).encode()
 
     @classmethod
     def from_json(cls: type[R], raw: bytes | str) -> R:
@@ -272,6 +350,9 @@ class ChunkServerStatus(Record):
     # its `replace_after`: how long its repair loop waits for a lost member to come back
     # before replacing it (0: not said); meta's volume health mirrors that wait
     replace_after: float = 0.0
+    # a server of several worker processes (lunastor/chunk/workers.py): each worker's data
+    # address, by worker index (worker 0's is `data_address`); empty: one worker
+    data_workers: list[str] = field(default_factory=list)
 
     @property
     def capacity(self) -> int:
@@ -322,6 +403,8 @@ class VolumeRecord(Record):
     base: list[dict[str, Any]] = field(default_factory=list)
     # CSI topology: the zones its extents are placed in (chunk servers' `zone`); [] = any
     zones: list[str] = field(default_factory=list)
+    # Per-volume QoS limits (`lunastor.common.qos.QosLimits.to_dict()`); {} = unlimited
+    qos: dict[str, Any] = field(default_factory=dict)
 
     @property
     def target_iqn(self) -> str:
@@ -379,6 +462,20 @@ class ChunkAdminRecord(Record):
 
 
 @dataclass
+class PlannedStop(Record):
+    """A chunk server that is not ready on purpose and is expected back by `until` (wall
+    clock): written by a server stopping cleanly (SIGTERM) before its live record goes, and
+    by a server starting before its data path is up; deleted once its data path serves.
+    While it holds, the others wait for the server instead of failing its extents over or
+    removing it (docs/faults.md, "Planned restarts"); once `until` passed it is ignored."""
+
+    id: str = ""
+    reason: str = "stopping"  # stopping | starting
+    at: float = 0.0  # when it was written (wall clock)
+    until: float = 0.0
+
+
+@dataclass
 class OperationRecord(Record):
     """A long-running job with progress (drain today; rebuilds and rebalances later)."""
 
@@ -394,6 +491,18 @@ class OperationRecord(Record):
 
 
 @dataclass
+class ScrubErrorsRecord(Record):
+    """The blocks a chunk server's scrub found failing their checksum and could not repair
+    from a good member (`Keys.scrub_errors`), as of its latest pass; no key when none. Read
+    by meta into a volume's status and its CSI volume condition."""
+
+    chunk_id: str = ""
+    at: float = 0.0  # when the pass that found them ended (or is still running)
+    blocks: list[list[Any]] = field(default_factory=list)  # [volume, extent index, block]
+    more: int = 0  # bad blocks beyond those listed (the list is capped)
+
+
+@dataclass
 class MoveRecord(Record):
     """A rebalancing move (`Keys.rebalance_move`): the extent's primary joins `target`, then
     retires `source` (docs/placement.md, "Rebalancing"). Written and deleted by meta's
@@ -405,6 +514,24 @@ class MoveRecord(Record):
     target: str = ""
     operation_id: str = ""
     created_at: float = 0.0
+
+
+@dataclass
+class LocalityClaim(Record):
+    """An access point asks for an extent's primary (`Keys.locality_claim`,
+    docs/datapath.md "Locality"): it keeps doing IO on the extent. The extent's primary
+    makes `chunk` a member (join, then retire another) and hands the primary over to it.
+    Written by access points, read by the primaries' repair loops and meta's rebalance
+    planner (which never moves the claimant's replica away). `since` (wall clock) and `hold`
+    (seconds) are the hysteresis: another access point may take the claim over only after
+    `since + hold`, and a contested claim doubles `hold`."""
+
+    volume: str = ""
+    index: int = 0
+    chunk: str = ""
+    since: float = 0.0
+    hold: float = 0.0
+    contests: int = 0
 
 
 @dataclass

@@ -4,8 +4,10 @@ access point), read back by meta for the dashboard (docs/dashboard.md, "Volume m
 The access point records each command of a volume it serves: its latency, from entering the
 volume's block device to completion, in `lunastor_volume_io_seconds{volume, op}` (a histogram,
 so its `_count` is the number of commands) and its payload in
-`lunastor_volume_io_bytes_total{volume, op}`. Per-volume quality of service (issue 18) adds
-its own per-volume series here too, so that every per-volume metric has one home.
+`lunastor_volume_io_bytes_total{volume, op}`. Per-volume quality of service (docs/qos.md)
+adds the time its commands waited for the volume's limiter in
+`lunastor_volume_io_throttled_seconds_total{volume, op}` (the histogram does not include
+that wait: it is the storage's latency), so that every per-volume metric has one home.
 
 Meta's `GET /v1/volumes/{id}/metrics` fetches `/metrics` from each live chunk server, keeps
 this volume's series (`parse`) and adds them up across access points (`IoTotals.add`). Rates
@@ -24,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 IO_SECONDS_NAME = "lunastor_volume_io_seconds"
 IO_BYTES_NAME = "lunastor_volume_io_bytes_total"
+THROTTLED_NAME = "lunastor_volume_io_throttled_seconds_total"
 OPS = ("read", "write")
 BUCKETS = (
     0.0001,
@@ -55,6 +58,12 @@ IO_BYTES = Counter(
     ["volume", "op"],
 )
 
+THROTTLED = Counter(
+    THROTTLED_NAME.removesuffix("_total"),
+    "Seconds a volume's commands waited for its QoS limits at this access point, by operation",
+    ["volume", "op"],
+)
+
 T = TypeVar("T")
 
 
@@ -63,31 +72,47 @@ class VolumeIo:
     here (every chunk server serves every LUN: series for idle volumes would fill each
     server's /metrics), then keeps them bound (a label lookup per command takes a lock)."""
 
-    __slots__ = ("_bound", "volume")
+    __slots__ = ("_bound", "_throttled", "volume")
 
     def __init__(self, volume: str) -> None:
         self.volume = volume
         self._bound: dict[str, tuple[Any, Any]] = {}  # op -> (latency child, bytes child)
+        self._throttled: dict[str, Any] = {}  # op -> throttled-seconds child (limited only)
 
     async def timed(self, op: str, nbytes: int, command: Awaitable[T]) -> T:
         """Await `command` and record it as one `op` of `nbytes` (failures are not counted:
         a failed command moved no data, and its latency would only blur the histogram)."""
         start = time.perf_counter()
         result = await command
+        self.done(op, nbytes, start)
+        return result
+
+    def done(self, op: str, nbytes: int, start: float) -> None:
+        """Record one `op` of `nbytes` that began at `start` (time.perf_counter()): for a
+        command that completed without awaiting anything (a local read)."""
         bound = self._bound.get(op)
         if bound is None:
             bound = IO_SECONDS.labels(self.volume, op), IO_BYTES.labels(self.volume, op)
             self._bound[op] = bound
         bound[0].observe(time.perf_counter() - start)
         bound[1].inc(nbytes)
-        return result
+
+    def throttled(self, op: str, seconds: float) -> None:
+        """One `op` command waited `seconds` for the volume's QoS limits."""
+        child = self._throttled.get(op)
+        if child is None:
+            child = self._throttled[op] = THROTTLED.labels(self.volume, op)
+        child.inc(seconds)
 
     def forget(self) -> None:
         """The volume is no longer served here: drop its series."""
         for op in self._bound:
             IO_SECONDS.remove(self.volume, op)
             IO_BYTES.remove(self.volume, op)
+        for op in self._throttled:
+            THROTTLED.remove(self.volume, op)
         self._bound.clear()
+        self._throttled.clear()
 
 
 # --- reading them back (meta) -------------------------------------------------------------------
@@ -98,12 +123,14 @@ class OpTotals:
     ops: float = 0.0
     bytes: float = 0.0
     seconds: float = 0.0  # summed latency
+    throttled_seconds: float = 0.0  # summed wait for the volume's QoS limits
     buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
 
     def add(self, other: OpTotals) -> None:
         self.ops += other.ops
         self.bytes += other.bytes
         self.seconds += other.seconds
+        self.throttled_seconds += other.throttled_seconds
         for le, n in other.buckets.items():
             self.buckets[le] = self.buckets.get(le, 0.0) + n
 
@@ -112,6 +139,7 @@ class OpTotals:
             "ops": self.ops,
             "bytes": self.bytes,
             "seconds": self.seconds,
+            "throttled_seconds": self.throttled_seconds,
             # +Inf as JSON cannot carry it: the last bucket's count is `ops` anyway
             "buckets": [[le, n] for le, n in sorted(self.buckets.items()) if le != float("inf")],
         }
@@ -155,4 +183,6 @@ def parse(exposition: str, volume: str) -> IoTotals:
                 t.buckets[float(sample.labels["le"])] = sample.value
             elif sample.name == IO_BYTES_NAME:
                 t.bytes = sample.value
+            elif sample.name == THROTTLED_NAME:
+                t.throttled_seconds = sample.value
     return totals

@@ -20,6 +20,9 @@ class IscsiSettings:
     replacement_timeout: int = 60
     noop_out_interval: int = 2
     noop_out_timeout: int = 3
+    # seconds iscsid waits before it reconnects after a lost connection (open-iscsi: 2; the
+    # target offers 0 and the larger value wins): 0 lets a failover's login go out at once
+    default_time2wait: int = 0
     login_timeout: int = 15
     iscsiadm: str = "iscsiadm"
     initiator_name_file: str = "/etc/iscsi/initiatorname.iscsi"
@@ -53,6 +56,8 @@ class CsiConfig:
             or not 1 <= self.iscsi.noop_out_timeout <= 60
         ):
             raise ConfigError("iscsi.noop_out_interval/noop_out_timeout: 1..60 seconds")
+        if not 0 <= self.iscsi.default_time2wait <= 3600:
+            raise ConfigError("iscsi.default_time2wait: 0..3600 seconds")
 
     def token(self) -> str:
         if self.api_token:

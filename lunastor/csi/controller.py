@@ -24,6 +24,7 @@ from lunastor.csi.requests import (
     check_capabilities,
     choose_zones,
     is_id,
+    mutable_parameters,
     required,
     size_for,
     topologies,
@@ -48,6 +49,7 @@ CAPABILITIES = (
     RPC.VOLUME_CONDITION,
     RPC.GET_VOLUME,
     RPC.SINGLE_NODE_MULTI_WRITER,
+    RPC.MODIFY_VOLUME,
 )
 LIST_MAX = 1000  # the API's page limit
 FAN_OUT = 16  # concurrent per-volume reads while listing
@@ -98,11 +100,13 @@ def snapshot_message(view: dict[str, Any]) -> pb.Snapshot:
 
 def condition_message(status: dict[str, Any]) -> pb.VolumeCondition:
     """The CSI condition of a volume's status (meta's `volume_health`: ok, degraded,
-    rebuilding or unavailable, from its extent map and the chunk servers' states)."""
-    return pb.VolumeCondition(
-        abnormal=status["health"] != "ok",
-        message=f"{status['health']}: {status['health_detail']}",
-    )
+    rebuilding or unavailable, from its extent map and the chunk servers' states; and the
+    blocks scrub found bad and could not repair)."""
+    message = f"{status['health']}: {status['health_detail']}"
+    bad = status.get("scrub_errors", 0)
+    if bad:
+        message += f"; scrub: {bad} blocks fail their checksum with no good copy to repair from"
+    return pb.VolumeCondition(abnormal=status["health"] != "ok" or bad > 0, message=message)
 
 
 class ControllerService:
@@ -143,6 +147,10 @@ class ControllerService:
         }
         if params.fs_type:
             body["labels"] = {"lunastor.io/fs-type": params.fs_type}
+        # QoS limits (docs/qos.md): the StorageClass's, overridden by a VolumeAttributesClass's
+        qos = {**params.qos, **mutable_parameters(req.mutable_parameters)}
+        if any(qos.values()):
+            body["qos"] = {k: v for k, v in qos.items() if v}
         minimum = 0
         kind = req.volume_content_source.WhichOneof("type")
         if kind == "snapshot":
@@ -292,6 +300,21 @@ class ControllerService:
             published_node_ids=nodes, volume_condition=condition
         )
         return pb.ControllerGetVolumeResponse(volume=volume_message(view), status=status)
+
+    async def ControllerModifyVolume(
+        self, req: pb.ControllerModifyVolumeRequest, ctx: Any
+    ) -> pb.ControllerModifyVolumeResponse:
+        """A VolumeAttributesClass change: the QoS limits it names change online (the ones
+        it does not name stay; "0" removes one), open sessions follow within a second."""
+        volume_id = required(req.volume_id, "volume_id")
+        changes = mutable_parameters(req.mutable_parameters)
+        if not is_id("vol", volume_id):
+            raise not_found(f"no volume {volume_id!r}")
+        if changes:
+            await self.api.patch(f"/v1/volumes/{segment(volume_id)}", {"qos": changes})
+        else:
+            await self._volume(volume_id)  # NOT_FOUND for a volume that does not exist
+        return pb.ControllerModifyVolumeResponse()
 
     async def ControllerExpandVolume(
         self, req: pb.ControllerExpandVolumeRequest, ctx: Any

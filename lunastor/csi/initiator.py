@@ -144,6 +144,7 @@ class Initiator:
             "node.conn[0].timeo.noop_out_interval": str(s.noop_out_interval),
             "node.conn[0].timeo.noop_out_timeout": str(s.noop_out_timeout),
             "node.conn[0].timeo.login_timeout": str(s.login_timeout),
+            "node.session.iscsi.DefaultTime2Wait": str(s.default_time2wait),
         }
         if chap:  # without, the fresh record has iscsid.conf's authmethod (None); iscsiadm
             # 2.1.8 crashes when asked to update authmethod to None

@@ -6,12 +6,16 @@ tests/unit/test_csi_requests.py)."""
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
+from lunastor.common.qos import FIELDS as QOS_FIELDS
+from lunastor.common.qos import QosError, QosLimits
+from lunastor.common.units import parse_size
 from lunastor.csi import csi_pb2
 from lunastor.csi.errors import CsiError, invalid
 
@@ -96,6 +100,13 @@ def size_for(cr: csi_pb2.CapacityRange | None, block_size: int, minimum: int = 0
     return size
 
 
+#: QoS limits as StorageClass / VolumeAttributesClass parameters (docs/qos.md): the limit
+#: fields of `lunastor.common.qos` in camelCase (`writeIops`, `readBpsBurst`, `burstSeconds`)
+QOS_KEYS = {
+    "".join(w.capitalize() if i else w for i, w in enumerate(f.split("_"))): f for f in QOS_FIELDS
+}
+
+
 @dataclass(frozen=True)
 class VolumeParameters:
     """The StorageClass parameters lunastor understands (docs/csi.md)."""
@@ -103,8 +114,39 @@ class VolumeParameters:
     replicas: int = 3
     block_size: int = 512
     fs_type: str = ""
+    qos: dict[str, int | float] = field(default_factory=dict)
 
-    KEYS = ("replicas", "blockSize", "fsType")
+    KEYS = ("replicas", "blockSize", "fsType", *QOS_KEYS)
+
+
+def qos_parameters(params: Mapping[str, str], what: str) -> dict[str, int | float]:
+    """The QoS limits among `params` as the API's `qos` object (only the keys given; "0"
+    clears a limit in a modify). Byte rates take sizes (`100Mi`, `1G`); the limits as a whole
+    are checked here, so a bad combination is INVALID_ARGUMENT before any call."""
+    out: dict[str, int | float] = {}
+    for key, name in QOS_KEYS.items():
+        raw = params.get(key)
+        if raw is None:
+            continue
+        try:
+            if name == "burst_seconds":
+                value: int | float = float(raw)
+                if not math.isfinite(value):
+                    raise ValueError(raw)
+            elif name.endswith(("bps", "bps_burst")):
+                # Kubernetes quantities say Mi, Gi: sizes here say MiB, GiB
+                value = parse_size(raw + "B" if raw.endswith("i") else raw)
+            else:
+                value = int(raw)
+        except ValueError:
+            raise invalid(f"{what}.{key}: {raw!r} is not a number") from None
+        out[name] = value
+    try:
+        QosLimits.from_dict({k: v for k, v in out.items() if v})
+    except QosError as exc:
+        camel = next(k for k, n in QOS_KEYS.items() if n == exc.field)
+        raise invalid(f"{what}.{camel}: {str(exc).split(': ', 1)[1]}") from None
+    return out
 
 
 def _int_param(params: Mapping[str, str], key: str, allowed: Iterable[int], default: int) -> int:
@@ -136,7 +178,20 @@ def volume_parameters(params: Mapping[str, str]) -> VolumeParameters:
         replicas=_int_param(params, "replicas", range(1, 6), 3),
         block_size=_int_param(params, "blockSize", (512, 4096), 512),
         fs_type=fs_type,
+        qos={k: v for k, v in qos_parameters(params, "parameters").items() if v},
     )
+
+
+def mutable_parameters(params: Mapping[str, str]) -> dict[str, int | float]:
+    """A VolumeAttributesClass's parameters (CreateVolume, ControllerModifyVolume): QoS
+    limits only; any other key is INVALID_ARGUMENT."""
+    unknown = sorted(k for k in params if k not in QOS_KEYS)
+    if unknown:
+        raise invalid(
+            f"mutable_parameters: unknown {', '.join(unknown)} "
+            f"(lunastor can change: {', '.join(QOS_KEYS)})"
+        )
+    return qos_parameters(params, "mutable_parameters")
 
 
 def capability_problem(cap: csi_pb2.VolumeCapability) -> str | None:

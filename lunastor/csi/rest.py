@@ -82,6 +82,9 @@ class RestClient:
     async def post(self, path: str, body: Json) -> Any:
         return (await self.call("POST", path, body))[1]
 
+    async def patch(self, path: str, body: Json) -> Any:
+        return (await self.call("PATCH", path, body))[1]
+
     async def delete(self, path: str) -> None:
         await self.call("DELETE", path)
 

@@ -129,3 +129,27 @@ class BlockDevice(Protocol):
     ) -> None: ...  # atomic; raises Miscompare
 
     async def lba_status(self, lba: int) -> Sequence[LbaStatus]: ...  # runs starting at lba
+
+
+@runtime_checkable
+class InlineBlockDevice(BlockDevice, Protocol):
+    """A block device that can also answer synchronously, on the caller's thread: the inline
+    I/O contract of the iSCSI command fast path (docs/iscsi-protocol.md, "Fast path").
+
+    `read_inline` and `write_inline` do what `read` and `write(..., fua=False)` do, without
+    awaiting: they are for devices whose I/O costs microseconds and never waits on anything
+    but the page cache (a local file, memory). They raise the same `BlockDeviceError`s;
+    the fast path then runs the command again through the full path, which reports it.
+    The buffer `read_inline` returns is never changed afterwards (it is sent as is).
+    `inline_ok` is read before every inline command: a device, or a wrapper such as a QoS
+    limiter, turns it off to send its commands through the awaitable path instead.
+    A device that can answer reads inline but never writes (a replicated volume) sets a class
+    attribute `inline_writes = False`, so that its writes skip the attempt.
+    """
+
+    @property
+    def inline_ok(self) -> bool: ...
+
+    def read_inline(self, lba: int, blocks: int) -> bytes | bytearray | memoryview: ...
+
+    def write_inline(self, lba: int, data: bytes | bytearray | memoryview) -> None: ...

@@ -10,34 +10,38 @@ feature phase the connection keeps, per task (keyed by ITT), where its write dat
 (immediate, unsolicited, R2T sequences) and whether its CmdSN has been delivered; a
 command is handed to the host (`ExecuteCommand`) once it is delivered in CmdSN order and
 all its data has arrived. See docs/iscsi-session.md.
+
+The connection is the session layer's front: framing, login, CmdSN ordering, commands, NOP,
+Text, Logout and the command fast path. Two parts read on their own, each holding its state
+and calling back into the connection for the shared state (tasks, sequence numbers, output):
+`transfer.DataTransfer` (write data in: immediate, unsolicited, R2T and Data-Out; read data
+out: Data-In and the SCSI Response) and `tmf.TaskManagementFunctions` (task management).
+The methods they call are grouped below under "for the connection's parts".
 """
 
 from __future__ import annotations
 
-from collections import deque
+import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from crc32c import crc32c
+
 from lunastor.iscsi import pdu as p
+from lunastor.iscsi.buffers import BufferPool
 from lunastor.iscsi.errors import (
     DataDigestError,
+    FramingError,
     LoginStatus,
     RejectReason,
     RemoteProtocolError,
 )
 from lunastor.iscsi.login import LoginNegotiator, LoginPolicy, LoginReply, LoginStep
 from lunastor.iscsi.params import ConnectionParams, SessionParams, TargetSettings
-from lunastor.iscsi.scsi.types import (
-    Nexus,
-    ScsiCommand,
-    ScsiResult,
-    Status,
-    TaskAttribute,
-    TmfFunction,
-    TmfResponse,
-)
+from lunastor.iscsi.scsi.lane import FastLane
+from lunastor.iscsi.scsi.types import Nexus, ScsiCommand, ScsiResult, TaskAttribute, TmfResponse
 from lunastor.iscsi.session import (
     Portal,
     PortalLoginPolicy,
@@ -49,6 +53,8 @@ from lunastor.iscsi.session import (
     sn_lt,
 )
 from lunastor.iscsi.text import encode_text, parse_text
+from lunastor.iscsi.tmf import TaskManagement, TaskManagementFunctions
+from lunastor.iscsi.transfer import CRC_ERROR, DataTransfer, Task, TaskState
 
 RESERVED = p.RESERVED_TAG
 Buffer = bytes | bytearray | memoryview
@@ -63,23 +69,6 @@ class ExecuteCommand:
 
     itt: int
     command: ScsiCommand
-
-
-@dataclass(slots=True)
-class TaskManagement:
-    """Cancel the executions of `abort` (ITTs of this connection) and wait for them; for
-    `others` (LU/target resets, CLEAR TASK SET), abort the matching tasks of the other sessions
-    of the target (`TargetConnection.abort_tasks`); then, unless `response` is already set,
-    call the SCSI layer's `task_management(nexus, function, lun)`; finally `tmf_done(itt, r)`.
-    """
-
-    itt: int
-    nexus: Nexus
-    function: TmfFunction
-    lun: int
-    abort: list[int]
-    others: bool
-    response: TmfResponse | None = None  # decided here (e.g. ABORT TASK): skip the SCSI layer
 
 
 @dataclass(slots=True)
@@ -113,45 +102,6 @@ class Phase(Enum):
     CLOSED = "closed"
 
 
-class TaskState(Enum):
-    RECEIVING = "receiving"  # data-out outstanding
-    READY = "ready"  # data complete, waiting for CmdSN delivery
-    EXECUTING = "executing"  # handed to the host
-
-
-@dataclass(slots=True, eq=False)
-class _R2T:
-    offset: int
-    length: int
-    received: int = 0
-    next_data_sn: int = 0
-
-
-@dataclass(slots=True, eq=False)
-class Task:
-    itt: int
-    cmd_sn: int
-    immediate: bool
-    lun_field: int
-    lun: int
-    cdb: bytes
-    attr: int
-    edtl: int
-    read: bool
-    write: bool
-    delivered: bool = False
-    state: TaskState = TaskState.RECEIVING
-    buffer: bytearray | None = None  # write data, EDTL bytes
-    data_view: Buffer = b""  # the data handed to SCSI (buffer, or the immediate data itself)
-    received: int = 0  # bytes of write data in place
-    unsolicited_end: int = 0  # end offset of the unsolicited burst still expected
-    unsolicited_data_sn: int = 0
-    next_r2t_offset: int = 0
-    r2t_sn: int = 0
-    r2ts: dict[int, _R2T] = field(default_factory=dict)
-    canned: ScsiResult | None = None  # answered without the SCSI layer
-
-
 @dataclass(slots=True, eq=False)
 class _Held:
     """A non-command, non-immediate PDU waiting for its CmdSN turn."""
@@ -162,12 +112,16 @@ class _Held:
 _MAX_TEXT = 64 * 1024  # cap on a continued Text Request, against memory abuse
 _TOMBSTONE = object()  # a CmdSN "considered received" by ABORT TASK (RFC 7143 11.5.1 b)
 
-_TMF_NAMES = {f.value for f in TmfFunction}
-# fixed-format sense: ILLEGAL REQUEST, INVALID FIELD IN CDB (SPC-4 4.5.3)
-# ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR
-_CRC_ERROR = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x47, 0x05, 0, 0, 0, 0])
-_DATA_PHASE_ERROR = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4B, 0, 0, 0, 0, 0])
-_INVALID_FIELD_IN_CDB = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0])
+# The fast path's precompiled structs: a SCSI Command BHS with its 10- or 16-byte READ/WRITE
+# CDB in one unpack, and the two answers it sends (Data-In, SCSI Response) in one pack each.
+_CMD10 = struct.Struct(">BBxxIQIIIIxBIBHB6x")  # ... cdb: flags, lba, group, blocks, control
+_CMD16 = struct.Struct(">BBxxIQIIIIxBQIBB")  # ... cdb: flags, lba, blocks, group, control
+_DATA_IN = struct.Struct(">BBxBIQIIIIIIII")  # 0x25, flags, status, len, lun, itt, ttt, sns...
+_RESPONSE = struct.Struct(">BBBBIQIIIIIIII")  # 0x21, flags, response, status, lens, ...
+_FAST_READ = {0x28: _CMD10, 0x88: _CMD16}
+_FAST_WRITE = {0x2A: _CMD10, 0x8A: _CMD16}
+_RAW = (bytes, bytearray, memoryview)  # already encoded, in `_out` beside PDU objects
+LaneProvider = Callable[[Nexus, int], FastLane | None]
 
 
 class TargetConnection:
@@ -209,16 +163,15 @@ class TargetConnection:
         self._digests_after_login: tuple[bool, bool] | None = None
         self.max_xmit = 8192  # the initiator's MaxRecvDataSegmentLength
         self.tasks: dict[int, Task] = {}
-        self._held: dict[int, object] = {}  # CmdSN -> Task | _Held | _TOMBSTONE
+        self.held: dict[int, object] = {}  # CmdSN -> Task | _Held | _TOMBSTONE
         self._ttt_next = 1
-        self._ttt_owner: dict[int, Task] = {}
-        self._out: list[p.Pdu] = []
+        self._out: list[p.Pdu | Buffer] = []  # PDUs, and what the fast path encoded
         self._events: list[Event] = []
         self.target_mrdsl = target_mrdsl  # ours: what we accept in one data segment
-        self.max_write_length = max_write_length
-        self.write_budget = write_budget  # bytes of write buffers R2Ts may have outstanding
-        self._write_buffered = 0
-        self._r2t_queue: deque[Task] = deque()
+        self.transfer = DataTransfer(
+            self, max_write_length=max_write_length, write_budget=write_budget
+        )
+        self.tmf = TaskManagementFunctions(self)
         self.local_address = ""  # "host:port" of our side, for SendTargets
         self.last_rx = now
         self.settings = settings or TargetSettings(
@@ -232,12 +185,18 @@ class TargetConnection:
         self._text_pending: tuple[int, bytes] | None = None  # (ITT, rest of a long answer)
         self._text_ttt = 0
         self._text_in: tuple[int, int, bytes] | None = None  # (ITT, TTT, request so far)
-        self._tmf_pending: dict[int, TaskManagement] = {}
-        self._tmf_immediate: dict[int, bool] = {}
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self._ping_sent: float | None = None
         self._ping_ttt = 0
+        self.login_failure: LoginStatus | None = None  # the status a failed login ended with
+        # the PDU reader (receive_data); its digests and limits follow the negotiation
+        self.reader = p.PduReader(max_recv_data_segment_length=8192, sender="initiator")
+        # the fast path (receive_data): set by the host once the session has a SCSI target
+        self.fast_lanes: LaneProvider | None = None
+        self._lanes: dict[int, FastLane | None] = {}  # by raw LUN field
+        self.fast_commands = 0  # commands the fast path answered (tests, metrics)
+        self.on_pdu: Callable[[p.Pdu], None] | None = None  # trace hook (disables fast path)
 
     # --- output ---------------------------------------------------------------------------
 
@@ -246,16 +205,46 @@ class TargetConnection:
         return ev
 
     def pdus_to_send(self) -> list[p.Pdu]:
-        out, self._out = self._out, []
+        """The queued PDUs as objects (tests; what the fast path queued encoded is decoded)."""
+        out: list[p.Pdu] = []
+        raw: list[bytes] = []
+        for item in self._out:
+            if isinstance(item, _RAW):
+                raw.append(bytes(item))
+                continue
+            if raw:
+                out += self._decode_raw(b"".join(raw))
+                raw = []
+            out.append(item)
+        if raw:
+            out += self._decode_raw(b"".join(raw))
+        self._out = []
         self._switch_digests()
         return out
+
+    def _decode_raw(self, wire: bytes) -> list[p.Pdu]:
+        reader = p.PduReader(
+            max_recv_data_segment_length=1 << 24,
+            header_digest=self.header_digest,
+            data_digest=self.data_digest,
+            sender="target",
+        )
+        reader.feed(wire)
+        return list(reader)
+
+    def queued(self) -> tuple[p.Pdu | Buffer, ...]:
+        """What is queued to send, left queued (tracing: PDU objects and encoded buffers)."""
+        return tuple(self._out)
 
     def data_to_send(self) -> list[Buffer]:
         """Encoded buffers of every queued PDU, for `transport.writelines`."""
         bufs: list[Buffer] = []
         hd, dd = self.header_digest, self.data_digest
         for pdu in self._out:
-            bufs += p.encode_pdu(pdu, hd, dd)
+            if isinstance(pdu, _RAW):
+                bufs.append(pdu)
+            else:
+                bufs += p.encode_pdu(pdu, hd, dd)
         self._out = []
         self._switch_digests()
         return bufs
@@ -265,13 +254,38 @@ class TargetConnection:
             self.header_digest, self.data_digest = self._digests_after_login
             self._digests_after_login = None
 
-    def _send(self, pdu: p.Pdu) -> None:
+    @property
+    def pool(self) -> BufferPool:
+        """The write buffers (`DataTransfer`)."""
+        return self.transfer.pool
+
+    # --- for the connection's parts (transfer.py, tmf.py) ---------------------------------
+
+    def send(self, pdu: p.Pdu) -> None:
         self._out.append(pdu)
 
-    def _status_sn(self) -> int:
+    def status_sn(self) -> int:
+        """The StatSN of a status being sent (and the next one's)."""
         sn = self.stat_sn
         self.stat_sn = sn_add(sn, 1)
         return sn
+
+    def new_ttt(self) -> int:
+        ttt = self._ttt_next
+        self._ttt_next = ttt + 1 if ttt < 0xFFFFFFFE else 1
+        return ttt
+
+    def add_event(self, event: Event) -> None:
+        self._events.append(event)
+
+    def tombstone(self, cmd_sn: int) -> None:
+        """Consider `cmd_sn` received without running anything under it: its turn only
+        releases its slot of the window (ABORT TASK, RFC 7143 11.5.1 b)."""
+        self.held[cmd_sn] = _TOMBSTONE
+
+    @property
+    def in_full_feature_phase(self) -> bool:
+        return self.phase is Phase.FULL_FEATURE
 
     @property
     def exp_cmd_sn(self) -> int:
@@ -283,11 +297,41 @@ class TargetConnection:
 
     # --- input ----------------------------------------------------------------------------
 
+    def receive_data(self, data: Buffer, *, copy: bool = True) -> None:
+        """Bytes from the socket: frame them into PDUs and process each (the fast path
+        answers plain READ/WRITE commands straight from the frame, see `_fast_command`).
+        `copy=False`: `data` is not overwritten while views of it live (`PduReader.feed`)."""
+        reader = self.reader
+        reader.feed(data, copy=copy)
+        while self.phase is Phase.FULL_FEATURE or self.phase is Phase.LOGIN:
+            try:
+                frame = reader.next_frame()
+                if frame is None:
+                    return
+                buf = frame[0]
+                if (
+                    (buf[0] == 0x01 or buf[0] == 0x41)
+                    and not frame[1]
+                    and self.fast_lanes is not None
+                    and self._fast_command(buf, frame[2], frame[3])
+                ):
+                    continue
+                pdu = reader.decode_frame(frame)
+            except FramingError as exc:
+                self.receive_error(exc)
+                return
+            except RemoteProtocolError as exc:
+                self.receive_error(exc)
+                continue
+            if self.on_pdu is not None:
+                self.on_pdu(pdu)
+            self.receive_pdu(pdu)
+
     def receive_pdu(self, pdu: p.Pdu) -> None:
         if self.phase is Phase.FULL_FEATURE:
             handler = self._FFP.get(type(pdu))
             if handler is None:  # Login Request after login, target opcodes (reader refuses)
-                self._protocol_error(pdu, f"{type(pdu).__name__} in full feature phase")
+                self.protocol_error(pdu, f"{type(pdu).__name__} in full feature phase")
                 return
             handler(self, pdu)
         elif self.phase is Phase.LOGIN:
@@ -297,10 +341,10 @@ class TargetConnection:
     def receive_error(self, exc: RemoteProtocolError) -> None:
         """A PDU could not be decoded. Framing errors close; others get a Reject."""
         if self.phase is not Phase.FULL_FEATURE:
-            self._close(f"bad PDU during login: {exc}")
+            self.close(f"bad PDU during login: {exc}")
             return
         if isinstance(exc, p.FramingError):
-            self._close(f"framing error: {exc}")
+            self.close(f"framing error: {exc}")
             return
         header = exc.header or b""
         self._reject(exc.reason, header)
@@ -309,14 +353,14 @@ class TargetConnection:
             # task with PROTOCOL SERVICE CRC ERROR (RFC 7143 7.8) instead of leaving it hanging
             task = self.tasks.get(int.from_bytes(header[16:20], "big"))
             if task is not None and task.state is TaskState.RECEIVING:
-                self._end_task(task, _CRC_ERROR)
+                self.transfer.end_task(task, CRC_ERROR)
 
     def connection_lost(self) -> list[int]:
         """The socket is gone: forget everything; return the ITTs the host must cancel."""
         running = [t.itt for t in self.tasks.values() if t.state is TaskState.EXECUTING]
         self.tasks.clear()
-        self._held.clear()
-        self._ttt_owner.clear()
+        self.held.clear()
+        self.transfer.clear()
         if self.session is not None:
             self.registry.remove(self.session)
         self.phase = Phase.CLOSED
@@ -328,12 +372,12 @@ class TargetConnection:
             return
         if self._ping_sent is not None:
             if now - self._ping_sent > self.ping_timeout:
-                self._close("initiator did not answer NOP-In ping")
+                self.close("initiator did not answer NOP-In ping")
             return
         if now - self.last_rx >= self.ping_interval:
-            self._ping_ttt = self._new_ttt()
+            self._ping_ttt = self.new_ttt()
             self._ping_sent = now
-            self._send(
+            self.send(
                 p.NopIn(
                     itt=RESERVED,
                     ttt=self._ping_ttt,
@@ -349,10 +393,10 @@ class TargetConnection:
         s = self.session
         if self.phase is not Phase.FULL_FEATURE or s is None:
             return
-        self._send(
+        self.send(
             p.AsyncMessage(
                 lun=0,
-                statsn=self._status_sn(),
+                statsn=self.status_sn(),
                 expcmdsn=s.exp_cmd_sn,
                 maxcmdsn=s.max_cmd_sn,
                 async_event=p.AsyncEvent.LOGOUT_REQUESTED,
@@ -362,34 +406,34 @@ class TargetConnection:
 
     # --- errors ---------------------------------------------------------------------------
 
-    def _close(self, reason: str) -> None:
+    def close(self, reason: str) -> None:
         if self.phase is not Phase.CLOSED:
             self.phase = Phase.CLOSED
             self._events.append(CloseConnection(reason))
 
     def _reject(self, reason: int, header: Buffer) -> None:
-        self._send(
+        self.send(
             p.Reject(
                 reason=reason,
-                statsn=self._status_sn(),
+                statsn=self.status_sn(),
                 expcmdsn=self.exp_cmd_sn,
                 maxcmdsn=self.max_cmd_sn,
                 header=bytes(header),
             )
         )
 
-    def _protocol_error(
+    def protocol_error(
         self, pdu: p.Pdu, why: str, reason: int = RejectReason.PROTOCOL_ERROR
     ) -> None:
         """RFC 7143 7.? at ERL 0: reject the PDU, then end the connection (session recovery)."""
         self._reject(reason, _header_of(pdu))
-        self._close(why)
+        self.close(why)
 
     # --- login ----------------------------------------------------------------------------
 
     def _on_login_pdu(self, pdu: p.Pdu) -> None:
         if not isinstance(pdu, p.LoginRequest):
-            self._close(f"{type(pdu).__name__} before login completed")
+            self.close(f"{type(pdu).__name__} before login completed")
             return
         reply = self._login.step(LoginStep.from_pdu(pdu))
         status = reply.status
@@ -408,12 +452,14 @@ class TargetConnection:
             )
         else:
             resp = reply.to_pdu(statsn=0, expcmdsn=0, maxcmdsn=0)
-        resp.statsn = self._status_sn()
+        resp.statsn = self.status_sn()
         resp.expcmdsn = pdu.cmdsn
         resp.maxcmdsn = sn_add(pdu.cmdsn, self.queue_depth - 1)
-        self._send(resp)
+        self.send(resp)
         if reply.done and status is not LoginStatus.SUCCESS:
-            self._close(f"login failed: {status.name} {why}")
+            if status.status_class >= 2:
+                self.login_failure = status
+            self.close(f"login failed: {status.name} {why}")
 
     def _start_session(self, reply: LoginReply, cmd_sn: int) -> tuple[LoginStatus, str] | None:
         """Enter full feature phase; returns (login status, why) if the session cannot be."""
@@ -443,8 +489,13 @@ class TargetConnection:
         self.connection_params = conn_params
         self.max_xmit = conn_params.max_send_data_segment_length
         self.target_mrdsl = conn_params.max_recv_data_segment_length
-        # digests start with the first PDU after the final Login Response (RFC 7143 13.1)
+        # digests start with the first PDU after the final Login Response (RFC 7143 13.1);
+        # the initiator's next PDU already carries them
         self._digests_after_login = (conn_params.header_digest, conn_params.data_digest)
+        reader = self.reader
+        reader.header_digest = conn_params.header_digest
+        reader.data_digest = conn_params.data_digest
+        reader.max_recv_data_segment_length = conn_params.max_recv_data_segment_length
         self.phase = Phase.FULL_FEATURE
         self._events.append(SessionStarted(session))
         return None
@@ -471,42 +522,42 @@ class TargetConnection:
             s.exp_cmd_sn = sn_add(cmd_sn, 1)
             return True
         if sn_lt(s.exp_cmd_sn, cmd_sn):
-            if cmd_sn in self._held:
+            if cmd_sn in self.held:
                 return None  # a duplicate of one already waiting
-            self._held[cmd_sn] = item
+            self.held[cmd_sn] = item
             return False
         return None
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
         """Deliver every held PDU whose turn has come."""
         s = self.session
         assert s is not None
-        held = self._held
+        held = self.held
         while held and s.exp_cmd_sn in held:
             item = held.pop(s.exp_cmd_sn)
             s.exp_cmd_sn = sn_add(s.exp_cmd_sn, 1)
             if item is _TOMBSTONE:
-                self._release_slot()
+                self.release_slot()
             elif isinstance(item, Task):
                 item.delivered = True
-                self._maybe_execute(item)
+                self.maybe_execute(item)
             elif isinstance(item, _Held):
                 self._FFP_ORDERED[type(item.pdu)](self, item.pdu)
 
-    def _release_slot(self) -> None:
+    def release_slot(self) -> None:
         """A non-immediate PDU is answered: the window may slide (MaxCmdSN never decreases)."""
         s = self.session
         assert s is not None
         s.max_cmd_sn = sn_add(s.max_cmd_sn, 1)
 
-    def _ordered(self, pdu: Any) -> bool:
+    def ordered(self, pdu: Any) -> bool:
         """For NOP-Out/Text/TMF/Logout: True to process now; else held or dropped."""
         ok = self._accept_sn(pdu.cmdsn, pdu.immediate, _Held(pdu))
         return bool(ok)
 
-    def _done_ordered(self, pdu: Any) -> None:
+    def done_ordered(self, pdu: Any) -> None:
         if not pdu.immediate:
-            self._release_slot()
+            self.release_slot()
 
     # --- SCSI commands --------------------------------------------------------------------
 
@@ -514,7 +565,7 @@ class TargetConnection:
         s = self.session
         assert s is not None
         if s.session_type is SessionType.DISCOVERY:
-            self._protocol_error(pdu, "SCSI command in a discovery session")
+            self.protocol_error(pdu, "SCSI command in a discovery session")
             return
         if pdu.itt in self.tasks:
             # RFC 7143 11.17.1: a task tag already in use
@@ -537,7 +588,7 @@ class TargetConnection:
             error = "F bit clear but the first burst is complete"
         if error is not None:
             self._consume_sn(pdu)
-            self._protocol_error(pdu, error)
+            self.protocol_error(pdu, error)
             return
         lun = p.lun_number(pdu.lun)
         task = Task(  # positional: this runs for every command
@@ -557,65 +608,140 @@ class TargetConnection:
             return  # outside the window: silently dropped
         self.tasks[task.itt] = task
         task.delivered = placed
-        if pdu.write and edtl > self.max_write_length:
-            # refuse before buffering anything: ILLEGAL REQUEST, INVALID FIELD IN CDB
-            task.state = TaskState.READY
-            task.canned = ScsiResult(Status.CHECK_CONDITION, sense=_INVALID_FIELD_IN_CDB)
-        elif pdu.write and edtl:
-            if imm == edtl:
-                task.data_view = pdu.data  # everything came with the command: no copy
-            elif imm or not pdu.final:
-                self._allocate(task)
-                if imm:
-                    task.buffer[:imm] = pdu.data  # type: ignore[index]
-            task.received = imm
-            if not pdu.final:
-                task.unsolicited_end = min(edtl, params.first_burst_length)
-            task.next_r2t_offset = imm if pdu.final else task.unsolicited_end
-            if imm == edtl:
-                task.state = TaskState.READY
-            elif pdu.final:
-                self._start_r2ts(task)
-        else:
-            task.state = TaskState.READY
+        self.transfer.start(task, pdu)
         if placed:
-            self._maybe_execute(task)
-            if self._held:
-                self._drain()
+            self.maybe_execute(task)
+            if self.held:
+                self.drain()
 
-    def _allocate(self, task: Task) -> None:
-        task.buffer = bytearray(task.edtl)
-        task.data_view = task.buffer
-        self._write_buffered += task.edtl
+    # --- the command fast path -----------------------------------------------------------
 
-    def _free(self, task: Task) -> None:
-        if task.buffer is not None:
-            self._write_buffered -= len(task.buffer)
-            task.buffer = None
-            queue = self._r2t_queue
-            while queue and self._write_buffered + queue[0].edtl <= self.write_budget:
-                waiting = queue.popleft()
-                if waiting.itt in self.tasks:
-                    self._start_r2ts(waiting)
-
-    def _start_r2ts(self, task: Task) -> None:
-        """Solicit the rest of the data, once its buffer fits the write budget."""
-        if task.buffer is None:
-            if self._write_buffered and self._write_buffered + task.edtl > self.write_budget:
-                self._r2t_queue.append(task)
-                return
-            self._allocate(task)
-        self._send_r2ts(task)
+    def _fast_command(self, buf: memoryview, start: int, dlen: int) -> bool:
+        """Answer a SCSI Command PDU straight from its frame when that is exactly what the
+        full path would do: READ/WRITE(10)/(16), F bit set, all write data immediate, next in
+        CmdSN order with nothing held, queued or running, a plain lane for its LUN (the SCSI
+        layer's `FastLane.admit`: no unit attention, reservation conflict, ...) and EDTL
+        equal to the CDB's transfer length (no residuals). The I/O runs inline against the
+        device; the answer is packed with one precompiled struct. Returns False, having
+        changed nothing, for everything else: the caller decodes the PDU and takes the full
+        path (docs/iscsi-protocol.md, "Fast path")."""
+        op = buf[32]
+        write = op in _FAST_WRITE
+        layout = _FAST_WRITE[op] if write else _FAST_READ.get(op)
+        if layout is None:
+            return False
+        if self.tasks or self.held or self._events or self.on_pdu is not None:
+            return False
+        b0, b1, _, lun, itt, edtl, cmdsn, _, flags, lba, a, b, control = layout.unpack_from(buf)
+        if layout is _CMD10:
+            group, blocks = a, b
+        else:
+            blocks, group = a, b
+        # F, R/W as the opcode says, a defined task attribute; CDB reserved bits clear (the
+        # usage masks of sbc.py: byte 1 0x1E, group 0x1F, control 0x00); no FUA on a write
+        if (
+            b1 & 0xE0 != (0xA0 if write else 0xC0)
+            or b1 & 0x07 > 4
+            or flags & 0xE1
+            or group & 0xE0
+            or control
+            or (write and flags & 0x08)
+        ):
+            return False
+        s = self.session
+        assert s is not None
+        immediate = b0 == 0x41
+        if not immediate and (cmdsn != s.exp_cmd_sn or cmdsn == (s.max_cmd_sn + 1) & 0xFFFFFFFF):
+            return False
+        lane = self._lanes.get(lun)
+        if lane is None or not lane.plain:
+            number = p.lun_number(lun)
+            if number is None or self.fast_lanes is None:
+                return False
+            lane = self._lanes[lun] = self.fast_lanes(s.nexus, number)
+            if lane is None:
+                return False
+        n = lane.admit(lba, blocks, write)
+        if not n or n != edtl:
+            return False
+        data: Buffer = b""
+        try:
+            if write:
+                params = self.params
+                if (
+                    dlen != n
+                    or not params.immediate_data
+                    or n > params.first_burst_length
+                    or n > self.transfer.max_write_length
+                ):
+                    return False
+                lane.inline.write_inline(lba, buf[start : start + n])  # type: ignore[union-attr]
+            else:
+                if dlen:
+                    return False
+                data = lane.inline.read_inline(lba, blocks)  # type: ignore[union-attr]
+        except Exception:  # BlockDeviceError, or a device bug: never out of receive_data
+            return False  # the full path runs it again and reports the error as sense
+        # done: the sequence numbers move as the full path moves them
+        if not immediate:
+            s.exp_cmd_sn = (cmdsn + 1) & 0xFFFFFFFF
+            s.max_cmd_sn = (s.max_cmd_sn + 1) & 0xFFFFFFFF
+        statsn = self.stat_sn
+        self.stat_sn = (statsn + 1) & 0xFFFFFFFF
+        self.fast_commands += 1
+        exp = s.exp_cmd_sn
+        mx = s.max_cmd_sn
+        out = self._out
+        hd = self.header_digest
+        if write:
+            header = _RESPONSE.pack(0x21, 0x80, 0, 0, 0, 0, itt, 0, statsn, exp, mx, 0, 0, 0)
+            out.append(header + crc32c(header).to_bytes(4, "little") if hd else header)
+            return True
+        seg = self.max_xmit
+        burst = self.params.max_burst_length
+        dd = self.data_digest
+        if n <= seg and n <= burst and not hd and not dd:
+            # the common small read: one Data-In carrying the status
+            out.append(
+                _DATA_IN.pack(0x25, 0x81, 0, n, lun, itt, 0xFFFFFFFF, statsn, exp, mx, 0, 0, 0)
+            )
+            out.append(data)
+            return True
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        offset = 0
+        data_sn = 0
+        while offset < n:
+            end = offset + min(seg, n - offset, burst - offset % burst)
+            if end == n:
+                header = _DATA_IN.pack(
+                    0x25, 0x81, 0, end - offset, lun, itt, 0xFFFFFFFF, statsn, exp, mx,
+                    data_sn, offset, 0,
+                )  # fmt: skip
+            else:
+                header = _DATA_IN.pack(
+                    0x25, 0x80 if end % burst == 0 else 0, 0, end - offset, lun, itt,
+                    0xFFFFFFFF, 0, exp, mx, data_sn, offset, 0,
+                )  # fmt: skip
+            piece = view[offset:end]
+            if hd:
+                header += crc32c(header).to_bytes(4, "little")
+            out.append(header)
+            out.append(piece)
+            if dd:  # block-sized pieces: never padded
+                out.append(crc32c(piece).to_bytes(4, "little"))
+            offset = end
+            data_sn += 1
+        return True
 
     def _consume_sn(self, pdu: Any) -> bool | None:
         """A PDU we answer without processing still uses up its CmdSN (and releases it)."""
         placed = self._accept_sn(pdu.cmdsn, pdu.immediate, _TOMBSTONE)
         if placed and not pdu.immediate:
-            self._release_slot()
-            self._drain()
+            self.release_slot()
+            self.drain()
         return placed
 
-    def _maybe_execute(self, task: Task) -> None:
+    def maybe_execute(self, task: Task) -> None:
         if task.state is not TaskState.READY or not task.delivered:
             return
         s = self.session
@@ -642,215 +768,14 @@ class TargetConnection:
             )
         )
 
-    def _new_ttt(self) -> int:
-        ttt = self._ttt_next
-        self._ttt_next = ttt + 1 if ttt < 0xFFFFFFFE else 1
-        return ttt
-
-    def _send_r2ts(self, task: Task) -> None:
-        s = self.session
-        assert s is not None
-        params = self.params
-        while task.next_r2t_offset < task.edtl and len(task.r2ts) < params.max_outstanding_r2t:
-            offset = task.next_r2t_offset
-            length = min(params.max_burst_length, task.edtl - offset)
-            ttt = self._new_ttt()
-            task.r2ts[ttt] = _R2T(offset, length)
-            self._ttt_owner[ttt] = task
-            task.next_r2t_offset = offset + length
-            self._send(
-                p.R2T(
-                    lun=task.lun_field,
-                    itt=task.itt,
-                    ttt=ttt,
-                    statsn=self.stat_sn,
-                    expcmdsn=s.exp_cmd_sn,
-                    maxcmdsn=s.max_cmd_sn,
-                    r2t_sn=task.r2t_sn,
-                    buffer_offset=offset,
-                    desired_data_transfer_length=length,
-                )
-            )
-            task.r2t_sn += 1
-
-    def _on_data_out(self, pdu: p.DataOut) -> None:
-        task = self.tasks.get(pdu.itt)
-        if task is None or task.state is not TaskState.RECEIVING:
-            # an aborted task or a command dropped outside the window: discard silently
-            return
-        n = len(pdu.data)
-        off = pdu.buffer_offset
-        if pdu.ttt == RESERVED:
-            # unsolicited burst (InitialR2T=No): DataSN from 0, offsets continuing
-            if (
-                task.unsolicited_end == 0
-                or pdu.data_sn != task.unsolicited_data_sn
-                or off != task.received
-                or off + n > task.unsolicited_end
-                or (pdu.final != (off + n == task.unsolicited_end))
-            ):
-                self._data_error(task, pdu, "unsolicited Data-Out out of sequence")
-                return
-            task.unsolicited_data_sn += 1
-            self._place(task, off, pdu.data)
-            if pdu.final:
-                task.unsolicited_end = 0
-                if task.received < task.edtl:
-                    self._start_r2ts(task)
-        else:
-            r2t = task.r2ts.get(pdu.ttt)
-            if r2t is None:
-                self._data_error(task, pdu, "Data-Out for an unknown Target Transfer Tag")
-                return
-            end = r2t.offset + r2t.length
-            if (
-                pdu.data_sn != r2t.next_data_sn
-                or off != r2t.offset + r2t.received
-                or off + n > end
-                or (pdu.final != (off + n == end))
-            ):
-                self._data_error(task, pdu, "Data-Out out of sequence for its R2T")
-                return
-            r2t.next_data_sn += 1
-            r2t.received += n
-            self._place(task, off, pdu.data)
-            if pdu.final:
-                del task.r2ts[pdu.ttt]
-                del self._ttt_owner[pdu.ttt]
-                self._send_r2ts(task)
-        if task.received >= task.edtl and not task.r2ts and task.unsolicited_end == 0:
-            task.state = TaskState.READY
-            self._maybe_execute(task)
-
-    def _place(self, task: Task, offset: int, data: Buffer) -> None:
-        n = len(data)
-        if n:
-            assert task.buffer is not None
-            task.buffer[offset : offset + n] = data
-        task.received += n
-
-    def _data_error(self, task: Task, pdu: p.DataOut, why: str) -> None:
-        """ERL 0 has no recovery R2T: end the task with CHECK CONDITION, ABORTED COMMAND /
-        DATA PHASE ERROR, discard its further Data-Out, keep the connection (RFC 7143 7.3)."""
-        self._end_task(task, _DATA_PHASE_ERROR)
-
-    def _end_task(self, task: Task, sense: bytes) -> None:
-        """Answer a task that is still receiving data with CHECK CONDITION and `sense`."""
-        for ttt in task.r2ts:
-            self._ttt_owner.pop(ttt, None)
-        task.r2ts.clear()
-        task.unsolicited_end = 0
-        task.canned = ScsiResult(Status.CHECK_CONDITION, sense=sense)
-        task.state = TaskState.READY
-        self._maybe_execute(task)
-
     def command_done(self, itt: int, result: ScsiResult) -> None:
         """The SCSI layer finished `itt`: queue Data-In and/or the SCSI Response."""
         task = self.tasks.pop(itt, None)
         if task is None or self.phase is not Phase.FULL_FEATURE:
             return  # aborted meanwhile: no response (RFC 7143 4.2.3.3)
-        s = self.session
-        assert s is not None
         if not task.immediate:
-            self._release_slot()
-        edtl = task.edtl
-        data = result.data_in
-        tl = result.transfer_length
-        if task.read:
-            sent = min(len(data), edtl)
-            wanted = sent if tl is None else tl
-        else:
-            sent = 0
-            wanted = task.received if tl is None else tl
-            if not task.write:
-                wanted = 0 if tl is None else tl
-        overflow = wanted > edtl
-        residual = wanted - edtl if overflow else edtl - (sent if task.read else wanted)
-        underflow = not overflow and residual > 0
-        if not task.read and not task.write and tl is None:
-            underflow, residual = (edtl > 0), edtl
-        collapse = sent > 0 and not result.sense
-        if sent:
-            self._send_data_in(task, data, sent, result, collapse, overflow, underflow, residual)
-        if not collapse:
-            self._send(
-                p.ScsiResponse(
-                    overflow=overflow,
-                    underflow=underflow,
-                    status=result.status,
-                    itt=itt,
-                    statsn=self._status_sn(),
-                    expcmdsn=s.exp_cmd_sn,
-                    maxcmdsn=s.max_cmd_sn,
-                    residual_count=residual if (overflow or underflow) else 0,
-                    sense=result.sense,
-                )
-            )
-        if task.buffer is not None:
-            self._free(task)  # after the response: R2Ts of waiting writes follow it
-
-    def _send_data_in(
-        self,
-        task: Task,
-        data: Buffer,
-        length: int,
-        result: ScsiResult,
-        collapse: bool,
-        overflow: bool,
-        underflow: bool,
-        residual: int,
-    ) -> None:
-        s = self.session
-        assert s is not None
-        seg = self.max_xmit
-        burst = self.params.max_burst_length
-        if length <= seg and length <= burst and collapse:
-            # the common small read: one Data-In carrying the status
-            flagged = overflow or underflow
-            self._out.append(
-                p.DataIn(
-                    final=True,
-                    status_present=True,
-                    status=result.status,
-                    overflow=overflow,
-                    underflow=underflow,
-                    lun=task.lun_field,
-                    itt=task.itt,
-                    statsn=self._status_sn(),
-                    expcmdsn=s.exp_cmd_sn,
-                    maxcmdsn=s.max_cmd_sn,
-                    residual_count=residual if flagged else 0,
-                    data=data if len(data) == length else memoryview(data)[:length],
-                )
-            )
-            return
-        view = data if isinstance(data, memoryview) else memoryview(data)
-        offset = 0
-        data_sn = 0
-        while offset < length:
-            n = min(seg, length - offset, burst - offset % burst)
-            end = offset + n
-            last = end == length
-            pdu = p.DataIn(
-                final=last or end % burst == 0,
-                lun=task.lun_field,
-                itt=task.itt,
-                data_sn=data_sn,
-                buffer_offset=offset,
-                data=view[offset:end],
-                expcmdsn=s.exp_cmd_sn,
-                maxcmdsn=s.max_cmd_sn,
-            )
-            if last and collapse:
-                pdu.status_present = True
-                pdu.status = result.status
-                pdu.statsn = self._status_sn()
-                pdu.overflow = overflow
-                pdu.underflow = underflow
-                pdu.residual_count = residual if (overflow or underflow) else 0
-            self._send(pdu)
-            offset = end
-            data_sn += 1
+            self.release_slot()
+        self.transfer.complete(task, result)
 
     # --- NOP ------------------------------------------------------------------------------
 
@@ -861,28 +786,28 @@ class TargetConnection:
             if pdu.ttt != RESERVED and pdu.ttt == self._ping_ttt:
                 self._ping_sent = None
             if not pdu.immediate:
-                self._protocol_error(pdu, "NOP-Out without ITT must be immediate")
+                self.protocol_error(pdu, "NOP-Out without ITT must be immediate")
             return
         if pdu.ttt != RESERVED:
-            self._protocol_error(
+            self.protocol_error(
                 pdu, "NOP-Out with both ITT and TTT", RejectReason.INVALID_PDU_FIELD
             )
             return
-        if self._ordered(pdu):
+        if self.ordered(pdu):
             self._answer_nop(pdu)
-            self._drain()
+            self.drain()
 
     def _answer_nop(self, pdu: p.NopOut) -> None:
-        self._done_ordered(pdu)
+        self.done_ordered(pdu)
         s = self.session
         assert s is not None
         data = pdu.data[: self.max_xmit]
-        self._send(
+        self.send(
             p.NopIn(
                 lun=pdu.lun,
                 itt=pdu.itt,
                 ttt=RESERVED,
-                statsn=self._status_sn(),
+                statsn=self.status_sn(),
                 expcmdsn=s.exp_cmd_sn,
                 maxcmdsn=s.max_cmd_sn,
                 data=bytes(data),
@@ -892,12 +817,12 @@ class TargetConnection:
     # --- Text (full feature phase) --------------------------------------------------------
 
     def _on_text(self, pdu: p.TextRequest) -> None:
-        if self._ordered(pdu):
+        if self.ordered(pdu):
             self._answer_text(pdu)
-            self._drain()
+            self.drain()
 
     def _answer_text(self, pdu: p.TextRequest) -> None:
-        self._done_ordered(pdu)
+        self.done_ordered(pdu)
         s = self.session
         assert s is not None
         incoming = self._text_in
@@ -920,15 +845,15 @@ class TargetConnection:
                 if len(text) > _MAX_TEXT:
                     self._reject(RejectReason.LONG_OP_REJECT, _header_of(pdu))
                     return
-                ttt = self._new_ttt()
+                ttt = self.new_ttt()
                 self._text_in = (pdu.itt, ttt, text)
-                self._send(
+                self.send(
                     p.TextResponse(
                         final=False,
                         lun=pdu.lun,
                         itt=pdu.itt,
                         ttt=ttt,
-                        statsn=self._status_sn(),
+                        statsn=self.status_sn(),
                         expcmdsn=s.exp_cmd_sn,
                         maxcmdsn=s.max_cmd_sn,
                     )
@@ -944,18 +869,18 @@ class TargetConnection:
         more = bool(rest)
         ttt = RESERVED
         if more:
-            ttt = self._text_ttt = self._new_ttt()
+            ttt = self._text_ttt = self.new_ttt()
             self._text_pending = (pdu.itt, rest)
         else:
             self._text_pending = None
-        self._send(
+        self.send(
             p.TextResponse(
                 final=not more,
                 cont=more,
                 lun=pdu.lun,
                 itt=pdu.itt,
                 ttt=ttt,
-                statsn=self._status_sn(),
+                statsn=self.status_sn(),
                 expcmdsn=s.exp_cmd_sn,
                 maxcmdsn=s.max_cmd_sn,
                 data=chunk,
@@ -990,11 +915,11 @@ class TargetConnection:
     # --- Logout ---------------------------------------------------------------------------
 
     def _on_logout(self, pdu: p.LogoutRequest) -> None:
-        if self._ordered(pdu):
+        if self.ordered(pdu):
             self._answer_logout(pdu)
 
     def _answer_logout(self, pdu: p.LogoutRequest) -> None:
-        self._done_ordered(pdu)
+        self.done_ordered(pdu)
         s = self.session
         assert s is not None
         if pdu.reason == p.LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY:
@@ -1003,11 +928,11 @@ class TargetConnection:
             code = p.LogoutResponseCode.CID_NOT_FOUND
         else:
             code = p.LogoutResponseCode.CLOSED_SUCCESSFULLY
-        self._send(
+        self.send(
             p.LogoutResponse(
                 response=code,
                 itt=pdu.itt,
-                statsn=self._status_sn(),
+                statsn=self.status_sn(),
                 expcmdsn=s.exp_cmd_sn,
                 maxcmdsn=s.max_cmd_sn,
             )
@@ -1016,142 +941,20 @@ class TargetConnection:
             self.phase = Phase.LOGGED_OUT
             self._events.append(CloseConnection("logout"))
         else:
-            self._drain()
+            self.drain()
 
-    # --- Task management ------------------------------------------------------------------
-
-    def _on_tmf(self, pdu: p.TaskManagementRequest) -> None:
-        s = self.session
-        assert s is not None
-        if s.session_type is SessionType.DISCOVERY:
-            self._protocol_error(pdu, "task management in a discovery session")
-            return
-        if self._ordered(pdu):
-            self._answer_tmf(pdu)
-            self._drain()
-
-    def _answer_tmf(self, pdu: p.TaskManagementRequest) -> None:
-        s = self.session
-        assert s is not None
-        fn = pdu.function
-        lun = p.lun_number(pdu.lun)
-        lun_n = 0xFFFF if lun is None else lun
-        if fn not in _TMF_NAMES:
-            self._tmf_answer(pdu, TmfResponse.REJECTED)
-            return
-        function = TmfFunction(fn)
-        if function is TmfFunction.TASK_REASSIGN:
-            self._tmf_answer(pdu, TmfResponse.REASSIGNMENT_NOT_SUPPORTED)
-            return
-        if function is TmfFunction.ABORT_TASK:
-            task = self.tasks.get(pdu.referenced_task_tag)
-            if task is not None and task.lun_field == pdu.lun:
-                abort = self._drop_tasks([task])
-                req = TaskManagement(
-                    pdu.itt, s.nexus, function, lun_n, abort, False, TmfResponse.COMPLETE
-                )
-            else:
-                ref = pdu.ref_cmdsn
-                in_window = sn_le(s.exp_cmd_sn, ref) and sn_le(ref, s.max_cmd_sn)
-                before_tmf = pdu.immediate or sn_lt(ref, pdu.cmdsn)
-                if in_window and before_tmf and ref not in self._held:
-                    # RFC 7143 11.5.1 b): the command has not arrived; consider its CmdSN
-                    # received, so that it is never executed, and report it aborted
-                    if ref == s.exp_cmd_sn:
-                        s.exp_cmd_sn = sn_add(ref, 1)
-                        self._release_slot()
-                    else:
-                        self._held[ref] = _TOMBSTONE
-                    self._tmf_answer(pdu, TmfResponse.COMPLETE)
-                    self._drain()
-                else:
-                    self._tmf_answer(pdu, TmfResponse.TASK_DOES_NOT_EXIST)
-                return
-        elif function in (
-            TmfFunction.ABORT_TASK_SET,
-            TmfFunction.CLEAR_TASK_SET,
-            TmfFunction.LOGICAL_UNIT_RESET,
-            TmfFunction.CLEAR_ACA,
-        ):
-            doomed = [] if function is TmfFunction.CLEAR_ACA else self._tasks_on(lun_n)
-            req = TaskManagement(
-                pdu.itt,
-                s.nexus,
-                function,
-                lun_n,
-                self._drop_tasks(doomed),
-                # TST=001b: each nexus has its own task set, so only an LU reset reaches
-                # the other sessions' tasks
-                function is TmfFunction.LOGICAL_UNIT_RESET,
-            )
-        else:  # target warm / cold reset
-            req = TaskManagement(
-                pdu.itt,
-                s.nexus,
-                function,
-                lun_n,
-                self._drop_tasks(list(self.tasks.values())),
-                True,
-            )
-        self._tmf_pending[pdu.itt] = req
-        self._tmf_immediate[pdu.itt] = pdu.immediate
-        self._events.append(req)
-
-    def _tasks_on(self, lun: int) -> list[Task]:
-        return [t for t in self.tasks.values() if t.lun == lun]
-
-    def _drop_tasks(self, tasks: list[Task]) -> list[int]:
-        """Forget `tasks` (no responses will be sent); return those the host must cancel."""
-        running = []
-        for task in tasks:
-            self.tasks.pop(task.itt, None)
-            self._free(task)
-            for ttt in task.r2ts:
-                self._ttt_owner.pop(ttt, None)
-            task.r2ts.clear()
-            if task.state is TaskState.EXECUTING:
-                running.append(task.itt)
-            if not task.delivered:
-                # still waiting for its CmdSN: keep the slot, but as a tombstone
-                self._held[task.cmd_sn] = _TOMBSTONE
-            elif not task.immediate:
-                self._release_slot()
-        return running
+    # --- Task management (tmf.py) ---------------------------------------------------------
 
     def abort_tasks(self, lun: int | None) -> list[int]:
-        """For another session's LU/target reset: drop our tasks on `lun` (None: all)."""
+        """For another session's LU/target reset: drop our tasks on `lun` (None: all); return
+        the ITTs the host must cancel."""
         if self.phase is not Phase.FULL_FEATURE:
             return []
-        tasks = list(self.tasks.values()) if lun is None else self._tasks_on(lun)
-        return self._drop_tasks(tasks)
+        return self.tmf.abort_tasks(lun)
 
     def tmf_done(self, itt: int, response: TmfResponse) -> None:
-        req = self._tmf_pending.pop(itt, None)
-        immediate = self._tmf_immediate.pop(itt, True)
-        if req is None or self.phase is not Phase.FULL_FEATURE:
-            return
-        if not immediate:
-            self._release_slot()
-        self._send_tmf_response(itt, response)
-        if req.function is TmfFunction.TARGET_COLD_RESET and response is TmfResponse.COMPLETE:
-            self._close("target cold reset")
-
-    def _tmf_answer(self, pdu: p.TaskManagementRequest, response: TmfResponse) -> None:
-        self._done_ordered(pdu)
-        self._send_tmf_response(pdu.itt, response)
-
-    def _send_tmf_response(self, itt: int, response: TmfResponse) -> None:
-        s = self.session
-        assert s is not None
-        self._send(
-            p.TaskManagementResponse(
-                response=response,
-                itt=itt,
-                statsn=self._status_sn(),
-                expcmdsn=s.exp_cmd_sn,
-                maxcmdsn=s.max_cmd_sn,
-            )
-        )
+        """The host finished the `TaskManagement` of request `itt`."""
+        self.tmf.done(itt, response)
 
     # --- SNACK ----------------------------------------------------------------------------
 
@@ -1161,18 +964,18 @@ class TargetConnection:
 
     _FFP: dict[type, Callable[[TargetConnection, Any], None]] = {
         p.ScsiCommand: _on_scsi_command,
-        p.DataOut: _on_data_out,
+        p.DataOut: lambda self, pdu: self.transfer.on_data_out(pdu),
         p.NopOut: _on_nop_out,
         p.TextRequest: _on_text,
         p.LogoutRequest: _on_logout,
-        p.TaskManagementRequest: _on_tmf,
+        p.TaskManagementRequest: lambda self, pdu: self.tmf.on_request(pdu),
         p.SnackRequest: _on_snack,
     }
     _FFP_ORDERED: dict[type, Callable[[TargetConnection, Any], None]] = {
         p.NopOut: _answer_nop,
         p.TextRequest: _answer_text,
         p.LogoutRequest: _answer_logout,
-        p.TaskManagementRequest: _answer_tmf,
+        p.TaskManagementRequest: lambda self, pdu: self.tmf.answer(pdu),
     }
 
 

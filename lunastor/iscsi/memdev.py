@@ -112,7 +112,10 @@ class MemoryBlockDevice:
             pos += n
 
     # -- BlockDevice ------------------------------------------------------------------------
-    async def read(self, lba: int, blocks: int) -> Buffer:
+    # inline I/O (blockdev.InlineBlockDevice: the iSCSI fast path); tests may turn it off
+    inline_ok = True
+
+    def read_inline(self, lba: int, blocks: int) -> Buffer:
         self._check(lba, blocks)
         offset, size = lba * self._bs, blocks * self._bs
         idx, within = divmod(offset, self._pbs)
@@ -133,11 +136,17 @@ class MemoryBlockDevice:
             pos += n
         return out
 
-    async def write(self, lba: int, data: Buffer, fua: bool, nexus: Nexus | None = None) -> None:
+    def write_inline(self, lba: int, data: Buffer) -> None:
         if len(data) % self._bs:
             raise ValueError("write length is not a multiple of the block size")
         self._check_write(lba, len(data) // self._bs)
         self._put(lba * self._bs, data)
+
+    async def read(self, lba: int, blocks: int) -> Buffer:
+        return self.read_inline(lba, blocks)
+
+    async def write(self, lba: int, data: Buffer, fua: bool, nexus: Nexus | None = None) -> None:
+        self.write_inline(lba, data)
         if fua:
             self.fua_writes += 1
 

@@ -183,7 +183,10 @@ class TargetSettings:
     initial_r2t: bool = False  # OR: we let the initiator choose
     immediate_data: bool = True  # AND: we let the initiator choose
     max_outstanding_r2t: int = 16
-    default_time2wait: int = 2
+    # MAX: the initiator's own wait rules. open-iscsi waits this long before it reconnects
+    # after a lost connection; another access point can take the session at once
+    # (docs/faults.md, "The initiator's side").
+    default_time2wait: int = 0
     default_time2retain: int = 20
     data_pdu_in_order: bool = True
     data_sequence_in_order: bool = True

@@ -75,16 +75,19 @@ log = get_logger(component="api")
 
 
 @web.middleware
-async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The request id in every log line of the request, and its count and latency by route.
+async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request: its id in every log line, its count and latency by route, who calls
+    (bearer token -> role; what the role may do is each route's rule), and every failure as
+    a problem body (nothing a client sends may produce a traceback).
 
-    One middleware, not two, and `bind`/`reset` rather than structlog's context manager:
-    at 50 concurrent clients each layer around a request is measurable (docs/scale.md)."""
+    One layer, not one per concern, and `bind`/`reset` rather than structlog's context
+    manager: at 50 concurrent clients each layer around a request is measurable
+    (docs/scale.md)."""
     start = time.perf_counter()
     request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
     tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
-        response = await handler(request)
+        response = await _answer(request, handler)
     finally:
         structlog.contextvars.reset_contextvars(**tokens)
     response.headers["X-Request-Id"] = request_id
@@ -96,10 +99,10 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every failure into a problem body; nothing a client sends may produce a traceback."""
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
+        if request.path not in PUBLIC_PATHS and not is_ui_path(request.path):
+            request[ROLE_KEY] = _role(request)  # the UI's files hold no data
         return await handler(request)
     except Problem as p:
         return problem_response(p.status, p.code, p.detail, **p.extra)
@@ -122,11 +125,8 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return problem_response(500, "internal_error", "unexpected error; see the meta log")
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Who is calling (bearer token -> role); what the role may do is each route's rule."""
-    if request.path in PUBLIC_PATHS or is_ui_path(request.path):  # the UI's files hold no data
-        return await handler(request)
+def _role(request: web.Request) -> str:
+    """The caller's role from its bearer token; Problem 401 without a known one."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -134,8 +134,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     role = request.app[CONFIG_KEY].auth.role_of(token.strip())
     if role is None:
         raise Problem(401, "unauthenticated", "unknown bearer token")
-    request[ROLE_KEY] = role
-    return await handler(request)
+    return role
 
 
 def make_app(
@@ -145,7 +144,7 @@ def make_app(
     luns: LunMap,
 ) -> web.Application:
     app = web.Application(
-        middlewares=[context_middleware, problem_middleware, auth_middleware],
+        middlewares=[api_middleware],
         client_max_size=1024 * 1024,
     )
     sealer = Sealer(config.secret_key) if config.secret_key else None

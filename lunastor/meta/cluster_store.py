@@ -21,8 +21,8 @@ from lunastor.common.records import (
     ChunkServerStatus,
     Keys,
     OperationRecord,
-    RecordError,
     TargetRecord,
+    decode_records,
     target_iqn,
 )
 from lunastor.common.sealing import Sealer
@@ -235,9 +235,9 @@ class ClusterStore:
         infos, rev = await self.etcd.get_prefix(Keys.CHUNKS)
         lives, _ = await self.etcd.get_prefix(Keys.LIVE_CHUNKS, revision=rev)
         admins, _ = await self.etcd.get_prefix(Keys.CHUNK_ADMIN, revision=rev)
-        by_info = {i.id: i for i in _decode(infos, ChunkServerInfo)}
-        by_live = {s.id: s for s in _decode(lives, ChunkServerStatus)}
-        by_admin = {a.id: a for a in _decode(admins, ChunkAdminRecord)}
+        by_info = {i.id: i for i in decode_records(infos, ChunkServerInfo)}
+        by_live = {s.id: s for s in decode_records(lives, ChunkServerStatus)}
+        by_admin = {a.id: a for a in decode_records(admins, ChunkAdminRecord)}
         out = []
         for cid in sorted(by_info.keys() | by_live.keys()):
             holds = await self._holds_extents(cid, rev)
@@ -316,7 +316,7 @@ class ClusterStore:
     async def capacity(self, zone: str | None) -> dict[str, Any]:
         lives, _ = await self.etcd.get_prefix(Keys.LIVE_CHUNKS)
         zones: dict[str, dict[str, Any]] = {}
-        for s in _decode(lives, ChunkServerStatus):
+        for s in decode_records(lives, ChunkServerStatus):
             if zone is not None and s.zone != zone:
                 continue
             z = zones.setdefault(
@@ -344,8 +344,8 @@ class ClusterStore:
         lives, _ = await self.etcd.get_prefix(Keys.LIVE_CHUNKS, revision=rev)
         metas, _ = await self.etcd.get_prefix(Keys.LIVE_META, revision=rev)
         leaders, _ = await self.etcd.get_prefix(Keys.REDIRECTOR_ELECTION + "/", revision=rev)
-        live_ids = {s.id for s in _decode(lives, ChunkServerStatus)}
-        down = sorted({i.id for i in _decode(infos, ChunkServerInfo)} - live_ids)
+        live_ids = {s.id for s in decode_records(lives, ChunkServerStatus)}
+        down = sorted({i.id for i in decode_records(infos, ChunkServerInfo)} - live_ids)
         leader = min(leaders, key=lambda kv: kv.create_revision, default=None)
         if not live_ids:
             problems.append("no chunk server is up")
@@ -402,13 +402,3 @@ def chunk_view(
         "free": live.free if live is not None else None,
         "holds_extents": holds,
     }
-
-
-def _decode(kvs: list[Any], cls: Any) -> list[Any]:
-    out = []
-    for kv in kvs:
-        try:
-            out.append(cls.from_json(kv.value))
-        except RecordError:
-            continue
-    return out

@@ -76,8 +76,9 @@ class PresenceEvents:
             where = f"zone {info.zone}, portal {info.portal}" if info is not None else "unknown"
             await EVENTS.write("chunk_server_down", cid, where)
         for cid in sorted(live - was_live):
-            kind = "chunk_server_up" if cid in was_registered else "chunk_server_joined"
-            await EVENTS.write(kind, cid, "")
+            await EVENTS.write(
+                "chunk_server_up" if cid in was_registered else "chunk_server_joined", cid, ""
+            )
         for mid in sorted(was_meta - meta):
             await EVENTS.write("meta_down", mid, "")
         for mid in sorted(meta - was_meta):

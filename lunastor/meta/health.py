@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from lunastor.common.logs import get_logger
@@ -14,6 +12,7 @@ from lunastor.common.records import (
     MetaInstance,
     RecordError,
     RedirectorInstance,
+    decode_records,
 )
 from lunastor.meta.cluster import cluster_view
 from lunastor.meta.context import CLUSTER_STORE_KEY, ETCD_KEY
@@ -33,14 +32,8 @@ async def get_health(call: Call) -> web.Response:
     return json_response(await call.app[CLUSTER_STORE_KEY].health())
 
 
-def _decode_all(kvs: list[Any], cls: Any) -> list[Any]:
-    out = []
-    for kv in kvs:
-        try:
-            out.append(cls.from_json(kv.value))
-        except RecordError as exc:
-            log.warning("skipping undecodable record", key=kv.key, error=str(exc))
-    return out
+def _skipped(key: str, exc: RecordError) -> None:
+    log.warning("skipping undecodable record", key=key, error=str(exc))
 
 
 async def get_cluster(call: Call) -> web.Response:
@@ -53,10 +46,10 @@ async def get_cluster(call: Call) -> web.Response:
     candidates, _ = await etcd.get_prefix(Keys.REDIRECTOR_ELECTION + "/", revision=rev)
     leader = min(candidates, key=lambda kv: kv.create_revision, default=None)
     view = cluster_view(
-        _decode_all(infos, ChunkServerInfo),
-        _decode_all(statuses, ChunkServerStatus),
-        _decode_all(metas, MetaInstance),
-        _decode_all(redirectors, RedirectorInstance),
+        decode_records(infos, ChunkServerInfo, _skipped),
+        decode_records(statuses, ChunkServerStatus, _skipped),
+        decode_records(metas, MetaInstance, _skipped),
+        decode_records(redirectors, RedirectorInstance, _skipped),
         leader.value.decode() if leader is not None else None,
     )
     view["revision"] = rev

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,8 +39,9 @@ from lunastor.common.records import (
     OperationRecord,
     RecordError,
     VolumeRecord,
+    decode_records,
 )
-from lunastor.meta.store import R, new_id, read
+from lunastor.meta.store import new_id, read
 
 log = get_logger(component="planner")
 
@@ -87,15 +87,6 @@ class ExtentCensus:
             or len([m for m in e.replicas if m in self.live]) < self.desired.get(e.volume, 0)
             for e in self.extents
         )
-
-
-def decode_records(kvs: Sequence[KeyValue], cls: type[R]) -> list[R]:
-    """The records of `kvs` that decode (an undecodable one is skipped, not fatal)."""
-    out = []
-    for kv in kvs:
-        with contextlib.suppress(RecordError):
-            out.append(cls.from_json(kv.value))
-    return out
 
 
 def _progress(op: OperationRecord, pending: int, detail: str) -> OperationRecord:

@@ -30,13 +30,15 @@ from lunastor.common.records import (
     ChunkServerStatus,
     ExtentRecord,
     Keys,
+    LocalityClaim,
     MoveRecord,
     OperationRecord,
     RecordError,
+    VolumeRecord,
+    decode_records,
 )
 from lunastor.common.ring import Candidate, PlacementError, Ring
 from lunastor.meta.placement import build_ring
-from lunastor.meta.planners import decode_records
 from lunastor.meta.rebalance_plan import Holder, Move, RebalancePlan, plan_moves
 from lunastor.meta.store import new_id
 
@@ -143,6 +145,10 @@ class RebalancePlanner:
         kvs, rev = await self.etcd.get_prefix(Keys.EXTENTS)
         extents = {(e.volume, e.index): e for e in extent_records(kvs)}
         intents, _ = await self.etcd.get_prefix(Keys.REBALANCE, revision=rev)
+        volumes, _ = await self.etcd.get_prefix(Keys.VOLUMES, revision=rev)
+        zones = {v.id: v.zones for v in decode_records(volumes, VolumeRecord) if v.zones}
+        claimed, _ = await self.etcd.get_prefix(Keys.LOCALITY, revision=rev)
+        claims = {(c.volume, c.index): c.chunk for c in decode_records(claimed, LocalityClaim)}
         rings: dict[int, Ring] = {}
         for kv in (await self.etcd.get_prefix(Keys.RINGS, revision=rev))[0]:
             with contextlib.suppress(ValueError, PlacementError):
@@ -178,6 +184,8 @@ class RebalancePlanner:
             placement=placement,
             max_moves=self.max_moves,
             max_per_server=self.max_per_server,
+            claims=claims,
+            zones=zones,
         )
         op = await self._operation(plan, len(in_flight))
         now = round(time.time(), 6)

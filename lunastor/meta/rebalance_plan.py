@@ -12,8 +12,11 @@ join-then-retire mechanism (chunk/replication/join.py, driven by the repair loop
   rebuild), and this planner leaves extents with such a member alone until it has.
 - **Balanced**: every server within `tolerance` of its fair share (2.5%, half the 5% goal),
   or as close as whole replicas allow (no single move would bring the two servers it
-  involves closer to theirs). Before balancing, an extent that spans fewer zones than it
-  could (a zone was added) gets a replica moved into a zone it lacks, whatever the tolerance.
+  involves closer to theirs). Before balancing, whatever the tolerance: a replica outside its
+  volume's zones (CSI topology) is moved into them — a clone's extent starts as a local copy
+  on its source's servers, whatever the clone's zones (docs/snapshots.md) — and then an
+  extent that spans fewer zones than it could (a zone was added) gets a replica moved into
+  a zone it lacks.
 - **A move** takes one replica of a healthy extent from the most loaded server to the least
   loaded one that may take it: not already a member, and not a zone that the extent's other
   members already use unless it is the source's own zone (a move never narrows an extent's
@@ -35,7 +38,7 @@ from functools import partial
 
 import xxhash
 
-from lunastor.common.records import ExtentRecord
+from lunastor.common.records import ExtentRecord, of_volume
 from lunastor.common.ring import Candidate
 from lunastor.meta.placement import InsufficientServers, fair_shares
 
@@ -155,14 +158,25 @@ def plan_moves(
     tolerance: float = DEFAULT_TOLERANCE,
     max_moves: int = 64,
     max_per_server: int = 4,
+    zones: Mapping[str, Sequence[str]] | None = None,
+    claims: Mapping[ExtentId, str] | None = None,
 ) -> RebalancePlan:
     """The next moves toward balance (at most `max_moves` outstanding, in flight included).
 
     `in_flight`: moves already handed out and not finished; they count as done (the source
     has given the replica up, the target holds it), and their extents are not moved again.
     `placement(volume, index)`: the ring's servers for the extent, to prefer moves toward it.
+    `zones`: volume -> the zones its CSI topology allows (absent: any); no move leaves them.
+    `claims`: extent -> the access point that claimed its primary (locality, chunk
+    `maintenance/locality.py`): the claimant's replica of it is never moved away.
     """
     zone = {s.id: s.zone for s in servers}
+    claimed = claims or {}
+
+    def may_hold(rec: ExtentRecord, server: str) -> bool:
+        allowed = of_volume(zones or {}, rec.volume)
+        return not allowed or zone[server] in allowed
+
     usable = {s.id for s in servers if s.usable and s.capacity > 0}
     records = [r for r in extents if r.replicas]
     before = measure(records, servers)
@@ -205,7 +219,7 @@ def plan_moves(
         return tolerance * targets[s]
 
     def allowed(rec: ExtentRecord, source: str, target: str) -> bool:
-        if target in rec.replicas:
+        if target in rec.replicas or not may_hold(rec, target):
             return False
         if zone[target] == zone[source]:
             return True
@@ -216,6 +230,8 @@ def plan_moves(
         for rec in on.get(source, ()):
             if (rec.volume, rec.index) in taken or not allowed(rec, source, target):
                 continue
+            if claimed.get((rec.volume, rec.index)) == source:
+                continue  # locality: its claimant keeps it
             if placement is None:
                 return rec
             wanted = placement(rec.volume, rec.index)
@@ -239,22 +255,57 @@ def plan_moves(
         busy[target] += 1
         budget -= 1
 
-    # First, extents that span fewer zones than they could (a zone appeared, or they were
-    # placed while it was down): spread is about surviving a zone's loss, not balance, so it
-    # is restored whatever the tolerance.
-    zones_up = len({zone[s] for s in usable})
+    # First, replicas outside their volume's zones (a clone's extents are copied on their
+    # source's servers, whatever the clone's zones): the zones are a promise to the CO (CSI
+    # accessible_topology), so each is moved into them whatever the tolerance. A secondary
+    # goes first (a primary's move hands it over); the target is, of the servers in the zones,
+    # one in a zone the extent does not use yet, then the least loaded.
     for rec in records:
         if budget <= 0:
             break
         if (rec.volume, rec.index) in flight or rec.converging:
             continue
+        outside = [m for m in rec.replicas if not may_hold(rec, m) and busy[m] < max_per_server]
+        if not outside:
+            continue
+        inside = {zone[m] for m in rec.replicas if may_hold(rec, m)}
+        fresh = [
+            s
+            for s in usable
+            if s not in rec.replicas and may_hold(rec, s) and busy[s] < max_per_server
+        ]
+        if fresh:
+            source = max(outside, key=lambda m: (m != rec.primary, counts[m] - targets[m], m))
+            target = min(fresh, key=lambda s: (zone[s] in inside, counts[s] - targets[s], s))
+            take(rec, source, target)
+
+    # Then extents that span fewer zones than they could (a zone appeared, or they were
+    # placed while it was down): spread is about surviving a zone's loss, not balance, so it
+    # is restored whatever the tolerance.
+    for rec in records:
+        if budget <= 0:
+            break
+        key = (rec.volume, rec.index)
+        if key in flight or key in taken or rec.converging:
+            continue
         if not all(m in usable for m in rec.replicas):
             continue
         used = Counter(zone[m] for m in rec.replicas)
+        zones_up = len({zone[s] for s in usable if may_hold(rec, s)})
         if len(used) >= min(zones_up, len(rec.replicas)):
             continue
-        crowded = [m for m in rec.replicas if used[zone[m]] > 1 and busy[m] < max_per_server]
-        fresh = [s for s in usable if zone[s] not in used and busy[s] < max_per_server]
+        crowded = [
+            m
+            for m in rec.replicas
+            if used[zone[m]] > 1
+            and busy[m] < max_per_server
+            and claimed.get((rec.volume, rec.index)) != m
+        ]
+        fresh = [
+            s
+            for s in usable
+            if zone[s] not in used and busy[s] < max_per_server and may_hold(rec, s)
+        ]
         if crowded and fresh:
             source = max(crowded, key=lambda m: (counts[m] - targets[m], m))
             target = min(fresh, key=lambda s: (counts[s] - targets[s], s))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lunastor.common.qos import BURSTS, MAX_BURST_SECONDS, MAX_RATE, RATES
 from lunastor.common.records import MAX_LUN
 
 Schema = dict[str, Any]
@@ -55,6 +56,30 @@ zones = {
     "items": {"type": "string", "pattern": ZONE},
     "maxItems": 16,
 }
+_rate = {"type": "integer", "minimum": 0, "maximum": MAX_RATE}
+_seconds = {"type": "number", "minimum": 0, "maximum": MAX_BURST_SECONDS}
+qos = {
+    "type": "object",
+    "description": "per-volume QoS limits (docs/qos.md): IOPS and bytes per second for reads, "
+    "writes and both (0: unlimited); `<rate>_burst`: the rate allowed for `burst_seconds` "
+    "after idling",
+    "properties": {
+        **{name: _rate for name in RATES + BURSTS},
+        "burst_seconds": _seconds,
+    },
+    "additionalProperties": False,
+}
+# PATCH: a field set to null (or 0) clears that limit
+qos_patch = {
+    **qos,
+    "properties": {
+        **{
+            name: {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_RATE}
+            for name in RATES + BURSTS
+        },
+        "burst_seconds": {"type": ["number", "null"], "minimum": 0, "maximum": MAX_BURST_SECONDS},
+    },
+}
 source = {
     "type": "object",
     "description": "exactly one of snapshot_id and volume_id",
@@ -77,6 +102,7 @@ VOLUME_CREATE: Schema = {
         "labels": labels,
         "source": source,
         "zones": zones,
+        "qos": qos,
     },
     "additionalProperties": False,
     # A 4096-byte block size needs a size in whole 4096-byte blocks.
@@ -87,6 +113,12 @@ VOLUME_EXPAND: Schema = {
     "type": "object",
     "required": ["size_bytes"],
     "properties": {"size_bytes": size_bytes},
+    "additionalProperties": False,
+}
+VOLUME_UPDATE: Schema = {
+    "type": "object",
+    "required": ["qos"],
+    "properties": {"qos": qos_patch},
     "additionalProperties": False,
 }
 EXPORT_CREATE: Schema = {
@@ -183,7 +215,10 @@ RESPONSES: dict[str, Schema] = {
             "target_iqn": _str,
             "lun": {"type": "integer", "minimum": 1, "maximum": MAX_LUN},
         },
-        {"zones": {"type": "array", "items": _str}},
+        {
+            "zones": {"type": "array", "items": _str},
+            "qos": {"type": "object", "additionalProperties": _num},
+        },
     ),
     "VolumePage": _page("Volume"),
     "Export": _obj(
@@ -296,7 +331,8 @@ _op_totals = _obj(
         "bytes": _num,
         "seconds": _num,
         "buckets": {"type": "array", "items": {"type": "array", "items": _num}},
-    }
+    },
+    {"throttled_seconds": _num},
 )
 RESPONSES.update(
     {
@@ -319,6 +355,7 @@ RESPONSES.update(
                     "items": _obj({"chunk_id": _str, "initiator": _str}),
                 },
                 "extent_size": _nullable_int,
+                "scrub_errors": _int,
                 "extent_map": {
                     "type": "array",
                     "items": _obj(

@@ -32,6 +32,7 @@ from lunastor.common.etcd import (
     KeyValue,
     Put,
 )
+from lunastor.common.qos import QosError, QosLimits
 from lunastor.common.records import (
     Keys,
     LunRecord,
@@ -219,6 +220,14 @@ async def list_page(
     return Listing(items, next_token, revision)
 
 
+def qos_limits(make: Callable[[dict[str, Any]], QosLimits], raw: dict[str, Any]) -> QosLimits:
+    """`make(raw)`, its QosError as a 400 naming the field (`qos.<field>`)."""
+    try:
+        return make(raw)
+    except QosError as exc:
+        raise Problem(400, "invalid_field", f"qos.{exc}", field=f"qos.{exc.field}") from None
+
+
 # --- views ------------------------------------------------------------------------------------
 
 
@@ -236,6 +245,7 @@ def volume_view(v: VolumeRecord) -> dict[str, Any]:
         "target_iqn": v.target_iqn,
         "lun": v.lun,
         "zones": v.zones,
+        "qos": v.qos,
     }
 
 
@@ -272,11 +282,19 @@ class VolumeSpec:
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     source: dict[str, str] | None = None
     zones: list[str] = dataclasses.field(default_factory=list)
+    # QoS limits are set at creation but change online (PATCH, CSI ModifyVolume): a repeated
+    # create is not a conflict for them (docs/qos.md)
+    qos: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def differences(self, v: VolumeRecord) -> list[str]:
         mine = dataclasses.asdict(self)
+        del mine["qos"]
         theirs = {k: getattr(v, k) for k in mine}
         return sorted(k for k in mine if mine[k] != theirs[k])
+
+
+VolumeAndLun = tuple[VolumeRecord | None, Versioned, LunRecord | None, Versioned]
+KNOWN_MAX = 10_000  # volumes whose last committed state an instance keeps (`Store._known`)
 
 
 class Store:
@@ -287,6 +305,12 @@ class Store:
         self.luns = luns
         self.portal = portal
         self._slots: dict[str, tuple[int, int]] = {}  # volume id -> (target, lun)
+        # The volume and LUN records as this instance last committed them, with their
+        # mod_revisions: a publish, unpublish or delete that follows one of ours (a CSI
+        # create+publish, unpublish+delete) commits against them without reading first. Its
+        # compares decide: on a failed one, or when the cached state would not end in a
+        # commit, it reads etcd as always (`_state`).
+        self._known: dict[str, VolumeAndLun] = {}
         self._volume_views = ViewCache(lambda raw: volume_view(VolumeRecord.from_json(raw)))
 
     # --- volumes --------------------------------------------------------------------------
@@ -331,6 +355,7 @@ class Store:
         )
 
     def _check_spec(self, spec: VolumeSpec) -> None:
+        qos_limits(QosLimits.from_dict, spec.qos)
         if spec.size_bytes % spec.block_size:
             raise Problem(
                 400,
@@ -401,6 +426,7 @@ class Store:
                 lun=slot[1],
                 base=src.base,
                 zones=list(spec.zones),
+                qos=dict(spec.qos),
             )
             lun_key = Keys.lun(*slot)
             taken = False
@@ -427,6 +453,9 @@ class Store:
                         Keys.volume(volume.id), result.revision, volume_view(volume)
                     )
                     self._remember_slot(volume)
+                    written = Versioned(Keys.volume(volume.id), result.revision)
+                    lun_rec = LunRecord(volume_id=volume.id)
+                    self._know(volume, written, lun_rec, Versioned(lun_key, result.revision))
                     return volume, True
                 named, lun_owner = result.responses
                 if lun_owner:
@@ -445,8 +474,10 @@ class Store:
 
     async def delete_volume(self, volume_id: str, force: bool) -> None:
         """Delete a volume; refused while it is exported unless `force`. Missing: done."""
-        for _ in range(MAX_ATTEMPTS):
-            volume, vv, lun, lv = await self._volume_and_lun(volume_id)
+        for attempt in range(MAX_ATTEMPTS + 1):
+            (volume, vv, lun, lv), cached = await self._state(volume_id, attempt)
+            if cached and (lun is None or (lun.initiators and not force)):
+                continue  # not a plain delete: decided on what etcd holds
             if volume is None:
                 return
             lun_key = Keys.lun(volume.target, volume.lun)
@@ -503,6 +534,22 @@ class Store:
                 return grown
         raise aborted(f"expand volume {volume_id}")
 
+    async def set_qos(self, volume_id: str, changes: dict[str, Any]) -> VolumeRecord:
+        """Change a volume's QoS limits online (`QosLimits.merged`: a field set to 0 or None
+        clears it); every access point applies them as soon as it sees the record."""
+        for _ in range(MAX_ATTEMPTS):
+            volume, vv = await read(self.etcd, Keys.volume(volume_id), VolumeRecord)
+            if volume is None:
+                raise Problem(404, "volume_not_found", f"no volume {volume_id}")
+            limits = qos_limits(QosLimits.from_dict(volume.qos).merged, changes)
+            if limits.to_dict() == volume.qos:
+                return volume
+            changed = dataclasses.replace(volume, qos=limits.to_dict())
+            result = await self.etcd.txn([vv.unchanged], [Put(vv.key, changed.to_json())])
+            if result.succeeded:
+                return changed
+        raise aborted(f"set QoS of volume {volume_id}")
+
     # --- exports (the LUN's ACL) ----------------------------------------------------------
 
     def export_view(self, volume: VolumeRecord, initiator: str) -> dict[str, Any]:
@@ -545,6 +592,22 @@ class Store:
             lun = None
         return volume, vv, lun, lv
 
+    async def _state(self, volume_id: str, attempt: int) -> tuple[VolumeAndLun, bool]:
+        """The volume and its LUN, and whether they come from `_known` (only on a first
+        attempt: a retry follows a failed compare, so it reads etcd)."""
+        if attempt == 0:
+            known = self._known.pop(volume_id, None)
+            if known is not None:
+                return known, True
+        return await self._volume_and_lun(volume_id), False
+
+    def _know(self, volume: VolumeRecord, vv: Versioned, lun: LunRecord, lv: Versioned) -> None:
+        """Remember the state this instance just committed (`_known`)."""
+        self._known.pop(volume.id, None)
+        if len(self._known) >= KNOWN_MAX:
+            del self._known[next(iter(self._known))]
+        self._known[volume.id] = (volume, vv, lun, lv)
+
     def _remember_slot(self, volume: VolumeRecord) -> None:
         if len(self._slots) >= 100_000:
             del self._slots[next(iter(self._slots))]
@@ -558,8 +621,15 @@ class Store:
         `exclusive`: only if no other initiator sees it (CSI single-node access modes), decided
         in the same transaction, so two concurrent publishes to two nodes cannot both win."""
         initiator = initiator.lower()
-        for _ in range(MAX_ATTEMPTS):
-            volume, vv, lun, lv = await self._volume_and_lun(volume_id)
+        for attempt in range(MAX_ATTEMPTS + 1):
+            (volume, vv, lun, lv), cached = await self._state(volume_id, attempt)
+            if cached and (
+                lun is None
+                or initiator in lun.initiators
+                or (exclusive and lun.initiators)
+                or len(lun.initiators) >= MAX_INITIATORS_PER_LUN
+            ):
+                continue  # not a plain add: decided on what etcd holds
             if volume is None:
                 raise Problem(404, "volume_not_found", f"no volume {volume_id}")
             if lun is None:
@@ -582,20 +652,24 @@ class Store:
             acl = LunRecord(volume_id=volume_id, initiators=sorted([*lun.initiators, initiator]))
             result = await self.etcd.txn([vv.unchanged, lv.unchanged], [Put(lv.key, acl.to_json())])
             if result.succeeded:
+                self._know(volume, vv, acl, Versioned(lv.key, result.revision))
                 return self.export_view(volume, initiator), True
         raise aborted(f"export volume {volume_id}")
 
     async def remove_export(self, volume_id: str, initiator: str) -> None:
         initiator = initiator.lower()
-        for _ in range(MAX_ATTEMPTS):
-            volume, vv, lun, lv = await self._volume_and_lun(volume_id)
+        for attempt in range(MAX_ATTEMPTS + 1):
+            (volume, vv, lun, lv), cached = await self._state(volume_id, attempt)
             if volume is None or lun is None or initiator not in lun.initiators:
+                if cached:
+                    continue  # nothing to do, as this instance last saw it: check etcd
                 return
             acl = LunRecord(
                 volume_id=volume_id, initiators=[i for i in lun.initiators if i != initiator]
             )
             result = await self.etcd.txn([vv.unchanged, lv.unchanged], [Put(lv.key, acl.to_json())])
             if result.succeeded:
+                self._know(volume, vv, acl, Versioned(lv.key, result.revision))
                 return
         raise aborted(f"unexport volume {volume_id}")
 

@@ -39,7 +39,10 @@ async def _scrape(
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         return {**where, "reachable": False, "error": str(exc) or type(exc).__name__}, None
     totals = parse(text, volume)
-    ops = {op: {"ops": t.ops, "bytes": t.bytes} for op, t in totals.ops.items()}
+    ops = {
+        op: {"ops": t.ops, "bytes": t.bytes, "throttled_seconds": t.throttled_seconds}
+        for op, t in totals.ops.items()
+    }
     return {**where, "reachable": True, **ops}, totals
 
 

@@ -9,7 +9,6 @@ the access point it is logged in to). Health is `volume_health.volume_health`.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -30,22 +29,15 @@ from lunastor.common.records import (
     LunRecord,
     OperationRecord,
     R,
-    RecordError,
+    ScrubErrorsRecord,
     VolumeRecord,
+    decode_records,
 )
 from lunastor.meta.context import ETCD_KEY
 from lunastor.meta.problems import Problem
 from lunastor.meta.routing import ALL_ROLES, Call, Route, json_response
 from lunastor.meta.volume_health import Servers, extent_health, volume_health
 from lunastor.meta.volumes import VOLUME_ID
-
-
-def _decode(kvs: list[KeyValue], cls: Any) -> list[Any]:
-    out = []
-    for kv in kvs:
-        with contextlib.suppress(RecordError):
-            out.append(cls.from_json(kv.value))
-    return out
 
 
 def sessions(nexus_kvs: list[KeyValue]) -> dict[str, list[tuple[str, str]]]:
@@ -125,10 +117,10 @@ async def _read_cluster(etcd: Etcd, revision: int) -> tuple[ChunkStates, dict[st
     ops, _ = await etcd.get_prefix(Keys.OPERATIONS, revision=revision)
     nexus, _ = await etcd.get_prefix(Keys.NEXUS_EPOCHS, revision=revision)
     chunks = ChunkStates.of(
-        _decode(infos, ChunkServerInfo),
-        _decode(lives, ChunkServerStatus),
-        _decode(admins, ChunkAdminRecord),
-        _decode(ops, OperationRecord),
+        decode_records(infos, ChunkServerInfo),
+        decode_records(lives, ChunkServerStatus),
+        decode_records(admins, ChunkAdminRecord),
+        decode_records(ops, OperationRecord),
         time.time(),
     )
     return chunks, sessions(nexus)
@@ -140,13 +132,13 @@ async def list_volume_status(call: Call) -> web.Response:
     lun_kvs, _ = await etcd.get_prefix(Keys.LUNS, revision=rev)
     ext_kvs, _ = await etcd.get_prefix(Keys.EXTENTS, revision=rev)
     chunks, live_sessions = await _read_cluster(etcd, rev)
-    luns = {lun.volume_id: lun for lun in _decode(lun_kvs, LunRecord)}
+    luns = {lun.volume_id: lun for lun in decode_records(lun_kvs, LunRecord)}
     extents: dict[str, list[ExtentRecord]] = defaultdict(list)
     for rec in extent_records(ext_kvs):
         extents[rec.volume].append(rec)  # a snapshot's preserved copies are named apart
     servers = chunks.servers
     items = []
-    for vol in sorted(_decode(vol_kvs, VolumeRecord), key=lambda v: v.name):
+    for vol in sorted(decode_records(vol_kvs, VolumeRecord), key=lambda v: v.name):
         lun = luns.get(vol.id)
         health = volume_health(extents.get(vol.id, []), vol.replicas, servers)
         serving = served_by(vol.target_iqn, lun, live_sessions)
@@ -164,8 +156,22 @@ async def list_volume_status(call: Call) -> web.Response:
 async def _get_at(etcd: Etcd, key: str, cls: type[R], revision: int) -> R | None:
     """The record at `key` as of `revision` (a prefix read, keeping the exact key only)."""
     kvs, _ = await etcd.get_prefix(key, revision=revision)
-    found = _decode([kv for kv in kvs if kv.key == key], cls)
+    found = decode_records([kv for kv in kvs if kv.key == key], cls)
     return found[0] if found else None
+
+
+def scrub_errors(
+    volume_id: str, extents: list[ExtentRecord], found: list[ScrubErrorsRecord]
+) -> int:
+    """Blocks of the volume that its members' latest scrub passes found bad and could not
+    repair; a server that is no longer a member of the extent no longer counts."""
+    members = {rec.index: set(rec.replicas) for rec in extents}
+    return sum(
+        1
+        for rec in found
+        for volume, index, _ in rec.blocks
+        if volume == volume_id and rec.chunk_id in members.get(index, ())
+    )
 
 
 async def get_volume_status(call: Call) -> web.Response:
@@ -184,6 +190,8 @@ async def get_volume_status(call: Call) -> web.Response:
     servers = chunks.servers
     records = sorted(extent_records(ext_kvs), key=lambda r: r.index)
     health = volume_health(records, vol.replicas, servers)
+    scrub_kvs, _ = await etcd.get_prefix(Keys.SCRUB_ERRORS, revision=rev)
+    bad_blocks = scrub_errors(vol.id, records, decode_records(scrub_kvs, ScrubErrorsRecord))
     extents = [
         {
             "index": rec.index,
@@ -208,6 +216,7 @@ async def get_volume_status(call: Call) -> web.Response:
             "served_by": served_by(vol.target_iqn, lun, live_sessions),
             "exports": len(lun.initiators) if lun is not None else 0,
             "extent_size": config.extent_size if config is not None else None,
+            "scrub_errors": bad_blocks,
             "extent_map": extents,
             "revision": rev,
         }

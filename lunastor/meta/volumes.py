@@ -30,6 +30,7 @@ async def create_volume(call: Call) -> web.Response:
         labels=body.get("labels", {}),
         source=body.get("source"),
         zones=body.get("zones", []),
+        qos=body.get("qos", {}),
     )
     volume, created = await call.app[STORE_KEY].create_volume(spec)
     return json_response(volume_view(volume), 201 if created else 200)
@@ -61,6 +62,12 @@ async def delete_volume(call: Call) -> web.Response:
 async def expand_volume(call: Call) -> web.Response:
     store = call.app[STORE_KEY]
     volume = await store.expand_volume(call.params["volume_id"], call.body["size_bytes"])
+    return json_response(volume_view(volume))
+
+
+async def update_volume(call: Call) -> web.Response:
+    store = call.app[STORE_KEY]
+    volume = await store.set_qos(call.params["volume_id"], call.body["qos"])
     return json_response(volume_view(volume))
 
 
@@ -112,6 +119,19 @@ ROUTES = [
         CSI_ROLES,
         params=(VOLUME_ID, Param("force", "query", schemas.FORCE, "delete even if exported")),
         responses={204: None, 409: "Problem"},
+    ),
+    Route(
+        "PATCH",
+        "/v1/volumes/{volume_id}",
+        update_volume,
+        "updateVolume",
+        "Change a volume's QoS limits online (a field set to null or 0 clears it; "
+        "CSI ControllerModifyVolume)",
+        "volumes",
+        CSI_ROLES,
+        params=(VOLUME_ID,),
+        body=schemas.VOLUME_UPDATE,
+        responses={200: "Volume", 400: "Problem", 404: "Problem"},
     ),
     Route(
         "POST",

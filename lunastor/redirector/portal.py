@@ -31,7 +31,6 @@ from collections.abc import Callable, Sequence
 from prometheus_client import Counter
 
 from lunastor.common.exports import ChapSecrets, ExportIndex, SecretUnavailable
-from lunastor.iscsi import pdu as p
 from lunastor.iscsi.chap import ChapCredentials
 from lunastor.iscsi.connection import (
     CloseConnection,
@@ -39,7 +38,7 @@ from lunastor.iscsi.connection import (
     SessionStarted,
     TargetConnection,
 )
-from lunastor.iscsi.errors import FramingError, LoginStatus, RemoteProtocolError
+from lunastor.iscsi.errors import LoginStatus
 from lunastor.iscsi.login import TargetDecision
 from lunastor.iscsi.session import SessionRegistry, SessionType, TargetInfo
 from lunastor.redirector.choose import choose_chunk_server
@@ -185,7 +184,6 @@ class PortalConnection(asyncio.Protocol):
         self.server = server
         self.loop = asyncio.get_running_loop()
         policy = server.policy
-        self.reader = p.PduReader(max_recv_data_segment_length=8192, sender="initiator")
         # The redirector's decisions (service unavailable, no target-side CHAP) do not fit
         # the `PortalLoginPolicy` TargetConnection builds from a Portal: give it ours.
         self.conn = TargetConnection(
@@ -194,7 +192,6 @@ class PortalConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
-        self._in_ffp = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -208,28 +205,8 @@ class PortalConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
-        self.reader.feed(data)
         conn.last_rx = self.loop.time()
-        while conn.phase is Phase.LOGIN or conn.phase is Phase.FULL_FEATURE:
-            try:
-                pdu = self.reader.next_pdu()
-            except FramingError as exc:
-                conn.receive_error(exc)
-                break
-            except RemoteProtocolError as exc:
-                conn.receive_error(exc)
-                continue
-            if pdu is None:
-                break
-            conn.receive_pdu(pdu)
-            if conn.phase is Phase.FULL_FEATURE and not self._in_ffp:
-                self._in_ffp = True
-                params = conn.connection_params
-                assert params is not None
-                # the initiator's next PDU already carries the negotiated digests
-                self.reader.header_digest = params.header_digest
-                self.reader.data_digest = params.data_digest
-                self.reader.max_recv_data_segment_length = params.max_recv_data_segment_length
+        conn.receive_data(data)  # framing, digests and limits are the connection's
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -253,20 +230,15 @@ class PortalConnection(asyncio.Protocol):
                     close = CloseConnection("normal session on the redirector")
             elif isinstance(event, CloseConnection):
                 close = event
-        # digests in force for these PDUs: the final Login Response goes without them, and
-        # pdus_to_send() switches to the negotiated ones
-        digests = (conn.header_digest, conn.data_digest)
-        pdus = conn.pdus_to_send()
-        for pdu in pdus:
-            if isinstance(pdu, p.LoginResponse) and pdu.status_class >= 2:
-                status = (pdu.status_class << 8) | pdu.status_detail
-                LOGIN_FAILURES.labels(f"0x{status:04x}").inc()
+        failure = conn.login_failure
+        if failure is not None:
+            conn.login_failure = None
+            status = (failure.status_class << 8) | failure.status_detail
+            LOGIN_FAILURES.labels(f"0x{status:04x}").inc()
+        bufs = conn.data_to_send()  # the connection's one output path (digests included)
         transport = self.transport
         if transport is None or self._closing:
             return
-        bufs = []
-        for pdu in pdus:
-            bufs += p.encode_pdu(pdu, *digests)
         if bufs:
             transport.writelines(bufs)
         if close is not None:

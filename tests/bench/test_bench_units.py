@@ -321,7 +321,7 @@ def test_goals_are_checked_and_shown_only_for_what_ran() -> None:
     assert rows["standalone 4 KiB random read >= 2x tgt"].endswith(" met")
     assert rows["standalone CPU per 4 KiB read <= 12 us"].endswith(" met")
     noisy = [line for line in shown if "#18" in line]
-    assert len(noisy) == 1 and noisy[0].endswith("n/a")  # the limited run does not exist yet
+    assert len(noisy) == 1 and noisy[0].endswith("n/a")  # no limited run measured here
     assert goals.Goal(1, "x", "a.b.value", "<=", 10).check({"a.b.value": 11}) is False
     assert goals.Goal(1, "x", "a.b.x_gluster", ">=", 1).needs() == {"a.b", "gluster.b"}
     assert goals.Goal(1, "x", "rebuild.x_disk", ">=", 1).needs() == {"rebuild"}
@@ -380,3 +380,33 @@ def test_run_child_stops_a_client_whose_report_is_complete() -> None:
 def test_run_child_kills_at_the_timeout() -> None:
     run = run_child(["sleep", "30"], timeout=0.5)
     assert run.timed_out and run.returncode == -9 and run.wall_seconds < 20
+
+
+def test_the_workers_line_compares_two_workers_with_one() -> None:
+    from bench.workers import Pair, Setup, lines, measures
+
+    def setup(workers: int, write: float, read: float) -> Setup:
+        pairs = {
+            "rw4k": Pair("rw4k", int(write * 10), 10.0, (write / 2, write / 2), 0.9, 90.0),
+            "rr4k": Pair("rr4k", int(read * 10), 10.0, (read / 2, read / 2), 1.0, 30.0),
+        }
+        return Setup(workers, pairs, [2.0] if workers == 1 else [1.0, 1.0])
+
+    setups = [setup(1, 1000, 4000), setup(2, 1700, 3000)]
+    assert measures(setups) == {"workers.rw4k.x_one": 1.7, "workers.rr4k.x_one": 0.75}
+    text = "\n".join(lines(setups, 256 << 20))
+    assert "1.70x 1 worker" in text and "0.75x 1 worker" in text
+    assert "logins per worker: 1/1" in text
+    assert measures(setups[:1]) == {}  # nothing to compare with
+
+
+def test_the_workers_rounds_combine_into_one_pair() -> None:
+    from bench.workers import Pair, combined
+
+    first = Pair("rr4k", 1000, 1.0, (500.0, 500.0), 0.2, 30.0, 0.1, 9.0)
+    second = Pair("rr4k", 3000, 1.0, (1500.0, 1500.0), 0.4, 20.0, 0.3, 12.0)
+    both = combined([first, second])
+    assert both.iops == 2000.0 and both.client_iops == (1000.0, 1000.0)
+    assert both.server_us_per_io == 22.5  # weighted by requests
+    assert both.server_cores == pytest.approx(0.3) and both.client_cores == pytest.approx(0.2)
+    assert both.load == 12.0

@@ -137,6 +137,7 @@ async def test_controller_capabilities(csi: CsiClient) -> None:
         RPC.EXPAND_VOLUME,
         RPC.VOLUME_CONDITION,
         RPC.GET_VOLUME,
+        RPC.MODIFY_VOLUME,
     } <= got
 
 
@@ -654,6 +655,65 @@ async def test_expand(csi: CsiClient) -> None:
     ]
     for req, code in cases:
         await fails(code, csi.call("ControllerExpandVolume", req))
+    await csi.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id=vid))
+
+
+async def test_qos_from_the_storage_class_and_modified_online(
+    csi: CsiClient, cluster: dict[str, Any]
+) -> None:
+    """StorageClass parameters and a VolumeAttributesClass set a volume's QoS limits at
+    creation; ControllerModifyVolume changes them (docs/qos.md)."""
+    vid = (
+        await create(
+            csi,
+            unique("qos"),
+            parameters={"writeIops": "500", "bps": "100Mi"},
+            mutable_parameters={"bps": "50Mi", "readIops": "300"},
+        )
+    ).volume.volume_id
+    assert api(cluster, "GET", f"/v1/volumes/{vid}")["qos"] == {
+        "write_iops": 500,
+        "bps": 50 * MiB,
+        "read_iops": 300,
+    }
+    modify = pb.ControllerModifyVolumeRequest(
+        volume_id=vid, mutable_parameters={"writeIops": "0", "readIops": "1000"}
+    )
+    await csi.call("ControllerModifyVolume", modify)
+    await csi.call("ControllerModifyVolume", modify)  # again: the same
+    assert api(cluster, "GET", f"/v1/volumes/{vid}")["qos"] == {
+        "bps": 50 * MiB,
+        "read_iops": 1000,
+    }
+    cases = [
+        (pb.ControllerModifyVolumeRequest(mutable_parameters={"iops": "1"}), Code.INVALID_ARGUMENT),
+        (
+            pb.ControllerModifyVolumeRequest(volume_id=vid, mutable_parameters={"replicas": "1"}),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            pb.ControllerModifyVolumeRequest(volume_id=vid, mutable_parameters={"iops": "x"}),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            # valid alone, refused by meta against the volume's limits (a burst below bps)
+            pb.ControllerModifyVolumeRequest(volume_id=vid, mutable_parameters={"bpsBurst": "1Mi"}),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            pb.ControllerModifyVolumeRequest(
+                volume_id="vol-0123456789abcdef", mutable_parameters={"iops": "1"}
+            ),
+            Code.NOT_FOUND,
+        ),
+        (pb.ControllerModifyVolumeRequest(volume_id="nope"), Code.NOT_FOUND),
+    ]
+    for req, code in cases:
+        await fails(code, csi.call("ControllerModifyVolume", req))
+    await fails(
+        Code.INVALID_ARGUMENT,
+        create(csi, unique("qos-bad"), parameters={"iopsBurst": "10"}),
+    )
     await csi.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id=vid))
 
 

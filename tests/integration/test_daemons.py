@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -181,3 +182,47 @@ def test_chunk_server_registers_and_keeps_its_id(
         assert status_rec.id == chunk_id and status_rec.lease == live_after.lease
     finally:
         assert _stop(proc) == 0
+
+
+def test_a_chunk_server_started_before_etcd_waits_for_it(tmp_path: Path) -> None:
+    """A chunk server whose etcd does not answer yet (a node booting before the etcd
+    members, a whole cluster powered on at once) retries with backoff, then registers once
+    etcd is up; stopped while it waits, it exits cleanly. It used to exit at once with an
+    etcd error."""
+    host = "127.0.0.1"
+    etcd = EtcdServer(client_port=free_port(host))
+    settings = {"endpoints": [etcd.endpoint], "namespace": "/late", "timeout": 1}
+
+    def config(name: str) -> dict[str, Any]:
+        return {
+            "data_dirs": [str(tmp_path / name)],
+            "lease_ttl": 2,
+            "iscsi_listen": f"{host}:{free_port()}",
+            "data_listen": f"{host}:{free_port()}",
+            "admin_listen": f"{host}:{free_port()}",
+            "etcd": settings,
+        }
+
+    def retried(name: str) -> bool:
+        return "etcd does not answer yet" in (tmp_path / f"{name}.log").read_text()
+
+    stopped = _run_daemon("lunastor.chunk.main", config("a"), tmp_path, "a")
+    try:
+        wait_for(lambda: retried("a"), 30, "a retry")
+        assert stopped.poll() is None
+    finally:
+        assert _stop(stopped) == 0
+    waiting = config("b")
+    proc = _run_daemon("lunastor.chunk.main", waiting, tmp_path, "b")
+    try:
+        wait_for(lambda: retried("b"), 30, "a retry")
+        time.sleep(3)  # several attempts
+        assert proc.poll() is None, "still waiting for etcd"
+        etcd.start()
+        try:
+            healthz = f"http://{waiting['admin_listen']}/healthz"
+            wait_for(lambda: _http(healthz)[0] == 200, 60, "chunk healthz once etcd is up")
+        finally:
+            assert _stop(proc) == 0
+    finally:
+        etcd.cleanup()

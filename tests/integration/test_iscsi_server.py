@@ -8,12 +8,14 @@ a silent initiator, a LUN reset reaching another session's running command.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
+import uvloop
 
 from lunastor.chunk.access.iscsi_server import IscsiServer, ServerConfig
 from lunastor.iscsi import pdu as p
@@ -191,6 +193,10 @@ class SlowDevice(MemoryBlockDevice):
 
     delay = 0.0
 
+    @property
+    def inline_ok(self) -> bool:  # type: ignore[override]
+        return not self.delay  # with a delay, every command takes the awaitable path
+
     async def read(self, lba: int, blocks: int) -> bytes | bytearray | memoryview:
         if self.delay:
             await asyncio.sleep(self.delay)
@@ -242,6 +248,96 @@ async def test_digests_write_and_read_back(server: tuple[IscsiServer, MemHost]) 
     status, data = await ini.result(ini.command(read10(8, 256), read=len(payload)))
     assert status == 0 and data == payload
     ini.close()
+
+
+async def test_tracing_logs_every_pdu_and_serves_the_same(
+    server: tuple[IscsiServer, MemHost], caplog: pytest.LogCaptureFixture
+) -> None:
+    """At DEBUG the server logs each PDU both ways (the fast path is off): the answers must
+    be the same, and the outgoing ones are read from the connection without taking them."""
+    srv, _ = server
+    srv.trace = True
+    caplog.set_level(logging.DEBUG, logger="lunastor.chunk.access.iscsi_server")
+    ini = await Initiator.connect(srv.addresses[0][1])
+    await ini.login()
+    await ini.ready()
+    payload = os.urandom(8192)
+    ini.pending_write = payload
+    status, _ = await ini.result(ini.command(write10(8, 16), write=len(payload), imm=payload))
+    assert status == 0
+    status, data = await ini.result(ini.command(read10(8, 16), read=len(payload)))
+    assert status == 0 and data == payload
+    ini.close()
+    sent = [r.getMessage() for r in caplog.records if r.getMessage().startswith("-> ")]
+    assert any("DataIn" in m for m in sent) and any("ScsiResponse" in m for m in sent), sent
+
+
+async def test_receive_buffer_is_reused_and_data_stays_right(
+    server: tuple[IscsiServer, MemHost],
+) -> None:
+    """The socket is read into the connection's own buffer (BufferedProtocol); it is filled
+    from its start again once nothing refers to it, without a byte of data going wrong."""
+    srv, _ = server
+    ini = await Initiator.connect(srv.addresses[0][1])
+    await ini.login()
+    await ini.ready()
+    (proto,) = srv.connections
+    buffers: list[bytearray] = []  # held, so that a new buffer cannot reuse an old id
+    for i in range(48):
+        payload = os.urandom(64 * 1024)
+        ini.pending_write = payload  # immediate part, then Data-Out answering R2Ts
+        status, _ = await ini.result(
+            ini.command(write10(i * 128, 128), write=len(payload), imm=payload[:8192])
+        )
+        assert status == 0
+        status, data = await ini.result(ini.command(read10(i * 128, 128), read=len(payload)))
+        assert status == 0 and data == payload
+        if not any(b is proto._rbuf for b in buffers):
+            buffers.append(proto._rbuf)
+    # 48 x 64 KiB went through a 1 MiB buffer: refilled from its start, not replaced
+    assert len(buffers) <= 2
+    ini.close()
+
+
+def test_receive_buffer_under_uvloop() -> None:
+    """The daemons run uvloop, which holds the view `get_buffer` returned until
+    `buffer_updated` has returned: the buffer is still reused, the fast path still answers,
+    and R2T write buffers come from the pool."""
+
+    async def main() -> tuple[int, int, int]:
+        lu = LogicalUnit(MemoryBlockDevice(1 << 16), naa_id=0x6 << 124 | 1, serial="mem1")
+        srv = IscsiServer(
+            MemHost(ScsiTarget(IQN, {0: lu})), ServerConfig(listen=[("127.0.0.1", 0)])
+        )
+        await srv.start()
+        try:
+            ini = await Initiator.connect(srv.addresses[0][1])
+            await ini.login()
+            await ini.ready()
+            (proto,) = srv.connections
+            seen: list[bytearray] = []
+            for i in range(48):
+                payload = os.urandom(64 * 1024)
+                ini.pending_write = payload
+                status, _ = await ini.result(
+                    ini.command(write10(i * 128, 128), write=len(payload), imm=payload[:8192])
+                )
+                assert status == 0
+                status, data = await ini.result(
+                    ini.command(read10(i * 128, 128), read=len(payload))
+                )
+                assert status == 0 and data == payload
+                if not any(b is proto._rbuf for b in seen):
+                    seen.append(proto._rbuf)
+            ini.close()
+            return len(seen), proto.conn.fast_commands, proto.conn.pool.allocated
+        finally:
+            await srv.close()
+
+    buffers, fast, allocated = uvloop.run(main())
+    assert buffers <= 2
+    assert fast == 48  # every 64 KiB read (the writes need R2Ts: the full path)
+    assert allocated <= 2
 
 
 async def test_reinstatement_closes_the_old_connection(

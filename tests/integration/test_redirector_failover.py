@@ -93,6 +93,39 @@ class Journal:
         return max(((b - a, a) for a, b in itertools.pairwise(times)), default=(0.0, 0.0))
 
 
+def lun_opts(portal: str, target: str, lun: int) -> str:
+    """qemu's --image-opts for the LUN through `portal`, as INITIATOR."""
+    return (
+        f"driver=iscsi,transport=tcp,portal={portal},target={target},lun={lun},"
+        f"initiator-name={INITIATOR}"
+    )
+
+
+def read_back_lost(
+    portal: str, target: str, lun: int, journal: Journal, tmp_path: Path
+) -> list[tuple[int, int, bytes]]:
+    """The volume read whole through `portal` with qemu-img: every acknowledged write that is
+    not there, neither it nor a later version the writer issued, as (block, version, start)."""
+    image = tmp_path / "after.raw"
+    conv = run(
+        "qemu-img",
+        "convert",
+        "-O",
+        "raw",
+        "--image-opts",
+        lun_opts(portal, target, lun),
+        str(image),
+    )
+    assert conv.returncode == 0, conv.stderr
+    data = image.read_bytes()
+    lost = []
+    for b, v in journal.acked().items():
+        got = data[b * STRIDE : b * STRIDE + BLOCK]
+        if got not in {pattern(b, v)} | {pattern(b, w) for w in journal.issued[b] if w > v}:
+            lost.append((b, v, got[:40]))
+    return lost
+
+
 def stop_writer(proc: subprocess.Popen[bytes], stop: Path) -> None:
     """Ask the verified writer to stop (it polls its stop file; a signal would fail the write
     in flight) and wait for it."""
@@ -102,6 +135,61 @@ def stop_writer(proc: subprocess.Popen[bytes], stop: Path) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+class VipWriter:
+    """The verified writer on a new volume exported to INITIATOR, through the cluster's VIP
+    (the target listed by discovery first), writing until `finish`."""
+
+    def __init__(self, cluster: Cluster, tmp_path: Path, name: str) -> None:
+        binary = tmp_path / "verified-writer"
+        build = run("gcc", "-O2", "-Wall", "-o", str(binary), str(TOOL), "-liscsi")
+        assert build.returncode == 0, build.stderr
+        vip = cluster.state["portal"]
+        self.vol = cluster.create_exported_volume(name, "256MiB", INITIATOR)
+        self.target, self.lun = self.vol["target_iqn"], self.vol["lun"]
+        wait_for(
+            lambda: (
+                self.target in run("iscsi-ls", "-i", INITIATOR, f"iscsi://{vip}", timeout=20).stdout
+            ),
+            30,
+            "discovery through the VIP to list the target",
+        )
+        self.out, self.stop = tmp_path / "writer.out", tmp_path / "stop"
+        self.err = tmp_path / "writer.err"
+        url = f"iscsi://{vip}/{self.target}/{self.lun}"
+        with self.out.open("w") as stdout, self.err.open("w") as stderr:
+            self.proc = subprocess.Popen(
+                [str(binary), url, INITIATOR, str(BLOCKS), str(STRIDE), str(self.stop)],
+                stdout=stdout,
+                stderr=stderr,
+            )
+
+    def acks(self) -> int:
+        return sum(line.startswith("A ") for line in self.out.read_text().splitlines())
+
+    def rounds(self, n: int, timeout: float, what: str) -> None:
+        """Wait for `n` more rounds (every block written once each) to be acknowledged."""
+        start = self.acks()
+        wait_for(lambda: self.acks() >= start + n * BLOCKS, timeout, what)
+
+    def halt(self) -> None:
+        """Stop it after the write in flight (for a `finally`: it never raises)."""
+        stop_writer(self.proc, self.stop)
+
+    def journal(self) -> Journal:
+        """What it issued and what was acknowledged; it must have exited cleanly."""
+        assert self.proc.returncode == 0, self.err.read_text()
+        return Journal.parse(self.out.read_text())
+
+    def serves(self, portal: str) -> bool:
+        """Whether `portal` opens the LUN now (qemu-img info)."""
+        info = run("qemu-img", "info", "--image-opts", lun_opts(portal, self.target, self.lun))
+        return info.returncode == 0
+
+    def lost(self, portal: str, journal: Journal, tmp_path: Path) -> list[tuple[int, int, bytes]]:
+        """Acknowledged writes not found when the volume is read back through `portal`."""
+        return read_back_lost(portal, self.target, self.lun, journal, tmp_path)
 
 
 def sessions(admin: str) -> float:
@@ -124,39 +212,16 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 def test_sigkill_of_the_clients_chunk_server_loses_no_acknowledged_write(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    writer = tmp_path / "verified-writer"
-    build = run("gcc", "-O2", "-Wall", "-o", str(writer), str(TOOL), "-liscsi")
-    assert build.returncode == 0, build.stderr
-    vip = cluster.state["portal"]
-    vol = cluster.create_exported_volume("failover", "256MiB", INITIATOR)
-    target, lun = vol["target_iqn"], vol["lun"]
+    writer = VipWriter(cluster, tmp_path, "failover")
     admin = {n: cluster.state["daemons"][n]["endpoints"]["admin"] for n in cluster.chunks}
-    wait_for(
-        lambda: target in run("iscsi-ls", "-i", INITIATOR, f"iscsi://{vip}", timeout=20).stdout,
-        30,
-        "discovery through the VIP to list the target",
-    )
-
-    out, err, stop = tmp_path / "writer.out", tmp_path / "writer.err", tmp_path / "stop"
-    url = f"iscsi://{vip}/{target}/{lun}"
-    with out.open("w") as stdout, err.open("w") as stderr:
-        proc = subprocess.Popen(
-            [str(writer), url, INITIATOR, str(BLOCKS), str(STRIDE), str(stop)],
-            stdout=stdout,
-            stderr=stderr,
-        )
     try:
-
-        def acks() -> int:
-            return sum(line.startswith("A ") for line in out.read_text().splitlines())
-
-        wait_for(lambda: acks() >= 2 * BLOCKS, 60, "the writer to complete two rounds")
+        writer.rounds(2, 60, "the writer to complete two rounds")
         on = [n for n in cluster.chunks if sessions(admin[n]) >= 1]
         assert len(on) == 1, f"the client's session is on {on}, expected exactly one server"
         victim = on[0]
         killed_at = time.monotonic()
         lunastor("dev", "stop", victim, "--kill", "--dir", str(cluster.dir))
-        acked_before = acks()
+        acked_before = writer.acks()
         survivors = [n for n in cluster.chunks if n != victim]
         new_home = wait_for(
             lambda: next((n for n in survivors if sessions(admin[n]) >= 1), None),
@@ -164,15 +229,14 @@ def test_sigkill_of_the_clients_chunk_server_loses_no_acknowledged_write(
             "the client to log in to a surviving chunk server through the VIP",
         )
         wait_for(
-            lambda: acks() >= acked_before + 2 * BLOCKS,
+            lambda: writer.acks() >= acked_before + 2 * BLOCKS,
             60,
             "the writer to complete two more rounds after the kill",
         )
     finally:
-        stop_writer(proc, stop)
-    assert proc.returncode == 0, err.read_text()
-
-    journal = Journal.parse(out.read_text())
+        writer.halt()
+    journal = writer.journal()
+    err = writer.err
     gap, gap_start = journal.longest_gap()
     print(
         f"\nfailover: {victim} SIGKILLed, the client resumed on {new_home}; longest gap between "
@@ -185,22 +249,8 @@ def test_sigkill_of_the_clients_chunk_server_loses_no_acknowledged_write(
 
     # every block, read through the chunk server the client is not on
     reader = next(n for n in survivors if n != new_home)
-    image = tmp_path / "after.raw"
-    lun_opts = (
-        f"driver=iscsi,transport=tcp,portal={cluster.portal(reader)},target={target},lun={lun},"
-        f"initiator-name={INITIATOR}"
-    )
-    conv = run("qemu-img", "convert", "-O", "raw", "--image-opts", lun_opts, str(image))
-    assert conv.returncode == 0, conv.stderr
-    data = image.read_bytes()
-    acked = journal.acked()
-    assert len(acked) == BLOCKS
-    lost = []
-    for b, v in acked.items():
-        got = data[b * STRIDE : b * STRIDE + BLOCK]
-        allowed = {pattern(b, v)} | {pattern(b, w) for w in journal.issued[b] if w > v}
-        if got not in allowed:
-            lost.append((b, v, got[:40]))
+    assert len(journal.acked()) == BLOCKS
+    lost = writer.lost(cluster.portal(reader), journal, tmp_path)
     assert not lost, f"acknowledged writes lost: {lost}"
     print(f"IO gap {gap:.2f} s ({'within' if gap < GAP_GOAL else 'over'} the {GAP_GOAL} s goal)")
     assert gap < GAP_BOUND, f"IO gap {gap:.2f} s: the client did not resume within {GAP_BOUND} s"

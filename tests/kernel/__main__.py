@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     known = [*SCENARIOS, *CLUSTER_NAMES, *CSI_NAMES, *LIO_SCENARIOS]
     ap.add_argument("scenarios", nargs="*", metavar="SCENARIO", help=", ".join(known))
     ap.add_argument("--build-dir", type=Path, default=Path("build/kernel-guest"))
-    ap.add_argument("--log-level", default="DEBUG", help="the target's (default DEBUG)")
+    ap.add_argument(
+        "--log-level",
+        default="INFO",
+        help="the target's (default INFO; DEBUG traces every PDU and turns the fast path off)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="print guest results on failure")
     args = ap.parse_args(argv)
     names = args.scenarios or known

@@ -256,5 +256,29 @@ class NetCluster:
     def kill(self, daemon: str) -> None:
         self.control("stop", daemon, "--kill")
 
+    def name_of(self, chunk_id: str) -> str:
+        """The daemon name of a chunk server id (its data directory holds the id)."""
+        for name in self.chunk_names():
+            path = self.directory / "data" / name / "chunk-id"
+            if path.exists() and path.read_text().strip() == chunk_id:
+                return name
+        raise ClusterError(f"no chunk server of this cluster has id {chunk_id}")
+
+    def _pid(self, daemon: str) -> int:
+        state = json.loads((self.directory / "cluster.json").read_text())
+        pid = state["daemons"][daemon]["pid"]
+        if not pid:
+            raise ClusterError(f"{daemon} is not running")
+        return int(pid)
+
+    def freeze(self, daemon: str) -> None:
+        """SIGSTOP: the process lives on, holds its connections and answers nothing (a frozen
+        or cut-off server; its crash guard sees nothing)."""
+        os.kill(self._pid(daemon), signal.SIGSTOP)
+
+    def thaw(self, daemon: str) -> None:
+        with contextlib.suppress(ProcessLookupError, ClusterError):
+            os.kill(self._pid(daemon), signal.SIGCONT)
+
     def stop_daemon(self, daemon: str) -> None:
         self.control("stop", daemon)

@@ -73,6 +73,16 @@ def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
             signal_group(signal.SIGKILL)
             proc.wait(10)
     signal_group(signal.SIGKILL)  # anything of the group that is left
+    # QEMU may outlive /usr/bin/time (the Popen's own process) by the time its SIGKILL takes
+    # to tear 512 MiB and its threads down, which a loaded machine stretches: wait for that,
+    # so that the namespace is empty when we return (a kernel run met QEMU still listed).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
 
 
 @dataclass
@@ -239,7 +249,9 @@ class Guest:
     workdir: Path
     boot: BootFiles
     memory_mb: int = 512
-    disk: Path | None = None  # an extra raw image, seen by the guest as /dev/vda
+    # extra raw images, seen by the guest as /dev/vda, /dev/vdb, ... in this order; cache=none:
+    # what the guest had not flushed is lost when QEMU is killed (power_cut)
+    disks: Sequence[Path] = ()
     _qemu: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def power_cut(self) -> None:
@@ -296,8 +308,8 @@ class Guest:
         ]
         if QBOOT.is_file() and _is_elf(self.boot.kernel):
             argv += ["-bios", str(QBOOT)]
-        if self.disk is not None:
-            argv += ["-drive", f"file={self.disk},if=virtio,format=raw,cache=none,aio=threads"]
+        for disk in self.disks:
+            argv += ["-drive", f"file={disk},if=virtio,format=raw,cache=none,aio=threads"]
         return argv
 
     def run(

@@ -29,7 +29,7 @@ class StandaloneTarget:
     size: int
     allow: list[str] = field(default_factory=list)
     chap: str | None = None  # USER:SECRET
-    log_level: str = "DEBUG"
+    log_level: str = "INFO"  # DEBUG traces every PDU, which turns the fast path off
     port: int = 3260
     proc: subprocess.Popen[bytes] | None = None
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from tests.kernel.target import REPO
 
 SOURCE = REPO / "tests" / "tools" / "verified_writer.c"
-BLOCK = 4096
 
 
 def build(build_dir: Path) -> Path:
@@ -35,14 +34,6 @@ def build(build_dir: Path) -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"cannot build {SOURCE.name}: {proc.stderr.strip()}")
     return out
-
-
-def pattern(block: int, version: int) -> bytes:
-    """The bytes verified_writer.c writes as `version` of `block`."""
-    data = bytearray((i * 131 + block * 7 + version * 13) & 0xFF for i in range(BLOCK))
-    head = f"lunastor block {block} version {version}\n".encode()
-    data[: len(head)] = head
-    return bytes(data)
 
 
 @dataclass
@@ -69,12 +60,24 @@ class Journal:
                 journal.failed += 1
         return journal
 
-    def lost(self, image: bytes, stride: int) -> list[str]:
-        """Blocks whose latest acknowledged version is not on the volume (nor a later one)."""
+    def lost(self, reads: dict[int, str]) -> list[str]:
+        """Blocks whose latest acknowledged version is not on the volume (nor a later one that
+        was issued). `reads`: `parse_reads` of a `verified-writer --read` of the volume."""
         lost = []
         for b, v in sorted(self.acked.items()):
-            got = image[b * stride : b * stride + BLOCK]
-            allowed = {pattern(b, w) for w in self.issued.get(b, set()) if w >= v}
+            got = reads.get(b, "unread")
+            allowed = {str(w) for w in self.issued.get(b, set()) if w >= v}
             if got not in allowed:
-                lost.append(f"block {b} v{v}: read {got[:32]!r}")
+                lost.append(f"block {b} v{v}: read {got[:40]}")
         return lost
+
+
+def parse_reads(text: str) -> dict[int, str]:
+    """`R block version` lines of `verified-writer --read`: block -> its version as read, "0"
+    (zeros) or "bad <hex>" (not a version of that block)."""
+    reads = {}
+    for line in text.splitlines():
+        words = line.split(maxsplit=2)
+        if len(words) == 3 and words[0] == "R":
+            reads[int(words[1])] = words[2]
+    return reads

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,22 @@ LUNASTOR = [sys.executable, "-m", "lunastor.cli.main"]
 
 
 def random_prefix() -> str:
-    """A 127.N prefix unlikely to collide with another cluster on this machine."""
-    return f"127.{random.randint(100, 250)}"
+    """A 127.N prefix no other cluster on this machine uses now: nothing listening on its
+    etcd or meta port. Test runs side by side could draw the same one, and one cluster's
+    CLI then reached the other's meta (the likely cause of "401 unknown bearer token"
+    seen under load)."""
+    free = list(range(100, 251))
+    random.shuffle(free)
+    for n in free:
+        if not any(_listening(f"127.{n}.0.1", port) for port in (2379, 8080)):
+            return f"127.{n}"
+    raise AssertionError("every 127.N prefix from 100 to 250 is in use")
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
 
 
 def lunastor(
@@ -32,7 +47,13 @@ def lunastor(
     return proc
 
 
-def dev_up(directory: Path, chunks: int = 3, lease_ttl: float = 2.0) -> dict[str, Any]:
+def dev_up(
+    directory: Path,
+    chunks: int = 3,
+    lease_ttl: float = 2.0,
+    etcd_members: int = 1,
+    chunk_workers: int = 1,
+) -> dict[str, Any]:
     lunastor(
         "dev",
         "up",
@@ -45,6 +66,10 @@ def dev_up(directory: Path, chunks: int = 3, lease_ttl: float = 2.0) -> dict[str
         random_prefix(),
         "--lease-ttl",
         str(lease_ttl),
+        "--etcd-members",
+        str(etcd_members),
+        "--chunk-workers",
+        str(chunk_workers),
     )
     return read_state(directory)
 

@@ -1,7 +1,8 @@
 /*
  * nexus_client: a scripted libiscsi client with several sessions whose ISIDs the test chooses,
  * so that two sessions can be the same I_T nexus logged in through two access points
- * (tests/integration/chunk/test_fencing_login.py). A test tool may be C; the product is Python.
+ * (tests/integration/chunk/test_fencing_login.py), and two initiators race COMPARE AND WRITE
+ * (tests/integration/chunk/test_caw.py). A test tool may be C; the product is Python.
  *
  *   gcc -O2 -Wall -o nexus-client nexus_client.c -liscsi
  *   nexus-client INITIATOR          (then commands on stdin, one per line)
@@ -12,6 +13,8 @@
  *   write NAME LBA BYTE            WRITE(16) of 4 KiB filled with BYTE (decimal) at LBA
  *                                  -> "GOOD" or "CHECK <key> <asc> <ascq>" (hex) or "ERR ..."
  *   read NAME LBA                  READ(16) of 4 KiB -> "DATA <first byte> <1 if all equal>"
+ *   caw NAME LBA OLD NEW           COMPARE AND WRITE of one 512-byte block: all OLD -> all NEW
+ *                                  -> "GOOD", "MISCOMPARE <information field>" or as write
  *   logout NAME                    -> "OK"
  * A UNIT ATTENTION (a new nexus, LUN data changed) is retried, as the Linux midlayer does.
  */
@@ -134,6 +137,49 @@ static void read_block(struct session *s, uint64_t lba)
         scsi_free_scsi_task(task);
 }
 
+/* The INFORMATION field of fixed (70h/71h) or descriptor (72h/73h) sense data, -1 if none. */
+static long long sense_information(const struct scsi_task *task)
+{
+    if (task->datain.size < 2 + 8)
+        return -1;
+    const unsigned char *sense = task->datain.data + 2;
+    int len = task->datain.size - 2;
+    if ((sense[0] & 0x7e) == 0x70 && (sense[0] & 0x80))
+        return ((long long)sense[3] << 24) | (sense[4] << 16) | (sense[5] << 8) | sense[6];
+    if ((sense[0] & 0x7e) == 0x72) {
+        for (int at = 8; at + 12 <= len; at += 2 + sense[at + 1])
+            if (sense[at] == 0x00) {
+                long long v = 0;
+                for (int i = 0; i < 8; i++)
+                    v = (v << 8) | sense[at + 4 + i];
+                return v;
+            }
+    }
+    return -1;
+}
+
+static void compare_and_write(struct session *s, uint64_t lba, int old, int new)
+{
+    unsigned char buf[1024];
+    memset(buf, old, 512);
+    memset(buf + 512, new, 512);
+    struct scsi_task *task = NULL;
+    for (int attempt = 0; attempt < 5; attempt++) {
+        if (task != NULL)
+            scsi_free_scsi_task(task);
+        task = iscsi_compareandwrite_sync(s->ctx, s->lun, lba, buf, sizeof buf, 512, 0, 0, 0, 0, 0);
+        if (!unit_attention(task))
+            break;
+    }
+    if (task != NULL && task->status == SCSI_STATUS_CHECK_CONDITION &&
+        task->sense.key == SCSI_SENSE_MISCOMPARE)
+        printf("MISCOMPARE %lld\n", sense_information(task));
+    else
+        report(s, task);
+    if (task != NULL)
+        scsi_free_scsi_task(task);
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 2) {
@@ -144,7 +190,7 @@ int main(int argc, char **argv)
     setvbuf(stdout, NULL, _IOLBF, 0);
     char line[1024], cmd[16], name[32], url[512];
     while (fgets(line, sizeof line, stdin) != NULL) {
-        unsigned long long a = 0, b = 0;
+        unsigned long long a = 0, b = 0, c = 0;
         struct session *s;
         if (sscanf(line, "login %31s %llu %llu %511s", name, &a, &b, url) == 4) {
             login(name, (uint32_t)a, (uint32_t)b, url);
@@ -156,6 +202,9 @@ int main(int argc, char **argv)
         }
         if (strcmp(cmd, "write") == 0 && sscanf(line, "write %*s %llu %llu", &a, &b) == 2)
             write_block(s, a, (int)b);
+        else if (strcmp(cmd, "caw") == 0 &&
+                 sscanf(line, "caw %*s %llu %llu %llu", &a, &b, &c) == 3)
+            compare_and_write(s, a, (int)b, (int)c);
         else if (strcmp(cmd, "read") == 0 && sscanf(line, "read %*s %llu", &a) == 1)
             read_block(s, a);
         else if (strcmp(cmd, "logout") == 0) {

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from lunastor.csi import csi_pb2 as pb
+from lunastor.csi.controller import condition_message
 from lunastor.csi.errors import BY_CODE, CsiError, status_for
 from lunastor.csi.mounts import parse_mountinfo
 from lunastor.csi.requests import (
@@ -19,6 +20,7 @@ from lunastor.csi.requests import (
     api_name,
     capability_problem,
     choose_zones,
+    mutable_parameters,
     size_for,
     volume_parameters,
 )
@@ -84,6 +86,42 @@ def test_parameters() -> None:
         with pytest.raises(CsiError) as info:
             volume_parameters(bad)
         assert info.value.code == S.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("params", "qos"),
+    [
+        ({"writeIops": "500"}, {"write_iops": 500}),
+        ({"bps": "100Mi", "bpsBurst": "1GiB", "burstSeconds": "2.5"},
+         {"bps": 100 * MiB, "bps_burst": GiB, "burst_seconds": 2.5}),
+        ({"readIops": "0"}, {}),  # 0: no limit
+    ],
+)  # fmt: skip
+def test_qos_parameters(params: dict[str, str], qos: dict[str, float]) -> None:
+    assert volume_parameters({**params, "replicas": "2"}).qos == qos
+    # in a VolumeAttributesClass the same keys; "0" is kept there: it clears a limit
+    assert {k: v for k, v in mutable_parameters(params).items() if v} == qos
+
+
+@pytest.mark.parametrize(
+    ("params", "names"),
+    [
+        ({"writeIops": "fast"}, "writeIops"),
+        ({"writeIops": "-5"}, "writeIops"),
+        ({"bps": "1 lot"}, "bps"),
+        ({"burstSeconds": "nan", "iops": "5", "iopsBurst": "10"}, "burstSeconds"),
+        ({"iopsBurst": "10"}, "iopsBurst"),  # a burst needs its rate
+        ({"iops": "10", "iopsBurst": "5"}, "iopsBurst"),
+    ],
+)
+def test_qos_parameters_refused(params: dict[str, str], names: str) -> None:
+    for parse in (volume_parameters, mutable_parameters):
+        with pytest.raises(CsiError) as info:
+            parse(params)
+        assert info.value.code == S.INVALID_ARGUMENT and names in str(info.value)
+    with pytest.raises(CsiError) as info:  # only QoS limits are mutable
+        mutable_parameters({"replicas": "2"})
+    assert "replicas" in str(info.value)
 
 
 def test_names() -> None:
@@ -236,3 +274,14 @@ def test_node_stage_secrets_become_chap_settings() -> None:
         with pytest.raises(CsiError) as info:
             _chap(bad)
         assert info.value.code == S.INVALID_ARGUMENT
+
+
+def test_volume_condition_is_abnormal_on_health_or_unrepaired_scrub_errors() -> None:
+    ok = {"health": "ok", "health_detail": "all 2 extents fully replicated", "scrub_errors": 0}
+    assert condition_message(ok) == pb.VolumeCondition(
+        abnormal=False, message="ok: all 2 extents fully replicated"
+    )
+    bad = condition_message({**ok, "scrub_errors": 3})
+    assert bad.abnormal and bad.message.startswith("ok: all 2 extents fully replicated; scrub: 3")
+    degraded = condition_message({**ok, "health": "degraded", "health_detail": "1 of 2 ..."})
+    assert degraded.abnormal and degraded.message == "degraded: 1 of 2 ..."

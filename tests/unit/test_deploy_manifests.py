@@ -14,7 +14,13 @@ from lunastor.common.config import env_paths, env_var_name, load_config
 from lunastor.csi.config import DRIVER_NAME, CsiConfig
 from lunastor.csi.main import parser
 from lunastor.csi.node import CHAP_KEYS
-from lunastor.csi.requests import CO_PREFIX, FS_TYPES, VolumeParameters, volume_parameters
+from lunastor.csi.requests import (
+    CO_PREFIX,
+    FS_TYPES,
+    VolumeParameters,
+    mutable_parameters,
+    volume_parameters,
+)
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 
@@ -67,6 +73,14 @@ def test_plugin_containers_pass_only_arguments_and_settings_that_exist(
             if args.mode == "controller":
                 assert config.api_token and config.api_url
     assert sorted(modes) == ["controller", "node"]
+
+
+def test_qos_example_parameters_are_accepted() -> None:
+    docs = documents(DEPLOY / "examples" / "qos.yaml")
+    classes = [d for d in docs if d["kind"] == "VolumeAttributesClass"]
+    assert classes and all(c["driverName"] == DRIVER_NAME for c in classes)
+    for c in classes:
+        assert mutable_parameters(c["parameters"])  # as ControllerModifyVolume receives them
 
 
 def test_storage_class_parameters_exist(objects: list[dict[str, Any]]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -41,12 +42,12 @@ def apply(recs: list[ExtentRecord], moves: list[Move]) -> list[ExtentRecord]:
 
 
 def settle(
-    recs: list[ExtentRecord], servers: list[Holder], **kw: int
+    recs: list[ExtentRecord], servers: list[Holder], **kw: Any
 ) -> tuple[list[ExtentRecord], int, int]:
     """Plan and apply until the planner has nothing left; (extents, moves, passes)."""
     moved = passes = 0
     while True:
-        plan = plan_moves(recs, servers, **kw)  # type: ignore[arg-type]
+        plan = plan_moves(recs, servers, **kw)
         if not plan.moves:
             return recs, moved, passes
         passes += 1
@@ -119,6 +120,53 @@ def test_a_new_zone_gets_one_replica_of_every_extent_and_zones_never_narrow() ->
     assert all("t0" in r.replicas for r in final)
     assert zones_of(final, servers) == {2}
     assert measure(final, servers).counts == {"s0": 34, "s1": 33, "s2": 33, "t0": 50}
+
+
+def test_a_zoned_volume_never_moves_out_of_its_zones() -> None:
+    # vol-0 is restricted to z1 (its CSI topology); vol-1 may go anywhere. A new zone z2
+    # gets a replica of every vol-1 extent (spread) and none of vol-0's, balance or not.
+    servers = [*OLD, Holder("t0", "z2", 1000), Holder("t1", "z2", 1000)]
+    recs = extents(40, ["s0", "s1", "s2"], volumes=2)
+    final, moved, _ = settle(
+        recs, servers, max_moves=64, max_per_server=64, zones={"vol-0": ["z1"]}
+    )
+    assert moved > 0
+    for r in final:
+        outside = [m for m in r.replicas if m.startswith("t")]
+        assert not outside if r.volume == "vol-0" else len(outside) >= 1, r
+    # and a preserved copy of vol-0 (a snapshot's) follows vol-0's zones
+    kept = [dataclasses.replace(r, volume="vol-0.e1") for r in recs if r.volume == "vol-0"]
+    plan = plan_moves(kept, servers, max_moves=64, max_per_server=64, zones={"vol-0": ["z1"]})
+    assert all(m.target.startswith("s") for m in plan.moves)
+
+
+def test_a_clone_copied_on_its_sources_servers_is_moved_into_its_own_zones() -> None:
+    # vol-1 is a clone restricted to z2 whose extents were copied on its source's servers
+    # (z1, a local copy each); vol-0, the source, may stay anywhere. Every replica of the
+    # clone ends in z2, whatever the balance tolerance; none of the source's moves.
+    servers = [*OLD, *(Holder(f"t{i}", "z2", 1000) for i in range(3))]
+    recs = extents(20, ["s0", "s1", "s2"], volumes=2)
+    plan = plan_moves(recs, servers, max_moves=64, max_per_server=64, zones={"vol-1": ["z2"]})
+    clone_moves = [m for m in plan.moves if m.volume == "vol-1"]
+    assert len(clone_moves) == 20  # one move per extent per pass (a move is per extent)
+    by_index = {r.index: r for r in recs if r.volume == "vol-1"}
+    assert all(m.source != by_index[m.index].primary for m in clone_moves)  # secondaries first
+    assert all(m.target.startswith("t") for m in clone_moves)
+    final, _, _ = settle(recs, servers, max_moves=64, max_per_server=64, zones={"vol-1": ["z2"]})
+    for r in final:
+        if r.volume == "vol-1":
+            assert sorted(r.replicas) == ["t0", "t1", "t2"], r
+    # a tolerance no balance move would ever need does not stop it either
+    final, moved, _ = settle(
+        recs, servers, max_moves=64, max_per_server=64, zones={"vol-1": ["z2"]}, tolerance=10.0
+    )
+    assert moved == 60 + 20 and all(  # the source's 20: one each into z2 (zone spread)
+        sorted(r.replicas) == ["t0", "t1", "t2"] for r in final if r.volume == "vol-1"
+    )
+    # with fewer servers in its zones than copies, as many as fit move in, the rest stay
+    few = [*OLD, Holder("t0", "z2", 1000)]
+    final, moved, _ = settle(recs, few, max_moves=64, max_per_server=64, zones={"vol-1": ["z2"]})
+    assert all("t0" in r.replicas and len(r.replicas) == 3 for r in final if r.volume == "vol-1")
 
 
 def test_moves_stay_inside_a_zone_when_every_extent_spans_every_zone() -> None:

@@ -26,6 +26,7 @@ from lunastor.iscsi.blockdev import (
     SpaceExhausted,
     WriteProtected,
 )
+from lunastor.iscsi.buffers import BufferPool
 from lunastor.iscsi.scsi.types import Nexus
 
 Buffer = bytes | bytearray | memoryview
@@ -34,6 +35,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 _FILL_CHUNK = 1 << 20  # WRITE SAME writes its pattern in pieces of this many bytes
 _MAX_RUNS = 64  # GET LBA STATUS descriptors per call
+_POOLED_READ = 64 << 10  # reads of at least this many bytes go into pooled buffers
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
@@ -89,6 +91,7 @@ class FileBlockDevice:
         self._generation = 0
         self._caw_lock = asyncio.Lock()
         self._fill: tuple[bytes, bytes] | None = None  # (pattern, repeated pattern) reused
+        self._pool = BufferPool(max_pooled=8 << 20)  # large reads: no fresh buffer each
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -175,23 +178,49 @@ class FileBlockDevice:
             offset += n
             length -= n
 
-    # -- BlockDevice ------------------------------------------------------------------------
-    async def read(self, lba: int, blocks: int) -> Buffer:
+    # -- inline I/O (blockdev.InlineBlockDevice: the iSCSI fast path) ---------------------
+    inline_ok = True  # pread/pwrite on the loop thread: the page cache, microseconds
+
+    def read_inline(self, lba: int, blocks: int) -> Buffer:
         self._check(lba, blocks)
         size = blocks * self._bs
+        offset = lba * self._bs
+        if size >= _POOLED_READ:
+            # preadv into a pooled buffer; the view returned keeps it from being reused
+            # until whoever sends it (a transport) lets go of it
+            view = memoryview(self._pool.take(size))[:size]
+            got = 0
+            try:
+                while got < size:
+                    n = os.preadv(self._fd, [view[got:]], offset + got)
+                    if not n:
+                        break
+                    got += n
+            except OSError as e:
+                raise _device_error(e, lba, False) from e
+            if got < size:  # the file was shortened under us: the rest reads as zeros
+                view[got:] = bytes(size - got)
+            return view
         try:
-            data = os.pread(self._fd, size, lba * self._bs)
+            data = os.pread(self._fd, size, offset)
         except OSError as e:
             raise _device_error(e, lba, False) from e
         if len(data) < size:  # the file was shortened under us: the rest reads as zeros
             data += bytes(size - len(data))
         return data
 
-    async def write(self, lba: int, data: Buffer, fua: bool, nexus: Nexus | None = None) -> None:
+    def write_inline(self, lba: int, data: Buffer) -> None:
         if len(data) % self._bs:
             raise ValueError("write length is not a multiple of the block size")
         self._check_write(lba, len(data) // self._bs)
         self._pwrite_all(data, lba * self._bs, lba)
+
+    # -- BlockDevice ------------------------------------------------------------------------
+    async def read(self, lba: int, blocks: int) -> Buffer:
+        return self.read_inline(lba, blocks)
+
+    async def write(self, lba: int, data: Buffer, fua: bool, nexus: Nexus | None = None) -> None:
+        self.write_inline(lba, data)
         if fua:
             await self._sync(lba)
 

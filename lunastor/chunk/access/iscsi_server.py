@@ -23,16 +23,16 @@ from typing import Any, Protocol
 from prometheus_client import Counter, Gauge
 
 from lunastor.iscsi import pdu as p
+from lunastor.iscsi.buffers import unexported
 from lunastor.iscsi.connection import (
     CloseConnection,
     ExecuteCommand,
-    Phase,
     SessionReinstated,
     SessionStarted,
     TargetConnection,
     TaskManagement,
 )
-from lunastor.iscsi.errors import FramingError, RemoteProtocolError
+from lunastor.iscsi.resume import Resumed
 from lunastor.iscsi.scsi.target import ScsiTarget
 from lunastor.iscsi.scsi.types import (
     Nexus,
@@ -93,6 +93,7 @@ class IscsiServer:
         self.connections: set[IscsiConnectionProtocol] = set()
         self._by_session: dict[Session, IscsiConnectionProtocol] = {}
         self._servers: list[asyncio.Server] = []
+        self._adopting: set[asyncio.Task[Any]] = set()
         self.trace = log.isEnabledFor(logging.DEBUG)  # log every PDU
 
     async def start(self) -> None:
@@ -106,6 +107,21 @@ class IscsiServer:
         except BaseException:
             await self.close()
             raise
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve a connection accepted elsewhere (a chunk server's workers hand connections
+        over, lunastor/chunk/workers.py)."""
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(
+            loop.connect_accepted_socket(lambda: IscsiConnectionProtocol(self), sock)
+        )
+        self._adopting.add(task)
+        task.add_done_callback(self._adopted)
+
+    def _adopted(self, task: asyncio.Task[Any]) -> None:
+        self._adopting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("an adopted connection failed: %s", task.exception())
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -169,14 +185,25 @@ class IscsiServer:
             proto.cancel(proto.conn.abort_tasks(lun))
 
 
-class IscsiConnectionProtocol(asyncio.Protocol):
-    """One TCP connection. Everything here runs on the event loop thread."""
+RECEIVE_BUFFER = 1 << 20  # bytes the socket is read into at once (BufferedProtocol)
+_RECEIVE_ROOM = 64 << 10  # less room than this left: start over, or take a fresh buffer
+
+
+class IscsiConnectionProtocol(asyncio.BufferedProtocol):
+    """One TCP connection. Everything here runs on the event loop thread.
+
+    The socket is read straight into a receive buffer of ours (`get_buffer` /
+    `buffer_updated`); the connection frames PDUs from views of it without copying, so a
+    PDU's data segment (immediate write data, a Data-Out) is a view of what the kernel wrote.
+    The buffer is filled from its start again once the reader holds nothing and no view of
+    it is alive (`buffers.unexported`); otherwise a fresh one is taken and the old one lives
+    as long as views of it do.
+    """
 
     def __init__(self, server: IscsiServer) -> None:
         self.server = server
         cfg = server.config
         self.loop = asyncio.get_running_loop()
-        self.reader = p.PduReader(max_recv_data_segment_length=8192, sender="initiator")
         self.conn: TargetConnection = TargetConnection(
             server.host,
             server.registry,
@@ -197,8 +224,12 @@ class IscsiConnectionProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
         self._nexus_lost_done = False
-        self._in_ffp = False
         self._flush_soon = False
+        self._rbuf = bytearray(RECEIVE_BUFFER)
+        self._rpos = 0
+        self._rview: memoryview | None = None
+        if server.trace:
+            self.conn.on_pdu = _trace_in
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -217,28 +248,32 @@ class IscsiConnectionProtocol(asyncio.Protocol):
         self.server.connections.add(self)
         self._timer = self.loop.call_later(1.0, self._tick)
 
-    def data_received(self, data: bytes) -> None:
-        reader = self.reader
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._rview is not None:
+            # the loop let go of the view it read into (uvloop holds it through
+            # buffer_updated, so it is released here, not there)
+            with contextlib.suppress(BufferError):
+                self._rview.release()
+            self._rview = None
+        buf, pos = self._rbuf, self._rpos
+        if len(buf) - pos < _RECEIVE_ROOM:
+            if self.conn.reader.buffered or not unexported(buf):
+                buf = self._rbuf = bytearray(RECEIVE_BUFFER)
+            pos = self._rpos = 0
+        view = self._rview = memoryview(buf)[pos:]
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        pos = self._rpos
+        self._rpos = pos + nbytes
+        with memoryview(self._rbuf) as whole:
+            received = whole[pos : pos + nbytes]
+        self.data_received(received)
+
+    def data_received(self, data: bytes | memoryview) -> None:
         conn = self.conn
-        reader.feed(data)
         conn.last_rx = self.loop.time()
-        trace = self.server.trace
-        while conn.phase is Phase.LOGIN or conn.phase is Phase.FULL_FEATURE:
-            try:
-                pdu = reader.next_pdu()
-            except FramingError as exc:
-                conn.receive_error(exc)
-                break
-            except RemoteProtocolError as exc:
-                conn.receive_error(exc)
-                continue
-            if pdu is None:
-                break
-            if trace:
-                log.debug("<- %r %r", pdu, bytes(getattr(pdu, "data", b""))[:512])
-            conn.receive_pdu(pdu)
-            if not self._in_ffp and conn.phase is Phase.FULL_FEATURE:
-                self._enter_ffp()
+        conn.receive_data(data, copy=not isinstance(data, memoryview))
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -262,15 +297,6 @@ class IscsiConnectionProtocol(asyncio.Protocol):
 
     # --- plumbing -------------------------------------------------------------------------
 
-    def _enter_ffp(self) -> None:
-        self._in_ffp = True
-        params = self.conn.connection_params
-        assert params is not None
-        # the initiator's next PDU already carries the negotiated digests
-        self.reader.header_digest = params.header_digest
-        self.reader.data_digest = params.data_digest
-        self.reader.max_recv_data_segment_length = params.max_recv_data_segment_length
-
     def _flush(self) -> None:
         conn = self.conn
         events = conn.events()
@@ -293,8 +319,9 @@ class IscsiConnectionProtocol(asyncio.Protocol):
         if transport is None or self._closing:
             return
         if self.server.trace:
-            for pdu in conn._out:
+            for pdu in conn.queued():
                 log.debug("-> %r %r", pdu, bytes(getattr(pdu, "data", b""))[:512])
+                # (the fast path is off while tracing: every answer is a PDU object)
         bufs = conn.data_to_send()
         if close is not None and close.reason == "logout" and self.target is not None:
             # The session's SPC-2 reservation ends with it, through the reservation store:
@@ -331,6 +358,7 @@ class IscsiConnectionProtocol(asyncio.Protocol):
             if self.target is None:
                 self.abort("target vanished during login")
                 return
+            self.conn.fast_lanes = self.target.fast_lane
         self.server.session_started(self, session)
 
     def _start(self, ev: ExecuteCommand) -> None:
@@ -365,28 +393,12 @@ class IscsiConnectionProtocol(asyncio.Protocol):
         coro: Coroutine[Any, Any, ScsiResult],
         waiting: Any,
     ) -> None:
-        """Drive a command coroutine that had to wait, the way asyncio.Task would: wait for
-        the future it yielded, then resume it (it reads the future's result itself)."""
+        """Drive a command coroutine that had to wait: this task takes over the future it
+        yielded, as if it had run the coroutine from the start (`Resumed`)."""
         try:
-            while True:
-                try:
-                    if waiting is None:  # a bare yield (asyncio.sleep(0))
-                        await asyncio.sleep(0)
-                    else:
-                        # what Task.__step does with a yielded future: take over the wait
-                        # (else awaiting it again raises "await wasn't used with future")
-                        waiting._asyncio_future_blocking = False
-                        await waiting
-                except asyncio.CancelledError:
-                    coro.close()  # aborted by task management or connection loss
-                    raise
-                except Exception:
-                    pass  # the coroutine gets it from the future's result()
-                waiting = coro.send(None)
-        except StopIteration as done:
-            result: ScsiResult = done.value
+            result: ScsiResult = await Resumed(coro, waiting)
         except asyncio.CancelledError:
-            raise
+            raise  # aborted by task management or connection loss
         except Exception:
             result = self._internal_failure(cmd)
         finally:
@@ -466,3 +478,7 @@ class IscsiConnectionProtocol(asyncio.Protocol):
 
 
 _TARGET_RESETS = (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET)
+
+
+def _trace_in(pdu: p.Pdu) -> None:
+    log.debug("<- %r %r", pdu, bytes(getattr(pdu, "data", b""))[:512])

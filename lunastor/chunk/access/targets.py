@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lunastor.chunk.access.iscsi_server import IscsiServer
+from lunastor.chunk.access.qos import apply_limits
+from lunastor.chunk.access.qos_share import QosCoordinator
 from lunastor.chunk.access.volume import AccessPath, ReplicatedVolume
 from lunastor.common.etcd import Etcd
 from lunastor.common.etcd.cache import PrefixCache
@@ -77,9 +79,12 @@ class EtcdTargetHost:
         relative_ports: Callable[[], list[int]],
         sealer: Sealer | None,
         reservations: ReservationStore | None = None,
+        qos: QosCoordinator | None = None,
     ) -> None:
         """`reservations`: where SCSI reservation state lives (`EtcdReservations` on a chunk
-        server, so that every access point enforces it; in-process when not given)."""
+        server, so that every access point enforces it; in-process when not given). `qos`:
+        shares limited volumes' limits with the other access points (docs/qos.md)."""
+        self.qos = qos
         self.path = path
         self.reservations: ReservationStore = reservations or InProcessReservations()
         self.extent_size = extent_size
@@ -98,6 +103,7 @@ class EtcdTargetHost:
         self._discovery_chap: ChapCredentials | None = None
         self._task: asyncio.Task[None] | None = None
         self.changes = 0  # rebuilds done (tests wait on it)
+        self._built: tuple[int, ...] = ()  # the caches' revisions the last rebuild read
         self.on_rebuild: list[Callable[[], None]] = []  # called after each rebuild (LIO export)
 
     async def start(self) -> None:
@@ -117,27 +123,32 @@ class EtcdTargetHost:
         return (self.luns, self.volumes, self.target_records, self.discovery)
 
     async def _follow(self) -> None:
-        seen = self._revisions()
         while True:
-            # Any of the caches may change; poll their revisions cheaply on each notification.
-            waits = [asyncio.ensure_future(self._changed(c)) for c in self._caches]
+            # Until a cache moved past what the last rebuild read (not what the caches hold
+            # when this task gets to run, nor the next notification alone): a change applied
+            # between a rebuild (or `start`'s) and these waiters is built, not left until
+            # some other change. Missing it served a stale ACL: a starting worker's logins
+            # met "Authorization failure" for 60 s after an export.
+            built = self._built
+            waits = [
+                asyncio.ensure_future(self._moved(c, r))
+                for c, r in zip(self._caches, built, strict=True)
+            ]
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for w in waits:
                     w.cancel()
-            now = self._revisions()
-            if now != seen:
-                seen = now
+            if self._revisions() != self._built:
                 try:
                     self.rebuild()
                 except Exception:  # a bad record must not stop serving the others
                     log.exception("rebuilding the LUN map failed")
 
     @staticmethod
-    async def _changed(cache: PrefixCache) -> None:
+    async def _moved(cache: PrefixCache, revision: int) -> None:
         async with cache.changed:
-            await cache.changed.wait()
+            await cache.changed.wait_for(lambda: cache.revision != revision)
 
     def _revisions(self) -> tuple[int, ...]:
         return tuple(c.revision for c in self._caches)
@@ -145,6 +156,7 @@ class EtcdTargetHost:
     # -- rebuilding from the caches ------------------------------------------------------------
 
     def rebuild(self) -> None:
+        self._built = self._revisions()  # what this rebuild reads (synchronously: all of it)
         volumes: dict[str, VolumeRecord] = {}
         for kv in self.volumes.items.values():
             try:
@@ -166,17 +178,26 @@ class EtcdTargetHost:
         # units per volume, kept across rebuilds
         for vid in [v for v in self._units if v not in {w[0].id for w in wanted.values()}]:
             self._units.pop(vid)[0].io.forget()
+            if self.qos is not None:
+                self.qos.track(vid, None)
         new_luns: dict[tuple[int, int], _Lun] = {}
         for key, (vol, initiators) in wanted.items():
             unit = self._units.get(vol.id)
             if unit is None:
                 device = ReplicatedVolume(vol, self.path, self.extent_size)
                 naa, serial = volume_identity(vol.id)
-                lu = LogicalUnit(device, naa_id=naa, serial=serial, pr_key=vol.id)
+                # COMPARE AND WRITE of one block never spans two extents, so it is always
+                # atomic at the extent's primary (docs/datapath.md, "COMPARE AND WRITE")
+                lu = LogicalUnit(
+                    device, naa_id=naa, serial=serial, pr_key=vol.id, max_compare_write_blocks=1
+                )
                 unit = (device, lu)
                 self._units[vol.id] = unit
             else:
                 unit[0].update(vol)
+            # per-volume QoS (docs/qos.md)
+            track = self.qos.track if self.qos is not None else None
+            apply_limits(vol, unit[0], unit[1], unit[0].io, track)
             new_luns[key] = _Lun(unit[0], unit[1], initiators)
         old_luns, self._luns = self._luns, new_luns
         by_target: dict[int, dict[int, LogicalUnit]] = {}
@@ -194,6 +215,7 @@ class EtcdTargetHost:
                     visible_luns=self._visible_for(target),
                     relative_ports=self._relative_ports,
                     abort_tasks=self._abort_tasks,
+                    spawn=asyncio.ensure_future,
                 )
                 self.targets[target] = st
                 continue
@@ -274,6 +296,17 @@ class EtcdTargetHost:
     def target_exists(self, target: str) -> bool:
         n = self._number(target)
         return n is not None and any(t == n for t, _ in self._luns)
+
+    def volumes_for(self, initiator: str, target: str) -> list[str]:
+        """The volumes `initiator` sees behind `target` (a chunk server's worker 0 hands a
+        login to the worker that owns them, chunk/workers.py)."""
+        n = self._number(target)
+        found = {
+            e.volume.record.id
+            for (t, _), e in self._luns.items()
+            if t == n and initiator in e.initiators
+        }
+        return sorted(found)
 
     def may_login(self, initiator: str, target: str) -> bool:
         n = self._number(target)

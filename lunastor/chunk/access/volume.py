@@ -6,23 +6,28 @@ across generation changes, and replacing a failed primary). docs/datapath.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import itertools
 import logging
+import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from prometheus_client import Counter
 
+from lunastor.chunk.access.allocation import AllocationMap, AllocationMaps
+from lunastor.chunk.access.local_read import LocalReads
 from lunastor.chunk.access.nexus_epochs import NexusEpochs
+from lunastor.chunk.maintenance.locality import Activity
 from lunastor.chunk.replication.extentmap import AllocationError, Entry, ExtentMap
-from lunastor.chunk.replication.node import Replicas
+from lunastor.chunk.replication.node import Replicas, first_difference
 from lunastor.chunk.replication.snapshots import VersionIndex
-from lunastor.chunk.store import BLOCK_SIZE, CHECKSUM_SIZE
+from lunastor.chunk.store import BLOCK_SIZE, CHECKSUM_SIZE, ExtentStoreError, ReplicaState
 from lunastor.chunk.wire.messages import (
+    CompareAndWrite,
     Copy,
     Flush,
     GetState,
@@ -38,6 +43,7 @@ from lunastor.chunk.wire.messages import (
 )
 from lunastor.chunk.wire.peer import PeerError
 from lunastor.common.events import EVENTS
+from lunastor.common.logs import get_logger
 from lunastor.common.records import ExtentRecord, VolumeRecord, parse_preserved
 from lunastor.common.volume_io import VolumeIo
 from lunastor.iscsi.blockdev import (
@@ -53,14 +59,30 @@ from lunastor.iscsi.blockdev import (
 from lunastor.iscsi.scsi.types import Nexus as ScsiNexus
 
 log = logging.getLogger(__name__)
+slog = get_logger(component="access-path")  # structured: key=value fields
 
 CHECKSUM_REPAIRS = Counter(
     "lunastor_checksum_repairs_total",
     "Blocks that failed their checksum on a replica and were rewritten from another replica",
 )
 FAILOVERS = Counter("lunastor_primary_failovers_total", "Extents given a new primary")
+SEQUENCED = Counter(
+    "lunastor_writes_sequenced",
+    "Writes an access point had sequenced (acknowledged by the extent's primary)",
+)
+SEQUENCED_LOCAL = Counter(
+    "lunastor_writes_sequenced_local",
+    "Writes an access point had sequenced by the primary in its own process (locality)",
+)
 
 COPY_CHUNK = 1 << 20  # bytes per COPY while converging replicas
+LBA_STATUS_RUNS = 16  # runs one GET LBA STATUS answers at most (qemu asks for one)
+LBA_STATUS_EXTENTS = 64  # extents one GET LBA STATUS walks at most
+
+
+class PrimaryRefused(MediumError):
+    """The primary answered `bad_request`: a request it cannot parse, such as an op its
+    (older) version does not know (a `caw` during a rolling upgrade)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +151,12 @@ class AccessPath:
         read_lease: float = 0.0,
         io_timeout: float = 60.0,
         epochs: NexusEpochs | None = None,
+        expected_back: Callable[[str], float] | None = None,
     ) -> None:
+        """`expected_back(chunk)`: until when (monotonic) a chunk server that is away on
+        purpose is expected back, 0.0 if it is not (maintenance/restart.py)."""
         self.emap = emap
+        self.expected_back = expected_back
         self.replicas = replicas
         self.node_id = node_id
         self.lease_ttl = lease_ttl
@@ -139,8 +165,19 @@ class AccessPath:
         # None: writes carry no nexus epoch (fencing off, docs/datapath.md "Fencing")
         self.epochs = epochs
         self._failing_over: dict[tuple[str, int], asyncio.Lock] = {}
+        # extents seen converging under another converger: (mod_revision, since when)
+        self._converging_since: dict[tuple[str, int], tuple[int, float]] = {}
+        # how long a converging extent is left to the one who committed it (`converge`)
+        self.converge_grace = 2 * lease_ttl
         self.versions = VersionIndex(emap)
         self._frozen: set[tuple[str, int]] = set()  # live extents of deleted clone sources
+        self.local_reads = LocalReads(emap, replicas, node_id)  # the local fast path
+        self.activity = Activity()  # IO per extent here: locality claims (locality.py)
+        self.allocations = AllocationMaps()  # GET LBA STATUS
+        # COMPARE AND WRITE as a `caw` at the extent's primary; False: read, compare and
+        # write under a lock of this access point only, as before `caw` existed (not atomic
+        # across access points: the negative control of tests/integration/chunk/test_caw.py)
+        self.caw_at_primary = True
 
     async def call(self, chunk_id: str, build: Callable[[int], Request]) -> Response:
         return await self.replicas.call(chunk_id, build)
@@ -153,6 +190,22 @@ class AccessPath:
 
     # -- ordered mutations at the primary --------------------------------------------------
 
+    def _serving(
+        self, volume: str, base: Sequence[dict[str, Any]]
+    ) -> contextlib.AbstractAsyncContextManager[Any]:
+        """The extent map of `volume` and of its clone sources loaded while IO runs: a server
+        watches only its own extents and those of volumes in use here (pagewatch.py)."""
+        if not base:
+            return self.emap.serving(volume)
+        return self._serving_all([volume, *(str(link["volume"]) for link in base)])
+
+    @contextlib.asynccontextmanager
+    async def _serving_all(self, volumes: list[str]) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            for name in volumes:
+                await stack.enter_async_context(self.emap.serving(name))
+            yield
+
     async def mutate(
         self,
         volume: str,
@@ -162,17 +215,34 @@ class AccessPath:
         *,
         allocate: bool,
         base: Sequence[dict[str, Any]] = (),
+        sequenced: bool = False,
     ) -> bool:
         """Run `build(id, gen)` at the extent's primary until it is acknowledged.
 
         Returns False (nothing done) for an unallocated extent when `allocate` is False and
         the volume does not read that extent from a clone source (`base`)."""
+        async with self._serving(volume, base):
+            return await self._mutate(
+                volume, index, replicas, build, allocate=allocate, base=base, sequenced=sequenced
+            )
+
+    async def _mutate(
+        self,
+        volume: str,
+        index: int,
+        replicas: int,
+        build: Callable[[int, int], Request],
+        *,
+        allocate: bool,
+        base: Sequence[dict[str, Any]],
+        sequenced: bool,
+    ) -> bool:
         deadline = time.monotonic() + self.io_timeout
         delay = 0.05
         while True:
             if time.monotonic() > deadline:
                 raise NotReady(f"extent {volume}/{index}: no primary acknowledged in time")
-            entry = self.emap.entry(volume, index)
+            entry = await self.emap.entry_now(volume, index)
             if entry is None:
                 origin = await self.source(base, index) if base else None
                 if not allocate and origin is None:
@@ -196,6 +266,17 @@ class AccessPath:
             rec = entry.record
             if rec.converging:
                 await self.converge(entry)
+                await self._changed(entry, delay)  # converged, by us or its committer
+                delay = min(delay * 2, 1.0)
+                continue
+            if not self.emap.is_live(rec.primary):
+                # gone from etcd: it acknowledges nothing any more, and calling it may only
+                # wait for a connect timeout (a cut link); take over at once
+                await self.failover(entry)
+                now = self.emap.entry(volume, index)
+                if now is not None and now.mod_revision == entry.mod_revision:
+                    await asyncio.sleep(delay)  # no survivor could take it (yet)
+                    delay = min(delay * 2, 1.0)
                 continue
             gen = rec.gen
             try:
@@ -205,6 +286,10 @@ class AccessPath:
                 await self.failover(entry)
                 continue
             if resp.ok:
+                if sequenced:  # a write (`lunastor_writes_sequenced_*`, bench/locality.py)
+                    SEQUENCED.inc()
+                    if rec.primary == self.node_id:
+                        SEQUENCED_LOCAL.inc()
                 return True
             if resp.status is Status.STALE_GENERATION:
                 await self.emap.wait_newer(volume, index, max(resp.fields["gen"], gen + 1), 1.0)
@@ -229,9 +314,37 @@ class AccessPath:
                 if not self.emap.is_live(rec.primary):
                     await self.failover(entry)
                 continue
+            if resp.status is Status.MISCOMPARE:
+                raise Miscompare(resp.fields["offset"])  # offset within the piece's verify data
+            # Every answer below fails the command with MEDIUM ERROR, which an initiator
+            # without retries (libiscsi, VMware) reports to its application: say which.
+            slog.warning(
+                "primary's answer fails the command",
+                primary=rec.primary,
+                volume=volume,
+                extent=index,
+                gen=gen,
+                op=str(build(0, gen).OP),
+                status=str(resp.status),
+                reason=resp.fields.get("message"),
+            )
             if resp.status is Status.CHECKSUM_MISMATCH:
                 raise MediumError(f"primary {rec.primary}: {resp.fields.get('message')}")
+            if resp.status is Status.BAD_REQUEST:
+                why = resp.fields.get("message")
+                raise PrimaryRefused(f"primary {rec.primary} refused: {why}", write=True)
             raise MediumError(f"primary {rec.primary} answered {resp.status}", write=True)
+
+    async def _changed(self, entry: Entry, timeout: float) -> None:
+        """Wait up to `timeout` for the cached entry to differ from `entry`."""
+        rec = entry.record
+
+        def moved(_: object) -> bool:
+            now = self.emap.entry(rec.volume, rec.index)
+            return now is None or now.mod_revision != entry.mod_revision
+
+        with contextlib.suppress(TimeoutError):
+            await self.emap.extents.wait_for(moved, timeout)
 
     # -- clones and snapshots (docs/snapshots.md) -------------------------------------------
 
@@ -240,6 +353,10 @@ class AccessPath:
         never wrote, None if there is none (zeros). Always a version nobody writes any more:
         a live extent of a source volume is first preserved by its primary (a snapshot froze
         it), so the source volume's own writes cannot change what the clone sees."""
+        async with self._serving(str(base[0]["volume"]), base[1:]):
+            return await self._source(base, index)
+
+    async def _source(self, base: Sequence[dict[str, Any]], index: int) -> Entry | None:
         found = self.versions.source(base, index)
         if found is None or parse_preserved(found.record.volume) is not None:
             return found
@@ -271,11 +388,22 @@ class AccessPath:
         length: int,
         base: Sequence[dict[str, Any]] = (),
     ) -> bytes:
+        async with self._serving(volume, base):
+            return await self._read(volume, index, offset, length, base)
+
+    async def _read(
+        self,
+        volume: str,
+        index: int,
+        offset: int,
+        length: int,
+        base: Sequence[dict[str, Any]],
+    ) -> bytes:
         deadline = time.monotonic() + self.io_timeout
         while True:
             if time.monotonic() > deadline:
                 raise NotReady(f"extent {volume}/{index}: no replica could be read in time")
-            entry = self.emap.entry(volume, index)
+            entry = await self.emap.entry_now(volume, index)
             if entry is None and base:
                 origin = await self.source(base, index)
                 if origin is not None:
@@ -359,6 +487,38 @@ class AccessPath:
     async def get_state(self, chunk_id: str, volume: str, index: int, csum: bool) -> Response:
         return await self.call(chunk_id, lambda i: GetState(i, volume, index, csum))
 
+    # -- allocation (GET LBA STATUS) -----------------------------------------------------------
+
+    async def allocation(self, entry: Entry) -> AllocationMap:
+        """The extent's allocation map: from our own replica when it may serve reads, else
+        from the primary's checksum array; rebuilt only when the replica changed since."""
+        rec = entry.record
+        vol, idx = rec.volume, rec.index
+        replica = await self.local_reads.replica(vol, idx)
+        if replica is not None:
+            stamp: tuple[object, ...] = (replica, replica.generation, replica.applied_seq)
+            found = self.allocations.get(vol, idx, stamp)
+            if found is not None:
+                return found
+            try:
+                return self.allocations.put(vol, idx, stamp, await replica.checksums())
+            except ExtentStoreError:
+                pass  # the primary answers instead
+        try:
+            st = await self.get_state(rec.primary, vol, idx, False)
+            if st.ok:
+                stamp = (rec.primary, st.fields["gen"], st.fields["applied_seq"])
+                found = self.allocations.get(vol, idx, stamp)
+                if found is not None:
+                    return found
+                st = await self.get_state(rec.primary, vol, idx, True)
+        except PeerError as exc:
+            raise NotReady(str(exc)) from None
+        if not st.ok:
+            raise NotReady(f"extent {vol}/{idx}: {st.status}")
+        # keyed by the state read before the array: the array is at least that new
+        return self.allocations.put(vol, idx, stamp, st.payload)
+
     # -- failover ------------------------------------------------------------------------------
 
     async def failover(self, entry: Entry) -> None:
@@ -370,6 +530,8 @@ class AccessPath:
             if now is None or now.mod_revision != entry.mod_revision:
                 return  # somebody changed it meanwhile
             primary = rec.primary
+            if await self._await_return([primary]) and self.emap.is_live(primary):
+                return  # it was away on purpose and is back: retry through it
             # The old primary stops acknowledging when its own lease deadline passes, which is
             # never later than etcd expiring the lease: once its live record is gone, it can
             # no longer acknowledge anything, and a new primary cannot overlap with it.
@@ -380,18 +542,33 @@ class AccessPath:
             except TimeoutError:
                 return  # it is alive after all (a transient error): retry through it
             # A read lease the old primary granted before its own deadline may still run for
-            # `read_lease`: only after it can no member that misses the new writes serve reads.
-            # The old primary granted nothing after its live record vanished (its own deadline
-            # comes first), so the wait runs from then, not from now: a primary that died long
-            # ago does not stall each of its extents once more.
+            # `read_lease`. The old primary granted nothing after its live record vanished (its
+            # own deadline comes first; a crashed one's guard removes the record only once the
+            # process is gone), so such leases end `read_lease` after then, not after now.
+            # `_promote` waits for that only if it must leave a member out (docs/faults.md).
             gone = self.emap.gone_since(primary)
-            wait = self.read_lease if gone is None else gone + self.read_lease - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            leases_end = time.monotonic() if gone is None else gone
             fresh = await self.emap.fresh(rec.volume, rec.index)
             if fresh is None or fresh.mod_revision != entry.mod_revision:
                 return
-            await self._promote(fresh)
+            await self._promote(fresh, leases_end + self.read_lease)
+
+    async def _await_return(self, members: Sequence[str]) -> bool:
+        """Wait while any of `members` is away on purpose and expected back (a planned
+        restart, or a whole cluster coming back: docs/faults.md), until it serves again or
+        its bound passes. Returns whether there was anything to wait for."""
+        if self.expected_back is None:
+            return False
+        waited = False
+        while True:
+            now = time.monotonic()
+            until = max((self.expected_back(m) for m in members), default=0.0)
+            if until <= now:
+                return waited
+            if not waited:
+                log.info("waiting up to %.1f s for %s to come back", until - now, members)
+            waited = True
+            await asyncio.sleep(min(0.1, until - now))
 
     async def resign(self, volume: str, index: int) -> None:
         """Hand our own primary role to the most advanced other member: our replica was lost
@@ -403,25 +580,76 @@ class AccessPath:
                 return
             await self._promote(fresh)
 
-    async def _promote(self, fresh: Entry) -> None:
+    async def recover(self, volume: str, index: int) -> None:
+        """We are the extent's primary and its members are not identical: our replica lost
+        its page cache (a power loss left it STALE: its applied_seq cut back to what was
+        durable), or a member is behind us (a whole cluster crashed mid-write). We
+        acknowledge nothing for it meanwhile, so no lease is waited for: the most advanced
+        member, us included, resumes (`_promote` with `include_primary`) and the others are
+        converged from it."""
+        async with self._failing_over.setdefault((volume, index), asyncio.Lock()):
+            fresh = await self.emap.fresh(volume, index)
+            if fresh is None or fresh.record.primary != self.node_id or fresh.record.converging:
+                return
+            await self._promote(fresh, include_primary=True)
+
+    async def _promote(
+        self, fresh: Entry, leases_end: float = 0.0, *, include_primary: bool = False
+    ) -> None:
         """Commit the most advanced current member other than the primary as the new primary
         (converging), then converge. The caller made sure the old primary acknowledges
-        nothing any more."""
+        nothing any more.
+
+        `leases_end`: until when (monotonic) a read lease the old primary granted may run.
+        Every member of the new generation is told it (SetGen) before the extent takes a
+        write in it, and refuses reads of the old one from then on, so a lease matters only
+        to a member we cannot reach and must leave out: only then is it waited for.
+
+        Members that lost their page cache (STALE after a power loss: they hold the durable
+        prefix of the writes) are converged too rather than left out. When no member is
+        current (a whole-cluster power loss), the most advanced STALE one resumes: every
+        write acknowledged as durable (FUA, SYNCHRONIZE CACHE) reached every member's disk,
+        so any member holds all of them, and the most advanced holds the most of the rest;
+        but only once every member answered or has no live record (one that is live and
+        silent may be current and hold acknowledged writes). `include_primary`: the
+        primary is a candidate too (`recover`)."""
         rec = fresh.record
         key = (rec.volume, rec.index)
         primary = rec.primary
         states: dict[str, int] = {}
+        stale: dict[str, int] = {}  # lost their page cache: the durable prefix only
         absent: list[str] = []
-        for member in rec.replicas[1:]:
+        unknown: list[str] = []  # no answer: may still serve reads of this generation
+        for member in rec.replicas if include_primary else rec.replicas[1:]:
             try:
                 st = await self.get_state(member, rec.volume, rec.index, False)
             except PeerError:
+                unknown.append(member)
                 continue
-            if st.ok and st.fields["gen"] == rec.gen and st.fields["state"] == 0:
+            # (gen + 1: a hand-over pushes it to every member, all forwards settled, before
+            # its commit; a primary that died in between leaves them ahead of the map)
+            fits = st.ok and rec.gen <= st.fields["gen"] <= rec.gen + 1
+            if fits and st.fields["state"] == 0:
                 states[member] = st.fields["applied_seq"]
+            elif fits and st.fields["state"] == int(ReplicaState.STALE):
+                stale[member] = st.fields["applied_seq"]
             elif st.status is Status.NOT_FOUND:
                 absent.append(member)
-        if not states and absent and len(absent) == len(rec.replicas) - 1:
+            elif not st.ok:
+                unknown.append(member)
+        if unknown and await self._await_return(unknown):
+            # away on purpose: waited for rather than left out (it may be the most advanced)
+            again = await self.emap.fresh(rec.volume, rec.index)
+            if again is not None and again.mod_revision == fresh.mod_revision:
+                await self._promote(again, leases_end)
+            return
+        if unknown and time.monotonic() < leases_end:
+            await asyncio.sleep(leases_end - time.monotonic())
+            again = await self.emap.fresh(rec.volume, rec.index)
+            if again is not None and again.mod_revision == fresh.mod_revision:
+                await self._promote(again)  # the members' states once more, after the wait
+            return
+        if not states and not stale and absent and len(absent) == len(rec.replicas) - 1:
             # No survivor ever got a replica, so no write was ever acknowledged (an ack
             # needs every member): the extent starts over, empty, on the survivors.
             await self.emap.replace(
@@ -429,17 +657,27 @@ class AccessPath:
                 dataclasses.replace(rec, gen=rec.gen + 1, replicas=absent, converging=False),
             )
             return
-        if not states:
+        if not states and stale and any(self.emap.is_live(m) for m in unknown):
+            log.warning("extent %s/%d: no current member; waiting for %s", *key, unknown)
+            return
+        if not states and not stale:
             log.error("extent %s/%d: no current survivor of gen %d", *key, rec.gen)
             return
-        # Every acknowledged write is on every survivor; the most advanced survivor also
-        # holds the unacknowledged tail, which the others then copy from it.
-        order = [m for m in rec.replicas if m in states]
-        best = max(order, key=lambda m: (states[m], -order.index(m)))
+        # Every acknowledged write is on every current survivor; the most advanced survivor
+        # also holds the unacknowledged tail, which the others then copy from it.
+        candidates = states or stale
+        order = [m for m in rec.replicas if m in states or m in stale]
+        best = max(
+            (m for m in order if m in candidates), key=lambda m: (candidates[m], -order.index(m))
+        )
         members = [best] + [m for m in order if m != best]
         new = dataclasses.replace(rec, gen=rec.gen + 1, replicas=members, converging=True)
         committed = await self.emap.replace(fresh, new)
         if committed is None:
+            return
+        if best == primary:  # (include_primary) the others converge from us
+            log.warning("extent %s/%d: %s resumes, members converge (gen %d)", *key, best, new.gen)
+            await self._converge(committed)
             return
         FAILOVERS.inc()
         EVENTS.emit("failover", f"{rec.volume}/{rec.index}", f"{primary} -> {best}, gen {new.gen}")
@@ -448,19 +686,49 @@ class AccessPath:
         )
         await self._converge(committed)
 
-    async def converge(self, entry: Entry) -> None:
+    async def converge(self, entry: Entry, *, own: bool = False) -> None:
+        """Finish the convergence of an extent found converging.
+
+        One converger at a time: a second one still at work after the first opened the extent
+        would set a member's applied_seq back behind writes the new primary already sent it
+        (the member then refuses the next one as out of order and is dropped: the
+        `out_of_order` after a failover, issue 14) or copy older blocks over newer ones. So
+        the committer converges (`own`: the entry it committed); anyone else (another access
+        point, the repairer) leaves it to the committer for `converge_grace`, then takes it
+        over under a generation of its own (gen + 1, still converging): every member then
+        refuses the committer's late requests, should it still be at work."""
         key = (entry.record.volume, entry.record.index)
         async with self._failing_over.setdefault(key, asyncio.Lock()):
             now = self.emap.entry(*key)
             if now is None or not now.record.converging:
+                self._converging_since.pop(key, None)
                 return
+            if not own or now.mod_revision != entry.mod_revision:
+                seen = self._converging_since.get(key)
+                if seen is None or seen[0] != now.mod_revision:
+                    self._converging_since[key] = (now.mod_revision, time.monotonic())
+                    return
+                if time.monotonic() - seen[1] < self.converge_grace:
+                    return
+                claimed = await self.emap.replace(
+                    now, dataclasses.replace(now.record, gen=now.record.gen + 1)
+                )
+                if claimed is None:
+                    return
+                log.warning(
+                    "extent %s/%d: converging since gen %d, taken over (gen %d)",
+                    *key,
+                    now.record.gen,
+                    claimed.record.gen,
+                )
+                now = claimed
             await self._converge(now)
 
     async def _converge(self, entry: Entry) -> None:
         """Make every member identical to the new primary, then open the extent for writes.
 
-        Idempotent: whoever finds an extent still converging (its converger died) redoes it.
-        No member accepts writes meanwhile (the primary refuses while `converging`)."""
+        Only the committer of `entry` runs this (see `converge`). No member accepts writes
+        meanwhile (the primary refuses while `converging`)."""
         rec = entry.record
         vol, idx, gen = rec.volume, rec.index, rec.gen
         primary = rec.primary
@@ -468,11 +736,20 @@ class AccessPath:
             resp = await self.call(primary, lambda i: SetGen(i, vol, idx, gen))
             if not resp.ok:
                 raise NotReady(f"new primary {primary} refused gen {gen}: {resp.status}")
-            src = await self.get_state(primary, vol, idx, True)
+            src = await self.get_state(primary, vol, idx, True)  # (rescans a STALE one)
             if not src.ok:
                 raise NotReady(f"new primary {primary}: {src.status}")
             applied = src.fields["applied_seq"]
             src_sums = src.payload
+            if src.fields["state"] != 0:
+                # the most advanced after a power loss: its durable prefix, rescanned, is
+                # the extent's content from now on
+                resp = await self.call(
+                    primary, lambda i: SetGen(i, vol, idx, gen, applied_seq=applied, state=0)
+                )
+                if not resp.ok:
+                    raise NotReady(f"new primary {primary} refused current: {resp.status}")
+                log.warning("extent %s/%d: %s resumes after a lost page cache", vol, idx, primary)
             for member in rec.replicas[1:]:
                 resp = await self.call(member, lambda i: SetGen(i, vol, idx, gen))
                 if not resp.ok:
@@ -534,7 +811,7 @@ class ReplicatedVolume:
         self.extent_size = extent_size
         self._capacity_generation = 0
         self._dirty: set[int] = set()  # extents written since the last flush
-        self._caw_locks: dict[int, asyncio.Lock] = {}
+        self._caw_locks: dict[int, asyncio.Lock] = {}  # the fallback path only
         self.io = VolumeIo(record.id)  # its IO metrics at this access point
 
     def update(self, record: VolumeRecord) -> None:
@@ -574,9 +851,41 @@ class ReplicatedVolume:
     # a command coroutine inline, outside any task, where asyncio.timeout() (used by the
     # etcd and peer clients) raises "Timeout should be used inside a task".
 
-    async def read(self, lba: int, blocks: int) -> bytes:
-        nbytes = blocks * self.block_size
-        return await self.io.timed("read", nbytes, asyncio.ensure_future(self._read(lba, blocks)))
+    # -- inline IO (blockdev.InlineBlockDevice: the iSCSI command fast path) -----------------
+    # Reads of an extent held here are answered inline from the local replica; anything else
+    # (and every write: replicated, it must await its primary) raises NotReady, on which the
+    # fast path runs the command through the full path instead.
+
+    inline_ok = True
+    inline_writes = False  # the fast path does not even try: write_inline always declines
+
+    def read_inline(self, lba: int, blocks: int) -> memoryview:
+        start = time.perf_counter()
+        offset, length = self._range(lba, blocks)
+        index, within = divmod(offset, self.extent_size)
+        if within + length <= self.extent_size:
+            data = self.path.local_reads.read_now(self.record.id, index, within, length)
+            if data is not None:
+                self.path.activity.note(self.record.id, index)
+                self.io.done("read", length, start)
+                return data
+        raise NotReady("not a local read: the full path")
+
+    def write_inline(self, lba: int, data: bytes | bytearray | memoryview) -> None:
+        raise NotReady("a replicated write awaits its primary: the full path")
+
+    async def read(self, lba: int, blocks: int) -> bytes | memoryview:
+        # The local fast path first (local_read.py): within one extent held here, no task.
+        start = time.perf_counter()
+        offset, length = self._range(lba, blocks)
+        index, within = divmod(offset, self.extent_size)
+        self.path.activity.note(self.record.id, index)
+        if within + length <= self.extent_size:
+            data = await self.path.local_reads.read(self.record.id, index, within, length)
+            if data is not None:
+                self.io.done("read", length, start)
+                return data
+        return await self.io.timed("read", length, asyncio.ensure_future(self._read(lba, blocks)))
 
     async def write(
         self,
@@ -652,12 +961,17 @@ class ReplicatedVolume:
             def build(i: int, gen: int) -> Request:
                 return Write(i, vol, p.extent, gen, 0, p.offset, fua, chunk, epoch)
 
+            self.path.activity.note(vol, p.extent)
             await self.path.mutate(
-                vol, p.extent, replicas, build, allocate=True, base=self.record.base
+                vol, p.extent, replicas, build, allocate=True, base=self.record.base, sequenced=True
             )
             self._dirty.add(p.extent)
 
-        await asyncio.gather(*(one(p) for p in split(offset, length, self.extent_size)))
+        pieces = split(offset, length, self.extent_size)
+        if len(pieces) == 1:
+            await one(pieces[0])  # the usual case: no Task (gather makes one per piece)
+        else:
+            await asyncio.gather(*(one(p) for p in pieces))
 
     async def _flush(self) -> None:
         dirty, self._dirty = self._dirty, set()
@@ -729,44 +1043,91 @@ class ReplicatedVolume:
         data: bytes | bytearray | memoryview,
         nexus: ScsiNexus | None = None,
     ) -> None:
-        # Serialised per extent at this access point only: the data protocol (version 1) has
-        # no compare-and-write op, so two access points are not atomic with each other yet.
+        """Atomic across access points when it lies within one extent: a `caw` executed by
+        the extent's primary inside its ordering (docs/datapath.md, "COMPARE AND WRITE").
+        The LU caps COMPARE AND WRITE at one block (Block Limits VPD), so every SCSI one
+        does; only an ORWRITE's compare-and-write can span extents and takes the fallback."""
+        offset, length = self._range(lba, len(verify) // self.block_size)
+        pieces = split(offset, length, self.extent_size)
+        old, new = bytes(verify), bytes(data)
+        if len(pieces) == 1 and self.path.caw_at_primary:
+            try:
+                await self._caw_at_primary(pieces[0], old, new, nexus)
+                return
+            except PrimaryRefused as exc:  # an older primary (a rolling upgrade)
+                log.warning("volume %s: CAW at this access point: %s", self.record.id, exc)
+        await self._compare_and_write_here(lba, old, new, nexus)
+
+    async def _caw_at_primary(
+        self, p: Piece, verify: bytes, data: bytes, nexus: ScsiNexus | None
+    ) -> None:
+        vol = self.record.id
+        epoch = await self.path.nexus_epoch(nexus)
+        token = secrets.randbits(64) | 1  # every retry of this command carries it
+
+        def build(i: int, gen: int) -> Request:
+            return CompareAndWrite(
+                i, vol, p.extent, gen, p.offset, p.length, False, verify, data, epoch, token
+            )
+
+        self.path.activity.note(vol, p.extent)
+        # a clone's extent read from its source is copied first, as for a write
+        await self.path.mutate(
+            vol, p.extent, self.record.replicas, build, allocate=True,
+            base=self.record.base, sequenced=True,
+        )  # fmt: skip
+        self._dirty.add(p.extent)
+
+    async def _compare_and_write_here(
+        self, lba: int, verify: bytes, data: bytes, nexus: ScsiNexus | None
+    ) -> None:
+        """The fallback: read, compare and write under a per-extent lock of this access point,
+        atomic against this access point's other commands only."""
         offset, _ = self._range(lba, len(verify) // self.block_size)
         first = offset // self.extent_size
         async with self._caw_locks.setdefault(first, asyncio.Lock()):
             current = await self._read(lba, len(verify) // self.block_size)
-            if current != bytes(verify):
-                pos = next(
-                    i for i, (x, y) in enumerate(zip(current, bytes(verify), strict=True)) if x != y
-                )
-                raise Miscompare(pos)
+            if current != verify:
+                raise Miscompare(first_difference(current, verify))
             await self._write(lba, data, False, nexus)
 
     async def _lba_status(self, lba: int) -> Sequence[LbaStatus]:
+        """Runs from `lba` on, across extent boundaries (at most LBA_STATUS_RUNS runs and
+        LBA_STATUS_EXTENTS extents a call), from cached allocation maps (allocation.py)."""
         offset, _ = self._range(lba, 1)
-        index = offset // self.extent_size
-        ext_end = min((index + 1) * self.extent_size, self.record.size_bytes)
-        bs = self.block_size
-        entry = self.path.emap.entry(self.record.id, index)
+        bs, size, esize = self.block_size, self.record.size_bytes, self.extent_size
+        out: list[LbaStatus] = []
+        pos = offset
+        first = offset // esize
+        indexes = range(first, min(first + LBA_STATUS_EXTENTS, -(-size // esize)))
+        async with self.path.emap.serving(self.record.id):
+            entries = await self.path.emap.entries_now(self.record.id, indexes)
+            for index in indexes:
+                amap = await self._allocation(index, entries[index])
+                base = index * esize
+                ext_end = min(base + esize, size)
+                while pos < ext_end:
+                    if amap is None:
+                        mapped, end = False, ext_end
+                    else:
+                        mapped, block = amap.run_at((pos - base) // BLOCK_SIZE)
+                        end = min(ext_end, base + block * BLOCK_SIZE)
+                    state = LbaState.MAPPED if mapped else LbaState.DEALLOCATED
+                    last = out[-1] if out else None
+                    if last is not None and last.state is state:
+                        out[-1] = LbaStatus(last.lba, (end - last.lba * bs) // bs, state)
+                    elif len(out) == LBA_STATUS_RUNS:
+                        return out
+                    else:
+                        out.append(LbaStatus(pos // bs, (end - pos) // bs, state))
+                    pos = end
+            return out
+
+    async def _allocation(self, index: int, entry: Entry | None) -> AllocationMap | None:
+        """The allocation map of extent `index` (`entry`: ours, None if never written); None:
+        nothing allocated (reads as zeros)."""
         if entry is None and self.record.base:
             entry = await self.path.source(self.record.base, index)  # a clone reads through
         if entry is None:
-            return [LbaStatus(lba, (ext_end - offset) // bs, LbaState.DEALLOCATED)]
-        try:
-            st = await self.path.get_state(entry.record.primary, entry.record.volume, index, True)
-        except PeerError as exc:
-            raise NotReady(str(exc)) from None
-        if not st.ok:
-            raise NotReady(f"extent {self.record.id}/{index}: {st.status}")
-        entries = memoryview(st.payload).cast("Q")  # one 8-byte checksum per block, 0 = unmapped
-        base = index * self.extent_size
-        first = (offset - base) // BLOCK_SIZE
-        last = (ext_end - base + BLOCK_SIZE - 1) // BLOCK_SIZE
-        out: list[LbaStatus] = []
-        pos = offset
-        for mapped, group in itertools.groupby(range(first, last), key=lambda b: entries[b] != 0):
-            end = min(ext_end, base + (list(group)[-1] + 1) * BLOCK_SIZE)
-            state = LbaState.MAPPED if mapped else LbaState.DEALLOCATED
-            out.append(LbaStatus(pos // bs, (end - pos) // bs, state))
-            pos = end
-        return out
+            return None
+        return await self.path.allocation(entry)

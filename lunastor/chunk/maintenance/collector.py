@@ -57,6 +57,8 @@ class ReplicaCollector:
         done = 0
         for key, kv in list(self.items.items.items()):
             parsed = parse_item(key, self.prefix)
+            if parsed is not None and not self.store.owns(*parsed):
+                continue  # a sibling worker's replica: that worker deletes it (workers.py)
             if parsed is not None:
                 try:
                     if await self.store.remove(*parsed):

@@ -149,10 +149,21 @@ class DataDirMonitor:
     async def find_missing_replicas(self) -> list[tuple[str, int]]:
         """Replicas the extent map says we hold as a secondary but no data directory has (a
         wiped or replaced disk, deleted files) are lost like a failed directory's: we leave
-        those replica sets and re-replication copies the data back. Only where the primary
-        has its replica: a new extent's secondaries get theirs with its first write."""
+        those replica sets and re-replication copies the data back.
+
+        Only where the primary's replica maps a block, and ours is still missing after its
+        answer. A new extent's primary creates its own replica, then each secondary's
+        (`DataNode._ensure_secondary`), and only then applies its first write: a server
+        starting while an extent is allocated finds the primary's replica before its own
+        arrives. Leaving then dropped a healthy member of a new extent (issue 14: three
+        members became two, and a crash of one more left it below `min_replicas` for
+        `replace_after`). No block mapped at the primary means nothing to miss (not
+        `applied_seq`: a snapshot's preserved copy holds data it never applied as a write); a
+        replica created while the primary answered is not missing."""
         missing = []
         for volume, index in self.emap.ids():
+            if not self.store.owns(volume, index):
+                continue  # a sibling worker's (chunk/workers.py)
             rec = self.emap.get(volume, index)
             if rec is None or self.chunk_id not in rec.replicas[1:]:
                 continue
@@ -164,7 +175,8 @@ class DataDirMonitor:
                 )
             except PeerError:
                 continue  # the primary's own failure is someone else's repair
-            if st.ok:
+            holds_data = st.ok and st.fields["mapped_blocks"] > 0
+            if holds_data and not self.store.has_replica(volume, index):
                 missing.append((volume, index))
         if missing:
             REPLICAS_MISSING.inc(len(missing))

@@ -18,18 +18,25 @@ from collections.abc import Callable
 from functools import partial
 
 from lunastor.chunk.access.volume import AccessPath
+from lunastor.chunk.maintenance.locality import (
+    Claimer,
+    LocalityAborted,
+    hand_over,
+    read_claims,
+)
+from lunastor.chunk.maintenance.locality_plan import ClaimPolicy
 from lunastor.chunk.maintenance.repair_plan import (
     Action,
     ActionKind,
     ServerView,
     plan,
     plan_extent,
-    wanted_replicas,
 )
+from lunastor.chunk.maintenance.restart import Returns
 from lunastor.chunk.replication.extentmap import AllocationError, ExtentMap
 from lunastor.chunk.replication.join import JoinAborted, Throttle, join_member, retire_member
 from lunastor.chunk.replication.node import DataNode, PrimaryReplicaLost, StaleMap, Unavailable
-from lunastor.chunk.store import ExtentStoreError, ReplicaNotFound
+from lunastor.chunk.store import ExtentStoreError, ReplicaNotFound, ReplicaState
 from lunastor.chunk.wire.messages import GetState
 from lunastor.chunk.wire.peer import PeerError
 from lunastor.common.etcd import Etcd, EtcdError
@@ -41,13 +48,15 @@ from lunastor.common.records import (
     ExtentRecord,
     Keys,
     MoveRecord,
-    RecordError,
     VolumeRecord,
+    decode_records,
+    of_volume,
 )
 
 log = logging.getLogger(__name__)
 
 DRAIN_STATES = ("draining", "drained")
+LOCALITY_MAX_BACKOFF = 300.0  # seconds between attempts of a locality action that keeps failing
 
 
 class Repairer:
@@ -63,8 +72,11 @@ class Repairer:
         concurrency: int,
         interval: float,
         clock: Callable[[], float] = time.monotonic,
+        locality: ClaimPolicy | None = None,
+        returns: Returns | None = None,
     ) -> None:
         self.emap = emap
+        self.returns = returns  # servers away on purpose, expected back (restart.py)
         self.node = node
         self.path = path
         self.me = node.node_id
@@ -75,6 +87,12 @@ class Repairer:
         self.slots = asyncio.Semaphore(concurrency)
         self.volumes = PrefixCache(etcd, Keys.VOLUMES)
         self.moves = PrefixCache(etcd, Keys.REBALANCE)  # meta's rebalancing moves
+        # locality (locality.py): access points' claims; ours written from our activity
+        self.claims = PrefixCache(etcd, Keys.LOCALITY)
+        self.claimer: Claimer | None = None
+        if locality is not None:
+            self.claimer = Claimer(etcd, emap, self.me, path.activity, self.claims, locality)
+        self._backoff: dict[tuple[str, int], tuple[float, float]] = {}  # until, delay
         self.admin = emap.admin
         self._down_since: dict[str, float] = {}
         self._busy: set[tuple[str, int]] = set()
@@ -84,6 +102,7 @@ class Repairer:
     async def start(self, loop_forever: bool = True) -> Repairer:
         await self.volumes.start()
         await self.moves.start()
+        await self.claims.start()
         if loop_forever:
             self._task = asyncio.create_task(self._run(), name="repair")
         return self
@@ -93,6 +112,7 @@ class Repairer:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self.claims.stop()
         await self.moves.stop()
         await self.volumes.stop()
 
@@ -112,21 +132,16 @@ class Repairer:
         now = self.clock()
         zones: dict[str, str] = {}
         live: dict[str, ChunkServerStatus] = {}
-        for kv in self.emap.chunks.items.values():
-            with contextlib.suppress(RecordError):
-                info = ChunkServerInfo.from_json(kv.value)
-                zones[info.id] = info.zone or "default"
-        for kv in self.emap.live.items.values():
-            with contextlib.suppress(RecordError):
-                st = ChunkServerStatus.from_json(kv.value)
-                live[st.id] = st
-                zones[st.id] = st.zone or "default"
-        draining = set()
-        for kv in self.admin.items.values():
-            with contextlib.suppress(RecordError):
-                admin = ChunkAdminRecord.from_json(kv.value)
-                if admin.state in DRAIN_STATES:
-                    draining.add(admin.id)
+        for info in decode_records(self.emap.chunks.items.values(), ChunkServerInfo):
+            zones[info.id] = info.zone or "default"
+        for st in decode_records(self.emap.live.items.values(), ChunkServerStatus):
+            live[st.id] = st
+            zones[st.id] = st.zone or "default"
+        draining = {
+            admin.id
+            for admin in decode_records(self.admin.items.values(), ChunkAdminRecord)
+            if admin.state in DRAIN_STATES
+        }
         out = {}
         for cid, zone in zones.items():
             status = live.get(cid)
@@ -139,33 +154,34 @@ class Repairer:
                 live=status is not None,
                 draining=cid in draining or (status is not None and status.state == "draining"),
                 down_for=now - since,
+                expected=self.returns is not None and self.returns.expected(cid),
             )
         return out
 
     def extents(self) -> list[ExtentRecord]:
         out = []
+        owns = self.node.store.owns  # a server's workers each repair their own (workers.py)
         for volume, index in self.emap.ids():
+            if not owns(volume, index):
+                continue
             rec = self.emap.get(volume, index)
             if rec is not None:
                 out.append(rec)
         return out
 
-    def desired(self) -> dict[str, int]:
-        out = {}
-        for kv in self.volumes.items.values():
-            with contextlib.suppress(RecordError):
-                vol = VolumeRecord.from_json(kv.value)
-                out[vol.id] = vol.replicas
-        return out
+    def desired(self) -> tuple[dict[str, int], dict[str, list[str]]]:
+        """Each volume's replica count, and the zones it is restricted to (if any)."""
+        replicas, zones = {}, {}
+        for vol in decode_records(self.volumes.items.values(), VolumeRecord):
+            replicas[vol.id] = vol.replicas
+            if vol.zones:
+                zones[vol.id] = vol.zones
+        return replicas, zones
 
     def rebalance_moves(self) -> dict[tuple[str, int], tuple[str, str]]:
         """Meta's moves: (volume, index) -> (source, target)."""
-        out = {}
-        for kv in self.moves.items.values():
-            with contextlib.suppress(RecordError):
-                move = MoveRecord.from_json(kv.value)
-                out[(move.volume, move.index)] = (move.source, move.target)
-        return out
+        moves = decode_records(self.moves.items.values(), MoveRecord)
+        return {(m.volume, m.index): (m.source, m.target) for m in moves}
 
     async def _placement(self, rec: ExtentRecord, replicas: int) -> list[str]:
         try:
@@ -193,24 +209,31 @@ class Repairer:
     async def run_once(self) -> list[Action]:
         """Plan every extent; apply (and wait for) the actions this server is the actor of."""
         servers = self.servers()
-        desired = self.desired()
+        desired, zones = self.desired()
         extents = self.extents()
+        claims = await self._locality()
         actions = plan(
             extents,
             servers,
             desired,
             replace_after=self.replace_after,
             moves=self.rebalance_moves(),
+            zones=zones,
+            claims=claims,
+            min_replicas=self.node.min_replicas,
         )
         by_key = {(r.volume, r.index): r for r in extents}
         mine = []
+        now = self.clock()
         for act in actions:
             if act.actor != self.me or not act.kind.acts:
                 continue
+            if act.kind.locality and self._backoff.get((act.volume, act.index), (0.0,))[0] > now:
+                continue  # a locality action failed here lately: wait before trying again
             if act.kind is ActionKind.ADD:
                 # refine the target: a catch-up candidate, ring order
                 rec = by_key[(act.volume, act.index)]
-                want = wanted_replicas(desired, rec.volume) or len(rec.replicas)
+                want = of_volume(desired, rec.volume) or len(rec.replicas)
                 refined = plan_extent(
                     rec,
                     servers,
@@ -218,35 +241,81 @@ class Repairer:
                     replace_after=self.replace_after,
                     placement=await self._placement(rec, want),
                     old_holders=await self._old_holders(rec, servers),
+                    allowed_zones=of_volume(zones, rec.volume) or (),
+                    min_replicas=self.node.min_replicas,
                 )
                 if refined is None or refined.kind is not ActionKind.ADD:
                     continue
                 act = refined
             mine.append(act)
         self.last = actions
-        lost = await self._lost_primaries(extents)
+        lost, stale = await self._lost_primaries(extents)
         await asyncio.gather(
-            *(self._apply(a) for a in mine), *(self._hand_over_lost(rec) for rec in lost)
+            *(self._apply(a) for a in mine),
+            *(self._hand_over_lost(rec) for rec in lost),
+            *(self._recover_stale(rec) for rec in stale),
         )
         return actions
 
+    # -- locality ---------------------------------------------------------------------------
+
+    async def _locality(self) -> dict[tuple[str, int], str]:
+        """Write our claims (if locality is on), then every claim as (volume, index) ->
+        claimant. Locality errors never stop the pass: they cost the claims only."""
+        if self.claimer is None:
+            return {}
+        try:
+            await self.claimer.run_once()
+        except Exception as exc:
+            log.warning("locality claims not written: %s", exc)
+        try:
+            return {key: claim.chunk for key, claim in read_claims(self.claims).items()}
+        except Exception as exc:
+            log.warning("locality claims not read: %s", exc)
+            return {}
+
+    def _locality_failed(self, key: tuple[str, int]) -> None:
+        _, delay = self._backoff.get(key, (0.0, self.interval))
+        delay = min(delay * 2, LOCALITY_MAX_BACKOFF)
+        self._backoff[key] = (self.clock() + delay, delay)
+
     # -- a primary whose replica is gone (a wiped or replaced disk) -------------------------
 
-    async def _lost_primaries(self, extents: list[ExtentRecord]) -> list[ExtentRecord]:
-        """Extents we are primary of, not open here, whose replica file is missing."""
-        out = []
+    async def _lost_primaries(
+        self, extents: list[ExtentRecord]
+    ) -> tuple[list[ExtentRecord], list[ExtentRecord]]:
+        """Extents we are primary of, not open here, whose replica file is missing; and those
+        whose replica lost its page cache (STALE after a power loss)."""
+        lost, stale = [], []
         for rec in extents:
             if rec.primary != self.me or rec.converging or len(rec.replicas) < 2:
                 continue
             if self.node.leading(rec.volume, rec.index):
                 continue
             try:
-                await self.node.store.open(rec.volume, rec.index)
+                replica = await self.node.store.open(rec.volume, rec.index)
             except ReplicaNotFound:
-                out.append(rec)
+                lost.append(rec)
+                continue
             except ExtentStoreError:
                 continue
-        return out
+            if replica.state == ReplicaState.STALE:
+                stale.append(rec)
+        return lost, stale
+
+    async def _recover_stale(self, rec: ExtentRecord) -> None:
+        """Our replica lost its page cache (a power loss): the most advanced member resumes
+        and the others converge from it (`AccessPath.recover`, docs/faults.md)."""
+        key = (rec.volume, rec.index)
+        if key in self._busy:
+            return
+        self._busy.add(key)
+        try:
+            await self.path.recover(rec.volume, rec.index)
+        except (Unavailable, StaleMap, PeerError, ExtentStoreError, EtcdError, TimeoutError) as exc:
+            log.warning("resuming %s/%d after a lost page cache failed: %s", *key, exc)
+        finally:
+            self._busy.discard(key)
 
     async def _hand_over_lost(self, rec: ExtentRecord) -> None:
         """Our replica is gone while the others hold the data: the most advanced current
@@ -291,7 +360,7 @@ class Repairer:
             log.warning(
                 "extent %s/%d: our replica is lost; %s is primary now (gen %d)", *key, best, new.gen
             )
-            await self.path.converge(committed)
+            await self.path.converge(committed, own=True)
         except (Unavailable, StaleMap, PeerError, ExtentStoreError, EtcdError, TimeoutError) as exc:
             log.warning("hand-over of %s/%d (replica lost) failed: %s", *key, exc)
         finally:
@@ -302,10 +371,19 @@ class Repairer:
         if key in self._busy:
             return
         self._busy.add(key)
+        ok = False
         try:
             async with self.slots:
                 await self._do(act)
-        except (JoinAborted, Unavailable, StaleMap, PeerError, ExtentStoreError) as exc:
+            ok = True
+        except (
+            JoinAborted,
+            LocalityAborted,
+            Unavailable,
+            StaleMap,
+            PeerError,
+            ExtentStoreError,
+        ) as exc:
             log.warning("%s of %s/%d (%s) failed: %s", act.kind, *key, act.member, exc)
         except (EtcdError, TimeoutError) as exc:
             log.warning("%s of %s/%d: etcd: %s", act.kind, *key, exc)
@@ -313,6 +391,11 @@ class Repairer:
             log.exception("%s of %s/%d (%s) failed", act.kind, *key, act.member)
         finally:
             self._busy.discard(key)
+            if act.kind.locality:
+                if ok:
+                    self._backoff.pop(key, None)
+                else:
+                    self._locality_failed(key)
 
     async def _do(self, act: Action) -> None:
         if act.kind is ActionKind.FAILOVER:
@@ -326,7 +409,13 @@ class Repairer:
         elif act.kind is ActionKind.REMOVE_DEAD:
             pe = await self.node.lead(act.volume, act.index)
             await self.node.remove_members(pe, [act.member])
-        elif act.kind in (ActionKind.ADD, ActionKind.REBALANCE_ADD):
+        elif act.kind is ActionKind.LOCALITY_HANDOVER:
+            await hand_over(self.node, act.volume, act.index, act.member)
+        elif act.kind in (ActionKind.ADD, ActionKind.REBALANCE_ADD, ActionKind.LOCALITY_ADD):
             await join_member(self.node, act.volume, act.index, act.member, self.throttle)
-        elif act.kind in (ActionKind.REMOVE_EXTRA, ActionKind.REBALANCE_RETIRE):
+        elif act.kind in (
+            ActionKind.REMOVE_EXTRA,
+            ActionKind.REBALANCE_RETIRE,
+            ActionKind.LOCALITY_RETIRE,
+        ):
             await retire_member(self.node, act.volume, act.index, act.member)

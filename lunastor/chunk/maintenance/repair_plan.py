@@ -5,14 +5,21 @@ No IO and no clock here: `repair.py` gathers the inputs (the watched extent map,
 drain intents, volume records, the ring, how long each server has been down) and applies the
 actions this server is the actor of. One action per extent per pass, the most urgent first:
 
-1. the primary is dead or the extent is converging: **failover** (the first live member runs
-   the access path's failover/convergence);
-2. a secondary has been down for `replace_after`: **remove-dead** (by the primary);
-3. a secondary is down for less than that, or some server went down less than `replace_after`
-   ago while the extent lacks replicas: **wait** (it may come back and catch up cheaply);
+1. the extent is converging, or its primary is dead and not expected back: **failover**
+   (the first live member runs the access path's failover/convergence); a primary that is
+   *expected back* (stopped on purpose, or missing since this server started: restart.py)
+   is waited for instead (**wait**), bounded by its record (docs/faults.md, "Planned
+   restarts");
+2. a secondary has been down for `replace_after` and is not expected back: **remove-dead**
+   (by the primary);
+3. a secondary is down for less than that (or expected back), or some server went down less
+   than `replace_after` ago (or is expected back) while the extent lacks replicas: **wait**
+   (it may come back and catch up cheaply), except that an extent below `min_replicas`
+   (refusing writes) gets a member at once;
 4. fewer non-draining members than the volume's `replicas`: **add-replica** (the primary joins
    a target: a live, non-draining server that holds an old replica file of the extent if any
-   (catch-up), else the least used zone, then ring order); **no-candidate** when none fits;
+   (catch-up), else the least used zone, then ring order; only servers in the volume's zones
+   when its CSI topology restricts it, `VolumeRecord.zones`); **no-candidate** when none fits;
 5. a draining member whose replacement has joined, or more members than wanted:
    **remove-extra** (a draining secondary before a draining primary, which hands over);
 6. a healthy extent with a rebalancing move from meta (`/v1/rebalance/...`,
@@ -23,6 +30,7 @@ actions this server is the actor of. One action per extent per pass, the most ur
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +38,10 @@ from enum import StrEnum
 
 import xxhash
 
-from lunastor.common.records import ExtentRecord, parse_preserved
+from lunastor.chunk.maintenance.locality_plan import locality_action
+from lunastor.common.records import ExtentRecord, of_volume
+
+log = logging.getLogger(__name__)
 
 
 class ActionKind(StrEnum):
@@ -42,6 +53,18 @@ class ActionKind(StrEnum):
     NO_CANDIDATE = "no-candidate"  # replicas are missing and no server can take one
     REBALANCE_ADD = "rebalance-add"  # a move's target joins
     REBALANCE_RETIRE = "rebalance-retire"  # the move's target joined: its source goes
+    # locality (locality_plan.py): an access point claimed the extent's primary
+    LOCALITY_ADD = "locality-add"  # the claimant joins
+    LOCALITY_RETIRE = "locality-retire"  # it joined: another member goes
+    LOCALITY_HANDOVER = "locality-handover"  # it is a member: the primary hands over
+
+    @property
+    def locality(self) -> bool:
+        return self in (
+            ActionKind.LOCALITY_ADD,
+            ActionKind.LOCALITY_RETIRE,
+            ActionKind.LOCALITY_HANDOVER,
+        )
 
     @property
     def acts(self) -> bool:
@@ -55,6 +78,9 @@ class ServerView:
     live: bool = True
     draining: bool = False
     down_for: float = 0.0  # seconds since its live record went away (0 while live)
+    # away on purpose (a planned restart) or missing since our start, within its bound:
+    # waited for, never failed over or replaced (restart.py)
+    expected: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,17 +97,32 @@ def _live(servers: Mapping[str, ServerView], chunk: str) -> bool:
     return s is not None and s.live
 
 
+def _expected(servers: Mapping[str, ServerView], chunk: str) -> bool:
+    """Down (or not serving yet) and expected back: waited for, not replaced."""
+    s = servers.get(chunk)
+    return s is not None and s.expected
+
+
 def choose_target(
     rec: ExtentRecord,
     servers: Mapping[str, ServerView],
     *,
     placement: Sequence[str] = (),
     old_holders: Iterable[str] = (),
+    allowed_zones: Sequence[str] = (),
 ) -> str | None:
-    """The server a new replica of `rec` goes to, or None if no server can take it."""
+    """The server a new replica of `rec` goes to, or None if no server can take it.
+    `allowed_zones`: the volume's zones (empty: any zone)."""
     members = set(rec.replicas)
     holders = set(old_holders)
-    cands = [s for s in servers.values() if s.live and not s.draining and s.id not in members]
+    cands = [
+        s
+        for s in servers.values()
+        if s.live
+        and not s.draining
+        and s.id not in members
+        and (not allowed_zones or s.zone in allowed_zones)
+    ]
     if not cands:
         return None
     zones = Counter(
@@ -105,9 +146,15 @@ def plan_extent(
     placement: Sequence[str] = (),
     old_holders: Iterable[str] = (),
     move: tuple[str, str] | None = None,
+    allowed_zones: Sequence[str] = (),
+    claim: str | None = None,
+    min_replicas: int = 1,
 ) -> Action | None:
     """The one action `rec` needs now, or None when it is as it should be. `move`: a
-    rebalancing move (source, target) meta handed out for it."""
+    rebalancing move (source, target) meta handed out for it. `allowed_zones`: the zones
+    the volume may be placed in (empty: any). `claim`: the access point that claimed the
+    extent's primary (locality_plan.py), acted on when nothing else is to be done.
+    `min_replicas`: the members a primary needs to acknowledge writes (node.py)."""
     members = rec.replicas
     live = [m for m in members if _live(servers, m)]
     if not live:
@@ -117,12 +164,19 @@ def plan_extent(
         return Action(kind, rec.volume, rec.index, actor, member)
 
     primary = members[0]
+    if not rec.converging and _expected(servers, primary):
+        return action(ActionKind.WAIT, live[0], primary)
     if rec.converging or not _live(servers, primary):
         return action(ActionKind.FAILOVER, live[0])
+    away = [m for m in members[1:] if _expected(servers, m)]
+    if away:
+        # a member restarting (down, or live and not serving yet): nothing changes the
+        # replica set meanwhile (a join's ordered copies would fail at it and remove it)
+        return action(ActionKind.WAIT, primary, away[0])
     dead = [m for m in members[1:] if not _live(servers, m)]
     for m in dead:
         view = servers.get(m)
-        if view is None or view.down_for >= replace_after:
+        if view is None or (view.down_for >= replace_after and not view.expected):
             return action(ActionKind.REMOVE_DEAD, primary, m)
     if dead:
         return action(ActionKind.WAIT, primary, dead[0])
@@ -132,11 +186,20 @@ def plan_extent(
         recent = sorted(
             s.id
             for s in servers.values()
-            if not s.live and not s.draining and s.down_for < replace_after
+            if not s.live and not s.draining and (s.down_for < replace_after or s.expected)
         )
-        if recent:
+        # A server that may come back is waited for (its catch-up beats a copy), unless the
+        # extent is below `min_replicas`: its writes are refused until a member joins, and
+        # a join takes a moment where the wait takes up to `replace_after`.
+        if recent and keep >= min(min_replicas, desired):
             return action(ActionKind.WAIT, primary, recent[0])
-        target = choose_target(rec, servers, placement=placement, old_holders=old_holders)
+        target = choose_target(
+            rec,
+            servers,
+            placement=placement,
+            old_holders=old_holders,
+            allowed_zones=allowed_zones,
+        )
         if target is None:
             return action(ActionKind.NO_CANDIDATE, primary)
         return action(ActionKind.ADD, primary, target)
@@ -149,20 +212,25 @@ def plan_extent(
         if target in members:
             return action(ActionKind.REBALANCE_RETIRE, primary, source)
         view = servers.get(target)
-        if view is not None and view.live and not view.draining and len(members) <= desired:
+        if (
+            view is not None
+            and view.live
+            and not view.draining
+            and (not allowed_zones or view.zone in allowed_zones)
+            and len(members) <= desired
+        ):
             return action(ActionKind.REBALANCE_ADD, primary, target)
+    if claim is not None and move is None:
+        try:
+            local = locality_action(rec, servers, desired, claim, allowed_zones=allowed_zones)
+        except Exception:  # locality must never stop a repair pass
+            log.exception("locality plan of %s/%d failed", rec.volume, rec.index)
+            local = None
+        if local is not None:
+            return local
     if len(members) > desired:
         return action(ActionKind.REMOVE_EXTRA, primary, members[-1])
     return None
-
-
-def wanted_replicas(desired: Mapping[str, int], volume: str) -> int | None:
-    """Replicas wanted for an extent-map volume: its volume's, and for a snapshot's preserved
-    copy (`<volume>.e<epoch>`, docs/snapshots.md) those of the volume it was taken of."""
-    want = desired.get(volume)
-    if want is None and (kept := parse_preserved(volume)) is not None:
-        want = desired.get(kept[0])
-    return want
 
 
 def plan(
@@ -174,12 +242,16 @@ def plan(
     placements: Mapping[tuple[str, int], Sequence[str]] | None = None,
     old_holders: Mapping[tuple[str, int], Iterable[str]] | None = None,
     moves: Mapping[tuple[str, int], tuple[str, str]] | None = None,
+    zones: Mapping[str, Sequence[str]] | None = None,
+    claims: Mapping[tuple[str, int], str] | None = None,
+    min_replicas: int = 1,
 ) -> list[Action]:
     """Every extent's action. Extents of volumes without a record (deleted) are left alone:
-    they belong to garbage collection."""
+    they belong to garbage collection. `zones`: volume -> the zones it may be placed in.
+    `claims`: (volume, index) -> the access point that claimed its primary (locality)."""
     out = []
     for rec in extents:
-        want = wanted_replicas(desired, rec.volume)
+        want = of_volume(desired, rec.volume)  # a preserved copy: its volume's count
         if want is None or not rec.replicas:
             continue
         key = (rec.volume, rec.index)
@@ -191,6 +263,9 @@ def plan(
             placement=(placements or {}).get(key, ()),
             old_holders=(old_holders or {}).get(key, ()),
             move=(moves or {}).get(key),
+            allowed_zones=of_volume(zones or {}, rec.volume) or (),
+            claim=(claims or {}).get(key),
+            min_replicas=min_replicas,
         )
         if act is not None:
             out.append(act)

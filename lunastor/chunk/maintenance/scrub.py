@@ -8,7 +8,9 @@ READ-with-checksums + COPY that read repair uses (`volume.py`), but only while t
 quiet: the member's `applied_seq` must equal ours before and after the read, and the copy is
 applied only if ours has not moved meanwhile (`Replica.apply_copy(if_applied=...)`), so a
 repair can never put back data older than a write that raced with it. A block it could not
-repair now is counted and retried in the next pass.
+repair now is counted and retried in the next pass; the blocks a pass leaves unrepaired are
+recorded under `Keys.scrub_errors(<chunk id>)` (replaced by each pass, deleted when none), so
+meta shows them in the volume's status and CSI's volume condition.
 
 Progress is an `OperationRecord` (`kind: scrub`, subject: this chunk server, id
 `scrub-<chunk id>`, one record updated pass after pass), so `GET /v1/operations` shows it;
@@ -41,7 +43,7 @@ from lunastor.chunk.wire.peer import PeerError
 from lunastor.common.etcd import Etcd
 from lunastor.common.etcd.errors import EtcdError
 from lunastor.common.events import EVENTS
-from lunastor.common.records import Keys, OperationRecord
+from lunastor.common.records import Keys, OperationRecord, ScrubErrorsRecord
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ PASSES = Counter("lunastor_scrub_passes_total", "Scrub passes completed")
 PROGRESS = Gauge("lunastor_scrub_progress", "Fraction of the current scrub pass done (0..1)")
 
 STEP = 1 << 20  # bytes of an extent verified per read
+MAX_LISTED_ERRORS = 256  # unrepaired blocks listed in etcd per server; beyond: only counted
 
 # `Replicas.call`: reach a member's data node (our own in-process)
 RemoteCall = Callable[[str, Callable[[int], Request]], Awaitable[Response]]
@@ -66,6 +69,7 @@ class PassResult:
     bytes: int = 0
     bad: list[tuple[str, int, int]] = field(default_factory=list)  # (volume, extent, block)
     repaired: int = 0
+    unrepaired: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 class Throttle:
@@ -147,6 +151,7 @@ class Scrubber:
         PASSES.inc()
         PROGRESS.set(1.0)
         await self._report(result, 1.0, "succeeded", self._detail(result))
+        await self._report_errors(result)
         return result
 
     @staticmethod
@@ -185,6 +190,7 @@ class Scrubber:
                 else:
                     UNREPAIRED.inc()
                     EVENTS.emit("scrub_unrepaired", f"{volume}/{index}", f"block {block}")
+                    result.unrepaired.append((volume, index, block))
             await throttle.account(mapped * BLOCK_SIZE)
 
     async def _repair(self, volume: str, index: int, block: int) -> bool:
@@ -232,6 +238,23 @@ class Scrubber:
         return int(st.fields["applied_seq"]) if st.ok else None
 
     # -- progress in etcd --------------------------------------------------------------------
+
+    async def _report_errors(self, r: PassResult) -> None:
+        """This pass's unrepaired blocks, replacing the last pass's: the volume condition
+        (meta) is abnormal while any block of the volume stays bad on a member."""
+        if self.etcd is None:
+            return
+        key = Keys.scrub_errors(self.node_id)
+        try:
+            if not r.unrepaired:
+                await self.etcd.delete(key)
+                return
+            listed = [list(b) for b in r.unrepaired[:MAX_LISTED_ERRORS]]
+            more = len(r.unrepaired) - len(listed)
+            rec = ScrubErrorsRecord(self.node_id, round(time.time(), 3), listed, more)
+            await self.etcd.put(key, rec.to_json())
+        except EtcdError as exc:  # the next pass writes it again
+            log.warning("scrub errors not recorded: %s", exc)
 
     async def _report(self, r: PassResult, progress: float, state: str, detail: str) -> None:
         if self.etcd is None:

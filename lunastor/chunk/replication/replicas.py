@@ -1,6 +1,6 @@
 """What a chunk server does with each data-protocol request: the extent store behind the wire.
 
-No sockets here (peer.py moves the bytes): `DataService.handle(request) -> Response`, with
+No sockets here (wire/server.py moves the bytes): `DataService.handle(request) -> Response`, with
 every store error mapped onto exactly one wire status (docs/data-protocol.md, "Answers").
 """
 
@@ -75,6 +75,30 @@ class DataService:
             if isinstance(exc, DataDirFailed):
                 self.data_dir_failed(exc)
             return error_response(req.id, exc)
+
+    def handle_now(self, req: Request) -> Response | None:
+        """The answer to `req` computed without waiting, or None (then `handle` it). Only a
+        replica-level write (`seq >= 1`, no FUA) to an open replica whose ordering lock is
+        free: a secondary applies the primary's forwards in the data port's receive
+        callback, with no Task per write (docs/datapath.md)."""
+        if type(req) is not Write or req.seq == 0 or req.fua:
+            return None
+        replica = self.store.opened(req.volume, req.extent)
+        if replica is None:
+            return None
+        try:
+            if not replica.write_now(req.offset, req.data, seq=req.seq, gen=req.gen):
+                return None
+        except ExtentStoreError as exc:
+            if isinstance(exc, DataDirFailed):
+                self.data_dir_failed(exc)
+            return error_response(req.id, exc)
+        return Response(req.id, Status.OK, {"applied_seq": replica.applied_seq})
+
+    def grant(self, peer: str) -> bool:
+        """A peer pinged us: grant it a read lease. A bare store grants always; `DataNode`
+        only while it can prove its own etcd lease alive."""
+        return True
 
     def data_dir_failed(self, exc: DataDirFailed) -> None:
         """A request met a failed data directory (the chunk server takes it out of service)."""

@@ -32,6 +32,7 @@ from lunastor.chunk.wire.peer import PeerError
 from lunastor.common.extent_pages import ANY, Change
 from lunastor.common.records import (
     ExtentRecord,
+    VolumeRecord,
     parse_preserved,
     preserved_volume,
 )
@@ -63,8 +64,7 @@ class VersionIndex:
         self._epochs: dict[tuple[str, int], list[int]] = {}
 
     def preserved(self, volume: str, index: int) -> list[int]:
-        cache = self.emap.extents
-        if cache.revision != self._revision:
+        if self.emap.version != self._revision:
             epochs: dict[tuple[str, int], list[int]] = {}
             for name, idx in self.emap.ids():
                 parsed = parse_preserved(name)
@@ -72,7 +72,7 @@ class VersionIndex:
                     epochs.setdefault((parsed[0], idx), []).append(parsed[1])
             for found in epochs.values():
                 found.sort()
-            self._epochs, self._revision = epochs, cache.revision
+            self._epochs, self._revision = epochs, self.emap.version
         return self._epochs.get((volume, index), [])
 
     def version_at(self, volume: str, epoch: int, index: int) -> Entry | None:
@@ -113,6 +113,19 @@ class PrimaryState(Protocol):
     idle: asyncio.Event
 
 
+def due(
+    emap: ExtentMap, pe: PrimaryState, entry: Entry | None = None
+) -> tuple[Entry, VolumeRecord] | None:
+    """The extent's entry and volume if its data predates the volume's newest snapshot (a
+    copy is due before the next mutation), else None; without waiting (the primary's write
+    fast path asks before every write, with the `entry` it just looked up)."""
+    entry = entry or emap.entry(pe.volume, pe.index)
+    volume = emap.volume(pe.volume)
+    if entry is None or volume is None or entry.record.epoch >= volume.epoch:
+        return None
+    return entry, volume
+
+
 async def preserve(emap: ExtentMap, call: Call, pe: PrimaryState) -> bool:
     """Copy the extent aside if its data predates the volume's newest snapshot.
 
@@ -122,10 +135,10 @@ async def preserve(emap: ExtentMap, call: Call, pe: PrimaryState) -> bool:
     (`clone`), then one transaction records the copy and moves the live extent to the
     volume's epoch. Returns True if it preserved; raises PreserveFailed to refuse the write.
     """
-    entry = emap.entry(pe.volume, pe.index)
-    volume = emap.volume(pe.volume)
-    if entry is None or volume is None or entry.record.epoch >= volume.epoch:
+    found = due(emap, pe)
+    if found is None:
         return False  # no snapshot since the data was written, or not a volume's extent
+    entry, volume = found
     rec = entry.record
     if rec.gen != pe.gen:
         raise PreserveFailed(f"the map is at gen {rec.gen}, the primary at {pe.gen}")

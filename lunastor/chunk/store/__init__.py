@@ -18,7 +18,7 @@ from lunastor.chunk.store.errors import (
     StaleGeneration,
 )
 from lunastor.chunk.store.header import FORMAT_VERSION, ReplicaState
-from lunastor.chunk.store.replica import Replica, ReplicaInfo
+from lunastor.chunk.store.replica import OrderingLock, Replica, ReplicaInfo
 from lunastor.chunk.store.store import (
     DEFAULT_EXTENT_SIZE,
     ExtentStore,
@@ -40,6 +40,7 @@ __all__ = [
     "GenerationMismatch",
     "HeaderDamaged",
     "InvalidRequest",
+    "OrderingLock",
     "OutOfOrder",
     "Replica",
     "ReplicaClosed",

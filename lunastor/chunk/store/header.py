@@ -67,7 +67,11 @@ class Header:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
-def encode_slot(h: Header) -> bytes:
+def encode_slot(
+    h: Header, *, counter: int | None = None, intent: tuple[int, int] | None = None
+) -> bytes:
+    """The slot for `h`, with `counter` and `intent` (offset, length) in place of its own
+    when given (the replica's hot path writes them without building a new Header)."""
     volume = h.volume.encode()
     if not 0 < len(volume) <= MAX_VOLUME_ID:
         raise ValueError(f"volume id must be 1..{MAX_VOLUME_ID} bytes")
@@ -84,10 +88,10 @@ def encode_slot(h: Header) -> bytes:
         int(h.state),
         len(volume),
         bytes(6),
-        h.counter,
+        h.counter if counter is None else counter,
         h.boot_id,
-        h.intent_offset,
-        h.intent_length,
+        h.intent_offset if intent is None else intent[0],
+        h.intent_length if intent is None else intent[1],
         volume,
     ).ljust(_BODY, b"\0")
     return body + xxhash.xxh64_digest(body)

@@ -13,7 +13,7 @@ import contextlib
 import errno
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,11 @@ from lunastor.chunk.store.header import (
     SlotError,
     decode_file,
     encode_slot,
+)
+from lunastor.chunk.store.journal import (
+    DEFAULT_CHECKPOINT_BYTES,
+    DEFAULT_CHECKPOINT_INTERVAL,
+    Journal,
 )
 from lunastor.chunk.store.replica import Replica, ReplicaInfo, ReplicaPaths
 
@@ -71,7 +76,16 @@ class ExtentStore:
         extent_size: int = DEFAULT_EXTENT_SIZE,
         *,
         boot_id: bytes | None = None,  # tests pass one to simulate a reboot
+        owns: Callable[[str, int], bool] | None = None,
+        journal: str | None = "0",
+        checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
+        checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
     ) -> None:
+        """`owns(volume, extent)`: the replicas this instance may touch (a chunk server's
+        worker owns part of the extents, lunastor/chunk/workers.py); None: all of them.
+        `journal`: the name of this process's journal in each data directory (a chunk
+        server's worker index: one journal per process); None: no journal, every flush
+        syncs the replica's data file and sidecar (the previous release's way)."""
         if not data_dirs:
             raise InvalidRequest("at least one data directory is required")
         if extent_size <= 0 or extent_size % BLOCK_SIZE:
@@ -80,11 +94,33 @@ class ExtentStore:
         self.extent_size = extent_size
         self.boot_id = boot_id if boot_id is not None else current_boot_id()
         self.failed: dict[str, DataDirFailed] = {}
+        self.owns: Callable[[str, int], bool] = owns or (lambda volume, extent: True)
         self._open: dict[tuple[str, int], Replica] = {}
         self._index: dict[tuple[str, int], str] = {}  # (volume, extent) -> data dir
         self._opening: dict[tuple[str, int], asyncio.Lock] = {}
         # the file system each data dir was on when first seen: a change means unmounted
         self._devices: dict[str, int] = {}
+        self.journal_name = journal
+        self._checkpoint = (checkpoint_bytes, checkpoint_interval)
+        self.journals: dict[str, Journal] = {}  # data dir -> its journal, replayed at first use
+
+    def journal(self, data_dir: str) -> Journal | None:
+        """The data directory's journal: opened and replayed (redoing every record since
+        its last checkpoint into the replicas' files) before the first replica of the
+        directory is listed, created or opened."""
+        if self.journal_name is None:
+            return None
+        j = self.journals.get(data_dir)
+        if j is None:
+            j = Journal(
+                data_dir,
+                self.journal_name,
+                checkpoint_bytes=self._checkpoint[0],
+                checkpoint_interval=self._checkpoint[1],
+            )
+            j.open()
+            self.journals[data_dir] = j
+        return j
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -110,6 +146,11 @@ class ExtentStore:
         if not Path(d).is_dir():
             raise OSError(errno.ENOENT, "data directory is missing")
         self._devices.setdefault(d, os.stat(d).st_dev)
+        # replayed before any header is read (it may move their seqs); a journal that cannot
+        # be opened (e.g. mounted read-only) still lets the headers be listed, and opening a
+        # replica there for update fails with the same error
+        with contextlib.suppress(DataDirFailed):
+            self.journal(d)
         if not root.is_dir():
             return
         for vol_dir in sorted(root.iterdir()):
@@ -137,6 +178,8 @@ class ExtentStore:
                     listing.problems.append(ReplicaProblem(str(path), exc.reason))
                     continue
                 key = (h.volume, h.extent)
+                if not self.owns(*key):
+                    continue  # another worker's (workers.py)
                 if h.volume != vol_dir.name or h.extent != int(m.group(1), 16):
                     listing.problems.append(
                         ReplicaProblem(str(path), f"header names {h.volume}/{h.extent}")
@@ -163,7 +206,8 @@ class ExtentStore:
         for d in self.data_dirs:
             if d in self.failed:
                 continue
-            probe = Path(d) / ".lunastor-probe"
+            # one name per process: a chunk server's workers probe the same directories
+            probe = Path(d) / f".lunastor-probe.{os.getpid()}"
             try:
                 with data_dir_io(d):
                     dev = os.stat(d).st_dev
@@ -194,6 +238,11 @@ class ExtentStore:
             sums=base.with_suffix(".sum"),
         )
 
+    def _check(self, volume: str, extent: int) -> None:
+        _check_key(volume, extent)
+        if not self.owns(volume, extent):
+            raise InvalidRequest(f"extent {volume}/{extent} belongs to another worker")
+
     def _locate(self, volume: str, extent: int) -> str | None:
         key = (volume, extent)
         d = self._index.get(key)
@@ -201,7 +250,8 @@ class ExtentStore:
             return d
         for d in self.data_dirs:
             if d not in self.failed and self.paths(d, volume, extent).header.exists():
-                self._index[key] = d
+                if self.owns(volume, extent):  # (a clone made for another worker: not ours)
+                    self._index[key] = d
                 return d
         return None
 
@@ -209,12 +259,14 @@ class ExtentStore:
         self, volume: str, extent: int, gen: int, state: ReplicaState = ReplicaState.CURRENT
     ) -> Replica:
         """A new, empty (all unmapped, no space used) replica at generation `gen`."""
-        _check_key(volume, extent)
+        self._check(volume, extent)
         key = (volume, extent)
         async with self._opening.setdefault(key, asyncio.Lock()):
             if key in self._open or self._locate(volume, extent) is not None:
                 raise ReplicaExists(volume, extent)
             d = self._pick_dir()
+            with data_dir_io(d):
+                self.journal(d)
             p = self.paths(d, volume, extent)
             h = Header(
                 volume=volume,
@@ -262,11 +314,13 @@ class ExtentStore:
         finally:
             os.close(dir_fd)
 
-    async def clone(self, source: str, extent: int, volume: str, gen: int) -> Replica:
+    async def clone(self, source: str, extent: int, volume: str, gen: int) -> Replica | None:
         """A new replica of `volume`/`extent` holding a copy of replica `source`/`extent`
         (docs/snapshots.md): in the source's data directory, so copy_file_range can share
         blocks. A left-over `volume`/`extent` (an interrupted earlier copy) is replaced: the
-        caller only clones into names nobody writes yet."""
+        caller only clones into names nobody writes yet. The source must be ours; a copy
+        that belongs to another worker of the server (chunk/workers.py) is made for it and
+        closed here (None): that worker opens it from the disk."""
         _check_key(volume, extent)
         src = await self.open(source, extent)
         key = (volume, extent)
@@ -277,6 +331,7 @@ class ExtentStore:
             else:
                 where = self._locate(volume, extent)
                 if where is not None:
+                    await self._forget(where, volume, extent)
                     with data_dir_io(where):
                         self._unlink(self.paths(where, volume, extent))
             d = src.paths.data_dir
@@ -307,6 +362,8 @@ class ExtentStore:
                 with contextlib.suppress(OSError):
                     self._unlink(p)
                 raise
+            if not self.owns(volume, extent):
+                return None  # whole on disk, header last: another worker's from now on
             self._index[key] = d
             return await self._open_files(p)
 
@@ -335,6 +392,13 @@ class ExtentStore:
         finally:
             os.close(dir_fd)
 
+    async def _forget(self, d: str, volume: str, extent: int) -> None:
+        """Before files of a replica that is not open are removed (see Replica.delete)."""
+        with data_dir_io(d):
+            j = self.journal(d)
+        if j is not None:
+            await j.forget(volume, extent)
+
     @staticmethod
     def _unlink(p: ReplicaPaths) -> None:
         # header first: without it the replica no longer exists
@@ -344,7 +408,7 @@ class ExtentStore:
     async def remove(self, volume: str, extent: int) -> bool:
         """Delete a replica's files (garbage collection); False if there was none. A replica
         whose header is damaged is removed too: nothing refers to it any more."""
-        _check_key(volume, extent)
+        self._check(volume, extent)
         key = (volume, extent)
         try:
             replica = await self.open(volume, extent)
@@ -354,6 +418,7 @@ class ExtentStore:
             d = self._locate(volume, extent)
             if d is None:
                 return False
+            await self._forget(d, volume, extent)
             with data_dir_io(d):
                 self._unlink(self.paths(d, volume, extent))
             self._index.pop(key, None)
@@ -383,10 +448,17 @@ class ExtentStore:
             raise DataDirFailed(",".join(self.data_dirs), None, "no data directory in service")
         return best[1]
 
+    def opened(self, volume: str, extent: int) -> Replica | None:
+        """The replica if it is open already (no waiting, no file system access)."""
+        return self._open.get((volume, extent))
+
     async def open(self, volume: str, extent: int) -> Replica:
         """The open replica (one object per replica), recovering it first after a crash."""
-        _check_key(volume, extent)
         key = (volume, extent)
+        replica = self._open.get(key) if type(volume) is str and type(extent) is int else None
+        if replica is not None:  # the hot path: no key check, no lock (it was opened so)
+            return replica
+        self._check(volume, extent)
         async with self._opening.setdefault(key, asyncio.Lock()):
             replica = self._open.get(key)
             if replica is not None:
@@ -398,8 +470,10 @@ class ExtentStore:
 
     async def _open_files(self, p: ReplicaPaths) -> Replica:
         fds: list[int] = []
+        journal = None
         try:
             with data_dir_io(p.data_dir):
+                journal = self.journal(p.data_dir)
                 for path in (p.header, p.data, p.sums):
                     fds.append(os.open(path, os.O_RDWR))
                 raw = pread_exact(fds[0], HEADER_FILE_SIZE, 0)
@@ -417,7 +491,7 @@ class ExtentStore:
             for fd in fds:
                 os.close(fd)
             raise
-        replica = Replica(p, h, slot, (fds[0], fds[1], fds[2]), self.boot_id, self._forget)
+        replica = Replica(p, h, slot, (fds[0], fds[1], fds[2]), self.boot_id, self._gone, journal)
         try:
             await replica.recover()
         except BaseException:
@@ -426,7 +500,7 @@ class ExtentStore:
         self._open[(h.volume, h.extent)] = replica
         return replica
 
-    def _forget(self, replica: Replica) -> None:
+    def _gone(self, replica: Replica) -> None:
         key = (replica.volume, replica.extent)
         if self._open.get(key) is replica:
             del self._open[key]
@@ -448,13 +522,16 @@ class ExtentStore:
         for replica in list(self._open.values()):
             if replica.paths.data_dir == d:
                 replica.abandon()  # its files are unusable: never write its header again
+        j = self.journals.pop(d, None)
+        if j is not None:
+            j.abandon()
         for key in lost:
             self._index.pop(key, None)
         return sorted(lost)
 
     def has_replica(self, volume: str, extent: int) -> bool:
         """A replica of (volume, extent) exists on a data directory in service."""
-        return self._locate(volume, extent) is not None
+        return self.owns(volume, extent) and self._locate(volume, extent) is not None
 
     def known_replicas(self) -> list[tuple[str, int]]:
         """(volume, extent) of every replica indexed on a data directory in service."""
@@ -470,6 +547,9 @@ class ExtentStore:
                 await replica.close()
             except DataDirFailed:
                 continue  # reported through the replica's own IO; nothing more to do here
+        for j in list(self.journals.values()):
+            await j.close()  # every replica synced at its close: the journal starts over
+        self.journals.clear()
 
 
 def _check_key(volume: str, extent: int) -> None:

@@ -2,9 +2,12 @@
 
 A frame is `[4-byte big-endian header length][msgpack map][payload of header["len"] bytes]`:
 the payload (block data, checksum arrays) travels after the header, never inside msgpack, so
-it is never copied through the msgpack decoder. `FrameReader` turns bytes into frames;
-`decode_request` / `decode_response` turn frames into typed messages, validated against the
-schema tables below; `encode_request` / `encode_response` go the other way.
+it is never copied through the msgpack decoder. Version 2 adds fixed binary frames for the
+hot path (a write and its `ok` answer): a first byte of 0x80 or above, which a version-1
+reader takes for a header length above its cap, so it closes instead of misreading one.
+`FrameReader` turns bytes into frames (`Frame`, `BinFrame`); `decode_request` /
+`decode_response` turn frames into typed messages, validated against the schema tables below;
+`encode_request` / `encode_response` go the other way.
 
 Two error kinds, as in h11: everything the peer got wrong is a `WireError` (with the status to
 answer, when the frame was good enough to answer at all); our own misuse is a plain
@@ -21,10 +24,11 @@ from typing import Any, ClassVar, TypeGuard
 
 import msgpack
 
-PROTOCOL_VERSION = 1
-# Readers accept the current and the previous version (ARCHITECTURE.md, "Versions"); version 1
-# is the first, so the previous one does not exist yet.
+PROTOCOL_VERSION = 2
+# Readers accept the current and the previous version (ARCHITECTURE.md, "Versions"): a
+# connection negotiated at version 1 simply never carries a binary frame.
 ACCEPTED_VERSIONS = frozenset({PROTOCOL_VERSION, PROTOCOL_VERSION - 1}) - {0}
+BINARY_VERSION = 2  # the first version with binary frames and handles
 
 BLOCK_SIZE = 4096  # checksum granularity: COPY data and checksum arrays come in these units
 CHECKSUM_SIZE = 8
@@ -37,6 +41,17 @@ MAX_BLOCK_LIST = 16384  # block indices in a checksum_mismatch answer (a 64 MiB 
 U64 = 2**64
 
 _LEN = struct.Struct(">I")
+
+# Binary frames (version 2, docs/data-protocol.md "Binary frames"). Big-endian, fixed size.
+BIN_WRITE = 0xB1  # a write: kind, flags, -, payload length, id, extent handle, nexus handle,
+_BIN_WRITE = struct.Struct(">BBxxIQIIQQQ")  # gen, seq, offset; then the data
+BIN_WRITE_OK = 0xB2  # the ok answer to a write: kind, -, payload length (0), id, applied seq
+_BIN_WRITE_OK = struct.Struct(">BxxxIQQ")
+BIN_FUA = 0x01  # the only write flag
+BIN_KINDS = {BIN_WRITE: _BIN_WRITE, BIN_WRITE_OK: _BIN_WRITE_OK}
+MAX_HANDLES = 1 << 16  # extent (and nexus) handles one connection may bind
+# a reader's receive buffer for headers and small payloads: any header fits, so it never grows
+_SCRATCH = MAX_HEADER + 64
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -55,6 +70,7 @@ class Status(StrEnum):
     BAD_REQUEST = "bad_request"
     UNAVAILABLE = "unavailable"  # a data directory failed, or the server is shutting down
     FENCED = "fenced"  # an access write from a superseded login of its I_T nexus
+    MISCOMPARE = "miscompare"  # a `caw` whose verify data differs from the primary's data
 
 
 class WireError(Exception):
@@ -90,6 +106,16 @@ class Frame:
     payload: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class BinFrame:
+    """A version-2 binary frame: its kind (first byte) and the struct's other fields, in
+    order (`BIN_KINDS[kind]`), and the payload (landed in a buffer of its own)."""
+
+    kind: int
+    values: tuple[int, ...]
+    payload: bytes | bytearray
+
+
 def encode_frame(
     header: Mapping[str, Any], payload: bytes | bytearray | memoryview = b""
 ) -> list[bytes | memoryview]:
@@ -107,64 +133,158 @@ def encode_frame(
     return out
 
 
+def encode_bin_write(
+    rid: int, ext_handle: int, nexus_handle: int, req: Write
+) -> list[bytes | memoryview]:
+    """A write as a binary frame (version 2; the handles are bound on the connection)."""
+    if len(req.data) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(req.data)} bytes exceeds {MAX_PAYLOAD}")
+    flags = BIN_FUA if req.fua else 0
+    head = _BIN_WRITE.pack(
+        BIN_WRITE,
+        flags,
+        len(req.data),
+        rid,
+        ext_handle,
+        nexus_handle,
+        req.gen,
+        req.seq,
+        req.offset,
+    )
+    return [head, memoryview(req.data)]
+
+
+def encode_bin_write_ok(rid: int, applied: int) -> bytes:
+    return _BIN_WRITE_OK.pack(BIN_WRITE_OK, 0, rid, applied)
+
+
 class FrameReader:
     """Streaming frame parser: feed any slicing of the byte stream, get whole frames out.
 
-    The header is parsed as soon as it is complete, so an oversized payload is refused
-    before any of it is buffered. After a FrameError the reader stays failed.
+    Works as an `asyncio.BufferedProtocol` wants: `get_buffer()` says where the next bytes
+    go, `buffer_updated(n)` parses them. Headers and small payloads land in a scratch buffer;
+    a payload that has not fully arrived with its header gets a buffer of its own, and the
+    socket then reads straight into it (one landing, no re-copying as it grows). `feed`
+    copies given bytes through the same path. The header is parsed as soon as it is
+    complete, so an oversized payload is refused before any of it is buffered. After a
+    FrameError the reader stays failed. Binary frames are parsed only once `binary` is set
+    (a connection negotiated at version 2, after authentication).
     """
 
     def __init__(self, max_header: int = MAX_HEADER, max_payload: int = MAX_PAYLOAD) -> None:
         self.max_header = max_header
         self.max_payload = max_payload
-        self._buf = bytearray()
-        self._header: dict[str, Any] | None = None
-        self._need_payload = 0
+        self.binary = False
+        self._buf = bytearray(_SCRATCH)
+        self._start = 0
+        self._end = 0
+        # a frame whose payload is landing in its own buffer: (header or struct values, buffer)
+        self._landing: tuple[dict[str, Any] | tuple[int, ...], bytearray] | None = None
+        self._have = 0
         self._failed: FrameError | None = None
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return self._end - self._start + (self._have if self._landing is not None else 0)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        if self._landing is not None:
+            return memoryview(self._landing[1])[self._have :]
+        if self._end == len(self._buf):
+            # move what is left (part of one header, never more) to the front
+            n = self._end - self._start
+            self._buf[:n] = self._buf[self._start : self._end]
+            self._start, self._end = 0, n
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> list[Frame | BinFrame]:
         if self._failed is not None:
             raise self._failed
-        self._buf += data
-        frames: list[Frame] = []
+        frames: list[Frame | BinFrame] = []
+        if self._landing is not None:
+            self._have += nbytes
+            head, payload = self._landing
+            if self._have < len(payload):
+                return frames
+            self._landing, self._have = None, 0
+            frames.append(_frame(head, payload))
+            return frames
+        self._end += nbytes
         try:
-            while True:
-                frame = self._next()
-                if frame is None:
-                    return frames
-                frames.append(frame)
+            self._parse(frames)
         except FrameError as exc:
             self._failed = exc
             raise
+        return frames
 
-    def _next(self) -> Frame | None:
-        if self._header is None:
-            if len(self._buf) < _LEN.size:
-                return None
-            (hlen,) = _LEN.unpack_from(self._buf)
-            if hlen == 0 or hlen > self.max_header:
-                raise FrameError(f"header length {hlen} not in 1..{self.max_header}")
-            if len(self._buf) < _LEN.size + hlen:
-                return None
-            header = _unpack_header(bytes(self._buf[_LEN.size : _LEN.size + hlen]))
-            del self._buf[: _LEN.size + hlen]
-            plen: Any = header.get("len")
-            if not _is_uint(plen):
-                raise FrameError(f"header 'len' must be a non-negative integer, got {plen!r}")
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame | BinFrame]:
+        if self._failed is not None:
+            raise self._failed
+        view = memoryview(data).cast("B")
+        frames: list[Frame | BinFrame] = []
+        while view:
+            buf = self.get_buffer()
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            view = view[n:]
+            frames += self.buffer_updated(n)
+        return frames
+
+    def _parse(self, frames: list[Frame | BinFrame]) -> None:
+        buf = self._buf
+        while True:
+            avail = self._end - self._start
+            if avail == 0:
+                self._start = self._end = 0
+                return
+            head: dict[str, Any] | tuple[int, ...]
+            st = BIN_KINDS.get(buf[self._start]) if self.binary else None
+            if st is not None:
+                if avail < st.size:
+                    return
+                head = st.unpack_from(buf, self._start)
+                plen = head[2] if head[0] == BIN_WRITE else head[1]
+                self._start += st.size
+            else:
+                if avail < _LEN.size:
+                    return
+                (hlen,) = _LEN.unpack_from(buf, self._start)
+                if hlen == 0 or hlen > self.max_header:
+                    raise FrameError(f"header length {hlen} not in 1..{self.max_header}")
+                if avail < _LEN.size + hlen:
+                    return
+                a = self._start + _LEN.size
+                head = _unpack_header(bytes(buf[a : a + hlen]))
+                raw_len: Any = head.get("len")
+                if not _is_uint(raw_len):
+                    raise FrameError(
+                        f"header 'len' must be a non-negative integer, got {raw_len!r}"
+                    )
+                plen = raw_len
+                self._start = a + hlen
             if plen > self.max_payload:
                 raise FrameError(f"payload length {plen} exceeds {self.max_payload}")
-            self._header, self._need_payload = header, plen
-        if len(self._buf) < self._need_payload:
-            return None
-        payload = bytes(self._buf[: self._need_payload])
-        del self._buf[: self._need_payload]
-        frame = Frame(self._header, payload)
-        self._header, self._need_payload = None, 0
-        return frame
+            avail = self._end - self._start
+            if plen <= avail:
+                a = self._start
+                self._start += plen
+                if isinstance(head, tuple):
+                    frames.append(BinFrame(head[0], head[1:], buf[a : a + plen]))
+                else:
+                    frames.append(Frame(head, bytes(memoryview(buf)[a : a + plen])))
+                continue
+            # the rest of the payload lands in a buffer of its own
+            payload = bytearray(plen)
+            payload[:avail] = buf[self._start : self._end]
+            self._landing, self._have = (head, payload), avail
+            self._start = self._end = 0
+            return
+
+
+def _frame(head: dict[str, Any] | tuple[int, ...], payload: bytearray) -> Frame | BinFrame:
+    if isinstance(head, tuple):
+        return BinFrame(head[0], head[1:], payload)
+    return Frame(head, bytes(payload))  # control answers and copies: bytes, as version 1
 
 
 def _unpack_header(raw: bytes) -> dict[str, Any]:
@@ -280,6 +400,9 @@ class Op(StrEnum):
     ADVANCE = "advance"
     CLONE = "clone"  # snapshots: copy a local replica into a new one (docs/snapshots.md)
     PRESERVE = "preserve"  # snapshots: ask a primary to preserve an extent's frozen data
+    BIND = "bind"  # version 2: name an extent by a connection-local handle
+    BIND_NEXUS = "bind_nexus"  # version 2: name a nexus (and its epoch) by a handle
+    CAW = "caw"  # COMPARE AND WRITE at the extent's primary, inside its ordering
 
 
 _VOL = Field("volume", "vol", Kind.STR)
@@ -290,6 +413,7 @@ _OFF = Field("offset", "off", Kind.U64)
 _N = Field("length", "n", Kind.U64)
 _FUA = Field("fua", "fua", Kind.BOOL)
 _NEXUS = Field("nexus", "nexus", Kind.NEXUS, required=False)
+_TOKEN = Field("token", "token", Kind.U64, required=False)  # a `caw`'s (CompareAndWrite)
 _CSUM = Field("with_checksums", "csum", Kind.BOOL, required=False)
 _SEQ_OPT = Field("seq", "seq", Kind.U64, required=False)
 
@@ -347,16 +471,20 @@ class Delete(Request):
 
 @dataclass(frozen=True, slots=True)
 class Write(Request):
+    """`token`: set on a `caw` the primary forwards (CompareAndWrite), so that a member that
+    takes over can answer its retry; such a write goes as a msgpack frame."""
+
     OP = Op.WRITE
-    FIELDS = (_VOL, _EXT, _GEN, _SEQ, _OFF, _FUA, _NEXUS)
+    FIELDS = (_VOL, _EXT, _GEN, _SEQ, _OFF, _FUA, _NEXUS, _TOKEN)
     volume: str
     extent: int
     gen: int
     seq: int
     offset: int
     fua: bool
-    data: bytes
+    data: bytes | bytearray  # a bytearray when it landed from a binary frame (version 2)
     nexus: Nexus | None = None
+    token: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,6 +499,30 @@ class Unmap(Request):
     length: int
     fua: bool
     nexus: Nexus | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CompareAndWrite(Request):
+    """An access mutation sent to the extent's primary (like a `write` with `seq = 0`): under
+    the extent's lock the primary compares `verify` with its current data at `offset`; equal,
+    `data` is written there as the next ordered write (forwarded as a plain `write`);
+    different, nothing is written and the answer is `miscompare` with the offset of the first
+    differing byte. Payload = verify || data, `n` bytes each (docs/data-protocol.md).
+    `token` (optional, non-zero) names the command: a retry carrying the token of one the
+    primary applied is answered `ok` with its seq instead of being compared again."""
+
+    OP = Op.CAW
+    FIELDS = (_VOL, _EXT, _GEN, _OFF, _N, _FUA, _NEXUS, _TOKEN)
+    volume: str
+    extent: int
+    gen: int
+    offset: int
+    length: int
+    fua: bool
+    verify: bytes
+    data: bytes
+    nexus: Nexus | None = None
+    token: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,6 +634,31 @@ class Preserve(Request):
     gen: int
 
 
+_HANDLE = Field("handle", "h", Kind.U64)
+
+
+@dataclass(frozen=True, slots=True)
+class Bind(Request):
+    """Version 2: handle `handle` names extent `volume`/`extent` on this connection, for the
+    binary write frames that follow. Handled by the connection itself (session.py)."""
+
+    OP = Op.BIND
+    FIELDS = (_HANDLE, _VOL, _EXT)
+    handle: int
+    volume: str
+    extent: int
+
+
+@dataclass(frozen=True, slots=True)
+class BindNexus(Request):
+    """Version 2: handle `handle` names `nexus` (with its epoch) on this connection."""
+
+    OP = Op.BIND_NEXUS
+    FIELDS = (_HANDLE, Field("nexus", "nexus", Kind.NEXUS))
+    handle: int
+    nexus: Nexus
+
+
 REQUEST_TYPES: dict[Op, type[Request]] = {
     cls.OP: cls
     for cls in (
@@ -500,6 +677,9 @@ REQUEST_TYPES: dict[Op, type[Request]] = {
         Advance,
         Clone,
         Preserve,
+        Bind,
+        BindNexus,
+        CompareAndWrite,
     )
 }
 _STATE_MAX = 2  # ReplicaState values on the wire: 0 current, 1 syncing, 2 stale
@@ -517,6 +697,10 @@ def encode_request(req: Request) -> list[bytes | memoryview]:
         payload = req.data
     elif isinstance(req, Copy):
         payload = bytes(req.data) + bytes(req.checksums)
+    elif isinstance(req, CompareAndWrite):
+        if len(req.verify) != req.length or len(req.data) != req.length:
+            raise ValueError("caw: verify and data must be `length` bytes each")
+        payload = bytes(req.verify) + bytes(req.data)
     return encode_frame(header, payload)
 
 
@@ -544,6 +728,28 @@ def decode_request(frame: Frame) -> Request:
     return cls(**kwargs)
 
 
+def decode_bin_write(
+    frame: BinFrame, extents: Mapping[int, tuple[str, int]], nexuses: Mapping[int, Nexus]
+) -> Write:
+    """A binary write frame, its handles resolved with the connection's bindings."""
+    flags, _, rid, ext_h, nexus_h, gen, seq, offset = frame.values
+    extent = extents.get(ext_h)
+    if extent is None:
+        raise WireError(f"write: extent handle {ext_h} is not bound", request_id=rid)
+    nexus = None
+    if nexus_h:
+        nexus = nexuses.get(nexus_h)
+        if nexus is None:
+            raise WireError(f"write: nexus handle {nexus_h} is not bound", request_id=rid)
+    if flags & ~BIN_FUA:
+        raise WireError(f"write: unknown flags {flags:#x}", request_id=rid)
+    if not frame.payload:
+        raise WireError("write: a write carries at least one byte", request_id=rid)
+    return Write(
+        rid, extent[0], extent[1], gen, seq, offset, bool(flags & BIN_FUA), frame.payload, nexus
+    )
+
+
 def _check_payload(cls: type[Request], kw: dict[str, Any], payload: bytes, rid: int) -> None:
     def bad(why: str) -> WireError:
         return WireError(f"{cls.OP}: {why}", request_id=rid)
@@ -557,10 +763,20 @@ def _check_payload(cls: type[Request], kw: dict[str, Any], payload: bytes, rid: 
         if n == 0 or n % BLOCK_SIZE or len(payload) != n + n // BLOCK_SIZE * CHECKSUM_SIZE:
             raise bad(f"payload must be {BLOCK_SIZE}-byte blocks followed by their checksums")
         kw["data"], kw["checksums"] = payload[:n], payload[n:]
+    elif cls is CompareAndWrite:
+        n = kw["length"]
+        if n == 0 or len(payload) != 2 * n:
+            raise bad("payload must be the verify data and the write data, `n` bytes each")
+        kw["verify"], kw["data"] = payload[:n], payload[n:]
     elif payload:
         raise bad("carries no payload")
     if (cls is Unmap or cls is Read) and kw["length"] == 0:
         raise bad("length must be positive")
+    if cls is Bind or cls is BindNexus:
+        if not 0 < kw["handle"] <= MAX_HANDLES:
+            raise bad(f"handle {kw['handle']} is not 1..{MAX_HANDLES}")
+        if cls is BindNexus and kw.get("nexus") is None:
+            raise bad("bind_nexus needs a nexus")
     if "state" in kw and kw["state"] is not None and kw["state"] > _STATE_MAX:
         raise bad(f"state {kw['state']} is not 0..{_STATE_MAX}")
 
@@ -589,6 +805,7 @@ STATUS_FIELDS: dict[Status, tuple[Field, ...]] = {
     Status.CHECKSUM_MISMATCH: (Field("blocks", "blocks", Kind.BLOCKS),),
     Status.BAD_REQUEST: (Field("versions", "versions", Kind.VERSIONS, required=False),),
     Status.FENCED: (Field("epoch", "epoch", Kind.U64),),
+    Status.MISCOMPARE: (Field("offset", "off", Kind.U64),),
 }
 # Fields an `ok` answer to this op MUST carry.
 OK_FIELDS: dict[Op, tuple[Field, ...]] = {
@@ -605,8 +822,11 @@ OK_FIELDS: dict[Op, tuple[Field, ...]] = {
         Field("state", "state", Kind.U64),
         Field("mapped_blocks", "mapped", Kind.U64),
     ),
+    # the newest extent-map change the pinged primary knows of (read leases, docs/datapath.md)
+    Op.PING: (Field("revision", "rev", Kind.U64, required=False),),
     Op.WRITE: (Field("applied_seq", "applied", Kind.U64),),
     Op.UNMAP: (Field("applied_seq", "applied", Kind.U64),),
+    Op.CAW: (Field("applied_seq", "applied", Kind.U64),),
     Op.SET_GEN: (Field("applied_seq", "applied", Kind.U64),),
     Op.ADVANCE: (Field("applied_seq", "applied", Kind.U64),),
 }

@@ -1,7 +1,7 @@
-"""asyncio glue for the data protocol: a server in front of the extent store, and a client.
+"""asyncio glue for the data protocol, the client side (the server is `server.py`).
 
-Layers as in asyncpg: the sans-IO state machines (`wire_session`) hold the protocol; the
-`asyncio.Protocol` classes here only move bytes and complete futures; `PeerClient` adds
+Layers as in asyncpg: the sans-IO state machines (`session.py`) hold the protocol; the
+`asyncio.Protocol` class here only moves bytes and completes futures; `PeerClient` adds
 reconnection. Connections are persistent and pipelined (docs/data-protocol.md).
 """
 
@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
-from lunastor.chunk.replication.replicas import DataService
 from lunastor.chunk.wire.messages import (
-    MAX_PAYLOAD,
     AuthFailed,
     Copy,
     Create,
@@ -25,18 +23,14 @@ from lunastor.chunk.wire.messages import (
     Request,
     Response,
     SetGen,
-    Status,
     Unmap,
     WireError,
     Write,
-    clip_message,
 )
-from lunastor.chunk.wire.session import ClientConnection, ServerConnection
+from lunastor.chunk.wire.session import ClientConnection
 from lunastor.common.logs import get_logger
 
 log = get_logger(component="peer")
-
-MAX_QUEUED = 64  # requests read ahead per connection before we stop reading the socket
 
 
 class PeerError(Exception):
@@ -51,125 +45,41 @@ class PeerAuthFailed(PeerError):
     """The handshake failed: one side does not know the cluster secret."""
 
 
-# -- server -----------------------------------------------------------------------------------
-
-
-class _ServerProtocol(asyncio.Protocol):
-    def __init__(self, server: PeerServer) -> None:
-        self._server = server
-        self._conn = ServerConnection(server.secret, server.node, max_payload=server.max_payload)
-        self._queue: asyncio.Queue[Request] = asyncio.Queue()
-        self._transport: asyncio.Transport | None = None
-        self._worker: asyncio.Task[None] | None = None
-        self._can_write = asyncio.Event()
-        self._can_write.set()
-        self._reading = True
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # not `isinstance(transport, asyncio.Transport)`: uvloop's transports are not registered
-        # as one, and the daemons run on uvloop
-        self._transport = transport  # type: ignore[assignment]
-        self._server.connections.add(self)
-        self._worker = asyncio.get_running_loop().create_task(self._work())
-
-    def data_received(self, data: bytes) -> None:
-        for req in self._conn.receive_data(data):
-            self._queue.put_nowait(req)
-        self._flush_out()
-        if self._conn.closed:
-            self.close()
-        elif self._reading and self._queue.qsize() >= MAX_QUEUED:
-            assert self._transport is not None
-            self._transport.pause_reading()
-            self._reading = False
-
-    def pause_writing(self) -> None:
-        self._can_write.clear()
-
-    def resume_writing(self) -> None:
-        self._can_write.set()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._server.connections.discard(self)
-        if self._worker is not None:
-            self._worker.cancel()
-
-    def close(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
-
-    async def _work(self) -> None:
-        # One request at a time, in arrival order: ordered mutations stay in seq order.
-        while True:
-            req = await self._queue.get()
-            if not self._reading and self._queue.qsize() < MAX_QUEUED // 2:
-                assert self._transport is not None
-                self._transport.resume_reading()
-                self._reading = True
-            try:
-                resp = await self._server.service.handle(req)
-            except Exception as exc:  # a bug must cost one answer, not the connection
-                log.exception("data request failed", op=str(req.OP), id=req.id)
-                resp = Response(req.id, Status.UNAVAILABLE, {"message": clip_message(repr(exc))})
-            await self._can_write.wait()
-            self._conn.send_response(resp)
-            self._flush_out()
-
-    def _flush_out(self) -> None:
-        out = self._conn.data_to_send()
-        if out and self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(out)
-
-
-class PeerServer:
-    """Serves the data protocol for one extent store."""
-
-    def __init__(
-        self, store_service: DataService, secret: bytes, node: str, max_payload: int = MAX_PAYLOAD
-    ) -> None:
-        self.service = store_service
-        self.secret = secret
-        self.node = node
-        self.max_payload = max_payload
-        self.connections: set[_ServerProtocol] = set()
-        self._server: asyncio.Server | None = None
-
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _ServerProtocol(self), host, port)
-        sock = self._server.sockets[0]
-        addr = sock.getsockname()
-        return str(addr[0]), int(addr[1])
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for conn in list(self.connections):
-            conn.close()
-        if self._server is not None:
-            await self._server.wait_closed()
-
-
 # -- client -----------------------------------------------------------------------------------
 
+# What a forward's answer is handed to, called from the receive callback itself: the answer,
+# or the PeerError that ended the request (the primary's hot path: no future, no loop hop)
+OnAnswer: TypeAlias = Callable[[Response | PeerError], None]
+Waiter: TypeAlias = asyncio.Future[Response] | OnAnswer
 
-class _ClientProtocol(asyncio.Protocol):
-    def __init__(self, conn: ClientConnection) -> None:
+
+class _ClientProtocol(asyncio.BufferedProtocol):
+    def __init__(self, conn: ClientConnection, request_timeout: float = 30.0) -> None:
         self.conn = conn
         self.transport: asyncio.Transport | None = None
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters: dict[int, asyncio.Future[Response]] = {}
+        # kept: asyncio.get_running_loop() costs a getpid() system call (CPython 3.11), and
+        # every forward would ask
+        self._loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = self._loop.create_future()
+        # request id -> (its future or callback, when it was sent); in send order, so the
+        # oldest is first
+        self.waiters: dict[int, tuple[Waiter, float]] = {}
         self.lost = False
         self._flush_scheduled = False
+        self.request_timeout = request_timeout
+        self._deadline: asyncio.TimerHandle | None = None  # one timer for all requests
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         self.conn.start()
         self._flush_out()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            responses = self.conn.receive_data(data)
+            responses = self.conn.buffer_updated(nbytes)
         except AuthFailed as exc:
             self._fail(PeerAuthFailed(str(exc)))
             return
@@ -179,23 +89,46 @@ class _ClientProtocol(asyncio.Protocol):
         if self.conn.authenticated and not self.ready.done():
             self.ready.set_result(None)
         for resp in responses:
-            fut = self.waiters.pop(resp.id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(resp)
+            waiter = self.waiters.pop(resp.id, None)
+            if waiter is not None:
+                _answer(waiter[0], resp)
         self._flush_out()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(PeerUnavailable(f"connection lost: {exc or 'closed by peer'}"))
 
     def send(self, req: Request) -> asyncio.Future[Response]:
-        fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-        self.waiters[req.id] = fut
+        """Send `req`; its future gets the answer, or PeerUnavailable when the connection
+        breaks or no answer came within `request_timeout`."""
+        fut: asyncio.Future[Response] = self._loop.create_future()
+        self.send_to(req, fut)
+        return fut
+
+    def send_to(self, req: Request, waiter: Waiter) -> None:
+        """`send`, the answer (or the PeerUnavailable) going to `waiter`: a future, or a
+        callback called from the receive callback (it must not raise)."""
+        loop = self._loop
+        self.waiters[req.id] = (waiter, loop.time())
         self.conn.send_request(req)
         # Requests made in the same loop iteration (a pipelined burst) leave in one write.
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_out)
-        return fut
+            loop.call_soon(self._flush_out)
+        if self._deadline is None:
+            self._deadline = loop.call_later(self.request_timeout, self._expire)
+
+    def _expire(self) -> None:
+        """The connection's one deadline timer: fail the requests older than the timeout,
+        then sleep until the oldest one left would expire (none left: no timer)."""
+        self._deadline = None
+        loop = asyncio.get_running_loop()
+        cutoff = loop.time() - self.request_timeout
+        for rid, (waiter, sent) in list(self.waiters.items()):
+            if sent > cutoff:
+                self._deadline = loop.call_at(sent + self.request_timeout, self._expire)
+                return
+            del self.waiters[rid]
+            _answer(waiter, PeerUnavailable("no answer within the request timeout"))
 
     def _flush_out(self) -> None:
         self._flush_scheduled = False
@@ -208,13 +141,30 @@ class _ClientProtocol(asyncio.Protocol):
         if not self.ready.done():
             self.ready.set_exception(exc)
             self.ready.exception()  # mark retrieved: callers may not be waiting on it
-        for fut in self.waiters.values():
-            if not fut.done():
-                fut.set_exception(exc)
-        self.waiters.clear()
+        waiters, self.waiters = self.waiters, {}
+        for waiter, _ in waiters.values():
+            _answer(waiter, exc)
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         self.conn.fail_pending()
         if self.transport is not None:
             self.transport.close()
+
+
+def _answer(waiter: Waiter, answer: Response | PeerError) -> None:
+    if isinstance(waiter, asyncio.Future):
+        if waiter.done():
+            return  # its caller gave up (cancelled)
+        if isinstance(answer, Response):
+            waiter.set_result(answer)
+        else:
+            waiter.set_exception(answer)
+        return
+    try:
+        waiter(answer)
+    except Exception:  # a bug there must not break the connection's other requests
+        log.exception("a request's answer callback failed")
 
 
 class PeerClient:
@@ -240,8 +190,9 @@ class PeerClient:
         self.request_timeout = request_timeout
         self._proto: _ClientProtocol | None = None
         self._connecting: asyncio.Lock | None = None
+        self._unsent = 0  # calls waiting for the connection: send_now must not overtake them
 
-    async def _connection(self) -> _ClientProtocol:
+    async def _connection(self, connect_timeout: float | None = None) -> _ClientProtocol:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
@@ -251,9 +202,9 @@ class PeerClient:
             loop = asyncio.get_running_loop()
             conn = ClientConnection(self._secret, self._node)
             try:
-                async with asyncio.timeout(self.connect_timeout):
+                async with asyncio.timeout(connect_timeout or self.connect_timeout):
                     _, proto = await loop.create_connection(
-                        lambda: _ClientProtocol(conn), self.host, self.port
+                        lambda: _ClientProtocol(conn, self.request_timeout), self.host, self.port
                     )
                     await proto.ready
             except OSError as exc:
@@ -263,20 +214,50 @@ class PeerClient:
             self._proto = proto
             return proto
 
-    async def call(self, build: Callable[[int], Request]) -> Response:
-        """Send `build(request_id)` and wait for its answer."""
-        proto = await self._connection()
-        fut = proto.send(build(proto.conn.next_id()))
+    async def call(
+        self, build: Callable[[int], Request], connect_timeout: float | None = None
+    ) -> Response:
+        """Send `build(request_id)` and wait for its answer (`connect_timeout`: this call's,
+        should it have to connect; PeerUnavailable after `request_timeout`: the
+        connection's deadline timer)."""
+        self._unsent += 1
         try:
-            async with asyncio.timeout(self.request_timeout):
-                return await fut
-        except TimeoutError:
-            raise PeerUnavailable(f"no answer from {self.host}:{self.port}") from None
+            proto = await self._connection(connect_timeout)
+            fut = proto.send(build(proto.conn.next_id()))
+        finally:
+            self._unsent -= 1
+        try:
+            return await fut
+        except PeerUnavailable as exc:
+            raise PeerUnavailable(f"{self.host}:{self.port}: {exc}") from None
+
+    def send_now(self, build: Callable[[int], Request]) -> asyncio.Future[Response] | None:
+        """Like `call`, without a coroutine: the answer's future, if a connection is up now
+        (else None: use `call`). The hot path's forwards (no Task per request)."""
+        proto = self._proto
+        if proto is None or proto.lost or self._unsent:
+            return None  # connecting, or calls still waiting to send: stay behind them
+        return proto.send(build(proto.conn.next_id()))
+
+    def send_now_to(self, build: Callable[[int], Request], on_answer: OnAnswer) -> bool:
+        """`send_now` with its answer handed to `on_answer` from the receive callback (no
+        future): True if sent, False if no connection is up now (use `call`)."""
+        proto = self._proto
+        if proto is None or proto.lost or self._unsent:
+            return False
+        proto.send_to(build(proto.conn.next_id()), on_answer)
+        return True
 
     async def close(self) -> None:
         proto, self._proto = self._proto, None
         if proto is not None and proto.transport is not None:
             proto.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once, unsent bytes too: requests in flight fail now."""
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.transport is not None:
+            proto.transport.abort()
 
     # -- one method per request ----------------------------------------------------------
 

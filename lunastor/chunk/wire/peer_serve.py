@@ -1,8 +1,9 @@
 """A bare data-protocol server over one extent store: `python -m lunastor.chunk.wire.peer_serve`.
 
 For tests and benchmarks of the replication layer without a full chunk server (no etcd, no
-iSCSI). Prints `listening HOST:PORT` once it accepts connections; stops on SIGTERM/SIGINT,
-closing every replica cleanly.
+iSCSI): the same `DataServer` as a chunk server's data port, over a plain `DataService`.
+Prints `listening HOST:PORT` once it accepts connections; stops on SIGTERM/SIGINT, closing
+every replica cleanly.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 
 from lunastor.chunk.replication.replicas import DataService
 from lunastor.chunk.store import DEFAULT_EXTENT_SIZE, ExtentStore
-from lunastor.chunk.wire.peer import PeerServer
+from lunastor.chunk.wire.server import DataServer
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -35,7 +36,7 @@ async def run(args: argparse.Namespace) -> None:
     listing = store.list_replicas()
     for problem in listing.problems:
         print(f"problem: {problem.path}: {problem.reason}", file=sys.stderr)
-    server = PeerServer(DataService(store), secret, args.node)
+    server = DataServer(DataService(store), secret, args.node)
     host, _, port = args.listen.rpartition(":")
     bound = await server.start(host, int(port))
     print(f"listening {bound[0]}:{bound[1]}", flush=True)

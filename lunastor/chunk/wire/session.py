@@ -25,23 +25,36 @@ import msgpack
 
 from lunastor.chunk.wire.messages import (
     ACCEPTED_VERSIONS,
+    BIN_WRITE,
+    BIN_WRITE_OK,
+    BINARY_VERSION,
+    MAX_HANDLES,
     MAX_HEADER,
     MAX_PAYLOAD,
     NONCE_SIZE,
     PROTOCOL_VERSION,
     Auth,
     AuthFailed,
+    Bind,
+    BindNexus,
+    BinFrame,
+    Frame,
     FrameError,
     FrameReader,
     Hello,
+    Nexus,
     Op,
     Request,
     Response,
     Status,
     WireError,
+    Write,
     clip_message,
+    decode_bin_write,
     decode_request,
     decode_response,
+    encode_bin_write,
+    encode_bin_write_ok,
     encode_request,
     encode_response,
     response_id,
@@ -105,6 +118,9 @@ class ServerConnection:
         self._client_nonce = b""
         self._ops: dict[int, Op] = {}  # request id -> op, for encoding the answer
         self.close_reason: str | None = None
+        # version 2: handles bound by the client on this connection
+        self._extents: dict[int, tuple[str, int]] = {}
+        self._nexuses: dict[int, Nexus] = {}
 
     @property
     def closed(self) -> bool:
@@ -121,10 +137,33 @@ class ServerConnection:
         except FrameError as exc:
             self._close(str(exc))
             return []
-        requests = []
+        return self._requests(frames)
+
+    def get_buffer(self) -> memoryview:
+        """Where the socket's next bytes go (asyncio.BufferedProtocol)."""
+        return self._reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> list[Request]:
+        """`receive_data` for bytes received into `get_buffer()`."""
+        if self.closed:
+            return []
+        try:
+            frames = self._reader.buffer_updated(nbytes)
+        except FrameError as exc:
+            self._close(str(exc))
+            return []
+        return self._requests(frames)
+
+    def _requests(self, frames: list[Frame | BinFrame]) -> list[Request]:
+        requests: list[Request] = []
         for frame in frames:
             try:
-                req = decode_request(frame)
+                if isinstance(frame, BinFrame):
+                    if frame.kind != BIN_WRITE:
+                        raise FrameError(f"binary frame {frame.kind:#x} is not a request")
+                    req: Request = decode_bin_write(frame, self._extents, self._nexuses)
+                else:
+                    req = decode_request(frame)
             except FrameError as exc:
                 self._close(str(exc))
                 break
@@ -136,6 +175,9 @@ class ServerConnection:
                     break
                 continue
             if self.phase is Phase.OPEN:
+                if isinstance(req, Bind | BindNexus):
+                    self._bind(req)
+                    continue
                 self._ops[req.id] = req.OP
                 requests.append(req)
             else:
@@ -144,11 +186,30 @@ class ServerConnection:
                 break
         return requests
 
+    def _bind(self, req: Bind | BindNexus) -> None:
+        if self.version is None or self.version < BINARY_VERSION:
+            self._answer_error(req.id, WireError(f"{req.OP} needs protocol version 2"), req.OP)
+            return
+        table: dict[int, tuple[str, int]] | dict[int, Nexus]
+        table = self._extents if isinstance(req, Bind) else self._nexuses
+        if req.handle not in table and len(table) >= MAX_HANDLES:
+            self._answer_error(req.id, WireError(f"more than {MAX_HANDLES} handles"), req.OP)
+            return
+        if isinstance(req, Bind):
+            self._extents[req.handle] = (req.volume, req.extent)
+        else:
+            self._nexuses[req.handle] = req.nexus
+        self._out.extend(encode_response(req.OP, Response(req.id, Status.OK)))
+
     def send_response(self, resp: Response) -> None:
         op = self._ops.pop(resp.id, None)
         if op is None:
             raise ValueError(f"no outstanding request {resp.id}")
-        if not self.closed:
+        if self.closed:
+            return
+        if op is Op.WRITE and resp.status is Status.OK and self._reader.binary:
+            self._out.append(encode_bin_write_ok(resp.id, resp.fields["applied_seq"]))
+        else:
             self._out.extend(encode_response(op, resp))
 
     def data_to_send(self) -> Buffers:
@@ -199,6 +260,7 @@ class ServerConnection:
                 self.authenticated = True
                 self._reader.max_header = MAX_HEADER
                 self._reader.max_payload = self._max_payload
+                self._reader.binary = self.version >= BINARY_VERSION
                 return
             self._answer_error(req.id, AuthFailed("wrong cluster secret"), Op.AUTH)
             self._close("client failed authentication")
@@ -247,6 +309,11 @@ class ClientConnection:
         self._server_nonce = b""
         self._hello_id = 0
         self._auth_id = 0
+        self.offer = PROTOCOL_VERSION  # the version our HELLO offers (tests offer older ones)
+        # version 2: the handles we bound on this connection, and our bind requests' ids
+        self._extent_handles: dict[tuple[str, int], int] = {}
+        self._nexus_handles: dict[Nexus, int] = {}
+        self._internal: set[int] = set()
 
     @property
     def authenticated(self) -> bool:
@@ -257,7 +324,7 @@ class ClientConnection:
 
     def start(self) -> None:
         self._hello_id = self.next_id()
-        self._send(Hello(self._hello_id, PROTOCOL_VERSION, self.node, self._nonce))
+        self._send(Hello(self._hello_id, self.offer, self.node, self._nonce))
 
     def send_request(self, req: Request) -> None:
         if self.phase is Phase.CLOSED:
@@ -279,24 +346,50 @@ class ClientConnection:
         if self.phase is Phase.CLOSED:
             return []
         try:
-            frames = self._reader.feed(data)
-            responses = []
-            for frame in frames:
-                rid = response_id(frame)
-                op = self._pending.pop(rid, None)
-                if op is None:
-                    raise FrameError(f"response to unknown request {rid}")
-                resp = decode_response(frame, op)
-                if rid == self._hello_id and op is Op.HELLO:
-                    self._on_hello(resp)
-                elif rid == self._auth_id and op is Op.AUTH:
-                    self._on_auth(resp)
-                else:
-                    responses.append(resp)
-            return responses
+            return self._responses(self._reader.feed(data))
         except WireError:
             self.phase = Phase.CLOSED
             raise
+
+    def get_buffer(self) -> memoryview:
+        """Where the socket's next bytes go (asyncio.BufferedProtocol)."""
+        return self._reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> list[Response]:
+        """`receive_data` for bytes received into `get_buffer()`."""
+        if self.phase is Phase.CLOSED:
+            return []
+        try:
+            return self._responses(self._reader.buffer_updated(nbytes))
+        except WireError:
+            self.phase = Phase.CLOSED
+            raise
+
+    def _responses(self, frames: list[Frame | BinFrame]) -> list[Response]:
+        responses = []
+        for frame in frames:
+            if isinstance(frame, BinFrame):
+                if frame.kind != BIN_WRITE_OK or frame.payload:
+                    raise FrameError(f"binary frame {frame.kind:#x} is not an answer")
+                _, rid, applied = frame.values
+                if self._pending.pop(rid, None) is not Op.WRITE:
+                    raise FrameError(f"write answer to request {rid}, not a write")
+                responses.append(Response(rid, Status.OK, {"applied_seq": applied}))
+                continue
+            rid = response_id(frame)
+            op = self._pending.pop(rid, None)
+            if op is None:
+                raise FrameError(f"response to unknown request {rid}")
+            resp = decode_response(frame, op)
+            if rid == self._hello_id and op is Op.HELLO:
+                self._on_hello(resp)
+            elif rid == self._auth_id and op is Op.AUTH:
+                self._on_auth(resp)
+            elif rid in self._internal:
+                self._internal.discard(rid)  # a bind: a refusal shows in the write it names
+            else:
+                responses.append(resp)
+        return responses
 
     def _on_hello(self, resp: Response) -> None:
         if not resp.ok:
@@ -304,7 +397,7 @@ class ClientConnection:
                 f"server refused HELLO: {resp.status} {resp.fields.get('message', '')}"
             )
         version = resp.fields["version"]
-        if version not in ACCEPTED_VERSIONS or version > PROTOCOL_VERSION:
+        if version not in ACCEPTED_VERSIONS or version > self.offer:
             raise WireError(f"server chose unsupported version {version}")
         peer = resp.fields["node"]
         server_nonce = resp.fields["nonce"]
@@ -312,6 +405,7 @@ class ClientConnection:
         if not hmac.compare_digest(want, resp.fields["proof"]):
             raise AuthFailed("server does not know the cluster secret")
         self.version, self.peer, self._server_nonce = version, peer, server_nonce
+        self._reader.binary = version >= BINARY_VERSION
         self._auth_id = self.next_id()
         proof = _proof(self._secret, b"client", version, self.node, peer, self._nonce, server_nonce)
         self._send(Auth(self._auth_id, proof))
@@ -327,11 +421,37 @@ class ClientConnection:
 
     def _send(self, req: Request) -> None:
         self._pending[req.id] = req.OP
+        # a write carrying a `caw` token goes as msgpack: the binary frame has no room for it
+        binary = self.version is not None and self.version >= BINARY_VERSION
+        if isinstance(req, Write) and binary and not req.token:
+            ext_h = self._extent_handles.get((req.volume, req.extent))
+            if ext_h is None and len(self._extent_handles) < MAX_HANDLES:
+                ext_h = len(self._extent_handles) + 1
+                self._extent_handles[(req.volume, req.extent)] = ext_h
+                self._bind(Bind(self.next_id(), ext_h, req.volume, req.extent))
+            nexus_h = 0
+            if req.nexus is not None:
+                nexus_h = self._nexus_handles.get(req.nexus, 0)
+                if not nexus_h and len(self._nexus_handles) < MAX_HANDLES:
+                    nexus_h = len(self._nexus_handles) + 1
+                    self._nexus_handles[req.nexus] = nexus_h
+                    self._bind(BindNexus(self.next_id(), nexus_h, req.nexus))
+            # past MAX_HANDLES bindings a write goes as a msgpack frame, as in version 1
+            if ext_h and (nexus_h or req.nexus is None):
+                self._out.extend(encode_bin_write(req.id, ext_h, nexus_h, req))
+                return
         self._out.extend(encode_request(req))
+
+    def _bind(self, bind: Bind | BindNexus) -> None:
+        """Send a binding; its answer is ours (a refusal shows in the writes that use it)."""
+        self._internal.add(bind.id)
+        self._pending[bind.id] = bind.OP
+        self._out.extend(encode_request(bind))
 
     def fail_pending(self) -> list[int]:
         """Ids of every request that will never be answered (the connection is gone)."""
-        ids = [rid for rid in self._pending if rid not in (self._hello_id, self._auth_id)]
+        internal = (self._hello_id, self._auth_id, *self._internal)
+        ids = [rid for rid in self._pending if rid not in internal]
         ids += [q.id for q in self._queued]
         self._pending.clear()
         self._queued.clear()

@@ -78,6 +78,9 @@ class PrefixCache:
         """Return once the cache reflects every change up to `revision` under the prefix."""
         await self.wait_for(lambda c: c.revision >= revision, timeout)
 
+    def applied(self) -> None:
+        """Called after each event is applied, before waiters wake (a hook for subclasses)."""
+
     async def _follow(self) -> None:
         try:
             async for item in self.etcd.watch_prefix(self.prefix, self.revision + 1):
@@ -88,6 +91,7 @@ class PrefixCache:
                 else:
                     self._items.pop(item.kv.key, None)
                 self.revision = item.revision
+                self.applied()
                 async with self.changed:
                     self.changed.notify_all()
         except Exception as exc:

@@ -9,15 +9,16 @@ live in `spc.py`, `mode.py`, `sbc.py` and `prcmds.py`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lunastor.iscsi.blockdev import BlockDevice, BlockDeviceError
-from lunastor.iscsi.scsi import commands
+from lunastor.iscsi.resume import Resumed
+from lunastor.iscsi.scsi import commands, handlers
 from lunastor.iscsi.scsi.commands import BY_OPCODE, Access
+from lunastor.iscsi.scsi.lane import FastLane
 from lunastor.iscsi.scsi.pr import ItNexus, PrState, ReservationConflict, conflicts
 from lunastor.iscsi.scsi.reservations import InProcessReservations, ReservationStore, update
 from lunastor.iscsi.scsi.sense import (
@@ -43,6 +44,8 @@ from lunastor.iscsi.scsi.types import (
 )
 
 log = logging.getLogger(__name__)
+
+Spawn = Callable[[Coroutine[Any, Any, None]], Any]  # the host's "run this in the background"
 
 
 @dataclass(slots=True)
@@ -190,11 +193,15 @@ class ScsiTarget:
         visible_luns: Callable[[Nexus], set[int]] | None = None,
         relative_ports: Callable[[], list[int]] | None = None,
         abort_tasks: Callable[[Nexus, int], None] | None = None,
+        spawn: Spawn | None = None,
     ) -> None:
         """
         `relative_ports` lists every access point's relative port for REPORT TARGET PORT
         GROUPS (default: only ours); `abort_tasks(nexus, lun)` is called for each local nexus
-        whose tasks PREEMPT AND ABORT aborts (the session layer aborts them).
+        whose tasks PREEMPT AND ABORT aborts (the session layer aborts them). `spawn(coro)`
+        runs a coroutine in the background and returns something to await it by (an
+        asyncio task): the host's, since this package never imports asyncio. Without it,
+        work that has to wait is run on the loop of the future it waits on.
         """
         self.name = name
         self.luns: dict[int, LogicalUnit] = dict(luns)
@@ -203,9 +210,11 @@ class ScsiTarget:
         self._visible_luns = visible_luns
         self._relative_ports = relative_ports
         self._abort_tasks = abort_tasks
+        self._spawn = spawn
         self._visible: dict[Nexus, frozenset[int]] = {}
         self._sessions: dict[int, _Session] = {}  # id(nexus) -> cache; holds the nexus alive
-        self._pending: set[asyncio.Future[None]] = set()
+        self._pending: set[Any] = set()  # what `spawn` returned, until awaited done
+        self._lanes: list[FastLane] = []  # handed to the fast path; cleared on any event
         self.reservations.subscribe(self.reservation_changed)
         for lu in self.luns.values():
             self._adopt(lu)
@@ -236,6 +245,26 @@ class ScsiTarget:
             self._sessions.clear()  # sessions that build a Nexus per command: stay bounded
         s = self._sessions[id(nexus)] = _Session(nexus, self.visible(nexus))
         return s
+
+    def fast_lane(self, nexus: Nexus, lun: int) -> FastLane | None:
+        """The fast path's lane for `nexus` on `lun` (see `scsi.lane`), or None until a
+        command of the nexus went through `execute` on that LUN (which establishes its
+        state, e.g. the POWER ON unit attention every new nexus gets first)."""
+        session = self._sessions.get(id(nexus))
+        if session is None or session.nexus is not nexus:
+            return None
+        ns = session.states.get(lun)
+        if ns is None or ns.lu is None:
+            return None
+        lane = FastLane(ns.lu, ns, self.reservations)
+        self._lanes.append(lane)
+        return lane
+
+    def _clear_lanes(self) -> None:
+        """Something changed that the fast path must not overlook: every lane goes."""
+        for lane in self._lanes:
+            lane.plain = False
+        self._lanes.clear()
 
     def port_list(self) -> list[int]:
         ports = self._relative_ports() if self._relative_ports else [self.relative_port]
@@ -310,6 +339,7 @@ class ScsiTarget:
 
     def reservation_changed(self, key: str, state: PrState) -> None:
         """Store callback: apply a committed transition's effects to our nexuses."""
+        self._clear_lanes()
         aborted = set(state.aborts)
         for lun, lu in self.luns.items():
             if lu.pr_key != key:
@@ -341,6 +371,7 @@ class ScsiTarget:
     # -- task management and nexus life --------------------------------------------------
     def task_management(self, nexus: Nexus, function: TmfFunction, lun: int) -> TmfResponse:
         """SCSI-level effects of a task management function (the session aborts tasks)."""
+        self._clear_lanes()
         if function in (TmfFunction.ABORT_TASK, TmfFunction.ABORT_TASK_SET):
             return TmfResponse.COMPLETE
         if function == TmfFunction.CLEAR_TASK_SET:
@@ -373,8 +404,8 @@ class ScsiTarget:
 
     def _in_background(self, work: Coroutine[Any, Any, object]) -> None:
         """Run a store update started by a synchronous entry point (a TMF, a lost nexus):
-        its first step now (an in-process store finishes there), the rest as a task that
-        `settle()` waits for."""
+        its first step now (an in-process store finishes there), the rest through the host's
+        `spawn`, which `settle()` waits for."""
         try:
             waiting = work.send(None)
         except StopIteration:
@@ -382,19 +413,39 @@ class ScsiTarget:
         except Exception:
             log.exception("reservation store update failed")
             return
-        task = asyncio.ensure_future(_resume(work, waiting))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+
+        async def rest() -> None:
+            try:
+                await Resumed(work, waiting)
+            except Exception:
+                log.exception("reservation store update failed")
+
+        spawn = self._spawn
+        if spawn is None:
+            get_loop = getattr(waiting, "get_loop", None)
+            if get_loop is None:
+                work.close()
+                log.error("reservation store update needs a spawn callback; abandoned")
+                return
+            spawn = get_loop().create_task
+        self._pending.add(spawn(rest()))
 
     async def settle(self) -> None:
         """Wait for the store updates that task management and lost nexuses started (the
         session answers a LOGICAL UNIT RESET only once every access point applied it)."""
         while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+            for handle in list(self._pending):
+                try:
+                    await handle
+                except BaseException:
+                    if not handle.done():
+                        raise  # our own cancellation, not the update's end
+                self._pending.discard(handle)
 
     def nexus_lost(self, nexus: Nexus) -> None:
         """The session ended: SPC-2 reservations and medium-removal prevention held through
         this nexus end with it; persistent reservations and registrations stay (SPC-4)."""
+        self._clear_lanes()
         itid = (nexus.initiator_port, nexus.target_port)
         for lu in {id(lu): lu for lu in self.luns.values()}.values():
             lu.nexuses.pop(nexus, None)
@@ -445,6 +496,7 @@ class ScsiTarget:
             lu.apply_mode(values)
 
     def _change_luns(self, luns: dict[int, LogicalUnit]) -> None:
+        self._clear_lanes()
         known = {n for lu in self.luns.values() for n in lu.nexuses} | set(self._visible)
         before = {n: self.visible(n) for n in known}
         for lu in luns.values():
@@ -461,29 +513,4 @@ class ScsiTarget:
                 self.luns[lun].state_for(n).add_ua(REPORTED_LUNS_DATA_HAS_CHANGED)
 
 
-async def _resume(work: Coroutine[Any, Any, object], waiting: Any) -> None:
-    """Drive a coroutine whose first step already ran and yielded `waiting` (what
-    asyncio.Task does with a yielded future)."""
-    while True:
-        try:
-            if waiting is None:
-                await asyncio.sleep(0)
-            else:
-                waiting._asyncio_future_blocking = False
-                await waiting
-        except asyncio.CancelledError:
-            work.close()
-            raise
-        except Exception:
-            pass  # the coroutine reads the future's exception itself
-        try:
-            waiting = work.send(None)
-        except StopIteration:
-            return
-        except Exception:
-            log.exception("reservation store update failed")
-            return
-
-
-# Register every handler module's commands (import for their side effect on the table).
-from lunastor.iscsi.scsi import mode, prcmds, sbc, spc  # noqa: E402, F401
+assert handlers.__all__  # imported for the command table it fills

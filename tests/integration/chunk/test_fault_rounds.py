@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.chunk.test_replicated_cluster import Cluster, _extents, run
+from tests.integration.chunk.test_replicated_cluster import Cluster, _extents, _wait_lun, run
 from tests.integration.test_redirector_failover import Journal, stop_writer
 from tests.support.devcluster import dev_up, lunastor
 from tests.support.procs import wait_for
@@ -146,10 +146,15 @@ class Rounds:
         vol = self.cluster.create_exported_volume(name, f"{VOLUME // MIB}MiB", INITIATOR)
         target, lun = vol["target_iqn"], vol["lun"]
         vip = self.cluster.state["portal"]
+        # the target is the same every phase: wait for this phase's LUN, not just the target
+        # (the writer's login raced the export once in a soak: LOGICAL UNIT NOT SUPPORTED)
         wait_for(
-            lambda: target in run("iscsi-ls", "-i", INITIATOR, f"iscsi://{vip}", timeout=20).stdout,
+            lambda: (
+                f"Lun:{lun} "
+                in run("iscsi-ls", "-s", "-i", INITIATOR, f"iscsi://{vip}", timeout=20).stdout
+            ),
             60,
-            "discovery through the VIP to list the target",
+            "discovery through the VIP to list the new LUN",
         )
         base = self.tmp / name
         out, err, stop = (base.with_suffix(s) for s in (".out", ".err", ".stop"))
@@ -185,6 +190,9 @@ class Rounds:
     def verify_blocks(self, phase: Phase, journal: Journal, avoid: str | None) -> None:
         reader = next(n for n in self.cluster.chunks if n != avoid)
         url = f"iscsi://{self.cluster.portal(reader)}/{phase.target}/{phase.lun}"
+        # the reader may have been restarted in the last round and not serve the LUN yet (a
+        # soak's read-back login met "Can not reconnect right now")
+        _wait_lun(url, INITIATOR)
         got = run(str(self.writer), "--read", url, INITIATOR, str(BLOCKS), str(STRIDE))
         assert got.returncode == 0, got.stderr
         acked = journal.acked()

@@ -90,7 +90,7 @@ async def start_race(c: Cluster) -> Race:
     proxy = await TcpProxy(primary.address).start()
     # the old access point reaches the primary only through the proxy
     client = PeerClient("127.0.0.1", proxy.port, SECRET, old.id, request_timeout=60)
-    old.replicas._clients[primary.id] = (primary.address, client)
+    old.replicas._clients[(primary.id, 0)] = (primary.address, client)
     assert (await old.replicas.call(primary.id, Ping)).ok
     login(old, NEXUS)
     v_old = c.volume(old.id)

@@ -13,9 +13,13 @@ from pathlib import Path
 import pytest
 
 import lunastor
+from lunastor.chunk.replication.replicas import DataService
+from lunastor.chunk.store import ExtentStore
 from lunastor.chunk.store.checksums import checksums_of
-from lunastor.chunk.wire.messages import Status
+from lunastor.chunk.wire.messages import Request, Response, Status
 from lunastor.chunk.wire.peer import PeerAuthFailed, PeerClient, PeerUnavailable
+from lunastor.chunk.wire.server import MAX_INFLIGHT, DataServer
+from tests.support.procs import async_wait_for
 
 REPO = Path(lunastor.__file__).parent.parent
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -155,12 +159,8 @@ async def test_client_reconnects_after_a_server_restart(tmp_path: Path) -> None:
 async def test_deep_pipeline_and_abrupt_disconnects_in_process(tmp_path: Path) -> None:
     """More requests in flight than the server reads ahead (backpressure), then clients that
     vanish mid-frame: the server keeps serving everyone else."""
-    from lunastor.chunk.replication.replicas import DataService
-    from lunastor.chunk.store import ExtentStore
-    from lunastor.chunk.wire.peer import PeerServer
-
     store = ExtentStore([tmp_path], EXTENT)
-    server = PeerServer(DataService(store), SECRET, "srv")
+    server = DataServer(DataService(store), SECRET, "srv")
     host, port = await server.start("127.0.0.1", 0)
     client = PeerClient(host, port, SECRET, "cli")
     await client.create("deep", 0, 1)
@@ -186,3 +186,139 @@ async def test_deep_pipeline_and_abrupt_disconnects_in_process(tmp_path: Path) -
     await client.close()
     await server.close()
     await store.close()
+
+
+class _Held:
+    """A service whose requests wait until released: counts how many run at once."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0
+        self.release = asyncio.Event()
+
+    async def handle(self, req: Request) -> Response:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await self.release.wait()
+        finally:
+            self.running -= 1
+        return Response(req.id, Status.OK)
+
+    def handle_now(self, req: Request) -> Response | None:
+        return None
+
+    def grant(self, peer: str) -> bool:
+        return peer == "friend"
+
+
+async def test_server_reads_no_further_than_its_inflight_limit() -> None:
+    """The data port's one back-pressure rule (docs/data-protocol.md, "Transport"): at most
+    MAX_INFLIGHT requests of a connection are started; the rest wait in TCP, and every one
+    is answered once the first ones finish."""
+    service = _Held()
+    server = DataServer(service, SECRET, "srv")
+    host, port = await server.start("127.0.0.1", 0)
+    client = PeerClient(host, port, SECRET, "cli")
+    try:
+        calls = [asyncio.ensure_future(client.create("v", i, 1)) for i in range(5 * MAX_INFLIGHT)]
+
+        async def full() -> bool:
+            return service.running == MAX_INFLIGHT
+
+        await async_wait_for(full, timeout=20, what="the first requests to start")
+        await asyncio.sleep(0.3)  # reading stays paused: nothing more is started
+        assert service.most == MAX_INFLIGHT
+        service.release.set()
+        answers = await asyncio.gather(*calls)
+        assert all(a.ok for a in answers) and len(answers) == 5 * MAX_INFLIGHT
+        assert service.most <= MAX_INFLIGHT
+    finally:
+        service.release.set()
+        await client.close()
+        await server.close()
+
+
+async def test_ping_asks_the_service_for_a_read_lease_grant() -> None:
+    service = _Held()
+    service.release.set()
+    server = DataServer(service, SECRET, "srv")
+    host, port = await server.start("127.0.0.1", 0)
+    friend = PeerClient(host, port, SECRET, "friend")
+    other = PeerClient(host, port, SECRET, "other")
+    try:
+        assert (await friend.ping()).ok
+        assert (await other.ping()).status is Status.UNAVAILABLE
+    finally:
+        await friend.close()
+        await other.close()
+        await server.close()
+
+
+class _Counting(DataService):
+    """The real extent-store service, counting the requests that needed a Task."""
+
+    def __init__(self, store: ExtentStore) -> None:
+        super().__init__(store)
+        self.waited: list[str] = []
+
+    async def handle(self, req: Request) -> Response:
+        self.waited.append(str(req.OP))
+        return await super().handle(req)
+
+
+async def test_forwarded_writes_are_applied_in_the_receive_callback(tmp_path: Path) -> None:
+    """A secondary applies a primary's pipelined writes as they arrive, without a Task each
+    (docs/datapath.md); a FUA write goes through a Task, and the writes behind it on the
+    connection wait for it rather than overtake it."""
+    store = ExtentStore([tmp_path], EXTENT)
+    service = _Counting(store)
+    server = DataServer(service, SECRET, "srv")
+    host, port = await server.start("127.0.0.1", 0)
+    client = PeerClient(host, port, SECRET, "cli")
+    try:
+        assert (await client.create("v", 0, 1)).ok
+        assert (await client.write("v", 0, 1, 1, 0, b"a" * BS, fua=False)).ok  # DIRTY mark
+        service.waited.clear()
+        n = 60
+        answers = await asyncio.gather(*(
+            client.write("v", 0, 1, seq, (seq % 200) * BS, bytes([seq]) * BS, fua=seq == n)
+            for seq in range(2, n + 2)
+        ))  # fmt: skip
+        # all applied, none out of order ("applied" answers the replica's seq at answer
+        # time: the FUA write's comes after its flush, when later writes were applied too)
+        assert all(a.ok and a.fields["applied_seq"] >= s for s, a in enumerate(answers, 2))
+        # only the FUA write (and the one behind it, when it came before the flush ended)
+        assert service.waited in (["write"], ["write", "write"])
+        state = await client.get_state("v", 0)
+        assert state.fields["applied_seq"] == n + 1
+        got = await client.read("v", 0, 1, (n + 1) % 200 * BS, BS)
+        assert got.payload == bytes([n + 1]) * BS
+    finally:
+        await client.close()
+        await server.close()
+        await store.close()
+
+
+async def test_one_deadline_timer_fails_every_unanswered_request() -> None:
+    service = _Held()
+    server = DataServer(service, SECRET, "srv")
+    host, port = await server.start("127.0.0.1", 0)
+    client = PeerClient(host, port, SECRET, "cli", request_timeout=0.5)
+    try:
+        assert (await client.ping()).status is Status.UNAVAILABLE  # connected ("cli": no grant)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        first = [asyncio.ensure_future(client.create("v", i, 1)) for i in range(10)]
+        await asyncio.sleep(0.3)
+        later = asyncio.ensure_future(client.create("v", 99, 1))
+        done = await asyncio.gather(*first, return_exceptions=True)
+        assert all(isinstance(r, PeerUnavailable) for r in done)
+        assert 0.45 <= loop.time() - start < 5
+        assert not later.done()  # its own deadline is later
+        assert isinstance((await asyncio.gather(later, return_exceptions=True))[0], PeerUnavailable)
+        assert loop.time() - start >= 0.75
+    finally:
+        service.release.set()
+        await client.close()
+        await server.close()

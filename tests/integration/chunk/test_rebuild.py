@@ -6,6 +6,7 @@ real sockets; the cluster of test_replication.py): a member joins while writes c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -17,8 +18,8 @@ from lunastor.chunk.access.volume import ReplicatedVolume
 from lunastor.chunk.maintenance.repair import Repairer
 from lunastor.chunk.maintenance.repair_plan import ActionKind
 from lunastor.chunk.replication.join import Throttle, join_member
-from lunastor.chunk.replication.node import DataServer
 from lunastor.chunk.store import ReplicaNotFound
+from lunastor.chunk.wire.server import DataServer
 from lunastor.common.etcd import Etcd, EtcdConfig
 from lunastor.common.extent_pages import extent_keys, extent_records, read_keys
 from lunastor.common.records import (
@@ -63,9 +64,13 @@ class Rig:
         for r in self.repairers.values():
             await r.stop()
 
-    async def volume(self, via: str, extents: int, replicas: int = 3) -> ReplicatedVolume:
+    async def volume(
+        self, via: str, extents: int, replicas: int = 3, zones: list[str] | None = None
+    ) -> ReplicatedVolume:
         size = extents * EXTENT
-        record = VolumeRecord(id=VID, name=VID, size_bytes=size, replicas=replicas)
+        record = VolumeRecord(
+            id=VID, name=VID, size_bytes=size, replicas=replicas, zones=zones or []
+        )
         await self.c.etcd.put(Keys.volume(VID), record.to_json())
         for r in self.repairers.values():
             await r.volumes.wait_for(lambda c: Keys.volume(VID) in c.items, 10)
@@ -103,10 +108,10 @@ class Rig:
         host, port = await n.server.start("127.0.0.1", 0)
         n.address = f"{host}:{port}"
         n.alive = True
-        info = ChunkServerInfo(id=cid, portal="127.0.0.1:3260", data_address=n.address)
         kv = await self.c.etcd.get(Keys.live_chunk(cid))
         assert kv is None
         zone = ChunkServerInfo.from_json((await self.c.etcd.get(Keys.chunk(cid))).value).zone  # type: ignore[union-attr]
+        info = ChunkServerInfo(id=cid, portal="127.0.0.1:3260", data_address=n.address, zone=zone)
         status = ChunkServerStatus(
             id=cid,
             portal="127.0.0.1:3260",
@@ -132,12 +137,15 @@ class Rig:
         return contents.pop()
 
 
-@pytest.fixture
-async def rig(etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path) -> AsyncIterator[Rig]:
+@contextlib.asynccontextmanager
+async def started_rig(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, zones: tuple[str, ...]
+) -> AsyncIterator[Rig]:
+    """An in-process cluster of one chunk server per zone in `zones`, with its repairers."""
     config = EtcdConfig(endpoints=[etcd_server.endpoint], namespace=etcd_prefix, timeout=5)
     async with await Etcd.connect(config) as etcd:
         c = Cluster(etcd, tmp_path)
-        for i, zone in enumerate(("z1", "z2", "z3", "z1")):
+        for i, zone in enumerate(zones):
             await c.add(f"chunk-{i}", zone)
         await c.wait_known()
         r = Rig(c, replace_after=0.0)
@@ -147,6 +155,12 @@ async def rig(etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path) -> Asyn
         finally:
             await r.stop()
             await c.close()
+
+
+@pytest.fixture
+async def rig(etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path) -> AsyncIterator[Rig]:
+    async with started_rig(etcd_server, etcd_prefix, tmp_path, ("z1", "z2", "z3", "z1")) as r:
+        yield r
 
 
 def version(block: int, v: int, n: int = 8) -> bytes:
@@ -390,3 +404,50 @@ async def test_an_extent_left_below_min_replicas_gets_members_back(rig: Rig) -> 
     assert await rig.replicas_identical(0, now.replicas) == data
     await v.write(0, version(0, 2), False)  # writes are accepted again
     assert await v.read(0, 8) == version(0, 2)
+
+
+async def test_a_zoned_volume_is_re_replicated_only_inside_its_zones(rig: Rig) -> None:
+    """A 2-replica volume restricted to z1 (its CSI topology) lives on chunk-0 and chunk-3,
+    z1's only servers. When one dies, no server of z2 or z3 may take its place: the extents
+    wait with one member (no-candidate) until a z1 server is back, which then catches up."""
+    c = rig.c
+    v = await rig.volume("chunk-0", extents=2, replicas=2, zones=["z1"])
+    data = b"".join(version(k, 1, 64) for k in range(0, 2 * EXTENT // SECTOR, 64))
+    await v.write(0, data, False)
+    assert all(set(rig.record(i).replicas) == {"chunk-0", "chunk-3"} for i in range(2))
+    await c.kill("chunk-3")
+
+    async def alone() -> bool:
+        now = [await rig.fresh(i) for i in range(2)]
+        waiting = {a.kind for a in rig.repairers["chunk-0"].last}
+        return all(r.replicas == ["chunk-0"] for r in now) and ActionKind.NO_CANDIDATE in waiting
+
+    await rig.repair_until(alone, 60, "the dead member dropped, and no candidate in z1")
+    for _ in range(3):  # more passes change nothing: z2 and z3 never take a replica
+        await rig.pass_()
+    assert [(await rig.fresh(i)).replicas for i in range(2)] == [["chunk-0"], ["chunk-0"]]
+    await rig.restart("chunk-3")
+
+    async def back() -> bool:
+        members = [sorted((await rig.fresh(i)).replicas) for i in range(2)]
+        return members == [["chunk-0", "chunk-3"]] * 2
+
+    await rig.repair_until(back, 60, "z1's server back as a member")
+    got = b"".join([await rig.replicas_identical(i, ["chunk-0", "chunk-3"]) for i in range(2)])
+    assert got == data
+
+
+async def test_an_extent_allocated_before_the_volume_record_arrives_still_honours_its_zones(
+    rig: Rig,
+) -> None:
+    """The first write of a new volume can reach a server before its watch delivers the
+    volume's record (CI met it): placement must read the record rather than place the extent
+    anywhere. The watch is stopped here so that the race is certain."""
+    emap = rig.c.nodes["chunk-1"].emap
+    await emap.volumes.stop()
+    record = VolumeRecord(id=VID, name=VID, size_bytes=8 * EXTENT, replicas=2, zones=["z1"])
+    await rig.c.etcd.put(Keys.volume(VID), record.to_json())
+    assert emap.volume(VID) is None  # the watch has not delivered it
+    for index in range(8):  # several extents: the ring alone would put some outside z1
+        entry = await emap.allocate(VID, index, 2)
+        assert sorted(entry.record.replicas) == ["chunk-0", "chunk-3"], entry.record

@@ -140,7 +140,8 @@ def test_volume_is_served_by_every_chunk_server_with_three_identical_replicas(
     extents = _extents(cluster.state, vol["id"])
     assert set(extents) == {0}, "64 MiB written from offset 0 touch extent 0 only (thin)"
     assert sorted(extents[0].replicas) == sorted(cluster.chunk_id(c) for c in cluster.chunks)
-    assert extents[0].gen == 1
+    # gen 2 when its primary moved to the access point that wrote it all (locality)
+    assert extents[0].gen in (1, 2), extents[0]
     digests = set()
     for c in cluster.chunks:
         base = cluster.dir / "data" / c / "extents" / vol["id"] / f"{0:016x}"

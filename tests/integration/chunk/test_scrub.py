@@ -15,6 +15,7 @@ import re
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -22,7 +23,7 @@ from prometheus_client import REGISTRY
 from lunastor.chunk.maintenance.scrub import Scrubber
 from lunastor.chunk.store import BLOCK_SIZE
 from lunastor.chunk.wire.messages import Copy, Status
-from lunastor.common.records import Keys, OperationRecord
+from lunastor.common.records import Keys, OperationRecord, ScrubErrorsRecord
 from tests.integration.chunk.test_replicated_cluster import QEMU_IQN, Cluster, _extents, run
 from tests.integration.chunk.test_replication import EXTENT, blocks
 from tests.integration.chunk.test_replication import Cluster as LocalCluster
@@ -95,6 +96,35 @@ async def test_scrub_repairs_planted_bad_blocks_and_records_its_pass(
     assert kv is not None
     op = OperationRecord.from_json(kv.value)
     assert (op.kind, op.subject, op.state, op.progress) == ("scrub", "chunk-1", "succeeded", 1.0)
+
+
+async def test_blocks_bad_on_every_member_are_recorded_until_a_pass_finds_them_good(
+    cluster: LocalCluster,
+) -> None:
+    """The same block bad on all three members: no good copy to repair from. Each server's
+    pass records it under its scrub-errors key (meta turns that into the volume condition);
+    once a write replaces the block, the next pass deletes the key."""
+    v = cluster.volume("chunk-0", size=EXTENT)
+    await v.write(0, blocks(3, EXTENT // 512), fua=True)
+    for n in cluster.nodes.values():
+        flip((await n.store.open("vol-t", 0)).paths.data, 5 * BLOCK_SIZE + 7)
+
+    def scrubber(n: Any) -> Scrubber:
+        return Scrubber(
+            n.store, n.emap, n.replicas.call, n.id, etcd=cluster.etcd, rate=0, interval=0
+        )
+
+    for n in cluster.nodes.values():
+        result = await scrubber(n).run_once()
+        assert result.unrepaired == [("vol-t", 0, 5)] and result.repaired == 0
+        kv = await cluster.etcd.get(Keys.scrub_errors(n.id))
+        assert kv is not None
+        rec = ScrubErrorsRecord.from_json(kv.value)
+        assert (rec.chunk_id, rec.blocks, rec.more) == (n.id, [["vol-t", 0, 5]], 0)
+    await v.write(5 * BLOCK_SIZE // 512, blocks(4, BLOCK_SIZE // 512), fua=True)
+    for n in cluster.nodes.values():
+        assert (await scrubber(n).run_once()).bad == []
+        assert await cluster.etcd.get(Keys.scrub_errors(n.id)) is None
 
 
 async def test_a_repair_never_undoes_a_write_that_raced_with_it(

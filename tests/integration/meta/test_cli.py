@@ -206,3 +206,33 @@ def test_backup_and_restore_round_trip(
         assert kv is not None and json.loads(kv.value)["name"] == "keep-me"
     finally:
         server.cleanup()
+
+
+def test_volume_qos_limits(cli: Lunastor) -> None:
+    vol = cli.json(
+        "volume", "create", "q-1", "--size", "1GiB", "--write-iops", "500",
+        "--bps", "100MiB", "--bps-burst", "200MiB", "--burst-seconds", "5",
+    )  # fmt: skip
+    assert vol["qos"] == {
+        "write_iops": 500,
+        "bps": 100 << 20,
+        "bps_burst": 200 << 20,
+        "burst_seconds": 5,
+    }
+    shown = cli.run("volume", "get", "q-1")
+    assert "write_iops=500" in shown.stdout and "burst 200 MiB/s for 5" in shown.stdout
+    changed = cli.json("volume", "set-qos", "q-1", "--write-iops", "0", "--read-iops", "70")
+    want = {"read_iops": 70, "bps": 100 << 20, "bps_burst": 200 << 20, "burst_seconds": 5}
+    assert changed["qos"] == want
+    assert cli.json("volume", "set-qos", "q-1", "--clear")["qos"] == {}
+    assert cli.json("volume", "set-qos", "q-1", "--clear", "--iops", "9")["qos"] == {"iops": 9}
+    # bad combinations are refused before any call, naming the option
+    bad = cli.run("volume", "create", "q-2", "--size", "1GiB", "--iops-burst", "10")
+    assert bad.exit_code == 1 and "--iops-burst" in bad.stderr
+    bad = cli.run("volume", "set-qos", "q-1", "--iops", "-3")
+    assert bad.exit_code == 2
+    bad = cli.run("volume", "set-qos", "q-1")
+    assert bad.exit_code == 1 and "at least one limit" in bad.stderr
+    # the server refuses what only the merged limits show (a burst below the rate)
+    bad = cli.run("volume", "set-qos", "q-1", "--iops-burst", "5")
+    assert bad.exit_code == 1 and "400 invalid_field" in bad.stderr and "iops_burst" in bad.stderr

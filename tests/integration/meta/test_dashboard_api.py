@@ -23,6 +23,7 @@ from lunastor.common.records import (
     MetaInstance,
     OperationRecord,
     RedirectorInstance,
+    ScrubErrorsRecord,
 )
 from lunastor.common.volume_io import VolumeIo
 from lunastor.meta.events import PresenceEvents
@@ -88,6 +89,30 @@ async def test_volume_status_shows_health_sessions_and_placement(api: Api) -> No
 
     got, problem = await api.call("GET", "/v1/volumes/vol-0000000000000000/status")
     assert (got, problem["code"]) == (404, "volume_not_found")
+    assert served["scrub_errors"] == 0
+
+
+async def test_volume_status_counts_blocks_scrub_could_not_repair(api: Api) -> None:
+    a, b, c = (f"chunk-00000000002{x}" for x in "abc")
+    for x in (a, b, c):
+        await register_chunk(api.etcd, x)
+    vol = await api.volume("scrubbed")
+    other = await api.volume("other")
+    await put_extent(api.etcd, vol["id"], 0, a, b)
+    await put_extent(api.etcd, vol["id"], 1, a, b)
+    found = {
+        a: [[vol["id"], 0, 5], [vol["id"], 1, 9], [other["id"], 0, 1]],
+        b: [[vol["id"], 0, 5]],
+        c: [[vol["id"], 1, 3]],  # c left extent 1 since: its bad copy no longer counts
+    }
+    for chunk, bad in found.items():
+        rec = ScrubErrorsRecord(chunk_id=chunk, at=time.time(), blocks=bad)
+        await api.etcd.put(Keys.scrub_errors(chunk), rec.to_json())
+    status = await api.ok("GET", f"/v1/volumes/{vol['id']}/status")
+    assert status["scrub_errors"] == 3
+    await api.etcd.delete(Keys.scrub_errors(a))  # a's next pass found them good
+    status = await api.ok("GET", f"/v1/volumes/{vol['id']}/status")
+    assert status["scrub_errors"] == 1
 
 
 async def test_a_lost_server_within_replace_after_is_waited_for(api: Api) -> None:
@@ -250,6 +275,7 @@ async def test_volume_metrics_are_summed_over_the_access_points(api: Api) -> Non
     assert points["chunk-0000000000b1"]["reachable"] and points["chunk-0000000000b1"]["read"] == {
         "ops": 3,
         "bytes": 3 * 4096,
+        "throttled_seconds": 0,  # no QoS limits on this volume (docs/qos.md)
     }
     assert not points["chunk-0000000000b3"]["reachable"] and points["chunk-0000000000b3"]["error"]
     got, problem = await api.call("GET", "/v1/volumes/vol-0000000000000000/metrics")

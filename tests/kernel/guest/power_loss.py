@@ -1,19 +1,21 @@
 #!/usr/bin/python3
-"""Guest scenario (issue 8, scenario 7): power loss under a chunk server running in the guest.
+"""Guest scenarios power-loss (issue 8, scenario 7) and powerloss (issue 14): power loss under
+chunk servers running in the guest.
 
-The guest runs a lunastor chunk server (the host's venv and checkout, seen over 9p) whose data
-directory is on the virtio disk; the dev cluster's etcd is reached through the host. A writer
-on the host writes to a 1-replica volume that lives only here, with FUA.
+The guest runs lunastor chunk servers (the host's venv and checkout, seen over 9p), each with
+its data directory on its own virtio disk and its own address; the dev cluster's etcd is
+reached through the host. A writer on the host writes with FUA to a volume that lives only
+here (power-loss: one server, 1 replica; powerloss: three servers on three disks, 3 replicas).
 
-- phase "first": mkfs.ext4 on the virtio disk, start the chunk server, then ask the host to
+- phase "first": mkfs.ext4 on every virtio disk, start the chunk servers, then ask the host to
   cut the power: the host starts its writer and SIGKILLs QEMU mid-run, so this program never
   hears back (the guest's page cache is lost with it).
-- phase "reboot": mount the disk (ext4 replays its journal), start the chunk server over the
-  same data directory, ask the host to read every block back and count the acknowledged
-  writes that are lost, then stop the chunk server (SIGTERM, exit 0).
+- phase "reboot": mount the disks (ext4 replays its journal), start the chunk servers over the
+  same data directories, ask the host to read every block back through every server and count
+  the acknowledged writes that are lost, then stop the chunk servers (SIGTERM, exit 0).
 
-params.json: phase, route, host, python, repo, config (the chunk server's TOML), admin, etcd,
-portal.
+params.json: part, phase, route, host, python, repo, etcd, servers (name, disk, mount, addr,
+config: the chunk server's TOML, admin, portal; the first server's addr is eth0's own).
 """
 
 from __future__ import annotations
@@ -24,11 +26,9 @@ import signal
 import socket
 import subprocess
 import urllib.request
+from typing import Any
 
 from steps import Run, StepFailed, console, main, wait_for
-
-DISK = "/dev/vda"
-MOUNT = "/mnt/chunk"
 
 
 def healthy(admin: str) -> bool:
@@ -48,81 +48,113 @@ def reachable(host: str, port: int) -> bool:
     return True
 
 
-def start_chunk_server(run: Run, attempts: int = 4) -> subprocess.Popen[bytes]:
-    """Start the chunk server and wait until its portal listens.
-
-    Like a service manager would, it is started again when it exits during start-up: from a
-    TCG guest on a loaded machine, its first etcd connection can time out (grpc's connect
-    deadline), and the daemon then exits with "etcd unavailable"."""
+def launch(run: Run, server: dict[str, Any]) -> subprocess.Popen[bytes]:
     p = run.params
-    config = "/tmp/chunk.toml"
+    config = f"/tmp/{server['name']}.toml"
     with open(config, "w") as f:
-        f.write(p["config"])
+        f.write(server["config"])
     # unbuffered: the log must be on the results share before the power goes
     env = dict(os.environ, PYTHONPATH=p["repo"], LUNASTOR_STATUS_INTERVAL="1", PYTHONUNBUFFERED="1")
-    for attempt in range(1, attempts + 1):
-        log = open(f"/results/chunk-{p['phase']}.log", "ab")  # noqa: SIM115 (the server keeps it)
-        proc = subprocess.Popen(
-            [p["python"], "-m", "lunastor.chunk.main", "--config", config],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    log = open(f"/results/{server['name']}-{p['phase']}.log", "ab")  # noqa: SIM115 (kept open)
+    return subprocess.Popen(
+        [p["python"], "-m", "lunastor.chunk.main", "--config", config],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
 
-        def up(proc: subprocess.Popen[bytes] = proc) -> bool:
-            return proc.poll() is not None or healthy(p["admin"])
 
-        wait_for(up, 240, "the chunk server to answer /healthz", interval=0.5)
-        if proc.poll() is None:
-            break
-        run.message(f"the chunk server exited {proc.returncode} during start-up ({attempt})")
-        run.record("chunk_restarts", attempt)
-    else:
-        raise StepFailed(f"the chunk server exited during start-up {attempts} times")
+def start_chunk_servers(run: Run, attempts: int = 4) -> dict[str, subprocess.Popen[bytes]]:
+    """Start every chunk server at once and wait until each one's portal listens.
+
+    Like a service manager would, one is started again when it exits during start-up: from a
+    TCG guest on a loaded machine, its first etcd connection can time out (grpc's connect
+    deadline), and the daemon then exits with "etcd unavailable"."""
+    servers = run.params["servers"]
+    procs = {s["name"]: launch(run, s) for s in servers}
+    starts = dict.fromkeys(procs, 1)
+    up: set[str] = set()
+
+    def all_up() -> bool:
+        for s in servers:
+            name = s["name"]
+            if name in up:
+                continue
+            status = procs[name].poll()
+            if status is None:
+                if healthy(s["admin"]):
+                    up.add(name)
+                continue
+            if starts[name] >= attempts:
+                raise StepFailed(f"{name} exited during start-up {attempts} times")
+            run.message(f"{name} exited {status} during start-up ({starts[name]})")
+            starts[name] += 1
+            run.record("chunk_restarts", sum(starts.values()) - len(starts))
+            procs[name] = launch(run, s)
+        return len(up) == len(servers)
+
+    wait_for(all_up, 700, "every chunk server to answer /healthz", interval=0.5)
     # /healthz answers before the iSCSI portal listens ("chunk server up" in its log)
-    host, port = p["portal"].rsplit(":", 1)
-    wait_for(lambda: reachable(host, int(port)), 60, f"the portal {p['portal']}", interval=0.5)
-    return proc
+    for s in servers:
+        host, port = s["portal"].rsplit(":", 1)
+        wait_for(
+            lambda h=host, n=int(port): reachable(h, n),
+            60,
+            f"the portal {s['portal']}",
+            interval=0.5,
+        )
+    return procs
+
+
+def stop_chunk_servers(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    for proc in procs.values():
+        proc.send_signal(signal.SIGTERM)
+    for name, proc in procs.items():
+        try:
+            status = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise StepFailed(f"{name} did not stop within 60s of SIGTERM") from None
+        if status != 0:
+            raise StepFailed(f"{name} exited {status} on SIGTERM")
 
 
 def body(run: Run) -> None:
     p = run.params
-    run.part = "power-loss"
+    run.part = p["part"]
     first = p["phase"] == "first"
-    with run.step("virtio-disk" if not first else "virtio-disk-mkfs"):
+    servers = p["servers"]
+    with run.step("virtio-disks" if not first else "virtio-disks-mkfs"):
         run.sh("ip", "route", "add", p["route"], "via", p["host"])
+        for s in servers[1:]:  # the first one's is eth0's own
+            run.sh("ip", "addr", "add", f"{s['addr']}/24", "dev", "eth0")
         run.sh("modprobe", "virtio_blk")
-        wait_for(lambda: os.path.exists(DISK), 30, DISK)
-        if first:
-            run.sh("mkfs.ext4", "-q", "-F", DISK, timeout=300)
-        os.makedirs(MOUNT, exist_ok=True)
-        run.sh("mount", "-t", "ext4", DISK, MOUNT)
-        os.makedirs(f"{MOUNT}/data", exist_ok=True)
+        for s in servers:
+            wait_for(lambda disk=s["disk"]: os.path.exists(disk), 30, s["disk"])
+            if first:
+                run.sh("mkfs.ext4", "-q", "-F", s["disk"], timeout=300)
+            os.makedirs(s["mount"], exist_ok=True)
+            run.sh("mount", "-t", "ext4", s["disk"], s["mount"])
+            os.makedirs(f"{s['mount']}/data", exist_ok=True)
     with run.step("reach-etcd"):
         host, port = p["etcd"].rsplit(":", 1)
         wait_for(lambda: reachable(host, int(port)), 30, f"etcd at {p['etcd']}", interval=0.5)
     with run.step("chunk-start"):
-        proc = start_chunk_server(run)
+        procs = start_chunk_servers(run)
     if first:
         with run.step("power-cut"):
             run.ask_host("power-cut", 600)
             raise StepFailed("the host answered instead of cutting the power")
         return
     with run.step("verify"):
-        answer = json.loads(run.ask_host("verify", 600))
+        answer = json.loads(run.ask_host("verify", 900))
         run.record("verify", answer)
         if answer["lost"]:
             raise StepFailed(f"{answer['lost']} acknowledged writes lost: {answer['detail']}")
     with run.step("chunk-stop"):
-        proc.send_signal(signal.SIGTERM)
-        try:
-            status = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise StepFailed("the chunk server did not stop within 60s of SIGTERM") from None
-        if status != 0:
-            raise StepFailed(f"the chunk server exited {status} on SIGTERM")
-        run.sh("umount", MOUNT)
+        stop_chunk_servers(procs)
+        for s in servers:
+            run.sh("umount", s["mount"])
         errors = [
             line
             for line in subprocess.run(

@@ -328,6 +328,11 @@ async def test_process_crash_keeps_applied_writes(store: ExtentStore) -> None:
 async def test_crash_between_data_and_checksum_rehashes_the_intent(store: ExtentStore) -> None:
     r = await new_replica(store)
     await r.write(0, pattern(1, 4 * BLOCK_SIZE), seq=1, gen=1, fua=False)
+    # checkpointed: no journal record covers block 1 any more, so after the kill below only
+    # the intent's re-hash can make it verifiable again (a record would be replayed over it)
+    journal = store.journal(r.paths.data_dir)
+    assert journal is not None
+    await journal.checkpoint()
     paths = r.paths
     r.abandon()
     # What a kill between "pwrite data" and "pwrite checksums" of write 2 leaves behind:
@@ -356,13 +361,20 @@ async def test_crash_between_data_and_checksum_rehashes_the_intent(store: Extent
 async def test_reboot_with_unflushed_writes_fences_the_replica(store: ExtentStore) -> None:
     r = await new_replica(store)
     await r.write(0, pattern(1, BLOCK_SIZE), seq=1, gen=1, fua=True)
+    journal = store.journal(r.paths.data_dir)
+    assert journal is not None
+    synced = journal.path.stat().st_size, journal.tail  # what the flush made durable
     await r.write(BLOCK_SIZE, pattern(2, BLOCK_SIZE), seq=2, gen=1, fua=False)
     paths = r.paths
     r.abandon()
-    # Simulate data of write 2 reaching the disk without its checksum (page cache lost).
+    # Simulate data of write 2 reaching the disk without its checksum (page cache lost),
+    # and its journal record lost with the page cache (never synced).
     with open(paths.data, "r+b") as f:
         f.seek(BLOCK_SIZE)
         f.write(b"T" * BLOCK_SIZE)
+    with open(journal.path, "r+b") as f:
+        f.seek(synced[1])
+        f.write(bytes(synced[0] - synced[1]))
     rebooted = ExtentStore(store.data_dirs, EXTENT, boot_id=BOOT_B)
     r2 = await rebooted.open("vol-1", 3)
     assert r2.state == ReplicaState.STALE
@@ -502,6 +514,59 @@ async def test_fua_and_flush_advance_durable_seq(store: ExtentStore) -> None:
     assert r.durable_seq == 2
     await r.flush()
     assert r.durable_seq == 3
+
+
+async def test_concurrent_fua_writes_share_group_flushes(store: ExtentStore) -> None:
+    """FUA and SYNCHRONIZE CACHE as group commit: flushes that arrive while one runs share
+    the next round, and each caller still gets a round that started after its call."""
+    import asyncio
+
+    r = await new_replica(store)
+    await r.write(0, b"w", seq=1, gen=1, fua=True)  # the DIRTY mark and a first round
+    before = r.flush_rounds
+    n = 32
+    await asyncio.gather(
+        *(r.write(seq * 10, bytes([seq]) * 10, seq=seq, gen=1, fua=True)
+          for seq in range(2, n + 2))
+    )  # fmt: skip
+    assert r.durable_seq == r.applied_seq == n + 1
+    # one round for the first flush, one for everyone who arrived while it ran (writes
+    # apply without waiting for each other's flushes); not one per write
+    assert r.flush_rounds - before <= 3
+    # a flush right after a write is never served by an earlier round
+    await r.write(0, b"z", seq=n + 2, gen=1, fua=False)
+    first = asyncio.ensure_future(r.flush())
+    await asyncio.sleep(0)  # the round has started
+    await r.write(1, b"y", seq=n + 3, gen=1, fua=False)
+    await asyncio.gather(first, r.flush())
+    assert r.durable_seq == n + 3
+
+
+async def test_write_now_applies_only_when_nothing_is_ahead_of_it(store: ExtentStore) -> None:
+    """The data port's no-wait path: a write applies at once only when the DIRTY mark is
+    durable and no mutation holds or awaits the ordering lock (it must not overtake one)."""
+    import asyncio
+
+    r = await new_replica(store)
+    assert not r.write_now(0, b"a" * BLOCK_SIZE, seq=1, gen=1)  # DIRTY not durable yet
+    await r.write(0, b"a" * BLOCK_SIZE, seq=1, gen=1, fua=False)
+    assert r.write_now(BLOCK_SIZE, b"b" * 10, seq=2, gen=1)  # sub-block: RMW, at once
+    assert r.applied_seq == 2 and await r.read(BLOCK_SIZE, 11) == b"b" * 10 + bytes(1)
+    with pytest.raises(OutOfOrder):
+        r.write_now(0, b"c", seq=5, gen=1)
+    with pytest.raises(StaleGeneration):
+        r.write_now(0, b"c", seq=3, gen=0)
+    # a set_generation holds the lock across its header sync: nothing may pass it
+    pending = asyncio.ensure_future(r.set_generation(2))
+    await asyncio.sleep(0)
+    assert not r.write_now(0, b"c", seq=3, gen=2)
+    await pending
+    assert r.write_now(0, b"c", seq=3, gen=2) and r.applied_seq == 3
+    # reopened after a crash (the intent and counter come back from disk)
+    r.abandon()
+    r2 = await store.open("vol-1", 3)
+    assert (r2.generation, r2.applied_seq) == (2, 3)
+    assert await r2.read(0, 2) == b"ca"
 
 
 async def test_unmap_with_a_corrupt_partial_block_changes_nothing(store: ExtentStore) -> None:

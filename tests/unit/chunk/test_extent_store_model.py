@@ -107,6 +107,7 @@ class ExtentModel(RuleBasedStateMachine):
         assert info.value.blocks == [block]
         good = bytes(self.data[block * BLOCK_SIZE : (block + 1) * BLOCK_SIZE])
         self.run(self.replica.apply_copy(block * BLOCK_SIZE, good, block_checksum(good)))
+        self.dirty = True  # the repair wrote the file: a kill now leaves it unclean
 
     @rule()
     def flush(self) -> None:

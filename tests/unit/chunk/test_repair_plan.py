@@ -30,6 +30,11 @@ def down(cid: str, zone: str = "z1", down_for: float = 1000.0) -> ServerView:
     return ServerView(cid, zone, live=False, down_for=down_for)
 
 
+def away(cid: str, zone: str = "z1", down_for: float = 1000.0) -> ServerView:
+    """Down on purpose and expected back (a planned restart: maintenance/restart.py)."""
+    return ServerView(cid, zone, live=False, down_for=down_for, expected=True)
+
+
 @dataclass
 class Case:
     name: str
@@ -41,6 +46,8 @@ class Case:
     placement: list[str] = field(default_factory=list)
     holders: list[str] = field(default_factory=list)
     move: tuple[str, str] | None = None  # a rebalancing move (source, target) from meta
+    zones: list[str] = field(default_factory=list)  # the volume's CSI topology (VolumeRecord)
+    min_replicas: int = 1
 
 
 THREE_ZONES = [up("a", "z1"), up("b", "z2"), up("c", "z3")]
@@ -68,6 +75,72 @@ CASES = [
         converging=True,
     ),
     Case("no live member: nobody can act", ["a", "b"], [down("a"), down("b"), up("c")], None),
+    Case(
+        "primary away on purpose: waited for, not failed over",
+        ["a", "b", "c"],
+        [away("a"), up("b", "z2"), up("c", "z3")],
+        (ActionKind.WAIT, "b", "a"),
+    ),
+    Case(
+        "primary starting (live, not serving yet): waited for",
+        ["a", "b", "c"],
+        [ServerView("a", "z1", expected=True), up("b", "z2"), up("c", "z3")],
+        (ActionKind.WAIT, "a", "a"),
+    ),
+    Case(
+        "converging with the primary away: the convergence is redone all the same",
+        ["a", "b", "c"],
+        [away("a"), up("b", "z2"), up("c", "z3")],
+        (ActionKind.FAILOVER, "b", ""),
+        converging=True,
+    ),
+    Case(
+        "secondary away on purpose past replace_after: waited for, not removed",
+        ["a", "b", "c"],
+        [up("a"), away("b", down_for=61), up("c"), up("d")],
+        (ActionKind.WAIT, "a", "b"),
+    ),
+    Case(
+        "a secondary starting (live, not serving yet): no replica added meanwhile",
+        ["a", "b"],
+        [up("a"), ServerView("b", "z1", expected=True), up("c")],
+        (ActionKind.WAIT, "a", "b"),
+    ),
+    Case(
+        "a server away on purpose while replicas are missing: no replica added meanwhile",
+        ["a", "b"],
+        [up("a"), up("b"), away("c", down_for=61), up("d")],
+        (ActionKind.WAIT, "a", "c"),
+    ),
+    Case(
+        "a lone member below min_replicas: a server down briefly is not waited for",
+        ["c"],
+        [down("a", down_for=5), up("b"), up("c")],
+        (ActionKind.ADD, "c", "b"),
+        min_replicas=2,
+    ),
+    Case(
+        "below min_replicas, a server away on purpose is not waited for either",
+        ["c"],
+        [away("a", down_for=5), up("b"), up("c")],
+        (ActionKind.ADD, "c", "b"),
+        min_replicas=2,
+    ),
+    Case(
+        "at min_replicas, a server down briefly is waited for",
+        ["b", "c"],
+        [down("a", down_for=5), up("b"), up("c"), up("d")],
+        (ActionKind.WAIT, "b", "a"),
+        min_replicas=2,
+    ),
+    Case(
+        "min_replicas 1: a lone member still acknowledges, a server down briefly is waited for",
+        ["c"],
+        [down("a", down_for=5), up("b"), up("c")],
+        (ActionKind.WAIT, "c", "a"),
+        desired=2,
+        min_replicas=1,
+    ),
     Case(
         "secondary down for long: removed by the primary",
         ["a", "b", "c"],
@@ -227,6 +300,36 @@ CASES = [
         move=("b", "d"),
     ),
     Case(
+        "zoned volume: the new replica stays in its zones, even off the least used zone",
+        ["a", "b"],
+        [up("a", "z1"), up("b", "z2"), up("c", "z3"), up("d", "z1")],
+        (ActionKind.ADD, "a", "d"),
+        zones=["z1", "z2"],
+    ),
+    Case(
+        "zoned volume: no server left in its zones is no-candidate, not another zone",
+        ["a", "b"],
+        [up("a", "z1"), up("b", "z1"), up("c", "z3")],
+        (ActionKind.NO_CANDIDATE, "a", ""),
+        zones=["z1"],
+    ),
+    Case(
+        "zoned volume: a catch-up holder outside its zones is not taken",
+        ["a", "b"],
+        [up("a", "z1"), up("b", "z1"), up("c", "z3"), up("d", "z1")],
+        (ActionKind.ADD, "a", "d"),
+        holders=["c"],
+        zones=["z1"],
+    ),
+    Case(
+        "zoned volume: a rebalancing move out of its zones is not carried out",
+        ["a", "b", "c"],
+        [up("a", "z1"), up("b", "z1"), up("c", "z1"), up("d", "z2")],
+        None,
+        move=("b", "d"),
+        zones=["z1"],
+    ),
+    Case(
         "repair comes before a rebalancing move",
         ["a", "b", "c"],
         [up("a"), down("b", "z2"), up("c", "z3"), up("d", "z2")],
@@ -250,6 +353,8 @@ def test_plan_extent(case: Case) -> None:
         placement=case.placement,
         old_holders=case.holders,
         move=case.move,
+        allowed_zones=case.zones,
+        min_replicas=case.min_replicas,
     )
     if case.want is None:
         assert got is None
@@ -270,6 +375,25 @@ def test_plan_skips_deleted_volumes_and_uses_each_volumes_replicas() -> None:
         Action(ActionKind.REMOVE_EXTRA, "two", 0, "a", "c"),
         Action(ActionKind.ADD, "three", 0, "a", "c"),
     ]
+
+
+def test_plan_keeps_each_volume_and_its_preserved_copies_in_its_zones() -> None:
+    servers = {s.id: s for s in [up("a", "z1"), up("b", "z2"), up("c", "z3"), up("d", "z1")]}
+    extents = [
+        ExtentRecord(volume="zoned", index=0, replicas=["a"]),
+        ExtentRecord(volume="zoned.e1", index=0, replicas=["a"]),
+        ExtentRecord(volume="free", index=0, replicas=["a"]),
+    ]
+    got = plan(
+        extents,
+        servers,
+        dict.fromkeys(["zoned", "free"], 2),
+        replace_after=1,
+        zones={"zoned": ["z1"]},
+    )
+    by_volume = {a.volume: a.member for a in got}
+    assert by_volume["zoned"] == by_volume["zoned.e1"] == "d"  # z1's other server, not b or c
+    assert by_volume["free"] in ("b", "c")  # unrestricted: the least used zones
 
 
 def test_a_snapshots_preserved_copy_is_kept_as_redundant_as_its_volume() -> None:

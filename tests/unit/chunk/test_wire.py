@@ -15,6 +15,7 @@ from lunastor.chunk.wire import messages as wire
 from lunastor.chunk.wire.messages import (
     Advance,
     Clone,
+    CompareAndWrite,
     Copy,
     Create,
     Delete,
@@ -172,6 +173,36 @@ REQUEST_CASES: list[tuple[Request, dict[str, Any], bytes]] = [
         b"",
     ),
     (Preserve(15, "v", 2, 3), {"op": "preserve", "id": 15, "vol": "v", "ext": 2, "gen": 3}, b""),
+    (
+        CompareAndWrite(17, "v", 2, 3, 512, 4, False, b"old!", b"new!", Nexus("i", "t", 7)),
+        {
+            "op": "caw",
+            "id": 17,
+            "vol": "v",
+            "ext": 2,
+            "gen": 3,
+            "off": 512,
+            "n": 4,
+            "fua": False,
+            "nexus": ["i", "t", 7],
+        },
+        b"old!new!",
+    ),
+    (
+        CompareAndWrite(18, "v", 2, 3, 0, 1, True, b"o", b"n", None, 2**63),
+        {
+            "op": "caw",
+            "id": 18,
+            "vol": "v",
+            "ext": 2,
+            "gen": 3,
+            "off": 0,
+            "n": 1,
+            "fua": True,
+            "token": 2**63,
+        },
+        b"on",
+    ),
 ]
 
 
@@ -260,6 +291,16 @@ RESPONSE_CASES: list[tuple[Op, Response, dict[str, Any]]] = [
         Response(13, Status.FENCED, {"epoch": 5, "message": "superseded"}),
         {"id": 13, "status": "fenced", "epoch": 5, "msg": "superseded"},
     ),
+    (
+        Op.CAW,
+        Response(14, Status.OK, {"applied_seq": 12}),
+        {"id": 14, "status": "ok", "applied": 12},
+    ),
+    (
+        Op.CAW,
+        Response(15, Status.MISCOMPARE, {"offset": 511}),
+        {"id": 15, "status": "miscompare", "off": 511},
+    ),
 ]
 
 
@@ -341,6 +382,20 @@ BAD_REQUESTS: list[tuple[dict[str, Any], bytes, str, int | None, type[WireError]
         b"\0" * 100,
         "blocks",
         3,
+        WireError,
+    ),
+    (
+        {"op": "caw", "id": 7, "vol": "v", "ext": 0, "gen": 1, "off": 0, "n": 4, "fua": False},
+        b"old!new",
+        "verify data and the write data",
+        7,
+        WireError,
+    ),
+    (
+        {"op": "caw", "id": 7, "vol": "v", "ext": 0, "gen": 1, "off": 0, "n": 0, "fua": False},
+        b"",
+        "verify data and the write data",
+        7,
         WireError,
     ),
     (

@@ -26,6 +26,16 @@ def main() -> None:
     rsp = ScsiResponse(itt=1, statsn=1, expcmdsn=2, maxcmdsn=3)
     r2t = R2T(itt=1, ttt=2, desired_data_transfer_length=65536)
     stream = (cmd + dout) * 1000
+    # one 4 KiB READ as both sides see it: the command out and in, Data-In with status out and in
+    read16 = ScsiCommand(read=True, itt=1, expected_data_transfer_length=4096, cdb=bytes(16))
+    din4k = DataIn(final=True, status_present=True, itt=1, data=memoryview(bytes(4096)))
+    din4k_w = b"".join(encode_pdu(din4k))
+    din4k_h, din4k_d = din4k_w[:48], memoryview(din4k_w)[48:]
+
+    def read_round() -> None:
+        decode_pdu(encode_pdu(read16)[0])
+        decode_pdu(din4k_h, b"", din4k_d)
+        encode_pdu(din4k)
 
     def read_stream() -> None:
         reader = PduReader(max_recv_data_segment_length=65536)
@@ -41,6 +51,7 @@ def main() -> None:
         "encode_pdu SCSI Response": lambda: encode_pdu(rsp),
         "encode_pdu R2T": lambda: encode_pdu(r2t),
         "encode_pdu R2T + header digest": lambda: encode_pdu(r2t, True),
+        "4 KiB READ: command and Data-In both ways": read_round,
     }
     for name, fn in cases.items():
         n, _ = timeit.Timer(fn).autorange()

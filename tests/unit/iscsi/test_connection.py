@@ -390,7 +390,7 @@ def test_bad_data_out_ends_the_task_with_check_condition(bad: dict[str, object])
 
 def test_write_beyond_the_cap_is_refused_without_buffering() -> None:
     conn = logged_in()
-    conn.max_write_length = 4096
+    conn.transfer.max_write_length = 4096
     conn.receive_pdu(cmd(1, CMDSN, write=True, edtl=8192, final=True))
     assert executed(conn) == []
     (resp,) = conn.pdus_to_send()
@@ -740,7 +740,7 @@ def test_long_send_targets_answer_is_continued() -> None:
 
 def test_r2ts_wait_for_the_write_budget() -> None:
     conn = logged_in(extra=[("InitialR2T", "Yes")])
-    conn.write_budget = 16384
+    conn.transfer.write_budget = 16384
     conn.receive_pdu(cmd(1, CMDSN, write=True, edtl=16384))
     conn.receive_pdu(cmd(2, CMDSN + 1, write=True, edtl=16384))
     r2ts = conn.pdus_to_send()

@@ -306,6 +306,7 @@ def test_long_target_response_is_continued() -> None:
         ("ErrorRecoveryLevel", "3", "Reject"),
         ("InitialR2T", "Maybe", "Reject"),
         ("DefaultTime2Wait", "10", "10"),  # max with ours
+        ("DefaultTime2Wait", "0", "0"),  # ours is 0: a reconnect after a failover need not wait
         ("MaxConnections", "4", "1"),
         ("MaxBurstLength", "0x1000", "4096"),
         ("X-com.example.thing", "1", "NotUnderstood"),

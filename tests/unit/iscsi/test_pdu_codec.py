@@ -6,6 +6,8 @@ group, so they check the codec against the RFC rather than against itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from lunastor.iscsi.errors import LocalProtocolError
@@ -20,6 +22,7 @@ from lunastor.iscsi.pdu import (
     LogoutResponse,
     NopIn,
     NopOut,
+    Opcode,
     Pdu,
     Reject,
     ScsiCommand,
@@ -29,11 +32,14 @@ from lunastor.iscsi.pdu import (
     TaskManagementResponse,
     TextRequest,
     TextResponse,
+    codec_source,
     decode_pdu,
     encode_pdu,
     lun_field,
     lun_number,
 )
+from lunastor.iscsi.pdu.codec import _build
+from lunastor.iscsi.pdu.messages import number
 from tests.unit.iscsi.wire import hexbytes, one_byte_at_a_time, read_all
 
 READ10 = hexbytes("28000000 00000000 08000000 00000000")
@@ -415,8 +421,12 @@ def test_data_segment_is_not_copied() -> None:
         (LogoutResponse(time2wait=1 << 16), "Time2Wait"),
         (ScsiCommand(cdb=bytes(2000)), "AHS"),
         (ScsiResponse(sense=bytes(70000)), "sense"),
-        (AsyncMessage(parameter1=1 << 16), "parameters"),
+        (AsyncMessage(parameter1=1 << 16), "Parameter1"),
         (LoginResponse(status_class=256), "status"),
+        # bit fields sharing a byte: an oversized value must not spill into its neighbours
+        (ScsiCommand(attr=8), "ATTR"),
+        (TaskManagementRequest(function=0x80), "Function"),
+        (LoginRequest(tsih=1 << 16), "TSIH"),
     ],
 )
 def test_encode_refuses_fields_out_of_range(pdu: Pdu, message: str) -> None:
@@ -465,3 +475,43 @@ def test_lun_forms_we_cannot_address(field: int) -> None:
 def test_lun_field_out_of_range(number: int) -> None:
     with pytest.raises(LocalProtocolError):
         lun_field(number)
+
+
+def test_one_set_of_enums() -> None:
+    """The codec's task attribute and task management enums are the SCSI layer's: one
+    definition each (RFC 7143 11.3.1.3, 11.5.1, 11.6.1), one set of member names."""
+    from lunastor.iscsi import pdu as p
+    from lunastor.iscsi.scsi import types
+
+    assert p.TaskAttribute is types.TaskAttribute
+    assert p.TmfFunction is types.TmfFunction
+    assert p.TmfResponse is types.TmfResponse
+    assert p.TaskManagementResponse().response == types.TmfResponse.COMPLETE
+
+
+def test_the_decoders_are_generated_from_the_declarations() -> None:
+    source = codec_source(DataIn)
+    # one unpack of only the fields Data-In has (bytes 2 and 4-7 are not among them) ...
+    assert "u1, u3, u8, u16, u20, u24, u28, u32, u36, u40, u44 = UNPACK(h)" in source
+    # ... and the dataclass built positionally
+    assert "return DataIn((u1 & 128) != 0," in source
+
+
+def test_a_bad_declaration_fails_when_its_codec_is_generated() -> None:
+    @dataclass(slots=True)
+    class Overlapping(Pdu):
+        opcode = Opcode.NOP_OUT
+        NAME = "overlapping"
+        itt: int = number(16, "I", "Initiator Task Tag")
+        ttt: int = number(18, "I", "Target Transfer Tag")
+
+    @dataclass(slots=True)
+    class Undeclared(Pdu):
+        opcode = Opcode.NOP_OUT
+        NAME = "undeclared"
+        itt: int = 0
+
+    with pytest.raises(TypeError, match="overlap at byte 18"):
+        _build(Overlapping)
+    with pytest.raises(TypeError, match="itt is not declared"):
+        _build(Undeclared)

@@ -125,12 +125,14 @@ def _chunks(rng: random.Random, blob: bytes) -> list[bytes]:
     return out
 
 
-def _drive(rng: random.Random) -> None:
+def _drive(rng: random.Random) -> int:
+    """One stream of 1-3 PDUs, mostly mutated, through a reader; returns how many it held."""
     hd = rng.random() < 0.3
     dd = rng.random() < 0.3
+    pdus = rng.sample(PLAIN, rng.randint(1, 3))
     stream = b"".join(
         _with_digests(rng, _mutate(rng, rng.choice(PLAIN)) if rng.random() < 0.9 else w, hd, dd)
-        for w in rng.sample(PLAIN, rng.randint(1, 3))
+        for w in pdus
     )
     reader = PduReader(
         sender=rng.choice(["initiator", "target", "any"]),
@@ -148,28 +150,32 @@ def _drive(rng: random.Random) -> None:
                 if reader.next_pdu() is None:
                     break
             except FramingError:
-                return
+                return len(pdus)
             except ProtocolError:
                 continue
+    return len(pdus)
 
 
-def _decode_direct(rng: random.Random) -> None:
+def _decode_direct(rng: random.Random) -> int:
     wire = _mutate(rng, rng.choice(PLAIN))
     header = wire[:48]
     ahs_len = header[4] * 4 if len(header) > 4 else 0
     with contextlib.suppress(ProtocolError):
         decode_pdu(header, wire[48 : 48 + ahs_len], memoryview(wire[48 + ahs_len :]))
+    return 1
 
 
 def test_mutated_pdus_parse_or_raise_protocol_error() -> None:
     seed = int.from_bytes(os.urandom(4), "big")
     rng = random.Random(seed)
     i = 0
+    pdus = 0
     try:
         for i in range(RUNS):
             if i % 4 == 0:
-                _decode_direct(rng)
+                pdus += _decode_direct(rng)
             else:
-                _drive(rng)
+                pdus += _drive(rng)
     except Exception as exc:
         raise AssertionError(f"fuzz case {i} with seed {seed} raised {exc!r}") from exc
+    assert pdus >= 100_000, pdus  # the issue's floor: at least 100,000 PDUs per run

@@ -1,0 +1,67 @@
+"""Child process for the journal's kill -9 tests: a QD1 stream of writes and unmaps, each
+flushed (a database commit), through a real store with its journal.
+
+Run as `python -m tests.integration.chunk.journal_crash_writer DATA_DIR CHECKPOINT_BYTES
+KILL`; prints each seq once its flush has returned (acknowledged as durable). KILL is
+"none", "before-sync:N" or "after-sync:N": the process SIGKILLs itself at the start of, or
+right after, the Nth fdatasync of its journal (between an append and its sync, or between
+the sync and the next checkpoint).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from lunastor.chunk.store import ExtentStore
+from tests.integration.chunk.crash_writer import EXTENT, op
+
+
+def kill_at(kill: str, journal_fd: Callable[[], int]) -> None:
+    if kill == "none":
+        return
+    where, count = kill.split(":")
+    real = os.fdatasync
+    seen = 0
+
+    def fdatasync(fd: int) -> None:
+        nonlocal seen
+        if fd != journal_fd():
+            return real(fd)
+        seen += 1
+        if seen == int(count) and where == "before-sync":
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(fd)
+        if seen == int(count) and where == "after-sync":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return None
+
+    os.fdatasync = fdatasync  # the journal calls os.fdatasync by name, on the thread pool
+
+
+async def run(data_dir: str, checkpoint_bytes: int, kill: str) -> None:
+    store = ExtentStore(
+        [data_dir], EXTENT, checkpoint_bytes=checkpoint_bytes, checkpoint_interval=3600
+    )
+    store.list_replicas()
+    journal = store.journal(data_dir)
+    assert journal is not None
+    replica = await store.create("crash", 0, 1)
+    kill_at(kill, journal.fileno)
+    seq = 0
+    while True:
+        seq += 1
+        kind, offset, length, fill = op(seq)
+        if kind == "write":
+            await replica.write(offset, bytes([fill]) * length, seq=seq, gen=1, fua=True)
+        else:
+            await replica.unmap(offset, length, seq=seq, gen=1, fua=True)
+        sys.stdout.write(f"{seq}\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    asyncio.run(run(sys.argv[1], int(sys.argv[2]), sys.argv[3]))

@@ -1,0 +1,125 @@
+"""The data journal under kill -9 (docs/extent-format.md, "Journal"): a child process
+writes and flushes at QD1 through a real store and is killed at arbitrary moments, and at
+the start of or right after a journal fdatasync (between an append and its sync, between
+the sync and the next checkpoint). Every write whose flush returned must come back
+byte-exact, and nothing torn may be served.
+
+Two ways back: the same boot (page cache kept: the process died), and a power loss in its
+worst case for the journal, where none of the extent files' writes since the replica was
+created reached the disk (the data file and sidecar are emptied), so only the journal's
+replay can bring the flushed writes back.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lunastor.chunk.store import BLOCK_SIZE, ExtentStore, ReplicaState
+from tests.integration.chunk.crash_writer import EXTENT
+from tests.integration.chunk.test_extent_store_faults import REPO, _apply, _model
+
+
+def run_child(data_dir: Path, checkpoint_bytes: int, kill: str, stop_after: int) -> int:
+    """The last seq acknowledged as durable (its flush returned) before the child died."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "tests.integration.chunk.journal_crash_writer",
+            str(data_dir), str(checkpoint_bytes), kill,
+        ],
+        stdout=subprocess.PIPE, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    last = 0
+    try:
+        while True:
+            line = proc.stdout.readline()
+            if not line:
+                break  # it killed itself
+            last = int(line)
+            if last >= stop_after:
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    return last
+
+
+def empty_extent_files(data_dir: Path) -> None:
+    """Every write to the data file and the sidecar since create lost (still sparse)."""
+    base = data_dir / "extents" / "crash" / f"{0:016x}"
+    for suffix in (".dat", ".sum"):
+        path = base.with_suffix(suffix)
+        size = path.stat().st_size
+        os.truncate(path, 0)
+        os.truncate(path, size)
+
+
+async def check(data_dir: Path, acked: int, power_loss: bool) -> int:
+    store = ExtentStore([data_dir], EXTENT, boot_id=os.urandom(16) if power_loss else None)
+    replica = await store.open("crash", 0)
+    applied = replica.applied_seq
+    assert applied >= acked, f"acknowledged {acked}, came back with {applied}"
+    if power_loss:
+        assert replica.state == ReplicaState.STALE and replica.durable_seq == applied
+        await replica.checksums()  # the rescan a STALE replica gets before it is compared
+        got, _ = await replica.read_for_copy(0, EXTENT)
+    else:
+        assert replica.state == ReplicaState.CURRENT
+        got = await replica.read(0, EXTENT)  # raises ChecksumMismatch if anything is torn
+    old, _ = _model(applied)
+    new = bytearray(old)
+    _apply(new, [False] * (EXTENT // BLOCK_SIZE), applied + 1)
+    for b in range(EXTENT // BLOCK_SIZE):
+        block = got[b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE]
+        assert block in (
+            old[b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE],
+            new[b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE],
+        ), f"block {b} after applied_seq {applied} (acknowledged {acked})"
+    await store.close()
+    return applied
+
+
+# (checkpoint size, kill point, stop after): no checkpoint at all (the journal holds every
+# write), or one every ~48 KiB of records (many during the run)
+CASES = [
+    (1 << 30, "none", 37),
+    (1 << 30, "none", 151),
+    (1 << 30, "before-sync:23", 10**9),
+    (1 << 30, "after-sync:61", 10**9),
+    (48 * 1024, "before-sync:90", 10**9),
+    (48 * 1024, "after-sync:17", 10**9),
+    (48 * 1024, "none", 203),
+]
+
+
+@pytest.mark.parametrize(("checkpoint_bytes", "kill", "stop_after"), CASES)
+async def test_kill_9_same_boot_loses_no_flushed_write(
+    tmp_path: Path, checkpoint_bytes: int, kill: str, stop_after: int
+) -> None:
+    acked = run_child(tmp_path, checkpoint_bytes, kill, stop_after)
+    assert acked > 5
+    await check(tmp_path, acked, power_loss=False)
+
+
+@pytest.mark.parametrize(("kill", "stop_after"), [c[1:] for c in CASES if c[0] == 1 << 30])
+async def test_kill_9_then_lost_extent_writes_replays_every_flushed_write(
+    tmp_path: Path, kill: str, stop_after: int
+) -> None:
+    acked = run_child(tmp_path, 1 << 30, kill, stop_after)
+    assert acked > 5
+    empty_extent_files(tmp_path)
+    applied = await check(tmp_path, acked, power_loss=True)
+    # and a second restart replays nothing (the journal started over after the replay)
+    store = ExtentStore([tmp_path], EXTENT)
+    store.list_replicas()
+    journal = store.journal(str(tmp_path))
+    assert journal is not None and journal.last_replay.records == 0
+    assert (await store.open("crash", 0)).applied_seq == applied
+    await store.close()

@@ -1,0 +1,56 @@
+"""A chunk server starting looks for replicas the extent map says it holds but no data
+directory has (`DataDirMonitor.find_missing_replicas`, a wiped disk), with the in-process
+cluster of test_replication.py: a new extent's replica that has not arrived yet is not one."""
+
+from __future__ import annotations
+
+from lunastor.chunk.maintenance.datadirs import DataDirMonitor
+from tests.integration.chunk.test_replication import Cluster, Node, blocks
+from tests.integration.chunk.test_replication import cluster as cluster
+
+
+def monitor_of(node: Node) -> DataDirMonitor:
+    """The start-up check of `node`'s data directories (run by the tests, not on a timer)."""
+    return DataDirMonitor(node.store, node.node, node.path, node.emap, node.id, interval=60)
+
+
+async def test_a_new_extents_secondary_is_not_missing_before_its_first_write(
+    cluster: Cluster,
+) -> None:
+    # Issue 14: a chunk server starting while an extent was allocated found the primary's
+    # replica (created first) but not its own (the primary's Create to it came next), took
+    # it for a wiped disk and left: the primary removed a healthy member, and the SIGKILL of
+    # a second member then left the extent below min_replicas for `replace_after` (60 s).
+    rec = (await cluster.nodes["chunk-0"].emap.allocate("vol-t", 0, 3)).record
+    primary, secondary = cluster.nodes[rec.primary], cluster.nodes[rec.replicas[1]]
+    # the primary between creating its own replica and its secondaries' (`_become_primary`)
+    await primary.store.create("vol-t", 0, rec.gen)
+    monitor = monitor_of(secondary)
+    assert await monitor.find_missing_replicas() == []
+    v = cluster.volume(primary.id)
+    await v.write(0, blocks(1, 8), fua=True)
+    after = primary.emap.get("vol-t", 0)
+    assert after is not None and after.replicas == rec.replicas and after.gen == rec.gen
+    # once a write was applied, a replica that is gone is missing (the wiped disk)
+    replica = await secondary.store.open("vol-t", 0)
+    await replica.delete()
+    assert await monitor.find_missing_replicas() == [("vol-t", 0)]
+    assert await v.read(0, 8) == blocks(1, 8)
+
+
+async def test_a_missing_copy_that_holds_data_but_no_write_of_its_own_is_missing(
+    cluster: Cluster,
+) -> None:
+    # A snapshot's preserved copy (store.clone) holds data with applied_seq 0: a wiped
+    # secondary's copy of it must still count as missing, or the snapshot silently keeps a
+    # member without the data (the final bench's re-replication waited for it forever).
+    v = cluster.volume("chunk-0")
+    await v.write(0, blocks(1, 8), fua=True)
+    rec = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
+    assert rec is not None
+    copy = (await cluster.nodes[rec.primary].emap.allocate("vol-p", 0, 3, on=rec.replicas)).record
+    primary, secondary = cluster.nodes[copy.primary], cluster.nodes[copy.replicas[1]]
+    made = await primary.store.clone("vol-t", 0, "vol-p", copy.gen)
+    assert made is not None and made.applied_seq == 0
+    monitor = monitor_of(secondary)
+    assert await monitor.find_missing_replicas() == [("vol-p", 0)]
