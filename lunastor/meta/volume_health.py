@@ -4,13 +4,15 @@ shown by the dashboard and the status endpoints (docs/dashboard.md, "Volume heal
 Per extent, the first that applies:
 
 - **unavailable**: no member is up; the data cannot be read until one returns.
-- **rebuilding**: its members are being made identical after a failover (`converging`), or a
-  replica is missing, no lost server is still within its `replace_after` wait, and a live,
-  non-draining server outside the set can take the new replica (the primary's repair loop
-  joins one: docs/datapath.md, "Rebuild, catch-up and drain").
+- **rebuilding**: every wanted member is live and they are being made identical after a
+  failover (`converging`), or a replica is missing, no lost server is still within its
+  `replace_after` wait, and a live, non-draining server outside the set can take the new
+  replica (the primary's repair loop joins one: docs/datapath.md, "Rebuild, catch-up and
+  drain").
 - **degraded**: a member is down and still named, or a replica is missing while the repair
   loop waits (a server went down less than `replace_after` ago: it may come back and catch
-  up cheaply, `repair_plan.py`'s wait rule), or no server can take one.
+  up cheaply, `repair_plan.py`'s wait rule), or no server can take one; this holds while
+  the survivors converge after a failover too (the copies are fewer than wanted).
 - **ok**: every wanted replica is on a live server (a draining member still counts: it holds
   the data until its replacement has joined).
 
@@ -21,6 +23,7 @@ extents that were never written have no entry and are always ok.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -45,6 +48,18 @@ class Servers:
     live: frozenset[str]
     draining: frozenset[str] = frozenset()
     waiting_for: frozenset[str] = frozenset()  # lost less than `replace_after` ago
+    # down, and the rebuild planner has not opened an operation for it yet (it does within
+    # its interval): lost just now if some extent still names it
+    unplanned: frozenset[str] = frozenset()
+
+    def seeing(self, extents: Iterable[ExtentRecord]) -> Servers:
+        """The servers as `extents` show them: an unplanned server they still name is being
+        waited for (a failover may already have dropped it from the extents it led, which
+        are then missing a replica while the repair loops wait, not rebuilding)."""
+        named = {m for rec in extents for m in rec.replicas} & self.unplanned
+        if not named:
+            return self
+        return dataclasses.replace(self, waiting_for=self.waiting_for | named)
 
     def spare_for(self, members: Sequence[str]) -> bool:
         """Could a live, non-draining server outside `members` take a replica?"""
@@ -55,14 +70,14 @@ def extent_health(rec: ExtentRecord, wanted: int, servers: Servers) -> Health:
     members = rec.replicas
     if not any(m in servers.live for m in members):
         return Health.UNAVAILABLE
-    if rec.converging:
-        return Health.REBUILDING
     if any(m not in servers.live for m in members):
         return Health.DEGRADED
     if len(members) < wanted:
         rebuilding = not servers.waiting_for and servers.spare_for(members)
         return Health.REBUILDING if rebuilding else Health.DEGRADED
-    return Health.OK
+    # after the redundancy rules: a failover's short convergence among fewer copies than
+    # wanted is the degraded state the operator must see, not a rebuild
+    return Health.REBUILDING if rec.converging else Health.OK
 
 
 @dataclass(frozen=True)
@@ -81,8 +96,9 @@ class VolumeHealth:
         }
 
 
-def volume_health(extents: Iterable[ExtentRecord], wanted: int, servers: Servers) -> VolumeHealth:
+def volume_health(extents: Sequence[ExtentRecord], wanted: int, servers: Servers) -> VolumeHealth:
     counts = {h: 0 for h in Health}
+    servers = servers.seeing(extents)
     down: set[str] = set()
     total = 0
     for rec in extents:

@@ -102,10 +102,12 @@ class ChunkStates:
             and states.get(op.subject, "down") == "down"
             and now - op.created_at < replace_after
         }
+        planned = {o.subject for o in operations if o.kind == "rebuild" and o.state == "running"}
         servers = Servers(
             live=frozenset(c for c, s in states.items() if s != "down"),
             draining=frozenset(c for c, s in states.items() if s == "draining"),
             waiting_for=frozenset(waiting),
+            unplanned=frozenset(c for c, s in states.items() if s == "down" and c not in planned),
         )
         return cls(states, zones, servers)
 
@@ -187,8 +189,8 @@ async def get_volume_status(call: Call) -> web.Response:
     config = await _get_at(etcd, Keys.CLUSTER_CONFIG, ClusterConfigRecord, rev)
     ext_kvs, _ = await etcd.get_prefix(Keys.volume_extents(vol.id), revision=rev)
     chunks, live_sessions = await _read_cluster(etcd, rev)
-    servers = chunks.servers
     records = sorted(extent_records(ext_kvs), key=lambda r: r.index)
+    servers = chunks.servers.seeing(records)
     health = volume_health(records, vol.replicas, servers)
     scrub_kvs, _ = await etcd.get_prefix(Keys.SCRUB_ERRORS, revision=rev)
     bad_blocks = scrub_errors(vol.id, records, decode_records(scrub_kvs, ScrubErrorsRecord))

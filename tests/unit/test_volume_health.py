@@ -36,6 +36,13 @@ def ext(*replicas: str, index: int = 0, converging: bool = False) -> ExtentRecor
         (ext("a", "b"), Servers(frozenset("abd"), waiting_for=frozenset("c")), Health.DEGRADED),
         (ext("a", "b", "c", converging=True), Servers(ABCD), Health.REBUILDING),
         (ext("a", "b", converging=True), Servers(frozenset("cd")), Health.UNAVAILABLE),
+        # a failover's convergence with a member down or dropped is degraded, not a rebuild
+        (ext("a", "b", "c", converging=True), Servers(frozenset("abd")), Health.DEGRADED),
+        (
+            ext("a", "b", converging=True),
+            Servers(frozenset("abd"), waiting_for=frozenset("c")),
+            Health.DEGRADED,
+        ),
         (ext("a", "b", "c"), Servers(frozenset("d")), Health.UNAVAILABLE),
     ],
 )
@@ -108,3 +115,15 @@ def test_waiting_for_a_lost_server_mirrors_replace_after(
     lives = [ChunkServerStatus(id="a", replace_after=replace_after)]
     states = ChunkStates.of(infos, lives, [], ops, now)
     assert states.servers.waiting_for == waiting
+
+
+def test_a_server_lost_before_the_planner_saw_it_is_waited_for_where_it_is_still_named() -> None:
+    # c was SIGKILLed a moment ago: the failover of extent 0 (which c led) dropped it, extent
+    # 1 still names it, and no rebuild operation exists yet
+    servers = Servers(frozenset("abd"), unplanned=frozenset("c"))
+    dropped = ext("a", "b", index=0, converging=True)
+    assert volume_health([dropped, ext("a", "b", "c", index=1)], 3, servers).state is (
+        Health.DEGRADED
+    )
+    # once nothing names it, a missing replica is a rebuild (the planner's operation decides)
+    assert volume_health([dropped], 3, servers).state is Health.REBUILDING
