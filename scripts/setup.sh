@@ -34,6 +34,23 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get "${lock[@]}" install -y -qq \
         --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# The commands the tests run, each with the package that provides it: a package that dpkg
+# listed as installed and whose command is gone anyway (seen on a fresh machine: qemu-img
+# missing, and every qemu-img test failing with FileNotFoundError) is installed again.
+declare -A COMMANDS=(
+    [qemu-img]=qemu-utils [etcd]=etcd-server [etcdctl]=etcd-client [tgtd]=tgt
+    [iscsi-test-cu]=libiscsi-bin [iscsiadm]=open-iscsi [qemu-system-x86_64]=qemu-system-x86
+)
+broken=()
+for c in "${!COMMANDS[@]}"; do
+    PATH="$PATH:/usr/sbin:/sbin" command -v "$c" >/dev/null || broken+=("${COMMANDS[$c]}")
+done
+if [ ${#broken[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
+    echo "setup: reinstalling ${broken[*]} (their commands are missing)"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=900 install -y -qq \
+        --no-install-recommends --reinstall "${broken[@]}" >/dev/null
+fi
 # Debian's etcd-server package starts a system etcd on 2379; lunastor runs its own.
 if command -v systemctl >/dev/null && systemctl is-active -q etcd 2>/dev/null; then
     systemctl disable --now etcd >/dev/null 2>&1 || true
