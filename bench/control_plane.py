@@ -33,6 +33,7 @@ import aiohttp
 from lunastor.common.config import to_toml_table
 from lunastor.common.etcd import Compare, Delete, Etcd, EtcdConfig, Get, Put
 from lunastor.common.records import Keys, LunRecord, VolumeRecord
+from lunastor.meta.store import lun_target_prefix
 from tests.support.etcd import EtcdServer
 from tests.support.procs import free_port, wait_for
 
@@ -133,7 +134,8 @@ async def raw_cycles(etcd: Etcd, clients: int, ops: int) -> dict[str, Any]:
     """The anchor: exactly the etcd round trips meta makes for the four REST calls of a
     cycle (lunastor/meta/store.py), from one client with no HTTP and no meta in between.
 
-    create: 1 txn (name and LUN absent; on failure it reads both back). publish, unpublish
+    create: 1 txn (name and LUN absent; on failure it reads the name and the target's LUNs
+    back). publish, unpublish
     and delete: 1 guarded txn each, against the revisions of the previous commit (meta
     remembers the state it committed, `Store._known`, and reads only when a compare fails).
     """
@@ -165,7 +167,7 @@ async def raw_cycles(etcd: Etcd, clients: int, ops: int) -> dict[str, Any]:
                 [Compare.version(nkey) == 0, Compare.version(lkey) == 0],
                 [Put(vkey, vol.to_json()), Put(nkey, vol.id.encode()),
                  Put(lkey, LunRecord(volume_id=vol.id).to_json())],
-                [Get(nkey), Get(lkey)],
+                [Get(nkey), Get(lun_target_prefix(target), prefix=True)],
             )  # fmt: skip
             assert created.succeeded
             vrev = created.revision
@@ -256,6 +258,7 @@ async def run(ops: int, volumes: int) -> None:
     server = EtcdServer().start()
     namespace = "/bench"
     proc, url = start_meta(server, namespace, tmp)
+    print(f"meta pid {proc.pid} (profile it: py-spy record -p {proc.pid})", flush=True)
     try:
         # Meta and the anchor alternate at each level (each twice), so that load from other
         # jobs on the machine falls on both alike; each row is the worse of its two rounds.

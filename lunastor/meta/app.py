@@ -4,6 +4,7 @@ is per route (`routing.Route.roles`)."""
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -73,6 +74,25 @@ LATENCY = Histogram(
 
 log = get_logger(component="api")
 
+# Request ids: a random prefix per process and a counter, 16 hex digits as before; unique
+# across instances and restarts without asking the kernel for randomness per request.
+_ID_PREFIX = secrets.token_hex(4)
+_ID_COUNTER = itertools.count()
+# The metric children by (method, route, status): `labels()` validates and hashes its
+# arguments on every call, and a route's children never change.
+_CHILDREN: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+
+
+def _metrics(method: str, route: str, status: str) -> tuple[Counter, Histogram]:
+    key = (method, route, status)
+    children = _CHILDREN.get(key)
+    if children is None:
+        children = _CHILDREN[key] = (
+            REQUESTS.labels(method, route, status),
+            LATENCY.labels(method, route, status),
+        )
+    return children
+
 
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -84,7 +104,10 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     manager: at 50 concurrent clients each layer around a request is measurable
     (docs/scale.md)."""
     start = time.perf_counter()
-    request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
+    request_id = (
+        request.headers.get("X-Request-Id", "")[:64]
+        or f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
+    )
     tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
         response = await _answer(request, handler)
@@ -93,9 +116,9 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     response.headers["X-Request-Id"] = request_id
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    status = str(response.status)
-    REQUESTS.labels(request.method, route, status).inc()
-    LATENCY.labels(request.method, route, status).observe(time.perf_counter() - start)
+    count, latency = _metrics(request.method, route, str(response.status))
+    count.inc()
+    latency.observe(time.perf_counter() - start)
     return response
 
 

@@ -3,10 +3,15 @@
 Assignment (docs/etcd-schema.md, "LUN assignment"): the lowest-numbered target that has a free
 LUN, and in it the lowest free LUN in 1..255 (LUN 0 is never assigned). Targets 0..4095.
 
-The map here is only a hint: it follows `Keys.LUNS` with a watch and may lag behind other meta
-instances. What makes a LUN unique is the create transaction's `version(lun key) == 0`
-compare; when it fails the caller marks the LUN taken and asks again. Within one instance,
-`reserve` also keeps concurrent requests from picking the same LUN before etcd answers.
+The map here is only a hint. It is loaded at start, adds the LUNs this instance creates, and
+follows only the deletions under `Keys.LUNS` (a deletes-only watch): most writes there are
+ACL changes (every publish and unpublish), which cannot change which LUNs are in use, and
+reading them all cost meta ~6% of its CPU under create/publish load. LUNs created by other
+meta instances are learnt when a create trips over one: what makes a LUN unique is the create
+transaction's `version(lun key) == 0` compare, and when it fails the same transaction has
+read the target's whole LUN map (`learn`), so one failed attempt per target teaches all of
+it. Within one instance, `reserve` also keeps concurrent requests from picking the same LUN
+before etcd answers.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class LunMap:
         self.revision = 0
         self._reserved: set[tuple[int, int]] = set()
         self._task: asyncio.Task[None] | None = None
+        self.events = 0  # watch items received (tests: the watch carries deletions only)
 
     async def start(self) -> LunMap:
         await self._load()
@@ -79,7 +85,9 @@ class LunMap:
     async def _follow(self) -> None:
         while True:
             try:
-                async for item in self.etcd.watch_prefix(Keys.LUNS, self.revision + 1):
+                watch = self.etcd.watch_prefix(Keys.LUNS, self.revision + 1, deletes_only=True)
+                async for item in watch:
+                    self.events += 1
                     if isinstance(item, WatchResync):
                         used: dict[int, set[int]] = defaultdict(set)
                         for kv in item.kvs:
@@ -112,6 +120,13 @@ class LunMap:
         self._reserved.discard(slot)
         if taken:
             self.used[slot[0]].add(slot[1])
+
+    def learn(self, keys: list[str]) -> None:
+        """LUN keys in use, read by a create whose LUN another instance had taken. Added,
+        not replacing what the map holds: a create of ours may have committed after that
+        read."""
+        for key in keys:
+            self._add(self.used, key)
 
     def counts(self) -> dict[int, int]:
         """LUNs in use per target (targets with none are left out)."""

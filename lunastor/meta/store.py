@@ -89,6 +89,11 @@ def decode_token(token: str) -> tuple[int, str]:
     return revision, last_id
 
 
+def lun_target_prefix(target: int) -> str:
+    """The prefix of `target`'s LUN map keys (`Keys.lun` without the LUN)."""
+    return Keys.lun(target, 0).rpartition("/")[0] + "/"
+
+
 # --- record helpers ------------------------------------------------------------------------------
 
 
@@ -355,7 +360,8 @@ class Store:
         )
 
     def _check_spec(self, spec: VolumeSpec) -> None:
-        qos_limits(QosLimits.from_dict, spec.qos)
+        if spec.qos:  # no limits (most creates) cannot be wrong
+            qos_limits(QosLimits.from_dict, spec.qos)
         if spec.size_bytes % spec.block_size:
             raise Problem(
                 400,
@@ -443,7 +449,9 @@ class Store:
                         Put(lun_key, LunRecord(volume_id=volume.id).to_json()),
                         *src.puts,
                     ],
-                    [Get(name_key), Get(lun_key)],
+                    # On failure: who has the name, and the slot's whole target, so that
+                    # LUNs other instances created are learnt at once (`LunMap.learn`)
+                    [Get(name_key), Get(lun_target_prefix(slot[0]), prefix=True)],
                 )
                 if result.succeeded:
                     taken = True
@@ -457,8 +465,11 @@ class Store:
                     lun_rec = LunRecord(volume_id=volume.id)
                     self._know(volume, written, lun_rec, Versioned(lun_key, result.revision))
                     return volume, True
-                named, lun_owner = result.responses
-                if lun_owner:
+                named, target_luns = result.responses
+                assert isinstance(target_luns, list)
+                if target_luns:
+                    self.luns.learn([kv.key for kv in target_luns])
+                if any(kv.key == lun_key for kv in target_luns):
                     taken = True
                     avoid.add(slot)
             finally:

@@ -403,16 +403,18 @@ class Etcd:
     # --- watches -------------------------------------------------------------------------
 
     def watch_prefix(
-        self, prefix: str, start_revision: int | None = None
+        self, prefix: str, start_revision: int | None = None, deletes_only: bool = False
     ) -> AsyncIterator[WatchItem]:
-        """Changes under `prefix` from `start_revision` (inclusive; None: from now on).
+        """Changes under `prefix` from `start_revision` (inclusive; None: from now on);
+        `deletes_only`: only deletions (etcd filters the puts out before sending them).
 
         Never loses or repeats an event across endpoint failures; yields `WatchResync` when
-        the revision it needs was compacted. Runs until the caller stops iterating.
+        the revision it needs was compacted (a full listing, puts included). Runs until the
+        caller stops iterating.
         """
         from lunastor.common.etcd.watch import watch_prefix
 
-        return watch_prefix(self, prefix, start_revision)
+        return watch_prefix(self, prefix, start_revision, deletes_only)
 
 
 def channel_closed_under_us() -> bool:

@@ -1,0 +1,62 @@
+"""Meta's LUN map (`lunastor/meta/luns.py`) follows deletions only; LUNs another meta instance
+created are learnt by the first create that trips over one, in that create's failed
+transaction. Against the session's real etcd, two instances on one namespace."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from lunastor.common.records import Keys
+from tests.integration.meta.conftest import Api, meta_config, start_api
+from tests.integration.meta.test_store_known import kv_requests
+from tests.support.etcd import EtcdServer
+from tests.support.procs import async_wait_for
+
+A = "iqn.2020-01.org.example:node-a"
+
+
+@pytest.fixture
+async def other(etcd_server: EtcdServer, etcd_prefix: str) -> AsyncIterator[Api]:
+    """A second meta instance on the same etcd and namespace."""
+    client, etcd, luns = await start_api(meta_config(etcd_server, etcd_prefix))
+    yield Api(client, etcd, luns)
+    await client.close()
+    await luns.stop()
+    await etcd.close()
+
+
+async def test_the_watch_carries_deletions_only(api: Api) -> None:
+    """Publishes and unpublishes rewrite the LUN record (its ACL) and creates add one: none of
+    them reaches the map's watch; the delete does (a freed LUN is reused lowest first)."""
+    first = await api.volume("w1")
+    exports = f"/v1/volumes/{first['id']}/exports"
+    await api.ok("POST", exports, {"initiator": A}, status=201)
+    await api.ok("DELETE", f"{exports}/{A}", status=204)
+    await api.volume("w2")
+    await api.ok("DELETE", f"/v1/volumes/{first['id']}", status=204)
+    tomb = await api.etcd.get(Keys.gc_volume(first["id"]))
+    assert tomb is not None
+
+    async def caught_up() -> bool:
+        return api.luns.revision >= tomb.mod_revision
+
+    await async_wait_for(caught_up, 10, "the LUN map to see the delete")
+    assert api.luns.events == 1
+    assert (await api.volume("w3"))["lun"] == first["lun"]
+
+
+async def test_luns_another_instance_created_are_learnt_in_one_failed_attempt(
+    api: Api, other: Api, etcd_server: EtcdServer
+) -> None:
+    # more than a create's 64 attempts: learning one LUN per failed attempt would give up
+    made = [await other.volume(f"o{i}") for i in range(70)]
+    assert [v["lun"] for v in made] == list(range(1, 71))
+    before = kv_requests(etcd_server)
+    mine = await api.volume("mine")
+    assert (mine["target_iqn"], mine["lun"]) == (made[0]["target_iqn"], 71)
+    assert kv_requests(etcd_server) - before == 2  # the failed create (reads the target), then ours
+    before = kv_requests(etcd_server)
+    assert (await api.volume("mine-2"))["lun"] == 72
+    assert kv_requests(etcd_server) - before == 1  # learnt: no collision
