@@ -251,7 +251,6 @@ class DataPath:
             interval=config.data_dir_check_interval,
             changed=self.status_changed,
         )
-        self.monitor.start()
         if config.lio_export:
             from lunastor.chunk.access.lio.exporter import LioExporter
             from lunastor.chunk.access.lio.rtsconfig import LioUnavailable
@@ -267,6 +266,9 @@ class DataPath:
             except LioUnavailable as exc:
                 raise StartupError(f"lio_export: {exc}") from None
         await self.returns.ready()  # serving: nobody waits for us any more
+        # Only now: its start-up search for missing replicas (a wiped disk) asks their
+        # primaries to drop us, which they refuse while we are still expected back.
+        self.monitor.start()
         log.info(
             "data path up: extent size %d, %d replicas on disk", extent_size, len(listing.replicas)
         )

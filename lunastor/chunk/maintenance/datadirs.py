@@ -16,7 +16,8 @@ write + fsync work) or by any request that meets a `DataDirFailed`. Then, once:
    members told the new gen); as the primary it stops acknowledging for the extent and
    hands it to the most advanced other member (`AccessPath.resign`: the failover commit and
    convergence, without the lease wait). Re-replication can then restore the replica count.
-   Extents that still name us are retried every probe interval.
+   Extents that still name us are retried soon (from `LEAVE_RETRY`, doubling up to the
+   probe interval).
 
 The same happens at start for replicas the extent map says we hold as a secondary but no data
 directory has (a replaced, empty disk under the same identity): `find_missing_replicas`.
@@ -56,6 +57,9 @@ REPLICAS_MISSING = Counter(
     "lunastor_replicas_missing_total",
     "Replicas named in the extent map that no data directory held at start (wiped disk)",
 )
+
+
+LEAVE_RETRY = 0.5  # seconds before a refused leave of a lost replica's set is tried again
 
 
 class DataDirMonitor:
@@ -107,9 +111,16 @@ class DataDirMonitor:
             raise
         except Exception:  # a replica found missing later fails its flush or write instead
             log.exception("looking for missing replicas failed")
+        retry = LEAVE_RETRY
         while True:
+            # Lost replicas still named here wait for their replica sets to drop us before
+            # re-replication can start: a refused leave (the primary not yet seeing us
+            # serve, busy with a failover) is tried again soon, backing off to the probe
+            # interval, not only at the next probe (seconds of a rebuild's time otherwise).
+            wait = min(retry, self.interval) if self.node.lost else self.interval
+            retry = min(retry * 2, self.interval) if self.node.lost else LEAVE_RETRY
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval):
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
             self._wake.clear()
             try:

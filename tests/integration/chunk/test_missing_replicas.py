@@ -4,9 +4,12 @@ cluster of test_replication.py: a new extent's replica that has not arrived yet 
 
 from __future__ import annotations
 
+import asyncio
+
 from lunastor.chunk.maintenance.datadirs import DataDirMonitor
 from tests.integration.chunk.test_replication import Cluster, Node, blocks
 from tests.integration.chunk.test_replication import cluster as cluster
+from tests.support.procs import async_wait_for
 
 
 def monitor_of(node: Node) -> DataDirMonitor:
@@ -54,3 +57,35 @@ async def test_a_missing_copy_that_holds_data_but_no_write_of_its_own_is_missing
     assert made is not None and made.applied_seq == 0
     monitor = monitor_of(secondary)
     assert await monitor.find_missing_replicas() == [("vol-p", 0)]
+
+
+async def test_a_refused_leave_is_tried_again_soon_not_at_the_next_probe(
+    cluster: Cluster,
+) -> None:
+    # Issue 12: a server back with a wiped disk asked the primaries to drop it while it was
+    # still starting (expected back: they refuse, "restarting: writes wait for it") and tried
+    # again only at its next data-directory probe, 5 s later by default, while the rebuild
+    # of every replica it held waited. The probe interval is long here: waiting for it shows.
+    v = cluster.volume("chunk-0")
+    await v.write(0, blocks(1, 8), fua=True)
+    rec = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
+    assert rec is not None
+    primary, secondary = cluster.nodes[rec.primary], cluster.nodes[rec.replicas[1]]
+    await (await secondary.store.open("vol-t", 0)).delete()  # the wiped disk
+    loop = asyncio.get_running_loop()
+    ready_at = loop.time() + 0.3  # the secondary serves from then on
+    primary.node.expected_back = lambda member: member == secondary.id and loop.time() < ready_at
+    monitor = DataDirMonitor(
+        secondary.store, secondary.node, secondary.path, secondary.emap, secondary.id, interval=60
+    )
+
+    async def dropped() -> bool:
+        now = primary.emap.get("vol-t", 0)
+        return now is not None and secondary.id not in now.replicas
+
+    monitor.start()
+    try:
+        await async_wait_for(dropped, 10, "the primary to drop the wiped secondary")
+    finally:
+        await monitor.stop()
+    assert await v.read(0, 8) == blocks(1, 8)
