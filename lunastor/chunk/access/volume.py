@@ -445,7 +445,10 @@ class AccessPath:
                 if resp.status is Status.NOT_FOUND:
                     absent += 1
                 if resp.status is Status.STALE_GENERATION:
-                    break  # our map is behind (or the replica is): refresh
+                    # our map is behind (refreshed below if nobody serves), or this replica
+                    # is: left behind by a change, or ahead of it by a hand-over that never
+                    # committed (node.py, `_ahead_of_map`); the others may serve meanwhile
+                    continue
             if absent == len(order):
                 return bytes(length)  # allocated, never written: no replica was created yet
             if bad and len(bad) == len(order):
@@ -618,6 +621,7 @@ class AccessPath:
         primary = rec.primary
         states: dict[str, int] = {}
         stale: dict[str, int] = {}  # lost their page cache: the durable prefix only
+        behind: list[str] = []  # members never told a committed change: converged, no source
         absent: list[str] = []
         unknown: list[str] = []  # no answer: may still serve reads of this generation
         for member in rec.replicas if include_primary else rec.replicas[1:]:
@@ -633,6 +637,11 @@ class AccessPath:
                 states[member] = st.fields["applied_seq"]
             elif fits and st.fields["state"] == int(ReplicaState.STALE):
                 stale[member] = st.fields["applied_seq"]
+            elif st.ok and st.fields["gen"] <= rec.gen + 1:
+                # behind the map (a join committed it, the stop cut its push short) or a
+                # joiner never made current: it may miss writes, so never the source, but a
+                # member all the same, converged like the others rather than dropped
+                behind.append(member)
             elif st.status is Status.NOT_FOUND:
                 absent.append(member)
             elif not st.ok:
@@ -666,7 +675,7 @@ class AccessPath:
         # Every acknowledged write is on every current survivor; the most advanced survivor
         # also holds the unacknowledged tail, which the others then copy from it.
         candidates = states or stale
-        order = [m for m in rec.replicas if m in states or m in stale]
+        order = [m for m in rec.replicas if m in states or m in stale or m in behind]
         best = max(
             (m for m in order if m in candidates), key=lambda m: (candidates[m], -order.index(m))
         )

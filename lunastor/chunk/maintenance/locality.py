@@ -31,7 +31,7 @@ from lunastor.chunk.replication.extentmap import ExtentMap
 from lunastor.chunk.replication.node import DataNode
 from lunastor.chunk.wire.messages import SetGen
 from lunastor.chunk.wire.peer import PeerError
-from lunastor.common.etcd import Compare, Etcd, Put
+from lunastor.common.etcd import Compare, Etcd, EtcdError, Put
 from lunastor.common.etcd.cache import PrefixCache
 from lunastor.common.events import EVENTS
 from lunastor.common.records import Keys, LocalityClaim, RecordError
@@ -147,6 +147,21 @@ class Claimer:
         return written
 
 
+def _left_ahead(volume: str, index: int, gen: int, members: list[str], why: str) -> None:
+    """A hand-over stopped after some members adopted its gen + 1 and before its commit: they
+    refuse the map's generation until the extent's primary converges them past it (node.py,
+    `_ahead_of_map`, `_diverged`; docs/faults.md)."""
+    if members:
+        log.warning(
+            "extent %s/%d: hand-over stopped before its commit (%s); %s left at gen %d",
+            volume,
+            index,
+            why,
+            ", ".join(members),
+            gen,
+        )
+
+
 async def hand_over(node: DataNode, volume: str, index: int, target: str) -> int:
     """Make member `target` the extent's primary (we are its primary); returns the new gen."""
     pe = await node.lead(volume, index)
@@ -169,19 +184,28 @@ async def hand_over(node: DataNode, volume: str, index: int, target: str) -> int
         # Everyone adopts gen + 1 before the commit (as a drain's hand-over does): the new
         # primary's first forward must find no member at the old generation, and we hold
         # the lock, so no write of ours meets them in between.
+        adopted: list[str] = []
         for m in pe.members[1:]:
             try:
                 resp = await node.replicas.call(
                     m, partial(SetGen, volume=volume, extent=index, gen=gen)
                 )
             except PeerError as exc:
+                _left_ahead(volume, index, gen, adopted, f"{m}: {exc}")
                 raise LocalityAborted(f"{m}: {exc}") from None
-            if not resp.ok:  # (a member left at gen + 1 refuses our next forward: removed)
+            if not resp.ok:
+                _left_ahead(volume, index, gen, adopted, f"{m} refused: {resp.status}")
                 raise LocalityAborted(f"{m} refused gen {gen}: {resp.status}")
+            adopted.append(m)
         await pe.replica.set_generation(gen)
         members = [target, *(m for m in pe.members if m != target)]
         new = dataclasses.replace(entry.record, gen=gen, replicas=members, converging=False)
-        committed = await node.emap.replace(entry, new)
+        try:
+            committed = await node.emap.replace(entry, new)
+        except EtcdError as exc:
+            # (a whole-cluster `docker compose restart` stops etcd with the chunk servers)
+            _left_ahead(volume, index, gen, [node.node_id, *adopted], f"commit: {exc}")
+            raise
         # Either way we no longer order writes of this extent: committed, the target does;
         # not (someone else changed the extent meanwhile), the map has moved past `gen - 1`.
         pe.gen, pe.members = gen, []

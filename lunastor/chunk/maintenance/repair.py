@@ -249,11 +249,12 @@ class Repairer:
                 act = refined
             mine.append(act)
         self.last = actions
-        lost, stale = await self._lost_primaries(extents)
+        lost, stale, unsettled = await self._lost_primaries(extents)
         await asyncio.gather(
             *(self._apply(a) for a in mine),
             *(self._hand_over_lost(rec) for rec in lost),
             *(self._recover_stale(rec) for rec in stale),
+            *(self._settle(rec) for rec in unsettled),
         )
         return actions
 
@@ -283,10 +284,11 @@ class Repairer:
 
     async def _lost_primaries(
         self, extents: list[ExtentRecord]
-    ) -> tuple[list[ExtentRecord], list[ExtentRecord]]:
-        """Extents we are primary of, not open here, whose replica file is missing; and those
-        whose replica lost its page cache (STALE after a power loss)."""
-        lost, stale = [], []
+    ) -> tuple[list[ExtentRecord], list[ExtentRecord], list[ExtentRecord]]:
+        """Extents we are primary of, not open here, whose replica file is missing; those
+        whose replica lost its page cache (STALE after a power loss); and those whose replica
+        is not at the map's generation (`_settle`)."""
+        lost, stale, unsettled = [], [], []
         for rec in extents:
             if rec.primary != self.me or rec.converging or len(rec.replicas) < 2:
                 continue
@@ -301,7 +303,27 @@ class Repairer:
                 continue
             if replica.state == ReplicaState.STALE:
                 stale.append(rec)
-        return lost, stale
+            elif replica.generation != rec.gen:
+                unsettled.append(rec)
+        return lost, stale, unsettled
+
+    async def _settle(self, rec: ExtentRecord) -> None:
+        """Our replica is not at the map's generation: a change was cut short by a stop (a
+        hand-over's gen + 1 never committed, a join's gen + 1 committed but not pushed: a
+        whole-cluster `docker compose restart` stops etcd with the chunk servers). Reads
+        need no primary state, so no write may come to set it up, and every replica at
+        another generation refuses the map's: set it up now (`DataNode._become_primary`
+        adopts the map's generation, or converges the members past an uncommitted one)."""
+        key = (rec.volume, rec.index)
+        if key in self._busy:
+            return
+        self._busy.add(key)
+        try:
+            await self.node.lead(rec.volume, rec.index)
+        except (Unavailable, StaleMap, PeerError, ExtentStoreError, EtcdError, TimeoutError) as exc:
+            log.info("setting up %s/%d at the map's generation: %s", *key, exc)
+        finally:
+            self._busy.discard(key)
 
     async def _recover_stale(self, rec: ExtentRecord) -> None:
         """Our replica lost its page cache (a power loss): the most advanced member resumes

@@ -181,7 +181,7 @@ async def stop_cleanly(
                 ExtentStoreError,
                 EtcdError,
             ) as exc:
-                log.info("extent %s/%d kept at stop: %s", volume, index, exc)
+                log.warning("extent %s/%d kept at stop: %s", volume, index, exc)
 
     results = await asyncio.gather(
         *(one(r.volume, r.index, list(r.replicas)) for r in mine), return_exceptions=True

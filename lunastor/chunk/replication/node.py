@@ -752,7 +752,7 @@ class DataNode(DataService):
         if replica.generation < rec.gen:
             await replica.set_generation(rec.gen)
         elif replica.generation > rec.gen:
-            raise Unavailable("our replica is newer than our map: the map lags")
+            await self._ahead_of_map(rec, replica.generation)
         if replica.state == ReplicaState.STALE and rec.replicas == [self.node_id]:
             await self._resume_sole_copy(rec, replica)
         if replica.state != ReplicaState.CURRENT:
@@ -801,11 +801,38 @@ class DataNode(DataService):
         )
         out = []
         for member, st in zip(members, answers, strict=True):
-            if not isinstance(st, Response) or not st.ok or st.fields["gen"] != pe.gen:
+            if not isinstance(st, Response) or not st.ok:
                 continue  # no answer: a forward will find out
+            if st.fields["gen"] != pe.gen:
+                # Ahead: a hand-over's gen + 1 never committed; behind: a change committed
+                # without it being told (a join's push cut short by a stop). Either refuses
+                # our forwards and would be removed: converged instead (`_ahead_of_map`).
+                if st.fields["gen"] <= pe.gen + 1:
+                    out.append(member)
+                continue
             if st.fields["applied_seq"] != pe.next_seq - 1 or st.fields["state"] != 0:
                 out.append(member)
         return out
+
+    async def _ahead_of_map(self, rec: ExtentRecord, generation: int) -> None:
+        """Our replica is at a generation the map does not have. Either our map lags (etcd
+        has it: wait for our watch), or a hand-over (locality.hand_over: every member adopts
+        gen + 1, then the commit) stopped before its commit: a clean stop whose commit met
+        etcd already stopped, as in a whole-cluster `docker compose restart`. Nobody commits
+        that gen + 1 any more, and every member at it refuses requests of the map's
+        generation, so the extent stayed NOT READY for good. Instead the members are
+        converged under a new committed generation (`resume`: every forward had settled
+        before the hand-over, so they are equal and nothing is copied). Always raises
+        Unavailable (the access point retries)."""
+        fresh = await self.emap.fresh(rec.volume, rec.index)
+        if fresh is not None and fresh.record.gen >= generation:
+            raise Unavailable("our replica is newer than our map: the map lags")
+        if fresh is not None and fresh.record.primary == self.node_id and not rec.origin:
+            self._resume_later(rec.volume, rec.index)
+            raise Unavailable(
+                f"our replica is at gen {generation}, the map at {rec.gen}: converging"
+            )
+        raise Unavailable("our replica is newer than our map")
 
     def _resume_later(self, volume: str, index: int) -> None:
         key = (volume, index)
