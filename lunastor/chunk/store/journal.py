@@ -5,12 +5,15 @@ Every data mutation of a replica (the blocks a write stores with their checksums
 block range) is applied to the extent files on the page cache, as before, and appended as a
 self-checked record to this file, on the page cache too. A flush of any replica of the data
 directory is then one fdatasync of this file (group commit: concurrent flushes share a
-round), not of each replica's data file and sidecar. A checkpoint (in the background, and
-when the file passes a size) fdatasyncs the extent files the records touched, then starts the
-file over under a new epoch. At the store's start, before any replica of the directory is
-opened, every valid record since the last checkpoint is replayed in order (the records are
-whole blocks with their checksums, so replay is idempotent), the files are synced and the
-journal starts over; a torn or stale record ends the replay.
+round), not of each replica's data file and sidecar. Large runs of blocks are the exception
+(PLACED records): written in place only, their record holds just their checksums, and the
+replica's next flush syncs its data file beside the journal. A checkpoint (in the background,
+and when the file passes a size) fdatasyncs the extent files the records touched, then starts
+the file over under a new epoch. At the store's start, before any replica of the directory is
+opened, every valid record since the last checkpoint is replayed (the records are whole
+blocks with their checksums, so replay is idempotent; each block is redone from the one
+record that decides it, a PLACED record only where the data file holds its data), the files
+are synced and the journal starts over; a torn or stale record ends the replay.
 
 Why a replay can never undo a later change: every change of a replica's data or sidecar is
 either journaled (write, unmap, copy, the read-modify-write of partial blocks) or happens
@@ -40,6 +43,7 @@ from lunastor.chunk.store import checksums as cs
 from lunastor.chunk.store.checksums import BLOCK_SIZE, CHECKSUM_SIZE
 from lunastor.chunk.store.fsio import (
     NO_SPACE,
+    current_boot_id,
     data_dir_io,
     fallocate,
     pread_exact,
@@ -49,6 +53,7 @@ from lunastor.chunk.store.fsio import (
 from lunastor.chunk.store.header import (
     MAX_VOLUME_ID,
     SLOT_SIZE,
+    HeaderFlags,
     SlotError,
     decode_file,
     encode_slot,
@@ -73,6 +78,10 @@ _REC = struct.Struct(">4sIQQBBHIQQQQQ64s8s")
 _HASH_AT = _REC.size - 8
 DEFAULT_CHECKPOINT_BYTES = 64 * 1024 * 1024
 DEFAULT_CHECKPOINT_INTERVAL = 5.0  # seconds from the first record after a checkpoint
+# Whole-block runs at least this long are written in place with a PLACED record (checksums,
+# no data) instead of a WRITE record holding the data: the journal would double their bytes
+# (docs/extent-format.md, "Journal", PLACED)
+DEFAULT_PLACED_BYTES = 64 * 1024
 _GROW = 4 * 1024 * 1024  # the file is extended (fallocate) this much ahead of the tail
 _IOV_MAX = 512  # buffers per pwritev (Linux allows 1024)
 _PAGE = 4096  # each append is padded with zeros to a multiple of this
@@ -84,6 +93,11 @@ class Kind(IntEnum):
     SEQ = 3  # applied_seq moved with no data (an ordered no-op)
     GEN = 4  # set_generation: (generation, applied_seq) from here on
     FORGET = 5  # the replica was deleted: no earlier record of it may be replayed
+    PLACED = 6  # whole blocks at `offset` written in place in the data file: checksums only
+
+
+_SUMMED = (Kind.WRITE, Kind.PLACED)  # kinds whose header is followed by block checksums
+_TOUCHES = (Kind.WRITE, Kind.PLACED, Kind.UNMAP)  # kinds that change blocks [offset, +length)
 
 
 FINAL = 1  # flag: the last record of an ordered mutation (its seq is applied)
@@ -142,6 +156,8 @@ class ReplayReport:
     records: int = 0
     bytes: int = 0
     replicas: set[tuple[str, int]] = field(default_factory=set)
+    # blocks of PLACED records that did not hold their data (never flushed: a power loss)
+    unplaced: int = 0
     stop: str = ""  # why the scan ended (end of the journal, or what was torn)
 
 
@@ -155,8 +171,12 @@ class Journal:
         *,
         checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
         checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
+        placed_bytes: int = DEFAULT_PLACED_BYTES,
+        boot_id: bytes | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.placed_bytes = placed_bytes
+        self.boot_id = boot_id if boot_id is not None else current_boot_id()
         self.path = Path(data_dir) / JOURNAL_DIR / f"{name}.jnl"
         self.checkpoint_bytes = checkpoint_bytes
         self.checkpoint_interval = checkpoint_interval
@@ -238,7 +258,7 @@ class Journal:
             if parsed[2] != epoch or parsed[3] != lsn:
                 return out, f"record of another epoch/position at {pos} (end)"
             nsums = 0
-            if rec.kind == Kind.WRITE:
+            if rec.kind in _SUMMED:
                 if rec.offset % BLOCK_SIZE or rec.length % BLOCK_SIZE or rec.length <= 0:
                     return out, f"bad write record at {pos}"
                 nsums = rec.length // BLOCK_SIZE * CHECKSUM_SIZE
@@ -252,10 +272,11 @@ class Journal:
             h.update(sums)
             if h.digest() != raw[_HASH_AT : _REC.size]:
                 return out, f"torn record at {pos} (header checksum)"
-            if rec.kind == Kind.WRITE:
-                data = pread_exact(self._fd, rec.length, pos + _REC.size + nsums)
-                if cs.count_mapped(sums) != len(sums) // CHECKSUM_SIZE or cs.bad_blocks(
-                    data, sums, 0
+            if rec.kind in _SUMMED:
+                if cs.count_mapped(sums) != len(sums) // CHECKSUM_SIZE:
+                    return out, f"bad checksums at {pos}"
+                if rec.kind == Kind.WRITE and cs.bad_blocks(
+                    pread_exact(self._fd, rec.length, pos + _REC.size + nsums), sums, 0
                 ):
                     return out, f"torn record at {pos} (data checksum)"
                 rec.sums = sums
@@ -279,16 +300,55 @@ class Journal:
                 start[(rec.volume, rec.extent)] = i + 1
         files: dict[tuple[str, int], _ReplayTarget | None] = {}
         try:
-            for i, (rec, payload_at) in enumerate(records):
+            live: list[int] = []  # the records to redo, in order
+            for i, (rec, _) in enumerate(records):
                 key = (rec.volume, rec.extent)
                 if i < start.get(key, 0) or rec.kind == Kind.FORGET:
                     continue
                 if key not in files:
-                    files[key] = _ReplayTarget.open(self.data_dir, *key)
-                target = files[key]
-                if target is None:  # no such replica here (any more): nothing to redo
+                    files[key] = _ReplayTarget.open(self.data_dir, *key, self.boot_id)
+                if files[key] is not None:  # else no such replica here (any more)
+                    live.append(i)
+            # Which record decides each block (docs/extent-format.md, "Replay"): the last one
+            # that changes it, unless that is a PLACED record whose block does not hold its
+            # data; then, after a power loss, the one before it (that write was never
+            # flushed), and in the same boot none: the block is left as the crash left it.
+            owner: dict[tuple[str, int, int], int] = {}
+            for i in reversed(live):
+                rec = records[i][0]
+                if rec.kind not in _TOUCHES:
                     continue
-                target.apply(rec, self._fd, payload_at)
+                target = files[(rec.volume, rec.extent)]
+                assert target is not None
+                b0, n = rec.offset // BLOCK_SIZE, rec.length // BLOCK_SIZE
+                todo = [b for b in range(b0, b0 + n) if (rec.volume, rec.extent, b) not in owner]
+                if not todo:
+                    continue
+                good = set(range(b0, b0 + n))
+                if rec.kind == Kind.PLACED:
+                    good -= target.unplaced(rec)
+                for b in todo:
+                    final = b not in target.seen  # no later record changes the block
+                    target.seen.add(b)
+                    if b in good:
+                        owner[(rec.volume, rec.extent, b)] = i
+                    else:
+                        report.unplaced += final
+                        if target.same_boot:
+                            owner[(rec.volume, rec.extent, b)] = -1
+            for i in live:
+                rec, payload_at = records[i]
+                key = (rec.volume, rec.extent)
+                target = files[key]
+                assert target is not None
+                mine: list[bool] = []
+                if rec.kind in _TOUCHES:
+                    b0 = rec.offset // BLOCK_SIZE
+                    mine = [
+                        owner.get((rec.volume, rec.extent, b)) == i
+                        for b in range(b0, b0 + rec.length // BLOCK_SIZE)
+                    ]
+                target.apply(rec, mine, self._fd, payload_at)
                 report.records += 1
                 report.bytes += rec.length if rec.kind == Kind.WRITE else 0
                 report.replicas.add(key)
@@ -548,11 +608,14 @@ class _ReplayTarget:
 
     header: Path
     fds: tuple[int, int, int]  # header, data, sums
+    # its header says DIRTY in this boot: the process died, the page cache holds every write
+    same_boot: bool
     last: tuple[int, int] | None = None  # (generation, seq) of the last applied mutation
     touched_data: bool = False
+    seen: set[int] = field(default_factory=set)  # blocks a later record changes (replay)
 
     @classmethod
-    def open(cls, data_dir: str, volume: str, extent: int) -> _ReplayTarget | None:
+    def open(cls, data_dir: str, volume: str, extent: int, boot_id: bytes) -> _ReplayTarget | None:
         from lunastor.chunk.store.store import EXTENTS_DIR  # (store imports this module)
 
         base = Path(data_dir) / EXTENTS_DIR / volume / f"{extent:016x}"
@@ -564,19 +627,37 @@ class _ReplayTarget:
             for fd in fds:
                 os.close(fd)
             return None
-        return cls(base.with_suffix(".hdr"), (fds[0], fds[1], fds[2]))
+        try:
+            h, _ = decode_file(pread_exact(fds[0], 2 * SLOT_SIZE, 0))
+            same_boot = bool(h.flags & HeaderFlags.DIRTY) and h.boot_id == boot_id
+        except SlotError:
+            same_boot = False  # reported by the listing
+        return cls(base.with_suffix(".hdr"), (fds[0], fds[1], fds[2]), same_boot)
 
-    def apply(self, rec: Record, journal_fd: int, payload_at: int) -> None:
+    def unplaced(self, rec: Record) -> set[int]:
+        """The blocks of a PLACED record that do not hold the data of its checksums."""
+        b0 = rec.offset // BLOCK_SIZE
+        data = pread_exact(self.fds[1], rec.length, rec.offset)
+        return set(cs.bad_blocks(data, rec.sums, b0))
+
+    def apply(self, rec: Record, mine: list[bool], journal_fd: int, payload_at: int) -> None:
+        """Redo `rec` on the blocks it decides (`mine`, one flag per block of its range)."""
         _, data_fd, sum_fd = self.fds
-        if rec.kind == Kind.WRITE:
-            data = pread_exact(journal_fd, rec.length, payload_at)
-            pwrite_all(data_fd, data, rec.offset)
-            pwrite_all(sum_fd, rec.sums, rec.offset // BLOCK_SIZE * CHECKSUM_SIZE)
-            self.touched_data = True
-        elif rec.kind == Kind.UNMAP:
-            b0, nblocks = rec.offset // BLOCK_SIZE, rec.length // BLOCK_SIZE
-            pwrite_all(sum_fd, bytes(nblocks * CHECKSUM_SIZE), b0 * CHECKSUM_SIZE)
-            punch_hole(data_fd, rec.offset, rec.length)
+        b0 = rec.offset // BLOCK_SIZE
+        for start, count, on in cs.runs(mine):
+            if not on:
+                continue
+            lo, n = (b0 + start) * BLOCK_SIZE, count * BLOCK_SIZE
+            sums = rec.sums[start * CHECKSUM_SIZE : (start + count) * CHECKSUM_SIZE]
+            if rec.kind == Kind.WRITE:
+                data = pread_exact(journal_fd, n, payload_at + start * BLOCK_SIZE)
+                pwrite_all(data_fd, data, lo)
+                pwrite_all(sum_fd, sums, (b0 + start) * CHECKSUM_SIZE)
+            elif rec.kind == Kind.PLACED:  # the data is in place: only its checksums
+                pwrite_all(sum_fd, sums, (b0 + start) * CHECKSUM_SIZE)
+            elif rec.kind == Kind.UNMAP:
+                pwrite_all(sum_fd, bytes(count * CHECKSUM_SIZE), (b0 + start) * CHECKSUM_SIZE)
+                punch_hole(data_fd, lo, n)
             self.touched_data = True
         if rec.kind == Kind.GEN or (rec.flags & FINAL):
             self.last = (rec.gen, rec.seq)
@@ -612,6 +693,7 @@ class _ReplayTarget:
 __all__ = [
     "DEFAULT_CHECKPOINT_BYTES",
     "DEFAULT_CHECKPOINT_INTERVAL",
+    "DEFAULT_PLACED_BYTES",
     "FINAL",
     "Journal",
     "Kind",

@@ -146,6 +146,7 @@ class Replica:
         self._jrecs: list[Record] = []  # records of the mutation being applied
         self._bypass = False  # this mutation found no journal space: in place only
         self._unjournaled = False  # changes since the last flush that only a data sync saves
+        self._placed = False  # blocks written in place (PLACED) since the last flush
         self._closed = False
         self._dirty = bool(header.flags & HeaderFlags.DIRTY) and header.boot_id == boot_id
         self._mutate = OrderingLock()  # serialises ordered mutations (FIFO, so seq order holds)
@@ -548,17 +549,22 @@ class Replica:
             else:
                 # One fdatasync of the journal, shared with every replica of the data
                 # directory flushing meanwhile; the data file and the sidecar too only if a
-                # mutation bypassed the journal (no space for it) since the last flush.
+                # mutation bypassed the journal (no space for it) since the last flush; the
+                # data file alone, at the same time, if blocks were written in place (PLACED).
                 full, self._unjournaled = self._unjournaled, False
+                placed, self._placed = self._placed, False
                 try:
                     if full:
                         await asyncio.gather(j.sync(), self._sync_all(data_only=True))
+                    elif placed:
+                        await asyncio.gather(j.sync(), self._sync_data())
                     else:
                         await j.sync()
                         with self._io():
                             self._check_still_there()
                 except BaseException:
                     self._unjournaled = self._unjournaled or full
+                    self._placed = self._placed or placed
                     raise
             if self._closed:
                 return
@@ -823,13 +829,23 @@ class Replica:
             )
             raise
         self.mapped_blocks += cs.count_mapped(sums) - old_mapped
-        if self._journal is not None:
-            self._jrecs.append(
-                Record(
+        j = self._journal
+        if j is not None:
+            if len(data) >= j.placed_bytes:
+                # Large: the blocks stay where they were just written, the record holds only
+                # their checksums, and the next flush syncs the data file beside the journal
+                # (a replay checks the blocks against the checksums: docs/extent-format.md)
+                self._placed = True
+                rec = Record(
+                    Kind.PLACED, self.volume, self.extent, offset=start, length=len(data),
+                    sums=bytes(sums),
+                )  # fmt: skip
+            else:
+                rec = Record(
                     Kind.WRITE, self.volume, self.extent, offset=start, length=len(data),
                     sums=bytes(sums), data=data,
-                )
-            )  # fmt: skip
+                )  # fmt: skip
+            self._jrecs.append(rec)
 
     def _zero_partial(self, offset: int, length: int) -> None:
         """Zero part of one block (unmap's partial edges) unless it is unmapped already."""
@@ -920,6 +936,13 @@ class Replica:
             for result in done:
                 if isinstance(result, BaseException):
                     raise result
+            self._check_still_there()
+
+    async def _sync_data(self) -> None:
+        """fdatasync the data file alone (blocks written in place; their checksums are in
+        the journal, synced beside it)."""
+        with self._io():
+            await asyncio.get_running_loop().run_in_executor(None, os.fdatasync, self._data_fd)
             self._check_still_there()
 
     def _check_still_there(self) -> None:

@@ -42,6 +42,7 @@ from lunastor.chunk.store.header import (
 from lunastor.chunk.store.journal import (
     DEFAULT_CHECKPOINT_BYTES,
     DEFAULT_CHECKPOINT_INTERVAL,
+    DEFAULT_PLACED_BYTES,
     Journal,
 )
 from lunastor.chunk.store.replica import Replica, ReplicaInfo, ReplicaPaths
@@ -80,12 +81,15 @@ class ExtentStore:
         journal: str | None = "0",
         checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
         checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
+        placed_bytes: int = DEFAULT_PLACED_BYTES,
     ) -> None:
         """`owns(volume, extent)`: the replicas this instance may touch (a chunk server's
         worker owns part of the extents, lunastor/chunk/workers.py); None: all of them.
         `journal`: the name of this process's journal in each data directory (a chunk
         server's worker index: one journal per process); None: no journal, every flush
-        syncs the replica's data file and sidecar (the previous release's way)."""
+        syncs the replica's data file and sidecar (the previous release's way). `placed_bytes`:
+        whole-block runs this long or longer are written in place with a PLACED record
+        (checksums only) rather than copied into the journal."""
         if not data_dirs:
             raise InvalidRequest("at least one data directory is required")
         if extent_size <= 0 or extent_size % BLOCK_SIZE:
@@ -102,6 +106,7 @@ class ExtentStore:
         self._devices: dict[str, int] = {}
         self.journal_name = journal
         self._checkpoint = (checkpoint_bytes, checkpoint_interval)
+        self._placed_bytes = placed_bytes
         self.journals: dict[str, Journal] = {}  # data dir -> its journal, replayed at first use
 
     def journal(self, data_dir: str) -> Journal | None:
@@ -117,6 +122,8 @@ class ExtentStore:
                 self.journal_name,
                 checkpoint_bytes=self._checkpoint[0],
                 checkpoint_interval=self._checkpoint[1],
+                placed_bytes=self._placed_bytes,
+                boot_id=self.boot_id,
             )
             j.open()
             self.journals[data_dir] = j

@@ -2,16 +2,20 @@
 flushed (a database commit), through a real store with its journal.
 
 Run as `python -m tests.integration.chunk.journal_crash_writer DATA_DIR CHECKPOINT_BYTES
-KILL`; prints each seq once its flush has returned (acknowledged as durable). KILL is
-"none", "before-sync:N" or "after-sync:N": the process SIGKILLs itself at the start of, or
-right after, the Nth fdatasync of its journal (between an append and its sync, or between
-the sync and the next checkpoint).
+KILL [PLACED_BYTES [SYNCED]]`; prints each seq once its flush has returned (acknowledged as
+durable). KILL is "none", "before-sync:N" or "after-sync:N": the process SIGKILLs itself at
+the start of, or right after, the Nth fdatasync of its journal (between an append and its
+sync, or between the sync and the next checkpoint). PLACED_BYTES: the store's threshold for
+writing blocks in place with a PLACED record. SYNCED: a path where a copy of the data file is
+kept as it was at its last fdatasync (what a power loss must keep of it), for the test to put
+back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -20,15 +24,22 @@ from lunastor.chunk.store import ExtentStore
 from tests.integration.chunk.crash_writer import EXTENT, op
 
 
-def kill_at(kill: str, journal_fd: Callable[[], int]) -> None:
-    if kill == "none":
-        return
-    where, count = kill.split(":")
+def kill_at(
+    kill: str, journal_fd: Callable[[], int], data_fd: int = -1, data: str = "", synced: str = ""
+) -> None:
+    where, count = kill.split(":") if kill != "none" else ("none", "0")
     real = os.fdatasync
     seen = 0
 
     def fdatasync(fd: int) -> None:
         nonlocal seen
+        if fd == data_fd and synced:
+            real(fd)
+            # What the disk holds now (at least): copied after the sync, so it may hold later
+            # writes too, as a disk may
+            shutil.copyfile(data, synced + ".tmp")
+            os.replace(synced + ".tmp", synced)
+            return None
         if fd != journal_fd():
             return real(fd)
         seen += 1
@@ -42,15 +53,21 @@ def kill_at(kill: str, journal_fd: Callable[[], int]) -> None:
     os.fdatasync = fdatasync  # the journal calls os.fdatasync by name, on the thread pool
 
 
-async def run(data_dir: str, checkpoint_bytes: int, kill: str) -> None:
+async def run(
+    data_dir: str, checkpoint_bytes: int, kill: str, placed_bytes: int, synced: str
+) -> None:
     store = ExtentStore(
-        [data_dir], EXTENT, checkpoint_bytes=checkpoint_bytes, checkpoint_interval=3600
+        [data_dir],
+        EXTENT,
+        checkpoint_bytes=checkpoint_bytes,
+        checkpoint_interval=3600,
+        placed_bytes=placed_bytes,
     )
     store.list_replicas()
     journal = store.journal(data_dir)
     assert journal is not None
     replica = await store.create("crash", 0, 1)
-    kill_at(kill, journal.fileno)
+    kill_at(kill, journal.fileno, replica._data_fd, str(replica.paths.data), synced)
     seq = 0
     while True:
         seq += 1
@@ -64,4 +81,5 @@ async def run(data_dir: str, checkpoint_bytes: int, kill: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(run(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+    placed = int(sys.argv[4]) if len(sys.argv) > 4 else EXTENT + 1  # default: never in place
+    asyncio.run(run(sys.argv[1], int(sys.argv[2]), sys.argv[3], placed, (sys.argv[5:] or [""])[0]))

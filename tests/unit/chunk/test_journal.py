@@ -243,3 +243,85 @@ async def test_a_store_without_a_journal_still_works(tmp_path: Path) -> None:
     await store.close()
     r2 = await ExtentStore([tmp_path], EXTENT).open("v", 0)
     assert await r2.read(0, BLOCK_SIZE) == pattern(1, BLOCK_SIZE)
+
+
+async def test_a_large_write_goes_in_place_and_a_flush_syncs_the_data_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PLACED record holds checksums, not data: the journal grows by one page for 64 KiB,
+    and the flush syncs the data file beside the journal; after a power loss that kept both
+    (and lost the sidecar), the replay gives the blocks their checksums back."""
+    store = ExtentStore([tmp_path], EXTENT, boot_id=BOOT_A, placed_bytes=64 * 1024)
+    r = await store.create("v", 0, 1)
+    j = journal_of(store, r)
+    await r.write(0, pattern(1, BLOCK_SIZE), seq=1, gen=1, fua=False)  # a WRITE record
+    tail = j.tail
+    await r.write(4 * BLOCK_SIZE, pattern(2, 64 * 1024), seq=2, gen=1, fua=False)
+    assert j.tail - tail == 4096  # header and 16 checksums, padded to its page
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    await r.flush()
+    assert sorted(synced) == sorted([j.fileno(), r._data_fd])
+    synced.clear()
+    await r.write(BLOCK_SIZE, pattern(3, BLOCK_SIZE), seq=3, gen=1, fua=True)
+    assert synced == [j.fileno()]  # nothing written in place since the last flush
+    want = await content(r)
+    r.abandon()
+    size = r.paths.sums.stat().st_size
+    os.truncate(r.paths.sums, 0)  # the sidecar's writes were lost; the data file was synced
+    os.truncate(r.paths.sums, size)
+    r2 = await reopen_after_power_loss(tmp_path)
+    assert (r2.applied_seq, r2.durable_seq) == (3, 3)
+    assert await content(r2) == want
+    assert want[4 * BLOCK_SIZE : 20 * BLOCK_SIZE] == pattern(2, 64 * 1024)
+
+
+async def test_a_placed_write_that_never_reached_the_disk_does_not_hide_a_flushed_one(
+    tmp_path: Path,
+) -> None:
+    """Power loss after a flushed 4 KiB write (its data only in the journal) and a later
+    in-place write over it whose record reached the disk but whose data did not (never
+    flushed): the replay finds the in-place blocks without their data and redoes the
+    journaled write before it."""
+    store = ExtentStore([tmp_path], EXTENT, boot_id=BOOT_A, placed_bytes=64 * 1024)
+    r = await store.create("v", 0, 1)
+    j = journal_of(store, r)
+    await r.write(0, pattern(1, BLOCK_SIZE), seq=1, gen=1, fua=True)  # acknowledged durable
+    await r.write(0, pattern(2, 64 * 1024), seq=2, gen=1, fua=False)  # in place, not flushed
+    await j.sync()  # its record reached the disk (another replica's flush, or writeback)
+    r.abandon()
+    lose_extent_writes(r)
+    store2 = ExtentStore([tmp_path], EXTENT, boot_id=BOOT_B)
+    r2 = await store2.open("v", 0)
+    replay = journal_of(store2, r2).last_replay
+    assert replay.unplaced == 16
+    await r2.checksums()
+    got = await content(r2)
+    assert got[:BLOCK_SIZE] == pattern(1, BLOCK_SIZE)  # the flushed write
+    assert got[BLOCK_SIZE : 16 * BLOCK_SIZE] == bytes(15 * BLOCK_SIZE)
+
+
+async def test_after_a_process_crash_a_placed_block_is_never_rolled_back(
+    tmp_path: Path,
+) -> None:
+    """Same boot (page cache kept): a block written in place and flushed, then overwritten by
+    a write that died before its record was appended, holds the newer data after the replay,
+    never the older journaled write's (which a redo would bring back)."""
+    store = ExtentStore([tmp_path], EXTENT, boot_id=BOOT_A, placed_bytes=64 * 1024)
+    r = await store.create("v", 0, 1)
+    await r.write(0, pattern(1, BLOCK_SIZE), seq=1, gen=1, fua=False)  # journaled
+    await r.write(0, pattern(2, 64 * 1024), seq=2, gen=1, fua=True)  # in place, flushed
+    with open(r.paths.data, "r+b") as f:  # the write in progress when the process died
+        f.write(pattern(3, BLOCK_SIZE))
+    r.abandon()
+    store2 = ExtentStore([tmp_path], EXTENT, boot_id=BOOT_A)
+    store2.list_replicas()
+    assert journal_of(store2, r).last_replay.unplaced == 1  # block 0: not the PLACED data
+    with open(r.paths.data, "rb") as f:
+        assert f.read(BLOCK_SIZE) == pattern(3, BLOCK_SIZE)
