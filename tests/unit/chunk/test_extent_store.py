@@ -625,3 +625,25 @@ async def test_a_retired_data_dir_lists_its_replicas_and_serves_none(tmp_path: P
         await store.open(*on_bad[0])
     again = await store.create(*on_bad[0], 2)  # a rebuild may place it again, elsewhere
     assert again.paths.data_dir != bad
+
+
+def test_checksums_of_matches_block_checksum_and_remaps_a_zero_digest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batched checksums equal one `block_checksum` per block, including the remap of a
+    zero digest (0 marks an unmapped block)."""
+    import xxhash
+
+    from lunastor.chunk.store import checksums as cs
+
+    data = os.urandom(8 * BLOCK_SIZE)
+    want = b"".join(
+        cs.block_checksum(data[i : i + BLOCK_SIZE]) for i in range(0, len(data), BLOCK_SIZE)
+    )
+    assert cs.checksums_of(data) == want
+    real = xxhash.xxh64_digest
+    zero = data[3 * BLOCK_SIZE : 4 * BLOCK_SIZE]
+    monkeypatch.setattr(xxhash, "xxh64_digest", lambda b: bytes(8) if bytes(b) == zero else real(b))
+    got = cs.checksums_of(data)
+    assert got[3 * 8 : 4 * 8] == (1).to_bytes(8, "big")
+    assert got[:24] == want[:24] and got[32:] == want[32:]
