@@ -117,19 +117,22 @@ class BinFrame:
 
 
 def encode_frame(
-    header: Mapping[str, Any], payload: bytes | bytearray | memoryview = b""
+    header: Mapping[str, Any],
+    payload: bytes | bytearray | memoryview = b"",
+    tail: bytes | bytearray | memoryview = b"",
 ) -> list[bytes | memoryview]:
-    """The frame as buffers for `writelines` (the payload is not copied)."""
+    """The frame as buffers for `writelines`; its payload is `payload` then `tail` (a copy's
+    data and checksums), neither copied."""
+    size = len(payload) + len(tail)
     head = dict(header)
-    head["len"] = len(payload)
+    head["len"] = size
     packed = msgpack.packb(head, use_bin_type=True)
     if len(packed) > MAX_HEADER:
         raise ValueError(f"header of {len(packed)} bytes exceeds {MAX_HEADER}")
-    if len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    if size > MAX_PAYLOAD:
+        raise ValueError(f"payload of {size} bytes exceeds {MAX_PAYLOAD}")
     out: list[bytes | memoryview] = [_LEN.pack(len(packed)) + packed]
-    if payload:
-        out.append(memoryview(payload))
+    out.extend(memoryview(part) for part in (payload, tail) if part)
     return out
 
 
@@ -591,8 +594,8 @@ class Copy(Request):
     gen: int
     offset: int
     length: int
-    data: bytes
-    checksums: bytes
+    data: bytes | memoryview
+    checksums: bytes | memoryview
     seq: int | None = None  # an ordered copy: applied as write `seq` (a joining member)
     if_applied: int | None = None  # install only while the replica's applied_seq is this
 
@@ -695,8 +698,8 @@ def encode_request(req: Request) -> list[bytes | memoryview]:
     payload: bytes | bytearray | memoryview = b""
     if isinstance(req, Write):
         payload = req.data
-    elif isinstance(req, Copy):
-        payload = bytes(req.data) + bytes(req.checksums)
+    elif isinstance(req, Copy):  # a rebuild's 4 MiB runs: no joined copy of the data
+        return encode_frame(header, req.data, req.checksums)
     elif isinstance(req, CompareAndWrite):
         if len(req.verify) != req.length or len(req.data) != req.length:
             raise ValueError("caw: verify and data must be `length` bytes each")
@@ -762,7 +765,8 @@ def _check_payload(cls: type[Request], kw: dict[str, Any], payload: bytes, rid: 
         n = kw["length"]
         if n == 0 or n % BLOCK_SIZE or len(payload) != n + n // BLOCK_SIZE * CHECKSUM_SIZE:
             raise bad(f"payload must be {BLOCK_SIZE}-byte blocks followed by their checksums")
-        kw["data"], kw["checksums"] = payload[:n], payload[n:]
+        view = memoryview(payload)  # views: the payload is this frame's own (not copied)
+        kw["data"], kw["checksums"] = view[:n], view[n:]
     elif cls is CompareAndWrite:
         n = kw["length"]
         if n == 0 or len(payload) != 2 * n:

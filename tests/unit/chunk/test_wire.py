@@ -230,6 +230,21 @@ def test_request_encoding_matches_the_table(
     assert data[4 + hlen :] == payload  # the payload follows the header, outside msgpack
 
 
+def test_a_copy_crosses_the_wire_with_no_copy_of_its_data() -> None:
+    # Issue 12: a rebuild moves every byte of a lost replica as `copy` payloads (4 MiB runs);
+    # joining data and checksums into one buffer to send, and slicing them apart again on
+    # arrival, were two more copies of each at both ends (fresh memory, page faults).
+    data, sums = bytes(range(256)) * 32, SUMS
+    sent = encode_request(Copy(10, "v", 1, 9, 8192, len(data), data, sums, seq=5))
+    assert any(isinstance(b, memoryview) and b.obj is data for b in sent)
+    assert any(isinstance(b, memoryview) and b.obj is sums for b in sent)
+    [frame] = FrameReader().feed(b"".join(bytes(b) for b in sent))
+    got = decode_request(frame)
+    assert isinstance(got, Copy) and got.data == data and got.checksums == sums
+    for part in (got.data, got.checksums):  # views of the frame's own payload
+        assert isinstance(part, memoryview) and part.obj is frame.payload
+
+
 @pytest.mark.parametrize(("req", "header", "payload"), REQUEST_CASES)
 def test_request_decoding_whole_and_byte_at_a_time(
     req: Request, header: dict[str, Any], payload: bytes
