@@ -11,14 +11,16 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import uvloop
 
 from lunastor.chunk.access.iscsi_server import IscsiServer, ServerConfig
 from lunastor.iscsi import pdu as p
+from lunastor.iscsi.blockdev import Completion
 from lunastor.iscsi.chap import ChapCredentials
 from lunastor.iscsi.memdev import MemoryBlockDevice
 from lunastor.iscsi.scsi.target import LogicalUnit, ScsiTarget
@@ -189,13 +191,19 @@ def write10(lba: int, blocks: int) -> bytes:
 
 class SlowDevice(MemoryBlockDevice):
     """A memory device whose reads and writes wait on the event loop, like a replicated
-    volume does: the server's path for commands that do not finish in their first step."""
+    volume does: the server's path for commands that do not finish in their first step.
+    `held`: writes wait on a `Completion` each, appended there, as a replicated write at
+    its primary waits for its forwards; `after`: then sleep that long too (a plain wait)."""
 
     delay = 0.0
+    held: list[Completion] | None = None
+    after = 0.0
+    cancelled = 0  # held writes that saw their cancellation
 
     @property
     def inline_ok(self) -> bool:  # type: ignore[override]
-        return not self.delay  # with a delay, every command takes the awaitable path
+        # with a delay or held writes, every command takes the awaitable path
+        return not self.delay and self.held is None
 
     async def read(self, lba: int, blocks: int) -> bytes | bytearray | memoryview:
         if self.delay:
@@ -211,6 +219,17 @@ class SlowDevice(MemoryBlockDevice):
     ) -> None:
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.held is not None:
+            done = Completion()
+            self.held.append(done)
+            data = bytes(data)  # (a view of the receive buffer)
+            try:
+                await done
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+            if self.after:
+                await asyncio.sleep(self.after)
         await super().write(lba, data, fua, nexus)
 
 
@@ -428,6 +447,94 @@ async def test_abort_task_cancels_a_waiting_command(server: tuple[IscsiServer, M
     status, _ = await ini.result(ini.command(b"\x00"))  # the session goes on; no late answer
     assert status == 0
     ini.close()
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    async def check() -> bool:
+        return condition()
+
+    await async_wait_for(check, 5, what)
+
+
+def _counting_tasks(made: list[str]) -> None:
+    """Record the coroutine name of every Task the running loop makes from now on."""
+
+    def factory(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kw: Any
+    ) -> asyncio.Task[Any]:
+        made.append(getattr(coro, "__qualname__", ""))
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    asyncio.get_running_loop().set_task_factory(factory)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("after", [0.0, 0.01])
+async def test_commands_waiting_on_a_completion_run_in_no_task(
+    server: tuple[IscsiServer, MemHost], after: float
+) -> None:
+    # A replicated write at its primary waits on a Completion (its forwards' answers): the
+    # server resumes it from the future's callback, no Task per command (issue 12). One
+    # that then waits on anything else continues in a Task, where anything may be awaited.
+    srv, host = server
+    dev = _device(host)
+    dev.held, dev.after = [], after
+    ini = await Initiator.connect(srv.addresses[0][1])
+    await ini.login()
+    await ini.ready()
+    payloads = [os.urandom(4096) for _ in range(8)]
+    made: list[str] = []
+    _counting_tasks(made)
+    try:
+        itts = [ini.command(write10(8 * k, 8), write=4096, imm=payloads[k]) for k in range(8)]
+        await _until(lambda: len(dev.held or ()) == 8, "every write to wait")
+        for done in dev.held:
+            done.set_result(None)
+        for itt in itts:
+            assert await ini.result(itt) == (0, b"")
+    finally:
+        asyncio.get_running_loop().set_task_factory(None)
+    commands = [n for n in made if n.startswith("IscsiConnectionProtocol.")]
+    assert commands == (["IscsiConnectionProtocol._resume"] * 8 if after else []), made
+    dev.held = None
+    for k in range(8):
+        assert await ini.result(ini.command(read10(8 * k, 8), read=4096)) == (0, payloads[k])
+    ini.close()
+
+
+async def test_abort_task_ends_a_command_waiting_on_a_completion(
+    server: tuple[IscsiServer, MemHost],
+) -> None:
+    srv, host = server
+    dev = _device(host)
+    ini = await Initiator.connect(srv.addresses[0][1])
+    await ini.login()
+    await ini.ready()
+    dev.held = []
+    held = ini.command(write10(0, 8), write=4096, imm=os.urandom(4096))
+    await _until(lambda: len(dev.held or ()) == 1, "the write to wait")
+    ini.send(
+        p.TaskManagementRequest(
+            function=1,
+            itt=900,
+            referenced_task_tag=held,
+            ref_cmdsn=ini.cmdsn - 1,
+            cmdsn=ini.cmdsn,
+            immediate=True,
+        )
+    )
+    resp = await ini.recv()
+    assert isinstance(resp, p.TaskManagementResponse) and resp.itt == 900
+    assert resp.response == 0
+    assert dev.cancelled == 1 and dev.held[0].cancelled()  # ended where it waited
+    dev.held = None
+    status, _ = await ini.result(ini.command(b"\x00"))  # the session goes on; no late answer
+    assert status == 0
+    # ... and a connection lost ends its waiting commands the same way
+    dev.held = []
+    ini.command(write10(0, 8), write=4096, imm=os.urandom(4096))
+    await _until(lambda: len(dev.held or ()) == 1, "the write to wait")
+    ini.close()
+    await _until(lambda: dev.cancelled == 2, "the write to be cancelled")
 
 
 async def test_lun_reset_aborts_other_sessions_tasks(

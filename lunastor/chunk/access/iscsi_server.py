@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from prometheus_client import Counter, Gauge
 
 from lunastor.iscsi import pdu as p
+from lunastor.iscsi.blockdev import Completion
 from lunastor.iscsi.buffers import unexported
 from lunastor.iscsi.connection import (
     CloseConnection,
@@ -220,7 +221,7 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.target: ScsiTarget | None = None
         self.session: Session | None = None
-        self._running: dict[int, asyncio.Task[None]] = {}
+        self._running: dict[int, asyncio.Task[None] | _Driven] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
         self._nexus_lost_done = False
@@ -367,18 +368,47 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
         loop iteration (Python 3.12's eager tasks, by hand for 3.11)."""
         target = self.target
         assert target is not None
-        coro = target.execute(ev.command)
+        self._step(_Driven(self, ev.itt, ev.command, target.execute(ev.command)), None)
+
+    def _step(self, cmd: _Driven, exc: BaseException | None) -> None:
+        """Run `cmd`'s coroutine to its next yield (`exc`: thrown in, a cancellation). A
+        coroutine that waits on a `Completion` (a replicated write awaiting its secondaries)
+        is resumed from that future's done callback: no Task per command. Anything else it
+        waits on gets a Task from here on (`_resume`), where asyncio.timeout and the like
+        work."""
+        itt = cmd.itt
         try:
-            waiting = coro.send(None)
+            waiting = cmd.coro.send(None) if exc is None else cmd.coro.throw(exc)
         except StopIteration as done:
-            self.conn.command_done(ev.itt, done.value)
+            self._done(cmd, done.value)
             return
+        except asyncio.CancelledError:
+            if self._running.get(itt) is cmd:
+                del self._running[itt]
+            if exc is None:  # not ours: the coroutine cancelled itself; still an answer
+                self._done(cmd, self._internal_failure(cmd.command))
+            return  # aborted by task management or connection loss: no answer
         except Exception:
-            self.conn.command_done(ev.itt, self._internal_failure(ev.command))
+            self._done(cmd, self._internal_failure(cmd.command))
             return
-        self._running[ev.itt] = self.loop.create_task(
-            self._resume(ev.itt, ev.command, coro, waiting)
+        if type(waiting) is Completion and not waiting.done():
+            waiting._asyncio_future_blocking = False  # as a Task does with what it awaits
+            cmd.waiting = waiting
+            self._running[itt] = cmd
+            waiting.add_done_callback(cmd.resume)
+            return
+        cmd.waiting = None
+        self._running[itt] = self.loop.create_task(
+            self._resume(itt, cmd.command, cmd.coro, waiting)
         )
+
+    def _done(self, cmd: _Driven, result: ScsiResult) -> None:
+        if self._running.get(cmd.itt) is cmd:
+            del self._running[cmd.itt]
+        self.conn.command_done(cmd.itt, result)
+        if cmd.waiting is not None:
+            self._flush_later()  # resumed from a callback: not inside _flush
+        # (a command done in its first step is answered by the _flush that started it)
 
     @staticmethod
     def _internal_failure(cmd: ScsiCommand) -> ScsiResult:
@@ -404,6 +434,9 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
         finally:
             self._running.pop(itt, None)
         self.conn.command_done(itt, result)
+        self._flush_later()
+
+    def _flush_later(self) -> None:
         if not self._flush_soon:
             # completions that finish in the same loop iteration share one writelines()
             self._flush_soon = True
@@ -414,12 +447,24 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
         self._flush()
 
     def cancel(self, itts: list[int]) -> list[asyncio.Task[None]]:
+        """Abort the commands `itts`; returns the tasks still ending (to be awaited). A
+        command resumed by callback is ended here and now, as a Task's cancellation would
+        end it: its future is cancelled and CancelledError thrown in where it waits."""
         tasks = []
         for itt in itts:
-            task = self._running.pop(itt, None)
-            if task is not None:
-                task.cancel()
-                tasks.append(task)
+            running = self._running.pop(itt, None)
+            if isinstance(running, _Driven):
+                waiting = running.waiting
+                if waiting is not None:
+                    waiting.remove_done_callback(running.resume)
+                    waiting.cancel()
+                self._step(running, asyncio.CancelledError())
+                later = self._running.pop(itt, None)  # its clean-up waits: in a Task now
+                if isinstance(later, asyncio.Task):
+                    tasks.append(later)  # (already cancelled: CancelledError is in it)
+            elif running is not None:
+                running.cancel()
+                tasks.append(running)
         return tasks
 
     async def _task_management(self, ev: TaskManagement) -> None:
@@ -475,6 +520,29 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
             log.info("aborting iSCSI connection: %s", reason)
             self.transport.abort()
         self._closing = True
+
+
+class _Driven:
+    """A command coroutine driven by `IscsiConnectionProtocol._step`, not by a Task: the
+    state a Task would hold (what it waits on) and its wake-up (`resume`)."""
+
+    __slots__ = ("command", "coro", "itt", "proto", "waiting")
+
+    def __init__(
+        self,
+        proto: IscsiConnectionProtocol,
+        itt: int,
+        command: ScsiCommand,
+        coro: Coroutine[Any, Any, ScsiResult],
+    ) -> None:
+        self.proto = proto
+        self.itt = itt
+        self.command = command
+        self.coro = coro
+        self.waiting: Completion | None = None
+
+    def resume(self, _: asyncio.Future[None]) -> None:
+        self.proto._step(self, None)
 
 
 _TARGET_RESETS = (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET)

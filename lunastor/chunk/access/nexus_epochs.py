@@ -100,6 +100,17 @@ class NexusEpochs:
         except EtcdError as exc:
             log.warning("forgetting the login of %s -> %s: %s", key[0], key[1], exc)
 
+    def epoch_now(self, nexus: Nexus) -> WireNexus | None:
+        """`epoch` when it needs no waiting (the write fast path); raises NotReady when
+        its login is not stored (yet): `epoch` then waits for it, or says why."""
+        key = (nexus.initiator_port, nexus.target_name)
+        login = self._logins.get(key)
+        if login is None:
+            return None
+        if not login.done() or login.cancelled() or login.exception() is not None:
+            raise NotReady(f"the login of {key[0]} is not stored")
+        return WireNexus(key[0], key[1], login.result())
+
     async def epoch(self, nexus: Nexus, timeout: float) -> WireNexus | None:
         """The wire nexus for a write of `nexus` through this access point; None when the
         nexus has no session here (a caller outside iSCSI: the write is not fenced)."""

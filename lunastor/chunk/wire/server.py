@@ -89,7 +89,6 @@ class _Protocol(asyncio.BufferedProtocol):
         return self._conn.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        loop = asyncio.get_running_loop()
         service = self._server.service
         for req in self._conn.buffer_updated(nbytes):
             # at once, when it needs no waiting and no ordered mutation of this connection
@@ -104,7 +103,8 @@ class _Protocol(asyncio.BufferedProtocol):
                 if resp is not None:
                     self._conn.send_response(resp)
                     continue
-            task = loop.create_task(self._serve(req))
+            # (the loop looked up only here: in 3.11 that costs a getpid() system call)
+            task = asyncio.get_running_loop().create_task(self._serve(req))
             self._tasks.add(task)
             if isinstance(req, ORDERED):
                 self._ordered.add(task)

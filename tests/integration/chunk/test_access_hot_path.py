@@ -1,0 +1,119 @@
+"""The access point's write hot path (issue 12, docs/datapath.md "The hot path, step by
+step"): an iSCSI initiator on real sockets, the chunk server's iSCSI server over a
+`ReplicatedVolume`, three data nodes of a real etcd; the access point is the extent's
+primary. A 4 KiB write there is applied, forwarded and answered without one asyncio Task."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lunastor.chunk.access.iscsi_server import IscsiServer, ServerConfig
+from lunastor.chunk.access.volume import SEQUENCED_LOCAL
+from lunastor.common.etcd import Etcd, EtcdConfig
+from lunastor.iscsi import pdu as p
+from lunastor.iscsi.scsi.target import LogicalUnit, ScsiTarget
+from tests.integration.chunk.test_replication import EXTENT, Cluster, _identical, blocks
+from tests.integration.test_iscsi_server import IQN, Initiator, MemHost, read10, write10
+from tests.support.etcd import EtcdServer
+from tests.support.procs import async_wait_for
+
+DEPTH = 32
+
+
+@pytest.fixture(params=[False, True], ids=["unfenced", "fenced"])
+async def cluster(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Cluster]:
+    config = EtcdConfig(endpoints=[etcd_server.endpoint], namespace=etcd_prefix, timeout=5)
+    async with await Etcd.connect(config) as etcd:
+        c = Cluster(etcd, tmp_path)
+        for i, zone in enumerate(("z1", "z2", "z3")):
+            await c.add(f"chunk-{i}", zone, fence=request.param)
+        await c.wait_known()
+        try:
+            yield c
+        finally:
+            await c.close()
+
+
+async def answers(ini: Initiator, itts: list[int]) -> dict[int, int]:
+    """The status of each of `itts`, in whatever order they come."""
+    out: dict[int, int] = {}
+    while len(out) < len(itts):
+        pdu = await ini.recv()
+        assert isinstance(pdu, p.ScsiResponse), pdu
+        out[pdu.itt] = pdu.status
+    return out
+
+
+async def test_a_write_at_its_primary_runs_no_task_at_the_access_point(cluster: Cluster) -> None:
+    first = cluster.volume("chunk-0", size=EXTENT)
+    await first.write(0, blocks(1, 8), fua=False)  # places the extent: who is its primary?
+    rec = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
+    assert rec is not None
+    here = cluster.nodes[rec.primary]
+    volume = cluster.volume(here.id, size=EXTENT)
+    lu = LogicalUnit(volume, naa_id=0x6 << 124 | 7, serial="hot1")
+    server = IscsiServer(
+        MemHost(ScsiTarget(IQN, {0: lu})),
+        ServerConfig(listen=[("127.0.0.1", 0)]),
+        observer=here.epochs,  # fenced: every write carries the session's nexus epoch
+    )
+    await server.start()
+    ini = await Initiator.connect(server.addresses[0][1])
+    try:
+        await ini.login()
+        await ini.ready()
+        # the first write through the server: the nexus epoch is stored by now, if fenced
+        await async_wait_for(_epochs_stored(here.epochs), 10, "the login's epoch stored")
+        assert await ini.result(ini.command(write10(0, 8), write=4096, imm=blocks(2, 8))) == (
+            0,
+            b"",
+        )
+        local = SEQUENCED_LOCAL._value.get()
+        payloads = [os.urandom(4096) for _ in range(DEPTH)]
+        made: list[str] = []
+        loop = asyncio.get_running_loop()
+
+        def factory(
+            loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kw: Any
+        ) -> asyncio.Task[Any]:
+            made.append(getattr(coro, "__qualname__", ""))
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        loop.set_task_factory(factory)  # type: ignore[arg-type]
+        try:
+            itts = [
+                ini.command(write10(8 * (k + 1), 8), write=4096, imm=payloads[k])
+                for k in range(DEPTH)  # QD32, pipelined: one burst
+            ]
+            assert set((await answers(ini, itts)).values()) == {0}
+        finally:
+            loop.set_task_factory(None)
+        # (the lease renewals' pings and etcd's watches run in tasks of their own meanwhile)
+        command = ("IscsiConnectionProtocol.", "ReplicatedVolume.", "AccessPath.", "DataNode.")
+        per_write = [n for n in made if n.startswith(command) and n != "DataNode._renew"]
+        assert not per_write, per_write
+        assert SEQUENCED_LOCAL._value.get() - local == DEPTH  # all sequenced here
+        for k in range(DEPTH):
+            got = await ini.result(ini.command(read10(8 * (k + 1), 8), read=4096))
+            assert got == (0, payloads[k])
+    finally:
+        ini.close()
+        await server.close()
+    await async_wait_for(
+        lambda: _identical(cluster, "vol-t", 0), 10, "the replicas to settle identical"
+    )
+
+
+def _epochs_stored(epochs: Any) -> Any:
+    async def stored() -> bool:
+        return epochs is None or all(t.done() for t in epochs._logins.values())
+
+    return stored
