@@ -626,12 +626,15 @@ class AccessPath:
         behind: list[str] = []  # members never told a committed change: converged, no source
         absent: list[str] = []
         unknown: list[str] = []  # no answer: may still serve reads of this generation
+        answers: dict[str, str] = {}  # what each said: logged for one left out
         for member in rec.replicas if include_primary else rec.replicas[1:]:
             try:
                 st = await self.get_state(member, rec.volume, rec.index, False)
-            except PeerError:
+            except PeerError as exc:
+                answers[member] = str(exc)
                 unknown.append(member)
                 continue
+            answers[member] = f"{st.status} {st.fields}"
             # (gen + 1: a hand-over pushes it to every member, all forwards settled, before
             # its commit; a primary that died in between leaves them ahead of the map)
             fits = st.ok and rec.gen <= st.fields["gen"] <= rec.gen + 1
@@ -652,13 +655,24 @@ class AccessPath:
             # away on purpose: waited for rather than left out (it may be the most advanced)
             again = await self.emap.fresh(rec.volume, rec.index)
             if again is not None and again.mod_revision == fresh.mod_revision:
-                await self._promote(again, leases_end)
+                # (include_primary kept: without it a recovery that waited became a failover
+                # that left us, the primary, out: seen after a whole-cluster restart)
+                await self._promote(again, leases_end, include_primary=include_primary)
+            return
+        if include_primary and any(self.emap.is_live(m) for m in unknown):
+            # Recovering, not failing over: we acknowledge nothing meanwhile, and a live
+            # member that does not answer yet (a whole-cluster restart: its live record
+            # from before is still there, its process not) would be left out and come back
+            # by a copy. The next request or repair pass tries again; once its record is
+            # gone it is left out as before.
+            log.warning("extent %s/%d: waiting for %s to answer before converging", *key, unknown)
             return
         if unknown and time.monotonic() < leases_end:
             await asyncio.sleep(leases_end - time.monotonic())
             again = await self.emap.fresh(rec.volume, rec.index)
             if again is not None and again.mod_revision == fresh.mod_revision:
-                await self._promote(again)  # the members' states once more, after the wait
+                # the members' states once more, after the wait
+                await self._promote(again, include_primary=include_primary)
             return
         if not states and not stale and absent and len(absent) == len(rec.replicas) - 1:
             # No survivor ever got a replica, so no write was ever acknowledged (an ack
@@ -682,6 +696,11 @@ class AccessPath:
             (m for m in order if m in candidates), key=lambda m: (candidates[m], -order.index(m))
         )
         members = [best] + [m for m in order if m != best]
+        examined = rec.replicas if include_primary else rec.replicas[1:]
+        left = {m: answers.get(m, "no answer") for m in examined if m not in members}
+        if left:  # a member removed here comes back only by a copy: say why
+            how = "recovering" if include_primary else "failing over"
+            log.warning("extent %s/%d, %s: left out of gen %d: %s", *key, how, rec.gen + 1, left)
         new = dataclasses.replace(rec, gen=rec.gen + 1, replicas=members, converging=True)
         committed = await self.emap.replace(fresh, new)
         if committed is None:

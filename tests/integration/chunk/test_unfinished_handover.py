@@ -18,7 +18,9 @@ and nothing copied.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -156,3 +158,62 @@ async def test_members_behind_the_map_serve_reads_and_are_kept_at_the_next_write
     assert after.replicas == before.replicas, "a member behind the map was removed"
     assert set((await gens(rig)).values()) == {after.gen}
     await rig.replicas_identical(0, after.replicas)
+
+
+async def test_the_convergence_waits_for_an_expected_member_and_keeps_the_primary(
+    rig: Rig,
+) -> None:
+    """Seen after a compose restart: the primary's convergence past the uncommitted gen + 1
+    waited for a member still starting (expected back), then went on as a failover that
+    left the primary itself out (it re-joined by a copy)."""
+    vol = await rig.volume("chunk-1", extents=1)
+    await vol.write(0, version(0, 1), fua=True)
+    before = rig.record(0)
+    gen = await stopped_before_commit(rig, list(before.replicas))
+    late = before.replicas[2]
+    await rig.c.kill(late)  # still starting: back within a second, expected until then
+    primary = rig.c.nodes[before.primary]
+    until = time.monotonic() + 3.0
+    primary.path.expected_back = lambda m: until if m == late else 0.0
+
+    async def back() -> None:
+        await asyncio.sleep(1.0)
+        await rig.restart(late)
+
+    comeback = asyncio.ensure_future(back())
+    await rig.repairers[before.primary].run_once()  # converges after waiting for `late`
+    await comeback
+
+    async def resumed() -> bool:
+        rec = await rig.fresh(0)
+        return not rec.converging and rec.gen > gen
+
+    await rig.repair_until(resumed, 20, "the extent to converge")
+    assert (await rig.fresh(0)).replicas == before.replicas, "a member (the primary?) was left out"
+
+
+async def test_the_convergence_waits_for_a_live_member_that_does_not_answer_yet(
+    rig: Rig,
+) -> None:
+    """A member whose live record is still there (from before a whole-cluster restart) and
+    whose process is not up yet: the convergence waits for it instead of leaving it out."""
+    vol = await rig.volume("chunk-1", extents=1)
+    await vol.write(0, version(0, 1), fua=True)
+    before = rig.record(0)
+    gen = await stopped_before_commit(rig, list(before.replicas))
+    late = before.replicas[2]
+    n = rig.c.nodes[late]
+    await n.server.close()  # its port closed, its live record kept
+    await rig.repairers[before.primary].run_once()
+    assert (await rig.fresh(0)).replicas == before.replicas, "a live member was left out"
+    await rig.c.kill(late)
+    await rig.restart(late)
+
+    async def resumed() -> bool:
+        rec = await rig.fresh(0)
+        return not rec.converging and rec.gen > gen
+
+    await rig.repair_until(resumed, 20, "the extent to converge")
+    assert (await rig.fresh(0)).replicas == before.replicas
+    vol.path.io_timeout = 5.0
+    assert await vol.read(0, 8) == version(0, 1)
