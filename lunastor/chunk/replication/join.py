@@ -9,7 +9,7 @@ A join of target T, by the extent's primary P:
    to T as well (dataserver.py: `PrimaryExtent.joining`). T serves no reads while syncing; a
    failure of T only ends the join.
 2. P compares its checksum array with T's and copies the differing 4 KiB blocks in runs of up
-   to 4 MiB (`RUN`, `WINDOW` in flight), each run an *ordered operation*: under the extent
+   to 1 MiB (`RUN`, `WINDOW` in flight), each run an *ordered operation*: under the extent
    lock P reads the run from its own replica and gives it the next seq; T applies it as an
    ordered `copy` with that seq, the other members as an `advance` (no payload). On T a copy
    therefore lands exactly between the writes before and after it: it never overwrites a
@@ -70,13 +70,11 @@ MEMBERS_RETIRED = Counter(
     "lunastor_rebuild_members_retired_total", "Live members removed (drain, over-replication)"
 )
 
-# Bytes per ordered copy, and copies in flight per join. The target applies a join's copies
-# one at a time (in seq order), so what limits a join is its per-copy costs at both ends (a
-# message, header and journal bookkeeping, an `advance` on every other member): 4 MiB runs
-# copied a wiped server's replicas ~1.5x as fast as 1 MiB ones, with the foreground reads
-# no worse (docs/datapath.md, "Rebuild, catch-up and drain", Measured). 16 MiB in flight
-# per join keeps the target busy while the source reads the next run.
-RUN = 4 << 20
+# Bytes per ordered copy, and copies in flight per join. 4 MiB runs (fewer messages, header
+# updates and `advance`s per byte) were tried A/B against 1 MiB ones and not kept: no faster
+# and no less CPU per MB at the target on a loaded machine, while the source holds the
+# extent's lock 4x as long per run (docs/datapath.md, "Rebuild, catch-up and drain").
+RUN = 1 << 20
 WINDOW = 4
 MAX_PASSES = 5  # copy passes before a join that never converges is given up
 
