@@ -6,7 +6,6 @@ typed so that each maps one-to-one onto SCSI sense data (see `scsi.sense`).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -56,18 +55,6 @@ class Miscompare(BlockDeviceError):
     def __init__(self, offset: int) -> None:
         super().__init__(f"miscompare at byte offset {offset}")
         self.offset = offset  # byte offset of the first differing byte within the verify data
-
-
-class Completion(asyncio.Future[None]):
-    """A future a device's command coroutine may await (and so yield to whoever drives it)
-    with a promise: once it is done, the coroutine runs to its end, or to its next yield,
-    without needing an asyncio Task (no `asyncio.timeout`, TaskGroup or `current_task`
-    there). The iSCSI server then resumes the command from the future's done callback
-    instead of running it in a Task (chunk/access/iscsi_server.py); any other driver treats
-    it as a plain future. A replicated write waiting for its secondaries' answers is one
-    (chunk/access/volume.py, `ReplicatedVolume.write`)."""
-
-    __slots__ = ()
 
 
 class LbaState(Enum):

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import uvloop
 
+from lunastor.chunk.access.completion import Completion
 from lunastor.chunk.access.iscsi_server import IscsiServer, ServerConfig
 from lunastor.iscsi import pdu as p
-from lunastor.iscsi.blockdev import Completion
 from lunastor.iscsi.chap import ChapCredentials
 from lunastor.iscsi.memdev import MemoryBlockDevice
 from lunastor.iscsi.scsi.target import LogicalUnit, ScsiTarget

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
 
+from lunastor.chunk.access.completion import Completion
 from lunastor.iscsi import pdu as p
-from lunastor.iscsi.blockdev import Completion
 from lunastor.iscsi.buffers import unexported
 from lunastor.iscsi.connection import (
     CloseConnection,

@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from lunastor.chunk.access.allocation import AllocationMap, AllocationMaps
+from lunastor.chunk.access.completion import Completion
 from lunastor.chunk.access.local_read import LocalReads
 from lunastor.chunk.access.nexus_epochs import NexusEpochs
 from lunastor.chunk.maintenance.locality import Activity
@@ -48,7 +49,6 @@ from lunastor.common.logs import get_logger
 from lunastor.common.records import ExtentRecord, VolumeRecord, parse_preserved
 from lunastor.common.volume_io import VolumeIo
 from lunastor.iscsi.blockdev import (
-    Completion,
     LbaState,
     LbaStatus,
     MediumError,
