@@ -103,7 +103,7 @@ class AuthFailed(WireError):
 @dataclass(frozen=True, slots=True)
 class Frame:
     header: dict[str, Any]
-    payload: bytes
+    payload: bytes | bytearray  # a bytearray: landed in a buffer of its own (not copied)
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +287,8 @@ class FrameReader:
 def _frame(head: dict[str, Any] | tuple[int, ...], payload: bytearray) -> Frame | BinFrame:
     if isinstance(head, tuple):
         return BinFrame(head[0], head[1:], payload)
-    return Frame(head, bytes(payload))  # control answers and copies: bytes, as version 1
+    # the buffer is this frame's alone (a new one per landing): no copy of a rebuild's copy
+    return Frame(head, payload)
 
 
 def _unpack_header(raw: bytes) -> dict[str, Any]:
@@ -753,7 +754,9 @@ def decode_bin_write(
     )
 
 
-def _check_payload(cls: type[Request], kw: dict[str, Any], payload: bytes, rid: int) -> None:
+def _check_payload(
+    cls: type[Request], kw: dict[str, Any], payload: bytes | bytearray, rid: int
+) -> None:
     def bad(why: str) -> WireError:
         return WireError(f"{cls.OP}: {why}", request_id=rid)
 
@@ -771,7 +774,8 @@ def _check_payload(cls: type[Request], kw: dict[str, Any], payload: bytes, rid: 
         n = kw["length"]
         if n == 0 or len(payload) != 2 * n:
             raise bad("payload must be the verify data and the write data, `n` bytes each")
-        kw["verify"], kw["data"] = payload[:n], payload[n:]
+        view = memoryview(payload)
+        kw["verify"], kw["data"] = bytes(view[:n]), bytes(view[n:])
     elif payload:
         raise bad("carries no payload")
     if (cls is Unmap or cls is Read) and kw["length"] == 0:
@@ -876,11 +880,12 @@ def decode_response(frame: Frame, op: Op) -> Response:
                 raise ValueError(f"missing field {f.key!r}")
     except ValueError as exc:
         raise FrameError(f"{op} response {status}: {exc}") from None
+    payload = bytes(frame.payload)  # answers stay bytes (no copy of one that already is)
     if status is Status.OK:
-        _check_response_payload(op, frame.payload, values)
-    elif frame.payload:
+        _check_response_payload(op, payload, values)
+    elif payload:
         raise FrameError(f"{op} response {status} carries no payload")
-    return Response(rid, status, values, frame.payload)
+    return Response(rid, status, values, payload)
 
 
 def _check_response_payload(op: Op, payload: bytes, values: dict[str, Any]) -> None:

@@ -243,6 +243,19 @@ def test_a_copy_crosses_the_wire_with_no_copy_of_its_data() -> None:
     assert isinstance(got, Copy) and got.data == data and got.checksums == sums
     for part in (got.data, got.checksums):  # views of the frame's own payload
         assert isinstance(part, memoryview) and part.obj is frame.payload
+    # A payload that lands in a buffer of its own (the usual case for a 1 MiB run) is that
+    # buffer in the frame and under the decoded copy's views: it was copied once more (to
+    # bytes) on arrival, a sixth of the target's samples in a rebuild.
+    wire_bytes = b"".join(bytes(b) for b in sent)
+    split = 4 + struct.unpack(">I", wire_bytes[:4])[0] + 1  # the header and one payload byte
+    reader = FrameReader()
+    assert reader.feed(wire_bytes[:split]) == []
+    landing = reader.get_buffer()
+    [frame] = reader.feed(wire_bytes[split:])
+    assert frame.payload is landing.obj
+    got = decode_request(frame)
+    assert isinstance(got, Copy) and got.data == data and got.checksums == sums
+    assert isinstance(got.data, memoryview) and got.data.obj is landing.obj
 
 
 @pytest.mark.parametrize(("req", "header", "payload"), REQUEST_CASES)
