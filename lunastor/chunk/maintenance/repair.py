@@ -14,8 +14,9 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
+from typing import Any
 
 from lunastor.chunk.access.volume import AccessPath
 from lunastor.chunk.maintenance.locality import (
@@ -314,28 +315,36 @@ class Repairer:
         need no primary state, so no write may come to set it up, and every replica at
         another generation refuses the map's: set it up now (`DataNode._become_primary`
         adopts the map's generation, or converges the members past an uncommitted one)."""
-        key = (rec.volume, rec.index)
-        if key in self._busy:
-            return
-        self._busy.add(key)
-        try:
-            await self.node.lead(rec.volume, rec.index)
-        except (Unavailable, StaleMap, PeerError, ExtentStoreError, EtcdError, TimeoutError) as exc:
-            log.info("setting up %s/%d at the map's generation: %s", *key, exc)
-        finally:
-            self._busy.discard(key)
+        await self._once(rec, self.node.lead(rec.volume, rec.index), log.info, "setting up")
 
     async def _recover_stale(self, rec: ExtentRecord) -> None:
         """Our replica lost its page cache (a power loss): the most advanced member resumes
         and the others converge from it (`AccessPath.recover`, docs/faults.md)."""
+        await self._once(
+            rec,
+            self.path.recover(rec.volume, rec.index),
+            log.warning,
+            "resuming after a lost page cache",
+        )
+
+    async def _once(
+        self,
+        rec: ExtentRecord,
+        work: Coroutine[Any, Any, object],
+        report: Callable[..., object],
+        what: str,
+    ) -> None:
+        """Run `work` for the extent unless a pass already does; a failure is reported, and
+        the next pass tries again."""
         key = (rec.volume, rec.index)
         if key in self._busy:
+            work.close()
             return
         self._busy.add(key)
         try:
-            await self.path.recover(rec.volume, rec.index)
+            await work
         except (Unavailable, StaleMap, PeerError, ExtentStoreError, EtcdError, TimeoutError) as exc:
-            log.warning("resuming %s/%d after a lost page cache failed: %s", *key, exc)
+            report("%s %s/%d: %s", what, *key, exc)
         finally:
             self._busy.discard(key)
 
