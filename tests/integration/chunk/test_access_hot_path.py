@@ -117,3 +117,65 @@ def _epochs_stored(epochs: Any) -> Any:
         return epochs is None or all(t.done() for t in epochs._logins.values())
 
     return stored
+
+
+def sync_cache10() -> bytes:
+    return bytes([0x35]) + bytes(9)  # the whole LUN
+
+
+async def test_a_flush_at_its_primary_runs_no_task_at_the_access_point(cluster: Cluster) -> None:
+    # A database commit: a QD1 write, then SYNCHRONIZE CACHE. The flush of the one extent
+    # written, led by the access point's own process, goes to `DataNode.primary_flush`
+    # from the command itself (docs/datapath.md, "QD1 write+flush, step by step"), and
+    # every member's copy is durable when it is answered.
+    first = cluster.volume("chunk-0", size=EXTENT)
+    await first.write(0, blocks(1, 8), fua=False)
+    rec = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
+    assert rec is not None
+    here = cluster.nodes[rec.primary]
+    volume = cluster.volume(here.id, size=EXTENT)
+    lu = LogicalUnit(volume, naa_id=0x6 << 124 | 8, serial="hot2")
+    server = IscsiServer(
+        MemHost(ScsiTarget(IQN, {0: lu})),
+        ServerConfig(listen=[("127.0.0.1", 0)]),
+        observer=here.epochs,
+    )
+    await server.start()
+    ini = await Initiator.connect(server.addresses[0][1])
+    made: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def factory(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kw: Any
+    ) -> asyncio.Task[Any]:
+        made.append(getattr(coro, "__qualname__", ""))
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    try:
+        await ini.login()
+        await ini.ready()
+        await async_wait_for(_epochs_stored(here.epochs), 10, "the login's epoch stored")
+        assert await ini.result(ini.command(sync_cache10())) == (0, b"")  # warm-up
+        loop.set_task_factory(factory)  # type: ignore[arg-type]
+        try:
+            for k in range(8):
+                payload = os.urandom(4096)
+                itt = ini.command(write10(8 * k, 8), write=4096, imm=payload)
+                assert await ini.result(itt) == (0, b"")
+                assert await ini.result(ini.command(sync_cache10())) == (0, b"")
+                for node in cluster.nodes.values():
+                    replica = await node.store.open("vol-t", 0)
+                    assert replica.durable_seq == replica.applied_seq, node.id
+        finally:
+            loop.set_task_factory(None)
+    finally:
+        ini.close()
+        await server.close()
+    # One Task per flush: the command's own, once it waits on an fdatasync (a future that
+    # is not a `Completion`: `IscsiConnectionProtocol._step`). None for the volume, the
+    # access path or the node (the full path made three more). The members' data ports
+    # serve each Flush in a Task of their own: not the access point's.
+    command = ("IscsiConnectionProtocol.", "ReplicatedVolume.", "AccessPath.", "DataNode.")
+    per_flush = [n for n in made if n.startswith(command) and n != "DataNode._renew"]
+    resumed = [n for n in per_flush if n == "IscsiConnectionProtocol._resume"]
+    assert len(resumed) <= 8 and per_flush == resumed, per_flush
