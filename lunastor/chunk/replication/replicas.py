@@ -138,7 +138,7 @@ class DataService:
 
     async def _flush(self, req: Flush) -> Response:
         replica = await self.store.open(req.volume, req.extent)
-        await replica.flush()
+        await replica.flush(inline=True)  # a member's flush: its answer waits for it alone
         return Response(req.id, Status.OK)
 
     async def _get_state(self, req: GetState) -> Response:

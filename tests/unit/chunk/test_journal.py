@@ -325,3 +325,53 @@ async def test_after_a_process_crash_a_placed_block_is_never_rolled_back(
     assert journal_of(store2, r).last_replay.unplaced == 1  # block 0: not the PLACED data
     with open(r.paths.data, "rb") as f:
         assert f.read(BLOCK_SIZE) == pattern(3, BLOCK_SIZE)
+
+
+async def test_an_inline_flush_syncs_the_journal_on_the_loop_while_syncs_are_fast(
+    store: ExtentStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A member's flush at QD1 (nothing to overlap): the journal's fdatasync runs on the
+    # loop, no thread pool hand-off, once a sync was measured fast; a slow last sync or a
+    # checkpoint sends it back to the pool. Durable either way, and replayed.
+    loop = asyncio.get_running_loop()
+    pooled: list[object] = []
+    real = loop.run_in_executor
+
+    def counted(executor: object, func: object, *args: object) -> asyncio.Future[object]:
+        if getattr(func, "__name__", "") == "_timed_sync":  # the journal's fdatasync
+            pooled.append(func)
+        return real(executor, func, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "run_in_executor", counted)
+    r = await store.create("v", 0, 1)
+    j = journal_of(store, r)
+    seq = 0
+
+    async def commit(inline: bool) -> None:
+        nonlocal seq
+        seq += 1
+        await r.write(seq * BLOCK_SIZE, pattern(seq, BLOCK_SIZE), seq=seq, gen=1, fua=False)
+        await r.flush(inline=inline)
+        assert r.durable_seq == seq
+
+    await commit(inline=True)  # nothing measured yet: the pool
+    assert j.inline_syncs == 0 and len(pooled) == 1
+    j._last_sync_ns = 0  # (this machine's disk may be slow: as if measured fast)
+    await commit(inline=True)
+    await commit(inline=True)
+    assert j.inline_syncs == 2 and len(pooled) == 1
+    await commit(inline=False)  # the primary with members: the pool
+    assert j.inline_syncs == 2 and len(pooled) == 2
+    j._last_sync_ns = 10**9  # a slow one: the pool until a fast one again
+    await commit(inline=True)
+    assert j.inline_syncs == 2 and len(pooled) == 3
+    j._last_sync_ns = 0
+    async with j._checkpoint_lock:  # a checkpoint's writeback: the pool
+        await commit(inline=True)
+    assert j.inline_syncs == 2 and len(pooled) == 4
+    want = await content(r)
+    r.abandon()
+    lose_extent_writes(r)
+    r2 = await reopen_after_power_loss(tmp_path)
+    assert (r2.applied_seq, r2.durable_seq) == (seq, seq)
+    assert await content(r2) == want
