@@ -1110,9 +1110,7 @@ class DataNode(DataService):
         # the members' flushes are written now (futures, no Task each) and sync beside ours
         sends = [self.replicas.start(m, lambda i: Flush(i, volume, index, pe.gen)) for m in members]
         try:
-            # Alone, the fdatasync may run on the loop; with members, on the pool, so that
-            # their Flush frames (written at the end of this loop iteration) leave first.
-            await pe.replica.flush(inline=not members)
+            await pe.replica.flush()
         finally:
             results = await asyncio.gather(*sends, return_exceptions=True)
         failed = [m for m, r in zip(members, results, strict=True) if not _ok(r)]

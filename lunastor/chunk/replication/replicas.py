@@ -138,7 +138,7 @@ class DataService:
 
     async def _flush(self, req: Flush) -> Response:
         replica = await self.store.open(req.volume, req.extent)
-        await replica.flush(inline=True)  # a member's flush: its answer waits for it alone
+        await replica.flush()
         return Response(req.id, Status.OK)
 
     async def _get_state(self, req: GetState) -> Response:

@@ -31,7 +31,6 @@ import errno
 import logging
 import os
 import struct
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -83,12 +82,6 @@ DEFAULT_CHECKPOINT_INTERVAL = 5.0  # seconds from the first record after a check
 # no data) instead of a WRITE record holding the data: the journal would double their bytes
 # (docs/extent-format.md, "Journal", PLACED)
 DEFAULT_PLACED_BYTES = 64 * 1024
-# A flush that asks for it (`sync(inline=True)`: nothing else to overlap, a member's flush)
-# runs the journal's fdatasync on the event loop itself while the last ones took less than
-# this: the thread pool's hand-off costs two wake-ups (~50-100 us each, more when the cores
-# are busy) on a QD1 commit's critical path, a fast fdatasync less. A slow one (a busy disk,
-# a checkpoint's writeback) sends them back to the pool until one is fast again.
-INLINE_SYNC_MAX_NS = 1_000_000
 _GROW = 4 * 1024 * 1024  # the file is extended (fallocate) this much ahead of the tail
 _IOV_MAX = 512  # buffers per pwritev (Linux allows 1024)
 _PAGE = 4096  # each append is padded with zeros to a multiple of this
@@ -199,8 +192,6 @@ class Journal:
         self._sync_lock = asyncio.Lock()
         self._rounds_started = 0
         self._rounds_done = 0
-        self._last_sync_ns = INLINE_SYNC_MAX_NS  # the pool until one sync was measured
-        self.inline_syncs = 0
         self._checkpoint_lock = asyncio.Lock()
         self._ready: asyncio.Event | None = None  # cleared while a checkpoint runs
         self._timer: asyncio.TimerHandle | None = None
@@ -502,33 +493,19 @@ class Journal:
 
     # -- flushes and checkpoints ------------------------------------------------------------
 
-    async def sync(self, *, inline: bool = False) -> None:
+    async def sync(self) -> None:
         """Make every record appended before this call durable (group commit: a caller is
-        served by any fdatasync round that started after its call). `inline`: the caller
-        has nothing to overlap with the fdatasync, which then may block the loop
-        (`INLINE_SYNC_MAX_NS`)."""
+        served by any fdatasync round that started after its call)."""
         need = self._rounds_started + 1
         async with self._sync_lock:
             if self._rounds_done >= need:
                 return
             self._rounds_started += 1
             self.sync_rounds += 1
+            loop = asyncio.get_running_loop()
             with data_dir_io(self.data_dir):
-                if (
-                    inline
-                    and self._last_sync_ns < INLINE_SYNC_MAX_NS
-                    and not self._checkpoint_lock.locked()
-                ):
-                    self.inline_syncs += 1
-                    self._timed_sync()
-                else:
-                    await asyncio.get_running_loop().run_in_executor(None, self._timed_sync)
+                await loop.run_in_executor(None, os.fdatasync, self._fd)
             self._rounds_done = self._rounds_started
-
-    def _timed_sync(self) -> None:
-        start = time.monotonic_ns()
-        os.fdatasync(self._fd)
-        self._last_sync_ns = time.monotonic_ns() - start
 
     def _schedule(self) -> None:
         if self._task is not None and not self._task.done():

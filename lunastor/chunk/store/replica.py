@@ -526,7 +526,7 @@ class Replica:
             await self._sync_all()
         return fixed
 
-    async def flush(self, *, inline: bool = False) -> None:
+    async def flush(self) -> None:
         """Make every mutation applied before this call durable: one round of fdatasyncs of
         the data file and the sidecar, in parallel. `durable_seq` then moves to what was
         applied when the round started; the header records it on the page cache only, and
@@ -534,9 +534,7 @@ class Replica:
 
         Group commit: callers that arrive while a round runs share the next round, and a
         caller whose call came before the start of a round that has finished meanwhile is
-        done (that round's fdatasyncs covered everything applied before it started).
-        `inline`: nothing to overlap, the journal's fdatasync may run on the loop
-        (`Journal.sync`)."""
+        done (that round's fdatasyncs covered everything applied before it started)."""
         self._check_open()
         need = self._rounds_started + 1  # the first round that starts after this call
         async with self._sync:
@@ -561,7 +559,7 @@ class Replica:
                     elif placed:
                         await asyncio.gather(j.sync(), self._sync_data())
                     else:
-                        await j.sync(inline=inline)
+                        await j.sync()
                         with self._io():
                             self._check_still_there()
                 except BaseException:
