@@ -72,7 +72,15 @@ def test_an_interrupted_bench_stops_what_it_started(tmp_path: Path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
     work.mkdir()
     argv = bench("--only", "tgt", "--seconds", "20", "--jobs", "rr4k", out=out, workdir=work)
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        # a suite started in the background by a non-interactive shell inherits SIGINT
+        # ignored, and so would the bench: it then ran to its end (returncode 0)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
 
         def tgtd_started() -> list[int]:
