@@ -970,16 +970,9 @@ class ReplicatedVolume:
         if within + length > self.extent_size:
             return index, None  # two pieces: `gather`, in a Task
         vol = self.record.id
-        entry = path.emap.entry(vol, index)
-        if entry is None:
+        rec = self._led_here(index)
+        if rec is None:
             return index, None
-        rec = entry.record
-        primary = rec.primary
-        if primary != path.node_id or rec.converging or not path.emap.is_live(primary):
-            return index, None
-        worker = path.replicas.worker
-        if worker is not None and owner(vol, worker.count) != worker.index:
-            return index, None  # a sibling worker's extent
         epoch = None
         if nexus is not None and path.epochs is not None:
             try:
@@ -1032,8 +1025,15 @@ class ReplicatedVolume:
         node = self.path.replicas.local
         if len(self._dirty) != 1 or node is None:
             return None
-        path = self.path
         (index,) = self._dirty
+        rec = self._led_here(index)
+        return None if rec is None else (node, index, rec.gen)
+
+    def _led_here(self, index: int) -> ExtentRecord | None:
+        """The extent's record when this process leads it now (its primary, live, not
+        converging, and this worker's), as `DataNode.handle` would check; else None. The
+        fast write and flush paths ask it; anything else takes the full path."""
+        path = self.path
         vol = self.record.id
         entry = path.emap.entry(vol, index)
         if entry is None:
@@ -1044,7 +1044,7 @@ class ReplicatedVolume:
         worker = path.replicas.worker
         if worker is not None and owner(vol, worker.count) != worker.index:
             return None  # a sibling worker's extent
-        return node, index, rec.gen
+        return rec
 
     async def unmap(
         self, ranges: Sequence[tuple[int, int]], nexus: ScsiNexus | None = None
