@@ -21,18 +21,22 @@ SYSTEM_PACKAGES=(
     chromium fonts-dejavu-core     # tests/ui: the dashboard in a real headless browser (Playwright)
 )
 
+if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
+# wait for another install (a second checkout's setup) instead of failing on the dpkg lock
+lock=(-o DPkg::Lock::Timeout=900)
+apt_install() {
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get "${lock[@]}" install -y -qq \
+        --no-install-recommends "$@" >/dev/null
+}
+
 missing=()
 for p in "${SYSTEM_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
     echo "setup: installing ${missing[*]}"
-    # wait for another install (a second checkout's setup) instead of failing on the dpkg lock
-    lock=(-o DPkg::Lock::Timeout=900)
     $SUDO apt-get "${lock[@]}" update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get "${lock[@]}" install -y -qq \
-        --no-install-recommends "${missing[@]}" >/dev/null
+    apt_install "${missing[@]}"
 fi
 # The commands the tests run, each with the package that provides it: a package that dpkg
 # listed as installed and whose command is gone anyway (seen on a fresh machine: qemu-img
@@ -46,10 +50,8 @@ for c in "${!COMMANDS[@]}"; do
     PATH="$PATH:/usr/sbin:/sbin" command -v "$c" >/dev/null || broken+=("${COMMANDS[$c]}")
 done
 if [ ${#broken[@]} -gt 0 ]; then
-    if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
     echo "setup: reinstalling ${broken[*]} (their commands are missing)"
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=900 install -y -qq \
-        --no-install-recommends --reinstall "${broken[@]}" >/dev/null
+    apt_install --reinstall "${broken[@]}"
 fi
 # Debian's etcd-server package starts a system etcd on 2379; lunastor runs its own.
 if command -v systemctl >/dev/null && systemctl is-active -q etcd 2>/dev/null; then
