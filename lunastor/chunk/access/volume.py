@@ -80,6 +80,11 @@ SEQUENCED_LOCAL = Counter(
 COPY_CHUNK = 1 << 20  # bytes per COPY while converging replicas
 LBA_STATUS_RUNS = 16  # runs one GET LBA STATUS answers at most (qemu asks for one)
 LBA_STATUS_EXTENTS = 64  # extents one GET LBA STATUS walks at most
+# Write data at least this long is passed on as a view of the iSCSI buffer it arrived in, not
+# copied: that buffer (the connection's receive buffer, or a pooled Data-Out buffer) is not
+# reused while a view of it is alive (`lunastor.iscsi.buffers`). A shorter write is copied:
+# a few KiB cost less to copy than the fresh 1 MiB receive buffer a pinned one would force.
+VIEW_WRITES_FROM = 64 << 10
 
 
 class PrimaryRefused(MediumError):
@@ -979,8 +984,7 @@ class ReplicatedVolume:
                 epoch = path.epochs.epoch_now(nexus)
             except NotReady:
                 return index, None
-        # a copy: `data` is a view of the iSCSI receive buffer, reused once we return
-        req = Write(0, vol, index, rec.gen, 0, within, False, bytes(data[:length]), epoch)
+        req = Write(0, vol, index, rec.gen, 0, within, False, _payload(data, 0, length), epoch)
         path.activity.note(vol, index)
         try:
             settling = node.write_now(req)
@@ -1101,7 +1105,7 @@ class ReplicatedVolume:
         epoch = await self.path.nexus_epoch(nexus)
 
         async def one(p: Piece) -> None:
-            chunk = bytes(view[p.start : p.start + p.length])
+            chunk = _payload(view, p.start, p.length)
 
             def build(i: int, gen: int) -> Request:
                 return Write(i, vol, p.extent, gen, 0, p.offset, fua, chunk, epoch)
@@ -1288,3 +1292,11 @@ def _relay(done: Completion, settled: asyncio.Future[int]) -> None:
         done.set_result(None)
     else:
         done.set_exception(exc)
+
+
+def _payload(
+    data: bytes | bytearray | memoryview, start: int, length: int
+) -> bytes | memoryview:
+    """`length` bytes of a SCSI write's data from `start`, for a `Write` (VIEW_WRITES_FROM)."""
+    part = memoryview(data)[start : start + length]
+    return part if length >= VIEW_WRITES_FROM else bytes(part)

@@ -962,7 +962,7 @@ class DataNode(DataService):
         index: int,
         gen: int,
         offset: int,
-        data: bytes | bytearray,
+        data: bytes | bytearray | memoryview,
         fua: bool,
         nexus: Nexus | None = None,
     ) -> int:

@@ -486,7 +486,9 @@ class Write(Request):
     seq: int
     offset: int
     fua: bool
-    data: bytes | bytearray  # a bytearray when it landed from a binary frame (version 2)
+    # a bytearray when it landed from a binary frame (version 2); a memoryview of the iSCSI
+    # buffer a large write arrived in, at its access point (chunk/access/volume.py)
+    data: bytes | bytearray | memoryview
     nexus: Nexus | None = None
     token: int | None = None
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from lunastor.chunk.access.iscsi_server import IscsiServer, ServerConfig
-from lunastor.chunk.access.volume import SEQUENCED_LOCAL
+from lunastor.chunk.access.volume import SEQUENCED_LOCAL, VIEW_WRITES_FROM
 from lunastor.common.etcd import Etcd, EtcdConfig
 from lunastor.iscsi import pdu as p
 from lunastor.iscsi.scsi.target import LogicalUnit, ScsiTarget
@@ -179,3 +179,61 @@ async def test_a_flush_at_its_primary_runs_no_task_at_the_access_point(cluster: 
     per_flush = [n for n in made if n.startswith(command) and n != "DataNode._renew"]
     resumed = [n for n in per_flush if n == "IscsiConnectionProtocol._resume"]
     assert len(resumed) <= 8 and per_flush == resumed, per_flush
+
+
+async def test_a_large_write_goes_on_as_a_view_of_its_iscsi_buffer(cluster: Cluster) -> None:
+    # A write of VIEW_WRITES_FROM bytes or more is not copied at the access point: the
+    # primary applies and forwards a view of the pooled buffer its Data-Outs landed in. The
+    # pool hands that buffer out again only once no view of it is alive, so each write lands
+    # intact on every member although the next write reuses the buffer.
+    first = cluster.volume("chunk-0", size=EXTENT)
+    await first.write(0, blocks(1, 8), fua=False)
+    rec = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
+    assert rec is not None
+    here = cluster.nodes[rec.primary]
+    volume = cluster.volume(here.id, size=EXTENT)
+    lu = LogicalUnit(volume, naa_id=0x6 << 124 | 9, serial="hot3")
+    server = IscsiServer(
+        MemHost(ScsiTarget(IQN, {0: lu})),
+        ServerConfig(listen=[("127.0.0.1", 0)]),
+        observer=here.epochs,
+    )
+    await server.start()
+    ini = await Initiator.connect(server.addresses[0][1])
+    arrived: list[type] = []
+    write_now = here.node.write_now
+
+    def spy(req: Any) -> Any:
+        arrived.append(type(req.data))
+        return write_now(req)
+
+    here.node.write_now = spy  # type: ignore[method-assign]
+    size = VIEW_WRITES_FROM * 2  # six of them within the one 1 MiB extent
+    blocks_per_write = size // 512
+    payloads = [os.urandom(size) for _ in range(6)]
+    try:
+        await ini.login()
+        await ini.ready()
+        await async_wait_for(_epochs_stored(here.epochs), 10, "the login's epoch stored")
+        for k, payload in enumerate(payloads):
+            ini.pending_write = payload  # immediate part, then Data-Outs answering R2Ts
+            itt = ini.command(
+                write10(blocks_per_write * k, blocks_per_write), write=size, imm=payload[:8192]
+            )
+            assert await ini.result(itt) == (0, b"")
+        for k, payload in enumerate(payloads):
+            got = await ini.result(
+                ini.command(read10(blocks_per_write * k, blocks_per_write), read=size)
+            )
+            assert got == (0, payload), k
+        (proto,) = server.connections
+        pooled = proto.conn.pool.allocated
+    finally:
+        del here.node.write_now
+        ini.close()
+        await server.close()
+    assert arrived == [memoryview] * len(payloads)
+    assert pooled <= 2  # the Data-Out buffer was reused from one write to the next
+    await async_wait_for(
+        lambda: _identical(cluster, "vol-t", 0), 10, "the replicas to settle identical"
+    )
