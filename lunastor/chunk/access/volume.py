@@ -1294,9 +1294,7 @@ def _relay(done: Completion, settled: asyncio.Future[int]) -> None:
         done.set_exception(exc)
 
 
-def _payload(
-    data: bytes | bytearray | memoryview, start: int, length: int
-) -> bytes | memoryview:
+def _payload(data: bytes | bytearray | memoryview, start: int, length: int) -> bytes | memoryview:
     """`length` bytes of a SCSI write's data from `start`, for a `Write` (VIEW_WRITES_FROM)."""
     part = memoryview(data)[start : start + length]
     return part if length >= VIEW_WRITES_FROM else bytes(part)
