@@ -217,6 +217,7 @@ class DataPath:
                 relative_port=self.relative_port,
             ),
             observer=self.epochs,
+            catch_up=self.host.catch_up,
         )
         self.host.server = self.iscsi
         await self.iscsi.start()

@@ -1,5 +1,5 @@
 """A TCP proxy that cuts connectivity on command, to break client streams deterministically,
-or holds what the client sends (a slow link) until released."""
+or holds what the client sends (a slow link) until released, or delays what the server sends."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ class TcpProxy:
     """Forwards 127.0.0.1:`port` to `target` ("host:port") until `cut()`; `restore()` again.
 
     `hold()` keeps the connections open but stops forwarding what clients send (it is read and
-    kept, in order) until `release()`; `held` counts the bytes waiting."""
+    kept, in order) until `release()`; `held` counts the bytes waiting. `reply_delay`: seconds
+    what the server sends waits before it is forwarded (in order: a late stream)."""
 
     def __init__(self, target: str) -> None:
         host, _, port = target.rpartition(":")
@@ -22,6 +23,7 @@ class TcpProxy:
         self.endpoint = f"127.0.0.1:{self.port}"
         self.open = True
         self.held = 0
+        self.reply_delay = 0.0
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -81,6 +83,8 @@ class TcpProxy:
                     self.held += len(data)
                     await self._flowing.wait()
                     self.held -= len(data)
+                elif not upstream and self.reply_delay:
+                    await asyncio.sleep(self.reply_delay)
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,7 +33,9 @@ from lunastor.iscsi.connection import (
     TargetConnection,
     TaskManagement,
 )
+from lunastor.iscsi.errors import LoginStatus
 from lunastor.iscsi.resume import Resumed
+from lunastor.iscsi.scsi.sense import LU_NOT_SUPPORTED, build_sense
 from lunastor.iscsi.scsi.target import ScsiTarget
 from lunastor.iscsi.scsi.types import (
     Nexus,
@@ -54,6 +56,9 @@ SESSIONS = Gauge("lunastor_iscsi_sessions", "iSCSI sessions open now, by session
 # fixed-format sense: HARDWARE ERROR, INTERNAL TARGET FAILURE (an unexpected exception)
 LOGOUT_SETTLE_TIMEOUT = 30.0  # seconds a logout waits for the reservation store, at most
 _INTERNAL_TARGET_FAILURE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10] + [0] * 4 + [0x44, 0, 0, 0, 0, 0])
+# What a host whose view lags its source answers wrongly: decided again after `catch_up`.
+_STALE_REFUSALS = (LoginStatus.NOT_FOUND, LoginStatus.AUTHORIZATION_FAILURE)
+_LU_NOT_SUPPORTED = build_sense(LU_NOT_SUPPORTED)
 
 
 class TargetHost(Portal, Protocol):
@@ -84,11 +89,21 @@ class ServerConfig:
 
 class IscsiServer:
     def __init__(
-        self, host: TargetHost, config: ServerConfig, observer: NexusObserver | None = None
+        self,
+        host: TargetHost,
+        config: ServerConfig,
+        observer: NexusObserver | None = None,
+        catch_up: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`catch_up`: for a host that follows a source (etcd) some time behind, waits until
+        the host serves all that the source holds now. A login refused as "not found" or
+        "not authorised", and a command to a LUN the session does not see, are then decided
+        again once (the volume and its export may have been committed just before, and
+        announced to the initiator, while the host had not seen them yet)."""
         self.host = host
         self.config = config
         self.observer = observer
+        self.catch_up = catch_up
         self._ended: dict[Session, Callable[[], None]] = {}
         self.registry = SessionRegistry()
         self.connections: set[IscsiConnectionProtocol] = set()
@@ -159,6 +174,16 @@ class IscsiServer:
                 ended()
             SESSIONS.labels(session.session_type.name.lower()).dec()
 
+    async def caught_up(self, refused: str) -> None:
+        """Wait for `catch_up` before deciding again on what was `refused`; if it fails, the
+        host decides on what it has (the refusal, most likely)."""
+        assert self.catch_up is not None
+        try:
+            # a task of its own: a command's first step runs outside any task (`_step`)
+            await asyncio.ensure_future(self.catch_up())
+        except Exception as exc:
+            log.warning("%s; the target host could not catch up: %r", refused, exc)
+
     def connection_of(self, session: Session) -> IscsiConnectionProtocol | None:
         return self._by_session.get(session)
 
@@ -203,21 +228,14 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
 
     def __init__(self, server: IscsiServer) -> None:
         self.server = server
-        cfg = server.config
         self.loop = asyncio.get_running_loop()
-        self.conn: TargetConnection = TargetConnection(
-            server.host,
-            server.registry,
-            queue_depth=cfg.queue_depth,
-            relative_port=cfg.relative_port,
-            tpgt=cfg.tpgt,
-            target_mrdsl=cfg.max_recv_data_segment_length,
-            max_write_length=cfg.max_write_length,
-            write_budget=cfg.write_budget,
-            ping_interval=cfg.ping_interval,
-            ping_timeout=cfg.ping_timeout,
-            now=self.loop.time(),
-        )
+        self._local_address = ""
+        self.conn = self._new_connection()
+        # What the initiator sent before its first answer: replayed to a fresh connection
+        # after `server.catch_up` when that answer is a stale refusal (`_login_again`).
+        self._login_bytes: bytearray | None = None if server.catch_up is None else bytearray()
+        self._relogin: asyncio.Task[None] | None = None
+        self._caught_up_luns: set[int] = set()  # LUNs not found once, looked up again since
         self.transport: asyncio.Transport | None = None
         self.target: ScsiTarget | None = None
         self.session: Session | None = None
@@ -229,8 +247,26 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
         self._rbuf = bytearray(RECEIVE_BUFFER)
         self._rpos = 0
         self._rview: memoryview | None = None
-        if server.trace:
-            self.conn.on_pdu = _trace_in
+
+    def _new_connection(self) -> TargetConnection:
+        cfg = self.server.config
+        conn = TargetConnection(
+            self.server.host,
+            self.server.registry,
+            queue_depth=cfg.queue_depth,
+            relative_port=cfg.relative_port,
+            tpgt=cfg.tpgt,
+            target_mrdsl=cfg.max_recv_data_segment_length,
+            max_write_length=cfg.max_write_length,
+            write_budget=cfg.write_budget,
+            ping_interval=cfg.ping_interval,
+            ping_timeout=cfg.ping_timeout,
+            now=self.loop.time(),
+        )
+        conn.local_address = self._local_address
+        if self.server.trace:
+            conn.on_pdu = _trace_in
+        return conn
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -243,9 +279,8 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
         local = transport.get_extra_info("sockname")
         if local:
             host = str(local[0])
-            self.conn.local_address = (
-                f"[{host}]:{local[1]}" if ":" in host else f"{host}:{local[1]}"
-            )
+            self._local_address = f"[{host}]:{local[1]}" if ":" in host else f"{host}:{local[1]}"
+            self.conn.local_address = self._local_address
         self.server.connections.add(self)
         self._timer = self.loop.call_later(1.0, self._tick)
 
@@ -274,6 +309,8 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
     def data_received(self, data: bytes | memoryview) -> None:
         conn = self.conn
         conn.last_rx = self.loop.time()
+        if self._login_bytes is not None:
+            self._login_bytes += data
         conn.receive_data(data, copy=not isinstance(data, memoryview))
         self._flush()
 
@@ -323,7 +360,16 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
             for pdu in conn.queued():
                 log.debug("-> %r %r", pdu, bytes(getattr(pdu, "data", b""))[:512])
                 # (the fast path is off while tracing: every answer is a PDU object)
+        if (
+            close is not None
+            and self._login_bytes is not None
+            and conn.login_failure in _STALE_REFUSALS
+        ):
+            self._login_again()
+            return
         bufs = conn.data_to_send()
+        if self._login_bytes is not None and bufs:
+            self._login_bytes = None  # answered: nothing to replay from here on
         if close is not None and close.reason == "logout" and self.target is not None:
             # The session's SPC-2 reservation ends with it, through the reservation store:
             # answer the logout only once every access point applied that, since another
@@ -338,6 +384,24 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
             log.info("closing iSCSI connection: %s", close.reason)
             self._closing = True
             transport.close()
+
+    def _login_again(self) -> None:
+        """The first answer would refuse the login as "not found" or "not authorised": hold
+        it, let the host catch up with its source, and run the login again from the start
+        on what the initiator sent (a fresh `TargetConnection`; nothing was answered yet)."""
+        assert self._login_bytes is not None and self.transport is not None
+        sent, self._login_bytes = bytes(self._login_bytes), None
+        self.conn.data_to_send()  # the refusal, dropped
+        self.transport.pause_reading()
+        self._relogin = self.loop.create_task(self._replay_login(sent))
+
+    async def _replay_login(self, sent: bytes) -> None:
+        await self.server.caught_up("login refused")
+        if self._closing or self.transport is None or self.transport.is_closing():
+            return
+        self.conn = self._new_connection()
+        self.transport.resume_reading()
+        self.data_received(sent)
 
     async def _answer_logout(self, target: ScsiTarget, bufs: Sequence[Any]) -> None:
         try:
@@ -405,10 +469,31 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
     def _done(self, cmd: _Driven, result: ScsiResult) -> None:
         if self._running.get(cmd.itt) is cmd:
             del self._running[cmd.itt]
+        if (
+            result.status is Status.CHECK_CONDITION
+            and result.sense == _LU_NOT_SUPPORTED
+            and self._lun_again(cmd)
+        ):
+            return
         self.conn.command_done(cmd.itt, result)
         if cmd.waiting is not None:
             self._flush_later()  # resumed from a callback: not inside _flush
         # (a command done in its first step is answered by the _flush that started it)
+
+    def _lun_again(self, cmd: _Driven) -> bool:
+        """A command found no LUN (it ran nothing): once per LUN and connection, run it again
+        after the host caught up with its source (an export committed just before)."""
+        lun = cmd.command.lun
+        target = self.target
+        if self.server.catch_up is None or target is None or lun in self._caught_up_luns:
+            return False
+        self._caught_up_luns.add(lun)
+        self._step(_Driven(self, cmd.itt, cmd.command, self._caught_up(target, cmd.command)), None)
+        return True
+
+    async def _caught_up(self, target: ScsiTarget, cmd: ScsiCommand) -> ScsiResult:
+        await self.server.caught_up(f"LUN {cmd.lun} not found")
+        return await target.execute(cmd)
 
     @staticmethod
     def _internal_failure(cmd: ScsiCommand) -> ScsiResult:

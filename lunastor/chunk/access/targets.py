@@ -43,6 +43,10 @@ from lunastor.iscsi.session import TargetInfo
 
 log = logging.getLogger(__name__)
 
+# Seconds a login refused (or a LUN not found) on a view that may lag etcd waits for the view
+# to catch up before the refusal stands (`EtcdTargetHost.catch_up`).
+CATCH_UP_TIMEOUT = 10.0
+
 
 def volume_identity(volume_id: str) -> tuple[int, str]:
     """The NAA 6 identifier and serial number of a volume: the same on every access point and
@@ -85,6 +89,7 @@ class EtcdTargetHost:
         server, so that every access point enforces it; in-process when not given). `qos`:
         shares limited volumes' limits with the other access points (docs/qos.md)."""
         self.qos = qos
+        self.etcd = etcd
         self.path = path
         self.reservations: ReservationStore = reservations or InProcessReservations()
         self.extent_size = extent_size
@@ -152,6 +157,23 @@ class EtcdTargetHost:
 
     def _revisions(self) -> tuple[int, ...]:
         return tuple(c.revision for c in self._caches)
+
+    async def catch_up(self, timeout: float = CATCH_UP_TIMEOUT) -> None:
+        """Serve at least what etcd holds now: wait until every cache applied the newest key
+        written under its prefix, then rebuild if that is still to do. The watches deliver a
+        change some time after it committed (long on a loaded machine), while meta answers
+        an export as soon as it committed: a login refused, or a LUN not found, on the view
+        of before is decided again after this (`IscsiServer`'s `catch_up`), so that whoever
+        logs in once the export call returned is never refused. Raises TimeoutError after
+        `timeout` seconds, an EtcdError when etcd does not answer."""
+        async with asyncio.timeout(timeout):
+            newest = await asyncio.gather(
+                *(self.etcd.newest_revision(c.prefix) for c in self._caches)
+            )
+            for cache, revision in zip(self._caches, newest, strict=True):
+                await cache.wait_for_revision(revision)
+        if self._revisions() != self._built:
+            self.rebuild()  # now, not when `_follow` gets to run
 
     # -- rebuilding from the caches ------------------------------------------------------------
 

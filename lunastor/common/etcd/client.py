@@ -294,6 +294,22 @@ class Etcd:
         resp = await self._call("kv", "Range", request, idempotent=True)
         return int(resp.header.revision)
 
+    async def newest_revision(self, prefix: str) -> int:
+        """The highest mod revision of the keys under `prefix` now (0: none). A follower of
+        the prefix that has applied this revision holds every key there as of now (keys
+        deleted since may still be in it)."""
+        start, end = self.keys.prefix_range(prefix)
+        request = rpc.RangeRequest(
+            key=start,
+            range_end=end,
+            limit=1,
+            keys_only=True,
+            sort_order=rpc.RangeRequest.DESCEND,
+            sort_target=rpc.RangeRequest.MOD,
+        )
+        resp = await self._call("kv", "Range", request, idempotent=True)
+        return int(resp.kvs[0].mod_revision) if resp.kvs else 0
+
     # --- writes --------------------------------------------------------------------------
 
     async def put(self, key: str, value: bytes, lease: int | None = None) -> int:

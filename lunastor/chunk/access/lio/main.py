@@ -80,7 +80,8 @@ async def serve(
         iscsi: IscsiServer | None = None
         if userspace_portal:
             listen = parse_hostport(userspace_portal, "--userspace-portal")
-            iscsi = IscsiServer(host, ServerConfig(listen=[listen], relative_port=relative_port))
+            server_config = ServerConfig(listen=[listen], relative_port=relative_port)
+            iscsi = IscsiServer(host, server_config, catch_up=host.catch_up)
             host.server = iscsi
             await iscsi.start()
         exporter = LioExporter(
