@@ -53,6 +53,7 @@ from lunastor.chunk.store.fsio import (
 from lunastor.chunk.store.header import (
     MAX_VOLUME_ID,
     SLOT_SIZE,
+    Header,
     HeaderFlags,
     SlotError,
     decode_file,
@@ -158,6 +159,7 @@ class ReplayReport:
     replicas: set[tuple[str, int]] = field(default_factory=set)
     # blocks of PLACED records that did not hold their data (never flushed: a power loss)
     unplaced: int = 0
+    rehashed: int = 0  # of those, blocks re-hashed as they were (the same boot)
     stop: str = ""  # why the scan ended (end of the journal, or what was torn)
 
 
@@ -187,6 +189,9 @@ class Journal:
         self._tail = RECORDS_START
         self._allocated = 0  # bytes of the file known to be allocated (fallocate)
         self._keys: set[tuple[str, int]] = set()  # replicas with records in this epoch
+        # each replica's (generation, seq) of its last FINAL or GEN record in this epoch: its
+        # applied_seq, which its header holds only as of its last change of state or flush
+        self._applied: dict[tuple[str, int], tuple[int, int]] = {}
         # open replicas whose extent files hold changes only the journal has made durable
         self._dirty: dict[tuple[str, int], Replica] = {}
         self._sync_lock = asyncio.Lock()
@@ -312,8 +317,11 @@ class Journal:
             # Which record decides each block (docs/extent-format.md, "Replay"): the last one
             # that changes it, unless that is a PLACED record whose block does not hold its
             # data; then, after a power loss, the one before it (that write was never
-            # flushed), and in the same boot none: the block is left as the crash left it.
+            # flushed), and in the same boot none: the crash cut that write short (its
+            # record goes before its blocks), and the block is re-hashed as it is. Either
+            # way that write's seq is not applied (`cut`).
             owner: dict[tuple[str, int, int], int] = {}
+            cut: set[int] = set()
             for i in reversed(live):
                 rec = records[i][0]
                 if rec.kind not in _TOUCHES:
@@ -334,8 +342,10 @@ class Journal:
                         owner[(rec.volume, rec.extent, b)] = i
                     else:
                         report.unplaced += final
+                        cut.add(i)
                         if target.same_boot:
                             owner[(rec.volume, rec.extent, b)] = -1
+                            target.rehash.add(b)
             for i in live:
                 rec, payload_at = records[i]
                 key = (rec.volume, rec.extent)
@@ -348,13 +358,13 @@ class Journal:
                         owner.get((rec.volume, rec.extent, b)) == i
                         for b in range(b0, b0 + rec.length // BLOCK_SIZE)
                     ]
-                target.apply(rec, mine, self._fd, payload_at)
+                target.apply(rec, mine, self._fd, payload_at, i not in cut)
                 report.records += 1
                 report.bytes += rec.length if rec.kind == Kind.WRITE else 0
                 report.replicas.add(key)
             for target in files.values():
                 if target is not None:
-                    target.finish()
+                    report.rehashed += target.finish()
         finally:
             for target in files.values():
                 if target is not None:
@@ -377,6 +387,7 @@ class Journal:
         self._lsn = 0
         self._tail = RECORDS_START
         self._keys.clear()
+        self._applied.clear()  # every replica's header holds its applied_seq now
         self._allocated = max(self._allocated, os.fstat(self._fd).st_size)
 
     # -- appends ----------------------------------------------------------------------------
@@ -400,6 +411,14 @@ class Journal:
 
     def has_records(self, volume: str, extent: int) -> bool:
         return (volume, extent) in self._keys
+
+    def applied(self, h: Header) -> int:
+        """The applied_seq of the replica whose header (read from its file) is `h`: the
+        header's, or that of its records of this epoch, the same as a replay would find."""
+        last = self._applied.get((h.volume, h.extent))
+        if last is None or last[0] != h.generation:
+            return h.applied_seq
+        return max(h.applied_seq, last[1])
 
     def reserve(self, nbytes: int) -> bool:
         """Make room for `nbytes` of records at the tail; False when the file system is full
@@ -432,8 +451,9 @@ class Journal:
 
     @staticmethod
     def record_bytes(data_len: int, records: int = 1) -> int:
-        """An upper bound of the journal bytes of records holding `data_len` data bytes."""
-        return data_len + data_len // BLOCK_SIZE * CHECKSUM_SIZE + records * _REC.size + _PAGE
+        """An upper bound of the journal bytes of `records` records holding `data_len` data
+        bytes, each appended on its own (padded to a page)."""
+        return data_len + data_len // BLOCK_SIZE * CHECKSUM_SIZE + records * (_REC.size + _PAGE)
 
     def append(self, records: Iterable[Record], replica: Replica | None) -> None:
         """Append records on the page cache (one pwritev). The caller reserved the space and
@@ -446,7 +466,12 @@ class Journal:
             bufs.append(head)
             if len(data):
                 bufs.append(data)
-            self._keys.add((rec.volume, rec.extent))
+            key = (rec.volume, rec.extent)
+            self._keys.add(key)
+            if rec.flags & FINAL or rec.kind == Kind.GEN:
+                self._applied[key] = (rec.gen, rec.seq)
+            elif rec.kind == Kind.FORGET:
+                self._applied.pop(key, None)
         if not bufs:
             return
         total = sum(len(b) for b in bufs)
@@ -613,6 +638,7 @@ class _ReplayTarget:
     last: tuple[int, int] | None = None  # (generation, seq) of the last applied mutation
     touched_data: bool = False
     seen: set[int] = field(default_factory=set)  # blocks a later record changes (replay)
+    rehash: set[int] = field(default_factory=set)  # blocks of a write cut short (same boot)
 
     @classmethod
     def open(cls, data_dir: str, volume: str, extent: int, boot_id: bytes) -> _ReplayTarget | None:
@@ -640,8 +666,11 @@ class _ReplayTarget:
         data = pread_exact(self.fds[1], rec.length, rec.offset)
         return set(cs.bad_blocks(data, rec.sums, b0))
 
-    def apply(self, rec: Record, mine: list[bool], journal_fd: int, payload_at: int) -> None:
-        """Redo `rec` on the blocks it decides (`mine`, one flag per block of its range)."""
+    def apply(
+        self, rec: Record, mine: list[bool], journal_fd: int, payload_at: int, whole: bool
+    ) -> None:
+        """Redo `rec` on the blocks it decides (`mine`, one flag per block of its range);
+        `whole`: its blocks hold its data (else its seq does not count)."""
         _, data_fd, sum_fd = self.fds
         b0 = rec.offset // BLOCK_SIZE
         for start, count, on in cs.runs(mine):
@@ -659,30 +688,40 @@ class _ReplayTarget:
                 pwrite_all(sum_fd, bytes(count * CHECKSUM_SIZE), (b0 + start) * CHECKSUM_SIZE)
                 punch_hole(data_fd, lo, n)
             self.touched_data = True
-        if rec.kind == Kind.GEN or (rec.flags & FINAL):
+        if rec.kind == Kind.GEN or (rec.flags & FINAL and whole):
             self.last = (rec.gen, rec.seq)
 
-    def finish(self) -> None:
-        """Sync the redone data, then let the header's seqs cover the replayed mutations."""
+    def finish(self) -> int:
+        """Re-hash the blocks of a write cut short, sync the redone data, then let the
+        header's seqs cover the replayed mutations. Blocks re-hashed."""
         hdr_fd, data_fd, sum_fd = self.fds
+        fixed = 0
+        for b in sorted(self.rehash):
+            sums = pread_exact(sum_fd, CHECKSUM_SIZE, b * CHECKSUM_SIZE)
+            data = pread_exact(data_fd, BLOCK_SIZE, b * BLOCK_SIZE)
+            if sums != cs.UNMAPPED and cs.bad_blocks(data, sums, b):
+                pwrite_all(sum_fd, cs.block_checksum(data), b * CHECKSUM_SIZE)
+                fixed += 1
+                self.touched_data = True
         if self.touched_data:
             os.fdatasync(data_fd)
             os.fdatasync(sum_fd)
         if self.last is None:
-            return
+            return fixed
         try:
             h, slot = decode_file(pread_exact(hdr_fd, 2 * SLOT_SIZE, 0))
         except SlotError:
-            return  # reported by the listing; nothing to correct
+            return fixed  # reported by the listing; nothing to correct
         gen, seq = self.last
         if gen != h.generation:
-            return  # adopted a newer generation since: its header (synced) rules
+            return fixed  # adopted a newer generation since: its header (synced) rules
         applied, durable = max(h.applied_seq, seq), max(h.durable_seq, seq)
         if (applied, durable) == (h.applied_seq, h.durable_seq):
-            return
+            return fixed
         new = h.evolve(applied_seq=applied, durable_seq=durable)
         pwrite_all(hdr_fd, encode_slot(new, counter=h.counter + 1), (1 - slot) * SLOT_SIZE)
         os.fdatasync(hdr_fd)
+        return fixed
 
     def close(self) -> None:
         for fd in self.fds:

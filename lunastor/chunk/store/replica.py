@@ -1,18 +1,22 @@
 """One replica of one extent: sparse data file, checksum sidecar, two-slot header.
 
 Crash consistency (docs/extent-format.md, "Crash consistency", has the full argument):
-every mutation runs, in this order, on the page cache:
-  1. header: record the intent (byte range about to change)      [only for data writes]
-  2. data file: fallocate the range, then pwrite the new blocks
-  3. sidecar: pwrite the new checksums (0 = unmapped)
-  4. header: applied_seq = seq, intent cleared
-A process crash keeps the page cache, so on the next open the only blocks that can disagree
-with their checksums are those in the recorded intent; they are re-hashed (their content is
-old, new or a mix, all allowed because that write was never acknowledged). The DIRTY flag and
-the boot id are made durable before the first mutation after an open; a replica found dirty
-under another boot lost its page cache, so its `applied_seq` falls back to `durable_seq` (only
-advanced by `flush` after the data and sidecar are on disk), it is marked STALE and must be
-rescanned and converged from a peer before it serves again.
+every change of a mutation runs, in this order, on the page cache:
+  1. fallocate the data and sidecar ranges (ENOSPC here changes nothing)
+  2. journal: append the change's record (the blocks' checksums, their data unless PLACED)
+     with the mutation's seq (FINAL: its last record)
+  3. data file: pwrite the new blocks
+  4. sidecar: pwrite the new checksums (0 = unmapped)
+The header is not written per write: a process crash keeps the page cache, and the journal's
+replay at the next start redoes every record (a change cut short by the crash included) and
+takes applied_seq from the last FINAL one. Without the journal (none, or no space in it) the
+header does that job: the intent (byte range about to change) as step 2, applied_seq after
+step 4; at open, an intent's blocks are re-hashed (their content is old, new or a mix,
+all allowed because that write was never acknowledged). The DIRTY flag and the boot id are
+made durable before the first mutation after an open; a replica found dirty under another
+boot lost its page cache, so its `applied_seq` falls back to `durable_seq` (only advanced by
+`flush` after the data and sidecar are on disk), it is marked STALE and must be rescanned and
+converged from a peer before it serves again.
 """
 
 from __future__ import annotations
@@ -134,7 +138,10 @@ class Replica:
         journal: Journal | None = None,
     ) -> None:
         self.paths = paths
-        self._h = header
+        self._h = header  # as last written (its applied_seq may be behind: `_applied` is not)
+        # applied_seq: in the header only at changes of state, flushes and checkpoints; the
+        # journal's records carry it in between (docs/extent-format.md, "Crash consistency")
+        self._applied = header.applied_seq if journal is None else journal.applied(header)
         self._slot = slot  # the slot holding the newest header
         self._counter = header.counter  # the newest slot's counter (the next one is + 1)
         self._hdr_fd, self._data_fd, self._sum_fd = fds
@@ -143,7 +150,12 @@ class Replica:
         # the data directory's journal (docs/extent-format.md, "Journal"): every data change
         # is recorded there and a flush syncs it instead of the data file and the sidecar
         self._journal = journal
-        self._jrecs: list[Record] = []  # records of the mutation being applied
+        # the journaled mutation running: its (generation, seq) (None: not ordered), whether
+        # its one change is all of it (a write: that record carries the seq) and whether a
+        # record with the seq (FINAL) was appended (`_journaled`, `_log`)
+        self._jseq: tuple[int, int] | None = None
+        self._jsingle = False
+        self._jfinal = False
         self._bypass = False  # this mutation found no journal space: in place only
         self._unjournaled = False  # changes since the last flush that only a data sync saves
         self._placed = False  # blocks written in place (PLACED) since the last flush
@@ -185,7 +197,7 @@ class Replica:
 
     @property
     def applied_seq(self) -> int:
-        return self._h.applied_seq
+        return self._applied
 
     @property
     def durable_seq(self) -> int:
@@ -209,7 +221,10 @@ class Replica:
         return self._rounds_started
 
     def info(self) -> ReplicaInfo:
-        return ReplicaInfo.of(self._h, self.paths.data_dir)
+        h = self._h
+        if h.applied_seq != self._applied:
+            h = h.evolve(applied_seq=self._applied)
+        return ReplicaInfo.of(h, self.paths.data_dir)
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -310,13 +325,12 @@ class Replica:
             self._check_order(seq, gen)
             await self._mark_dirty()
             await self._mutation(
-                Journal.record_bytes(len(data) + 2 * BLOCK_SIZE),
+                Journal.record_bytes(len(data) + 2 * BLOCK_SIZE, 2),
                 seq,
                 gen,
                 lambda: self._write_bytes(offset, data),
+                single=True,
             )
-            with self._io():
-                self._store_header(self._h.evolve(applied_seq=seq))
         if fua:
             await self.flush()
 
@@ -331,14 +345,12 @@ class Replica:
         self._check_order(seq, gen)
         j = self._journal
         if j is not None and (
-            j.busy or not j.reserve(Journal.record_bytes(len(data) + 2 * BLOCK_SIZE))
+            j.busy or not j.reserve(Journal.record_bytes(len(data) + 2 * BLOCK_SIZE, 2))
         ):
             return False  # a checkpoint runs, or the journal needs one first: `write` waits
         self._bypass = False
-        with self._io():
-            with self._journaled(seq, gen):
-                self._write_bytes(offset, data)
-            self._store_header(self._h.evolve(applied_seq=seq))
+        with self._io(), self._journaled(seq, gen, single=True):
+            self._write_bytes(offset, data)
         return True
 
     async def unmap(self, offset: int, length: int, *, seq: int, gen: int, fua: bool) -> None:
@@ -376,9 +388,8 @@ class Replica:
                 if full0 < full1:
                     self._unmap_blocks(full0, full1)
 
-            await self._mutation(Journal.record_bytes(2 * BLOCK_SIZE, 3), seq, gen, apply)
-            with self._io():
-                self._store_header(self._h.evolve(applied_seq=seq))
+            # up to two partial blocks, the unmap, the SEQ record
+            await self._mutation(Journal.record_bytes(2 * BLOCK_SIZE, 4), seq, gen, apply)
         if fua:
             await self.flush()
 
@@ -417,7 +428,7 @@ class Replica:
             self._check_open()
             if seq is not None:
                 self._check_order(seq, self._h.generation if gen is None else gen)
-            if if_applied is not None and self._h.applied_seq != if_applied:
+            if if_applied is not None and self._applied != if_applied:
                 return False
             await self._mark_dirty()
             flags = cs.mapped_flags(checksums)
@@ -440,8 +451,6 @@ class Replica:
                 self._h.generation if gen is None else gen,
                 apply,
             )
-            with self._io():
-                self._store_header(self._h if seq is None else self._h.evolve(applied_seq=seq))
         return True
 
     async def advance(self, *, seq: int, gen: int) -> None:
@@ -454,8 +463,6 @@ class Replica:
             await self._mark_dirty()
             # no data: a SEQ record, so that a replay knows seq is applied
             await self._mutation(Journal.record_bytes(0), seq, gen, lambda: None)
-            with self._io():
-                self._store_header(self._h.evolve(applied_seq=seq))
 
     async def set_generation(
         self, gen: int, *, applied_seq: int | None = None, state: ReplicaState | None = None
@@ -467,8 +474,8 @@ class Replica:
             if gen < self._h.generation:
                 raise StaleGeneration(self._h.generation, gen)
             changes: dict[str, object] = {"generation": gen}
+            applied = self._applied if applied_seq is None else applied_seq
             if applied_seq is not None:
-                changes["applied_seq"] = applied_seq
                 # durable_seq never claims more than is applied
                 changes["durable_seq"] = min(self._h.durable_seq, applied_seq)
             if state is not None:
@@ -486,6 +493,7 @@ class Replica:
                 record = not self._bypass and j.has_records(self.volume, self.extent)
                 self._bypass = False
             with self._io():
+                self._applied = applied
                 self._store_header(self._h.evolve(**changes))
                 if j is not None and record:
                     h = self._h
@@ -542,7 +550,7 @@ class Replica:
                 return
             self._check_open()
             self._rounds_started += 1
-            applied = self._h.applied_seq
+            applied = self._applied
             j = self._journal
             if j is None:
                 await self._sync_all(data_only=True)
@@ -599,7 +607,7 @@ class Replica:
         async with self._sync:
             if self._closed:
                 return
-            applied = self._h.applied_seq
+            applied = self._applied
             await self._sync_all(data_only=True)
             if self._closed or not header:
                 return
@@ -662,10 +670,10 @@ class Replica:
         # Dirty under another boot: page cache lost. Writes after durable_seq may be partly
         # on disk; checksums may not describe data. Fence and rescan before any use.
         flags = (h.flags & ~HeaderFlags.DIRTY) | HeaderFlags.NEEDS_RESCAN
+        self._applied = h.durable_seq
         with self._io():
             self._store_header(
                 h.evolve(
-                    applied_seq=h.durable_seq,
                     state=ReplicaState.STALE,
                     flags=flags,
                     intent_offset=0,
@@ -702,41 +710,69 @@ class Replica:
         self._bypass = True
 
     async def _mutation(
-        self, nbytes: int, seq: int | None, gen: int, apply: Callable[[], None]
+        self,
+        nbytes: int,
+        seq: int | None,
+        gen: int,
+        apply: Callable[[], None],
+        single: bool = False,
     ) -> None:
         """Run `apply` (the synchronous body of an ordered mutation, ordering lock held)
-        with its journal records (`nbytes` at most)."""
+        with its journal records (`nbytes` at most; `single`: see `_journaled`)."""
         await self._journal_room(nbytes)
         self._check_open()
-        with self._io(), self._journaled(seq, gen):
+        with self._io(), self._journaled(seq, gen, single):
             apply()
 
     @contextmanager
-    def _journaled(self, seq: int | None, gen: int) -> Iterator[None]:
-        """Append the records of the mutation run inside (`_store_blocks` and
-        `_unmap_blocks` collect them) when it ends, with its seq on the last one; if it
-        fails half-way, what it did change is still recorded, without a seq."""
-        self._jrecs.clear()
-        done = False
+    def _journaled(self, seq: int | None, gen: int, single: bool = False) -> Iterator[None]:
+        """Run the body of mutation `seq` of `gen` (None: an unordered copy) and make it
+        applied. Journaled, each change the body makes appends its record *before* it is
+        made in place (`_log`): a replay then redoes any part of it a crash cut short, so
+        neither an intent nor applied_seq goes to the header. The seq rides on the change's
+        own record (FINAL) when `single` (the body makes exactly one change: a write), else
+        on a SEQ record appended at the end. Not journaled (no journal, or no journal space:
+        `_bypass`), the header does it: an intent per change (`_store_blocks`), applied_seq
+        at the end (docs/extent-format.md, "Crash consistency")."""
+        j = self._journal
+        journaled = j is not None and not self._bypass
+        self._jseq = None if seq is None else (gen, seq)
+        self._jsingle, self._jfinal = single, False
         try:
             yield
-            done = True
+        except BaseException:
+            if j is not None and self._jfinal:
+                # the change failed in place after its FINAL record (never acknowledged): a
+                # GEN record puts applied_seq back for a replay (its blocks are redone, as
+                # any unacknowledged write's may be)
+                h = self._h
+                j.append([Record(Kind.GEN, h.volume, h.extent, gen, self._applied)], self)
+            raise
         finally:
-            recs, self._jrecs = self._jrecs, []
-            j = self._journal
-            if j is None:
-                pass
-            elif self._bypass:
+            self._jseq = None
+            if self._bypass:
                 self._bypass = False
                 self._unjournaled = True
-            else:
-                if done and seq is not None:
-                    if not recs:
-                        recs.append(Record(Kind.SEQ, self.volume, self.extent))
-                    for rec in recs:
-                        rec.gen, rec.seq = gen, seq
-                    recs[-1].flags |= FINAL
-                j.append(recs, self)
+        if j is not None and journaled and seq is not None and not self._jfinal:
+            j.append([Record(Kind.SEQ, self.volume, self.extent, gen, seq, flags=FINAL)], self)
+        if seq is not None:
+            self._applied = seq
+        if not journaled:
+            self._store_header(self._h)  # applied_seq, the intent cleared
+
+    def _log(self, rec: Record) -> None:
+        """Append `rec`, the record of a change about to be made in place, with the running
+        mutation's seq (nothing when the mutation is not journaled: `_journaled`)."""
+        j = self._journal
+        if j is None or self._bypass:
+            return
+        if self._jseq is not None:
+            rec.gen, rec.seq = self._jseq
+            if self._jsingle:
+                assert not self._jfinal, "a single-change mutation made a second change"
+                rec.flags |= FINAL
+        j.append((rec,), self)
+        self._jfinal = bool(rec.flags & FINAL)
 
     def _io(self) -> AbstractContextManager[None]:
         return data_dir_io(self.paths.data_dir)
@@ -764,8 +800,8 @@ class Replica:
             raise FutureGeneration(h.generation, gen)
         if h.state == ReplicaState.STALE:
             raise ReplicaNotCurrent(h.state, "take ordered writes")
-        if seq != h.applied_seq + 1:
-            raise OutOfOrder(h.applied_seq + 1, seq)
+        if seq != self._applied + 1:
+            raise OutOfOrder(self._applied + 1, seq)
 
     @staticmethod
     def _blocks(offset: int, length: int) -> tuple[int, int]:
@@ -806,7 +842,8 @@ class Replica:
         self._store_blocks(b0, buf, cs.checksums_of(buf))
 
     def _store_blocks(self, b0: int, data: Buffer, sums: Buffer) -> None:
-        """Steps 1-3 of a mutation for whole blocks starting at block b0."""
+        """Store whole blocks starting at block b0: space, record (or header intent), data,
+        checksums."""
         start, nblocks = b0 * BLOCK_SIZE, len(data) // BLOCK_SIZE
         old = pread_exact(self._sum_fd, nblocks * CHECKSUM_SIZE, b0 * CHECKSUM_SIZE)
         old_mapped = cs.count_mapped(old)
@@ -815,7 +852,25 @@ class Replica:
             # all mapped already own their space: an overwrite in place needs none.)
             preallocate(self._sum_fd, b0 * CHECKSUM_SIZE, nblocks * CHECKSUM_SIZE)
             preallocate(self._data_fd, start, len(data))
-        self._store_header(self._h, intent=(start, len(data)))
+        j = self._journal
+        if j is not None and not self._bypass:
+            if len(data) >= j.placed_bytes:
+                # Large: the blocks stay where they are written, the record holds only their
+                # checksums, and the next flush syncs the data file beside the journal (a
+                # replay checks the blocks against the checksums: docs/extent-format.md)
+                self._placed = True
+                rec = Record(
+                    Kind.PLACED, self.volume, self.extent, offset=start, length=len(data),
+                    sums=bytes(sums),
+                )  # fmt: skip
+            else:
+                rec = Record(
+                    Kind.WRITE, self.volume, self.extent, offset=start, length=len(data),
+                    sums=bytes(sums), data=data,
+                )  # fmt: skip
+            self._log(rec)
+        else:  # in place only: the header names the blocks a crash may leave torn
+            self._store_header(self._h, intent=(start, len(data)))
         try:
             pwrite_all(self._data_fd, data, start)
             pwrite_all(self._sum_fd, sums, b0 * CHECKSUM_SIZE)
@@ -829,23 +884,6 @@ class Replica:
             )
             raise
         self.mapped_blocks += cs.count_mapped(sums) - old_mapped
-        j = self._journal
-        if j is not None:
-            if len(data) >= j.placed_bytes:
-                # Large: the blocks stay where they were just written, the record holds only
-                # their checksums, and the next flush syncs the data file beside the journal
-                # (a replay checks the blocks against the checksums: docs/extent-format.md)
-                self._placed = True
-                rec = Record(
-                    Kind.PLACED, self.volume, self.extent, offset=start, length=len(data),
-                    sums=bytes(sums),
-                )  # fmt: skip
-            else:
-                rec = Record(
-                    Kind.WRITE, self.volume, self.extent, offset=start, length=len(data),
-                    sums=bytes(sums), data=data,
-                )  # fmt: skip
-            self._jrecs.append(rec)
 
     def _zero_partial(self, offset: int, length: int) -> None:
         """Zero part of one block (unmap's partial edges) unless it is unmapped already."""
@@ -861,14 +899,13 @@ class Replica:
         old = pread_exact(self._sum_fd, (b1 - b0) * CHECKSUM_SIZE, b0 * CHECKSUM_SIZE)
         if not any(old):
             return
+        self._log(
+            Record(
+                Kind.UNMAP, self.volume, self.extent, offset=b0 * BLOCK_SIZE,
+                length=(b1 - b0) * BLOCK_SIZE,
+            )
+        )  # fmt: skip
         pwrite_all(self._sum_fd, bytes(len(old)), b0 * CHECKSUM_SIZE)
-        if self._journal is not None:
-            self._jrecs.append(
-                Record(
-                    Kind.UNMAP, self.volume, self.extent, offset=b0 * BLOCK_SIZE,
-                    length=(b1 - b0) * BLOCK_SIZE,
-                )
-            )  # fmt: skip
         self.mapped_blocks -= cs.count_mapped(old)
         if self.mapped_blocks == 0:
             # Nothing mapped any more: give all of the extent's space back, sidecar included.
@@ -892,10 +929,13 @@ class Replica:
         return bad
 
     def _store_header(self, h: Header, intent: tuple[int, int] = (0, 0)) -> None:
-        """Write `h` with the next counter and `intent` (none by default) to the other slot.
+        """Write `h` with the next counter, `intent` (none by default) and the applied_seq
+        of now to the other slot.
 
         The in-memory header never keeps an intent, and its `counter` is not kept up to date
         (`self._counter` is): one Header object per change of state, not three per write."""
+        if h.applied_seq != self._applied:
+            h = h.evolve(applied_seq=self._applied)
         slot = 1 - self._slot
         self._counter += 1
         pwrite_all(

@@ -156,8 +156,9 @@ class ExtentStore:
         # replayed before any header is read (it may move their seqs); a journal that cannot
         # be opened (e.g. mounted read-only) still lets the headers be listed, and opening a
         # replica there for update fails with the same error
+        journal = None
         with contextlib.suppress(DataDirFailed):
-            self.journal(d)
+            journal = self.journal(d)
         if not root.is_dir():
             return
         for vol_dir in sorted(root.iterdir()):
@@ -197,6 +198,8 @@ class ExtentStore:
                     )
                 else:
                     index[key] = d
+                    if journal is not None:  # (its records since a replay, if any)
+                        h = h.evolve(applied_seq=journal.applied(h))
                     listing.replicas.append(ReplicaInfo.of(h, d))
 
     @staticmethod

@@ -3,12 +3,13 @@ flushed (a database commit), through a real store with its journal.
 
 Run as `python -m tests.integration.chunk.journal_crash_writer DATA_DIR CHECKPOINT_BYTES
 KILL [PLACED_BYTES [SYNCED]]`; prints each seq once its flush has returned (acknowledged as
-durable). KILL is "none", "before-sync:N" or "after-sync:N": the process SIGKILLs itself at
-the start of, or right after, the Nth fdatasync of its journal (between an append and its
-sync, or between the sync and the next checkpoint). PLACED_BYTES: the store's threshold for
-writing blocks in place with a PLACED record. SYNCED: a path where a copy of the data file is
-kept as it was at its last fdatasync (what a power loss must keep of it), for the test to put
-back.
+durable). KILL is "none", "before-sync:N", "after-sync:N" or "in-place:N": the process
+SIGKILLs itself at the start of, or right after, the Nth fdatasync of its journal (between
+an append and its sync, or between the sync and the next checkpoint), or at the Nth pwrite
+of the data file (a write's record appended, its blocks not written in place yet).
+PLACED_BYTES: the store's threshold for writing blocks in place with a PLACED record.
+SYNCED: a path where a copy of the data file is kept as it was at its last fdatasync (what
+a power loss must keep of it), for the test to put back.
 """
 
 from __future__ import annotations
@@ -51,6 +52,20 @@ def kill_at(
         return None
 
     os.fdatasync = fdatasync  # the journal calls os.fdatasync by name, on the thread pool
+    if where != "in-place":
+        return
+    real_pwrite = os.pwrite
+    writes = 0
+
+    def pwrite(fd: int, buf: bytes, offset: int) -> int:
+        nonlocal writes
+        if fd == data_fd:
+            writes += 1
+            if writes == int(count):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_pwrite(fd, buf, offset)
+
+    os.pwrite = pwrite  # the store's pwrite_all calls os.pwrite by name
 
 
 async def run(

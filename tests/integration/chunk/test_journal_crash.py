@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from lunastor.chunk.store import BLOCK_SIZE, ExtentStore, ReplicaState
-from tests.integration.chunk.crash_writer import EXTENT
+from tests.integration.chunk.crash_writer import EXTENT, op
 from tests.integration.chunk.test_extent_store_faults import REPO, _apply, _model
 
 
@@ -126,6 +126,27 @@ async def test_kill_9_then_lost_extent_writes_replays_every_flushed_write(
     assert journal is not None and journal.last_replay.records == 0
     assert (await store.open("crash", 0)).applied_seq == applied
     await store.close()
+
+
+@pytest.mark.parametrize("nth", [40, 77])
+@pytest.mark.parametrize("placed", [EXTENT + 1, 16 * 1024])
+async def test_kill_9_between_a_record_and_its_blocks(
+    tmp_path: Path, nth: int, placed: int
+) -> None:
+    """Killed at a data pwrite: the write's record is in the journal (appended before its
+    blocks) and no header was written for it. A write journaled with its data is finished
+    by the replay, so applied_seq comes back past it (from the journal: the header does not
+    hold it); a PLACED write cut short is not applied, its blocks are as they were."""
+    acked = run_child(tmp_path, 1 << 30, f"in-place:{nth}", 10**9, str(placed))
+    assert acked > 5
+    applied = await check(tmp_path, acked, power_loss=False)
+    kind, _, length, _ = op(acked + 1)
+    if kind == "write" and placed > EXTENT:
+        assert applied == acked + 1
+    elif kind == "write" and length >= placed:
+        assert applied == acked
+    else:
+        assert applied in (acked, acked + 1)
 
 
 # Writes of 16 KiB or more (after the read-modify-write of their edge blocks) go in place

@@ -325,3 +325,52 @@ async def test_after_a_process_crash_a_placed_block_is_never_rolled_back(
     assert journal_of(store2, r).last_replay.unplaced == 1  # block 0: not the PLACED data
     with open(r.paths.data, "rb") as f:
         assert f.read(BLOCK_SIZE) == pattern(3, BLOCK_SIZE)
+
+
+async def test_a_journaled_write_is_three_pwrites_and_leaves_the_header_alone(
+    store: ExtentStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per write: its record (one pwritev of the journal), its blocks, its checksums; the
+    header file is not written (no intent, no applied_seq) until a flush or a change of
+    state, and applied_seq still comes back after a crash (from the records)."""
+    r = await store.create("v", 0, 1)
+    j = store.journal(r.paths.data_dir)
+    assert j is not None
+    await r.write(0, pattern(0, BLOCK_SIZE), seq=1, gen=1, fua=False)  # marks DIRTY first
+    header = r.paths.header.read_bytes()
+    fds = {r._hdr_fd: "header", r._data_fd: "data", r._sum_fd: "sums", j.fileno(): "journal"}
+    calls: list[str] = []
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        calls.append(fds.get(fd, "other"))
+        return real_pwrite(fd, data, offset)
+
+    def pwritev(fd: int, bufs: list[bytes], offset: int) -> int:
+        calls.append(fds.get(fd, "other"))
+        return real_pwritev(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    seq = 1
+    for offset, data in [
+        (BLOCK_SIZE, pattern(1, BLOCK_SIZE)),  # journaled with its data
+        (100, pattern(2, 10)),  # read-modify-write
+        (4 * BLOCK_SIZE, pattern(3, 20 * BLOCK_SIZE)),  # PLACED: checksums only
+    ]:
+        seq += 1
+        calls.clear()
+        await r.write(offset, data, seq=seq, gen=1, fua=False)
+        assert sorted(calls) == ["data", "journal", "sums"], (offset, calls)
+        seq += 1
+        calls.clear()
+        assert r.write_now(offset, data, seq=seq, gen=1)
+        assert sorted(calls) == ["data", "journal", "sums"], (offset, calls)
+    monkeypatch.undo()
+    assert r.paths.header.read_bytes() == header
+    want = await content(r)
+    r.abandon()  # killed: the header still says applied_seq 1
+    again = ExtentStore([tmp_path], EXTENT, boot_id=BOOT_A)
+    r2 = await again.open("v", 0)
+    assert (r2.applied_seq, r2.state) == (seq, ReplicaState.CURRENT)
+    assert await r2.read(0, EXTENT) == want

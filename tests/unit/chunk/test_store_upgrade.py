@@ -117,3 +117,63 @@ async def test_old_dirty_replicas_after_a_reboot_are_fenced_and_rescanned(
     else:
         assert data == pattern(21, 2 * BLOCK_SIZE) + pattern(23, BLOCK_SIZE)
     await store.close()
+
+
+# The release before the header's per-write slots went (commit ffabcbb, with the data journal;
+# made by data/make_store_ffabcbb.py): killed with its journal full of records.
+FIXTURE_FFABCBB = Path(__file__).parent / "data" / "store-ffabcbb.tar.gz"
+
+
+@pytest.fixture
+def journal_dir(tmp_path: Path) -> Path:
+    with tarfile.open(FIXTURE_FFABCBB) as tar:
+        tar.extractall(tmp_path, filter="data")
+    return tmp_path / "d0"
+
+
+async def test_a_killed_store_of_the_release_with_header_writes_per_write_resumes(
+    journal_dir: Path,
+) -> None:
+    store = ExtentStore([journal_dir], EXTENT, boot_id=BOOT_A, placed_bytes=2 * BLOCK_SIZE)
+    listing = store.list_replicas()
+    assert listing.problems == []
+    got = {(i.extent, i.generation, i.applied_seq, i.unclean) for i in listing.replicas}
+    assert got == {(0, 3, 5, False), (1, 2, 3, True), (2, 1, 2, True)}
+    r0, r1, r2 = [await store.open("vol-up", e) for e in range(3)]
+    assert await r0.read(0, EXTENT) == expected_clean()
+    assert await r1.read(0, 6 * BLOCK_SIZE) == (
+        pattern(11, BLOCK_SIZE) + pattern(12, BLOCK_SIZE) + bytes(2 * BLOCK_SIZE)
+        + pattern(13, 2 * BLOCK_SIZE)
+    )  # fmt: skip
+    # write 3 died in place after write 2's PLACED record: block 2 re-hashed as it is
+    journal = store.journal(str(journal_dir))
+    assert journal is not None and journal.last_replay.rehashed == 1
+    assert await r2.read(0, 3 * BLOCK_SIZE) == (
+        pattern(21, BLOCK_SIZE) + pattern(22, BLOCK_SIZE) + pattern(23, BLOCK_SIZE)
+    )
+    # today's writes (no header slot per write), a kill, and the journal brings them back
+    await r1.write(2 * BLOCK_SIZE, pattern(14, BLOCK_SIZE), seq=4, gen=2, fua=False)
+    await r2.write(2 * BLOCK_SIZE, pattern(24, BLOCK_SIZE), seq=3, gen=1, fua=False)
+    for r in (r1, r2):
+        r.abandon()
+    again = ExtentStore([journal_dir], EXTENT, boot_id=BOOT_A)
+    r1, r2 = [await again.open("vol-up", e) for e in (1, 2)]
+    assert (r1.applied_seq, r2.applied_seq) == (4, 3)
+    assert await r1.read(2 * BLOCK_SIZE, BLOCK_SIZE) == pattern(14, BLOCK_SIZE)
+    assert await r2.read(2 * BLOCK_SIZE, BLOCK_SIZE) == pattern(24, BLOCK_SIZE)
+    await again.close()
+    await store.close()
+
+
+async def test_a_killed_store_of_the_release_with_header_writes_per_write_after_a_reboot(
+    journal_dir: Path,
+) -> None:
+    store = ExtentStore([journal_dir], EXTENT, boot_id=BOOT_B)
+    for extent in (1, 2):
+        r = await store.open("vol-up", extent)
+        assert r.state == ReplicaState.STALE and r.needs_rescan
+        assert r.applied_seq == r.durable_seq
+        await r.checksums()
+        await r.set_generation(r.generation + 1, state=ReplicaState.CURRENT)
+        await r.read(0, EXTENT)  # every block verifies
+    await store.close()
