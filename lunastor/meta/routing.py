@@ -12,7 +12,7 @@ from aiohttp import web
 
 from lunastor.meta.context import ROLE_KEY
 from lunastor.meta.problems import Problem
-from lunastor.meta.store import Listing
+from lunastor.meta.store import Listing, json_bytes
 from lunastor.meta.validation import Schema, validate
 
 ROLES = ("admin", "csi", "reader")
@@ -71,11 +71,9 @@ class Route:
         return sorted(statuses - set(self.responses))
 
 
-def _parse_query(route: Route, request: web.Request) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for p in route.params:
-        if p.where != "query":
-            continue
+def _parse_query(query: tuple[Param, ...], request: web.Request, out: dict[str, Any]) -> None:
+    """Validate the query parameters `query` of `request` into `out`."""
+    for p in query:
         values = request.query.getall(p.name, [])
         if not values:
             continue
@@ -98,7 +96,6 @@ def _parse_query(route: Route, request: web.Request) -> dict[str, Any]:
                 )
             value = raw == "true"
         out[p.name] = validate(p.schema, value, p.name)
-    return out
 
 
 async def _parse_body(route: Route, request: web.Request) -> Any:
@@ -118,16 +115,19 @@ async def _parse_body(route: Route, request: web.Request) -> Any:
 
 def wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """The aiohttp handler for `route`: role check, then parameters and body, then the call."""
+    # Sorted once here, not on every request.
+    path_params = tuple(p for p in route.params if p.where == "path")
+    query_params = tuple(p for p in route.params if p.where == "query")
 
     async def handler(request: web.Request) -> web.StreamResponse:
         role = request.get(ROLE_KEY)
         if role not in route.roles:
             raise Problem(403, "forbidden", f"role {role} may not {route.method} {route.path}")
         params: dict[str, Any] = {}
-        for p in route.params:
-            if p.where == "path":
-                params[p.name] = validate(p.schema, request.match_info[p.name], p.name)
-        params.update(_parse_query(route, request))
+        for p in path_params:
+            params[p.name] = validate(p.schema, request.match_info[p.name], p.name)
+        if query_params:
+            _parse_query(query_params, request, params)
         body = await _parse_body(route, request)
         return await route.handler(Call(request, params, body))
 
@@ -145,8 +145,13 @@ def register(app: web.Application, routes: list[Route]) -> None:
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.json_response(body, status=status)
+    return json_body_response(json_bytes(body), status)
+
+
+def json_body_response(body: bytes, status: int = 200) -> web.Response:
+    """A response whose JSON body is encoded already."""
+    return web.Response(body=body, status=status, content_type="application/json")
 
 
 def listing_response(listing: Listing) -> web.Response:
-    return web.Response(body=listing.body(), content_type="application/json")
+    return json_body_response(listing.body())

@@ -89,6 +89,16 @@ def decode_token(token: str) -> tuple[int, str]:
     return revision, last_id
 
 
+# One compact encoder for every JSON body and view meta writes: `json.dumps` with arguments
+# builds a new encoder on every call.
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
+def json_bytes(value: Any) -> bytes:
+    """`value` as compact JSON (the API's response bodies and cached views)."""
+    return _JSON.encode(value).encode()
+
+
 def lun_target_prefix(target: int) -> str:
     """The prefix of `target`'s LUN map keys (`Keys.lun` without the LUN)."""
     return Keys.lun(target, 0).rpartition("/")[0] + "/"
@@ -155,13 +165,17 @@ class ViewCache:
         """Remember the view of a record this instance just wrote at `mod_revision`."""
         if len(self._views) >= self.size:
             del self._views[next(iter(self._views))]
-        self._views[(key, mod_revision)] = json.dumps(view, separators=(",", ":")).encode()
+        self._views[(key, mod_revision)] = json_bytes(view)
+
+    def get(self, key: str, mod_revision: int) -> bytes | None:
+        """The view of `key` at `mod_revision`, if cached."""
+        return self._views.get((key, mod_revision))
 
     def __call__(self, kv: KeyValue) -> bytes:
         key = (kv.key, kv.mod_revision)
         view = self._views.get(key)
         if view is None:
-            view = json.dumps(self.render(kv.value), separators=(",", ":")).encode()
+            view = json_bytes(self.render(kv.value))
             if len(self._views) >= self.size:
                 del self._views[next(iter(self._views))]
             self._views[key] = view
@@ -173,7 +187,7 @@ def as_json(
 ) -> Callable[[KeyValue], bytes | None]:
     def encoded(kv: KeyValue) -> bytes | None:
         view = render(kv)
-        return None if view is None else json.dumps(view, separators=(",", ":")).encode()
+        return None if view is None else json_bytes(view)
 
     return encoded
 
@@ -325,6 +339,16 @@ class Store:
         if volume is None:
             raise Problem(404, "volume_not_found", f"no volume {volume_id}")
         return volume
+
+    def volume_json(self, volume: VolumeRecord) -> bytes:
+        """`volume_view(volume)` as JSON. A volume this instance just committed was encoded
+        for the listing cache then (`create_volume`): a create's answer is not encoded twice."""
+        known = self._known.get(volume.id)
+        if known is not None and known[0] is volume:
+            cached = self._volume_views.get(known[1].key, known[1].mod_revision)
+            if cached is not None:
+                return cached
+        return json_bytes(volume_view(volume))
 
     async def find_volume(self, name: str) -> VolumeRecord | None:
         kv = await self.etcd.get(Keys.volume_name(name))

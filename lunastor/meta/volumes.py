@@ -12,6 +12,7 @@ from lunastor.meta.routing import (
     Call,
     Param,
     Route,
+    json_body_response,
     json_response,
     listing_response,
 )
@@ -32,8 +33,9 @@ async def create_volume(call: Call) -> web.Response:
         zones=body.get("zones", []),
         qos=body.get("qos", {}),
     )
-    volume, created = await call.app[STORE_KEY].create_volume(spec)
-    return json_response(volume_view(volume), 201 if created else 200)
+    store = call.app[STORE_KEY]
+    volume, created = await store.create_volume(spec)
+    return json_body_response(store.volume_json(volume), 201 if created else 200)
 
 
 async def get_volume(call: Call) -> web.Response:

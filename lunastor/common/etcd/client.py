@@ -343,11 +343,15 @@ class Etcd:
     ) -> TxnResult:
         """If every compare holds run `success`, else `failure`; atomically."""
         failure = failure or []
-        request = rpc.TxnRequest(
-            compare=[self._compare(c) for c in compares],
-            success=[self._op(op) for op in success],
-            failure=[self._op(op) for op in failure],
-        )
+        # Built in place (`add()`, then fields): a message given to a constructor is copied
+        # into its parent, and that took half of building a txn (meta sends one per REST call).
+        request = rpc.TxnRequest()
+        for c in compares:
+            self._compare(c, request.compare.add())
+        for op in success:
+            self._op(op, request.success.add())
+        for op in failure:
+            self._op(op, request.failure.add())
         resp = await self._call("kv", "Txn", request, idempotent=False)
         ops = success if resp.succeeded else failure
         results: list[OpResult] = []
@@ -360,32 +364,33 @@ class Etcd:
                 results.append(None)
         return TxnResult(bool(resp.succeeded), results, int(resp.header.revision))
 
-    def _compare(self, c: Compare) -> Any:
+    def _compare(self, c: Compare, pb: Any) -> None:
+        """Fill `pb`, a new rpc.Compare, from `c`."""
         if not isinstance(c, Compare):
             raise EtcdRequestError(f"txn compares must be Compare, not {type(c).__name__}")
-        pb = rpc.Compare(key=self.keys.encode(c.key), result=_OPS[c.op], target=c.target.value)
-        setattr(pb, _TARGET_FIELD[c.target.value], c.operand)
-        return pb
+        target = c.target.value
+        pb.key = self.keys.encode(c.key)
+        pb.result = _OPS[c.op]
+        pb.target = target
+        setattr(pb, _TARGET_FIELD[target], c.operand)
 
-    def _op(self, op: Op) -> Any:
+    def _op(self, op: Op, pb: Any) -> None:
+        """Fill `pb`, a new rpc.RequestOp, from `op`."""
         if isinstance(op, Put):
-            return rpc.RequestOp(
-                request_put=rpc.PutRequest(
-                    key=self.keys.encode(op.key),
-                    value=check_value(op.value),
-                    lease=_lease_id(op.lease),
-                )
-            )
+            put = pb.request_put
+            put.key = self.keys.encode(op.key)
+            put.value = check_value(op.value)
+            put.lease = _lease_id(op.lease)
+            return
         if isinstance(op, Delete | Get):
             if op.prefix:
                 key, end = self.keys.prefix_range(op.key)
             else:
                 key, end = self.keys.encode(op.key), b""
-            if isinstance(op, Delete):
-                return rpc.RequestOp(
-                    request_delete_range=rpc.DeleteRangeRequest(key=key, range_end=end)
-                )
-            return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, range_end=end))
+            ranged = pb.request_delete_range if isinstance(op, Delete) else pb.request_range
+            ranged.key = key
+            ranged.range_end = end
+            return
         raise EtcdRequestError(f"txn ops must be Put, Delete or Get, not {type(op).__name__}")
 
     async def compact(self, revision: int) -> None:
