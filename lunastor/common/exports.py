@@ -264,6 +264,12 @@ class Exports:
                 log.warning("ignoring an unreadable record: %s", bad)
         return self._index
 
+    async def catch_up(self, timeout: float) -> None:
+        """Return once the index holds every record etcd holds now (`PrefixCache.catch_up`);
+        TimeoutError after `timeout` seconds."""
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(c.catch_up() for c in (self.luns, self.targets, self.discovery)))
+
     async def wait_for(self, predicate: Callable[[ExportIndex], bool], timeout: float) -> None:
         """Return once `predicate(self.index)` holds; TimeoutError after `timeout` seconds.
 

@@ -38,6 +38,8 @@ VIP_HELD = Gauge(
     "lunastor_redirector_vip_held", "1 while this instance holds the VIP and serves the portal"
 )
 POLL = 0.05  # how often the leader checks its lease deadline
+# seconds a login refused on views that may lag etcd waits for them (less than login_timeout)
+CATCH_UP_TIMEOUT = 10.0
 
 
 class Leadership:
@@ -176,7 +178,11 @@ async def serve(config: RedirectorConfig, stop: asyncio.Event) -> int:
         exports = await Exports(etcd, sealer).start()
         servers = await ChunkServers(etcd).start()
         policy = RedirectPolicy(lambda: exports.index, lambda: servers.table, config.portal)
-        portal = PortalServer(policy, login_timeout=config.login_timeout)
+        portal = PortalServer(
+            policy,
+            login_timeout=config.login_timeout,
+            catch_up=lambda: exports.catch_up(CATCH_UP_TIMEOUT),
+        )
         leadership = Leadership(config, portal, vip)
 
         async def health() -> dict[str, Any]:

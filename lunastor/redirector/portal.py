@@ -11,6 +11,10 @@ Decisions (`RedirectPolicy`, pure over an `ExportIndex` and a `ServerTable`):
   portal>,1 with the server chosen by `choose_chunk_server(initiator, target, servers)`;
 - discovery CHAP set but not openable here (no or another sealing key): 0x0300 target error.
 
+"Not found" and "not authorized" are never decided on a view that lags etcd: such a refusal is
+held while the view catches up (`Exports.catch_up`), and the login is run again from the start
+(`LoginReplay`): a volume exported through meta is found by a login that comes at once.
+
 The redirect comes before authentication: the chunk server it points to runs the target's
 CHAP, and a redirect tells an unauthenticated initiator nothing that discovery with the
 same initiator name would not.
@@ -26,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import Counter
 
@@ -40,6 +44,7 @@ from lunastor.iscsi.connection import (
 )
 from lunastor.iscsi.errors import LoginStatus
 from lunastor.iscsi.login import TargetDecision
+from lunastor.iscsi.login_replay import LoginReplay
 from lunastor.iscsi.session import SessionRegistry, SessionType, TargetInfo
 from lunastor.redirector.choose import choose_chunk_server
 from lunastor.redirector.servers import ServerTable
@@ -144,9 +149,18 @@ class RedirectPolicy:
 class PortalServer:
     """Listens on the VIP portal while this instance leads."""
 
-    def __init__(self, policy: RedirectPolicy, *, login_timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        policy: RedirectPolicy,
+        *,
+        login_timeout: float = 15.0,
+        catch_up: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """`catch_up`: waits until the policy's views hold all that etcd holds now; a login
+        refused as not found or not authorized is decided again after it."""
         self.policy = policy
         self.login_timeout = login_timeout
+        self.catch_up = catch_up
         self.connections: set[PortalConnection] = set()
         self._server: asyncio.Server | None = None
 
@@ -183,15 +197,20 @@ class PortalConnection(asyncio.Protocol):
     def __init__(self, server: PortalServer) -> None:
         self.server = server
         self.loop = asyncio.get_running_loop()
-        policy = server.policy
-        # The redirector's decisions (service unavailable, no target-side CHAP) do not fit
-        # the `PortalLoginPolicy` TargetConnection builds from a Portal: give it ours.
-        self.conn = TargetConnection(
-            policy, policy.registry, tpgt=TPGT, now=self.loop.time(), login_policy=policy
-        )
+        self.conn = self._new_connection()
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
+        self._replay: LoginReplay | None = None if server.catch_up is None else LoginReplay()
+        self._relogin: asyncio.Task[None] | None = None
+
+    def _new_connection(self) -> TargetConnection:
+        policy = self.server.policy
+        # The redirector's decisions (service unavailable, no target-side CHAP) do not fit
+        # the `PortalLoginPolicy` TargetConnection builds from a Portal: give it ours.
+        return TargetConnection(
+            policy, policy.registry, tpgt=TPGT, now=self.loop.time(), login_policy=policy
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -206,6 +225,8 @@ class PortalConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         conn = self.conn
         conn.last_rx = self.loop.time()
+        if self._replay is not None:
+            self._replay.received(data)
         conn.receive_data(data)  # framing, digests and limits are the connection's
         self._flush()
 
@@ -230,12 +251,21 @@ class PortalConnection(asyncio.Protocol):
                     close = CloseConnection("normal session on the redirector")
             elif isinstance(event, CloseConnection):
                 close = event
+        if self._replay is not None and close is not None and not self._closing:
+            sent = self._replay.refused(conn)
+            if sent is not None and self.transport is not None:
+                self._replay = None
+                self.transport.pause_reading()
+                self._relogin = self.loop.create_task(self._login_again(sent))
+                return
         failure = conn.login_failure
         if failure is not None:
             conn.login_failure = None
             status = (failure.status_class << 8) | failure.status_detail
             LOGIN_FAILURES.labels(f"0x{status:04x}").inc()
         bufs = conn.data_to_send()  # the connection's one output path (digests included)
+        if self._replay is not None and bufs:
+            self._replay = None  # answered: nothing to run again from here on
         transport = self.transport
         if transport is None or self._closing:
             return
@@ -245,6 +275,20 @@ class PortalConnection(asyncio.Protocol):
             log.debug("closing portal connection: %s", close.reason)
             self._closing = True
             transport.close()
+
+    async def _login_again(self, sent: bytes) -> None:
+        """The first answer refused the login as not found or not authorized (held, not
+        sent): once the views caught up, run it again on a fresh `TargetConnection`."""
+        assert self.server.catch_up is not None
+        try:
+            await self.server.catch_up()
+        except Exception as exc:  # decide on the views we have: the refusal, most likely
+            log.warning("login refused; the views could not catch up with etcd: %r", exc)
+        if self._closing or self.transport is None or self.transport.is_closing():
+            return
+        self.conn = self._new_connection()
+        self.transport.resume_reading()
+        self.data_received(sent)
 
     def _login_deadline(self) -> None:
         if self.conn.phase is Phase.LOGIN:

@@ -33,7 +33,7 @@ from lunastor.iscsi.connection import (
     TargetConnection,
     TaskManagement,
 )
-from lunastor.iscsi.errors import LoginStatus
+from lunastor.iscsi.login_replay import LoginReplay
 from lunastor.iscsi.resume import Resumed
 from lunastor.iscsi.scsi.sense import LU_NOT_SUPPORTED, build_sense
 from lunastor.iscsi.scsi.target import ScsiTarget
@@ -56,8 +56,6 @@ SESSIONS = Gauge("lunastor_iscsi_sessions", "iSCSI sessions open now, by session
 # fixed-format sense: HARDWARE ERROR, INTERNAL TARGET FAILURE (an unexpected exception)
 LOGOUT_SETTLE_TIMEOUT = 30.0  # seconds a logout waits for the reservation store, at most
 _INTERNAL_TARGET_FAILURE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10] + [0] * 4 + [0x44, 0, 0, 0, 0, 0])
-# What a host whose view lags its source answers wrongly: decided again after `catch_up`.
-_STALE_REFUSALS = (LoginStatus.NOT_FOUND, LoginStatus.AUTHORIZATION_FAILURE)
 _LU_NOT_SUPPORTED = build_sense(LU_NOT_SUPPORTED)
 
 
@@ -231,9 +229,8 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
         self.loop = asyncio.get_running_loop()
         self._local_address = ""
         self.conn = self._new_connection()
-        # What the initiator sent before its first answer: replayed to a fresh connection
-        # after `server.catch_up` when that answer is a stale refusal (`_login_again`).
-        self._login_bytes: bytearray | None = None if server.catch_up is None else bytearray()
+        # until the first answer: a login refused on a view that may lag is run again
+        self._replay: LoginReplay | None = None if server.catch_up is None else LoginReplay()
         self._relogin: asyncio.Task[None] | None = None
         self._caught_up_luns: set[int] = set()  # LUNs not found once, looked up again since
         self.transport: asyncio.Transport | None = None
@@ -309,8 +306,8 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
     def data_received(self, data: bytes | memoryview) -> None:
         conn = self.conn
         conn.last_rx = self.loop.time()
-        if self._login_bytes is not None:
-            self._login_bytes += data
+        if self._replay is not None:
+            self._replay.received(data)
         conn.receive_data(data, copy=not isinstance(data, memoryview))
         self._flush()
 
@@ -360,16 +357,16 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
             for pdu in conn.queued():
                 log.debug("-> %r %r", pdu, bytes(getattr(pdu, "data", b""))[:512])
                 # (the fast path is off while tracing: every answer is a PDU object)
-        if (
-            close is not None
-            and self._login_bytes is not None
-            and conn.login_failure in _STALE_REFUSALS
-        ):
-            self._login_again()
-            return
+        if self._replay is not None and close is not None:
+            sent = self._replay.refused(conn)
+            if sent is not None:
+                self._replay = None
+                transport.pause_reading()
+                self._relogin = self.loop.create_task(self._login_again(sent))
+                return
         bufs = conn.data_to_send()
-        if self._login_bytes is not None and bufs:
-            self._login_bytes = None  # answered: nothing to replay from here on
+        if self._replay is not None and bufs:
+            self._replay = None  # answered: nothing to run again from here on
         if close is not None and close.reason == "logout" and self.target is not None:
             # The session's SPC-2 reservation ends with it, through the reservation store:
             # answer the logout only once every access point applied that, since another
@@ -385,17 +382,10 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
             self._closing = True
             transport.close()
 
-    def _login_again(self) -> None:
-        """The first answer would refuse the login as "not found" or "not authorised": hold
-        it, let the host catch up with its source, and run the login again from the start
-        on what the initiator sent (a fresh `TargetConnection`; nothing was answered yet)."""
-        assert self._login_bytes is not None and self.transport is not None
-        sent, self._login_bytes = bytes(self._login_bytes), None
-        self.conn.data_to_send()  # the refusal, dropped
-        self.transport.pause_reading()
-        self._relogin = self.loop.create_task(self._replay_login(sent))
-
-    async def _replay_login(self, sent: bytes) -> None:
+    async def _login_again(self, sent: bytes) -> None:
+        """The first answer refused the login as "not found" or "not authorised" (held, not
+        sent): once the host caught up, run the login again on a fresh `TargetConnection`
+        (`LoginReplay`)."""
         await self.server.caught_up("login refused")
         if self._closing or self.transport is None or self.transport.is_closing():
             return

@@ -89,7 +89,6 @@ class EtcdTargetHost:
         server, so that every access point enforces it; in-process when not given). `qos`:
         shares limited volumes' limits with the other access points (docs/qos.md)."""
         self.qos = qos
-        self.etcd = etcd
         self.path = path
         self.reservations: ReservationStore = reservations or InProcessReservations()
         self.extent_size = extent_size
@@ -167,11 +166,7 @@ class EtcdTargetHost:
         logs in once the export call returned is never refused. Raises TimeoutError after
         `timeout` seconds, an EtcdError when etcd does not answer."""
         async with asyncio.timeout(timeout):
-            newest = await asyncio.gather(
-                *(self.etcd.newest_revision(c.prefix) for c in self._caches)
-            )
-            for cache, revision in zip(self._caches, newest, strict=True):
-                await cache.wait_for_revision(revision)
+            await asyncio.gather(*(c.catch_up() for c in self._caches))
         if self._revisions() != self._built:
             self.rebuild()  # now, not when `_follow` gets to run
 

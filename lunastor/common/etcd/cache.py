@@ -78,6 +78,13 @@ class PrefixCache:
         """Return once the cache reflects every change up to `revision` under the prefix."""
         await self.wait_for(lambda c: c.revision >= revision, timeout)
 
+    async def catch_up(self, timeout: float | None = None) -> None:
+        """Return once the cache holds every key etcd holds under the prefix now (the watch
+        delivers a change some time after it committed; deletions since may still be in it):
+        one read of the newest mod revision there, then `wait_for_revision`."""
+        async with asyncio.timeout(timeout):
+            await self.wait_for_revision(await self.etcd.newest_revision(self.prefix))
+
     def applied(self) -> None:
         """Called after each event is applied, before waiters wake (a hook for subclasses)."""
 
