@@ -6,7 +6,9 @@
  * percentiles (microseconds). A benchmark client may be C; the product is Python.
  *
  *   gcc -O2 -o iscsi-load iscsi_load.c -liscsi
- *   iscsi-load URL read|write rand|seq BLOCK_BYTES QUEUE_DEPTH SECONDS [RANGE_BYTES]
+ *   iscsi-load URL read|write rand|seq BLOCK_BYTES QUEUE_DEPTH SECONDS [RANGE_BYTES [INITIATOR]]
+ *
+ * INITIATOR: the initiator name (default the bench's): several clients as several hosts.
  */
 #include <inttypes.h>
 #include <poll.h>
@@ -121,7 +123,8 @@ int main(int argc, char **argv)
 {
     if (argc < 7) {
         fprintf(stderr,
-                "usage: %s URL read|write rand|seq BLOCK_BYTES QUEUE_DEPTH SECONDS [RANGE_BYTES]\n",
+                "usage: %s URL read|write rand|seq BLOCK_BYTES QUEUE_DEPTH SECONDS "
+                "[RANGE_BYTES [INITIATOR]]\n",
                 argv[0]);
         return 2;
     }
@@ -132,7 +135,7 @@ int main(int argc, char **argv)
     double seconds = atof(argv[6]);
     uint64_t range_bytes = argc > 7 ? strtoull(argv[7], NULL, 0) : 0;
 
-    ctx = iscsi_create_context("iqn.2026-11.io.lunastor:bench");
+    ctx = iscsi_create_context(argc > 8 ? argv[8] : "iqn.2026-11.io.lunastor:bench");
     struct iscsi_url *url = iscsi_parse_full_url(ctx, argv[1]);
     if (url == NULL) {
         fprintf(stderr, "iscsi_load: bad URL: %s\n", iscsi_get_error(ctx));

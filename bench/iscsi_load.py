@@ -1,9 +1,16 @@
-"""bench/iscsi_load.c, the libiscsi load client that reports latency percentiles (qemu-img
-bench reports only a total time): built on first use, run for a fixed time.
+"""The bench's own iSCSI load clients, built on first use, run for a fixed time, each printing
+one JSON line (requests, errors, latency percentiles: qemu-img bench reports only a total time):
 
-Used where a line needs percentiles or a time-bounded load rather than a request count: the
-noisy-neighbour line (p99 of a QD1 job) and the foreground load during re-replication. Its
-initiator name is BENCH_INITIATOR (compiled in).
+* bench/iscsi_load.c (`LIBISCSI`, the default), on libiscsi: where a line needs percentiles or
+  a time-bounded load rather than a request count: the noisy-neighbour line (p99 of a QD1 job)
+  and the foreground load during re-replication.
+* bench/iscsi_light.c (`LIGHT`), the same arguments and output without libiscsi: one send for
+  every command that is ready, one recv for every response that has arrived. For lines whose
+  clients share the machine's cores with the server they measure (bench/workers.py): libiscsi
+  makes three system calls per request, qemu-img bench more.
+
+The initiator name is BENCH_INITIATOR unless a load passes its own (several clients as several
+hosts).
 """
 
 from __future__ import annotations
@@ -14,16 +21,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCE = HERE / "iscsi_load.c"
 
 
-def build(out: Path) -> Path:
-    """Compile the client into `out` unless an up-to-date binary is there."""
-    binary = out / "iscsi-load"
-    if not binary.exists() or binary.stat().st_mtime < SOURCE.stat().st_mtime:
+@dataclass(frozen=True)
+class Client:
+    """One of the load clients: its C source, binary name and libraries."""
+
+    source: Path
+    binary: str
+    libs: tuple[str, ...]
+
+
+LIBISCSI = Client(HERE / "iscsi_load.c", "iscsi-load", ("-liscsi",))
+LIGHT = Client(HERE / "iscsi_light.c", "iscsi-light", ())
+
+
+def build(out: Path, client: Client = LIBISCSI) -> Path:
+    """Compile `client` into `out` unless an up-to-date binary is there."""
+    binary = out / client.binary
+    if not binary.exists() or binary.stat().st_mtime < client.source.stat().st_mtime:
         out.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            ["gcc", "-O2", "-o", str(binary), str(SOURCE), "-liscsi"],
+            ["gcc", "-O2", "-o", str(binary), str(client.source), *client.libs],
             check=True,
             capture_output=True,
         )
@@ -69,11 +88,14 @@ class Load:
     block: int
     depth: int
 
-    def argv(self, binary: Path, url: str, seconds: float, range_bytes: int) -> list[str]:
+    def argv(
+        self, binary: Path, url: str, seconds: float, range_bytes: int, initiator: str = ""
+    ) -> list[str]:
+        """`initiator`: the client's initiator name ("": BENCH_INITIATOR)."""
         return [
             str(binary), url, "write" if self.write else "read",
             "rand" if self.random else "seq", str(self.block), str(self.depth),
-            str(seconds), str(range_bytes),
+            str(seconds), str(range_bytes), *([initiator] if initiator else []),
         ]  # fmt: skip
 
 

@@ -4,13 +4,23 @@ of one process (lunastor/chunk/workers.py, docs/scale.md)?
 How it is measured: a dev cluster of one chunk server, first with `workers = 1`, then a fresh
 one with `workers = 2`. Each has two 1-replica volumes (filled from the bench's source image
 first), each exported to its own initiator (two hosts), on different workers when there are
-two (volumes are made until the second lands on the other worker; `volumes`), and two
-`qemu-img bench` clients run at once, one per volume, each its own iSCSI session through the
-chunk server's portal (worker 0 hands each login to the worker owning its volume): 4 KiB
-random write, then 4 KiB random read, QD32 (the suite's `rw4k` and `rr4k` jobs). Both
-clients get the same request count, calibrated so that the pair runs for about `seconds`; the
-pair's IOPS is the requests of both over the longer of the two runs (conservative: a client
-that finished early is not counted as still running).
+two (volumes are made until the second lands on the other worker; `volumes`), and two clients
+run at once, one per volume, each its own iSCSI session through the chunk server's portal
+(worker 0 hands each login to the worker owning its volume): 4 KiB random write, then 4 KiB
+random read, QD32 (the suite's `rw4k` and `rr4k` jobs), each client for `seconds`. The pair's
+IOPS is the requests of both over the longer of the two runs.
+
+The clients are bench/iscsi_light.c (`iscsi_load.LIGHT`), the same in both setups: the server
+and its clients share the machine's two cores, so each microsecond of client CPU per request is
+one the 2-worker server does not get (the 1-worker server is bounded by its one core, its
+clients use the other). With server CPU s and client CPU c per request, 2 workers reach at most
+2s/(s+c) times 1 worker. `qemu-img bench` spent 5.5 us per 4 KiB read on an idle machine (0.33
+cores at 60,495 IOPS) against the server's 26, capping the read line near 1.65x before any
+other loss; libiscsi (bench/iscsi_load.c) makes three system calls per request; the light
+client sends every ready command in one send and reads every arrived response in one recv
+(measured under load 16-19: 2.5-3.6 us per read against qemu-img's 13-16 and libiscsi's
+10-12). It reaches the target exactly as an initiator does: login, READ(16)/WRITE(16) with
+immediate data, one session per client.
 
 Both clusters run at once and their pairs **alternate** (1 worker, 2 workers, `ROUNDS` times
 per job; each setup's figure sums its rounds): other load on the machine, which swings IOPS
@@ -18,7 +28,9 @@ per job; each setup's figure sums its rounds): other load on the machine, which 
 server's CPU (every worker process) and the clients' are measured around each pair, in cores
 and per IO: when neither is near a core, the IOPS measure the CPU the machine's scheduler
 gave these processes, not what the server can do. The line says where the sessions landed
-(iSCSI logins per worker, from each worker's /metrics).
+(iSCSI logins per worker, from each worker's /metrics) and how many reads each worker served
+from its own replicas (`lunastor_local_reads_total`): a read of a sibling worker's extent
+would take the local hop and not count there, so the reads not counted bound the hops.
 """
 
 from __future__ import annotations
@@ -28,23 +40,13 @@ import contextlib
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-from bench.cpu import ChildRun, ProcessGroup, delta, run_child
-from bench.qemu_img import (
-    JOB_BY_NAME,
-    PROBE_SECONDS,
-    REPORT_END,
-    Job,
-    JobFailed,
-    bench_argv,
-    fill,
-    next_probe_count,
-    parse_bench_output,
-    run_count,
-)
+from bench import iscsi_load
+from bench.cpu import ProcessGroup, delta, run_child
+from bench.qemu_img import JOB_BY_NAME, Job, JobFailed, fill
 from bench.systems import BENCH_INITIATOR
 from bench.systems.devcluster import DevCluster, Volume, dev_cluster, metric_samples, when_served
 from lunastor.chunk.workers import owner
@@ -53,9 +55,10 @@ ACCESS_POINT = "chunk1"
 JOBS = (JOB_BY_NAME["rw4k"], JOB_BY_NAME["rr4k"])
 COUNTS = (1, 2)  # workers per chunk server, compared
 LOGINS = "lunastor_iscsi_logins_total"
+LOCAL_READS = "lunastor_local_reads_total"
 CLIENT_IQN = f"{BENCH_INITIATOR}-host"  # + the volume's number: one initiator per client
 MAX_TRIES = 16
-ROUNDS = 2  # alternating pairs per setup and job
+ROUNDS = 3  # alternating pairs per setup and job
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class Pair:
     server_us_per_io: float  # the same per request
     client_cores: float = 0.0  # both clients' CPU over the pair, in cores
     load: float = 0.0  # the machine's 1-minute load average after the pair
+    client_us_per_io: float = 0.0  # both clients' CPU per request
 
     @property
     def iops(self) -> float:
@@ -83,57 +87,54 @@ class Setup:
     workers: int
     pairs: dict[str, Pair]
     logins: list[float]  # normal-session logins per worker during the jobs
+    local_reads: list[float] = field(default_factory=list)  # per worker, during the jobs
+
+    @property
+    def hops_at_most(self) -> int:
+        """Reads not served by their session's worker from its own replicas: the hops are at
+        most these (the rest are a replica's first read, which opens it: the general path)."""
+        reads = self.pairs["rr4k"].ios if "rr4k" in self.pairs else 0
+        return max(0, reads - round(sum(self.local_reads)))
 
     def to_json(self) -> dict[str, object]:
         return {
             "workers": self.workers,
             "logins": self.logins,
+            "local_reads": self.local_reads,
             "pairs": {k: {**asdict(p), "iops": p.iops} for k, p in self.pairs.items()},
         }
 
 
-def _both(job: Job, opts: Sequence[str], size: int, count: int, timeout: float) -> list[ChildRun]:
-    """`count` requests of `job` from each client, all clients at once."""
-    argvs = [bench_argv(job, o, size, count) for o in opts]
-    with concurrent.futures.ThreadPoolExecutor(len(argvs)) as pool:
-        runs = list(pool.map(lambda a: run_child(a, timeout=timeout, stop_after=REPORT_END), argvs))
-    for run in runs:
-        if run.timed_out or run.returncode != 0:
-            raise JobFailed(f"{job.label}: qemu-img bench failed: {run.output.strip()[-300:]}")
-    return runs
-
-
-def calibrate(job: Job, opts: Sequence[str], size: int, seconds: float) -> int:
-    """The request count per client for a pair of about `seconds`."""
-    probe_target = min(PROBE_SECONDS * 3, seconds / 3)
-    count = max(16, 4 * job.depth)
-    while True:
-        outs = [parse_bench_output(r.output) for r in _both(job, opts, size, count, timeout=60)]
-        slowest = max(o.seconds for o in outs)
-        if slowest >= probe_target:
-            return run_count(count, slowest, seconds, job.depth)
-        count = next_probe_count(count, slowest, probe_target)
-
-
 def pair(
-    job: Job, opts: Sequence[str], size: int, count: int, seconds: float, server: ProcessGroup
+    job: Job, rig: _Rig, size: int, seconds: float, binary: Path, server: ProcessGroup
 ) -> Pair:
-    """`count` requests of `job` from each client at once, with the server's CPU."""
+    """Both clients run `job` for `seconds` at once, with the server's CPU and theirs."""
+    load = iscsi_load.Load(write=job.write, random=job.random, block=job.block, depth=job.depth)
+    argvs = [
+        load.argv(binary, vol.url(rig.portal), seconds, size, vol.initiator) for vol in rig.volumes
+    ]
     before, started = server.sample(), time.monotonic()
-    runs = _both(job, opts, size, count, timeout=max(30.0, 4 * seconds + 20))
+    with concurrent.futures.ThreadPoolExecutor(len(argvs)) as pool:
+        runs = list(pool.map(lambda a: run_child(a, timeout=2 * seconds + 60), argvs))
     cpu = delta(before, server.sample())
     wall = time.monotonic() - started
-    outs = [parse_bench_output(r.output) for r in runs]
-    ios = sum(o.requests for o in outs)
+    outs = []
+    for run in runs:
+        if run.timed_out or run.returncode != 0:
+            raise JobFailed(f"{job.label}: {binary.name} failed: {run.output.strip()[-300:]}")
+        outs.append(iscsi_load.parse_load_output(run.output))
+    ios = sum(o.ios for o in outs)
+    client_cpu = sum(r.cpu_seconds for r in runs)
     return Pair(
         job=job.name,
         ios=ios,
         seconds=max(o.seconds for o in outs),
-        client_iops=(outs[0].requests / outs[0].seconds, outs[1].requests / outs[1].seconds),
+        client_iops=(outs[0].iops, outs[1].iops),
         server_cores=cpu.seconds / wall,
         server_us_per_io=cpu.seconds * 1e6 / max(1, ios),
-        client_cores=sum(r.cpu_seconds for r in runs) / wall,
+        client_cores=client_cpu / wall,
         load=os.getloadavg()[0],
+        client_us_per_io=client_cpu * 1e6 / max(1, ios),
     )
 
 
@@ -154,16 +155,26 @@ def combined(rounds: Sequence[Pair]) -> Pair:
         server_us_per_io=sum(p.server_us_per_io * p.ios for p in rounds) / max(1, ios),
         client_cores=sum(p.client_cores for p in rounds) / n,
         load=max(p.load for p in rounds),
+        client_us_per_io=sum(p.client_us_per_io * p.ios for p in rounds) / max(1, ios),
     )
 
 
-def _logins(cluster: DevCluster, workers: int) -> list[float]:
+def per_worker(cluster: DevCluster, workers: int, metric: str, labels: str = "") -> list[float]:
+    """Metric `metric` (its `labels` sample, or the sum of all) on each worker's /metrics."""
     host, _, port = str(cluster.daemon(ACCESS_POINT)["endpoints"]["admin"]).rpartition(":")
     out = []
     for i in range(workers):
-        text = cluster.metrics_at(f"{host}:{int(port) + i}")
-        out.append(metric_samples(text, LOGINS).get('{type="normal"}', 0.0))
+        samples = metric_samples(cluster.metrics_at(f"{host}:{int(port) + i}"), metric)
+        out.append(samples.get(labels, 0.0) if labels else sum(samples.values()))
     return out
+
+
+def _counts(cluster: DevCluster, workers: int) -> tuple[list[float], list[float]]:
+    """(normal-session logins, local reads) per worker."""
+    return (
+        per_worker(cluster, workers, LOGINS, '{type="normal"}'),
+        per_worker(cluster, workers, LOCAL_READS),
+    )
 
 
 def volumes(cluster: DevCluster, size: int, workers: int) -> list[Volume]:
@@ -182,12 +193,14 @@ def volumes(cluster: DevCluster, size: int, workers: int) -> list[Volume]:
 class _Rig:
     workers: int
     cluster: DevCluster
-    opts: list[str]
-    logins: list[float]  # before the jobs
+    portal: str
+    volumes: list[Volume]
+    before: tuple[list[float], list[float]] = ([], [])  # `_counts` before the jobs
 
 
 def measure(work: Path, source: Path, size: int, seconds: float) -> list[Setup]:
     """Both setups up at once, their pairs alternating (see the module's docstring)."""
+    binary = iscsi_load.build(work / "bin", iscsi_load.LIGHT)
     with contextlib.ExitStack() as stack:
         rigs = []
         for n in COUNTS:
@@ -195,27 +208,30 @@ def measure(work: Path, source: Path, size: int, seconds: float) -> list[Setup]:
                 dev_cluster(work / f"workers-{n}", chunks=1, chunk_workers=n)
             )
             portal = cluster.portal(ACCESS_POINT)
-            opts = [v.image_opts(portal) for v in volumes(cluster, size, n)]
-            for o in opts:
-                when_served(partial(fill, str(source), o))
-            rigs.append(_Rig(n, cluster, opts, []))
+            vols = volumes(cluster, size, n)
+            for vol in vols:
+                when_served(partial(fill, str(source), vol.image_opts(portal)))
+            rigs.append(_Rig(n, cluster, portal, vols))
         for rig in rigs:
-            rig.logins = _logins(rig.cluster, rig.workers)
+            rig.before = _counts(rig.cluster, rig.workers)
         rounds: dict[int, dict[str, list[Pair]]] = {r.workers: {} for r in rigs}
         for job in JOBS:
-            counts = [calibrate(job, rig.opts, size, seconds) for rig in rigs]
             for _ in range(ROUNDS):
-                for rig, count in zip(rigs, counts, strict=True):
-                    done = pair(job, rig.opts, size, count, seconds, rig.cluster.servers())
+                for rig in rigs:
+                    done = pair(job, rig, size, seconds, binary, rig.cluster.servers())
                     rounds[rig.workers].setdefault(job.name, []).append(done)
-        return [
-            Setup(
-                rig.workers,
-                {job: combined(p) for job, p in rounds[rig.workers].items()},
-                [a - b for a, b in zip(_logins(rig.cluster, rig.workers), rig.logins, strict=True)],
+        setups = []
+        for rig in rigs:
+            logins, local = _counts(rig.cluster, rig.workers)
+            setups.append(
+                Setup(
+                    rig.workers,
+                    {job: combined(p) for job, p in rounds[rig.workers].items()},
+                    [a - b for a, b in zip(logins, rig.before[0], strict=True)],
+                    [a - b for a, b in zip(local, rig.before[1], strict=True)],
+                )
             )
-            for rig in rigs
-        ]
+        return setups
 
 
 def ratio(setups: Sequence[Setup], job: str) -> float | None:
@@ -238,7 +254,7 @@ def measures(setups: Sequence[Setup]) -> dict[str, float]:
 def lines(setups: Sequence[Setup], size: int) -> list[str]:
     out = [
         f"workers (issue 17): one chunk server, two 1-replica volumes of {size >> 20} MiB, two "
-        f"qemu-img bench clients at once (a session each, {ACCESS_POINT}'s portal), "
+        f"clients at once (bench/iscsi_light.c, a session each, {ACCESS_POINT}'s portal), "
         "4 KiB random, QD32 (bench/workers.py)"
     ]
     for s in setups:
@@ -249,13 +265,17 @@ def lines(setups: Sequence[Setup], size: int) -> list[str]:
             vs = f" ({r:.2f}x 1 worker)" if r is not None else ""
             cells.append(
                 f"{job.op} {p.iops:>8,.0f} IOPS{vs}, server {p.server_cores:.2f} cores, "
-                f"{p.server_us_per_io:.0f} us/IO, clients {p.client_cores:.2f} cores"
+                f"{p.server_us_per_io:.0f} us/IO, clients {p.client_cores:.2f} cores, "
+                f"{p.client_us_per_io:.1f} us/IO"
             )
         logins = "/".join(f"{n:.0f}" for n in s.logins)
+        local = "/".join(f"{n:.0f}" for n in s.local_reads)
         out.append(f"  {s.workers} worker{'s' if s.workers > 1 else ' '}: " + "; ".join(cells))
         load = max(p.load for p in s.pairs.values())
         out.append(
-            f"             sessions' logins per worker: {logins}; {ROUNDS} rounds each, "
-            f"alternating with the other setup; load average up to {load:.1f}"
+            f"             sessions' logins per worker: {logins}; reads served from the "
+            f"worker's own replicas: {local} (local hops at most {s.hops_at_most}); "
+            f"{ROUNDS} rounds each, alternating with the other setup; load average up to "
+            f"{load:.1f}"
         )
     return out

@@ -390,13 +390,17 @@ def test_the_workers_line_compares_two_workers_with_one() -> None:
             "rw4k": Pair("rw4k", int(write * 10), 10.0, (write / 2, write / 2), 0.9, 90.0),
             "rr4k": Pair("rr4k", int(read * 10), 10.0, (read / 2, read / 2), 1.0, 30.0),
         }
-        return Setup(workers, pairs, [2.0] if workers == 1 else [1.0, 1.0])
+        local = [40000.0] if workers == 1 else [14990.0, 15000.0]  # reads: read * 10
+        return Setup(workers, pairs, [2.0] if workers == 1 else [1.0, 1.0], local)
 
     setups = [setup(1, 1000, 4000), setup(2, 1700, 3000)]
     assert measures(setups) == {"workers.rw4k.x_one": 1.7, "workers.rr4k.x_one": 0.75}
     text = "\n".join(lines(setups, 256 << 20))
     assert "1.70x 1 worker" in text and "0.75x 1 worker" in text
     assert "logins per worker: 1/1" in text
+    assert "own replicas: 40000 (local hops at most 0)" in text
+    assert "own replicas: 14990/15000 (local hops at most 10)" in text
+    assert "bench/iscsi_light.c" in text
     assert measures(setups[:1]) == {}  # nothing to compare with
 
 
