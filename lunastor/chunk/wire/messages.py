@@ -5,6 +5,8 @@ the payload (block data, checksum arrays) travels after the header, never inside
 it is never copied through the msgpack decoder. Version 2 adds fixed binary frames for the
 hot path (a write and its `ok` answer): a first byte of 0x80 or above, which a version-1
 reader takes for a header length above its cap, so it closes instead of misreading one.
+Version 3 adds the cumulative ack frame ("extent handle H applied through seq N"), which
+answers a secondary's forwarded writes; its rules are the sessions' (session.py).
 `FrameReader` turns bytes into frames (`Frame`, `BinFrame`); `decode_request` /
 `decode_response` turn frames into typed messages, validated against the schema tables below;
 `encode_request` / `encode_response` go the other way.
@@ -24,11 +26,14 @@ from typing import Any, ClassVar, TypeGuard
 
 import msgpack
 
-PROTOCOL_VERSION = 2
-# Readers accept the current and the previous version (ARCHITECTURE.md, "Versions"): a
-# connection negotiated at version 1 simply never carries a binary frame.
-ACCEPTED_VERSIONS = frozenset({PROTOCOL_VERSION, PROTOCOL_VERSION - 1}) - {0}
+PROTOCOL_VERSION = 3
+# Readers accept the current and the previous version (ARCHITECTURE.md, "Versions"), and
+# still version 1, the released one (versions 2 and 3 are steps of one rewrite, issue 12): a
+# connection negotiated at version 1 simply never carries a binary frame, one at version 2
+# never a cumulative ack.
+ACCEPTED_VERSIONS = frozenset({1, 2, 3})
 BINARY_VERSION = 2  # the first version with binary frames and handles
+ACK_VERSION = 3  # the first version with cumulative acks of forwarded writes
 
 BLOCK_SIZE = 4096  # checksum granularity: COPY data and checksum arrays come in these units
 CHECKSUM_SIZE = 8
@@ -47,8 +52,12 @@ BIN_WRITE = 0xB1  # a write: kind, flags, -, payload length, id, extent handle, 
 _BIN_WRITE = struct.Struct(">BBxxIQIIQQQ")  # gen, seq, offset; then the data
 BIN_WRITE_OK = 0xB2  # the ok answer to a write: kind, -, payload length (0), id, applied seq
 _BIN_WRITE_OK = struct.Struct(">BxxxIQQ")
+# a cumulative ack (version 3): kind, -, payload length (0), extent handle, how many writes it
+# answers, the seq they were applied through
+BIN_ACK = 0xB3
+_BIN_ACK = struct.Struct(">BxxxIIIQ")
 BIN_FUA = 0x01  # the only write flag
-BIN_KINDS = {BIN_WRITE: _BIN_WRITE, BIN_WRITE_OK: _BIN_WRITE_OK}
+BIN_KINDS = {BIN_WRITE: _BIN_WRITE, BIN_WRITE_OK: _BIN_WRITE_OK, BIN_ACK: _BIN_ACK}
 MAX_HANDLES = 1 << 16  # extent (and nexus) handles one connection may bind
 # a reader's receive buffer for headers and small payloads: any header fits, so it never grows
 _SCRATCH = MAX_HEADER + 64
@@ -159,6 +168,12 @@ def encode_bin_write(
 
 def encode_bin_write_ok(rid: int, applied: int) -> bytes:
     return _BIN_WRITE_OK.pack(BIN_WRITE_OK, 0, rid, applied)
+
+
+def encode_bin_ack(ext_handle: int, count: int, through: int) -> bytes:
+    """`count` forwarded writes of extent handle `ext_handle` applied, through seq `through`
+    (version 3, docs/data-protocol.md "Cumulative acks")."""
+    return _BIN_ACK.pack(BIN_ACK, 0, ext_handle, count, through)
 
 
 class FrameReader:

@@ -19,12 +19,15 @@ import hashlib
 import hmac
 import itertools
 import os
+from collections import deque
 from enum import Enum
 
 import msgpack
 
 from lunastor.chunk.wire.messages import (
     ACCEPTED_VERSIONS,
+    ACK_VERSION,
+    BIN_ACK,
     BIN_WRITE,
     BIN_WRITE_OK,
     BINARY_VERSION,
@@ -53,6 +56,7 @@ from lunastor.chunk.wire.messages import (
     decode_bin_write,
     decode_request,
     decode_response,
+    encode_bin_ack,
     encode_bin_write,
     encode_bin_write_ok,
     encode_request,
@@ -121,6 +125,14 @@ class ServerConnection:
         # version 2: handles bound by the client on this connection
         self._extents: dict[int, tuple[str, int]] = {}
         self._nexuses: dict[int, Nexus] = {}
+        # version 3, cumulative acks (docs/data-protocol.md): every forwarded binary write
+        # (seq >= 1) not answered yet, by extent handle in arrival order, and its handle and
+        # seq by request id; the acks gathered since the last `data_to_send`, by handle:
+        # [how many writes, the last one's seq]
+        self._acking = False
+        self._unanswered: dict[int, deque[int]] = {}
+        self._ackable: dict[int, tuple[int, int]] = {}
+        self._acks: dict[int, list[int]] = {}
 
     @property
     def closed(self) -> bool:
@@ -161,7 +173,10 @@ class ServerConnection:
                 if isinstance(frame, BinFrame):
                     if frame.kind != BIN_WRITE:
                         raise FrameError(f"binary frame {frame.kind:#x} is not a request")
-                    req: Request = decode_bin_write(frame, self._extents, self._nexuses)
+                    write = decode_bin_write(frame, self._extents, self._nexuses)
+                    if self._acking and write.seq:  # a forward: answered by a cumulative ack
+                        self._track(frame.values[3], write.id, write.seq)
+                    req: Request = write
                 else:
                     req = decode_request(frame)
             except FrameError as exc:
@@ -201,10 +216,21 @@ class ServerConnection:
             self._nexuses[req.handle] = req.nexus
         self._out.extend(encode_response(req.OP, Response(req.id, Status.OK)))
 
+    def _track(self, handle: int, rid: int, seq: int) -> None:
+        queue = self._unanswered.get(handle)
+        if queue is None:
+            queue = self._unanswered[handle] = deque()
+        queue.append(rid)
+        self._ackable[rid] = (handle, seq)
+
     def send_response(self, resp: Response) -> None:
         op = self._ops.pop(resp.id, None)
         if op is None:
             raise ValueError(f"no outstanding request {resp.id}")
+        if op is Op.WRITE and self._acking:
+            tracked = self._ackable.pop(resp.id, None)
+            if tracked is not None and self._ack(resp, *tracked):
+                return
         if self.closed:
             return
         if op is Op.WRITE and resp.status is Status.OK and self._reader.binary:
@@ -212,8 +238,35 @@ class ServerConnection:
         else:
             self._out.extend(encode_response(op, resp))
 
+    def _ack(self, resp: Response, handle: int, seq: int) -> bool:
+        """Fold a forwarded write's answer into its handle's cumulative ack: True if done.
+        Only an `ok` to the oldest unanswered write of the handle folds, so an ack through
+        seq N leaves the connection after the answer of every earlier write of the handle
+        (the client settles every write of the handle up to N by it); any other answer (an
+        error, or an `ok` that overtook an earlier write, e.g. one behind a FUA flush) goes
+        at once, on its own."""
+        queue = self._unanswered[handle]
+        oldest = queue[0] == resp.id
+        if oldest:
+            queue.popleft()
+        else:
+            queue.remove(resp.id)
+        if not oldest or resp.status is not Status.OK or self.closed:
+            return False
+        ack = self._acks.get(handle)
+        if ack is None:
+            self._acks[handle] = [1, seq]
+        else:
+            ack[0] += 1
+            ack[1] = seq
+        return True
+
     def data_to_send(self) -> Buffers:
         out, self._out = self._out, []
+        if self._acks:
+            # after every answer given so far: an ack never overtakes an earlier error
+            out.extend(encode_bin_ack(h, n, seq) for h, (n, seq) in self._acks.items())
+            self._acks = {}
         return out
 
     def _handshake(self, req: Request) -> None:
@@ -261,6 +314,7 @@ class ServerConnection:
                 self._reader.max_header = MAX_HEADER
                 self._reader.max_payload = self._max_payload
                 self._reader.binary = self.version >= BINARY_VERSION
+                self._acking = self.version >= ACK_VERSION
                 return
             self._answer_error(req.id, AuthFailed("wrong cluster secret"), Op.AUTH)
             self._close("client failed authentication")
@@ -314,6 +368,9 @@ class ClientConnection:
         self._extent_handles: dict[tuple[str, int], int] = {}
         self._nexus_handles: dict[Nexus, int] = {}
         self._internal: set[int] = set()
+        # version 3: the forwarded binary writes a cumulative ack may answer, by extent handle
+        self._acking = False
+        self._forwards: dict[int, _Forwards] = {}
 
     @property
     def authenticated(self) -> bool:
@@ -366,9 +423,12 @@ class ClientConnection:
             raise
 
     def _responses(self, frames: list[Frame | BinFrame]) -> list[Response]:
-        responses = []
+        responses: list[Response] = []
         for frame in frames:
             if isinstance(frame, BinFrame):
+                if frame.kind == BIN_ACK and self._acking:
+                    self._settle(frame.values, responses)
+                    continue
                 if frame.kind != BIN_WRITE_OK or frame.payload:
                     raise FrameError(f"binary frame {frame.kind:#x} is not an answer")
                 _, rid, applied = frame.values
@@ -391,6 +451,29 @@ class ClientConnection:
                 responses.append(resp)
         return responses
 
+    def _settle(self, values: tuple[int, ...], responses: list[Response]) -> None:
+        """A cumulative ack: every write of the handle still unanswered with a seq up to its
+        seq is answered `ok`. Its count must match, else the two sides disagree about what
+        was answered: a framing error (the connection closes), never a guess."""
+        _, handle, count, through = values
+        forwards = self._forwards.get(handle)
+        pending, settled = self._pending, 0
+        if forwards is not None:
+            queue = forwards.queue
+            while queue and queue[0][0] <= through:
+                seq, rid = queue.popleft()
+                # answered on its own already (an error, an ok that overtook this ack's)
+                if pending.pop(rid, None) is not None:
+                    # (the replica's applied seq when it applied this one, as in its own
+                    # answer)
+                    responses.append(Response(rid, Status.OK, {"applied_seq": seq}))
+                    settled += 1
+        if settled != count:
+            raise FrameError(
+                f"ack of handle {handle} through seq {through} answers {count} writes, "
+                f"{settled} were waiting"
+            )
+
     def _on_hello(self, resp: Response) -> None:
         if not resp.ok:
             raise AuthFailed(
@@ -406,6 +489,7 @@ class ClientConnection:
             raise AuthFailed("server does not know the cluster secret")
         self.version, self.peer, self._server_nonce = version, peer, server_nonce
         self._reader.binary = version >= BINARY_VERSION
+        self._acking = version >= ACK_VERSION
         self._auth_id = self.next_id()
         proof = _proof(self._secret, b"client", version, self.node, peer, self._nonce, server_nonce)
         self._send(Auth(self._auth_id, proof))
@@ -437,10 +521,26 @@ class ClientConnection:
                     self._nexus_handles[req.nexus] = nexus_h
                     self._bind(BindNexus(self.next_id(), nexus_h, req.nexus))
             # past MAX_HANDLES bindings a write goes as a msgpack frame, as in version 1
-            if ext_h and (nexus_h or req.nexus is None):
+            if ext_h and (nexus_h or req.nexus is None) and self._ackable(ext_h, req):
                 self._out.extend(encode_bin_write(req.id, ext_h, nexus_h, req))
                 return
         self._out.extend(encode_request(req))
+
+    def _ackable(self, handle: int, req: Write) -> bool:
+        """Whether `req` may go as a binary frame; a forward (seq >= 1) that does is noted
+        for its handle's cumulative acks. On one handle those carry seqs in increasing
+        order only (an ack through N answers every earlier one): a forward that repeats or
+        goes back (a retry, a primary back after a failover) goes as a msgpack frame."""
+        if not self._acking or not req.seq:
+            return True
+        forwards = self._forwards.get(handle)
+        if forwards is None:
+            forwards = self._forwards[handle] = _Forwards()
+        elif req.seq <= forwards.last:
+            return False
+        forwards.last = req.seq
+        forwards.queue.append((req.seq, req.id))
+        return True
 
     def _bind(self, bind: Bind | BindNexus) -> None:
         """Send a binding; its answer is ours (a refusal shows in the writes that use it)."""
@@ -455,5 +555,18 @@ class ClientConnection:
         ids += [q.id for q in self._queued]
         self._pending.clear()
         self._queued.clear()
+        self._forwards.clear()
         self.phase = Phase.CLOSED
         return ids
+
+
+class _Forwards:
+    """One extent handle's forwarded binary writes on a client connection (version 3): the
+    highest seq sent, and (seq, request id) of those a cumulative ack may still answer, in
+    send order (an entry answered on its own stays until an ack passes it)."""
+
+    __slots__ = ("last", "queue")
+
+    def __init__(self) -> None:
+        self.last = 0
+        self.queue: deque[tuple[int, int]] = deque()

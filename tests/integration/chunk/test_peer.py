@@ -16,8 +16,8 @@ import lunastor
 from lunastor.chunk.replication.replicas import DataService
 from lunastor.chunk.store import ExtentStore
 from lunastor.chunk.store.checksums import checksums_of
-from lunastor.chunk.wire.messages import Request, Response, Status
-from lunastor.chunk.wire.peer import PeerAuthFailed, PeerClient, PeerUnavailable
+from lunastor.chunk.wire.messages import Request, Response, Status, Write
+from lunastor.chunk.wire.peer import PeerAuthFailed, PeerClient, PeerError, PeerUnavailable
 from lunastor.chunk.wire.server import MAX_INFLIGHT, DataServer
 from tests.support.procs import async_wait_for
 
@@ -322,3 +322,104 @@ async def test_one_deadline_timer_fails_every_unanswered_request() -> None:
         service.release.set()
         await client.close()
         await server.close()
+
+
+class _HoldingFrom(DataService):
+    """The real extent-store service, except that it answers no write from seq `hold` on:
+    a member that stops acknowledging."""
+
+    def __init__(self, store: ExtentStore, hold: int) -> None:
+        super().__init__(store)
+        self.hold = hold
+        self.release = asyncio.Event()
+
+    def handle_now(self, req: Request) -> Response | None:
+        if getattr(req, "seq", 0) >= self.hold:
+            return None
+        return super().handle_now(req)
+
+    async def handle(self, req: Request) -> Response:
+        if getattr(req, "seq", 0) >= self.hold:
+            await self.release.wait()
+        return await super().handle(req)
+
+
+async def test_forwards_are_settled_by_cumulative_acks(tmp_path: Path) -> None:
+    """A primary's pipelined forwards (answers to callbacks, as `Settling` gets them) are
+    answered by a few acks "applied through seq N", each answering every forward of the
+    extent up to N exactly once; an error in between is answered on its own, and the
+    forwards after it are acked again; a FUA forward (a Task at the secondary) is not
+    overtaken. Then the member stops answering: the connection's deadline fails what is
+    unanswered, as it fails any request (docs/data-protocol.md, "Cumulative acks")."""
+    store = ExtentStore([tmp_path], EXTENT)
+    service = _HoldingFrom(store, hold=200)
+    server = DataServer(service, SECRET, "srv")
+    host, port = await server.start("127.0.0.1", 0)
+    client = PeerClient(host, port, SECRET, "cli", request_timeout=1.0)
+    answers: dict[int, list[Response | PeerError]] = {}
+
+    def forward(seq: int, gen: int = 1, fua: bool = False) -> None:
+        answers[seq] = got = []
+        data = bytes([seq % 256]) * BS
+        build = lambda i: Write(i, "v", 0, gen, seq, (seq % 200) * BS, fua, data)  # noqa: E731
+        assert client.send_now_to(build, got.append)
+
+    try:
+        assert (await client.create("v", 0, 1)).ok
+        assert (await client.write("v", 0, 1, 1, 0, b"a" * BS, fua=False)).ok  # DIRTY mark
+        proto = client._proto
+        assert proto is not None and proto.conn.version == 3
+        acks = 0
+        settle = proto.conn._settle
+
+        def counting(values: tuple[int, ...], responses: list[Response]) -> None:
+            nonlocal acks
+            acks += 1
+            settle(values, responses)
+
+        proto.conn._settle = counting  # type: ignore[method-assign]
+        for seq in range(2, 60):  # one burst, a FUA write in it
+            forward(seq, fua=seq == 30)
+        await asyncio.sleep(0)  # the burst leaves; the next one in a later loop iteration
+        for seq in range(60, 100):
+            forward(seq)
+
+        async def answered() -> bool:
+            return all(answers.values())
+
+        await async_wait_for(answered, timeout=20, what="every forward answered")
+        assert all(len(a) == 1 and isinstance(a[0], Response) and a[0].ok for a in answers.values())
+        assert 2 <= acks < 40, acks  # a few acks, not one answer per write
+        # an error between successes: a stale generation, answered on its own
+        acks = 0
+        forward(100)
+        forward(101, gen=0)
+        await async_wait_for(answered, timeout=20, what="the error answered")
+        [refused] = answers.pop(101)
+        assert isinstance(refused, Response) and refused.status is Status.STALE_GENERATION
+        [applied] = answers[100]
+        assert isinstance(applied, Response) and applied.ok
+        forward(101)  # its retry (a seq sent before: a msgpack frame, answered on its own)
+        for seq in range(102, 120):
+            forward(seq)
+        await async_wait_for(answered, timeout=20, what="the forwards after the error")
+        assert all(len(a) == 1 and isinstance(a[0], Response) and a[0].ok for a in answers.values())
+        assert 1 <= acks < 18
+        state = await client.get_state("v", 0)
+        assert state.fields["applied_seq"] == 119
+        # the member stops answering: every forward it holds fails at the deadline
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        service.hold = 120
+        for seq in range(120, 130):
+            forward(seq)
+        await async_wait_for(answered, timeout=20, what="the deadline")
+        assert 0.9 <= loop.time() - start < 10
+        for seq in range(120, 130):
+            [failed] = answers[seq]
+            assert isinstance(failed, PeerUnavailable)
+    finally:
+        service.release.set()
+        await client.close()
+        await server.close()
+        await store.close()

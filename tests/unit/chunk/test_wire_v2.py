@@ -49,7 +49,8 @@ def pump(client: Any, server: Any, *, bytewise: bool = False) -> list[Any]:
             return got
 
 
-def opened(client: Any, server: Any) -> None:
+def opened(client: Any, server: Any, offer: int = 2) -> None:
+    client.offer = offer  # version 3 (cumulative acks): tests/unit/chunk/test_wire_acks.py
     client.start()
     assert pump(client, server) == []
     assert server.phase.value == "open" and client.authenticated
@@ -210,27 +211,26 @@ def test_the_v1_reader_refuses_a_binary_frame_outright() -> None:
         wire_v1.FrameReader().feed(wire.encode_bin_write_ok(1, 1))
 
 
-@pytest.mark.parametrize("offered", [0, 3])
+@pytest.mark.parametrize("offered", [0, 4])
 def test_unknown_versions_are_refused_with_the_accepted_list(offered: int) -> None:
     client, server = ClientConnection(SECRET, "a"), ServerConnection(SECRET, "b")
     client.offer = offered
     client.start()
-    if offered > 2:  # a newer client is talked down to 2
+    if offered > 3:  # a newer client is talked down to 3
         pump(client, server)
-        assert server.version == 2
+        assert server.version == 3
         return
     server.receive_data(drain(client))
     [frame] = FrameReader().feed(drain(server))
     assert frame.header["status"] == "bad_request"  # type: ignore[union-attr]
-    assert frame.header["versions"] == [1, 2]  # type: ignore[union-attr]
+    assert frame.header["versions"] == [1, 2, 3]  # type: ignore[union-attr]
     assert server.closed
 
 
 def test_binding_on_a_v1_connection_is_refused() -> None:
     client = ClientConnection(SECRET, "a")
-    client.offer = 1
     server = ServerConnection(SECRET, "b")
-    opened(client, server)
+    opened(client, server, offer=1)
     assert server.version == 1
     bind = wire.Bind(client.next_id(), 1, "v", 0)
     server.receive_data(b"".join(bytes(b) for b in wire.encode_request(bind)))
