@@ -35,7 +35,7 @@ from prometheus_client import Counter
 from lunastor.chunk.replication.caw_tokens import CawTokens
 from lunastor.chunk.replication.extentmap import Entry, ExtentMap
 from lunastor.chunk.replication.fencing import EpochTable, Fenced
-from lunastor.chunk.replication.replicas import DataService, error_response
+from lunastor.chunk.replication.replicas import Answer, DataService, error_response
 from lunastor.chunk.replication.snapshots import PreserveFailed, clone_from_origin, due, preserve
 from lunastor.chunk.store import (
     DataDirFailed,
@@ -552,6 +552,16 @@ class DataNode(DataService):
         if resp is not None and req.token and resp.ok:
             self.caw_tokens.note(req.volume, req.extent, req.token, req.seq)
         return resp
+
+    def handle_soon(self, req: Request, answer: Answer) -> bool:
+        # a member's flush only (see DataService.handle_soon); the primary's runs its round
+        # of the members (`primary_flush`), and a sibling worker's extent is handed over
+        if type(req) is not Flush or self._is_primary(req.volume, req.extent):
+            return False
+        worker = self.replicas.worker
+        if worker is not None and owner(req.volume, worker.count) != worker.index:
+            return False
+        return super().handle_soon(req, answer)
 
     async def handle(self, req: Request) -> Response:
         worker = self.replicas.worker

@@ -6,7 +6,8 @@ every store error mapped onto exactly one wire status (docs/data-protocol.md, "A
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from lunastor.chunk.store import (
@@ -45,6 +46,11 @@ from lunastor.chunk.wire.messages import (
     Write,
     clip_message,
 )
+from lunastor.common.logs import get_logger
+
+log = get_logger(component="data-service")
+
+Answer = Callable[[Response], None]
 
 
 class DataService:
@@ -94,6 +100,33 @@ class DataService:
                 self.data_dir_failed(exc)
             return error_response(req.id, exc)
         return Response(req.id, Status.OK, {"applied_seq": replica.applied_seq})
+
+    def handle_soon(self, req: Request, answer: Answer) -> bool:
+        """Start `req` without a Task, its answer handed to `answer` later, from a callback:
+        True if started (else `handle` it). Only a member's `flush` of an open replica: its
+        flush round starts here, in the data port's receive callback, and is answered from
+        the round's completion (docs/datapath.md, "Write + flush at QD1")."""
+        if type(req) is not Flush:
+            return False
+        replica = self.store.opened(req.volume, req.extent)
+        if replica is None:
+            return False
+        rid = req.id
+
+        def flushed(exc: BaseException | None) -> None:
+            if exc is None:
+                answer(Response(rid, Status.OK))
+            elif isinstance(exc, ExtentStoreError):
+                if isinstance(exc, DataDirFailed):
+                    self.data_dir_failed(exc)
+                answer(error_response(rid, exc))
+            else:  # a bug must cost one answer, not the connection
+                log.error("flush failed: %r", exc)
+                msg = clip_message(f"internal error: {exc!r}")
+                answer(Response(rid, Status.UNAVAILABLE, {"message": msg}))
+
+        _Stepped(replica.flush(), flushed).step(None)
+        return True
 
     def grant(self, peer: str) -> bool:
         """A peer pinged us: grant it a read lease. A bare store grants always; `DataNode`
@@ -186,6 +219,37 @@ class DataService:
         if gen != replica.generation:
             raise StaleGeneration(replica.generation, gen)
         return replica
+
+
+class _Stepped:
+    """A coroutine run without a Task: stepped here and resumed from the done callback of
+    each future it waits on (a lock's, the thread pool's fdatasync), so a member's flush
+    round costs no Task. Only for coroutines that need no Task of their own (no
+    `asyncio.timeout`, `current_task` or cancellation): the store's `Replica.flush`. `done`
+    gets None or the exception it ended with."""
+
+    __slots__ = ("coro", "done")
+
+    def __init__(
+        self, coro: Coroutine[Any, Any, None], done: Callable[[BaseException | None], None]
+    ) -> None:
+        self.coro = coro
+        self.done = done
+
+    def step(self, _: object) -> None:
+        try:
+            waiting = self.coro.send(None)
+        except StopIteration:
+            self.done(None)
+            return
+        except (Exception, asyncio.CancelledError) as exc:
+            self.done(exc)
+            return
+        if waiting is None:  # a bare yield (asyncio.sleep(0)): the next loop iteration
+            asyncio.get_running_loop().call_soon(self.step, None)
+            return
+        waiting._asyncio_future_blocking = False  # taken over, as a Task does
+        waiting.add_done_callback(self.step)
 
 
 def error_response(rid: int, exc: ExtentStoreError) -> Response:

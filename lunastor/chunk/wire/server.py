@@ -14,7 +14,8 @@ Concurrency and back-pressure (docs/data-protocol.md, "Transport", states the sa
 * A request the service can answer without waiting (`handle_now`: a forwarded write to an
   open replica whose ordering lock is free) is answered in the receive callback itself, with
   no Task — unless an ordered mutation of the same connection is still in a Task, which it
-  must not overtake.
+  must not overtake. One the service can start without a Task (`handle_soon`: a member's
+  flush of an open replica) is answered from the callback that completes it.
 * A connection stops reading its socket while `MAX_INFLIGHT` requests of it are unanswered, or
   while its transport's write buffer is above the high-water mark (a peer that does not read
   its answers), and reads again once both are back under the limit (half of `MAX_INFLIGHT`).
@@ -25,6 +26,7 @@ Concurrency and back-pressure (docs/data-protocol.md, "Transport", states the sa
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
 from lunastor.chunk.wire.messages import (
@@ -61,6 +63,11 @@ class Service(Protocol):
         """The answer if it can be given without waiting (else None: `handle` it)."""
         ...
 
+    def handle_soon(self, req: Request, answer: Callable[[Response], None]) -> bool:
+        """Start `req` without a Task, its answer to `answer` later (else False: `handle`
+        it)."""
+        ...
+
     def grant(self, peer: str) -> bool:
         """A peer pinged us: may it hold a read lease from us (docs/datapath.md)?"""
         ...
@@ -73,6 +80,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._ordered: set[asyncio.Task[None]] = set()  # those serving an ordered mutation
+        self._soon = 0  # requests started by `handle_soon`, not answered yet
         self._flush_scheduled = False
         self._write_blocked = False
         self._reading = True
@@ -103,6 +111,8 @@ class _Protocol(asyncio.BufferedProtocol):
                 if resp is not None:
                     self._conn.send_response(resp)
                     continue
+            if not isinstance(req, ORDERED) and self._start_soon(service, req):
+                continue
             # (the loop looked up only here: in 3.11 that costs a getpid() system call)
             task = asyncio.get_running_loop().create_task(self._serve(req))
             self._tasks.add(task)
@@ -115,6 +125,23 @@ class _Protocol(asyncio.BufferedProtocol):
         else:
             self._pace()
 
+    def _start_soon(self, service: Service, req: Request) -> bool:
+        try:
+            started = service.handle_soon(req, self._answered_soon)
+        except Exception as exc:  # a bug must cost one answer, not the connection
+            log.exception("data request failed", op=str(req.OP), id=req.id)
+            msg = clip_message(f"internal error: {exc!r}")
+            self._conn.send_response(Response(req.id, Status.UNAVAILABLE, {"message": msg}))
+            return True
+        if started:
+            self._soon += 1
+        return started
+
+    def _answered_soon(self, resp: Response) -> None:
+        self._soon -= 1
+        self._answer(resp)
+        self._pace()
+
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._ordered.discard(task)
@@ -126,10 +153,10 @@ class _Protocol(asyncio.BufferedProtocol):
         if transport is None or transport.is_closing():
             return
         if self._reading:
-            if self._write_blocked or len(self._tasks) >= MAX_INFLIGHT:
+            if self._write_blocked or len(self._tasks) + self._soon >= MAX_INFLIGHT:
                 transport.pause_reading()
                 self._reading = False
-        elif not self._write_blocked and len(self._tasks) <= MAX_INFLIGHT // 2:
+        elif not self._write_blocked and len(self._tasks) + self._soon <= MAX_INFLIGHT // 2:
             transport.resume_reading()
             self._reading = True
 
@@ -154,6 +181,10 @@ class _Protocol(asyncio.BufferedProtocol):
             log.exception("data request failed", op=str(req.OP), id=req.id)
             msg = clip_message(f"internal error: {exc!r}")
             resp = Response(req.id, Status.UNAVAILABLE, {"message": msg})
+        self._answer(resp)
+
+    def _answer(self, resp: Response) -> None:
+        """An answer completed after the receive callback (a Task's, a `handle_soon`'s)."""
         if self._transport is None or self._transport.is_closing():
             return
         self._conn.send_response(resp)

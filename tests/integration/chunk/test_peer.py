@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,6 +207,9 @@ class _Held:
 
     def handle_now(self, req: Request) -> Response | None:
         return None
+
+    def handle_soon(self, req: Request, answer: Callable[[Response], None]) -> bool:
+        return False
 
     def grant(self, peer: str) -> bool:
         return peer == "friend"
@@ -420,6 +423,36 @@ async def test_forwards_are_settled_by_cumulative_acks(tmp_path: Path) -> None:
             assert isinstance(failed, PeerUnavailable)
     finally:
         service.release.set()
+        await client.close()
+        await server.close()
+        await store.close()
+
+
+async def test_a_members_flush_is_answered_from_its_round_without_a_task(tmp_path: Path) -> None:
+    """A member's flush starts its flush round in the receive callback and is answered from
+    the round's completion (docs/datapath.md, "Write + flush at QD1"): no Task per Flush.
+    Concurrent flushes share rounds (group commit); every one is answered, and the replica's
+    `durable_seq` reaches what was applied."""
+    store = ExtentStore([tmp_path], EXTENT)
+    service = _Counting(store)
+    server = DataServer(service, SECRET, "srv")
+    host, port = await server.start("127.0.0.1", 0)
+    client = PeerClient(host, port, SECRET, "cli")
+    try:
+        assert (await client.create("v", 0, 1)).ok
+        for seq in range(1, 4):
+            assert (await client.write("v", 0, 1, seq, seq * BS, b"f" * BS, fua=False)).ok
+        service.waited.clear()
+        flushes = await asyncio.gather(*(client.flush("v", 0, 1) for _ in range(8)))
+        assert all(f.ok for f in flushes)
+        assert (await client.flush("v", 0, 1)).ok
+        assert service.waited == []  # none needed a Task
+        state = await client.get_state("v", 0)
+        assert state.fields["durable_seq"] == state.fields["applied_seq"] == 3
+        # a replica that is not open: the full path (a Task) tries to open it
+        assert (await client.flush("v", 9, 1)).status is Status.NOT_FOUND
+        assert service.waited == ["flush"]
+    finally:
         await client.close()
         await server.close()
         await store.close()
