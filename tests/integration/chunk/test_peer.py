@@ -450,6 +450,7 @@ async def test_a_members_flush_is_answered_from_its_round_without_a_task(tmp_pat
         state = await client.get_state("v", 0)
         assert state.fields["durable_seq"] == state.fields["applied_seq"] == 3
         # a replica that is not open: the full path (a Task) tries to open it
+        service.waited.clear()
         assert (await client.flush("v", 9, 1)).status is Status.NOT_FOUND
         assert service.waited == ["flush"]
     finally:
