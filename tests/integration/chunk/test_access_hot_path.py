@@ -6,6 +6,7 @@ primary. A 4 KiB write there is applied, forwarded and answered without one asyn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -18,7 +19,7 @@ from lunastor.chunk.access.volume import SEQUENCED_LOCAL, VIEW_WRITES_FROM
 from lunastor.common.etcd import Etcd, EtcdConfig
 from lunastor.iscsi import pdu as p
 from lunastor.iscsi.scsi.target import LogicalUnit, ScsiTarget
-from tests.integration.chunk.test_replication import EXTENT, Cluster, _identical, blocks
+from tests.integration.chunk.test_replication import EXTENT, Cluster, Node, _identical, blocks
 from tests.integration.test_iscsi_server import IQN, Initiator, MemHost, read10, write10
 from tests.support.etcd import EtcdServer
 from tests.support.procs import async_wait_for
@@ -52,14 +53,19 @@ async def answers(ini: Initiator, itts: list[int]) -> dict[int, int]:
     return out
 
 
-async def test_a_write_at_its_primary_runs_no_task_at_the_access_point(cluster: Cluster) -> None:
+@contextlib.asynccontextmanager
+async def at_the_primary(
+    cluster: Cluster, n: int
+) -> AsyncIterator[tuple[Node, IscsiServer, Initiator]]:
+    """An iSCSI server over the volume at its extent's primary, an initiator logged in to
+    it, the unit attention cleared and (fenced) the login's nexus epoch stored."""
     first = cluster.volume("chunk-0", size=EXTENT)
     await first.write(0, blocks(1, 8), fua=False)  # places the extent: who is its primary?
     rec = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
     assert rec is not None
     here = cluster.nodes[rec.primary]
     volume = cluster.volume(here.id, size=EXTENT)
-    lu = LogicalUnit(volume, naa_id=0x6 << 124 | 7, serial="hot1")
+    lu = LogicalUnit(volume, naa_id=0x6 << 124 | n, serial=f"hot{n}")
     server = IscsiServer(
         MemHost(ScsiTarget(IQN, {0: lu})),
         ServerConfig(listen=[("127.0.0.1", 0)]),
@@ -70,8 +76,15 @@ async def test_a_write_at_its_primary_runs_no_task_at_the_access_point(cluster: 
     try:
         await ini.login()
         await ini.ready()
-        # the first write through the server: the nexus epoch is stored by now, if fenced
         await async_wait_for(_epochs_stored(here.epochs), 10, "the login's epoch stored")
+        yield here, server, ini
+    finally:
+        ini.close()
+        await server.close()
+
+
+async def test_a_write_at_its_primary_runs_no_task_at_the_access_point(cluster: Cluster) -> None:
+    async with at_the_primary(cluster, 7) as (_, _, ini):
         assert await ini.result(ini.command(write10(0, 8), write=4096, imm=blocks(2, 8))) == (
             0,
             b"",
@@ -104,9 +117,6 @@ async def test_a_write_at_its_primary_runs_no_task_at_the_access_point(cluster: 
         for k in range(DEPTH):
             got = await ini.result(ini.command(read10(8 * (k + 1), 8), read=4096))
             assert got == (0, payloads[k])
-    finally:
-        ini.close()
-        await server.close()
     await async_wait_for(
         lambda: _identical(cluster, "vol-t", 0), 10, "the replicas to settle identical"
     )
@@ -128,20 +138,6 @@ async def test_a_flush_at_its_primary_runs_no_task_at_the_access_point(cluster: 
     # written, led by the access point's own process, goes to `DataNode.primary_flush`
     # from the command itself (docs/datapath.md, "QD1 write+flush, step by step"), and
     # every member's copy is durable when it is answered.
-    first = cluster.volume("chunk-0", size=EXTENT)
-    await first.write(0, blocks(1, 8), fua=False)
-    rec = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
-    assert rec is not None
-    here = cluster.nodes[rec.primary]
-    volume = cluster.volume(here.id, size=EXTENT)
-    lu = LogicalUnit(volume, naa_id=0x6 << 124 | 8, serial="hot2")
-    server = IscsiServer(
-        MemHost(ScsiTarget(IQN, {0: lu})),
-        ServerConfig(listen=[("127.0.0.1", 0)]),
-        observer=here.epochs,
-    )
-    await server.start()
-    ini = await Initiator.connect(server.addresses[0][1])
     made: list[str] = []
     loop = asyncio.get_running_loop()
 
@@ -151,10 +147,7 @@ async def test_a_flush_at_its_primary_runs_no_task_at_the_access_point(cluster: 
         made.append(getattr(coro, "__qualname__", ""))
         return asyncio.Task(coro, loop=loop, **kw)
 
-    try:
-        await ini.login()
-        await ini.ready()
-        await async_wait_for(_epochs_stored(here.epochs), 10, "the login's epoch stored")
+    async with at_the_primary(cluster, 8) as (_, _, ini):
         assert await ini.result(ini.command(sync_cache10())) == (0, b"")  # warm-up
         loop.set_task_factory(factory)  # type: ignore[arg-type]
         try:
@@ -168,13 +161,10 @@ async def test_a_flush_at_its_primary_runs_no_task_at_the_access_point(cluster: 
                     assert replica.durable_seq == replica.applied_seq, node.id
         finally:
             loop.set_task_factory(None)
-    finally:
-        ini.close()
-        await server.close()
     # One Task per flush: the command's own, once it waits on an fdatasync (a future that
     # is not a `Completion`: `IscsiConnectionProtocol._step`). None for the volume, the
-    # access path or the node (the full path made three more). The members' data ports
-    # serve each Flush in a Task of their own: not the access point's.
+    # access path or the node (the full path made three more). (The members answer their
+    # Flush without a Task too: test_peer.py.)
     command = ("IscsiConnectionProtocol.", "ReplicatedVolume.", "AccessPath.", "DataNode.")
     per_flush = [n for n in made if n.startswith(command) and n != "DataNode._renew"]
     resumed = [n for n in per_flush if n == "IscsiConnectionProtocol._resume"]
@@ -186,35 +176,18 @@ async def test_a_large_write_goes_on_as_a_view_of_its_iscsi_buffer(cluster: Clus
     # primary applies and forwards a view of the pooled buffer its Data-Outs landed in. The
     # pool hands that buffer out again only once no view of it is alive, so each write lands
     # intact on every member although the next write reuses the buffer.
-    first = cluster.volume("chunk-0", size=EXTENT)
-    await first.write(0, blocks(1, 8), fua=False)
-    rec = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
-    assert rec is not None
-    here = cluster.nodes[rec.primary]
-    volume = cluster.volume(here.id, size=EXTENT)
-    lu = LogicalUnit(volume, naa_id=0x6 << 124 | 9, serial="hot3")
-    server = IscsiServer(
-        MemHost(ScsiTarget(IQN, {0: lu})),
-        ServerConfig(listen=[("127.0.0.1", 0)]),
-        observer=here.epochs,
-    )
-    await server.start()
-    ini = await Initiator.connect(server.addresses[0][1])
     arrived: list[type] = []
-    write_now = here.node.write_now
-
-    def spy(req: Any) -> Any:
-        arrived.append(type(req.data))
-        return write_now(req)
-
-    here.node.write_now = spy  # type: ignore[method-assign]
     size = VIEW_WRITES_FROM * 2  # six of them within the one 1 MiB extent
     blocks_per_write = size // 512
     payloads = [os.urandom(size) for _ in range(6)]
-    try:
-        await ini.login()
-        await ini.ready()
-        await async_wait_for(_epochs_stored(here.epochs), 10, "the login's epoch stored")
+    async with at_the_primary(cluster, 9) as (here, server, ini):
+        write_now = here.node.write_now
+
+        def spy(req: Any) -> Any:
+            arrived.append(type(req.data))
+            return write_now(req)
+
+        here.node.write_now = spy  # type: ignore[method-assign]
         for k, payload in enumerate(payloads):
             ini.pending_write = payload  # immediate part, then Data-Outs answering R2Ts
             itt = ini.command(
@@ -228,10 +201,7 @@ async def test_a_large_write_goes_on_as_a_view_of_its_iscsi_buffer(cluster: Clus
             assert got == (0, payload), k
         (proto,) = server.connections
         pooled = proto.conn.pool.allocated
-    finally:
         del here.node.write_now
-        ini.close()
-        await server.close()
     assert arrived == [memoryview] * len(payloads)
     assert pooled <= 2  # the Data-Out buffer was reused from one write to the next
     await async_wait_for(
