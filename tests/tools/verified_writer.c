@@ -31,10 +31,12 @@
  * (tests/integration/chunk/test_fault_rounds.py reads a volume back this way: 4 KiB per block
  * instead of the whole volume).
  */
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -132,6 +134,10 @@ static int read_back(int argc, char **argv)
 
 int main(int argc, char **argv)
 {
+    /* Dies with the test that started it: a harness stopped mid-test must not leave it behind,
+     * reconnecting (libiscsi retries forever) to a portal that is gone; one did, for an hour,
+     * at two thirds of a core. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (argc > 1 && strcmp(argv[1], "--read") == 0)
         return read_back(argc, argv);
     if (argc != 6) {
