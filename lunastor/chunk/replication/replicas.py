@@ -45,6 +45,7 @@ from lunastor.chunk.wire.messages import (
     Unmap,
     Write,
     clip_message,
+    internal_error,
 )
 from lunastor.common.logs import get_logger
 
@@ -78,9 +79,7 @@ class DataService:
         try:
             return await handler(req)
         except ExtentStoreError as exc:
-            if isinstance(exc, DataDirFailed):
-                self.data_dir_failed(exc)
-            return error_response(req.id, exc)
+            return self._store_error(req.id, exc)
 
     def handle_now(self, req: Request) -> Response | None:
         """The answer to `req` computed without waiting, or None (then `handle` it). Only a
@@ -96,9 +95,7 @@ class DataService:
             if not replica.write_now(req.offset, req.data, seq=req.seq, gen=req.gen):
                 return None
         except ExtentStoreError as exc:
-            if isinstance(exc, DataDirFailed):
-                self.data_dir_failed(exc)
-            return error_response(req.id, exc)
+            return self._store_error(req.id, exc)
         return Response(req.id, Status.OK, {"applied_seq": replica.applied_seq})
 
     def handle_soon(self, req: Request, answer: Answer) -> bool:
@@ -117,16 +114,19 @@ class DataService:
             if exc is None:
                 answer(Response(rid, Status.OK))
             elif isinstance(exc, ExtentStoreError):
-                if isinstance(exc, DataDirFailed):
-                    self.data_dir_failed(exc)
-                answer(error_response(rid, exc))
+                answer(self._store_error(rid, exc))
             else:  # a bug must cost one answer, not the connection
                 log.error("flush failed: %r", exc)
-                msg = clip_message(f"internal error: {exc!r}")
-                answer(Response(rid, Status.UNAVAILABLE, {"message": msg}))
+                answer(internal_error(rid, exc))
 
         _Stepped(replica.flush(), flushed).step(None)
         return True
+
+    def _store_error(self, rid: int, exc: ExtentStoreError) -> Response:
+        """The answer for a store error; a failed data directory is reported first."""
+        if isinstance(exc, DataDirFailed):
+            self.data_dir_failed(exc)
+        return error_response(rid, exc)
 
     def grant(self, peer: str) -> bool:
         """A peer pinged us: grant it a read lease. A bare store grants always; `DataNode`

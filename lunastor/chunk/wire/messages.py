@@ -919,6 +919,12 @@ def clip_message(text: str) -> str | None:
     return clipped or None
 
 
+def internal_error(rid: int, exc: BaseException) -> Response:
+    """The answer to request `rid` when serving it raised what no status stands for (a bug):
+    it costs that one answer, not the connection."""
+    return Response(rid, Status.UNAVAILABLE, {"message": clip_message(f"internal error: {exc!r}")})
+
+
 def request_fields(req: Request) -> dict[str, Any]:
     """The message's fields by attribute name (for logs; payloads shown by size)."""
     out: dict[str, Any] = {}

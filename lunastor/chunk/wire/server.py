@@ -42,7 +42,7 @@ from lunastor.chunk.wire.messages import (
     Status,
     Unmap,
     Write,
-    clip_message,
+    internal_error,
 )
 from lunastor.chunk.wire.session import ServerConnection
 from lunastor.common.logs import get_logger
@@ -105,9 +105,7 @@ class _Protocol(asyncio.BufferedProtocol):
                 try:
                     resp = service.handle_now(req)
                 except Exception as exc:  # a bug must cost one answer, not the connection
-                    log.exception("data request failed", op=str(req.OP), id=req.id)
-                    msg = clip_message(f"internal error: {exc!r}")
-                    resp = Response(req.id, Status.UNAVAILABLE, {"message": msg})
+                    resp = _failed(req, exc)
                 if resp is not None:
                     self._conn.send_response(resp)
                     continue
@@ -129,9 +127,7 @@ class _Protocol(asyncio.BufferedProtocol):
         try:
             started = service.handle_soon(req, self._answered_soon)
         except Exception as exc:  # a bug must cost one answer, not the connection
-            log.exception("data request failed", op=str(req.OP), id=req.id)
-            msg = clip_message(f"internal error: {exc!r}")
-            self._conn.send_response(Response(req.id, Status.UNAVAILABLE, {"message": msg}))
+            self._conn.send_response(_failed(req, exc))
             return True
         if started:
             self._soon += 1
@@ -178,9 +174,7 @@ class _Protocol(asyncio.BufferedProtocol):
             else:
                 resp = await service.handle(req)
         except Exception as exc:  # a bug must cost one answer, not the connection
-            log.exception("data request failed", op=str(req.OP), id=req.id)
-            msg = clip_message(f"internal error: {exc!r}")
-            resp = Response(req.id, Status.UNAVAILABLE, {"message": msg})
+            resp = _failed(req, exc)
         self._answer(resp)
 
     def _answer(self, resp: Response) -> None:
@@ -247,3 +241,9 @@ class DataServer:
 
 
 __all__ = ["MAX_INFLIGHT", "DataServer", "Service"]
+
+
+def _failed(req: Request, exc: Exception) -> Response:
+    """Serving `req` raised `exc` (a bug): logged with its traceback, answered UNAVAILABLE."""
+    log.exception("data request failed", op=str(req.OP), id=req.id)
+    return internal_error(req.id, exc)
