@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lunastor.common.etcd import Etcd, PrefixCache
+from lunastor.common.etcd.cache import catch_up_all
 from lunastor.common.records import (
     MAX_TARGETS,
     TARGET_IQN_PREFIX,
@@ -267,8 +268,7 @@ class Exports:
     async def catch_up(self, timeout: float) -> None:
         """Return once the index holds every record etcd holds now (`PrefixCache.catch_up`);
         TimeoutError after `timeout` seconds."""
-        async with asyncio.timeout(timeout):
-            await asyncio.gather(*(c.catch_up() for c in (self.luns, self.targets, self.discovery)))
+        await catch_up_all((self.luns, self.targets, self.discovery), timeout)
 
     async def wait_for(self, predicate: Callable[[ExportIndex], bool], timeout: float) -> None:
         """Return once `predicate(self.index)` holds; TimeoutError after `timeout` seconds.

@@ -23,7 +23,7 @@ from lunastor.chunk.access.qos import apply_limits
 from lunastor.chunk.access.qos_share import QosCoordinator
 from lunastor.chunk.access.volume import AccessPath, ReplicatedVolume
 from lunastor.common.etcd import Etcd
-from lunastor.common.etcd.cache import PrefixCache
+from lunastor.common.etcd.cache import PrefixCache, catch_up_all
 from lunastor.common.records import (
     TARGET_IQN_PREFIX,
     ChapRecord,
@@ -165,8 +165,7 @@ class EtcdTargetHost:
         of before is decided again after this (`IscsiServer`'s `catch_up`), so that whoever
         logs in once the export call returned is never refused. Raises TimeoutError after
         `timeout` seconds, an EtcdError when etcd does not answer."""
-        async with asyncio.timeout(timeout):
-            await asyncio.gather(*(c.catch_up() for c in self._caches))
+        await catch_up_all(self._caches, timeout)
         if self._revisions() != self._built:
             self.rebuild()  # now, not when `_follow` gets to run
 

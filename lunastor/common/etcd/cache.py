@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -106,3 +106,10 @@ class PrefixCache:
             self.error = exc
             async with self.changed:
                 self.changed.notify_all()
+
+
+async def catch_up_all(caches: Iterable[PrefixCache], timeout: float) -> None:
+    """Return once every one of `caches` holds what etcd holds now under its prefix
+    (`PrefixCache.catch_up`, all at once); TimeoutError after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        await asyncio.gather(*(c.catch_up() for c in caches))
