@@ -120,9 +120,11 @@ class Rig:
             data_dirs=[{"path": "x", "capacity": 1 << 30, "free": 1 << 30}],
         )
         await self.c.etcd.put(Keys.chunk(cid), info.to_json())
-        await self.c.etcd.put(Keys.live_chunk(cid), status.to_json())
+        revision = await self.c.etcd.put(Keys.live_chunk(cid), status.to_json())
         for other in self.c.nodes.values():
-            await other.emap.live.wait_for(lambda c: Keys.live_chunk(cid) in c.items, 10)
+            # the revision, not the key's presence: a view that has not seen the kill's
+            # delete yet still holds the old record, and drops it after this returned
+            await other.emap.live.wait_for_revision(revision, 10)
 
     async def replicas_identical(self, index: int, members: list[str]) -> bytes:
         """Every member's replica: same checksum array, same bytes; returns the bytes."""

@@ -193,7 +193,7 @@ async def test_the_convergence_waits_for_an_expected_member_and_keeps_the_primar
 
 
 async def test_the_convergence_waits_for_a_live_member_that_does_not_answer_yet(
-    rig: Rig,
+    rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A member whose live record is still there (from before a whole-cluster restart) and
     whose process is not up yet: the convergence waits for it instead of leaving it out."""
@@ -204,7 +204,13 @@ async def test_the_convergence_waits_for_a_live_member_that_does_not_answer_yet(
     late = before.replicas[2]
     n = rig.c.nodes[late]
     await n.server.close()  # its port closed, its live record kept
-    await rig.repairers[before.primary].run_once()
+    waiting = f"waiting for ['{late}'] to answer before converging"
+    await rig.repairers[before.primary].run_once()  # the primary's set-up starts the recovery
+
+    deadline = time.monotonic() + 20
+    while waiting not in caplog.text:  # (in the background: the record must stay until then)
+        assert time.monotonic() < deadline, "the recovery never waited for the live member"
+        await asyncio.sleep(0.05)
     assert (await rig.fresh(0)).replicas == before.replicas, "a live member was left out"
     await rig.c.kill(late)
     await rig.restart(late)
