@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 from bench import iscsi_load
-from bench.systems.devcluster import DevCluster, Volume, when_served
+from bench.systems.devcluster import DevCluster, Volume
 
 ACCESS_POINT = "chunk1"
 VICTIM_LOAD = iscsi_load.Load(write=True, random=True, block=4096, depth=1)
@@ -74,7 +73,7 @@ def measure(cluster: DevCluster, client: Path, seconds: float) -> Noisy:
     portal = cluster.portal(ACCESS_POINT)
     a_url, b_url = a.url(portal), b.url(portal)
     for url in (a_url, b_url):  # allocate the extents first: first writes are not the subject
-        when_served(partial(iscsi_load.run, client, url, FLOOD, 1, SIZE))
+        iscsi_load.run(client, url, FLOOD, 1, SIZE)
     alone = iscsi_load.run(client, a_url, VICTIM_LOAD, seconds, SIZE)
     unlimited = next_to_flood(client, a_url, b_url, seconds)
     limit = max(MIN_LIMIT, int(unlimited.b_iops * LIMIT_SHARE))

@@ -41,14 +41,13 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 from bench import iscsi_load
 from bench.cpu import ProcessGroup, delta, run_child
 from bench.qemu_img import JOB_BY_NAME, Job, JobFailed, fill
 from bench.systems import BENCH_INITIATOR
-from bench.systems.devcluster import DevCluster, Volume, dev_cluster, metric_samples, when_served
+from bench.systems.devcluster import DevCluster, Volume, dev_cluster, metric_samples
 from lunastor.chunk.workers import owner
 
 ACCESS_POINT = "chunk1"
@@ -210,7 +209,7 @@ def measure(work: Path, source: Path, size: int, seconds: float) -> list[Setup]:
             portal = cluster.portal(ACCESS_POINT)
             vols = volumes(cluster, size, n)
             for vol in vols:
-                when_served(partial(fill, str(source), vol.image_opts(portal)))
+                fill(str(source), vol.image_opts(portal))
             rigs.append(_Rig(n, cluster, portal, vols))
         for rig in rigs:
             rig.before = _counts(rig.cluster, rig.workers)

@@ -14,9 +14,8 @@ import random
 import re
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,20 +160,6 @@ class DevCluster:
     def start(self, name: str) -> None:
         lunastor("dev", "start", name, "--dir", str(self.dir))
         self.refresh()
-
-
-def when_served(run: Callable[[], object], wait: float = 60.0) -> None:
-    """`run()` once the access point serves the new LUN (a loaded machine takes a while to
-    see a new volume and its export: the first logins may find no such LUN yet)."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            run()
-            return
-        except RuntimeError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
 
 
 def worker_pids(pid: int) -> list[int]:
