@@ -31,9 +31,11 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 
 from prometheus_client import Counter
 
+from lunastor.common.catch_up import login_again
 from lunastor.common.exports import ChapSecrets, ExportIndex, SecretUnavailable
 from lunastor.iscsi.chap import ChapCredentials
 from lunastor.iscsi.connection import (
@@ -254,9 +256,14 @@ class PortalConnection(asyncio.Protocol):
         if self._replay is not None and close is not None and not self._closing:
             sent = self._replay.refused(conn)
             if sent is not None and self.transport is not None:
+                assert self.server.catch_up is not None
                 self._replay = None
-                self.transport.pause_reading()
-                self._relogin = self.loop.create_task(self._login_again(sent))
+                self._relogin = login_again(
+                    self.transport,
+                    self.server.catch_up,
+                    lambda: self._closing,
+                    partial(self._login_again, sent),
+                )
                 return
         failure = conn.login_failure
         if failure is not None:
@@ -276,18 +283,10 @@ class PortalConnection(asyncio.Protocol):
             self._closing = True
             transport.close()
 
-    async def _login_again(self, sent: bytes) -> None:
+    def _login_again(self, sent: bytes) -> None:
         """The first answer refused the login as not found or not authorized (held, not
-        sent): once the views caught up, run it again on a fresh `TargetConnection`."""
-        assert self.server.catch_up is not None
-        try:
-            await self.server.catch_up()
-        except Exception as exc:  # decide on the views we have: the refusal, most likely
-            log.warning("login refused; the views could not catch up with etcd: %r", exc)
-        if self._closing or self.transport is None or self.transport.is_closing():
-            return
+        sent): the views caught up, run it again on a fresh `TargetConnection`."""
         self.conn = self._new_connection()
-        self.transport.resume_reading()
         self.data_received(sent)
 
     def _login_deadline(self) -> None:

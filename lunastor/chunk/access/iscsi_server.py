@@ -18,11 +18,13 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
 
 from lunastor.chunk.access.completion import Completion
+from lunastor.common.catch_up import caught_up, login_again
 from lunastor.iscsi import pdu as p
 from lunastor.iscsi.buffers import unexported
 from lunastor.iscsi.connection import (
@@ -171,16 +173,6 @@ class IscsiServer:
             if ended is not None:
                 ended()
             SESSIONS.labels(session.session_type.name.lower()).dec()
-
-    async def caught_up(self, refused: str) -> None:
-        """Wait for `catch_up` before deciding again on what was `refused`; if it fails, the
-        host decides on what it has (the refusal, most likely)."""
-        assert self.catch_up is not None
-        try:
-            # a task of its own: a command's first step runs outside any task (`_step`)
-            await asyncio.ensure_future(self.catch_up())
-        except Exception as exc:
-            log.warning("%s; the target host could not catch up: %r", refused, exc)
 
     def connection_of(self, session: Session) -> IscsiConnectionProtocol | None:
         return self._by_session.get(session)
@@ -360,9 +352,14 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
         if self._replay is not None and close is not None:
             sent = self._replay.refused(conn)
             if sent is not None:
+                assert self.server.catch_up is not None
                 self._replay = None
-                transport.pause_reading()
-                self._relogin = self.loop.create_task(self._login_again(sent))
+                self._relogin = login_again(
+                    transport,
+                    self.server.catch_up,
+                    lambda: self._closing,
+                    partial(self._login_again, sent),
+                )
                 return
         bufs = conn.data_to_send()
         if self._replay is not None and bufs:
@@ -382,15 +379,11 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
             self._closing = True
             transport.close()
 
-    async def _login_again(self, sent: bytes) -> None:
+    def _login_again(self, sent: bytes) -> None:
         """The first answer refused the login as "not found" or "not authorised" (held, not
-        sent): once the host caught up, run the login again on a fresh `TargetConnection`
+        sent): the host caught up, run the login again on a fresh `TargetConnection`
         (`LoginReplay`)."""
-        await self.server.caught_up("login refused")
-        if self._closing or self.transport is None or self.transport.is_closing():
-            return
         self.conn = self._new_connection()
-        self.transport.resume_reading()
         self.data_received(sent)
 
     async def _answer_logout(self, target: ScsiTarget, bufs: Sequence[Any]) -> None:
@@ -482,7 +475,8 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
         return True
 
     async def _caught_up(self, target: ScsiTarget, cmd: ScsiCommand) -> ScsiResult:
-        await self.server.caught_up(f"LUN {cmd.lun} not found")
+        assert self.server.catch_up is not None
+        await caught_up(self.server.catch_up, f"LUN {cmd.lun} not found")
         return await target.execute(cmd)
 
     @staticmethod
