@@ -25,7 +25,7 @@ async def caught_up(catch_up: CatchUp, refused: str) -> None:
     host decides on what it has (the refusal, most likely)."""
     try:
         # a task of its own: the caller may run outside any task (a command's first step,
-        # iscsi_server.py's `_step`), where asyncio.timeout cannot work
+        # driven without a Task: lunastor/chunk/stepped.py), where asyncio.timeout cannot work
         await asyncio.ensure_future(catch_up())
     except Exception as exc:
         log.warning("%s; the view could not catch up with its source: %r", refused, exc)
@@ -35,23 +35,27 @@ def login_again(
     transport: asyncio.Transport,
     catch_up: CatchUp,
     closing: Callable[[], bool],
-    again: Callable[[], None],
+    again: Callable[[bytes], None],
+    sent: bytes,
 ) -> asyncio.Task[None]:
-    """A login's refusal is held (`LoginReplay.refused`): read nothing more from `transport`
-    until the view caught up, then, unless the connection closed meanwhile, read again and
-    `again()` (a fresh connection state fed the login's bytes). The caller keeps the Task."""
+    """A login's refusal is held (`LoginReplay.refused`, `sent`: the login's bytes): read
+    nothing more from `transport` until the view caught up, then, unless the connection
+    closed meanwhile, read again and `again(sent)` (a fresh connection state fed the same
+    bytes). The caller keeps the Task."""
     transport.pause_reading()
-    return asyncio.get_running_loop().create_task(_again(transport, catch_up, closing, again))
+    loop = asyncio.get_running_loop()
+    return loop.create_task(_again(transport, catch_up, closing, again, sent))
 
 
 async def _again(
     transport: asyncio.Transport,
     catch_up: CatchUp,
     closing: Callable[[], bool],
-    again: Callable[[], None],
+    again: Callable[[bytes], None],
+    sent: bytes,
 ) -> None:
     await caught_up(catch_up, "login refused")
     if closing() or transport.is_closing():
         return
     transport.resume_reading()
-    again()
+    again(sent)

@@ -31,7 +31,6 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 
 from prometheus_client import Counter
 
@@ -253,16 +252,14 @@ class PortalConnection(asyncio.Protocol):
                     close = CloseConnection("normal session on the redirector")
             elif isinstance(event, CloseConnection):
                 close = event
+        transport = self.transport
         if self._replay is not None and close is not None and not self._closing:
             sent = self._replay.refused(conn)
-            if sent is not None and self.transport is not None:
+            if sent is not None and transport is not None:
                 assert self.server.catch_up is not None
                 self._replay = None
                 self._relogin = login_again(
-                    self.transport,
-                    self.server.catch_up,
-                    lambda: self._closing,
-                    partial(self._login_again, sent),
+                    transport, self.server.catch_up, lambda: self._closing, self._login_again, sent
                 )
                 return
         failure = conn.login_failure
@@ -273,7 +270,6 @@ class PortalConnection(asyncio.Protocol):
         bufs = conn.data_to_send()  # the connection's one output path (digests included)
         if self._replay is not None and bufs:
             self._replay = None  # answered: nothing to run again from here on
-        transport = self.transport
         if transport is None or self._closing:
             return
         if bufs:

@@ -18,12 +18,12 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
 
 from lunastor.chunk.access.completion import Completion
+from lunastor.chunk.stepped import Stepped
 from lunastor.common.catch_up import caught_up, login_again
 from lunastor.iscsi import pdu as p
 from lunastor.iscsi.buffers import unexported
@@ -355,10 +355,7 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
                 assert self.server.catch_up is not None
                 self._replay = None
                 self._relogin = login_again(
-                    transport,
-                    self.server.catch_up,
-                    lambda: self._closing,
-                    partial(self._login_again, sent),
+                    transport, self.server.catch_up, lambda: self._closing, self._login_again, sent
                 )
                 return
         bufs = conn.data_to_send()
@@ -415,39 +412,16 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
         loop iteration (Python 3.12's eager tasks, by hand for 3.11)."""
         target = self.target
         assert target is not None
-        self._step(_Driven(self, ev.itt, ev.command, target.execute(ev.command)), None)
+        _Driven(self, ev.itt, ev.command, target.execute(ev.command)).step()
 
-    def _step(self, cmd: _Driven, exc: BaseException | None) -> None:
-        """Run `cmd`'s coroutine to its next yield (`exc`: thrown in, a cancellation). A
-        coroutine that waits on a `Completion` (a replicated write awaiting its secondaries)
-        is resumed from that future's done callback: no Task per command. Anything else it
-        waits on gets a Task from here on (`_resume`), where asyncio.timeout and the like
-        work."""
-        itt = cmd.itt
-        try:
-            waiting = cmd.coro.send(None) if exc is None else cmd.coro.throw(exc)
-        except StopIteration as done:
-            self._done(cmd, done.value)
-            return
-        except asyncio.CancelledError:
-            if self._running.get(itt) is cmd:
-                del self._running[itt]
-            if exc is None:  # not ours: the coroutine cancelled itself; still an answer
-                self._done(cmd, self._internal_failure(cmd.command))
-            return  # aborted by task management or connection loss: no answer
-        except Exception:
-            self._done(cmd, self._internal_failure(cmd.command))
-            return
-        if type(waiting) is Completion and not waiting.done():
-            waiting._asyncio_future_blocking = False  # as a Task does with what it awaits
-            cmd.waiting = waiting
-            self._running[itt] = cmd
-            waiting.add_done_callback(cmd.resume)
-            return
-        cmd.waiting = None
-        self._running[itt] = self.loop.create_task(
-            self._resume(itt, cmd.command, cmd.coro, waiting)
-        )
+    def _failed(self, cmd: _Driven, exc: BaseException, cancelled: bool) -> None:
+        if isinstance(exc, asyncio.CancelledError):
+            if self._running.get(cmd.itt) is cmd:
+                del self._running[cmd.itt]
+            if cancelled:
+                return  # aborted by task management or connection loss: no answer
+            # not ours: the coroutine cancelled itself; still an answer
+        self._done(cmd, self._internal_failure(cmd.command))
 
     def _done(self, cmd: _Driven, result: ScsiResult) -> None:
         if self._running.get(cmd.itt) is cmd:
@@ -471,7 +445,7 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
         if self.server.catch_up is None or target is None or lun in self._caught_up_luns:
             return False
         self._caught_up_luns.add(lun)
-        self._step(_Driven(self, cmd.itt, cmd.command, self._caught_up(target, cmd.command)), None)
+        _Driven(self, cmd.itt, cmd.command, self._caught_up(target, cmd.command)).step()
         return True
 
     async def _caught_up(self, target: ScsiTarget, cmd: ScsiCommand) -> ScsiResult:
@@ -523,11 +497,7 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
         for itt in itts:
             running = self._running.pop(itt, None)
             if isinstance(running, _Driven):
-                waiting = running.waiting
-                if waiting is not None:
-                    waiting.remove_done_callback(running.resume)
-                    waiting.cancel()
-                self._step(running, asyncio.CancelledError())
+                running.cancel()
                 later = self._running.pop(itt, None)  # its clean-up waits: in a Task now
                 if isinstance(later, asyncio.Task):
                     tasks.append(later)  # (already cancelled: CancelledError is in it)
@@ -591,11 +561,13 @@ class IscsiConnectionProtocol(asyncio.BufferedProtocol):
         self._closing = True
 
 
-class _Driven:
-    """A command coroutine driven by `IscsiConnectionProtocol._step`, not by a Task: the
-    state a Task would hold (what it waits on) and its wake-up (`resume`)."""
+class _Driven(Stepped[ScsiResult]):
+    """A command coroutine driven without a Task (`IscsiConnectionProtocol._start`). One that
+    waits on a `Completion` (a replicated write awaiting its secondaries) is resumed from
+    that future's done callback: no Task per command. Anything else it waits on gets a Task
+    from here on (`_resume`), where asyncio.timeout and the like work."""
 
-    __slots__ = ("command", "coro", "itt", "proto", "waiting")
+    __slots__ = ("command", "itt", "proto")
 
     def __init__(
         self,
@@ -604,14 +576,27 @@ class _Driven:
         command: ScsiCommand,
         coro: Coroutine[Any, Any, ScsiResult],
     ) -> None:
+        super().__init__(coro)
         self.proto = proto
         self.itt = itt
         self.command = command
-        self.coro = coro
-        self.waiting: Completion | None = None
 
-    def resume(self, _: asyncio.Future[None]) -> None:
-        self.proto._step(self, None)
+    def yielded(self, waiting: Any) -> None:
+        proto = self.proto
+        if type(waiting) is Completion and not waiting.done():
+            self.wait_on(waiting)
+            proto._running[self.itt] = self
+            return
+        self.waiting = None
+        proto._running[self.itt] = proto.loop.create_task(
+            proto._resume(self.itt, self.command, self.coro, waiting)
+        )
+
+    def finished(self, result: ScsiResult) -> None:
+        self.proto._done(self, result)
+
+    def failed(self, exc: BaseException, cancelled: bool) -> None:
+        self.proto._failed(self, exc, cancelled)
 
 
 _TARGET_RESETS = (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET)

@@ -6,10 +6,10 @@ every store error mapped onto exactly one wire status (docs/data-protocol.md, "A
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from lunastor.chunk.stepped import Stepped
 from lunastor.chunk.store import (
     ChecksumMismatch,
     DataDirFailed,
@@ -108,18 +108,7 @@ class DataService:
         replica = self.store.opened(req.volume, req.extent)
         if replica is None:
             return False
-        rid = req.id
-
-        def flushed(exc: BaseException | None) -> None:
-            if exc is None:
-                answer(Response(rid, Status.OK))
-            elif isinstance(exc, ExtentStoreError):
-                answer(self._store_error(rid, exc))
-            else:  # a bug must cost one answer, not the connection
-                log.error("flush failed: %r", exc)
-                answer(internal_error(rid, exc))
-
-        _Stepped(replica.flush(), flushed).step(None)
+        _Flush(replica.flush(), self, req.id, answer).step()
         return True
 
     def _store_error(self, rid: int, exc: ExtentStoreError) -> Response:
@@ -221,35 +210,29 @@ class DataService:
         return replica
 
 
-class _Stepped:
-    """A coroutine run without a Task: stepped here and resumed from the done callback of
-    each future it waits on (a lock's, the thread pool's fdatasync), so a member's flush
-    round costs no Task. Only for coroutines that need no Task of their own (no
-    `asyncio.timeout`, `current_task` or cancellation): the store's `Replica.flush`. `done`
-    gets None or the exception it ended with."""
+class _Flush(Stepped[None]):
+    """A member's flush round driven without a Task (`DataService.handle_soon`): the store's
+    `Replica.flush` waits only on futures (its ordering lock, the thread pool's fdatasync)."""
 
-    __slots__ = ("coro", "done")
+    __slots__ = ("answer", "rid", "service")
 
     def __init__(
-        self, coro: Coroutine[Any, Any, None], done: Callable[[BaseException | None], None]
+        self, coro: Coroutine[Any, Any, None], service: DataService, rid: int, answer: Answer
     ) -> None:
-        self.coro = coro
-        self.done = done
+        super().__init__(coro)
+        self.service = service
+        self.rid = rid
+        self.answer = answer
 
-    def step(self, _: object) -> None:
-        try:
-            waiting = self.coro.send(None)
-        except StopIteration:
-            self.done(None)
-            return
-        except (Exception, asyncio.CancelledError) as exc:
-            self.done(exc)
-            return
-        if waiting is None:  # a bare yield (asyncio.sleep(0)): the next loop iteration
-            asyncio.get_running_loop().call_soon(self.step, None)
-            return
-        waiting._asyncio_future_blocking = False  # taken over, as a Task does
-        waiting.add_done_callback(self.step)
+    def finished(self, result: None) -> None:
+        self.answer(Response(self.rid, Status.OK))
+
+    def failed(self, exc: BaseException, cancelled: bool) -> None:
+        if isinstance(exc, ExtentStoreError):
+            self.answer(self.service._store_error(self.rid, exc))
+        else:  # a bug must cost one answer, not the connection
+            log.error("flush failed: %r", exc)
+            self.answer(internal_error(self.rid, exc))
 
 
 def error_response(rid: int, exc: ExtentStoreError) -> Response:

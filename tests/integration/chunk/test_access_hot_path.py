@@ -162,7 +162,7 @@ async def test_a_flush_at_its_primary_runs_no_task_at_the_access_point(cluster: 
         finally:
             loop.set_task_factory(None)
     # One Task per flush: the command's own, once it waits on an fdatasync (a future that
-    # is not a `Completion`: `IscsiConnectionProtocol._step`). None for the volume, the
+    # is not a `Completion`: `_Driven.yielded` in iscsi_server.py). None for the volume, the
     # access path or the node (the full path made three more). (The members answer their
     # Flush without a Task too: test_peer.py.)
     command = ("IscsiConnectionProtocol.", "ReplicatedVolume.", "AccessPath.", "DataNode.")
