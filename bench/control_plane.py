@@ -25,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,15 @@ GIB = 1 << 30
 @dataclass(frozen=True)
 class Round:
     """One side's round at one concurrency: every cycle's latencies (seconds), its wall time,
-    the CPU seconds of the side measured (meta's process; the anchor's own) and of the
-    bench process as the client."""
+    the CPU seconds of the side measured (meta's process; the anchor's own), of the bench
+    process as the client, and of etcd (set by `timed`)."""
 
     create_publish: list[float]
     unpublish_delete: list[float]
     elapsed: float
     cpu: float
     client_cpu: float
+    etcd_cpu: float = 0.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -197,6 +199,14 @@ async def raw_cycles(etcd: Etcd, clients: int, ops: int) -> Round:
     return Round(create_publish, unpublish_delete, elapsed, cpu, cpu)  # its own client
 
 
+async def timed(etcd_pid: int, side: Awaitable[Round]) -> Round:
+    """`side`'s round with the CPU etcd spent meanwhile: on two cores etcd's work competes
+    with meta's and the client's, so the rows say what each cycle cost the whole machine."""
+    before = cpu_seconds(etcd_pid)
+    done = await side
+    return replace(done, etcd_cpu=cpu_seconds(etcd_pid) - before)
+
+
 def pooled(rounds: list[Round]) -> dict[str, Any]:
     """One side's row: latency percentiles over the samples of all its rounds, cycles per
     second and CPU per cycle over their summed time."""
@@ -207,6 +217,7 @@ def pooled(rounds: list[Round]) -> dict[str, Any]:
         "cycles": n,
         "cpu_ms": sum(r.cpu for r in rounds) / n * 1000,
         "client_cpu_ms": sum(r.client_cpu for r in rounds) / n * 1000,
+        "etcd_cpu_ms": sum(r.etcd_cpu for r in rounds) / n * 1000,
         "cp_p50": percentile(cp, 0.5) * 1000,
         "cp_p99": percentile(cp, 0.99) * 1000,
         "ud_p50": percentile(ud, 0.5) * 1000,
@@ -269,6 +280,8 @@ async def run(ops: int, volumes: int, rounds: int) -> None:
     server = EtcdServer().start()
     namespace = "/bench"
     proc, url = start_meta(server, namespace, tmp)
+    assert server.proc is not None
+    etcd_pid = server.proc.pid
     print(f"meta pid {proc.pid} (profile it: py-spy record -p {proc.pid})", flush=True)
     try:
         # Meta and the anchor alternate at each level (`rounds` times each), so that load
@@ -282,14 +295,14 @@ async def run(ops: int, volumes: int, rounds: int) -> None:
                 count = max(ops, clients * 4)
                 rest_rounds, raw_rounds = [], []
                 for _ in range(rounds):
-                    rest_rounds.append(await cycles(url, clients, count, proc.pid))
-                    raw_rounds.append(await raw_cycles(raw_etcd, clients, count))
+                    rest_rounds.append(await timed(etcd_pid, cycles(url, clients, count, proc.pid)))
+                    raw_rounds.append(await timed(etcd_pid, raw_cycles(raw_etcd, clients, count)))
                 rows.append((clients, pooled(rest_rounds), pooled(raw_rounds)))
         print("\ncreate+publish / unpublish+delete: REST (real meta process, real etcd) against")
         print("raw etcd (the same transactions from one client, no HTTP, no meta)")
         print(f"{'clients':>7} {'path':>5} {'c+p p50':>9} {'c+p p99':>9} "
               f"{'u+d p50':>9} {'u+d p99':>9} {'cycles/s':>9} {'CPU/cycle':>9} "
-              f"{'client':>9}")  # fmt: skip
+              f"{'client':>9} {'etcd':>9}")  # fmt: skip
         for clients, rest_row, raw_row in rows:
             for path, r in (("REST", rest_row), ("raw", raw_row)):
                 latencies = " ".join(
@@ -297,7 +310,7 @@ async def run(ops: int, volumes: int, rounds: int) -> None:
                 )
                 print(
                     f"{clients:>7} {path:>5} {latencies} {r['cycles_per_s']:>9.0f} "
-                    f"{r['cpu_ms']:>7.2f}ms {r['client_cpu_ms']:>7.2f}ms"
+                    f"{r['cpu_ms']:>7.2f}ms {r['client_cpu_ms']:>7.2f}ms {r['etcd_cpu_ms']:>7.2f}ms"
                 )
         _, rest50, raw50 = rows[-1]
         ratio = rest50["cp_p99"] / raw50["cp_p99"]
@@ -308,8 +321,19 @@ async def run(ops: int, volumes: int, rounds: int) -> None:
         pairs = zip(rest50["round_cp_p99"], raw50["round_cp_p99"], strict=True)
         spread = [f"{a:.0f}/{b:.0f}" for a, b in pairs]
         print(f"  single rounds' c+p p99 at 50 clients, REST/raw ms: {' '.join(spread)}")
+        # What a cycle costs the two cores all processes share (docs/scale.md: at 50 clients
+        # the REST side's latency follows it): REST meta + its HTTP client + etcd, raw the
+        # anchor (its own client) + etcd.
+        rest_total = rest50["cpu_ms"] + rest50["client_cpu_ms"] + rest50["etcd_cpu_ms"]
+        raw_total = raw50["cpu_ms"] + raw50["etcd_cpu_ms"]
+        print(f"  CPU per cycle at 50 clients, all processes: REST {rest_total:.2f} ms "
+              f"(meta {rest50['cpu_ms']:.2f} + client {rest50['client_cpu_ms']:.2f} + etcd "
+              f"{rest50['etcd_cpu_ms']:.2f}), raw {raw_total:.2f} ms (anchor "
+              f"{raw50['cpu_ms']:.2f} + etcd {raw50['etcd_cpu_ms']:.2f}): "
+              f"{rest_total / raw_total:.2f}x")  # fmt: skip
         print("CPU/cycle: the meta process's CPU (REST), this client process's CPU (raw);")
         print("client: this process's CPU per cycle (REST: the aiohttp client; raw: the anchor)")
+        print("etcd: the etcd process's CPU per cycle (REST: meta's background work included)")
 
         config = EtcdConfig(endpoints=[server.endpoint], namespace=namespace)
         async with await Etcd.connect(config) as etcd:
