@@ -439,7 +439,7 @@ class Repairer:
                 await self.path.failover(entry)
         elif act.kind is ActionKind.REMOVE_DEAD:
             pe = await self.node.lead(act.volume, act.index)
-            await self.node.remove_members(pe, [act.member])
+            await self.node.remove_members(pe, [act.member], "not live for too long")
         elif act.kind is ActionKind.LOCALITY_HANDOVER:
             await hand_over(self.node, act.volume, act.index, act.member)
         elif act.kind in (ActionKind.ADD, ActionKind.REBALANCE_ADD, ActionKind.LOCALITY_ADD):
@@ -449,4 +449,4 @@ class Repairer:
             ActionKind.REBALANCE_RETIRE,
             ActionKind.LOCALITY_RETIRE,
         ):
-            await retire_member(self.node, act.volume, act.index, act.member)
+            await retire_member(self.node, act.volume, act.index, act.member, str(act.kind))

@@ -270,7 +270,7 @@ async def join_member(
             EVENTS.emit("replica_added", f"{volume}/{index}", f"{target}, {copied} bytes copied")
             if again:  # committed: a member that refused the new generation goes
                 with contextlib.suppress(Unavailable, StaleMap):
-                    await node.remove_members(pe, again)
+                    await node.remove_members(pe, again, f"it did not take gen {pe.gen}")
             took = time.monotonic() - started
             log.warning(
                 "extent %s/%d: %s joined (gen %d), %d bytes copied in %d passes, %.2f s",
@@ -324,7 +324,7 @@ async def _commit(node: DataNode, pe: PrimaryExtent, target: str) -> list[str]:
     return [m for m, ok in zip(members[1:], adopted, strict=True) if not ok]
 
 
-async def retire_member(node: DataNode, volume: str, index: int, member: str) -> int:
+async def retire_member(node: DataNode, volume: str, index: int, member: str, why: str) -> int:
     """Remove a live member (a drain, or more replicas than wanted); returns the new gen.
 
     A secondary is removed like a failed one and its replica file deleted. The primary itself
@@ -335,7 +335,7 @@ async def retire_member(node: DataNode, volume: str, index: int, member: str) ->
     if member not in pe.members:
         return pe.gen
     if member != node.node_id:
-        await node.remove_members(pe, [member])
+        await node.remove_members(pe, [member], why)
         await _delete(node, member, volume, index, pe.gen)
         MEMBERS_RETIRED.inc()
         return pe.gen

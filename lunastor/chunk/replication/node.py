@@ -346,7 +346,7 @@ class Settling:
 
     async def _remove(self) -> None:
         try:
-            await self.node._remove(self.pe, self.failed)
+            await self.node._remove(self.pe, self.failed, f"a forward of seq {self.seq} failed")
         except Exception as exc:  # Unavailable (the extent changed), a failed store, a bug
             self._conclude(exc)
             return
@@ -434,8 +434,15 @@ class DataNode(DataService):
         self._primaries.pop((volume, index), None)
 
     def _lost_here(self, volume: str, index: int) -> bool:
+        if (volume, index) not in self.lost:
+            return False
+        if self.store.has_replica(volume, index):
+            # A join copied it back since (we were removed, then added again): refusing the
+            # next primary's Create as lost got the new copy removed again (CI, issue 12).
+            self.lost.discard((volume, index))
+            return False
         rec = self.emap.get(volume, index)
-        return (volume, index) in self.lost and rec is not None and self.node_id in rec.replicas
+        return rec is not None and self.node_id in rec.replicas
 
     # -- read leases -----------------------------------------------------------------------
 
@@ -692,9 +699,10 @@ class DataNode(DataService):
         if self.current(pe):
             del self._primaries[(pe.volume, pe.index)]
 
-    async def remove_members(self, pe: PrimaryExtent, members: list[str]) -> None:
-        """Remove members (dead, or retired by a drain): gen + 1, as for a failed secondary."""
-        await self._remove(pe, members)
+    async def remove_members(self, pe: PrimaryExtent, members: list[str], why: str) -> None:
+        """Remove members (dead, or retired by a drain): gen + 1, as for a failed secondary.
+        `why` is logged with the removal."""
+        await self._remove(pe, members, why)
 
     # -- primary: becoming it for a generation ---------------------------------------------
 
@@ -780,12 +788,15 @@ class DataNode(DataService):
         )
         pe.idle.set()
         failed = []
+        reasons: list[str] = []
         for member in pe.members[1:]:
             if rec.origin:
                 if not await clone_from_origin(self.replicas.call, member, rec):
                     failed.append(member)
-            elif not await self._ensure_secondary(pe, member):
+                    reasons.append(f"{member}: no clone of the origin")
+            elif (refused := await self._ensure_secondary(pe, member)) is not None:
                 failed.append(member)
+                reasons.append(f"{member}: no replica at gen {pe.gen}: {refused}")
         away = [m for m in failed if self.away(m)]
         if away:
             raise Unavailable(f"{', '.join(away)} restarting: waited for, not removed")
@@ -795,7 +806,7 @@ class DataNode(DataService):
                 self._resume_later(rec.volume, rec.index)
                 raise Unavailable(f"{', '.join(differ)} differ from us: converging them first")
         if failed:
-            await self._remove(pe, failed)
+            await self._remove(pe, failed, "; ".join(reasons))
         return pe
 
     async def _diverged(self, pe: PrimaryExtent, failed: list[str]) -> list[str]:
@@ -907,15 +918,18 @@ class DataNode(DataService):
                 return True
         return False
 
-    async def _ensure_secondary(self, pe: PrimaryExtent, member: str) -> bool:
-        """The secondary has a replica at our generation (created empty on first use)."""
+    async def _ensure_secondary(self, pe: PrimaryExtent, member: str) -> str | None:
+        """The secondary has a replica at our generation (created empty on first use);
+        otherwise returns why not."""
         try:
             resp = await self.replicas.call(
                 member, lambda i: Create(i, pe.volume, pe.index, pe.gen, 0)
             )
-        except PeerError:
-            return False
-        return resp.status in (Status.OK, Status.EXISTS)
+        except PeerError as exc:
+            return str(exc)
+        if resp.status in (Status.OK, Status.EXISTS):
+            return None
+        return f"{resp.status.name} {resp.fields}"
 
     # -- primary: ordered mutations --------------------------------------------------------
 
@@ -1125,7 +1139,7 @@ class DataNode(DataService):
             results = await asyncio.gather(*sends, return_exceptions=True)
         failed = [m for m, r in zip(members, results, strict=True) if not _ok(r)]
         if failed:
-            await self._remove(pe, failed)
+            await self._remove(pe, failed, "its flush failed")
         self._check_quorum(pe)
 
     def _forward_to(self, pe: PrimaryExtent, build: Callable[[int], Request], seq: int) -> Settling:
@@ -1198,8 +1212,9 @@ class DataNode(DataService):
 
     # -- primary: removing failed secondaries ----------------------------------------------
 
-    async def _remove(self, pe: PrimaryExtent, failed: list[str]) -> None:
-        """Drop failed secondaries: gen + 1 in etcd, then on every remaining member.
+    async def _remove(self, pe: PrimaryExtent, failed: list[str], why: str) -> None:
+        """Drop failed secondaries: gen + 1 in etcd, then on every remaining member. `why`
+        (logged): a removed member comes back only by a copy, so the operator is told.
 
         Holds the extent's lock (no new seq) and waits for every forward in flight to settle
         first, so every remaining member has applied every seq assigned so far: the writes
@@ -1233,10 +1248,16 @@ class DataNode(DataService):
                 if committed is None:
                     continue
                 log.warning(
-                    "extent %s/%d: removed %s, gen %d", pe.volume, pe.index, failed, new.gen
+                    "extent %s/%d: removed %s (%s), gen %d",
+                    pe.volume,
+                    pe.index,
+                    failed,
+                    why,
+                    new.gen,
                 )
                 MEMBERS_REMOVED.inc(len(failed))
-                EVENTS.emit("replica_removed", f"{pe.volume}/{pe.index}", ", ".join(failed))
+                detail = f"{', '.join(failed)}: {why}"
+                EVENTS.emit("replica_removed", f"{pe.volume}/{pe.index}", detail)
                 await pe.replica.set_generation(new.gen)
                 pe.gen, pe.members = new.gen, keep
                 pe.joining = None  # a join in progress restarts for the new generation
@@ -1253,7 +1274,7 @@ class DataNode(DataService):
                         continue
                     if not resp.ok:
                         again.append(member)
-                failed = again
+                failed, why = again, f"it did not take gen {new.gen}"
 
 
 def _ok(r: object) -> bool:

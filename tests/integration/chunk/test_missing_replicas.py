@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 
 from lunastor.chunk.maintenance.datadirs import DataDirMonitor
+from lunastor.chunk.maintenance.locality import hand_over
+from lunastor.chunk.replication.join import Throttle, join_member
 from tests.integration.chunk.test_replication import Cluster, Node, blocks
 from tests.integration.chunk.test_replication import cluster as cluster
 from tests.support.procs import async_wait_for
@@ -89,3 +91,40 @@ async def test_a_refused_leave_is_tried_again_soon_not_at_the_next_probe(
     finally:
         await monitor.stop()
     assert await v.read(0, 8) == blocks(1, 8)
+
+
+async def test_a_lost_replica_copied_back_by_a_join_is_not_lost_any_more(
+    cluster: Cluster,
+) -> None:
+    # Issue 12 (CI): a secondary whose replica was lost left the replica set and was added
+    # back by a join before its next data-directory pass. It still took the extent for lost
+    # and refused the next primary's Create ("lost with its data directory"): the copy it
+    # had just received was removed again, and the extent stayed one member short.
+    v = cluster.volume("chunk-0")
+    await v.write(0, blocks(1, 8), fua=True)
+    rec = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
+    assert rec is not None
+    primary, secondary, third = (cluster.nodes[m] for m in rec.replicas)
+    await (await secondary.store.open("vol-t", 0)).delete()  # the wiped disk
+    monitor = monitor_of(secondary)
+    assert await monitor.find_missing_replicas() == [("vol-t", 0)]  # and it left
+
+    async def dropped() -> bool:
+        now = await primary.emap.fresh("vol-t", 0)
+        return now is not None and secondary.id not in now.record.replicas
+
+    await async_wait_for(dropped, 10, "the primary to drop the wiped secondary")
+    await join_member(primary.node, "vol-t", 0, secondary.id, Throttle(64 << 10))
+    gen = await hand_over(primary.node, "vol-t", 0, third.id)
+
+    async def handed() -> bool:
+        now = third.emap.get("vol-t", 0)
+        return now is not None and now.gen == gen
+
+    await async_wait_for(handed, 10, "the new primary's map")
+    # the new primary sets the extent up: its Create to the secondary must find the copy
+    await cluster.volume(third.id).write(8, blocks(2, 8), fua=True)
+    now = await third.emap.fresh("vol-t", 0)
+    assert now is not None and secondary.id in now.record.replicas, now
+    replica = await secondary.store.open("vol-t", 0)
+    assert await replica.read(0, 16 * 512) == blocks(1, 8) + blocks(2, 8)
