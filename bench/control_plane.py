@@ -1,6 +1,6 @@
 """Control-plane benchmark: the meta REST API against raw etcd, measured in the same run.
 
-    python -m bench.control_plane [--ops 500] [--rounds 4] [--volumes 10000]
+    python -m bench.control_plane [--ops 500] [--rounds 4] [--volumes 10000] [--client light]
 
 Starts its own etcd and a real `lunastor-meta` process, then measures:
 
@@ -13,12 +13,18 @@ The anchor does exactly the etcd round trips meta makes for each REST call, from
 this process; meta and the anchor alternate so that other load on the machine hits both.
 Goals (issue 17): create+publish p99 at 50 clients within 1.5x of the anchor's; the full
 10,000-volume list < 300 ms.
+
+The REST side's cycles use a light HTTP/1.1 client (`LightConnection`) sending byte for byte
+the requests aiohttp's client sends, at a third of its CPU: the client shares the two cores
+with meta and etcd here, while in production it runs on other machines (docs/scale.md).
+`--client aiohttp` measures with aiohttp's client instead. The listing uses aiohttp.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
@@ -98,38 +104,216 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def cycles(url: str, clients: int, ops: int, meta_pid: int) -> Round:
-    headers = {"Authorization": f"Bearer {TOKEN}"}
+class HttpError(Exception):
+    """A response the light client cannot take: a malformed or unsupported message, a closed
+    connection, or a status other than the one the call expects."""
+
+
+class LightConnection(asyncio.Protocol):
+    """A minimal HTTP/1.1 client on one keep-alive connection, one request at a time.
+
+    The REST side's cycles use it so that the bench's own client costs the two shared cores
+    little (docs/scale.md, "The light REST client"): in production the REST clients (the CSI
+    driver on the nodes) run on other machines, and the anchor has no HTTP client at all. The
+    requests are real ones (method, path, Host, bearer token, JSON body with Content-Length) and
+    each response is read whole: status line, headers, Content-Length body. Anything it does not
+    implement (chunked bodies, a body without Content-Length) is an error, never a guess.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self._host, self._port = host, port
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self._head_end = -1  # end of the current response's headers in _buf, once found
+        self._need = 0  # _buf's length at which the current response is complete
+        self._status = 0
+        self._close_after = False
+        self._used = False  # connected once already
+        # byte for byte the headers aiohttp's client sends (the CSI driver's client), so that
+        # meta parses the same requests whichever client the bench uses
+        self._prefix = (
+            f"\r\nHost: {host}:{port}\r\nAuthorization: Bearer {TOKEN}\r\nAccept: */*\r\n"
+            f"Accept-Encoding: gzip, deflate\r\nUser-Agent: {aiohttp.http.SERVER_SOFTWARE}\r\n"
+        ).encode()
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_connection(lambda: self, self._host, self._port)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._buf.clear()
+        self._head_end, self._close_after = -1, False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(HttpError(f"connection lost mid-response: {exc}"))
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if self._waiter is None or self._waiter.done():
+            self._fail(HttpError(f"unsolicited data from the server: {bytes(self._buf[:200])!r}"))
+            return
+        try:
+            self._parse()
+        except HttpError as e:
+            self._fail(e)
+
+    def _fail(self, error: HttpError) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(error)
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _parse(self) -> None:
+        buf = self._buf
+        if self._head_end < 0:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > 65536:
+                    raise HttpError("response headers over 64 KiB")
+                return
+            lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+            version, _, rest = lines[0].partition(" ")
+            if version not in ("HTTP/1.1", "HTTP/1.0") or len(rest) < 3 or not rest[:3].isdigit():
+                raise HttpError(f"bad status line {lines[0]!r}")
+            status = int(rest[:3])
+            length: int | None = None
+            close = version == "HTTP/1.0"
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if not sep:
+                    raise HttpError(f"bad header line {line!r}")
+                name, value = name.strip().lower(), value.strip()
+                if name == "content-length":
+                    length = int(value)
+                elif name == "transfer-encoding":
+                    raise HttpError(f"Transfer-Encoding {value!r} not supported")
+                elif name == "connection":
+                    close = value.lower() == "close"
+            if status < 200:
+                raise HttpError(f"interim response {status} not supported")
+            if length is None:
+                if status not in (204, 304):
+                    raise HttpError(f"status {status} without Content-Length")
+                length = 0
+            self._status, self._close_after = status, close
+            self._head_end, self._need = end + 4, end + 4 + length
+        if len(buf) < self._need:
+            return
+        if len(buf) > self._need:
+            raise HttpError("data beyond the response")
+        body = bytes(buf[self._head_end : self._need])
+        buf.clear()
+        self._head_end = -1
+        assert self._waiter is not None
+        self._waiter.set_result((self._status, body))
+        if self._close_after and self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
+        """Send one request (`body` JSON-encoded as aiohttp's `json=` does) and return the
+        response's status and body."""
+        if self._transport is None:
+            if self._used:
+                # one connection per client for the whole round, as aiohttp's pool keeps;
+                # meta closing it mid-round would be a failure worth seeing
+                raise HttpError("the server closed the connection")
+            self._used = True
+            await self._connect()
+        assert self._transport is not None
+        head = f"{method} {path} HTTP/1.1".encode() + self._prefix
+        if body is None:
+            message = head + b"Content-Length: 0\r\n\r\n"
+        else:
+            data = json.dumps(body).encode()
+            message = b"%sContent-Length: %d\r\nContent-Type: application/json\r\n\r\n%s" % (
+                head,
+                len(data),
+                data,
+            )
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._transport.write(message)
+        return await self._waiter
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class AiohttpConnection:
+    """The same calls through aiohttp's client (`--client aiohttp`): a shared session with a
+    keep-alive pool of one connection per concurrent client."""
+
+    def __init__(self, http: aiohttp.ClientSession) -> None:
+        self._http = http
+
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
+        async with self._http.request(method, path, json=body) as r:
+            return r.status, await r.read()
+
+    def close(self) -> None:
+        pass
+
+
+Connection = LightConnection | AiohttpConnection
+
+
+def expect(status: int, body: bytes, want: int) -> bytes:
+    if status != want:
+        raise HttpError(f"status {status}, expected {want}: {body[:500]!r}")
+    return body
+
+
+async def cycles(url: str, clients: int, ops: int, meta_pid: int, kind: str) -> Round:
     create_publish: list[float] = []
     unpublish_delete: list[float] = []
     counter = iter(range(ops))
     connector = aiohttp.TCPConnector(limit=clients)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
     async with aiohttp.ClientSession(url, headers=headers, connector=connector) as http:
+        host, _, port = url.removeprefix("http://").partition(":")
+        conns: list[Connection] = [
+            LightConnection(host, int(port)) if kind == "light" else AiohttpConnection(http)
+            for _ in range(clients)
+        ]
 
         async def client(c: int) -> None:
+            conn = conns[c]
             for n in counter:
                 name = f"bench-{clients}-{n}"
                 start = time.perf_counter()
-                async with http.post("/v1/volumes", json={"name": name, "size_bytes": GIB}) as r:
-                    assert r.status == 201, await r.text()
-                    vid = (await r.json())["id"]
+                status, body = await conn.request(
+                    "POST", "/v1/volumes", {"name": name, "size_bytes": GIB}
+                )
+                vid = json.loads(expect(status, body, 201))["id"]
                 initiator = f"iqn.2026-01.io.bench:node-{c}"
-                async with http.post(
-                    f"/v1/volumes/{vid}/exports", json={"initiator": initiator}
-                ) as r:
-                    assert r.status == 201, await r.text()
+                status, body = await conn.request(
+                    "POST", f"/v1/volumes/{vid}/exports", {"initiator": initiator}
+                )
+                expect(status, body, 201)
                 mid = time.perf_counter()
-                async with http.delete(f"/v1/volumes/{vid}/exports/{initiator}") as r:
-                    assert r.status == 204, await r.text()
-                async with http.delete(f"/v1/volumes/{vid}") as r:
-                    assert r.status == 204, await r.text()
+                status, body = await conn.request(
+                    "DELETE", f"/v1/volumes/{vid}/exports/{initiator}"
+                )
+                expect(status, body, 204)
+                status, body = await conn.request("DELETE", f"/v1/volumes/{vid}")
+                expect(status, body, 204)
                 end = time.perf_counter()
                 create_publish.append(mid - start)
                 unpublish_delete.append(end - mid)
 
         start, cpu = time.perf_counter(), cpu_seconds(meta_pid)
         mine = time.process_time()
-        await asyncio.gather(*(client(c) for c in range(clients)))
+        try:
+            await asyncio.gather(*(client(c) for c in range(clients)))
+        finally:
+            for conn in conns:
+                conn.close()
         elapsed = time.perf_counter() - start
         cpu = cpu_seconds(meta_pid) - cpu
         mine = time.process_time() - mine
@@ -275,7 +459,7 @@ async def list_raw(etcd: Etcd) -> tuple[float, int]:
     return time.perf_counter() - start, len(decoded)
 
 
-async def run(ops: int, volumes: int, rounds: int) -> None:
+async def run(ops: int, volumes: int, rounds: int, client: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="lunastor-bench-"))
     server = EtcdServer().start()
     namespace = "/bench"
@@ -295,7 +479,9 @@ async def run(ops: int, volumes: int, rounds: int) -> None:
                 count = max(ops, clients * 4)
                 rest_rounds, raw_rounds = [], []
                 for _ in range(rounds):
-                    rest_rounds.append(await timed(etcd_pid, cycles(url, clients, count, proc.pid)))
+                    rest_rounds.append(
+                        await timed(etcd_pid, cycles(url, clients, count, proc.pid, client))
+                    )
                     raw_rounds.append(await timed(etcd_pid, raw_cycles(raw_etcd, clients, count)))
                 rows.append((clients, pooled(rest_rounds), pooled(raw_rounds)))
         print("\ncreate+publish / unpublish+delete: REST (real meta process, real etcd) against")
@@ -317,7 +503,7 @@ async def run(ops: int, volumes: int, rounds: int) -> None:
         print(f"goal: create+publish p99 at 50 clients within 1.5x of raw etcd: "
               f"{rest50['cp_p99']:.1f} / {raw50['cp_p99']:.1f} ms = {ratio:.2f}x "
               f"({'met' if ratio <= 1.5 else 'NOT met'}; {rest50['cycles']} cycles a side "
-              f"in {rounds} alternating rounds)")  # fmt: skip
+              f"in {rounds} alternating rounds; {client} client)")  # fmt: skip
         pairs = zip(rest50["round_cp_p99"], raw50["round_cp_p99"], strict=True)
         spread = [f"{a:.0f}/{b:.0f}" for a, b in pairs]
         print(f"  single rounds' c+p p99 at 50 clients, REST/raw ms: {' '.join(spread)}")
@@ -332,7 +518,8 @@ async def run(ops: int, volumes: int, rounds: int) -> None:
               f"{raw50['cpu_ms']:.2f} + etcd {raw50['etcd_cpu_ms']:.2f}): "
               f"{rest_total / raw_total:.2f}x")  # fmt: skip
         print("CPU/cycle: the meta process's CPU (REST), this client process's CPU (raw);")
-        print("client: this process's CPU per cycle (REST: the aiohttp client; raw: the anchor)")
+        print(f"client: this process's CPU per cycle (REST: the {client} HTTP client, "
+              f"--client; raw: the anchor)")  # fmt: skip
         print("etcd: the etcd process's CPU per cycle (REST: meta's background work included)")
 
         config = EtcdConfig(endpoints=[server.endpoint], namespace=namespace)
@@ -363,8 +550,15 @@ def main() -> None:
         "--rounds", type=int, default=4, help="alternating rounds per side at each level"
     )
     parser.add_argument("--volumes", type=int, default=10_000, help="volumes to list")
+    parser.add_argument(
+        "--client",
+        choices=("light", "aiohttp"),
+        default="light",
+        help="the REST side's HTTP client: a minimal HTTP/1.1 protocol (default; see "
+        "docs/scale.md) or aiohttp's",
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.ops, args.volumes, args.rounds))
+    asyncio.run(run(args.ops, args.volumes, args.rounds, args.client))
 
 
 if __name__ == "__main__":
