@@ -6,12 +6,23 @@ from __future__ import annotations
 
 import asyncio
 
+from lunastor.chunk.access.volume import ReplicatedVolume
 from lunastor.chunk.maintenance.datadirs import DataDirMonitor
 from lunastor.chunk.maintenance.locality import hand_over
 from lunastor.chunk.replication.join import Throttle, join_member
+from lunastor.common.records import ExtentRecord
 from tests.integration.chunk.test_replication import Cluster, Node, blocks
 from tests.integration.chunk.test_replication import cluster as cluster
 from tests.support.procs import async_wait_for
+
+
+async def written(cluster: Cluster) -> tuple[ReplicatedVolume, ExtentRecord]:
+    """vol-t with blocks(1, 8) written at 0 through chunk-0 (durable), and its extent's record."""
+    v = cluster.volume("chunk-0")
+    await v.write(0, blocks(1, 8), fua=True)
+    rec = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
+    assert rec is not None
+    return v, rec
 
 
 def monitor_of(node: Node) -> DataDirMonitor:
@@ -49,10 +60,7 @@ async def test_a_missing_copy_that_holds_data_but_no_write_of_its_own_is_missing
     # A snapshot's preserved copy (store.clone) holds data with applied_seq 0: a wiped
     # secondary's copy of it must still count as missing, or the snapshot silently keeps a
     # member without the data (the final bench's re-replication waited for it forever).
-    v = cluster.volume("chunk-0")
-    await v.write(0, blocks(1, 8), fua=True)
-    rec = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
-    assert rec is not None
+    _, rec = await written(cluster)
     copy = (await cluster.nodes[rec.primary].emap.allocate("vol-p", 0, 3, on=rec.replicas)).record
     primary, secondary = cluster.nodes[copy.primary], cluster.nodes[copy.replicas[1]]
     made = await primary.store.clone("vol-t", 0, "vol-p", copy.gen)
@@ -68,10 +76,7 @@ async def test_a_refused_leave_is_tried_again_soon_not_at_the_next_probe(
     # still starting (expected back: they refuse, "restarting: writes wait for it") and tried
     # again only at its next data-directory probe, 5 s later by default, while the rebuild
     # of every replica it held waited. The probe interval is long here: waiting for it shows.
-    v = cluster.volume("chunk-0")
-    await v.write(0, blocks(1, 8), fua=True)
-    rec = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
-    assert rec is not None
+    v, rec = await written(cluster)
     primary, secondary = cluster.nodes[rec.primary], cluster.nodes[rec.replicas[1]]
     await (await secondary.store.open("vol-t", 0)).delete()  # the wiped disk
     loop = asyncio.get_running_loop()
@@ -100,10 +105,7 @@ async def test_a_lost_replica_copied_back_by_a_join_is_not_lost_any_more(
     # back by a join before its next data-directory pass. It still took the extent for lost
     # and refused the next primary's Create ("lost with its data directory"): the copy it
     # had just received was removed again, and the extent stayed one member short.
-    v = cluster.volume("chunk-0")
-    await v.write(0, blocks(1, 8), fua=True)
-    rec = cluster.nodes["chunk-0"].emap.get("vol-t", 0)
-    assert rec is not None
+    _, rec = await written(cluster)
     primary, secondary, third = (cluster.nodes[m] for m in rec.replicas)
     await (await secondary.store.open("vol-t", 0)).delete()  # the wiped disk
     monitor = monitor_of(secondary)
