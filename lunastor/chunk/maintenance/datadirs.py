@@ -200,13 +200,10 @@ class DataDirMonitor:
         named = []
         for volume, index in sorted(self.node.lost):
             rec = self.emap.get(volume, index)
-            if rec is None or self.chunk_id not in rec.replicas:
-                continue
-            if self.store.has_replica(volume, index):
-                continue  # removed, then copied back by a join before this pass: not lost
-            named.append((volume, index, rec.gen, rec.primary == self.chunk_id))
+            if rec is not None and self.node.lost_here(volume, index):
+                named.append((volume, index, rec.gen, rec.primary == self.chunk_id))
         # forget lost replicas no extent names us for any more (removed, or the extent gone)
-        # and those copied back
+        # and those a join copied back
         self.node.lost.intersection_update((v, i) for v, i, _, _ in named)
         await asyncio.gather(*(self._leave(*n) for n in named))
 

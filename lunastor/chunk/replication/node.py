@@ -433,13 +433,11 @@ class DataNode(DataService):
         """Forget our primary state for an extent (its replica was lost with its data dir)."""
         self._primaries.pop((volume, index), None)
 
-    def _lost_here(self, volume: str, index: int) -> bool:
-        if (volume, index) not in self.lost:
-            return False
-        if self.store.has_replica(volume, index):
-            # A join copied it back since (we were removed, then added again): refusing the
-            # next primary's Create as lost got the new copy removed again (CI, issue 12).
-            self.lost.discard((volume, index))
+    def lost_here(self, volume: str, index: int) -> bool:
+        """Our replica of the extent was lost (`lost`), the map still names us, and no copy
+        came back since: a join that added us again after we left copied it back, and
+        refusing the next primary's Create as lost got that copy removed again (issue 12)."""
+        if (volume, index) not in self.lost or self.store.has_replica(volume, index):
             return False
         rec = self.emap.get(volume, index)
         return rec is not None and self.node_id in rec.replicas
@@ -590,7 +588,7 @@ class DataNode(DataService):
         if (
             isinstance(req, Create)
             and req.state == ReplicaState.CURRENT
-            and self._lost_here(req.volume, req.extent)
+            and self.lost_here(req.volume, req.extent)
         ):
             # an empty replica in place of the lost one would serve zeros as current data
             lost = "this server's replica was lost with its data directory"
@@ -747,7 +745,7 @@ class DataNode(DataService):
             return pe
 
     async def _become_primary(self, rec: ExtentRecord) -> PrimaryExtent:
-        if self._lost_here(rec.volume, rec.index):
+        if self.lost_here(rec.volume, rec.index):
             raise Unavailable("our replica was lost with its data directory")
         try:
             replica = await self.store.open(rec.volume, rec.index)
