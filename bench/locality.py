@@ -5,8 +5,9 @@ Prometheus metrics.
 Summed over every chunk server: the change of `SEQUENCED_LOCAL` (writes an access point had
 ordered by a primary in its own process) over the change of `SEQUENCED` (every write an
 access point had ordered) across the measured jobs. Before the jobs, `settle` is the
-warm-up: it reads the volume through the access point (reads count as locality activity
-too) until every extent's primary is the access point's chunk server, or a time bound.
+warm-up: it writes the volume through the access point until every extent's primary is the
+access point's chunk server, or a time bound, then copies the volume's data back. (Writes,
+not reads: a member's reads of its own replica do not claim the primary.)
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from bench.qemu_img import fill
 from bench.systems.devcluster import DevCluster, Volume, metric_samples
 
 SEQUENCED = "lunastor_writes_sequenced_total"
@@ -56,22 +59,33 @@ def line(value: float | None, what: str) -> str:
 
 
 def settle(
-    cluster: DevCluster, volume: Volume, access_point: str, portal: str, timeout: float = 120.0
+    cluster: DevCluster,
+    volume: Volume,
+    access_point: str,
+    portal: str,
+    source: Path,
+    timeout: float = 120.0,
 ) -> tuple[int, int, float]:
-    """Warm-up: read `volume` through `portal` until every extent's primary is the chunk
-    server `access_point`, at most `timeout` s. (extents settled, extents, seconds)."""
+    """Warm-up: write `volume` through `portal` until every extent's primary is the chunk
+    server `access_point`, at most `timeout` s, then copy `source` (the data it held) back
+    onto it. (extents settled, extents, seconds)."""
     me = cluster.chunk_id(access_point)
     start = time.monotonic()
-    block = 64 << 10
+    block = 64 << 10  # small writes: many IOs per extent in each claim window
+    opts = volume.image_opts(portal)
     while True:
         recs = cluster.extents(volume.id)
         done = sum(1 for r in recs if r.primary == me)
         took = time.monotonic() - start
         if (recs and done == len(recs)) or took > timeout:
-            return done, len(recs), took
-        argv = ["qemu-img", "bench", "--image-opts", "-c", str(volume.size // block)]
-        argv += ["-d", "16", "-s", str(block), "-S", str(block), volume.image_opts(portal)]
-        subprocess.run(argv, capture_output=True, timeout=max(10.0, timeout - took), check=False)
+            break
+        argv = ["qemu-img", "bench", "--image-opts", "-w", "--pattern", "0x5a"]
+        argv += ["-c", str(volume.size // block), "-d", "16", "-s", str(block), "-S", str(block)]
+        subprocess.run(
+            [*argv, opts], capture_output=True, timeout=max(10.0, timeout - took), check=False
+        )
+    fill(str(source), opts)
+    return done, len(recs), took
 
 
 def settled_line(done: int, total: int, seconds: float, what: str) -> str:

@@ -225,14 +225,14 @@ def part_cluster(
             with guarded("r1"):
                 r1 = cluster.create_volume("bench-r1", run.size, 1)
                 filled("the 1-replica volume", source, r1.image_opts(portal), run.size)
-                settled = locality.settle(cluster, r1, ACCESS_POINT, portal)
+                settled = locality.settle(cluster, r1, ACCESS_POINT, portal, source)
                 run.extra.append(locality.settled_line(*settled, "1-replica volume"))
                 label = f"lunastor 1 replica ({ACCESS_POINT})"
                 measure_system(run, cluster_system(cluster, "r1", label, r1, portal))
         if "r3" in parts:
             with guarded("r3"):
                 vol = volume_r3()
-                settled = locality.settle(cluster, vol, ACCESS_POINT, portal)
+                settled = locality.settle(cluster, vol, ACCESS_POINT, portal, source)
                 run.extra.append(locality.settled_line(*settled, "3-replica volume"))
                 before = locality.sample(cluster)
                 label = f"lunastor 3 replicas ({ACCESS_POINT})"

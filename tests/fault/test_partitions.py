@@ -50,6 +50,7 @@ from pathlib import Path
 
 import pytest
 
+from lunastor.chunk.config import ChunkConfig
 from lunastor.iscsi.blockdev import NotReady
 from tests.fault.test_history import Op, anomalies
 from tests.integration.chunk.test_replication import Cluster as Members
@@ -87,6 +88,7 @@ pytestmark = pytest.mark.skipif(reason is not None, reason=reason or "")
 
 LEASE_TTL = 2.0  # chunk servers (redirectors: test_redirector_netns.LEASE_TTL, 3 s)
 HOLD = 10.0  # seconds a cut lasts: five chunk leases
+REPAIR_INTERVAL = ChunkConfig.repair_interval  # the lab's: a repair (and locality claim) pass
 MARGIN = 2.0  # a write in flight when the lease lapses may still complete (loaded machine)
 READER_IQN = "iqn.2026-11.org.example:partition-reader"
 ADMIN_PORT = 9100  # every chunk server's /metrics (start_lab)
@@ -351,6 +353,11 @@ def cut_a_secondary(
         others = [h for h in lab.chunks if h is not victim]
         removed_before = removed(others)
         work.start_reader(victim)  # reads through the cut-off server, the writer elsewhere
+        # two repair passes of reading: its server would claim what it reads if a member's
+        # local reads counted for locality (they do not: docs/datapath.md, "Locality"), and a
+        # hand-over to it would put the writer's primary behind the cut
+        time.sleep(2 * REPAIR_INTERVAL)
+        assert work.primaries() == {lab.chunk_ids[ap.address]}, "the reader took a primary"
         with partition(victim, peers(victim, ap), incoming=incoming):
             time.sleep(HOLD / 2)
             mid = work.acks()

@@ -901,7 +901,6 @@ class ReplicatedVolume:
         if within + length <= self.extent_size:
             data = self.path.local_reads.read_now(self.record.id, index, within, length)
             if data is not None:
-                self.path.activity.note(self.record.id, index)
                 self.io.done("read", length, start)
                 return data
         raise NotReady("not a local read: the full path")
@@ -914,12 +913,17 @@ class ReplicatedVolume:
         start = time.perf_counter()
         offset, length = self._range(lba, blocks)
         index, within = divmod(offset, self.extent_size)
-        self.path.activity.note(self.record.id, index)
         if within + length <= self.extent_size:
             data = await self.path.local_reads.read(self.record.id, index, within, length)
             if data is not None:
                 self.io.done("read", length, start)
                 return data
+        # Only a read that needs another server counts for locality: a member reads its own
+        # replica without being primary, and a second path that only reads (multipath) must
+        # not take the primary away from the access point that writes.
+        rec = self.path.emap.get(self.record.id, index)
+        if rec is None or self.path.node_id not in rec.replicas:
+            self.path.activity.note(self.record.id, index)
         return await self.io.timed("read", length, asyncio.ensure_future(self._read(lba, blocks)))
 
     async def write(

@@ -215,3 +215,53 @@ async def test_two_access_points_on_one_extent_do_not_ping_pong(rig: Rig) -> Non
     claim = LocalityClaim.from_json((await rig.c.etcd.get(Keys.locality_claim(VID, 0))).value)  # type: ignore[union-attr]
     assert claim.contests >= 1 and claim.hold > rig.policy.hold
     await check(rig, data)
+
+
+async def read_blocks(v: ReplicatedVolume, n: int, data: dict[int, bytes]) -> None:
+    lbas = list(data)
+    for i in range(n):
+        lba = lbas[i % len(lbas)]
+        assert bytes(await v.read(lba, 8)) == data[lba], lba
+
+
+async def test_reads_claim_an_extent_only_where_they_need_another_server(rig: Rig) -> None:
+    # a member that reads its own replica (a second multipath path that only reads) leaves
+    # the primary where the writes are; a non-member's reads (each one a hop) claim it
+    await rig.start(replicas=3)
+    data: dict[int, bytes] = {}
+    await write_blocks(rig.volume("chunk-0"), 8, 0, data)
+    first = rig.rec()
+    member = rig.c.nodes[first.replicas[1]]
+    reader = rig.volume(first.replicas[1])
+    started = time.monotonic()  # its first read lease comes with the primary's next ping
+    while not member.node.may_serve_read(VID, 0):
+        assert time.monotonic() - started < 10, "the member never got a read lease"
+        await asyncio.sleep(0.05)
+    local = metric("lunastor_local_reads_total")
+    for _ in range(4):
+        await read_blocks(reader, 40, data)
+        rig.clock.now += 2.0
+        await rig.pass_()
+    # (its first read opens the replica on the general path: it too is the member's own)
+    assert metric("lunastor_local_reads_total") - local >= 150, "the member did not read locally"
+    assert rig.rec().primary == first.primary and rig.rec().gen == first.gen
+    assert await rig.c.etcd.get(Keys.locality_claim(VID, 0)) is None
+
+
+async def test_a_non_member_that_only_reads_claims_the_extent(rig: Rig) -> None:
+    await rig.start(replicas=1)
+    data: dict[int, bytes] = {}
+    await write_blocks(rig.volume("chunk-0"), 8, 0, data)
+    first = rig.rec()
+    ap = next(c for c in rig.c.nodes if c != first.primary)
+    reader = rig.volume(ap)
+
+    def moved() -> bool:
+        return rig.rec().replicas == [ap]
+
+    started = time.monotonic()
+    while not moved():
+        assert time.monotonic() - started < 60, "the reading access point never became the member"
+        await read_blocks(reader, 40, data)
+        await rig.pass_()
+    await check(rig, data)
