@@ -96,26 +96,9 @@ def _metrics(method: str, route: str, status: str) -> tuple[Counter, Histogram]:
 
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """What aiohttp's router serves (everything meta's dispatcher hands it: the UI, `/metrics`,
-    `/healthz`, the OpenAPI document, 404s and 405s, requests that `Expect` an interim
-    answer) goes through `serve` like the API routes do."""
-    resource = request.match_info.route.resource
-    path = request.path
-    return await serve(
-        request,
-        handler,
-        resource.canonical if resource is not None else "unmatched",
-        request.app[CONFIG_KEY],
-        path not in PUBLIC_PATHS and not is_ui_path(path),  # the UI's files hold no data
-    )
-
-
-async def serve(
-    request: web.Request, handler: Handler, route: str, config: MetaConfig, authenticate: bool
-) -> web.StreamResponse:
-    """Every request: its id in every log line, its count and latency by `route`, who calls
-    (bearer token -> role, when `authenticate`; what the role may do is each route's rule),
-    and every failure as a problem body (nothing a client sends may produce a traceback).
+    """Every request: its id in every log line, its count and latency by route, who calls
+    (bearer token -> role; what the role may do is each route's rule), and every failure as
+    a problem body (nothing a client sends may produce a traceback).
 
     One layer, not one per concern, and `bind`/`reset` rather than structlog's context
     manager: at 50 concurrent clients each layer around a request is measurable
@@ -127,22 +110,22 @@ async def serve(
     )
     tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
-        response = await _answer(request, handler, config, authenticate)
+        response = await _answer(request, handler)
     finally:
         structlog.contextvars.reset_contextvars(**tokens)
     response.headers["X-Request-Id"] = request_id
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
     count, latency = _metrics(request.method, route, str(response.status))
     count.inc()
     latency.observe(time.perf_counter() - start)
     return response
 
 
-async def _answer(
-    request: web.Request, handler: Handler, config: MetaConfig, authenticate: bool
-) -> web.StreamResponse:
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        if authenticate:
-            request[ROLE_KEY] = _role(request, config)
+        if request.path not in PUBLIC_PATHS and not is_ui_path(request.path):
+            request[ROLE_KEY] = _role(request)  # the UI's files hold no data
         return await handler(request)
     except Problem as p:
         return problem_response(p.status, p.code, p.detail, **p.extra)
@@ -165,13 +148,13 @@ async def _answer(
         return problem_response(500, "internal_error", "unexpected error; see the meta log")
 
 
-def _role(request: web.Request, config: MetaConfig) -> str:
+def _role(request: web.Request) -> str:
     """The caller's role from its bearer token; Problem 401 without a known one."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Problem(401, "unauthenticated", "a bearer token is required")
-    role = config.auth.role_of(token.strip())
+    role = request.app[CONFIG_KEY].auth.role_of(token.strip())
     if role is None:
         raise Problem(401, "unauthenticated", "unknown bearer token")
     return role

@@ -24,8 +24,7 @@ from lunastor.common.metrics import describe_daemon
 from lunastor.common.presence import Presence, lease_health
 from lunastor.common.records import Keys, MetaInstance
 from lunastor.common.settings import etcd_client_config
-from lunastor.meta import dispatch
-from lunastor.meta.app import ROUTES, make_app
+from lunastor.meta.app import make_app
 from lunastor.meta.config import MetaConfig
 from lunastor.meta.events import EventPruner, PresenceEvents
 from lunastor.meta.extent_migration import ExtentMigrator
@@ -80,7 +79,6 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
         planners = PlannerLeader(etcd, presence, config.instance_id, jobs, config.planner_interval)
         app = make_app(config, etcd, health, luns)
         runner = await start_http(app, config.listen, "listen", ssl_context)
-        dispatch.install(runner, ROUTES)
         planners.start()
         quiet_gc()
         log.info("meta service up", api=config.api_url)

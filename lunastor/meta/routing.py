@@ -29,15 +29,17 @@ class Param:
     description: str = ""
 
 
-@dataclass(slots=True)
+@dataclass
 class Call:
-    """What a handler gets: the request, the application holding meta's services (its
-    AppKeys), the request's validated parameters and body."""
+    """What a handler gets: the request, its validated parameters and body."""
 
     request: web.Request
-    app: web.Application
     params: dict[str, Any]
     body: Any
+
+    @property
+    def app(self) -> web.Application:
+        return self.request.app
 
 
 Handler = Callable[[Call], Awaitable[web.StreamResponse]]
@@ -111,44 +113,25 @@ async def _parse_body(route: Route, request: web.Request) -> Any:
     return validate(route.body, data)
 
 
-class Endpoint:
-    """`route` made callable: role check, then parameters and body, then the route's handler.
+def wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The aiohttp handler for `route`: role check, then parameters and body, then the call."""
+    # Sorted once here, not on every request.
+    path_params = tuple(p for p in route.params if p.where == "path")
+    query_params = tuple(p for p in route.params if p.where == "query")
 
-    Reached two ways with the same result: through aiohttp's router (`register`, the path's
-    values from its match info) and straight from meta's dispatcher (lunastor/meta/dispatch.py,
-    which matches the path itself); `path_values` are the path's raw values either way."""
-
-    __slots__ = ("_path_params", "_query_params", "route")
-
-    def __init__(self, route: Route) -> None:
-        self.route = route
-        # Sorted once here, not on every request.
-        self._path_params = tuple(p for p in route.params if p.where == "path")
-        self._query_params = tuple(p for p in route.params if p.where == "query")
-
-    async def __call__(
-        self, request: web.Request, app: web.Application, path_values: Mapping[str, str]
-    ) -> web.StreamResponse:
-        route = self.route
+    async def handler(request: web.Request) -> web.StreamResponse:
         role = request.get(ROLE_KEY)
         if role not in route.roles:
             raise Problem(403, "forbidden", f"role {role} may not {route.method} {route.path}")
         params: dict[str, Any] = {}
-        for p in self._path_params:
-            params[p.name] = validate(p.schema, path_values[p.name], p.name)
-        if self._query_params:
-            _parse_query(self._query_params, request, params)
+        for p in path_params:
+            params[p.name] = validate(p.schema, request.match_info[p.name], p.name)
+        if query_params:
+            _parse_query(query_params, request, params)
         body = await _parse_body(route, request)
-        return await route.handler(Call(request, app, params, body))
+        return await route.handler(Call(request, params, body))
 
-
-def _routed(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """The aiohttp handler of `endpoint`: the path's values from the router's match."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await endpoint(request, request.app, request.match_info)
-
-    handler.__name__ = endpoint.route.operation_id
+    handler.__name__ = route.operation_id
     return handler
 
 
@@ -158,7 +141,7 @@ def register(app: web.Application, routes: list[Route]) -> None:
         key = (route.method, route.path)
         assert key not in seen, f"duplicate route {key}"
         seen.add(key)
-        app.router.add_route(route.method, route.path, _routed(Endpoint(route)))
+        app.router.add_route(route.method, route.path, wrap(route))
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:

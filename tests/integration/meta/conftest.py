@@ -13,15 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from lunastor.common.config import EtcdSettings, to_toml_table
 from lunastor.common.etcd import Etcd
 from lunastor.common.records import ChunkServerInfo, ChunkServerStatus, Keys
 from lunastor.common.settings import etcd_client_config
-from lunastor.meta import dispatch
-from lunastor.meta.app import ROUTES, make_app
+from lunastor.meta.app import make_app
 from lunastor.meta.config import AuthSettings, MetaConfig
 from lunastor.meta.luns import LunMap
 from tests.support.etcd import EtcdServer
@@ -75,11 +73,7 @@ class Api:
         return dict(out)
 
 
-async def start_api(
-    config: MetaConfig, dispatcher: bool = True
-) -> tuple[TestClient[Any, Any], Etcd, LunMap]:
-    """The meta application on aiohttp's test server; with `dispatcher`, served as
-    lunastor-meta serves it (main.serve: the API routes through meta's dispatcher)."""
+async def start_api(config: MetaConfig) -> tuple[TestClient[Any, Any], Etcd, LunMap]:
     etcd = await Etcd.connect(etcd_client_config(config.etcd))
     luns = await LunMap(etcd).start()
 
@@ -88,9 +82,6 @@ async def start_api(
 
     client: TestClient[Any, Any] = TestClient(TestServer(make_app(config, etcd, health, luns)))
     await client.start_server()
-    if dispatcher:
-        assert isinstance(client.server.runner, web.AppRunner)
-        dispatch.install(client.server.runner, ROUTES)
     return client, etcd, luns
 
 
