@@ -77,3 +77,19 @@ def test_event_and_operation_records_too() -> None:
 def test_a_value_json_cannot_encode_still_fails() -> None:
     with pytest.raises(TypeError):
         LunRecord(volume_id="v", initiators={"a"}).to_json()  # type: ignore[arg-type]
+
+
+def test_from_json_leaves_out_fields_a_newer_writer_added() -> None:
+    # from_json passes a record's own fields straight to the class and filters only when
+    # the stored JSON has more (a newer version's): both ways must decode
+    raw = b'{"v":1,"volume_id":"vol-1","initiators":["iqn.a"],"added_later":{"x":1}}'
+    assert LunRecord.from_json(raw) == LunRecord(volume_id="vol-1", initiators=["iqn.a"])
+    assert LunRecord.from_json(b'{"v":1,"volume_id":"vol-1"}') == LunRecord(volume_id="vol-1")
+
+
+def test_each_record_class_decodes_with_its_own_fields() -> None:
+    # the fields are looked up once per class and kept: a second class's decode must not
+    # use the first one's (VolumeRecord has no `volume_id`, LunRecord no `id` or `name`)
+    raw = b'{"v":1,"id":"vol-1","name":"n","volume_id":"x"}'
+    assert VolumeRecord.from_json(raw) == VolumeRecord(id="vol-1", name="n")
+    assert LunRecord.from_json(raw) == LunRecord(volume_id="x")
