@@ -89,10 +89,14 @@ class ExtentCensus:
         )
 
 
-def _progress(op: OperationRecord, pending: int, detail: str) -> OperationRecord:
+def advance(op: OperationRecord, pending: int, detail: str) -> OperationRecord:
+    """`op` with `pending` work items left: progress is the share of its total done, and
+    never goes back while it runs. More items can become pending after it started (an extent
+    restored then degraded again, another one found); the bar then waits for the work to pass
+    where it was, and `detail` says how many are left meanwhile."""
     total = max(op.total, pending)
     progress = 1.0 if total == 0 else round(1 - pending / total, 4)
-    return dataclasses.replace(op, total=total, progress=progress, detail=detail)
+    return dataclasses.replace(op, total=total, progress=max(op.progress, progress), detail=detail)
 
 
 class DrainPlanner:
@@ -122,7 +126,7 @@ class DrainPlanner:
             held = census.held_by(admin.id)
             now = round(time.time(), 6)
             if held:
-                moving = _progress(op, held, f"{held} extents still on {admin.id}")
+                moving = advance(op, held, f"{held} extents still on {admin.id}")
                 if (moving.progress, moving.total) != (op.progress, op.total):
                     moving = dataclasses.replace(moving, updated_at=now)
                     await self.etcd.txn([ov.unchanged], [Put(ov.key, moving.to_json())])
@@ -192,7 +196,7 @@ class RebuildPlanner:
                 continue
             op, kv = found
             if pending:
-                moved = _progress(op, pending, f"{pending} extents to restore")
+                moved = advance(op, pending, f"{pending} extents to restore")
                 if (moved.progress, moved.total) == (op.progress, op.total):
                     continue
                 new = dataclasses.replace(moved, updated_at=now)

@@ -1,4 +1,5 @@
-"""Pure parts of the meta service: sealing, validation, LUN policy, tokens, sizes."""
+"""Pure parts of the meta service: sealing, validation, LUN policy, tokens, sizes, operation
+progress."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lunastor.common.records import MAX_TARGETS
+from lunastor.common.records import MAX_TARGETS, OperationRecord
 from lunastor.common.sealing import Sealer, SealError
 from lunastor.common.units import format_size, parse_size
 from lunastor.meta import schemas
 from lunastor.meta.luns import LUNS_PER_TARGET, next_free
+from lunastor.meta.planners import advance
 from lunastor.meta.problems import Problem
 from lunastor.meta.store import decode_token, encode_token
 from lunastor.meta.validation import Invalid, check
@@ -152,3 +154,23 @@ def test_any_json_is_accepted_or_refused_with_a_field(schema: dict[str, Any], va
         check(schema, value)
     except Invalid as exc:
         assert exc.field and exc.message.startswith(exc.field)
+
+
+@pytest.mark.parametrize(
+    ("total", "progress", "pending", "want_total", "want_progress"),
+    [
+        (48, 0.0, 47, 48, 0.0208),  # one of 48 restored
+        (48, 0.0208, 48, 48, 0.0208),  # it degraded again: the bar waits, it does not go back
+        (48, 0.0208, 46, 48, 0.0417),  # and moves on once the work passes where it was
+        (48, 0.0208, 60, 60, 0.0208),  # more found than counted at the start: the total grows
+        (60, 0.0208, 30, 60, 0.5),
+        (0, 0.0, 0, 0, 1.0),  # nothing to do is done
+    ],
+)
+def test_operation_progress_never_goes_back(
+    total: int, progress: float, pending: int, want_total: int, want_progress: float
+) -> None:
+    op = OperationRecord(id="op-1", kind="rebuild", total=total, progress=progress)
+    moved = advance(op, pending, f"{pending} extents to restore")
+    assert (moved.total, moved.progress) == (want_total, want_progress)
+    assert moved.detail == f"{pending} extents to restore"
