@@ -66,6 +66,11 @@ async def test_a_missing_copy_that_holds_data_but_no_write_of_its_own_is_missing
     made = await primary.store.clone("vol-t", 0, "vol-p", copy.gen)
     assert made is not None and made.applied_seq == 0
     monitor = monitor_of(secondary)
+
+    async def seen() -> bool:  # the secondary's map names it (its watch may lag under load)
+        return secondary.emap.get("vol-p", 0) is not None
+
+    await async_wait_for(seen, 10, "the secondary to see the copy's extent")
     assert await monitor.find_missing_replicas() == [("vol-p", 0)]
 
 
