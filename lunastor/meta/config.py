@@ -34,6 +34,9 @@ class MetaConfig:
     tls_key: str = ""
     secret_key: str = ""  # seals CHAP secrets in etcd; at least 16 characters when set
     planner_interval: float = 5.0  # seconds between background planner passes
+    # seconds of etcd's key history kept; older revisions are compacted (compaction.py); 0:
+    # never (etcd's own --auto-compaction-* does it)
+    etcd_history: float = 300.0
     # rebalancing (docs/placement.md): moves outstanding in the cluster (0: never move data)
     # and per chunk server, as source or target
     rebalance_max_moves: int = 16
@@ -52,6 +55,11 @@ class MetaConfig:
         if not 0.05 <= self.planner_interval <= 3600:
             raise ConfigError(
                 f"planner_interval: expected 0.05..3600 seconds, got {self.planner_interval}"
+            )
+        if self.etcd_history != 0 and not 1 <= self.etcd_history <= 7 * 86400:
+            raise ConfigError(
+                f"etcd_history: expected 0 (never compact) or 1..604800 seconds, got "
+                f"{self.etcd_history}"
             )
         if not 0 <= self.rebalance_max_moves <= 10_000:
             raise ConfigError(

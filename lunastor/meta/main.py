@@ -25,6 +25,7 @@ from lunastor.common.presence import Presence, lease_health
 from lunastor.common.records import Keys, MetaInstance
 from lunastor.common.settings import etcd_client_config
 from lunastor.meta.app import make_app
+from lunastor.meta.compaction import HistoryCompactor
 from lunastor.meta.config import MetaConfig
 from lunastor.meta.events import EventPruner, PresenceEvents
 from lunastor.meta.extent_migration import ExtentMigrator
@@ -68,6 +69,8 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
         jobs.append(ExtentMigrator(etcd))
         jobs += [PresenceEvents(etcd), EventPruner(etcd)]
         jobs.append(RingPlanner(etcd))
+        if config.etcd_history:
+            jobs.append(HistoryCompactor(etcd, config.etcd_history))
         if config.rebalance_max_moves:
             jobs.append(
                 RebalancePlanner(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,18 @@ def test_wildcard_listen_needs_an_advertised_address() -> None:
         overrides=["iscsi_listen=0.0.0.0:3260", "iscsi_advertise=10.0.0.5:3260"],
     )
     assert cfg.portal == "10.0.0.5:3260"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("etcd_history=0.5", "etcd_history: expected 0 (never compact) or 1..604800 seconds"),
+        ("etcd_history=-1", "etcd_history: expected 0 (never compact) or 1..604800 seconds"),
+    ],
+)
+def test_meta_errors_name_the_setting(tmp_path: Path, override: str, message: str) -> None:
+    path = tmp_path / "meta.toml"
+    path.write_text("")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(MetaConfig, path, env={}, overrides=[override])
+    load_config(MetaConfig, path, env={}, overrides=["etcd_history=0"])  # 0: never

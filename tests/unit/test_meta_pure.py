@@ -1,8 +1,9 @@
 """Pure parts of the meta service: sealing, validation, LUN policy, tokens, sizes, operation
-progress."""
+progress, etcd compaction."""
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from lunastor.common.records import MAX_TARGETS, OperationRecord
 from lunastor.common.sealing import Sealer, SealError
 from lunastor.common.units import format_size, parse_size
 from lunastor.meta import schemas
+from lunastor.meta.compaction import compaction_target
 from lunastor.meta.luns import LUNS_PER_TARGET, next_free
 from lunastor.meta.planners import advance
 from lunastor.meta.problems import Problem
@@ -174,3 +176,20 @@ def test_operation_progress_never_goes_back(
     moved = advance(op, pending, f"{pending} extents to restore")
     assert (moved.total, moved.progress) == (want_total, want_progress)
     assert moved.detail == f"{pending} extents to restore"
+
+
+@pytest.mark.parametrize(
+    ("seen", "now", "want", "left"),
+    [
+        ([], 100.0, None, []),
+        ([(0.0, 5)], 299.0, None, [(0.0, 5)]),  # not old enough yet
+        ([(0.0, 5)], 300.0, 5, []),
+        ([(0.0, 5), (10.0, 9), (400.0, 12)], 500.0, 9, [(400.0, 12)]),  # the newest old one
+    ],
+)
+def test_compaction_target_is_the_newest_revision_noted_keep_seconds_ago(
+    seen: list[tuple[float, int]], now: float, want: int | None, left: list[tuple[float, int]]
+) -> None:
+    notes = deque(seen)
+    assert compaction_target(notes, now, 300.0) == want
+    assert list(notes) == left
