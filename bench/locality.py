@@ -68,11 +68,12 @@ def settle(
 ) -> tuple[int, int, float]:
     """Warm-up: write `volume` through `portal` until every extent's primary is the chunk
     server `access_point`, at most `timeout` s, then copy `source` (the data it held) back
-    onto it. (extents settled, extents, seconds)."""
+    onto it if it wrote. (extents settled, extents, seconds)."""
     me = cluster.chunk_id(access_point)
     start = time.monotonic()
     block = 64 << 10  # small writes: many IOs per extent in each claim window
     opts = volume.image_opts(portal)
+    wrote = False
     while True:
         recs = cluster.extents(volume.id)
         done = sum(1 for r in recs if r.primary == me)
@@ -84,7 +85,9 @@ def settle(
         subprocess.run(
             [*argv, opts], capture_output=True, timeout=max(10.0, timeout - took), check=False
         )
-    fill(str(source), opts)
+        wrote = True
+    if wrote:
+        fill(str(source), opts)
     return done, len(recs), took
 
 
