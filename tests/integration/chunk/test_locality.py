@@ -21,19 +21,12 @@ from lunastor.chunk.maintenance.repair import Repairer
 from lunastor.common.records import ExtentRecord, Keys, LocalityClaim, VolumeRecord
 from tests.integration.chunk import test_replication
 from tests.integration.chunk.test_replication import EXTENT, Cluster
+from tests.support.clock import Clock
 
 cluster = test_replication.cluster  # the same real cluster fixture: three data nodes, etcd
 
 VID = "vol-l"
 SECTORS = EXTENT // 512
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Rig:
