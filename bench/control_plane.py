@@ -484,10 +484,10 @@ async def run(ops: int, volumes: int, rounds: int, client: str, listing_only: bo
     assert server.proc is not None
     etcd_pid = server.proc.pid
     print(f"meta pid {proc.pid} (profile it: py-spy record -p {proc.pid})", flush=True)
+    listing = EtcdConfig(endpoints=[server.endpoint], namespace=namespace)
     try:
         if listing_only:
-            config = EtcdConfig(endpoints=[server.endpoint], namespace=namespace)
-            await compare_listing(config, url, volumes)
+            await compare_listing(listing, url, volumes)
             return
         # Meta and the anchor alternate at each level (`rounds` times each), so that load
         # from other jobs on the machine falls on both alike; each row pools its side's
@@ -543,9 +543,7 @@ async def run(ops: int, volumes: int, rounds: int, client: str, listing_only: bo
               f"--client; raw: the anchor)")  # fmt: skip
         print("etcd: the etcd process's CPU per cycle (REST: meta's background work included)")
 
-        await compare_listing(
-            EtcdConfig(endpoints=[server.endpoint], namespace=namespace), url, volumes
-        )
+        await compare_listing(listing, url, volumes)
     finally:
         proc.terminate()
         proc.wait(timeout=20)
