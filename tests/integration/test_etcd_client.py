@@ -153,6 +153,8 @@ async def test_txn_ops_and_compares_table(etcd: Etcd) -> None:
     assert result.responses[0] is None and result.responses[1] == 1
     got = result.responses[2]
     assert isinstance(got, list) and [k.key for k in got] == ["t/b", "t/c"]
+    result = await etcd.txn([], [Get("t/", prefix=True, limit=1), Get("t/none", limit=1)])
+    assert [[k.key for k in got] for got in result.responses] == [["t/b"], []]  # type: ignore[union-attr]
     result = await etcd.txn([], [Delete("t/", prefix=True)])
     assert result.responses == [2]
 

@@ -81,6 +81,18 @@ class EtcdServer:
         with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
             return b'"true"' in resp.read()
 
+    def kv_requests(self) -> int:
+        """Every KV request etcd has answered (Range, Txn, Put, DeleteRange), from its metrics:
+        what tests count round trips by."""
+        with urllib.request.urlopen(f"http://{self.endpoint}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return sum(
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in text.splitlines()
+            if line.startswith("grpc_server_handled_total{")
+            and 'grpc_service="etcdserverpb.KV"' in line
+        )
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -387,7 +387,11 @@ class Etcd:
                 key, end = self.keys.prefix_range(op.key)
             else:
                 key, end = self.keys.encode(op.key), b""
-            ranged = pb.request_delete_range if isinstance(op, Delete) else pb.request_range
+            if isinstance(op, Delete):
+                ranged = pb.request_delete_range
+            else:
+                ranged = pb.request_range
+                ranged.limit = op.limit
             ranged.key = key
             ranged.range_end = end
             return

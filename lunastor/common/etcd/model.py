@@ -183,10 +183,12 @@ class Delete:
 
 @dataclass(frozen=True)
 class Get:
-    """Read `key`, or every key starting with it when `prefix`."""
+    """Read `key`, or every key starting with it when `prefix`; at most `limit` keys (0: all,
+    etcd's own convention): `limit=1` asks whether a prefix holds anything."""
 
     key: str
     prefix: bool = False
+    limit: int = 0
 
 
 Op = Put | Delete | Get

@@ -10,7 +10,6 @@ import pytest
 
 from lunastor.common.records import Keys
 from tests.integration.meta.conftest import Api, meta_config, start_api
-from tests.integration.meta.test_store_known import kv_requests
 from tests.support.etcd import EtcdServer
 from tests.support.procs import async_wait_for
 
@@ -53,10 +52,11 @@ async def test_luns_another_instance_created_are_learnt_in_one_failed_attempt(
     # more than a create's 64 attempts: learning one LUN per failed attempt would give up
     made = [await other.volume(f"o{i}") for i in range(70)]
     assert [v["lun"] for v in made] == list(range(1, 71))
-    before = kv_requests(etcd_server)
+    before = etcd_server.kv_requests()
     mine = await api.volume("mine")
     assert (mine["target_iqn"], mine["lun"]) == (made[0]["target_iqn"], 71)
-    assert kv_requests(etcd_server) - before == 2  # the failed create (reads the target), then ours
-    before = kv_requests(etcd_server)
+    # the failed create (reads the target), then ours
+    assert etcd_server.kv_requests() - before == 2
+    before = etcd_server.kv_requests()
     assert (await api.volume("mine-2"))["lun"] == 72
-    assert kv_requests(etcd_server) - before == 1  # learnt: no collision
+    assert etcd_server.kv_requests() - before == 1  # learnt: no collision

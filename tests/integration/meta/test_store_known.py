@@ -6,7 +6,6 @@ same etcd makes the first one's remembered state stale, which the commit's compa
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import AsyncIterator
 
 import pytest
@@ -18,18 +17,6 @@ from tests.support.etcd import EtcdServer
 A = "iqn.2020-01.org.example:node-a"
 B = "iqn.2020-01.org.example:node-b"
 C = "iqn.2020-01.org.example:node-c"
-
-
-def kv_requests(etcd_server: EtcdServer) -> int:
-    """Every KV request etcd has answered (Range, Txn, Put, DeleteRange), from its metrics."""
-    with urllib.request.urlopen(f"http://{etcd_server.endpoint}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    return sum(
-        int(float(line.rsplit(" ", 1)[1]))
-        for line in text.splitlines()
-        if line.startswith("grpc_server_handled_total{")
-        and 'grpc_service="etcdserverpb.KV"' in line
-    )
 
 
 @pytest.fixture
@@ -53,15 +40,15 @@ async def test_after_our_own_commit_each_call_is_one_round_trip(
         ("DELETE", f"{exports}/{A}", None, 204),
         ("DELETE", f"/v1/volumes/{vol['id']}", None, 204),
     ):
-        before = kv_requests(etcd_server)
+        before = etcd_server.kv_requests()
         await api.ok(method, path, body, status=status)
-        calls.append(kv_requests(etcd_server) - before)
+        calls.append(etcd_server.kv_requests() - before)
     assert calls == [1, 1, 1]
     # an instance that did not commit the volume itself reads it first
     vol = await api.volume("known-2")
-    before = kv_requests(etcd_server)
+    before = etcd_server.kv_requests()
     await other.ok("POST", f"/v1/volumes/{vol['id']}/exports", {"initiator": A}, status=201)
-    assert kv_requests(etcd_server) - before >= 2  # a read (volume and LUN), then the commit
+    assert etcd_server.kv_requests() - before >= 2  # a read (volume and LUN), then the commit
 
 
 async def test_a_stale_remembered_state_is_caught_by_the_compares(api: Api, other: Api) -> None:
