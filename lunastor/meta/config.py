@@ -34,6 +34,7 @@ class MetaConfig:
     tls_key: str = ""
     secret_key: str = ""  # seals CHAP secrets in etcd; at least 16 characters when set
     planner_interval: float = 5.0  # seconds between background planner passes
+    gc_batch: int = 256  # extent versions the GC frees per planner pass (gc.py)
     # seconds of etcd's key history kept; older revisions are compacted (compaction.py); 0:
     # never (etcd's own --auto-compaction-* does it)
     etcd_history: float = 300.0
@@ -56,6 +57,8 @@ class MetaConfig:
             raise ConfigError(
                 f"planner_interval: expected 0.05..3600 seconds, got {self.planner_interval}"
             )
+        if not 1 <= self.gc_batch <= 100_000:
+            raise ConfigError(f"gc_batch: expected 1..100000 extent versions, got {self.gc_batch}")
         if self.etcd_history != 0 and not 1 <= self.etcd_history <= 7 * 86400:
             raise ConfigError(
                 f"etcd_history: expected 0 (never compact) or 1..604800 seconds, got "

@@ -37,7 +37,9 @@ from lunastor.common.records import (
 
 log = get_logger(component="gc")
 
-BATCH = 16  # extents freed per pass: bounds a pass's time and etcd load
+BATCH = 256  # extent versions freed per pass (`gc_batch`): bounds a pass's time and etcd load
+PER_TXN = 8  # extent versions freed per transaction (`txn_groups`)
+WORK_PER_TXN = 32  # replica work items per transaction (`txn_groups`)
 PROBES = 60  # volumes asked "anything left?" per transaction (2 reads each; etcd allows 128)
 DELETES = 100  # tombstones deleted per transaction
 
@@ -65,6 +67,22 @@ def referenced(rec: ExtentRecord, alive: set[str], pinned: dict[str, set[int]]) 
     volume, first = preserved
     until = rec.until if rec.until > first else 2**63  # a damaged bound: keep it
     return any(first <= e < until for e in pinned.get(volume, ()))
+
+
+def txn_groups(doomed: list[tuple[ExtentRecord, int]]) -> list[list[tuple[ExtentRecord, int]]]:
+    """`doomed` in order, cut into the groups freed one transaction each: at most PER_TXN
+    versions and WORK_PER_TXN work items (one per member and stray), so that a transaction's
+    entries, reverse-index shards and work items stay well within etcd's 128 operations."""
+    groups: list[list[tuple[ExtentRecord, int]]] = []
+    work = 0
+    for item in doomed:
+        holders = len({*item[0].replicas, *item[0].strays})
+        if not groups or len(groups[-1]) >= PER_TXN or work + holders > WORK_PER_TXN:
+            groups.append([])
+            work = 0
+        groups[-1].append(item)
+        work += holders
+    return groups
 
 
 class GcPlanner:
@@ -153,7 +171,8 @@ class GcPlanner:
             preserved, _ = await self.etcd.get_prefix(f"{Keys.EXTENTS}{volume}.e")
             kvs = [*own, *preserved]
         left = 0
-        freed = 0
+        doomed: list[tuple[ExtentRecord, int]] = []  # unreferenced, within the budget
+        over_budget = False
         for kv in kvs:
             entries = decode_kv(kv.key, kv.value, kv.mod_revision)
             if not entries and kv.value != MOVED:
@@ -161,17 +180,27 @@ class GcPlanner:
             for rec, stamp in entries:
                 if referenced(rec, alive, pinned):
                     left += 1
-                    continue
-                if freed >= budget:
-                    return None, freed
-                holders = sorted({*rec.replicas, *rec.strays})
-                done = await commit(
-                    self.etcd,
-                    [Change(rec.volume, rec.index, stamp, None)],
-                    extra=[Put(Keys.gc_replica(m, rec.volume, rec.index), b"") for m in holders],
-                )
-                if done is not None:
-                    freed += 1
+                elif len(doomed) < budget:
+                    doomed.append((rec, stamp))
                 else:
-                    left += 1  # changed meanwhile: looked at again next pass
-        return left, freed
+                    over_budget = True
+        freed = 0
+        for group in txn_groups(doomed):
+            if await self._free(group):
+                freed += len(group)
+            elif len(group) > 1:  # one changed meanwhile: free the others one by one
+                for one in group:
+                    freed += int(await self._free([one]))
+        # what changed meanwhile is left, and looked at again next pass
+        return (None if over_budget else left + len(doomed) - freed), freed
+
+    async def _free(self, doomed: list[tuple[ExtentRecord, int]]) -> bool:
+        """Delete the map entries of `doomed` (each only if it still carries the stamp read)
+        and put the replica work items of their members and strays, in one transaction."""
+        changes = [Change(rec.volume, rec.index, stamp, None) for rec, stamp in doomed]
+        work = [
+            Put(Keys.gc_replica(m, rec.volume, rec.index), b"")
+            for rec, _ in doomed
+            for m in sorted({*rec.replicas, *rec.strays})
+        ]
+        return await commit(self.etcd, changes, extra=work) is not None

@@ -65,7 +65,8 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
         await presence.start()
         luns = await LunMap(etcd).start()
         EVENTS.bind(etcd, config.instance_id)
-        jobs: list[Planner] = [DrainPlanner(etcd), RebuildPlanner(etcd), GcPlanner(etcd)]
+        jobs: list[Planner] = [DrainPlanner(etcd), RebuildPlanner(etcd)]
+        jobs.append(GcPlanner(etcd, config.gc_batch))
         jobs.append(ExtentMigrator(etcd))
         jobs += [PresenceEvents(etcd), EventPruner(etcd)]
         jobs.append(RingPlanner(etcd))

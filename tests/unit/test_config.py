@@ -89,6 +89,7 @@ def test_wildcard_listen_needs_an_advertised_address() -> None:
     [
         ("etcd_history=0.5", "etcd_history: expected 0 (never compact) or 1..604800 seconds"),
         ("etcd_history=-1", "etcd_history: expected 0 (never compact) or 1..604800 seconds"),
+        ("gc_batch=0", "gc_batch: expected 1..100000 extent versions, got 0"),
     ],
 )
 def test_meta_errors_name_the_setting(tmp_path: Path, override: str, message: str) -> None:

@@ -10,11 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lunastor.common.records import MAX_TARGETS, OperationRecord
+from lunastor.common.records import MAX_TARGETS, ExtentRecord, OperationRecord
 from lunastor.common.sealing import Sealer, SealError
 from lunastor.common.units import format_size, parse_size
 from lunastor.meta import schemas
 from lunastor.meta.compaction import compaction_target
+from lunastor.meta.gc import txn_groups
 from lunastor.meta.luns import LUNS_PER_TARGET, next_free
 from lunastor.meta.planners import advance
 from lunastor.meta.problems import Problem
@@ -193,3 +194,34 @@ def test_compaction_target_is_the_newest_revision_noted_keep_seconds_ago(
     notes = deque(seen)
     assert compaction_target(notes, now, 300.0) == want
     assert list(notes) == left
+
+
+def _doomed(*holders: int) -> list[tuple[ExtentRecord, int]]:
+    """Extents 0.. of one volume, the i-th with `holders[i]` members and strays."""
+    return [
+        (ExtentRecord(volume="v", index=i, replicas=[f"c{m}" for m in range(min(n, 3))],
+                      strays=[f"s{m}" for m in range(n - min(n, 3))]), i)
+        for i, n in enumerate(holders)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("holders", "sizes"),
+    [
+        ((), []),
+        ((3,), [1]),
+        ((3,) * 8, [8]),  # PER_TXN
+        ((3,) * 9, [8, 1]),
+        ((3,) * 20, [8, 8, 4]),
+        ((10, 10, 10, 10), [3, 1]),  # WORK_PER_TXN: 30 work items, the 4th would be 40
+        ((40, 3), [1, 1]),  # one beyond the bound still goes, alone
+        ((3, 40), [1, 1]),
+    ],
+)
+def test_gc_cuts_what_it_frees_into_bounded_transactions(
+    holders: tuple[int, ...], sizes: list[int]
+) -> None:
+    doomed = _doomed(*holders)
+    groups = txn_groups(doomed)
+    assert [len(g) for g in groups] == sizes
+    assert [item for g in groups for item in g] == doomed  # all of them, in order

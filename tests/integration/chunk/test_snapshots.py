@@ -352,6 +352,12 @@ def test_gc_killed_midway_frees_everything_unreferenced_and_nothing_referenced(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     n = 40  # one 4 KiB write per 64 MiB extent: many extents, little data
+    # a few versions a pass (the default frees all 80 in one), so that a kill lands midway
+    config = cluster.dir / "config" / "meta.toml"
+    default = config.read_text()
+    config.write_text("gc_batch = 4\n" + default)  # a top-level key: before any [table]
+    lunastor("dev", "stop", "meta", "--dir", str(cluster.dir))
+    lunastor("dev", "start", "meta", "--dir", str(cluster.dir))
     size = f"{n * 64}MiB"
     pinned = volume(cluster, "pinned", "--size", size, export=(QEMU_IQN,))
     doomed = volume(cluster, "doomed", "--size", size, export=(QEMU_IQN,))
@@ -418,6 +424,9 @@ def test_gc_killed_midway_frees_everything_unreferenced_and_nothing_referenced(
         named = {k for k, r in versions().items() if me in r.replicas or me in r.strays}
         assert store_files(cluster, chunk) == named, chunk
 
+    config.write_text(default)  # the default from here on, for this module's other tests too
+    lunastor("dev", "stop", "meta", "--dir", str(cluster.dir))
+    lunastor("dev", "start", "meta", "--dir", str(cluster.dir))
     lunastor("volume", "delete", "cp", "--force", "--dir", str(cluster.dir))
     wait_for(lambda: not versions() and not etcd_prefix(cluster, Keys.GC_VOLUMES), 60, "all freed")
     wait_for(lambda: not etcd_prefix(cluster, Keys.GC_REPLICAS), 60, "all files deleted")

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
+from lunastor.common.etcd import Etcd
+from lunastor.common.extent_pages import Change
 from lunastor.common.records import ExtentRecord, Keys, SnapshotRecord, VolumeRecord
-from lunastor.meta import fence
+from lunastor.meta import fence, gc
 from lunastor.meta.gc import GcPlanner
 from tests.integration.meta.conftest import Api, register_chunk
 from tests.support.etcd import EtcdServer
@@ -152,3 +156,36 @@ async def test_gc_drops_tombstones_of_volumes_with_nothing_left_in_a_few_transac
     # its extents (2); the old way was 3 requests per volume: 455
     assert calls == 11, calls
     assert await api.etcd.get(Keys.extent(f"{kept}.e0", 0)) is not None
+
+
+async def test_gc_frees_many_extents_a_transaction_and_skips_one_changed_meanwhile(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v = (await api.volume("batched"))["id"]
+    members = ["chunk-1", "chunk-2"]
+    for i in range(10):
+        await put_extent(api, ExtentRecord(volume=v, index=i, replicas=members))
+    await api.ok("DELETE", f"/v1/volumes/{v}", status=204)
+    real = gc.commit
+    sizes: list[int] = []
+
+    async def racing_commit(etcd: Etcd, changes: Sequence[Change], **kw: Any) -> Any:
+        sizes.append(len(changes))
+        if len(sizes) == 1:  # a writer changes extent 3 between the GC's read and its commit
+            await put_extent(api, ExtentRecord(volume=v, index=3, epoch=1, replicas=members))
+        return await real(etcd, changes, **kw)
+
+    monkeypatch.setattr(gc, "commit", racing_commit)
+    planner = GcPlanner(api.etcd)
+    assert await planner.collect_once() == 9
+    # the first 8 in one transaction, which failed: then one by one; then the last 2 together
+    assert sizes == [8, 1, 1, 1, 1, 1, 1, 1, 1, 2]
+    left, _ = await api.etcd.get_prefix(Keys.EXTENTS)
+    assert [kv.key for kv in left] == [Keys.extent(v, 3)]
+    assert await api.etcd.get(Keys.gc_volume(v)) is not None  # not everything is freed yet
+    monkeypatch.undo()
+    assert await planner.collect_once() == 1  # the changed one, looked at again
+    assert (await api.etcd.get_prefix(Keys.EXTENTS))[0] == []
+    assert await api.etcd.get(Keys.gc_volume(v)) is None
+    work, _ = await api.etcd.get_prefix(Keys.GC_REPLICAS)
+    assert {kv.key for kv in work} == {Keys.gc_replica(m, v, i) for i in range(10) for m in members}
