@@ -352,10 +352,11 @@ def test_gc_killed_midway_frees_everything_unreferenced_and_nothing_referenced(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     n = 40  # one 4 KiB write per 64 MiB extent: many extents, little data
-    # a few versions a pass (the default frees all 80 in one), so that a kill lands midway
+    # 16 versions a pass (the default frees all 80 in one), so that a kill lands midway; not
+    # fewer: each pass waits planner_interval (5 s), and the GC has to finish after the restart
     config = cluster.dir / "config" / "meta.toml"
     default = config.read_text()
-    config.write_text("gc_batch = 4\n" + default)  # a top-level key: before any [table]
+    config.write_text("gc_batch = 16\n" + default)  # a top-level key: before any [table]
     lunastor("dev", "stop", "meta", "--dir", str(cluster.dir))
     lunastor("dev", "start", "meta", "--dir", str(cluster.dir))
     size = f"{n * 64}MiB"
