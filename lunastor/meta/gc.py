@@ -69,6 +69,16 @@ def referenced(rec: ExtentRecord, alive: set[str], pinned: dict[str, set[int]]) 
     return any(first <= e < until for e in pinned.get(volume, ()))
 
 
+def holders(rec: ExtentRecord) -> list[str]:
+    """Who may hold files of `rec`: its members and its strays; each gets a work item."""
+    return sorted({*rec.replicas, *rec.strays})
+
+
+def extent_prefixes(volume: str) -> tuple[str, str]:
+    """The extent-map prefixes of `volume`: its own extents, and its preserved copies."""
+    return Keys.volume_extents(volume), f"{Keys.EXTENTS}{volume}.e"
+
+
 def txn_groups(doomed: list[tuple[ExtentRecord, int]]) -> list[list[tuple[ExtentRecord, int]]]:
     """`doomed` in order, cut into the groups freed one transaction each: at most PER_TXN
     versions and WORK_PER_TXN work items (one per member and stray), so that a transaction's
@@ -76,12 +86,12 @@ def txn_groups(doomed: list[tuple[ExtentRecord, int]]) -> list[list[tuple[Extent
     groups: list[list[tuple[ExtentRecord, int]]] = []
     work = 0
     for item in doomed:
-        holders = len({*item[0].replicas, *item[0].strays})
-        if not groups or len(groups[-1]) >= PER_TXN or work + holders > WORK_PER_TXN:
+        items = len(holders(item[0]))
+        if not groups or len(groups[-1]) >= PER_TXN or work + items > WORK_PER_TXN:
             groups.append([])
             work = 0
         groups[-1].append(item)
-        work += holders
+        work += items
     return groups
 
 
@@ -151,7 +161,7 @@ class GcPlanner:
             probes: list[Op] = [
                 Get(prefix, prefix=True, limit=1)
                 for v in batch
-                for prefix in (Keys.volume_extents(v), f"{Keys.EXTENTS}{v}.e")
+                for prefix in extent_prefixes(v)
                 if v
             ]
             found = iter((await self.etcd.txn([], probes)).responses)
@@ -167,9 +177,8 @@ class GcPlanner:
         out first; versions freed)."""
         kvs = []
         if volume:
-            own, _ = await self.etcd.get_prefix(Keys.volume_extents(volume))
-            preserved, _ = await self.etcd.get_prefix(f"{Keys.EXTENTS}{volume}.e")
-            kvs = [*own, *preserved]
+            for prefix in extent_prefixes(volume):
+                kvs += (await self.etcd.get_prefix(prefix))[0]
         left = 0
         doomed: list[tuple[ExtentRecord, int]] = []  # unreferenced, within the budget
         over_budget = False
@@ -201,6 +210,6 @@ class GcPlanner:
         work = [
             Put(Keys.gc_replica(m, rec.volume, rec.index), b"")
             for rec, _ in doomed
-            for m in sorted({*rec.replicas, *rec.strays})
+            for m in holders(rec)
         ]
         return await commit(self.etcd, changes, extra=work) is not None
