@@ -80,6 +80,10 @@ class Returns:
         live = {kv.key.removeprefix(Keys.LIVE_CHUNKS) for kv in self.emap.live.items.values()}
         known = {kv.key.removeprefix(Keys.CHUNKS) for kv in self.emap.chunks.items.values()}
         self.missing_at_start = known - live - {self.me}
+        # One that comes up and dies again is a crash like any other: told by its live record
+        # vanishing, and not only when `until` is asked while it is live (nobody asks about a
+        # member that serves; a victim killed within the grace was waited for ~30 s)
+        self.emap.on_gone.append(self.missing_at_start.discard)
         if self.missing_at_start:
             log.warning(
                 "chunk servers missing at start, waited for up to %.0f s: %s",
