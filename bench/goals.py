@@ -1,4 +1,4 @@
-"""The goals open issues set for `make bench` lines, checked against one run's measures.
+"""The goals the issues set for `make bench` lines (closed issues' too: regression checks),
 
 A measure is a named number the suite collects (`measures()`): `<system>.<job>.<what>` for
 the job tables (`value`: IOPS or MB/s; `x_tgt`, `x_gluster`: ratios; `cpu_us`: server CPU per

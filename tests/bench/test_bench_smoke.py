@@ -64,7 +64,7 @@ def test_bench_measures_tgt_and_standalone_and_cleans_up(tmp_path: Path) -> None
     text = proc.stdout
     assert "4 KiB random, QD32 (IOPS; more is better)" in text
     assert "1 MiB sequential, QD8 (MB/s; more is better)" in text
-    assert "write+flush" in text and "goals of open issues" in text
+    assert "write+flush" in text and "the issues' goals" in text
     assert list(work.iterdir()) == []  # the temporary directory is gone
 
 
