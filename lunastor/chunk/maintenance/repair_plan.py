@@ -119,6 +119,7 @@ def choose_target(
         s
         for s in servers.values()
         if s.live
+        and not s.expected  # starting or stopping: its data port may not serve
         and not s.draining
         and s.id not in members
         and (not allowed_zones or s.zone in allowed_zones)
@@ -186,11 +187,13 @@ def plan_extent(
         recent = sorted(
             s.id
             for s in servers.values()
-            if not s.live and not s.draining and (s.down_for < replace_after or s.expected)
+            if not s.draining and (s.expected or (not s.live and s.down_for < replace_after))
         )
         # A server that may come back is waited for (its catch-up beats a copy), unless the
         # extent is below `min_replicas`: its writes are refused until a member joins, and
-        # a join takes a moment where the wait takes up to `replace_after`.
+        # a join takes a moment where the wait takes up to `replace_after`. One that is back
+        # but still starting (live, its data port not yet up) too: asked whether it holds an
+        # old replica file, it does not answer yet, and a copy to another server was chosen.
         if recent and keep >= min(min_replicas, desired):
             return action(ActionKind.WAIT, primary, recent[0])
         target = choose_target(

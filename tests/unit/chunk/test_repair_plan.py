@@ -107,6 +107,21 @@ CASES = [
         (ActionKind.WAIT, "a", "b"),
     ),
     Case(
+        "a removed member back and starting (live, not serving yet): waited for, not copied "
+        "around (it holds the old replica file, but cannot say so yet)",
+        ["a", "b"],
+        [up("a"), up("b"), ServerView("c", "z1", expected=True), up("d")],
+        (ActionKind.WAIT, "a", "c"),
+    ),
+    Case(
+        "below min_replicas, a starting server is not the target: its data port may not serve",
+        ["a"],
+        [up("a"), ServerView("b", "z1", expected=True), up("c")],
+        (ActionKind.ADD, "a", "c"),
+        placement=["b", "c"],
+        min_replicas=2,
+    ),
+    Case(
         "a server away on purpose while replicas are missing: no replica added meanwhile",
         ["a", "b"],
         [up("a"), up("b"), away("c", down_for=61), up("d")],
