@@ -25,7 +25,7 @@ actions this server is the actor of. One action per extent per pass, the most ur
 6. a healthy extent with a rebalancing move from meta (`/v1/rebalance/...`,
    docs/placement.md): **rebalance-add** of its target (join), then **rebalance-retire** of
    its source once the target is a member. A move whose target cannot take the replica now
-   (down, draining) waits for meta to withdraw it.
+   (down, starting, draining) waits for meta to withdraw it.
 """
 
 from __future__ import annotations
@@ -218,6 +218,7 @@ def plan_extent(
         if (
             view is not None
             and view.live
+            and not view.expected
             and not view.draining
             and (not allowed_zones or view.zone in allowed_zones)
             and len(members) <= desired

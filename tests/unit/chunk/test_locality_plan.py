@@ -162,6 +162,13 @@ ACTIONS = [
         None,
         servers={**SERVERS, "d": ServerView("d", "z1", live=False, down_for=5)},
     ),
+    ActCase(
+        "a claimant still starting (live, its data port not up yet)",
+        ["a", "b", "c"],
+        "d",
+        None,
+        servers={**SERVERS, "d": ServerView("d", "z1", expected=True)},
+    ),
     ActCase("a claimant outside the volume's zones", ["a", "b"], "d", None, 2, zones=("z2", "z3")),
 ]
 

@@ -287,6 +287,13 @@ CASES = [
         move=("b", "d"),
     ),
     Case(
+        "rebalancing move to a target still starting: it waits",
+        ["a", "b", "c"],
+        [*THREE_ZONES, ServerView("d", "z2", expected=True)],
+        None,
+        move=("b", "d"),
+    ),
+    Case(
         "rebalancing move, target joined: the source retires (not the last member)",
         ["a", "b", "c", "d"],
         [*THREE_ZONES, up("d", "z2")],
