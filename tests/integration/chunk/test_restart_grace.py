@@ -2,8 +2,9 @@
 server registered but not live when this one started is expected back for `restart_grace`;
 once it has been seen live, its death is a crash like any other, whether or not anybody
 asked about it while it was live (nobody asks about a member that serves: a victim SIGKILLed
-within the grace of a survivor's start was waited for until the grace ran out, the ~28 s IO
-gap of test_redirector_failover_netns.py in one CI run)."""
+within the grace of a survivor's start was waited for until the grace ran out: the likely
+cause of a ~28 s IO gap in one CI run of test_redirector_failover_netns.py, whose survivors
+log servers missing at start)."""
 
 from __future__ import annotations
 
