@@ -100,7 +100,7 @@ def locality_action(
     from lunastor.chunk.maintenance.repair_plan import Action, ActionKind
 
     view = servers.get(claimant)
-    if view is None or not view.live or view.expected or view.draining:
+    if view is None or not view.takes_replicas:
         return None  # a claim of a server that cannot take the extent (now) waits
     if allowed_zones and view.zone not in allowed_zones:
         return None

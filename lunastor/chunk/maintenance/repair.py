@@ -191,10 +191,11 @@ class Repairer:
             return []
 
     async def _old_holders(self, rec: ExtentRecord, servers: dict[str, ServerView]) -> set[str]:
-        """Live servers that are not members but still hold a replica file of the extent."""
+        """Servers that can take a replica (`takes_replicas`: the only ones `choose_target`
+        picks), not members, that still hold a replica file of the extent."""
         out = set()
         for s in servers.values():
-            if not s.live or s.draining or s.id in rec.replicas:
+            if not s.takes_replicas or s.id in rec.replicas:
                 continue
             build = partial(GetState, volume=rec.volume, extent=rec.index)
             try:

@@ -82,6 +82,12 @@ class ServerView:
     # waited for, never failed over or replaced (restart.py)
     expected: bool = False
 
+    @property
+    def takes_replicas(self) -> bool:
+        """Can be given a replica now: live and serving (not starting or stopping: its data
+        port may not be up) and not draining."""
+        return self.live and not self.expected and not self.draining
+
 
 @dataclass(frozen=True, slots=True)
 class Action:
@@ -118,9 +124,7 @@ def choose_target(
     cands = [
         s
         for s in servers.values()
-        if s.live
-        and not s.expected  # starting or stopping: its data port may not serve
-        and not s.draining
+        if s.takes_replicas
         and s.id not in members
         and (not allowed_zones or s.zone in allowed_zones)
     ]
@@ -217,9 +221,7 @@ def plan_extent(
         view = servers.get(target)
         if (
             view is not None
-            and view.live
-            and not view.expected
-            and not view.draining
+            and view.takes_replicas
             and (not allowed_zones or view.zone in allowed_zones)
             and len(members) <= desired
         ):
