@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,13 +66,13 @@ class ExtentCensus:
     @classmethod
     async def read(cls, etcd: Etcd) -> ExtentCensus:
         kvs, rev = await etcd.get_prefix(Keys.EXTENTS)
-        vols, _ = await etcd.get_prefix(Keys.VOLUMES, revision=rev)
+        extents = extent_records(kvs)
         lives, _ = await etcd.get_prefix(Keys.LIVE_CHUNKS, revision=rev)
         chunks, _ = await etcd.get_prefix(Keys.CHUNKS, revision=rev)
         index, _ = await etcd.get_prefix(Keys.CHUNK_EXTENTS, revision=rev)
         return cls(
-            extent_records(kvs),
-            {v.id: v.replicas for v in decode_records(vols, VolumeRecord)},
+            extents,
+            {v.id: v.replicas for v in await records_with_extents(etcd, extents, rev)},
             {s.id for s in decode_records(lives, ChunkServerStatus)},
             {c.id for c in decode_records(chunks, ChunkServerInfo)},
             held_counts(index, kvs),
@@ -87,6 +88,19 @@ class ExtentCensus:
             or len([m for m in e.replicas if m in self.live]) < self.desired.get(e.volume, 0)
             for e in self.extents
         )
+
+
+async def records_with_extents(
+    etcd: Etcd, extents: Iterable[ExtentRecord], revision: int
+) -> list[VolumeRecord]:
+    """The records of the volumes `extents` belong to, at `revision`. Only those are decoded
+    (a thin cluster has many volumes never written), and none is read when there are no
+    extents."""
+    keys = {Keys.volume(e.volume) for e in extents}
+    if not keys:
+        return []
+    vols, _ = await etcd.get_prefix(Keys.VOLUMES, revision=revision)
+    return decode_records([kv for kv in vols if kv.key in keys], VolumeRecord)
 
 
 def advance(op: OperationRecord, pending: int, detail: str) -> OperationRecord:
@@ -164,7 +178,6 @@ class RebuildPlanner:
         self.etcd = etcd
 
     async def run_once(self) -> None:
-        census = await ExtentCensus.read(self.etcd)
         ops_kv, _ = await self.etcd.get_prefix(Keys.OPERATIONS)
         running: dict[str, tuple[OperationRecord, KeyValue]] = {}
         for kv in ops_kv:
@@ -174,6 +187,9 @@ class RebuildPlanner:
                     running[op.subject] = (op, kv)
         admins, _ = await self.etcd.get_prefix(Keys.CHUNK_ADMIN)
         drained = {a.id for a in decode_records(admins, ChunkAdminRecord) if a.state == "drained"}
+        if not running and not await self._any_lost(drained):
+            return  # the census reads the whole extent map: only when there is news to report
+        census = await ExtentCensus.read(self.etcd)
         now = round(time.time(), 6)
         lost = census.registered - census.live - drained
         for chunk_id in sorted(lost | running.keys()):
@@ -213,6 +229,14 @@ class RebuildPlanner:
             )
             if result.succeeded and new.state == "succeeded":
                 await EVENTS.write("rebuild_done", chunk_id, new.detail)
+
+    async def _any_lost(self, drained: set[str]) -> bool:
+        """Whether a registered server other than `drained` ones has no live record."""
+        chunks, rev = await self.etcd.get_prefix(Keys.CHUNKS)
+        lives, _ = await self.etcd.get_prefix(Keys.LIVE_CHUNKS, revision=rev)
+        registered = {kv.key.removeprefix(Keys.CHUNKS) for kv in chunks}
+        live = {kv.key.removeprefix(Keys.LIVE_CHUNKS) for kv in lives}
+        return bool(registered - live - drained)
 
 
 class PlannerLeader:

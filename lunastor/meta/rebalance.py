@@ -34,11 +34,11 @@ from lunastor.common.records import (
     MoveRecord,
     OperationRecord,
     RecordError,
-    VolumeRecord,
     decode_records,
 )
 from lunastor.common.ring import Candidate, PlacementError, Ring
 from lunastor.meta.placement import build_ring
+from lunastor.meta.planners import records_with_extents
 from lunastor.meta.rebalance_plan import Holder, Move, RebalancePlan, plan_moves
 from lunastor.meta.store import new_id
 
@@ -145,8 +145,8 @@ class RebalancePlanner:
         kvs, rev = await self.etcd.get_prefix(Keys.EXTENTS)
         extents = {(e.volume, e.index): e for e in extent_records(kvs)}
         intents, _ = await self.etcd.get_prefix(Keys.REBALANCE, revision=rev)
-        volumes, _ = await self.etcd.get_prefix(Keys.VOLUMES, revision=rev)
-        zones = {v.id: v.zones for v in decode_records(volumes, VolumeRecord) if v.zones}
+        volumes = await records_with_extents(self.etcd, extents.values(), rev)
+        zones = {v.id: v.zones for v in volumes if v.zones}
         claimed, _ = await self.etcd.get_prefix(Keys.LOCALITY, revision=rev)
         claims = {(c.volume, c.index): c.chunk for c in decode_records(claimed, LocalityClaim)}
         rings: dict[int, Ring] = {}
