@@ -1,6 +1,6 @@
 """Control-plane benchmark: the meta REST API against raw etcd, measured in the same run.
 
-    python -m bench.control_plane [--ops 500] [--rounds 4] [--volumes 10000] [--client light]
+    python -m bench.control_plane [--ops 500] [--rounds 4] [--volumes 10000] [--client c]
 
 Starts its own etcd and a real `lunastor-meta` process, then measures:
 
@@ -14,10 +14,11 @@ this process; meta and the anchor alternate so that other load on the machine hi
 Goals (issue 17): create+publish p99 at 50 clients within 1.5x of the anchor's; the full
 10,000-volume list < 300 ms.
 
-The REST side's cycles use a light HTTP/1.1 client (`LightConnection`) sending byte for byte
-the requests aiohttp's client sends, at a third of its CPU: the client shares the two cores
-with meta and etcd here, while in production it runs on other machines (docs/scale.md).
-`--client aiohttp` measures with aiohttp's client instead. The listing uses aiohttp.
+The REST side's cycles use a C client (bench/http_cycles.c) sending byte for byte the requests
+aiohttp's client sends, at a few microseconds of CPU a request: it shares the two cores with
+meta and etcd here, while in production the REST clients run on other machines
+(docs/scale.md, "The REST client"). `--client aiohttp` measures with aiohttp's client instead.
+The listing uses aiohttp.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any
 
 import aiohttp
 
+from bench import iscsi_load
 from lunastor.common.config import to_toml_table
 from lunastor.common.etcd import Compare, Delete, Etcd, EtcdConfig, Get, Put
 from lunastor.common.records import Keys, LunRecord, VolumeRecord
@@ -47,6 +49,8 @@ from tests.support.procs import free_port, wait_for
 
 TOKEN = "bench-admin"
 GIB = 1 << 30
+INITIATOR = "iqn.2026-01.io.bench:node-"  # client c publishes to INITIATOR + c
+HTTP_CYCLES = iscsi_load.Client(Path(__file__).parent / "http_cycles.c", "http-cycles", ())
 
 
 @dataclass(frozen=True)
@@ -105,162 +109,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 class HttpError(Exception):
-    """A response the light client cannot take: a malformed or unsupported message, a closed
+    """A response the bench's client cannot take: a malformed or unsupported message, a closed
     connection, or a status other than the one the call expects."""
-
-
-class LightConnection(asyncio.Protocol):
-    """A minimal HTTP/1.1 client on one keep-alive connection, one request at a time.
-
-    The REST side's cycles use it so that the bench's own client costs the two shared cores
-    little (docs/scale.md, "The light REST client"): in production the REST clients (the CSI
-    driver on the nodes) run on other machines, and the anchor has no HTTP client at all. The
-    requests are real ones (method, path, Host, bearer token, JSON body with Content-Length) and
-    each response is read whole: status line, headers, Content-Length body. Anything it does not
-    implement (chunked bodies, a body without Content-Length) is an error, never a guess.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self._host, self._port = host, port
-        self._transport: asyncio.Transport | None = None
-        self._buf = bytearray()
-        self._waiter: asyncio.Future[tuple[int, bytes]] | None = None
-        self._head_end = -1  # end of the current response's headers in _buf, once found
-        self._need = 0  # _buf's length at which the current response is complete
-        self._status = 0
-        self._close_after = False
-        self._used = False  # connected once already
-        # byte for byte the headers aiohttp's client sends (the CSI driver's client), so that
-        # meta parses the same requests whichever client the bench uses
-        self._prefix = (
-            f"\r\nHost: {host}:{port}\r\nAuthorization: Bearer {TOKEN}\r\nAccept: */*\r\n"
-            f"Accept-Encoding: gzip, deflate\r\nUser-Agent: {aiohttp.http.SERVER_SOFTWARE}\r\n"
-        ).encode()
-
-    async def _connect(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.create_connection(lambda: self, self._host, self._port)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._buf.clear()
-        self._head_end, self._close_after = -1, False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(HttpError(f"connection lost mid-response: {exc}"))
-
-    def data_received(self, data: bytes) -> None:
-        self._buf += data
-        if self._waiter is None or self._waiter.done():
-            self._fail(HttpError(f"unsolicited data from the server: {bytes(self._buf[:200])!r}"))
-            return
-        try:
-            self._parse()
-        except HttpError as e:
-            self._fail(e)
-
-    def _fail(self, error: HttpError) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(error)
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _parse(self) -> None:
-        buf = self._buf
-        if self._head_end < 0:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > 65536:
-                    raise HttpError("response headers over 64 KiB")
-                return
-            lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-            version, _, rest = lines[0].partition(" ")
-            if version not in ("HTTP/1.1", "HTTP/1.0") or len(rest) < 3 or not rest[:3].isdigit():
-                raise HttpError(f"bad status line {lines[0]!r}")
-            status = int(rest[:3])
-            length: int | None = None
-            close = version == "HTTP/1.0"
-            for line in lines[1:]:
-                name, sep, value = line.partition(":")
-                if not sep:
-                    raise HttpError(f"bad header line {line!r}")
-                name, value = name.strip().lower(), value.strip()
-                if name == "content-length":
-                    length = int(value)
-                elif name == "transfer-encoding":
-                    raise HttpError(f"Transfer-Encoding {value!r} not supported")
-                elif name == "connection":
-                    close = value.lower() == "close"
-            if status < 200:
-                raise HttpError(f"interim response {status} not supported")
-            if length is None:
-                if status not in (204, 304):
-                    raise HttpError(f"status {status} without Content-Length")
-                length = 0
-            self._status, self._close_after = status, close
-            self._head_end, self._need = end + 4, end + 4 + length
-        if len(buf) < self._need:
-            return
-        if len(buf) > self._need:
-            raise HttpError("data beyond the response")
-        body = bytes(buf[self._head_end : self._need])
-        buf.clear()
-        self._head_end = -1
-        assert self._waiter is not None
-        self._waiter.set_result((self._status, body))
-        if self._close_after and self._transport is not None:
-            self._transport.close()
-            self._transport = None
-
-    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
-        """Send one request (`body` JSON-encoded as aiohttp's `json=` does) and return the
-        response's status and body."""
-        if self._transport is None:
-            if self._used:
-                # one connection per client for the whole round, as aiohttp's pool keeps;
-                # meta closing it mid-round would be a failure worth seeing
-                raise HttpError("the server closed the connection")
-            self._used = True
-            await self._connect()
-        assert self._transport is not None
-        head = f"{method} {path} HTTP/1.1".encode() + self._prefix
-        if body is None:
-            message = head + b"Content-Length: 0\r\n\r\n"
-        else:
-            data = json.dumps(body).encode()
-            message = b"%sContent-Length: %d\r\nContent-Type: application/json\r\n\r\n%s" % (
-                head,
-                len(data),
-                data,
-            )
-        self._waiter = asyncio.get_running_loop().create_future()
-        self._transport.write(message)
-        return await self._waiter
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-
-class AiohttpConnection:
-    """The same calls through aiohttp's client (`--client aiohttp`): a shared session with a
-    keep-alive pool of one connection per concurrent client."""
-
-    def __init__(self, http: aiohttp.ClientSession) -> None:
-        self._http = http
-
-    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
-        async with self._http.request(method, path, json=body) as r:
-            return r.status, await r.read()
-
-    def close(self) -> None:
-        pass
-
-
-Connection = LightConnection | AiohttpConnection
 
 
 def expect(status: int, body: bytes, want: int) -> bytes:
@@ -269,51 +119,92 @@ def expect(status: int, body: bytes, want: int) -> bytes:
     return body
 
 
-async def cycles(url: str, clients: int, ops: int, meta_pid: int, kind: str) -> Round:
+def request_headers(host: str, port: int) -> str:
+    """The header lines aiohttp's client (the CSI driver's) sends with each request, byte for
+    byte, for the C client to send the same requests (docs/scale.md, "The REST client")."""
+    return (
+        f"Host: {host}:{port}\r\nAuthorization: Bearer {TOKEN}\r\nAccept: */*\r\n"
+        f"Accept-Encoding: gzip, deflate\r\nUser-Agent: {aiohttp.http.SERVER_SOFTWARE}\r\n"
+    )
+
+
+def c_client_argv(binary: Path, url: str, clients: int, ops: int) -> list[str]:
+    host, _, port = url.removeprefix("http://").partition(":")
+    return [str(binary), host, port, str(clients), str(ops), f"bench-{clients}", INITIATOR,
+            request_headers(host, int(port))]  # fmt: skip
+
+
+def parse_c_client(out: str) -> tuple[list[float], list[float], float, float]:
+    """bench/http_cycles.c's output: the create+publish and unpublish+delete latencies
+    (seconds) of every cycle, its wall time for them and its CPU seconds."""
+    create_publish: list[float] = []
+    unpublish_delete: list[float] = []
+    elapsed = cpu = -1.0
+    for line in out.splitlines():
+        first, _, second = line.partition(" ")
+        if first == "elapsed":
+            elapsed = float(second)
+        elif first == "cpu":
+            cpu = float(second)
+        else:
+            create_publish.append(int(first) / 1e9)
+            unpublish_delete.append(int(second) / 1e9)
+    if elapsed < 0 or cpu < 0:
+        raise HttpError(f"http-cycles printed no totals: {out[-300:]!r}")
+    return create_publish, unpublish_delete, elapsed, cpu
+
+
+async def c_cycles(binary: Path, url: str, clients: int, ops: int, meta_pid: int) -> Round:
+    """`ops` cycles from `clients` connections of the C client (the default)."""
+    cpu = cpu_seconds(meta_pid)
+    proc = await asyncio.create_subprocess_exec(
+        *c_client_argv(binary, url, clients, ops),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    cpu = cpu_seconds(meta_pid) - cpu
+    if proc.returncode != 0:
+        raise HttpError(f"http-cycles failed ({proc.returncode}): {err.decode()[-500:]}")
+    create_publish, unpublish_delete, elapsed, client_cpu = parse_c_client(out.decode())
+    if len(create_publish) != ops:
+        raise HttpError(f"http-cycles ran {len(create_publish)} cycles of {ops}")
+    return Round(create_publish, unpublish_delete, elapsed, cpu, client_cpu)
+
+
+async def aiohttp_cycles(url: str, clients: int, ops: int, meta_pid: int) -> Round:
+    """The same cycles through aiohttp's client (`--client aiohttp`): a shared session with a
+    keep-alive pool of one connection per concurrent client."""
     create_publish: list[float] = []
     unpublish_delete: list[float] = []
     counter = iter(range(ops))
     connector = aiohttp.TCPConnector(limit=clients)
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with aiohttp.ClientSession(url, headers=headers, connector=connector) as http:
-        host, _, port = url.removeprefix("http://").partition(":")
-        conns: list[Connection] = [
-            LightConnection(host, int(port)) if kind == "light" else AiohttpConnection(http)
-            for _ in range(clients)
-        ]
+
+        async def request(method: str, path: str, want: int, body: Any = None) -> bytes:
+            async with http.request(method, path, json=body) as r:
+                return expect(r.status, await r.read(), want)
 
         async def client(c: int) -> None:
-            conn = conns[c]
             for n in counter:
-                name = f"bench-{clients}-{n}"
                 start = time.perf_counter()
-                status, body = await conn.request(
-                    "POST", "/v1/volumes", {"name": name, "size_bytes": GIB}
+                created = await request(
+                    "POST", "/v1/volumes", 201, {"name": f"bench-{clients}-{n}", "size_bytes": GIB}
                 )
-                vid = json.loads(expect(status, body, 201))["id"]
-                initiator = f"iqn.2026-01.io.bench:node-{c}"
-                status, body = await conn.request(
-                    "POST", f"/v1/volumes/{vid}/exports", {"initiator": initiator}
-                )
-                expect(status, body, 201)
+                vid = json.loads(created)["id"]
+                initiator = f"{INITIATOR}{c}"
+                await request("POST", f"/v1/volumes/{vid}/exports", 201, {"initiator": initiator})
                 mid = time.perf_counter()
-                status, body = await conn.request(
-                    "DELETE", f"/v1/volumes/{vid}/exports/{initiator}"
-                )
-                expect(status, body, 204)
-                status, body = await conn.request("DELETE", f"/v1/volumes/{vid}")
-                expect(status, body, 204)
+                await request("DELETE", f"/v1/volumes/{vid}/exports/{initiator}", 204)
+                await request("DELETE", f"/v1/volumes/{vid}", 204)
                 end = time.perf_counter()
                 create_publish.append(mid - start)
                 unpublish_delete.append(end - mid)
 
         start, cpu = time.perf_counter(), cpu_seconds(meta_pid)
         mine = time.process_time()
-        try:
-            await asyncio.gather(*(client(c) for c in range(clients)))
-        finally:
-            for conn in conns:
-                conn.close()
+        await asyncio.gather(*(client(c) for c in range(clients)))
         elapsed = time.perf_counter() - start
         cpu = cpu_seconds(meta_pid) - cpu
         mine = time.process_time() - mine
@@ -351,7 +242,7 @@ async def raw_cycles(etcd: Etcd, clients: int, ops: int) -> Round:
                 Keys.volume_name(vol.name),
                 Keys.lun(target, lun + 1),
             )
-            initiator = f"iqn.2026-01.io.bench:node-{c}"
+            initiator = f"{INITIATOR}{c}"
             start = time.perf_counter()
             created = await etcd.txn(
                 [Compare.version(nkey) == 0, Compare.version(lkey) == 0],
@@ -478,6 +369,7 @@ async def compare_listing(config: EtcdConfig, url: str, volumes: int) -> None:
 
 async def run(ops: int, volumes: int, rounds: int, client: str, listing_only: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="lunastor-bench-"))
+    binary = iscsi_load.build(tmp / "bin", HTTP_CYCLES) if client == "c" else None
     server = EtcdServer().start()
     namespace = "/bench"
     proc, url = start_meta(server, namespace, tmp)
@@ -500,9 +392,12 @@ async def run(ops: int, volumes: int, rounds: int, client: str, listing_only: bo
                 count = max(ops, clients * 4)
                 rest_rounds, raw_rounds = [], []
                 for _ in range(rounds):
-                    rest_rounds.append(
-                        await timed(etcd_pid, cycles(url, clients, count, proc.pid, client))
+                    rest = (
+                        c_cycles(binary, url, clients, count, proc.pid)
+                        if binary is not None
+                        else aiohttp_cycles(url, clients, count, proc.pid)
                     )
+                    rest_rounds.append(await timed(etcd_pid, rest))
                     raw_rounds.append(await timed(etcd_pid, raw_cycles(raw_etcd, clients, count)))
                 rows.append((clients, pooled(rest_rounds), pooled(raw_rounds)))
         print("\ncreate+publish / unpublish+delete: REST (real meta process, real etcd) against")
@@ -520,11 +415,12 @@ async def run(ops: int, volumes: int, rounds: int, client: str, listing_only: bo
                     f"{r['cpu_ms']:>7.2f}ms {r['client_cpu_ms']:>7.2f}ms {r['etcd_cpu_ms']:>7.2f}ms"
                 )
         _, rest50, raw50 = rows[-1]
+        client_name = "bench/http_cycles.c" if client == "c" else "aiohttp"
         ratio = rest50["cp_p99"] / raw50["cp_p99"]
         print(f"goal: create+publish p99 at 50 clients within 1.5x of raw etcd: "
               f"{rest50['cp_p99']:.1f} / {raw50['cp_p99']:.1f} ms = {ratio:.2f}x "
               f"({'met' if ratio <= 1.5 else 'NOT met'}; {rest50['cycles']} cycles a side "
-              f"in {rounds} alternating rounds; {client} client)")  # fmt: skip
+              f"in {rounds} alternating rounds; REST client: {client_name})")  # fmt: skip
         pairs = zip(rest50["round_cp_p99"], raw50["round_cp_p99"], strict=True)
         spread = [f"{a:.0f}/{b:.0f}" for a, b in pairs]
         print(f"  single rounds' c+p p99 at 50 clients, REST/raw ms: {' '.join(spread)}")
@@ -538,9 +434,9 @@ async def run(ops: int, volumes: int, rounds: int, client: str, listing_only: bo
               f"{rest50['etcd_cpu_ms']:.2f}), raw {raw_total:.2f} ms (anchor "
               f"{raw50['cpu_ms']:.2f} + etcd {raw50['etcd_cpu_ms']:.2f}): "
               f"{rest_total / raw_total:.2f}x")  # fmt: skip
-        print("CPU/cycle: the meta process's CPU (REST), this client process's CPU (raw);")
-        print(f"client: this process's CPU per cycle (REST: the {client} HTTP client, "
-              f"--client; raw: the anchor)")  # fmt: skip
+        print("CPU/cycle: the meta process's CPU (REST), the anchor's CPU (raw);")
+        print(f"client: the REST client's CPU per cycle ({client_name}, --client; raw: the "
+              f"anchor)")  # fmt: skip
         print("etcd: the etcd process's CPU per cycle (REST: meta's background work included)")
 
         await compare_listing(listing, url, volumes)
@@ -561,10 +457,10 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, default=10_000, help="volumes to list")
     parser.add_argument(
         "--client",
-        choices=("light", "aiohttp"),
-        default="light",
-        help="the REST side's HTTP client: a minimal HTTP/1.1 protocol (default; see "
-        "docs/scale.md) or aiohttp's",
+        choices=("c", "aiohttp"),
+        default="c",
+        help="the REST side's HTTP client: bench/http_cycles.c (default; see docs/scale.md) "
+        "or aiohttp's",
     )
     parser.add_argument(
         "--only-listing", action="store_true", help="measure only the listing (no cycles)"
