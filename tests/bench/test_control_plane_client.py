@@ -75,6 +75,10 @@ async def server() -> AsyncIterator[tuple[str, Seen]]:
         assert seen.exports.pop(request.match_info["id"]) == request.match_info["initiator"]
         return web.Response(status=204)
 
+    async def healthz(request: web.Request) -> web.Response:
+        await note(request)
+        return web.Response(text="ok")
+
     async def delete(request: web.Request) -> web.Response:
         await note(request)
         if seen.fail_delete:
@@ -87,6 +91,7 @@ async def server() -> AsyncIterator[tuple[str, Seen]]:
     app.router.add_post("/v1/volumes/{id}/exports", publish)
     app.router.add_delete("/v1/volumes/{id}/exports/{initiator}", unpublish)
     app.router.add_delete("/v1/volumes/{id}", delete)
+    app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -110,10 +115,12 @@ async def test_cycles_on_one_connection_per_client(server: tuple[str, Seen], bin
     assert all(0 < t < 10 for t in done.create_publish + done.unpublish_delete)
     assert done.elapsed > 0 and done.client_cpu >= 0
     assert len(seen.peers) == 3  # keep-alive: one connection per client, for every request
+    # each connection answered once before the timed cycles
+    assert [(m, p) for m, p, _, _ in seen.requests[:3]] == [("GET", "/healthz")] * 3
     assert seen.volumes == {} and seen.exports == {}  # every cycle deleted what it made
     names = sorted(json.loads(b)["name"] for m, p, _, b in seen.requests if p == "/v1/volumes")
     assert names == sorted(f"bench-3-{n}" for n in range(10))
-    steps = [(m, p.count("/")) for m, p, _, _ in seen.requests]
+    steps = [(m, p.count("/")) for m, p, _, _ in seen.requests[3:]]
     assert steps.count(("POST", 2)) == steps.count(("DELETE", 3)) == 10  # create, delete
     assert steps.count(("POST", 4)) == steps.count(("DELETE", 5)) == 10  # publish, unpublish
     initiators = {json.loads(b)["initiator"] for m, p, _, b in seen.requests if m == "POST" and
@@ -126,7 +133,7 @@ async def test_the_requests_are_aiohttps_byte_for_byte(
 ) -> None:
     url, seen = server
     await c_cycles(binary, url, clients=1, ops=1, meta_pid=os.getpid())
-    method, path, headers, body = seen.requests[0]
+    method, path, headers, body = seen.requests[1]  # after the warm-up GET
     assert (method, path) == ("POST", "/v1/volumes")
     assert body == json.dumps({"name": "bench-1-0", "size_bytes": 1 << 30}).encode()
     host = url.removeprefix("http://")
@@ -143,7 +150,7 @@ async def test_the_requests_are_aiohttps_byte_for_byte(
     assert request_headers(*host.split(":")[:1], int(host.split(":")[1])).endswith(
         f"User-Agent: {headers['User-Agent']}\r\n"
     )
-    _, _, bodyless, empty = seen.requests[2]  # the unpublish
+    _, _, bodyless, empty = seen.requests[3]  # the unpublish
     assert bodyless["Content-Length"] == "0" and empty == b""
 
 
