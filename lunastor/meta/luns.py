@@ -3,13 +3,18 @@
 Assignment (docs/etcd-schema.md, "LUN assignment"): the lowest-numbered target that has a free
 LUN, and in it the lowest free LUN in 1..255 (LUN 0 is never assigned). Targets 0..4095.
 
-The map here is only a hint. It is loaded at start, adds the LUNs this instance creates, and
-follows only the deletions under `Keys.LUNS` (a deletes-only watch): most writes there are
-ACL changes (every publish and unpublish), which cannot change which LUNs are in use, and
-reading them all cost meta ~6% of its CPU under create/publish load. LUNs created by other
-meta instances are learnt when a create trips over one: what makes a LUN unique is the create
-transaction's `version(lun key) == 0` compare, and when it fails the same transaction has
-read the target's whole LUN map (`learn`), so one failed attempt per target teaches all of
+The map here is only a hint. It is loaded at start, adds the LUNs this instance creates and
+drops the ones it deletes (`forget`, once the delete is committed). Deletions by other meta
+instances are followed by a deletes-only watch on `Keys.LUNS` (most writes there are ACL
+changes, every publish and unpublish, which cannot change which LUNs are in use), but only
+from the moment another instance is live: alone (the usual deployment), every deletion is this
+instance's own, and reading each one back from a watch cost meta ~9% of its CPU under
+create/delete churn (one gRPC stream message per deletion). Another instance registers its
+live record (`Keys.LIVE_META`) before it serves; when one appears the map is read again at
+that moment and followed from there on, for the rest of this process's life. LUNs created by
+other meta instances are learnt when a create trips over one: what makes a LUN unique is the
+create transaction's `version(lun key) == 0` compare, and when it fails the same transaction
+has read the target's whole LUN map (`learn`), so one failed attempt per target teaches all of
 it. Within one instance, `reserve` also keeps concurrent requests from picking the same LUN
 before etcd answers.
 """
@@ -45,13 +50,17 @@ def next_free(
 
 
 class LunMap:
-    def __init__(self, etcd: Etcd) -> None:
+    def __init__(self, etcd: Etcd, instance_id: str | None = None) -> None:
+        """`instance_id`: this meta instance's id under `Keys.LIVE_META`, to follow other
+        instances' deletions only while there are others; None: always follow them."""
         self.etcd = etcd
+        self.instance_id = instance_id
         self.used: dict[int, set[int]] = defaultdict(set)
         self.revision = 0
         self._reserved: set[tuple[int, int]] = set()
         self._task: asyncio.Task[None] | None = None
         self.events = 0  # watch items received (tests: the watch carries deletions only)
+        self.following = False  # the deletions watch is on (another instance was seen)
 
     async def start(self) -> LunMap:
         await self._load()
@@ -82,7 +91,33 @@ class LunMap:
             return
         used[target].add(lun)
 
+    async def _await_peer(self) -> None:
+        """Return once a meta instance other than this one is live (at once if one is)."""
+        own = Keys.LIVE_META + (self.instance_id or "")
+        metas, rev = await self.etcd.get_prefix(Keys.LIVE_META)
+        if any(kv.key != own for kv in metas):
+            return
+        async for item in self.etcd.watch_prefix(Keys.LIVE_META, rev + 1):
+            if isinstance(item, WatchResync):
+                if any(kv.key != own for kv in item.kvs):
+                    return
+            elif item.type is EventType.PUT and item.kv.key != own:
+                return
+
     async def _follow(self) -> None:
+        if self.instance_id is not None:
+            while True:
+                try:
+                    await self._await_peer()
+                    await self._load()  # every deletion up to now, the peer's included
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # keep trying; the map is a hint, etcd decides
+                    log.warning("lun map: watching for other meta instances failed", error=str(exc))
+                    await asyncio.sleep(1.0)
+            log.info("another meta instance is live; following LUN deletions")
+        self.following = True
         while True:
             try:
                 watch = self.etcd.watch_prefix(Keys.LUNS, self.revision + 1, deletes_only=True)
@@ -120,6 +155,10 @@ class LunMap:
         self._reserved.discard(slot)
         if taken:
             self.used[slot[0]].add(slot[1])
+
+    def forget(self, slot: tuple[int, int]) -> None:
+        """This instance deleted the LUN `slot` (committed)."""
+        self.used[slot[0]].discard(slot[1])
 
     def learn(self, keys: list[str]) -> None:
         """LUN keys in use, read by a create whose LUN another instance had taken. Added,

@@ -63,7 +63,7 @@ async def serve(config: MetaConfig, stop: asyncio.Event) -> int:
             server_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert else None
         )
         await presence.start()
-        luns = await LunMap(etcd).start()
+        luns = await LunMap(etcd, config.instance_id).start()
         EVENTS.bind(etcd, config.instance_id)
         jobs: list[Planner] = [DrainPlanner(etcd), RebuildPlanner(etcd)]
         jobs.append(GcPlanner(etcd, config.gc_batch))

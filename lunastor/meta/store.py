@@ -538,6 +538,8 @@ class Store:
             )
             if result.succeeded:
                 self._slots.pop(volume_id, None)
+                if ours:
+                    self.luns.forget((volume.target, volume.lun))
                 return
         raise aborted(f"delete volume {volume_id}")
 

@@ -73,9 +73,13 @@ class Api:
         return dict(out)
 
 
-async def start_api(config: MetaConfig) -> tuple[TestClient[Any, Any], Etcd, LunMap]:
+async def start_api(
+    config: MetaConfig, instance_id: str | None = None
+) -> tuple[TestClient[Any, Any], Etcd, LunMap]:
+    """Meta's API in this process; `instance_id` as `LunMap` takes it (None: the LUN map
+    follows every deletion, as if other instances were always live)."""
     etcd = await Etcd.connect(etcd_client_config(config.etcd))
-    luns = await LunMap(etcd).start()
+    luns = await LunMap(etcd, instance_id).start()
 
     async def health() -> dict[str, Any]:
         return {"status": "ok"}
