@@ -92,7 +92,20 @@ class LunMap:
         used[target].add(lun)
 
     async def _await_peer(self) -> None:
-        """Return once a meta instance other than this one is live (at once if one is)."""
+        """Return once a meta instance other than this one is live (at once if one is), with
+        the map read again after it appeared: every deletion up to then, the peer's included."""
+        while True:
+            try:
+                await self._first_peer()
+                await self._load()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep trying; the map is a hint, etcd decides
+                log.warning("lun map: watching for other meta instances failed", error=str(exc))
+                await asyncio.sleep(1.0)
+
+    async def _first_peer(self) -> None:
         own = Keys.LIVE_META + (self.instance_id or "")
         metas, rev = await self.etcd.get_prefix(Keys.LIVE_META)
         if any(kv.key != own for kv in metas):
@@ -106,16 +119,7 @@ class LunMap:
 
     async def _follow(self) -> None:
         if self.instance_id is not None:
-            while True:
-                try:
-                    await self._await_peer()
-                    await self._load()  # every deletion up to now, the peer's included
-                    break
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # keep trying; the map is a hint, etcd decides
-                    log.warning("lun map: watching for other meta instances failed", error=str(exc))
-                    await asyncio.sleep(1.0)
+            await self._await_peer()
             log.info("another meta instance is live; following LUN deletions")
         self.following = True
         while True:

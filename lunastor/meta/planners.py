@@ -67,14 +67,13 @@ class ExtentCensus:
     async def read(cls, etcd: Etcd) -> ExtentCensus:
         kvs, rev = await etcd.get_prefix(Keys.EXTENTS)
         extents = extent_records(kvs)
-        lives, _ = await etcd.get_prefix(Keys.LIVE_CHUNKS, revision=rev)
-        chunks, _ = await etcd.get_prefix(Keys.CHUNKS, revision=rev)
+        registered, live = await server_ids(etcd, rev)
         index, _ = await etcd.get_prefix(Keys.CHUNK_EXTENTS, revision=rev)
         return cls(
             extents,
             {v.id: v.replicas for v in await records_with_extents(etcd, extents, rev)},
-            {s.id for s in decode_records(lives, ChunkServerStatus)},
-            {c.id for c in decode_records(chunks, ChunkServerInfo)},
+            live,
+            registered,
             held_counts(index, kvs),
         )
 
@@ -88,6 +87,17 @@ class ExtentCensus:
             or len([m for m in e.replicas if m in self.live]) < self.desired.get(e.volume, 0)
             for e in self.extents
         )
+
+
+async def server_ids(etcd: Etcd, revision: int | None = None) -> tuple[set[str], set[str]]:
+    """The chunk servers registered, and those with a live record, at `revision` (now when
+    None)."""
+    chunks, rev = await etcd.get_prefix(Keys.CHUNKS, revision=revision)
+    lives, _ = await etcd.get_prefix(Keys.LIVE_CHUNKS, revision=rev)
+    return (
+        {c.id for c in decode_records(chunks, ChunkServerInfo)},
+        {s.id for s in decode_records(lives, ChunkServerStatus)},
+    )
 
 
 async def records_with_extents(
@@ -187,7 +197,8 @@ class RebuildPlanner:
                     running[op.subject] = (op, kv)
         admins, _ = await self.etcd.get_prefix(Keys.CHUNK_ADMIN)
         drained = {a.id for a in decode_records(admins, ChunkAdminRecord) if a.state == "drained"}
-        if not running and not await self._any_lost(drained):
+        registered, live = await server_ids(self.etcd)
+        if not running and not registered - live - drained:
             return  # the census reads the whole extent map: only when there is news to report
         census = await ExtentCensus.read(self.etcd)
         now = round(time.time(), 6)
@@ -229,14 +240,6 @@ class RebuildPlanner:
             )
             if result.succeeded and new.state == "succeeded":
                 await EVENTS.write("rebuild_done", chunk_id, new.detail)
-
-    async def _any_lost(self, drained: set[str]) -> bool:
-        """Whether a registered server other than `drained` ones has no live record."""
-        chunks, rev = await self.etcd.get_prefix(Keys.CHUNKS)
-        lives, _ = await self.etcd.get_prefix(Keys.LIVE_CHUNKS, revision=rev)
-        registered = {kv.key.removeprefix(Keys.CHUNKS) for kv in chunks}
-        live = {kv.key.removeprefix(Keys.LIVE_CHUNKS) for kv in lives}
-        return bool(registered - live - drained)
 
 
 class PlannerLeader:
