@@ -17,7 +17,7 @@ Goals (issue 17): create+publish p99 at 50 clients within 1.5x of the anchor's; 
 The REST side's cycles use a C client (bench/http_cycles.c) sending byte for byte the requests
 aiohttp's client sends, at a few microseconds of CPU a request: it shares the two cores with
 meta and etcd here, while in production the REST clients run on other machines
-(docs/scale.md, "The REST client"). `--client aiohttp` measures with aiohttp's client instead.
+(docs/scale.md, "The REST client in C"). `--client aiohttp` measures with aiohttp's client instead.
 The listing uses aiohttp.
 """
 
@@ -121,7 +121,7 @@ def expect(status: int, body: bytes, want: int) -> bytes:
 
 def request_headers(host: str, port: int) -> str:
     """The header lines aiohttp's client (the CSI driver's) sends with each request, byte for
-    byte, for the C client to send the same requests (docs/scale.md, "The REST client")."""
+    byte, for the C client to send the same requests (docs/scale.md, "The REST client in C")."""
     return (
         f"Host: {host}:{port}\r\nAuthorization: Bearer {TOKEN}\r\nAccept: */*\r\n"
         f"Accept-Encoding: gzip, deflate\r\nUser-Agent: {aiohttp.http.SERVER_SOFTWARE}\r\n"
@@ -369,7 +369,9 @@ async def compare_listing(config: EtcdConfig, url: str, volumes: int) -> None:
 
 async def run(ops: int, volumes: int, rounds: int, client: str, listing_only: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="lunastor-bench-"))
-    binary = iscsi_load.build(tmp / "bin", HTTP_CYCLES) if client == "c" else None
+    binary = (
+        iscsi_load.build(tmp / "bin", HTTP_CYCLES) if client == "c" and not listing_only else None
+    )
     server = EtcdServer().start()
     namespace = "/bench"
     proc, url = start_meta(server, namespace, tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import subprocess
 import sys
@@ -89,13 +90,22 @@ async def start_api(
     return client, etcd, luns
 
 
+@contextlib.asynccontextmanager
+async def running_api(config: MetaConfig, instance_id: str | None = None) -> AsyncIterator[Api]:
+    """`start_api`'s instance, stopped (client, LUN map, etcd) on the way out."""
+    client, etcd, luns = await start_api(config, instance_id)
+    try:
+        yield Api(client, etcd, luns)
+    finally:
+        await client.close()
+        await luns.stop()
+        await etcd.close()
+
+
 @pytest.fixture
 async def api(etcd_server: EtcdServer, etcd_prefix: str) -> AsyncIterator[Api]:
-    client, etcd, luns = await start_api(meta_config(etcd_server, etcd_prefix))
-    yield Api(client, etcd, luns)
-    await client.close()
-    await luns.stop()
-    await etcd.close()
+    async with running_api(meta_config(etcd_server, etcd_prefix)) as instance:
+        yield instance
 
 
 async def register_chunk(

@@ -13,7 +13,7 @@ from lunastor.common.etcd import Delete, Etcd, Put
 from lunastor.common.records import Keys
 from lunastor.common.settings import etcd_client_config
 from lunastor.meta.luns import LunMap
-from tests.integration.meta.conftest import Api, meta_config, start_api
+from tests.integration.meta.conftest import Api, meta_config, running_api
 from tests.support.etcd import EtcdServer
 from tests.support.procs import async_wait_for
 
@@ -23,11 +23,8 @@ A = "iqn.2020-01.org.example:node-a"
 @pytest.fixture
 async def other(etcd_server: EtcdServer, etcd_prefix: str) -> AsyncIterator[Api]:
     """A second meta instance on the same etcd and namespace."""
-    client, etcd, luns = await start_api(meta_config(etcd_server, etcd_prefix))
-    yield Api(client, etcd, luns)
-    await client.close()
-    await luns.stop()
-    await etcd.close()
+    async with running_api(meta_config(etcd_server, etcd_prefix)) as instance:
+        yield instance
 
 
 async def test_the_watch_carries_deletions_only(api: Api) -> None:
@@ -74,11 +71,10 @@ async def test_alone_an_instance_needs_no_watch_until_another_one_is_live(
     registering starts the deletions watch, after a fresh read of the map: a deletion the
     newcomer made at once is not missed either."""
     config = meta_config(etcd_server, etcd_prefix)
-    etcd = await Etcd.connect(etcd_client_config(config.etcd))
-    await etcd.put(Keys.LIVE_META + "meta-a", b"{}")
-    client, _, luns = await start_api(config, "meta-a")
-    api = Api(client, etcd, luns)
-    try:
+    async with await Etcd.connect(etcd_client_config(config.etcd)) as setup:
+        await setup.put(Keys.LIVE_META + "meta-a", b"{}")  # its own live record, as main puts
+    async with running_api(config, "meta-a") as api:
+        etcd, luns = api.etcd, api.luns
         w1, w2, w3 = [await api.volume(f"w{i}") for i in (1, 2, 3)]
         await api.ok("DELETE", f"/v1/volumes/{w1['id']}", status=204)
         assert (await api.volume("again"))["lun"] == w1["lun"]  # freed at once, lowest first
@@ -100,10 +96,6 @@ async def test_alone_an_instance_needs_no_watch_until_another_one_is_live(
 
         await async_wait_for(gone, 10, "the LUN map to see the peer's deletion")
         assert luns.events >= 1
-    finally:
-        await client.close()
-        await luns.stop()
-        await etcd.close()
 
 
 async def test_another_instance_live_at_start_is_followed_from_the_start(
