@@ -433,11 +433,18 @@ class HttpProtocol(asyncio.Protocol):
 
     async def _serve(self) -> None:
         """The connection's requests, one after the other, until it closes."""
+        try:
+            await self._serve_requests()
+        finally:  # closed however the loop ends (a bug of ours included: no connection left)
+            if self._transport is not None:
+                self._transport.close()
+
+    async def _serve_requests(self) -> None:
         conn = self._conn
         while self._transport is not None:
             if not self._queue:
                 if conn.done:
-                    break
+                    return
                 self._waiter = self._loop.create_future()
                 await self._waiter
                 self._waiter = None
@@ -461,11 +468,9 @@ class HttpProtocol(asyncio.Protocol):
                 self.busy = False
             self.last_active = self._loop.time()
             if self._transport is None:
-                break
+                return
             conn.respond(status, headers, body, reason, head=message.method == "HEAD")
             self._transport.write(conn.data_to_send())
-        if self._transport is not None:
-            self._transport.close()
 
     # -- timers and shutdown
 

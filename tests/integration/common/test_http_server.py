@@ -70,6 +70,9 @@ def make_app() -> web.Application:
     async def boom(request: web.Request) -> web.Response:
         raise RuntimeError("a bug")
 
+    async def stream(request: web.Request) -> web.StreamResponse:
+        return web.StreamResponse()
+
     async def empty(request: web.Request) -> web.Response:
         return web.Response(status=204)
 
@@ -82,6 +85,7 @@ def make_app() -> web.Application:
     app.router.add_get("/redirect", redirect)
     app.router.add_get("/boom", boom)
     app.router.add_put("/empty", empty)
+    app.router.add_get("/stream", stream)
     return app
 
 
@@ -252,6 +256,16 @@ async def test_malformed_request_gets_400_and_close(server: HttpServer) -> None:
     data = await raw(server.port, b"GET /hello HTTP/1.1\r\n\r\nNOT HTTP\r\n\r\n")
     assert [s for s, _ in responses(data)] == [200, 400]
     assert data.endswith(b"malformed HTTP request: Invalid method encountered\n")
+
+
+async def test_a_response_not_served_is_a_500_and_the_connection_goes_on(
+    server: HttpServer,
+) -> None:
+    """Only `web.Response` bodies are served: a `StreamResponse` is a bug, answered 500."""
+    data = await raw(
+        server.port, b"GET /stream HTTP/1.1\r\n\r\nGET /hello HTTP/1.1\r\nConnection: close\r\n\r\n"
+    )
+    assert responses(data) == [(500, b""), (200, b"hello you")]
 
 
 async def test_header_limits(server: HttpServer) -> None:
