@@ -357,6 +357,7 @@ class HttpProtocol(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses: typed, never checked
         self._transport: asyncio.Transport | None = None
         self._remote: str | None = None
+        self._tls = False
         self._queue: collections.deque[Message] = collections.deque()
         self._task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -376,6 +377,7 @@ class HttpProtocol(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self._remote = str(peer[0]) if isinstance(peer, tuple) else None
+        self._tls = transport.get_extra_info("sslcontext") is not None
         server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -423,7 +425,13 @@ class HttpProtocol(asyncio.Protocol):
             transport.close()
 
     def eof_received(self) -> bool | None:
-        return None  # close our side too (answers in flight are not sent after a half-close)
+        """The peer sent all it will (a half-close): the requests received are still answered,
+        then the connection closes; with none owed, at once."""
+        self._conn.close()
+        if self.busy or self._queue:
+            # keep our side open for the answers (asyncio's TLS transports cannot, and say so)
+            return self._transport is not None and not self._tls
+        return None
 
     # -- requests
 

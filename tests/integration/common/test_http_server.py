@@ -212,6 +212,17 @@ async def test_pipelined_requests_are_answered_in_order(server: HttpServer) -> N
     ]
 
 
+async def test_half_closed_connection_gets_its_answers(server: HttpServer) -> None:
+    """A client that shuts its sending side after its requests still gets every answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /slow?s=0.2&n=a HTTP/1.1\r\n\r\nGET /hello HTTP/1.1\r\n\r\n")
+    writer.write_eof()
+    data = await asyncio.wait_for(reader.read(), 5)
+    assert responses(data) == [(200, b"slow a"), (200, b"hello you")]
+    assert data.count(b"Connection: close\r\n") == 1
+    writer.close()
+
+
 async def test_chunked_upload(server: HttpServer) -> None:
     async def parts() -> AsyncIterator[bytes]:
         for part in (b"one ", b"two ", b"three"):
