@@ -74,7 +74,7 @@ async def serve(config: ChunkConfig, stop: asyncio.Event, argv: Sequence[str] = 
     admin = await start_http(app, config.admin_listen, "admin_listen")
     client = await connect_patiently(etcd_config, stop)
     if client is None:  # stopped before etcd ever answered
-        await admin.cleanup()
+        await admin.close()
         return 0
     async with client as etcd:
         info = build_info(chunk_id, portal=portal, data_address=data_address, zone=config.zone)
@@ -176,7 +176,7 @@ async def serve(config: ChunkConfig, stop: asyncio.Event, argv: Sequence[str] = 
         if guard is not None:
             guard.keep()  # revoked just now
             await guard.close()
-    await admin.cleanup()
+    await admin.close()
     return 0
 
 

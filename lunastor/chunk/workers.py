@@ -557,7 +557,7 @@ async def serve_worker(config: ChunkConfig, env: WorkerEnv, stop: asyncio.Event)
         adopter.stop()
         await datapath.stop()
         await EVENTS.unbind()
-    await admin.cleanup()
+    await admin.close()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""How every lunastor daemon runs: arguments, config, uvloop, signals, the admin HTTP server.
+"""How every lunastor daemon runs: arguments, config, uvloop, signals, its HTTP servers.
 
 Each daemon's `main` only says *what* to run (a coroutine given a stop event); this module knows
 *how* (the model is Swift's `common/daemon.py`).
@@ -18,6 +18,7 @@ import uvloop
 from aiohttp import web
 
 from lunastor.common.config import ConfigError, load_config
+from lunastor.common.http.server import HttpServer
 
 C = TypeVar("C")
 
@@ -101,16 +102,13 @@ def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
 
 async def start_http(
     app: web.Application, listen: str, what: str, ssl_context: ssl.SSLContext | None = None
-) -> web.AppRunner:
-    """Serve `app` on `listen` (HOST:PORT), over TLS when `ssl_context` is given; a bind
-    failure is a StartupError naming it."""
+) -> HttpServer:
+    """Serve `app` on `listen` (HOST:PORT) with lunastor's HTTP server (common/http), over TLS
+    when `ssl_context` is given; a bind failure is a StartupError naming it. `close()` it."""
     host, port = parse_hostport(listen, what)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
+    server = HttpServer(app)
     try:
-        await site.start()
+        await server.start(host, port, ssl_context)
     except OSError as exc:
-        await runner.cleanup()
         raise StartupError(f"{what} {listen}: {exc.strerror or exc}") from None
-    return runner
+    return server

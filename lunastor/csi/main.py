@@ -73,7 +73,7 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> int:
         server = await serve(args.endpoint, services)
     except (OSError, RuntimeError) as exc:
         raise StartupError(f"endpoint {args.endpoint}: {exc}") from None
-    runner = None
+    metrics = None
     if config.metrics_listen:
 
         async def health() -> dict[str, Any]:
@@ -85,14 +85,14 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
         app = web.Application()
         add_admin_routes(app, health)
-        runner = await start_http(app, config.metrics_listen, "metrics_listen")
+        metrics = await start_http(app, config.metrics_listen, "metrics_listen")
     log.info("serving", mode=args.mode, endpoint=args.endpoint, driver=config.driver_name)
     try:
         await stop.wait()
     finally:
         await server.stop(grace=5)
-        if runner is not None:
-            await runner.cleanup()
+        if metrics is not None:
+            await metrics.close()
         if api is not None:
             await api.close()
     return 0

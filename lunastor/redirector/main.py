@@ -266,7 +266,7 @@ async def serve(config: RedirectorConfig, stop: asyncio.Event) -> int:
         await servers.stop()
         await exports.stop()
         await presence.stop()
-        await admin.cleanup()
+        await admin.close()
     return 0
 
 

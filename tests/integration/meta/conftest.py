@@ -1,4 +1,5 @@
-"""The meta application in-process (aiohttp's test server) against the session's real etcd."""
+"""The meta application in-process (served by lunastor's HTTP server, as the meta daemon
+serves it; aiohttp's test client) against the session's real etcd."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from lunastor.common.config import EtcdSettings, to_toml_table
 from lunastor.common.etcd import Etcd
@@ -24,6 +25,7 @@ from lunastor.meta.app import make_app
 from lunastor.meta.config import AuthSettings, MetaConfig
 from lunastor.meta.luns import LunMap
 from tests.support.etcd import EtcdServer
+from tests.support.http import ServedApp
 from tests.support.procs import free_port, wait_for
 
 TOKENS = {"admin": "admin-t", "csi": "csi-t", "reader": "reader-t"}
@@ -85,7 +87,7 @@ async def start_api(
     async def health() -> dict[str, Any]:
         return {"status": "ok"}
 
-    client: TestClient[Any, Any] = TestClient(TestServer(make_app(config, etcd, health, luns)))
+    client: TestClient[Any, Any] = TestClient(ServedApp(make_app(config, etcd, health, luns)))
     await client.start_server()
     return client, etcd, luns
 

@@ -28,6 +28,7 @@ from lunastor.common.records import (
 from lunastor.common.volume_io import VolumeIo
 from lunastor.meta.events import PresenceEvents
 from tests.integration.meta.conftest import TOKENS, Api, register_chunk
+from tests.support.http import serving
 from tests.support.procs import free_port
 
 NODE = "iqn.2026-11.org.example:node1"
@@ -249,23 +250,20 @@ async def test_volume_metrics_are_summed_over_the_access_points(api: Api) -> Non
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        # two access points serving this process's metrics, one that does not answer
-        for cid, address in (
-            ("chunk-0000000000b1", f"127.0.0.1:{port}"),
-            ("chunk-0000000000b2", f"127.0.0.1:{port}"),
-            ("chunk-0000000000b3", f"127.0.0.1:{free_port()}"),
-        ):
-            status = ChunkServerStatus(id=cid, admin_address=address)
-            await api.etcd.put(Keys.live_chunk(cid), status.to_json())
-        before = time.time()
-        m = await api.ok("GET", f"/v1/volumes/{vol['id']}/metrics")
+        async with serving(app) as server:
+            port = server.port
+            # two access points serving this process's metrics, one that does not answer
+            for cid, address in (
+                ("chunk-0000000000b1", f"127.0.0.1:{port}"),
+                ("chunk-0000000000b2", f"127.0.0.1:{port}"),
+                ("chunk-0000000000b3", f"127.0.0.1:{free_port()}"),
+            ):
+                status = ChunkServerStatus(id=cid, admin_address=address)
+                await api.etcd.put(Keys.live_chunk(cid), status.to_json())
+            before = time.time()
+            m = await api.ok("GET", f"/v1/volumes/{vol['id']}/metrics")
     finally:
-        await runner.cleanup()
         io.forget()
     assert m["at"] >= before
     assert (m["read"]["ops"], m["read"]["bytes"]) == (6, 6 * 4096)
