@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,27 +22,13 @@ from tests.integration.meta.conftest import (
 )
 from tests.support.etcd import EtcdServer
 from tests.support.procs import wait_for
-
-
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )  # fmt: skip
-    return cert, key
+from tests.support.tls import self_signed
 
 
 def test_meta_serves_https_when_tls_is_configured(
     etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
 ) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     meta = run_meta(etcd_server, etcd_prefix, tmp_path, tls_cert=str(cert), tls_key=str(key))
     try:
         context = ssl.create_default_context(cafile=str(cert))
