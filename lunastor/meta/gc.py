@@ -42,6 +42,9 @@ PER_TXN = 8  # extent versions freed per transaction (`txn_groups`)
 WORK_PER_TXN = 32  # replica work items per transaction (`txn_groups`)
 PROBES = 60  # volumes asked "anything left?" per transaction (2 reads each; etcd allows 128)
 DELETES = 100  # tombstones deleted per transaction
+# Quiet passes (nothing deleted since everything left was found pinned) between two that read
+# every record anyway: 5 minutes at the default interval (see `GcPlanner._settled`).
+FULL_PASS_EVERY = 60
 
 
 def pins(
@@ -101,6 +104,16 @@ class GcPlanner:
     def __init__(self, etcd: Etcd, batch: int = BATCH) -> None:
         self.etcd = etcd
         self.batch = batch
+        # The tombstones the last pass left, when it found everything left pinned. A pin goes
+        # only with the record that holds it, and deleting a volume or a snapshot puts a
+        # tombstone: while the tombstones are these, nothing can have become free, and a pass
+        # need not read every volume and snapshot record (a million, at scale) to find that
+        # out again. A deleted volume whose snapshot is kept stays pinned for as long as the
+        # snapshot: without this, every pass read them all. A pass that reads them anyway
+        # comes every FULL_PASS_EVERY (a tombstone another planner leader put and removed
+        # meanwhile is not seen here; nor is a restored backup).
+        self._settled: frozenset[str] | None = None
+        self._quiet_passes = 0
 
     async def run_once(self) -> None:
         await self.collect_once()
@@ -111,6 +124,11 @@ class GcPlanner:
         snap_tombs, _ = await self.etcd.get_prefix(Keys.GC_SNAPSHOTS)
         if not vol_tombs and not snap_tombs:
             return 0
+        tombstones = frozenset(kv.key for kv in (*vol_tombs, *snap_tombs))
+        if tombstones == self._settled and self._quiet_passes < FULL_PASS_EVERY:
+            self._quiet_passes += 1
+            return 0
+        self._settled, self._quiet_passes = None, 0
         subjects: dict[str, list[str]] = {}  # volume -> tombstone keys that name it
         for kv in vol_tombs:
             subjects.setdefault(kv.key.removeprefix(Keys.GC_VOLUMES), []).append(kv.key)
@@ -138,9 +156,14 @@ class GcPlanner:
         alive = {v.id for v in vols}
         pinned = pins(snaps, vols)
         freed = 0
+        settled = True  # everything left of every subject is pinned
+        gone = set(done)
         for volume, tombs in sorted(subjects.items()):
-            remaining, n = await self._collect(volume, alive, pinned, self.batch - freed)
+            remaining, n, pinned_only = await self._collect(
+                volume, alive, pinned, self.batch - freed
+            )
             freed += n
+            settled = settled and pinned_only
             if remaining is None:
                 break  # out of budget: the next pass goes on
             for key in tombs:
@@ -148,6 +171,9 @@ class GcPlanner:
                 # a snapshot tombstone is done once its volume was looked at in full.
                 if key.startswith(Keys.GC_SNAPSHOTS) or not remaining:
                     await self.etcd.delete(key)
+                    gone.add(key)
+        if settled:
+            self._settled = tombstones - gone
         if freed:
             log.info("extent versions freed", count=freed)
         return freed
@@ -172,9 +198,9 @@ class GcPlanner:
 
     async def _collect(
         self, volume: str, alive: set[str], pinned: dict[str, set[int]], budget: int
-    ) -> tuple[int | None, int]:
+    ) -> tuple[int | None, int, bool]:
         """Free `volume`'s unreferenced versions: (versions left, or None when the budget ran
-        out first; versions freed)."""
+        out first; versions freed; whether it found none to free)."""
         kvs = []
         if volume:
             for prefix in extent_prefixes(volume):
@@ -201,7 +227,8 @@ class GcPlanner:
                 for one in group:
                     freed += int(await self._free([one]))
         # what changed meanwhile is left, and looked at again next pass
-        return (None if over_budget else left + len(doomed) - freed), freed
+        remaining = None if over_budget else left + len(doomed) - freed
+        return remaining, freed, not doomed and not over_budget
 
     async def _free(self, doomed: list[tuple[ExtentRecord, int]]) -> bool:
         """Delete the map entries of `doomed` (each only if it still carries the stamp read)
