@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from lunastor.common.etcd import Delete, Etcd, Get, Put
+from lunastor.common.etcd import Delete, Etcd, Get, KeyValue, Put
 from lunastor.common.etcd.model import Op
 from lunastor.common.extent_pages import MOVED, Change, commit, decode_kv
 from lunastor.common.logs import get_logger
@@ -70,6 +70,23 @@ def referenced(rec: ExtentRecord, alive: set[str], pinned: dict[str, set[int]]) 
     volume, first = preserved
     until = rec.until if rec.until > first else 2**63  # a damaged bound: keep it
     return any(first <= e < until for e in pinned.get(volume, ()))
+
+
+def unpinning(done: Iterable[str], vol_tombs: Iterable[KeyValue]) -> bool:
+    """Whether deleting the records of the tombstones `done` (of volumes with nothing left in
+    the extent map) may have freed another volume's extents: a snapshot's tombstone always
+    (its pins), a volume's when the volume was a clone (its `base` pins its sources) or its
+    record cannot be read."""
+    values = {kv.key: kv.value for kv in vol_tombs}
+    for key in done:
+        if key.startswith(Keys.GC_SNAPSHOTS):
+            return True
+        try:
+            if VolumeRecord.from_json(values[key]).base:
+                return True
+        except RecordError:
+            return True
+    return False
 
 
 def holders(rec: ExtentRecord) -> list[str]:
@@ -125,10 +142,11 @@ class GcPlanner:
         if not vol_tombs and not snap_tombs:
             return 0
         tombstones = frozenset(kv.key for kv in (*vol_tombs, *snap_tombs))
-        if tombstones == self._settled and self._quiet_passes < FULL_PASS_EVERY:
+        settled = self._settled if self._quiet_passes < FULL_PASS_EVERY else None
+        if tombstones == settled:
             self._quiet_passes += 1
             return 0
-        self._settled, self._quiet_passes = None, 0
+        self._settled = None
         subjects: dict[str, list[str]] = {}  # volume -> tombstone keys that name it
         for kv in vol_tombs:
             subjects.setdefault(kv.key.removeprefix(Keys.GC_VOLUMES), []).append(kv.key)
@@ -147,6 +165,17 @@ class GcPlanner:
             await self.etcd.txn([], [Delete(key) for key in done[i : i + DELETES]])
         if not subjects:
             return 0
+        if (
+            settled is not None
+            and tombstones - set(done) <= settled
+            and not unpinning(done, vol_tombs)
+        ):
+            # CSI churn beside the pinned: the volumes deleted since were never written and
+            # no clones, so no pin went with them
+            self._settled = tombstones - set(done)
+            self._quiet_passes += 1
+            return 0
+        self._quiet_passes = 0
         # Read after the tombstones: every pin that could still be created refers to a
         # version these records already pin, or to a live extent of a volume that exists.
         snap_kvs, _ = await self.etcd.get_prefix(Keys.SNAPSHOTS)
@@ -156,14 +185,14 @@ class GcPlanner:
         alive = {v.id for v in vols}
         pinned = pins(snaps, vols)
         freed = 0
-        settled = True  # everything left of every subject is pinned
+        all_pinned = True  # everything left of every subject is pinned
         gone = set(done)
         for volume, tombs in sorted(subjects.items()):
             remaining, n, pinned_only = await self._collect(
                 volume, alive, pinned, self.batch - freed
             )
             freed += n
-            settled = settled and pinned_only
+            all_pinned = all_pinned and pinned_only
             if remaining is None:
                 break  # out of budget: the next pass goes on
             for key in tombs:
@@ -172,7 +201,7 @@ class GcPlanner:
                 if key.startswith(Keys.GC_SNAPSHOTS) or not remaining:
                     await self.etcd.delete(key)
                     gone.add(key)
-        if settled:
+        if all_pinned:
             self._settled = tombstones - gone
         if freed:
             log.info("extent versions freed", count=freed)

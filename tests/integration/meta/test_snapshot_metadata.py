@@ -158,17 +158,19 @@ async def test_gc_drops_tombstones_of_volumes_with_nothing_left_in_a_few_transac
     assert await api.etcd.get(Keys.extent(f"{kept}.e0", 0)) is not None
 
 
-async def test_gc_reads_the_records_again_only_once_something_was_deleted(
+async def test_gc_reads_the_records_again_only_once_a_pin_may_have_gone(
     api: Api, etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A deleted volume whose snapshot is kept stays pinned as long as the snapshot: its
-    tombstone is met by every pass. Until a volume or a snapshot is deleted no pin can go,
-    so those passes read the tombstones and nothing else (not every volume and snapshot
-    record, as they did); a deletion anywhere makes the next pass a full one, and so does
-    every FULL_PASS_EVERY-th quiet pass."""
+    tombstone is met by every pass. A pin goes only with a snapshot or a clone, so until one
+    is deleted those passes read the tombstones (and, with CSI churn beside them, ask whether
+    the volumes deleted since were written), not every volume and snapshot record as they
+    did. Deleting a clone or a snapshot makes the next pass a full one, and so does every
+    FULL_PASS_EVERY-th quiet pass."""
     monkeypatch.setattr(gc, "FULL_PASS_EVERY", 3)
     kept = (await api.volume("pinned"))["id"]
     snap = await api.ok("POST", "/v1/snapshots", {"name": "ps", "volume_id": kept}, 201)
+    clone = (await api.volume("clone", source={"snapshot_id": snap["id"]}))["id"]
     await put_extent(api, ExtentRecord(volume=kept, index=0, epoch=0, replicas=["chunk-1"]))
     await api.ok("DELETE", f"/v1/volumes/{kept}", status=204)
     planner = GcPlanner(api.etcd)
@@ -178,22 +180,30 @@ async def test_gc_reads_the_records_again_only_once_something_was_deleted(
         assert await planner.collect_once() == freed
         return etcd_server.kv_requests() - before
 
-    full = await requests_of_a_pass()  # tombstones, the records for the pins, the extents
-    assert full > 2
+    full = await requests_of_a_pass()  # tombstones, probe, the records for the pins, extents
+    assert full > 4
     assert [await requests_of_a_pass() for _ in range(3)] == [2, 2, 2]  # the tombstones only
     assert await requests_of_a_pass() == full  # the 4th quiet one reads everything anyway
     assert await requests_of_a_pass() == 2
 
-    other = (await api.volume("other"))["id"]  # never written: its tombstone goes at once
-    await api.ok("DELETE", f"/v1/volumes/{other}", status=204)
-    assert await requests_of_a_pass() > full  # news: the probe, the delete, then all again
+    for i in range(3):  # churn: volumes never written, no clones; their tombstones go at once
+        other = (await api.volume(f"other-{i}"))["id"]
+        await api.ok("DELETE", f"/v1/volumes/{other}", status=204)
+    assert await requests_of_a_pass() == 4  # tombstones, one probe txn, one delete txn
     assert await requests_of_a_pass() == 2
-    assert await api.etcd.get(Keys.extent(kept, 0)) is not None
+    assert [kv.key for kv in (await api.etcd.get_prefix(Keys.GC_VOLUMES))[0]] == [
+        Keys.gc_volume(kept)
+    ]
+
+    await api.ok("DELETE", f"/v1/volumes/{clone}", status=204)  # a pin of (kept, 0) goes
+    assert await requests_of_a_pass() == full + 1  # and its tombstone with it
+    assert await requests_of_a_pass() == 2
+    assert await api.etcd.get(Keys.extent(kept, 0)) is not None  # still pinned by the snapshot
 
     await api.ok("DELETE", f"/v1/snapshots/{snap['id']}", status=204)
-    await requests_of_a_pass(freed=1)  # the pin went with the snapshot
+    await requests_of_a_pass(freed=1)  # the last pin went with the snapshot
     assert (await api.etcd.get_prefix(Keys.EXTENTS))[0] == []
-    assert await requests_of_a_pass() == 2  # its tombstone went too: one empty read each
+    assert await requests_of_a_pass() == 2  # no tombstone left: two empty reads
     assert await api.etcd.get(Keys.gc_volume(kept)) is None
 
 
