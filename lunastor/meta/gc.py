@@ -165,14 +165,11 @@ class GcPlanner:
             await self.etcd.txn([], [Delete(key) for key in done[i : i + DELETES]])
         if not subjects:
             return 0
-        if (
-            settled is not None
-            and tombstones - set(done) <= settled
-            and not unpinning(done, vol_tombs)
-        ):
+        standing = tombstones.difference(done)  # the empty volumes' gone
+        if settled is not None and standing <= settled and not unpinning(done, vol_tombs):
             # CSI churn beside the pinned: the volumes deleted since were never written and
             # no clones, so no pin went with them
-            self._settled = tombstones - set(done)
+            self._settled = standing
             self._quiet_passes += 1
             return 0
         self._quiet_passes = 0
@@ -186,7 +183,7 @@ class GcPlanner:
         pinned = pins(snaps, vols)
         freed = 0
         all_pinned = True  # everything left of every subject is pinned
-        gone = set(done)
+        gone: set[str] = set()
         for volume, tombs in sorted(subjects.items()):
             remaining, n, pinned_only = await self._collect(
                 volume, alive, pinned, self.batch - freed
@@ -202,7 +199,7 @@ class GcPlanner:
                     await self.etcd.delete(key)
                     gone.add(key)
         if all_pinned:
-            self._settled = tombstones - gone
+            self._settled = standing - gone
         if freed:
             log.info("extent versions freed", count=freed)
         return freed
